@@ -1,0 +1,72 @@
+//! The per-connection record every front end prints: the JSON contract.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::time::{Duration, UNIX_EPOCH};
+
+use probe_common::DirCounters;
+use serde::{Serialize, Serializer};
+
+/// One connection, oriented from its initiator (`src`) to its responder.
+///
+/// Serialises to the JSON contract documented in the README; fields may be
+/// added, never renamed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Connection {
+    pub proto: &'static str,
+    pub src: IpAddr,
+    pub sport: u16,
+    pub dst: IpAddr,
+    pub dport: u16,
+    /// Where it was seen: pcapng interface number, or interface index live.
+    pub iface: u32,
+    #[serde(serialize_with = "rfc3339")]
+    pub first_seen: u64,
+    #[serde(serialize_with = "rfc3339")]
+    pub last_seen: u64,
+    /// src → dst.
+    pub sent: DirStats,
+    /// dst → src.
+    pub received: DirStats,
+}
+
+/// Counters of one direction; see the README for exact meanings.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct DirStats {
+    pub packets: u64,
+    pub bytes: u64,
+    pub l3_bytes: u64,
+    pub retransmits: u64,
+    pub retransmitted_bytes: u64,
+    pub probes: u64,
+    pub gaps: u64,
+}
+
+impl From<&DirCounters> for DirStats {
+    fn from(c: &DirCounters) -> DirStats {
+        DirStats {
+            packets: c.packets,
+            bytes: c.bytes,
+            l3_bytes: c.l3_bytes,
+            retransmits: c.retransmits,
+            retransmitted_bytes: c.retransmitted_bytes,
+            probes: c.probes,
+            gaps: c.gaps,
+        }
+    }
+}
+
+/// Renders the stored 16-byte address in its own family.
+pub(crate) fn ip(family: u8, a: &[u8; 16]) -> IpAddr {
+    if family == 4 {
+        IpAddr::V4(Ipv4Addr::new(a[12], a[13], a[14], a[15]))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(*a))
+    }
+}
+
+/// Nanoseconds since the Unix epoch as RFC 3339 UTC with nanoseconds:
+/// exact (a JSON float is not) and sortable as text.
+fn rfc3339<S: Serializer>(ns: &u64, s: S) -> Result<S::Ok, S::Error> {
+    let t = UNIX_EPOCH + Duration::from_nanos(*ns);
+    s.collect_str(&humantime::format_rfc3339_nanos(t))
+}

@@ -1,0 +1,14 @@
+//! The userspace flow table.
+//!
+//! Architecture invariant: no OS calls and no clock. Time comes from the
+//! packets (capture or kernel timestamps); lookups of processes and
+//! containers will come in through a trait. So a replayed capture gives
+//! byte-for-byte the same output every time.
+
+mod conn;
+mod stats;
+mod table;
+
+pub use conn::{Connection, DirStats};
+pub use stats::FrameStats;
+pub use table::{FlowTable, Observation};

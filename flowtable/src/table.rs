@@ -1,0 +1,225 @@
+//! Joins the two directions of each connection and counts them.
+
+use probe_common::parse::tcp_flags;
+use probe_common::tcp::{track, Segment};
+use probe_common::{DirCounters, FlowKey, L4Proto, Parsed, TcpDir};
+use rustc_hash::FxHashMap;
+
+use crate::conn::{ip, Connection, DirStats};
+
+/// One parsed frame (or GSO super-packet) offered to the table.
+#[derive(Clone, Copy, Debug)]
+pub struct Observation<'a> {
+    /// Capture time, nanoseconds since the Unix epoch.
+    pub ts_ns: u64,
+    /// Where it was seen (pcapng interface number, interface index).
+    pub iface: u32,
+    /// Wire segments it stands for (`gso_segs`; 1 for a captured frame).
+    pub segs: u32,
+    pub parsed: &'a Parsed,
+}
+
+/// Both directions in one key: endpoint `lo` is the smaller (address, port).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct ConnKey {
+    lo: [u8; 16],
+    hi: [u8; 16],
+    lo_port: u16,
+    hi_port: u16,
+    proto: u8,
+    family: u8,
+    iface: u32,
+}
+
+impl ConnKey {
+    /// The canonical key and whether `k` travels lo → hi (direction 0).
+    fn of(k: &FlowKey, iface: u32) -> (ConnKey, usize) {
+        let forward = (k.src, k.sport) <= (k.dst, k.dport);
+        let (lo, lo_port, hi, hi_port) = if forward {
+            (k.src, k.sport, k.dst, k.dport)
+        } else {
+            (k.dst, k.dport, k.src, k.sport)
+        };
+        let key = ConnKey {
+            lo,
+            hi,
+            lo_port,
+            hi_port,
+            proto: k.proto,
+            family: k.family,
+            iface,
+        };
+        (key, if forward { 0 } else { 1 })
+    }
+}
+
+/// How the initiator was decided; a SYN is better evidence than a port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Evidence {
+    FirstPacket,
+    Port,
+    Syn,
+}
+
+#[derive(Clone, Debug)]
+struct Flow {
+    /// Direction index (0 = lo → hi) that the initiator sends in.
+    initiator: usize,
+    evidence: Evidence,
+    first_seen: u64,
+    last_seen: u64,
+    counters: [DirCounters; 2],
+    tcp: [TcpDir; 2],
+    fin: [bool; 2],
+    rst: bool,
+}
+
+impl Flow {
+    fn new(ts: u64, dir: usize, key: &ConnKey, p: &Parsed) -> Flow {
+        let (initiator, evidence) = initiator_of(dir, key, p);
+        Flow {
+            initiator,
+            evidence,
+            first_seen: ts,
+            last_seen: ts,
+            counters: [DirCounters::default(); 2],
+            tcp: [TcpDir::default(); 2],
+            fin: [false; 2],
+            rst: false,
+        }
+    }
+
+    /// A connection whose 5-tuple is free again, so a SYN starts a new one.
+    fn closed(&self) -> bool {
+        self.rst || (self.fin[0] && self.fin[1])
+    }
+}
+
+/// The initiator sent the SYN; failing that, it owns the ephemeral (higher)
+/// port; failing that (equal ports), it sent the first packet seen.
+fn initiator_of(dir: usize, key: &ConnKey, p: &Parsed) -> (usize, Evidence) {
+    if p.key.proto == L4Proto::Tcp as u8 && p.tcp.flags & tcp_flags::SYN != 0 {
+        let syn_sender = if p.tcp.flags & tcp_flags::ACK == 0 {
+            dir
+        } else {
+            1 - dir
+        };
+        return (syn_sender, Evidence::Syn);
+    }
+    match key.lo_port.cmp(&key.hi_port) {
+        core::cmp::Ordering::Greater => (0, Evidence::Port),
+        core::cmp::Ordering::Less => (1, Evidence::Port),
+        core::cmp::Ordering::Equal => (dir, Evidence::FirstPacket),
+    }
+}
+
+/// Connections keyed by 5-tuple and interface, both directions in one entry.
+#[derive(Default)]
+pub struct FlowTable {
+    live: FxHashMap<ConnKey, Flow>,
+    /// Connections whose 5-tuple was reused by a later connection.
+    ended: Vec<(ConnKey, Flow)>,
+}
+
+impl FlowTable {
+    pub fn new() -> FlowTable {
+        FlowTable::default()
+    }
+
+    /// Number of distinct connections seen so far.
+    pub fn len(&self) -> usize {
+        self.live.len() + self.ended.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn observe(&mut self, o: &Observation) {
+        let p = o.parsed;
+        let (key, dir) = ConnKey::of(&p.key, o.iface);
+        let is_tcp = p.key.proto == L4Proto::Tcp as u8;
+        let pure_syn = is_tcp && p.tcp.flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN;
+
+        let flow = match self.live.entry(key) {
+            std::collections::hash_map::Entry::Occupied(e) => {
+                let f = e.into_mut();
+                if pure_syn && f.closed() {
+                    // Same 5-tuple, new connection (port reuse after close).
+                    let old = core::mem::replace(f, Flow::new(o.ts_ns, dir, &key, p));
+                    self.ended.push((key, old));
+                } else if pure_syn && f.evidence < Evidence::Syn {
+                    f.initiator = dir;
+                    f.evidence = Evidence::Syn;
+                }
+                f
+            }
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(Flow::new(o.ts_ns, dir, &key, p)),
+        };
+
+        if o.ts_ns < flow.first_seen {
+            flow.first_seen = o.ts_ns;
+        }
+        if o.ts_ns > flow.last_seen {
+            flow.last_seen = o.ts_ns;
+        }
+
+        let verdict = if is_tcp {
+            let [d0, d1] = &mut flow.tcp;
+            let (d, r) = if dir == 0 { (d0, d1) } else { (d1, d0) };
+            let seg = Segment {
+                hdr: p.tcp,
+                payload_len: p.payload_len,
+            };
+            if p.tcp.flags & tcp_flags::RST != 0 {
+                flow.rst = true;
+            }
+            if p.tcp.flags & tcp_flags::FIN != 0 {
+                flow.fin[dir] = true;
+            }
+            Some(track(&seg, d, r))
+        } else {
+            None
+        };
+        flow.counters[dir].record(o.segs, p.payload_len, p.l3_len, verdict.as_ref());
+    }
+
+    /// Every connection seen, oriented from its initiator, in a stable order:
+    /// first seen, then protocol, addresses and ports.
+    pub fn connections(&self) -> Vec<Connection> {
+        let mut out: Vec<Connection> = self
+            .ended
+            .iter()
+            .map(|(k, f)| connection(k, f))
+            .chain(self.live.iter().map(|(k, f)| connection(k, f)))
+            .collect();
+        out.sort_by(|a, b| {
+            (a.first_seen, a.proto, a.src, a.sport, a.dst, a.dport, a.iface)
+                .cmp(&(b.first_seen, b.proto, b.src, b.sport, b.dst, b.dport, b.iface))
+        });
+        out
+    }
+}
+
+fn connection(k: &ConnKey, f: &Flow) -> Connection {
+    let lo = (ip(k.family, &k.lo), k.lo_port);
+    let hi = (ip(k.family, &k.hi), k.hi_port);
+    let ((src, sport), (dst, dport)) = if f.initiator == 0 { (lo, hi) } else { (hi, lo) };
+    let proto = if k.proto == L4Proto::Tcp as u8 {
+        L4Proto::Tcp.name()
+    } else {
+        L4Proto::Udp.name()
+    };
+    Connection {
+        proto,
+        src,
+        sport,
+        dst,
+        dport,
+        iface: k.iface,
+        first_seen: f.first_seen,
+        last_seen: f.last_seen,
+        sent: DirStats::from(&f.counters[f.initiator]),
+        received: DirStats::from(&f.counters[1 - f.initiator]),
+    }
+}

@@ -58,6 +58,13 @@ impl fmt::Display for ReadError {
 const MAX_RECORD: u32 = 256 * 1024;
 
 const PCAPNG_MAGIC: [u8; 4] = [0x0a, 0x0d, 0x0d, 0x0a];
+/// Microsecond and nanosecond pcap, either byte order.
+const PCAP_MAGICS: [[u8; 4]; 4] = [
+    [0xa1, 0xb2, 0xc3, 0xd4],
+    [0xd4, 0xc3, 0xb2, 0xa1],
+    [0xa1, 0xb2, 0x3c, 0x4d],
+    [0x4d, 0x3c, 0xb2, 0xa1],
+];
 
 /// Calls `on_frame` for every frame in `data` (a whole file) and
 /// `on_progress` with the byte offset now and then.
@@ -66,10 +73,16 @@ pub fn read_frames(
     mut on_frame: impl FnMut(&Frame),
     mut on_progress: impl FnMut(usize),
 ) -> Result<(), ReadError> {
-    if data.len() >= 4 && data[..4] == PCAPNG_MAGIC {
+    let magic = magic_of(data);
+    if magic == PCAPNG_MAGIC {
         read_pcapng(data, &mut on_frame, &mut on_progress)
-    } else {
+    } else if PCAP_MAGICS.contains(&magic) {
         read_pcap(data, &mut on_frame, &mut on_progress)
+    } else {
+        Err(ReadError {
+            offset: 0,
+            kind: ReadErrorKind::NotACapture { magic },
+        })
     }
 }
 
@@ -99,21 +112,7 @@ fn read_pcap(
     on_frame: &mut impl FnMut(&Frame),
     on_progress: &mut impl FnMut(usize),
 ) -> Result<(), ReadError> {
-    let (mut rem, parser) = PcapParser::new(data).map_err(|e| match e {
-        PcapError::IncompleteBuffer if data.len() < 4 => ReadError {
-            offset: 0,
-            kind: ReadErrorKind::NotACapture {
-                magic: magic_of(data),
-            },
-        },
-        PcapError::InvalidField(_) => ReadError {
-            offset: 0,
-            kind: ReadErrorKind::NotACapture {
-                magic: magic_of(data),
-            },
-        },
-        e => corrupt(0, e),
-    })?;
+    let (mut rem, parser) = PcapParser::new(data).map_err(|e| corrupt(0, e))?;
     let hdr = parser.header();
     let link = link_type(hdr.datalink);
     let nanos = hdr.ts_resolution == TsResolution::NanoSecond;

@@ -1,0 +1,30 @@
+//! Helpers shared by the end-to-end tests.
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// Runs the flowprobe binary built for this test run.
+pub fn flowprobe(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_flowprobe"))
+        .args(args)
+        .output()
+        .expect("run flowprobe")
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8(o.stdout.clone()).unwrap()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8(o.stderr.clone()).unwrap()
+}
+
+/// Parses JSON-lines output.
+pub fn json_lines(s: &str) -> Vec<serde_json::Value> {
+    s.lines().map(|l| serde_json::from_str(l).expect("one JSON object per line")).collect()
+}

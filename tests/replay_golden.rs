@@ -1,0 +1,121 @@
+//! Golden replay tests over `fixtures/pcaps/`.
+//!
+//! For every `NAME.pcap`/`NAME.pcapng` with a `NAME.expected.json`, the JSON
+//! output of `flowprobe replay` must equal it byte for byte. Regenerate the
+//! expected files with `UPDATE_GOLDEN=1 cargo test --test replay_golden`
+//! and review the diff.
+//!
+//! Where a capture of real kernel traffic has a `NAME.truth.json` (recorded
+//! from each socket's TCP_INFO by `fixtures/capture/capture.sh`), the output
+//! must also agree with the kernel: per connection and direction,
+//! `bytes − retransmitted_bytes` = what the application wrote, `retransmits`
+//! = `tcpi_total_retrans`, `retransmitted_bytes` = `tcpi_bytes_retrans` and
+//! `bytes` = `tcpi_bytes_sent`.
+
+mod common;
+
+use std::fs;
+use std::path::PathBuf;
+
+use common::{flowprobe, json_lines, repo_root, stderr, stdout};
+use serde_json::Value;
+
+fn captures() -> Vec<PathBuf> {
+    let dir = repo_root().join("fixtures/pcaps");
+    let mut v: Vec<PathBuf> = fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("pcap" | "pcapng")))
+        .collect();
+    v.sort();
+    v
+}
+
+fn replay(p: &std::path::Path) -> String {
+    let out = flowprobe(&["replay", "--format", "json", "--quiet", p.to_str().unwrap()]);
+    assert!(out.status.success(), "{}: {}", p.display(), stderr(&out));
+    stdout(&out)
+}
+
+#[test]
+fn replay_matches_golden_files() {
+    let caps = captures();
+    assert!(!caps.is_empty(), "no fixtures found");
+    let update = std::env::var_os("UPDATE_GOLDEN").is_some();
+    let mut failures = Vec::new();
+    for cap in caps {
+        let expected = cap.with_extension("expected.json");
+        let got = replay(&cap);
+        if update {
+            fs::write(&expected, &got).unwrap();
+            continue;
+        }
+        let want = fs::read_to_string(&expected)
+            .unwrap_or_else(|_| panic!("{} has no {}", cap.display(), expected.display()));
+        if got != want {
+            failures.push(format!("{}:\n--- want\n{want}--- got\n{got}", cap.display()));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The connection in `conns` between two endpoints, oriented as given.
+fn find<'a>(conns: &'a [Value], proto: &str, client: &Value, server: &Value) -> &'a Value {
+    conns
+        .iter()
+        .find(|c| {
+            c["proto"] == proto
+                && c["src"] == client["addr"]
+                && c["sport"] == client["port"]
+                && c["dst"] == server["addr"]
+                && c["dport"] == server["port"]
+        })
+        .unwrap_or_else(|| panic!("no {proto} connection {client} -> {server}"))
+}
+
+#[test]
+fn replay_agrees_with_kernel_truth() {
+    let mut checked = 0;
+    for cap in captures() {
+        let truth_path = cap.with_extension("truth.json");
+        let Ok(truth) = fs::read_to_string(&truth_path) else {
+            continue;
+        };
+        let truth: Value = serde_json::from_str(&truth).unwrap();
+        let conns = json_lines(&replay(&cap));
+        let name = cap.file_name().unwrap().to_string_lossy().into_owned();
+        let mut retrans_by_side = [0u64; 2];
+        for t in truth["connections"].as_array().unwrap() {
+            let proto = t["proto"].as_str().unwrap();
+            let c = find(&conns, proto, &t["client"], &t["server"]);
+            for (i, (dir, side)) in [("sent", "client"), ("received", "server")].into_iter().enumerate() {
+                let d = &c[dir];
+                let s = &t[side];
+                let ctx = format!("{name} {proto} {}:{} {side}", t["client"]["port"], t["server"]["port"]);
+                let app = s["app_bytes_written"].as_u64().unwrap();
+                let bytes = d["bytes"].as_u64().unwrap();
+                let retx_bytes = d["retransmitted_bytes"].as_u64().unwrap();
+                assert_eq!(bytes - retx_bytes, app, "{ctx}: bytes - retransmitted_bytes = app bytes");
+                if proto == "tcp" {
+                    assert_eq!(d["retransmits"], s["tcpi_total_retrans"], "{ctx}: retransmits");
+                    assert_eq!(d["retransmitted_bytes"], s["tcpi_bytes_retrans"], "{ctx}: retransmitted_bytes");
+                    assert_eq!(d["bytes"], s["tcpi_bytes_sent"], "{ctx}: bytes = tcpi_bytes_sent");
+                    retrans_by_side[i] += d["retransmits"].as_u64().unwrap();
+                } else {
+                    assert_eq!(d["packets"], s["datagrams_written"], "{ctx}: datagrams");
+                }
+                checked += 1;
+            }
+        }
+        let ns = &truth["netns"];
+        assert_eq!(
+            retrans_by_side,
+            [
+                ns["client"]["TcpRetransSegs_delta"].as_u64().unwrap(),
+                ns["server"]["TcpRetransSegs_delta"].as_u64().unwrap()
+            ],
+            "{name}: retransmits summed per side = the namespace's TcpRetransSegs"
+        );
+    }
+    assert!(checked > 0, "no fixture has a truth file");
+}

@@ -16,7 +16,9 @@ use common::{flowprobe, json_lines, stderr, stdout};
 use etherparse::PacketBuilder;
 use pcap_file::pcap::{PcapHeader, PcapPacket, PcapWriter};
 use pcap_file::pcapng::blocks::enhanced_packet::EnhancedPacketBlock;
-use pcap_file::pcapng::blocks::interface_description::{InterfaceDescriptionBlock, InterfaceDescriptionOption};
+use pcap_file::pcapng::blocks::interface_description::{
+    InterfaceDescriptionBlock, InterfaceDescriptionOption,
+};
 use pcap_file::pcapng::{Block, PcapNgWriter};
 use pcap_file::{DataLink, TsResolution};
 use serde_json::Value;
@@ -34,7 +36,11 @@ fn conversation() -> Vec<(u64, Vec<u8>)> {
         pkts.push((T0_US + at, bytes));
     };
     let tcp = |from_a: bool, seq: u32, ack: Option<u32>, syn: bool, fin: bool, len: usize| {
-        let (s, d, sp, dp) = if from_a { (A, B, 40001, 80) } else { (B, A, 80, 40001) };
+        let (s, d, sp, dp) = if from_a {
+            (A, B, 40001, 80)
+        } else {
+            (B, A, 80, 40001)
+        };
         let mut b = PacketBuilder::ipv4(s, d, 64).tcp(sp, dp, seq, 65535);
         if syn {
             b = b.syn();
@@ -60,7 +66,10 @@ fn conversation() -> Vec<(u64, Vec<u8>)> {
     push(tcp(false, 9501, Some(3002), false, true, 0));
     push(tcp(true, 3002, Some(9502), false, false, 0));
     let mut udp = Vec::new();
-    PacketBuilder::ipv4(B, A, 64).udp(5353, 53).write(&mut udp, &[1; 33]).unwrap();
+    PacketBuilder::ipv4(B, A, 64)
+        .udp(5353, 53)
+        .write(&mut udp, &[1; 33])
+        .unwrap();
     push(udp);
     pkts
 }
@@ -72,7 +81,9 @@ fn ethernet(ip: &[u8]) -> Vec<u8> {
 }
 
 fn sll2(ip: &[u8]) -> Vec<u8> {
-    let mut f = vec![0x08, 0x00, 0, 0, 0, 0, 0, 3, 0, 1, 4, 6, 2, 0, 0, 0, 0, 1, 0, 0];
+    let mut f = vec![
+        0x08, 0x00, 0, 0, 0, 0, 0, 3, 0, 1, 4, 6, 2, 0, 0, 0, 0, 1, 0, 0,
+    ];
     f.extend(ip);
     f
 }
@@ -101,7 +112,10 @@ fn write_pcap(path: &Path, link: DataLink, res: TsResolution, frames: &[(u64, Ve
 fn write_pcapng(path: &Path, ifaces: &[(DataLink, Option<u8>)], frames: &[(u32, u64, Vec<u8>)]) {
     let mut w = PcapNgWriter::new(fs::File::create(path).unwrap()).unwrap();
     for (link, res) in ifaces {
-        let options = res.map(InterfaceDescriptionOption::IfTsResol).into_iter().collect();
+        let options = res
+            .map(InterfaceDescriptionOption::IfTsResol)
+            .into_iter()
+            .collect();
         w.write_block(&Block::InterfaceDescription(InterfaceDescriptionBlock {
             linktype: *link,
             snaplen: 0,
@@ -147,15 +161,26 @@ fn every_format_and_link_type_gives_the_same_connections() {
     let map = |f: fn(&[u8]) -> Vec<u8>| conv.iter().map(|(t, ip)| (*t, f(ip))).collect::<Vec<_>>();
 
     let p = dir.path().join("eth_us.pcap");
-    write_pcap(&p, DataLink::ETHERNET, TsResolution::MicroSecond, &map(ethernet));
+    write_pcap(
+        &p,
+        DataLink::ETHERNET,
+        TsResolution::MicroSecond,
+        &map(ethernet),
+    );
     let reference = replay_json(&p);
 
     // What the conversation put on the wire.
     assert_eq!(reference.len(), 2);
     let tcp = &reference[0];
     assert_eq!(tcp["proto"], "tcp");
-    assert_eq!((tcp["src"].as_str(), tcp["sport"].as_u64()), (Some("192.0.2.1"), Some(40001)));
-    assert_eq!((tcp["dst"].as_str(), tcp["dport"].as_u64()), (Some("192.0.2.2"), Some(80)));
+    assert_eq!(
+        (tcp["src"].as_str(), tcp["sport"].as_u64()),
+        (Some("192.0.2.1"), Some(40001))
+    );
+    assert_eq!(
+        (tcp["dst"].as_str(), tcp["dport"].as_u64()),
+        (Some("192.0.2.2"), Some(80))
+    );
     assert_eq!(tcp["sent"]["packets"], 7);
     assert_eq!(tcp["sent"]["bytes"], 3000);
     assert_eq!(tcp["sent"]["l3_bytes"], 7 * 40 + 3000);
@@ -168,15 +193,33 @@ fn every_format_and_link_type_gives_the_same_connections() {
     assert_eq!(tcp["last_seen"], "2025-11-24T16:00:00.002500000Z");
     let udp = &reference[1];
     // No SYN: the ephemeral (higher) port is the initiator.
-    assert_eq!((udp["proto"].as_str(), udp["sport"].as_u64()), (Some("udp"), Some(5353)));
-    assert_eq!((udp["sent"]["bytes"].as_u64(), udp["received"]["packets"].as_u64()), (Some(33), Some(0)));
+    assert_eq!(
+        (udp["proto"].as_str(), udp["sport"].as_u64()),
+        (Some("udp"), Some(5353))
+    );
+    assert_eq!(
+        (
+            udp["sent"]["bytes"].as_u64(),
+            udp["received"]["packets"].as_u64()
+        ),
+        (Some(33), Some(0))
+    );
 
     let p = dir.path().join("eth_ns.pcap");
-    write_pcap(&p, DataLink::ETHERNET, TsResolution::NanoSecond, &map(ethernet));
+    write_pcap(
+        &p,
+        DataLink::ETHERNET,
+        TsResolution::NanoSecond,
+        &map(ethernet),
+    );
     assert_eq!(replay_json(&p), reference, "nanosecond pcap");
 
     for (name, link, f) in [
-        ("raw.pcap", DataLink::RAW, (|ip: &[u8]| ip.to_vec()) as fn(&[u8]) -> Vec<u8>),
+        (
+            "raw.pcap",
+            DataLink::RAW,
+            (|ip: &[u8]| ip.to_vec()) as fn(&[u8]) -> Vec<u8>,
+        ),
         ("ipv4.pcap", DataLink::IPV4, |ip: &[u8]| ip.to_vec()),
         ("sll.pcap", DataLink::LINUX_SLL, sll),
         ("sll2.pcap", DataLink::LINUX_SLL2, sll2),
@@ -198,20 +241,35 @@ fn every_format_and_link_type_gives_the_same_connections() {
     let p = dir.path().join("two_ifaces.pcapng");
     let mut frames: Vec<_> = conv.iter().map(|(t, ip)| (0, *t, sll2(ip))).collect();
     frames.extend(conv.iter().map(|(t, ip)| (1, *t, ethernet(ip))));
-    write_pcapng(&p, &[(DataLink::LINUX_SLL2, Some(9)), (DataLink::ETHERNET, None)], &frames);
+    write_pcapng(
+        &p,
+        &[(DataLink::LINUX_SLL2, Some(9)), (DataLink::ETHERNET, None)],
+        &frames,
+    );
     let got = replay_json(&p);
     assert_eq!(got.len(), 4);
     let ifaces: Vec<u64> = got.iter().map(|c| c["iface"].as_u64().unwrap()).collect();
     assert_eq!(ifaces, [0, 1, 0, 1]);
-    let per_iface = |i: u64| got.iter().filter(|c| c["iface"] == i).cloned().collect::<Vec<_>>();
-    assert_eq!(without_iface(per_iface(0)), without_iface(reference.clone()));
+    let per_iface = |i: u64| {
+        got.iter()
+            .filter(|c| c["iface"] == i)
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        without_iface(per_iface(0)),
+        without_iface(reference.clone())
+    );
     assert_eq!(without_iface(per_iface(1)), without_iface(reference));
 }
 
 #[test]
 fn skipped_frames_are_counted_by_reason() {
     let dir = tempfile::tempdir().unwrap();
-    let mut frames: Vec<_> = conversation().iter().map(|(t, ip)| (*t, ethernet(ip))).collect();
+    let mut frames: Vec<_> = conversation()
+        .iter()
+        .map(|(t, ip)| (*t, ethernet(ip)))
+        .collect();
     let arp = {
         let mut f = vec![0xff; 6];
         f.extend([2, 0, 0, 0, 0, 1, 0x08, 0x06]);
@@ -225,7 +283,8 @@ fn skipped_frames_are_counted_by_reason() {
     let out = flowprobe(&["replay", p.to_str().unwrap()]);
     assert!(out.status.success());
     assert!(
-        stderr(&out).contains("2 connections, 13 frames (11 tracked, skipped 1 not_ip, 1 truncated_l4)"),
+        stderr(&out)
+            .contains("2 connections, 13 frames (11 tracked, skipped 1 not_ip, 1 truncated_l4)"),
         "{}",
         stderr(&out)
     );
@@ -247,7 +306,10 @@ fn cut_short_file_names_offset_and_keeps_frames() {
     fs::write(&p, &full[..third + 20]).unwrap();
 
     let out = flowprobe(&["replay", "--format", "json", p.to_str().unwrap()]);
-    assert!(out.status.success(), "frames were read, so this is not a failure");
+    assert!(
+        out.status.success(),
+        "frames were read, so this is not a failure"
+    );
     let err = stderr(&out);
     assert!(
         err.contains(&format!(
@@ -275,5 +337,9 @@ fn not_a_capture_is_a_one_line_error() {
 
     let out = flowprobe(&["replay", dir.path().join("missing.pcap").to_str().unwrap()]);
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("missing.pcap: cannot open"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("missing.pcap: cannot open"),
+        "{}",
+        stderr(&out)
+    );
 }

@@ -25,7 +25,12 @@ fn captures() -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().path())
-        .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("pcap" | "pcapng")))
+        .filter(|p| {
+            matches!(
+                p.extension().and_then(|e| e.to_str()),
+                Some("pcap" | "pcapng")
+            )
+        })
         .collect();
     v.sort();
     v
@@ -53,7 +58,10 @@ fn replay_matches_golden_files() {
         let want = fs::read_to_string(&expected)
             .unwrap_or_else(|_| panic!("{} has no {}", cap.display(), expected.display()));
         if got != want {
-            failures.push(format!("{}:\n--- want\n{want}--- got\n{got}", cap.display()));
+            failures.push(format!(
+                "{}:\n--- want\n{want}--- got\n{got}",
+                cap.display()
+            ));
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
@@ -88,18 +96,37 @@ fn replay_agrees_with_kernel_truth() {
         for t in truth["connections"].as_array().unwrap() {
             let proto = t["proto"].as_str().unwrap();
             let c = find(&conns, proto, &t["client"], &t["server"]);
-            for (i, (dir, side)) in [("sent", "client"), ("received", "server")].into_iter().enumerate() {
+            for (i, (dir, side)) in [("sent", "client"), ("received", "server")]
+                .into_iter()
+                .enumerate()
+            {
                 let d = &c[dir];
                 let s = &t[side];
-                let ctx = format!("{name} {proto} {}:{} {side}", t["client"]["port"], t["server"]["port"]);
+                let ctx = format!(
+                    "{name} {proto} {}:{} {side}",
+                    t["client"]["port"], t["server"]["port"]
+                );
                 let app = s["app_bytes_written"].as_u64().unwrap();
                 let bytes = d["bytes"].as_u64().unwrap();
                 let retx_bytes = d["retransmitted_bytes"].as_u64().unwrap();
-                assert_eq!(bytes - retx_bytes, app, "{ctx}: bytes - retransmitted_bytes = app bytes");
+                assert_eq!(
+                    bytes - retx_bytes,
+                    app,
+                    "{ctx}: bytes - retransmitted_bytes = app bytes"
+                );
                 if proto == "tcp" {
-                    assert_eq!(d["retransmits"], s["tcpi_total_retrans"], "{ctx}: retransmits");
-                    assert_eq!(d["retransmitted_bytes"], s["tcpi_bytes_retrans"], "{ctx}: retransmitted_bytes");
-                    assert_eq!(d["bytes"], s["tcpi_bytes_sent"], "{ctx}: bytes = tcpi_bytes_sent");
+                    assert_eq!(
+                        d["retransmits"], s["tcpi_total_retrans"],
+                        "{ctx}: retransmits"
+                    );
+                    assert_eq!(
+                        d["retransmitted_bytes"], s["tcpi_bytes_retrans"],
+                        "{ctx}: retransmitted_bytes"
+                    );
+                    assert_eq!(
+                        d["bytes"], s["tcpi_bytes_sent"],
+                        "{ctx}: bytes = tcpi_bytes_sent"
+                    );
                     retrans_by_side[i] += d["retransmits"].as_u64().unwrap();
                 } else {
                     assert_eq!(d["packets"], s["datagrams_written"], "{ctx}: datagrams");

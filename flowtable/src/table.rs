@@ -154,7 +154,9 @@ impl FlowTable {
                 }
                 f
             }
-            std::collections::hash_map::Entry::Vacant(e) => e.insert(Flow::new(o.ts_ns, dir, &key, p)),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(Flow::new(o.ts_ns, dir, &key, p))
+            }
         };
 
         if o.ts_ns < flow.first_seen {
@@ -194,8 +196,24 @@ impl FlowTable {
             .chain(self.live.iter().map(|(k, f)| connection(k, f)))
             .collect();
         out.sort_by(|a, b| {
-            (a.first_seen, a.proto, a.src, a.sport, a.dst, a.dport, a.iface)
-                .cmp(&(b.first_seen, b.proto, b.src, b.sport, b.dst, b.dport, b.iface))
+            (
+                a.first_seen,
+                a.proto,
+                a.src,
+                a.sport,
+                a.dst,
+                a.dport,
+                a.iface,
+            )
+                .cmp(&(
+                    b.first_seen,
+                    b.proto,
+                    b.src,
+                    b.sport,
+                    b.dst,
+                    b.dport,
+                    b.iface,
+                ))
         });
         out
     }

@@ -187,7 +187,11 @@ fn be32(b: [u8; 4]) -> u32 {
 /// `skb->len`); it is only consulted when the IP header does not carry the
 /// length (IPv4 and IPv6 BIG TCP / jumbograms).
 #[inline(always)]
-pub fn parse_frame<B: PacketBytes + ?Sized>(b: &B, link: LinkType, wire_len: u32) -> Result<Parsed> {
+pub fn parse_frame<B: PacketBytes + ?Sized>(
+    b: &B,
+    link: LinkType,
+    wire_len: u32,
+) -> Result<Parsed> {
     let (l3, ethertype) = match link {
         LinkType::Ethernet => ethernet(b)?,
         LinkType::LinuxSll => {
@@ -412,7 +416,12 @@ fn transport<B: PacketBytes + ?Sized>(
                 }
                 l4_len - 8
             };
-            (be16([u[0], u[1]]), be16([u[2], u[3]]), payload, TcpHeader::default())
+            (
+                be16([u[0], u[1]]),
+                be16([u[2], u[3]]),
+                payload,
+                TcpHeader::default(),
+            )
         }
         _ => return Err(ParseError::OtherL4),
     };

@@ -55,7 +55,9 @@ impl FlowKey {
 
 /// Maps a 4-byte IPv4 address into the 16-byte key space.
 pub const fn v4_mapped(a: [u8; 4]) -> [u8; 16] {
-    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3]]
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3],
+    ]
 }
 
 /// Monotonic counters for one direction of one connection.
@@ -88,7 +90,13 @@ impl DirCounters {
     /// Adds one frame or GSO super-packet of `segs` wire segments. `tcp` is
     /// the tracker's verdict, `None` for UDP.
     #[inline(always)]
-    pub fn record(&mut self, segs: u32, payload_len: u32, l3_len: u32, tcp: Option<&crate::tcp::Verdict>) {
+    pub fn record(
+        &mut self,
+        segs: u32,
+        payload_len: u32,
+        l3_len: u32,
+        tcp: Option<&crate::tcp::Verdict>,
+    ) {
         self.packets += segs as u64;
         self.bytes += payload_len as u64;
         self.l3_bytes += l3_len as u64;

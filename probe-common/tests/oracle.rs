@@ -27,12 +27,29 @@ struct Spec {
 
 fn spec() -> impl Strategy<Value = Spec> {
     (
-        (0u8..=2, any::<bool>(), any::<[u8; 16]>(), any::<[u8; 16]>(), any::<bool>()),
-        (any::<u16>(), any::<u16>(), any::<u32>(), any::<u32>(), any::<u8>(), any::<u16>()),
+        (
+            0u8..=2,
+            any::<bool>(),
+            any::<[u8; 16]>(),
+            any::<[u8; 16]>(),
+            any::<bool>(),
+        ),
+        (
+            any::<u16>(),
+            any::<u16>(),
+            any::<u32>(),
+            any::<u32>(),
+            any::<u8>(),
+            any::<u16>(),
+        ),
         (proptest::collection::vec(any::<u8>(), 0..300), 0usize..40),
     )
         .prop_map(
-            |((vlans, v6, src, dst, tcp), (sport, dport, seq, ack, flags, window), (payload, padding))| Spec {
+            |(
+                (vlans, v6, src, dst, tcp),
+                (sport, dport, seq, ack, flags, window),
+                (payload, padding),
+            )| Spec {
                 vlans,
                 v6,
                 src,
@@ -77,7 +94,9 @@ fn build(s: &Spec) -> Vec<u8> {
                 }
                 b.write(&mut out, &s.payload).unwrap();
             } else {
-                $ip.udp(s.sport, s.dport).write(&mut out, &s.payload).unwrap();
+                $ip.udp(s.sport, s.dport)
+                    .write(&mut out, &s.payload)
+                    .unwrap();
             }
             out
         }};

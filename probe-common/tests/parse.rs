@@ -102,7 +102,17 @@ fn parse(frame: &[u8]) -> Result<Parsed, ParseError> {
 }
 
 fn tcp4(payload: usize) -> Vec<u8> {
-    eth(0x0800, &[], &ipv4(6, &tcp_hdr(40000, 5001, 7, 9, tcp_flags::ACK, 5), payload, 0, 0))
+    eth(
+        0x0800,
+        &[],
+        &ipv4(
+            6,
+            &tcp_hdr(40000, 5001, 7, 9, tcp_flags::ACK, 5),
+            payload,
+            0,
+            0,
+        ),
+    )
 }
 
 #[test]
@@ -110,8 +120,14 @@ fn ipv4_tcp_fields() {
     let p = parse(&tcp4(100)).unwrap();
     assert_eq!(p.key.src, v4_mapped(A4));
     assert_eq!(p.key.dst, v4_mapped(B4));
-    assert_eq!((p.key.sport, p.key.dport, p.key.proto, p.key.family), (40000, 5001, 6, 4));
-    assert_eq!((p.tcp.seq, p.tcp.ack, p.tcp.flags, p.tcp.window), (7, 9, tcp_flags::ACK, 4096));
+    assert_eq!(
+        (p.key.sport, p.key.dport, p.key.proto, p.key.family),
+        (40000, 5001, 6, 4)
+    );
+    assert_eq!(
+        (p.tcp.seq, p.tcp.ack, p.tcp.flags, p.tcp.window),
+        (7, 9, tcp_flags::ACK, 4096)
+    );
     assert_eq!((p.payload_len, p.l3_len, p.l3_offset), (100, 140, 14));
 }
 
@@ -143,9 +159,17 @@ fn truncation_names_the_layer() {
 
 #[test]
 fn tcp_options_are_skipped_by_data_offset() {
-    let f = eth(0x0800, &[], &ipv4(6, &tcp_hdr(1, 2, 0, 0, tcp_flags::SYN, 10), 0, 0, 0));
+    let f = eth(
+        0x0800,
+        &[],
+        &ipv4(6, &tcp_hdr(1, 2, 0, 0, tcp_flags::SYN, 10), 0, 0, 0),
+    );
     assert_eq!(parse(&f).unwrap().payload_len, 0);
-    let f = eth(0x0800, &[], &ipv4(6, &tcp_hdr(1, 2, 0, 0, tcp_flags::ACK, 8), 30, 0, 0));
+    let f = eth(
+        0x0800,
+        &[],
+        &ipv4(6, &tcp_hdr(1, 2, 0, 0, tcp_flags::ACK, 8), 30, 0, 0),
+    );
     assert_eq!(parse(&f).unwrap().payload_len, 30);
 }
 
@@ -206,13 +230,19 @@ fn vlan_and_qinq_tags() {
     let l3 = ipv4(6, &tcp_hdr(1, 2, 0, 0, 0, 5), 10, 0, 0);
     for tags in [&[][..], &[0x8100], &[0x88a8, 0x8100], &[0x9100, 0x8100]] {
         let p = parse(&eth(0x0800, tags, &l3)).unwrap();
-        assert_eq!((p.payload_len, p.l3_offset as usize), (10, 14 + 4 * tags.len()));
+        assert_eq!(
+            (p.payload_len, p.l3_offset as usize),
+            (10, 14 + 4 * tags.len())
+        );
     }
     assert_eq!(
         parse(&eth(0x0800, &[0x88a8, 0x8100, 0x8100], &l3)),
         Err(ParseError::TooManyHeaders)
     );
-    assert_eq!(parse(&eth(0x0800, &[0x8100], &[])[..17]), Err(ParseError::TruncatedL2));
+    assert_eq!(
+        parse(&eth(0x0800, &[0x8100], &[])[..17]),
+        Err(ParseError::TruncatedL2)
+    );
 }
 
 #[test]
@@ -224,7 +254,11 @@ fn not_ip_and_other_protocols() {
 
 #[test]
 fn ipv6_tcp_and_udp() {
-    let f = eth(0x86dd, &[], &ipv6(&[], 6, &tcp_hdr(443, 50000, 1, 2, tcp_flags::ACK, 8), 77));
+    let f = eth(
+        0x86dd,
+        &[],
+        &ipv6(&[], 6, &tcp_hdr(443, 50000, 1, 2, tcp_flags::ACK, 8), 77),
+    );
     let p = parse(&f).unwrap();
     assert_eq!((p.key.src, p.key.dst, p.key.family), (A6, B6, 6));
     assert_eq!((p.payload_len, p.l3_len), (77, 40 + 32 + 77));
@@ -234,10 +268,18 @@ fn ipv6_tcp_and_udp() {
 
 #[test]
 fn ipv6_extension_headers() {
-    let exts = vec![(0, ext8(1)), (60, ext8(2)), (44, frag_ext(0, false)), (43, ext8(3))];
+    let exts = vec![
+        (0, ext8(1)),
+        (60, ext8(2)),
+        (44, frag_ext(0, false)),
+        (43, ext8(3)),
+    ];
     let f = eth(0x86dd, &[], &ipv6(&exts, 6, &tcp_hdr(1, 2, 0, 0, 0, 5), 33));
     let p = parse(&f).unwrap();
-    assert_eq!((p.payload_len, p.l3_len), (33, 40 + 8 + 16 + 8 + 24 + 20 + 33));
+    assert_eq!(
+        (p.payload_len, p.l3_len),
+        (33, 40 + 8 + 16 + 8 + 24 + 20 + 33)
+    );
 
     // AH: length in 4-byte units minus 2
     let mut ah = vec![0, 4];
@@ -248,9 +290,17 @@ fn ipv6_extension_headers() {
 
 #[test]
 fn ipv6_fragments_esp_and_limits() {
-    let f = eth(0x86dd, &[], &ipv6(&[(44, frag_ext(100, false))], 6, &[], 100));
+    let f = eth(
+        0x86dd,
+        &[],
+        &ipv6(&[(44, frag_ext(100, false))], 6, &[], 100),
+    );
     assert_eq!(parse(&f), Err(ParseError::Fragment));
-    let f = eth(0x86dd, &[], &ipv6(&[(44, frag_ext(0, true))], 17, &udp_hdr(1, 2, 3000), 1000));
+    let f = eth(
+        0x86dd,
+        &[],
+        &ipv6(&[(44, frag_ext(0, true))], 17, &udp_hdr(1, 2, 3000), 1000),
+    );
     assert_eq!(parse(&f).unwrap().payload_len, 3000);
     let f = eth(0x86dd, &[], &ipv6(&[(50, vec![0; 16])], 6, &[], 0));
     assert_eq!(parse(&f), Err(ParseError::Ipv6NoTransport));
@@ -291,12 +341,28 @@ fn every_link_type_gives_the_same_answer() {
         (LinkType::Null, loop_be),
     ] {
         let got = parse_frame(&frame[..], link, frame.len() as u32).unwrap();
-        assert_eq!((got.key, got.payload_len, got.l3_len, got.tcp), (want.key, 100, 140, want.tcp), "{link:?}");
+        assert_eq!(
+            (got.key, got.payload_len, got.l3_len, got.tcp),
+            (want.key, 100, 140, want.tcp),
+            "{link:?}"
+        );
     }
     let v6 = ipv6(&[], 17, &udp_hdr(1, 2, 4), 4);
     let mut null6 = 30u32.to_le_bytes().to_vec();
     null6.extend(&v6);
-    assert_eq!(parse_frame(&null6[..], LinkType::Null, 0).unwrap().key.family, 6);
-    assert_eq!(parse_frame(&v6[..], LinkType::RawIp, 0).unwrap().key.family, 6);
-    assert_eq!(parse_frame(&[0x50u8][..], LinkType::RawIp, 1), Err(ParseError::BadL3));
+    assert_eq!(
+        parse_frame(&null6[..], LinkType::Null, 0)
+            .unwrap()
+            .key
+            .family,
+        6
+    );
+    assert_eq!(
+        parse_frame(&v6[..], LinkType::RawIp, 0).unwrap().key.family,
+        6
+    );
+    assert_eq!(
+        parse_frame(&[0x50u8][..], LinkType::RawIp, 1),
+        Err(ParseError::BadL3)
+    );
 }

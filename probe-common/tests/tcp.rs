@@ -22,7 +22,16 @@ struct Step {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn s(dir: usize, seq: u32, ack: u32, flags: u8, len: u32, win: u16, kind: K, retx_bytes: u32) -> Step {
+fn s(
+    dir: usize,
+    seq: u32,
+    ack: u32,
+    flags: u8,
+    len: u32,
+    win: u16,
+    kind: K,
+    retx_bytes: u32,
+) -> Step {
     Step {
         dir,
         seq,
@@ -97,7 +106,11 @@ fn handshake_data_and_retransmission() {
     ]);
     assert_eq!(c[A].retransmits, 1);
     assert_eq!(c[A].retransmitted_bytes, 1000);
-    assert_eq!(c[A].bytes - c[A].retransmitted_bytes, 2000, "what the application wrote");
+    assert_eq!(
+        c[A].bytes - c[A].retransmitted_bytes,
+        2000,
+        "what the application wrote"
+    );
     assert_eq!(c[A].spurious, 0);
 }
 
@@ -125,7 +138,16 @@ fn sequence_wrap_new_retransmit_and_overlap() {
         // entirely after the wrap
         s(A, isn.wrapping_add(2001), 0, PA, 1000, W, K::New, 0),
         // retransmission of the segment that crossed the wrap
-        s(A, isn.wrapping_add(1001), 0, PA, 1000, W, K::Retransmit, 1000),
+        s(
+            A,
+            isn.wrapping_add(1001),
+            0,
+            PA,
+            1000,
+            W,
+            K::Retransmit,
+            1000,
+        ),
         // repacketised: 600 old bytes across the wrap, then 400 new
         s(A, isn.wrapping_add(2401), 0, PA, 1000, W, K::New, 600),
     ]);
@@ -165,7 +187,10 @@ fn bsd_one_byte_keepalive_only_when_all_acked() {
         // All acked: garbage byte at snd_max - 1 is a keepalive.
         s(A, 110, 501, ACK, 1, W, K::Probe, 0),
     ]);
-    assert_eq!((c[A].probes, c[A].retransmits, c[A].retransmitted_bytes), (1, 1, 1));
+    assert_eq!(
+        (c[A].probes, c[A].retransmits, c[A].retransmitted_bytes),
+        (1, 1, 1)
+    );
 }
 
 #[test]
@@ -276,5 +301,8 @@ fn partial_overlap_counts_only_old_bytes() {
         s(A, 601, 0, PA, 1000, W, K::New, 500),
     ]);
     assert_eq!(c[A].bytes - c[A].retransmitted_bytes, 1500);
-    assert_eq!(c[A].retransmits, 0, "a segment that brings new data is not a retransmitted segment");
+    assert_eq!(
+        c[A].retransmits, 0,
+        "a segment that brings new data is not a retransmitted segment"
+    );
 }

@@ -57,7 +57,11 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.cmd {
-        Cmd::Replay { files, format, quiet } => {
+        Cmd::Replay {
+            files,
+            format,
+            quiet,
+        } => {
             let mut table = FlowTable::new();
             let mut stats = FrameStats::default();
             let outcomes = replay::replay(&files, &mut table, &mut stats)?;
@@ -84,7 +88,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if !quiet {
                 eprintln!("flowprobe: {}", output::summary(conns.len(), &stats));
             }
-            Ok(if unreadable { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+            Ok(if unreadable {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
         }
     }
 }

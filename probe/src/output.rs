@@ -79,7 +79,10 @@ pub fn summary(conns: usize, s: &FrameStats) -> String {
         if s.frames == 1 { "" } else { "s" },
         s.tracked
     );
-    let mut skipped: Vec<String> = s.skipped_by_reason().map(|(r, n)| format!("{n} {}", r.name())).collect();
+    let mut skipped: Vec<String> = s
+        .skipped_by_reason()
+        .map(|(r, n)| format!("{n} {}", r.name()))
+        .collect();
     if s.unsupported_link > 0 {
         skipped.push(format!("{} unsupported_link", s.unsupported_link));
     }

@@ -24,11 +24,19 @@ pub struct FileOutcome {
 }
 
 /// Replays `paths` in order into one table.
-pub fn replay(paths: &[PathBuf], table: &mut FlowTable, stats: &mut FrameStats) -> anyhow::Result<Vec<FileOutcome>> {
+pub fn replay(
+    paths: &[PathBuf],
+    table: &mut FlowTable,
+    stats: &mut FrameStats,
+) -> anyhow::Result<Vec<FileOutcome>> {
     paths.iter().map(|p| replay_file(p, table, stats)).collect()
 }
 
-fn replay_file(path: &Path, table: &mut FlowTable, stats: &mut FrameStats) -> anyhow::Result<FileOutcome> {
+fn replay_file(
+    path: &Path,
+    table: &mut FlowTable,
+    stats: &mut FrameStats,
+) -> anyhow::Result<FileOutcome> {
     let file = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
     let len = file
         .metadata()
@@ -41,15 +49,18 @@ fn replay_file(path: &Path, table: &mut FlowTable, stats: &mut FrameStats) -> an
         // SAFETY: the map is read-only and private to this process. A file
         // truncated by another process while mapped would raise SIGBUS; that
         // is the accepted cost of not copying multi-gigabyte captures.
-        map = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("{}: cannot map", path.display()))?;
+        map = unsafe { memmap2::Mmap::map(&file) }
+            .with_context(|| format!("{}: cannot map", path.display()))?;
         &map
     };
 
     let bar = (len >= PROGRESS_MIN_BYTES && std::io::stderr().is_terminal()).then(|| {
         let b = ProgressBar::new(len);
         b.set_style(
-            ProgressStyle::with_template("{msg} {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-                .expect("static template"),
+            ProgressStyle::with_template(
+                "{msg} {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .expect("static template"),
         );
         b.set_message(path.display().to_string());
         b

@@ -1,1 +1,327 @@
-fn main() {}
+//! Project tasks that need more than `cargo build`.
+//!
+//! ```text
+//! cargo xtask build-ebpf [--release]   build probe-ebpf for bpfel-unknown-none; prints the object path
+//! cargo xtask check-ebpf [--release]   build, then load it into the kernel (bpftool) to run the verifier
+//! cargo xtask clippy-ebpf              clippy -D warnings on probe-ebpf for the BPF target
+//! cargo xtask smoke-ebpf [--release]   build, then scripts/ebpf-netns-smoke.sh (veth in throwaway netns)
+//! ```
+//!
+//! The eBPF crate is built by a nested nightly cargo (`rustup run nightly
+//! cargo …`, toolchain overridable with `FLOWPROBE_EBPF_TOOLCHAIN`) with
+//! `-Z build-std=core`, linked by `bpf-linker` with BTF. A fresh machine gets
+//! both from `scripts/setup-ebpf-toolchain.sh`.
+
+use std::{
+    env,
+    ffi::OsString,
+    fs,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode, Stdio},
+};
+
+use anyhow::{bail, Context, Result};
+
+const TARGET: &str = "bpfel-unknown-none";
+/// The classifier `bpftool`/`tc` load; the object is named after the bin.
+const EBPF_BIN: &str = "probe-ebpf";
+/// The empty classifier used as the yardstick for cost measurements.
+const BASELINE_BIN: &str = "tc-baseline";
+/// ELF section of the classifier (`#[classifier]`), for `tc … sec`.
+const EBPF_SECTION: &str = "classifier";
+const BPFFS: &str = "/sys/fs/bpf";
+
+const USAGE: &str = "\
+usage: cargo xtask <command> [--release]
+
+commands:
+  build-ebpf [--release]  build probe-ebpf for bpfel-unknown-none and print the object path
+  check-ebpf [--release]  build-ebpf, then load the object with bpftool so the kernel verifier runs (root)
+  clippy-ebpf             cargo clippy for probe-ebpf on the BPF target with -D warnings
+  smoke-ebpf [--release]  build-ebpf, then scripts/ebpf-netns-smoke.sh: attach to a veth in throwaway
+                          network namespaces, send traffic, check PARSE_STATS, measure ns/packet (root)
+";
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
+    let mut args = env::args().skip(1);
+    let Some(cmd) = args.next() else {
+        eprint!("{USAGE}");
+        bail!("no command given");
+    };
+    let mut release = false;
+    for a in args {
+        match a.as_str() {
+            "--release" => release = true,
+            "-h" | "--help" => {
+                print!("{USAGE}");
+                return Ok(());
+            }
+            other => bail!("unknown argument {other:?}\n{USAGE}"),
+        }
+    }
+    let profile = if release {
+        Profile::Release
+    } else {
+        Profile::Dev
+    };
+    match cmd.as_str() {
+        "build-ebpf" => {
+            let objs = build_ebpf(profile)?;
+            println!("{}", objs.program.display());
+        }
+        "check-ebpf" => {
+            let objs = build_ebpf(profile)?;
+            check_ebpf(&objs.program)?;
+        }
+        "clippy-ebpf" => clippy_ebpf()?,
+        "smoke-ebpf" => {
+            let objs = build_ebpf(profile)?;
+            smoke_ebpf(&objs)?;
+        }
+        "-h" | "--help" | "help" => print!("{USAGE}"),
+        other => bail!("unknown command {other:?}\n{USAGE}"),
+    }
+    Ok(())
+}
+
+#[derive(Clone, Copy)]
+enum Profile {
+    Dev,
+    Release,
+}
+
+impl Profile {
+    fn dir(self) -> &'static str {
+        match self {
+            Profile::Dev => "debug",
+            Profile::Release => "release",
+        }
+    }
+}
+
+struct EbpfObjects {
+    program: PathBuf,
+    baseline: PathBuf,
+}
+
+fn root_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one level below the workspace root")
+        .to_path_buf()
+}
+
+fn ebpf_dir() -> PathBuf {
+    root_dir().join("probe-ebpf")
+}
+
+/// Kept inside the workspace's (ignored) `target/`, apart from host builds.
+fn ebpf_target_dir() -> PathBuf {
+    root_dir().join("target").join("ebpf")
+}
+
+fn toolchain() -> String {
+    env::var("FLOWPROBE_EBPF_TOOLCHAIN").unwrap_or_else(|_| "nightly".to_owned())
+}
+
+/// `rustup run <nightly> cargo <sub> --target bpfel-unknown-none -Z build-std=core`,
+/// run in `probe-ebpf/` with an environment that cannot leak the host build's
+/// compiler or flags into it.
+fn nightly_cargo(sub: &str) -> Result<Command> {
+    which("rustup").context(
+        "rustup not found: the eBPF build needs the nightly toolchain (run scripts/setup-ebpf-toolchain.sh)",
+    )?;
+    let mut cmd = Command::new("rustup");
+    cmd.args(["run", &toolchain(), "cargo", sub])
+        .args(["--target", TARGET, "-Z", "build-std=core", "--target-dir"])
+        .arg(ebpf_target_dir())
+        .current_dir(ebpf_dir());
+    // `cargo xtask` runs under the stable cargo, which exports variables the
+    // nested nightly cargo would otherwise pick up.
+    for key in [
+        "RUSTC",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "RUSTFLAGS",
+        "CARGO_BUILD_RUSTFLAGS",
+        "CARGO_TARGET_DIR",
+        "CARGO_BUILD_TARGET",
+        "CARGO_BUILD_TARGET_DIR",
+        "RUSTUP_TOOLCHAIN",
+        "CARGO",
+    ] {
+        cmd.env_remove(key);
+    }
+    // Debug info is what bpf-linker turns into BTF, which `.maps` map
+    // definitions (and libbpf-based loaders such as bpftool and tc) require.
+    cmd.env(
+        "CARGO_ENCODED_RUSTFLAGS",
+        ["-Cdebuginfo=2", "-Clink-arg=--btf"].join("\x1f"),
+    );
+    Ok(cmd)
+}
+
+fn build_ebpf(profile: Profile) -> Result<EbpfObjects> {
+    which("bpf-linker").context(
+        "bpf-linker not found in PATH (cargo install location): run scripts/setup-ebpf-toolchain.sh",
+    )?;
+    let mut cmd = nightly_cargo("build")?;
+    if let Profile::Release = profile {
+        cmd.arg("--release");
+    }
+    eprintln!("xtask: {}", show(&cmd));
+    // Cargo's progress goes to stderr; stdout is kept for the object path.
+    let status = cmd
+        .stdout(Stdio::inherit())
+        .status()
+        .context("running the nightly cargo")?;
+    if !status.success() {
+        bail!("eBPF build failed ({status})");
+    }
+    let out = ebpf_target_dir().join(TARGET).join(profile.dir());
+    let objs = EbpfObjects {
+        program: out.join(EBPF_BIN),
+        baseline: out.join(BASELINE_BIN),
+    };
+    for p in [&objs.program, &objs.baseline] {
+        if !p.is_file() {
+            bail!("build succeeded but {} is missing", p.display());
+        }
+    }
+    eprintln!(
+        "xtask: eBPF object {} (tc section \"{EBPF_SECTION}\")",
+        objs.program.display()
+    );
+    Ok(objs)
+}
+
+fn clippy_ebpf() -> Result<()> {
+    let mut cmd = nightly_cargo("clippy")?;
+    cmd.args(["--all-targets", "--", "-D", "warnings"]);
+    eprintln!("xtask: {}", show(&cmd));
+    let status = cmd.status().context("running the nightly cargo clippy")?;
+    if !status.success() {
+        bail!("clippy on probe-ebpf failed ({status})");
+    }
+    Ok(())
+}
+
+/// Loads the object with bpftool (which runs the verifier), then unpins it.
+fn check_ebpf(obj: &Path) -> Result<()> {
+    which("bpftool").context("bpftool not found (Debian package `bpftool`)")?;
+    ensure_bpffs()?;
+    let pin = PathBuf::from(format!("{BPFFS}/flowprobe-check-{}", std::process::id()));
+    let log_path = obj.with_extension("verifier.log");
+    let mut cmd = Command::new("bpftool");
+    // -d: libbpf debug output, which includes the verifier log and its
+    // statistics even when the load succeeds.
+    cmd.args(["-d", "prog", "load"])
+        .arg(obj)
+        .arg(&pin)
+        .args(["type", "classifier"]);
+    eprintln!("xtask: {}", show(&cmd));
+    let out = cmd.output().context("running bpftool")?;
+    let mut log = out.stdout;
+    log.extend_from_slice(&out.stderr);
+    fs::write(&log_path, &log).with_context(|| format!("writing {}", log_path.display()))?;
+    let log = String::from_utf8_lossy(&log);
+    let loaded = out.status.success() && pin.exists();
+    if pin.exists() {
+        fs::remove_file(&pin).with_context(|| format!("removing pin {}", pin.display()))?;
+    }
+    if !loaded {
+        eprintln!("{}", verifier_excerpt(&log));
+        bail!(
+            "the kernel rejected {} ({}); full log: {}",
+            obj.display(),
+            out.status,
+            log_path.display()
+        );
+    }
+    for line in log.lines().filter(|l| {
+        l.starts_with("processed ")
+            || l.starts_with("stack depth")
+            || l.starts_with("verification time")
+    }) {
+        eprintln!("xtask: verifier: {line}");
+    }
+    eprintln!(
+        "xtask: verifier accepted {} (log: {})",
+        obj.display(),
+        log_path.display()
+    );
+    Ok(())
+}
+
+/// The part of a failed load a person needs: the kernel's verifier log, or
+/// libbpf's last words when the object never reached the kernel.
+fn verifier_excerpt(log: &str) -> String {
+    const TAIL: usize = 80;
+    let lines: Vec<&str> = match log.find("-- BEGIN PROG LOAD LOG --") {
+        Some(start) => log[start..].lines().collect(),
+        None => log.lines().collect(),
+    };
+    let skip = lines.len().saturating_sub(TAIL);
+    lines[skip..].join("\n")
+}
+
+fn ensure_bpffs() -> Result<()> {
+    let mounts = fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
+    let mounted = mounts.lines().any(|l| {
+        let mut f = l.split_whitespace();
+        let (_dev, dir, fstype) = (f.next(), f.next(), f.next());
+        dir == Some(BPFFS) && fstype == Some("bpf")
+    });
+    if mounted {
+        return Ok(());
+    }
+    eprintln!("xtask: mounting bpffs at {BPFFS}");
+    let status = Command::new("mount")
+        .args(["-t", "bpf", "bpf", BPFFS])
+        .status()
+        .context("running mount")?;
+    if !status.success() {
+        bail!("mount -t bpf bpf {BPFFS} failed ({status}); are you root?");
+    }
+    Ok(())
+}
+
+fn smoke_ebpf(objs: &EbpfObjects) -> Result<()> {
+    let script = root_dir().join("scripts").join("ebpf-netns-smoke.sh");
+    let mut cmd = Command::new("bash");
+    cmd.arg(&script).arg(&objs.program).arg(&objs.baseline);
+    eprintln!("xtask: {}", show(&cmd));
+    let status = cmd
+        .status()
+        .with_context(|| format!("running {}", script.display()))?;
+    if !status.success() {
+        bail!("{} failed ({status})", script.display());
+    }
+    Ok(())
+}
+
+fn which(prog: &str) -> Result<PathBuf> {
+    let path = env::var_os("PATH").unwrap_or_default();
+    env::split_paths(&path)
+        .map(|d| d.join(prog))
+        .find(|p| p.is_file())
+        .with_context(|| format!("{prog} is not in PATH"))
+}
+
+fn show(cmd: &Command) -> String {
+    let mut s: Vec<OsString> = vec![cmd.get_program().to_owned()];
+    s.extend(cmd.get_args().map(ToOwned::to_owned));
+    s.iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
+}

@@ -47,8 +47,14 @@ impl fmt::Display for ReadError {
                 "not a pcap or pcapng file (starts with {:02x}{:02x}{:02x}{:02x})",
                 magic[0], magic[1], magic[2], magic[3]
             ),
-            ReadErrorKind::Truncated => write!(f, "file is cut short inside the record at offset {}", self.offset),
-            ReadErrorKind::Corrupt(why) => write!(f, "corrupt record at offset {}: {why}", self.offset),
+            ReadErrorKind::Truncated => write!(
+                f,
+                "file is cut short inside the record at offset {}",
+                self.offset
+            ),
+            ReadErrorKind::Corrupt(why) => {
+                write!(f, "corrupt record at offset {}: {why}", self.offset)
+            }
         }
     }
 }
@@ -119,14 +125,23 @@ fn read_pcap(
     let mut n = 0u32;
     while !rem.is_empty() {
         let offset = data.len() - rem.len();
-        let (next, raw) = parser.next_raw_packet(rem).map_err(|e| corrupt(offset, e))?;
+        let (next, raw) = parser
+            .next_raw_packet(rem)
+            .map_err(|e| corrupt(offset, e))?;
         if raw.incl_len > MAX_RECORD {
             return Err(ReadError {
                 offset,
-                kind: ReadErrorKind::Corrupt(format!("record length {} is over {MAX_RECORD}", raw.incl_len)),
+                kind: ReadErrorKind::Corrupt(format!(
+                    "record length {} is over {MAX_RECORD}",
+                    raw.incl_len
+                )),
             });
         }
-        let frac = if nanos { raw.ts_frac as u64 } else { raw.ts_frac as u64 * 1000 };
+        let frac = if nanos {
+            raw.ts_frac as u64
+        } else {
+            raw.ts_frac as u64 * 1000
+        };
         let frame = Frame {
             ts_ns: raw.ts_sec as u64 * 1_000_000_000 + frac,
             iface: 0,
@@ -137,7 +152,7 @@ fn read_pcap(
         on_frame(&frame);
         rem = next;
         n = n.wrapping_add(1);
-        if n % PROGRESS_EVERY == 0 {
+        if n.is_multiple_of(PROGRESS_EVERY) {
             on_progress(offset);
         }
     }
@@ -247,7 +262,7 @@ fn read_pcapng(
         }
         rem = next;
         n = n.wrapping_add(1);
-        if n % PROGRESS_EVERY == 0 {
+        if n.is_multiple_of(PROGRESS_EVERY) {
             on_progress(offset);
         }
     }

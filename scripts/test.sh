@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Every test flowprobe has, in tiers. Run as root on a fresh Debian machine of
+# the project's kind; it installs what the tiers need.
+#
+#   1. setup    apt packages (tshark, tcpdump, iptables, ...) and the eBPF
+#               toolchain (nightly rust-src, bpf-linker against nightly's libLLVM)
+#   2. lint     cargo fmt --check, clippy -D warnings (workspace and eBPF crate)
+#   3. unit     cargo test: parser, tracker, etherparse differential property
+#               test, replay of every format, golden files, kernel truth, tshark
+#   4. root     eBPF: the verifier accepts the program (bpftool load) and it
+#               counts in a veth pair between two fresh network namespaces;
+#               replay of freshly captured kernel traffic (iptables loss in the
+#               receiver's INPUT) equals each socket's TCP_INFO
+#
+# Without root the root tier is skipped with a message; with CI=true a skipped
+# tier is a failure. FLOWPROBE_SKIP_SETUP=1 skips tier 1 (for quick local runs).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+tier() { printf '\n=== %s\n' "$*"; }
+is_root() { [ "$(id -u)" = 0 ]; }
+ci() { [ "${CI:-}" = true ]; }
+
+if [ "${FLOWPROBE_SKIP_SETUP:-}" != 1 ]; then
+    tier "setup"
+    if is_root; then
+        pkgs=(tcpdump tshark iptables iproute2 ethtool bpftool iperf3 jq softflowd python3)
+        missing=()
+        for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+        if [ ${#missing[@]} -gt 0 ]; then
+            echo "apt-get install ${missing[*]}"
+            export DEBIAN_FRONTEND=noninteractive
+            apt-get update -qq
+            apt-get install -y -qq "${missing[@]}" >/dev/null
+        fi
+        bash scripts/setup-ebpf-toolchain.sh
+    elif ci; then
+        echo "FAIL: CI=true but not root: cannot install packages or run the root tier" >&2
+        exit 1
+    else
+        echo "not root: assuming tshark and the eBPF toolchain are installed"
+    fi
+fi
+
+tier "lint"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo xtask clippy-ebpf
+
+tier "unit and replay tests"
+cargo test --workspace --locked
+
+tier "root: eBPF and live kernel traffic"
+if ! is_root; then
+    if ci; then
+        echo "FAIL: CI=true and the root tier cannot run (not root)" >&2
+        exit 1
+    fi
+    echo "SKIPPED: the root tier needs root (sudo $0)"
+    exit 0
+fi
+cargo xtask check-ebpf --release
+cargo xtask smoke-ebpf --release
+
+fresh=$(mktemp -d /tmp/flowprobe-capture.XXXXXX)
+trap 'rm -rf "$fresh"' EXIT
+for scenario in tcp4_loss tcp6_loss; do
+    bash fixtures/capture/capture.sh "$scenario" "$fresh"
+done
+FLOWPROBE_FIXTURES="$fresh" cargo test --locked -p flowprobe --test replay_golden -- replay_agrees_with_kernel_truth
+echo
+echo "all tiers passed"

@@ -241,3 +241,143 @@ fn connection(k: &ConnKey, f: &Flow) -> Connection {
         received: DirStats::from(&f.counters[1 - f.initiator]),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use probe_common::parse::TcpHeader;
+    use probe_common::wire::v4_mapped;
+
+    const C: [u8; 4] = [10, 0, 0, 1];
+    const S: [u8; 4] = [10, 0, 0, 2];
+
+    fn pkt(
+        from: [u8; 4],
+        sport: u16,
+        to: [u8; 4],
+        dport: u16,
+        proto: u8,
+        flags: u8,
+        seq: u32,
+        len: u32,
+    ) -> Parsed {
+        Parsed {
+            key: FlowKey {
+                src: v4_mapped(from),
+                dst: v4_mapped(to),
+                sport,
+                dport,
+                proto,
+                family: 4,
+                _pad: [0; 2],
+            },
+            l3_len: 40 + len,
+            payload_len: len,
+            l3_offset: 14,
+            tcp: TcpHeader {
+                seq,
+                ack: 0,
+                flags,
+                window: 1000,
+            },
+        }
+    }
+
+    fn feed(t: &mut FlowTable, pkts: &[Parsed]) {
+        for (i, p) in pkts.iter().enumerate() {
+            t.observe(&Observation {
+                ts_ns: 1000 + i as u64,
+                iface: 0,
+                segs: 1,
+                parsed: p,
+            });
+        }
+    }
+
+    const SYN: u8 = tcp_flags::SYN;
+    const SA: u8 = tcp_flags::SYN | tcp_flags::ACK;
+    const ACK: u8 = tcp_flags::ACK;
+    const FA: u8 = tcp_flags::FIN | tcp_flags::ACK;
+
+    #[test]
+    fn syn_sender_is_initiator_even_from_the_low_port() {
+        let mut t = FlowTable::new();
+        // A client on a low port talking to a server on a high port.
+        feed(
+            &mut t,
+            &[
+                pkt(C, 80, S, 40000, 6, SYN, 1, 0),
+                pkt(S, 40000, C, 80, 6, SA, 9, 0),
+            ],
+        );
+        let c = &t.connections()[0];
+        assert_eq!(
+            (c.sport, c.dport, c.sent.packets, c.received.packets),
+            (80, 40000, 1, 1)
+        );
+    }
+
+    #[test]
+    fn syn_ack_seen_first_still_names_the_client() {
+        let mut t = FlowTable::new();
+        feed(&mut t, &[pkt(S, 5001, C, 40000, 6, SA, 9, 0)]);
+        let c = &t.connections()[0];
+        assert_eq!(
+            (c.src, c.sport, c.received.packets),
+            (std::net::IpAddr::from(C), 40000, 1)
+        );
+    }
+
+    #[test]
+    fn without_syn_the_higher_port_initiates() {
+        let mut t = FlowTable::new();
+        feed(
+            &mut t,
+            &[
+                pkt(S, 53, C, 50000, 17, 0, 0, 20),
+                pkt(C, 50000, S, 53, 17, 0, 0, 10),
+            ],
+        );
+        let c = &t.connections()[0];
+        assert_eq!(
+            (c.proto, c.sport, c.sent.bytes, c.received.bytes),
+            ("udp", 50000, 10, 20)
+        );
+    }
+
+    #[test]
+    fn port_reuse_after_close_is_a_new_connection() {
+        let mut t = FlowTable::new();
+        feed(
+            &mut t,
+            &[
+                pkt(C, 40000, S, 80, 6, SYN, 100, 0),
+                pkt(S, 80, C, 40000, 6, SA, 900, 0),
+                pkt(C, 40000, S, 80, 6, FA, 101, 0),
+                pkt(S, 80, C, 40000, 6, FA, 901, 0),
+                // New connection, new ISN; its sequence is not a retransmit.
+                pkt(C, 40000, S, 80, 6, SYN, 50, 0),
+                pkt(C, 40000, S, 80, 6, ACK, 51, 10),
+            ],
+        );
+        let conns = t.connections();
+        assert_eq!(conns.len(), 2);
+        assert_eq!((conns[0].sent.packets, conns[1].sent.packets), (2, 2));
+        assert_eq!(conns[1].sent.retransmits, 0);
+        assert!(conns[0].first_seen < conns[1].first_seen);
+    }
+
+    #[test]
+    fn syn_retransmit_is_not_a_new_connection() {
+        let mut t = FlowTable::new();
+        feed(
+            &mut t,
+            &[
+                pkt(C, 40000, S, 80, 6, SYN, 100, 0),
+                pkt(C, 40000, S, 80, 6, SYN, 100, 0),
+            ],
+        );
+        let conns = t.connections();
+        assert_eq!((conns.len(), conns[0].sent.retransmits), (1, 1));
+    }
+}

@@ -251,6 +251,7 @@ mod tests {
     const C: [u8; 4] = [10, 0, 0, 1];
     const S: [u8; 4] = [10, 0, 0, 2];
 
+    #[expect(clippy::too_many_arguments, reason = "one positional row per packet reads like a capture")]
     fn pkt(
         from: [u8; 4],
         sport: u16,

@@ -2,7 +2,7 @@
 
 use probe_common::parse::tcp_flags;
 use probe_common::tcp::{track, Segment};
-use probe_common::{DirCounters, FlowKey, L4Proto, Parsed, TcpDir};
+use probe_common::{ConnKey, DirCounters, L4Proto, Parsed, TcpDir};
 use rustc_hash::FxHashMap;
 
 use crate::conn::{ip, Connection, DirStats};
@@ -17,40 +17,6 @@ pub struct Observation<'a> {
     /// Wire segments it stands for (`gso_segs`; 1 for a captured frame).
     pub segs: u32,
     pub parsed: &'a Parsed,
-}
-
-/// Both directions in one key: endpoint `lo` is the smaller (address, port).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-struct ConnKey {
-    lo: [u8; 16],
-    hi: [u8; 16],
-    lo_port: u16,
-    hi_port: u16,
-    proto: u8,
-    family: u8,
-    iface: u32,
-}
-
-impl ConnKey {
-    /// The canonical key and whether `k` travels lo → hi (direction 0).
-    fn of(k: &FlowKey, iface: u32) -> (ConnKey, usize) {
-        let forward = (k.src, k.sport) <= (k.dst, k.dport);
-        let (lo, lo_port, hi, hi_port) = if forward {
-            (k.src, k.sport, k.dst, k.dport)
-        } else {
-            (k.dst, k.dport, k.src, k.sport)
-        };
-        let key = ConnKey {
-            lo,
-            hi,
-            lo_port,
-            hi_port,
-            proto: k.proto,
-            family: k.family,
-            iface,
-        };
-        (key, if forward { 0 } else { 1 })
-    }
 }
 
 /// How the initiator was decided; a SYN is better evidence than a port.
@@ -247,11 +213,15 @@ mod tests {
     use super::*;
     use probe_common::parse::TcpHeader;
     use probe_common::wire::v4_mapped;
+    use probe_common::FlowKey;
 
     const C: [u8; 4] = [10, 0, 0, 1];
     const S: [u8; 4] = [10, 0, 0, 2];
 
-    #[expect(clippy::too_many_arguments, reason = "one positional row per packet reads like a capture")]
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one positional row per packet reads like a capture"
+    )]
     fn pkt(
         from: [u8; 4],
         sport: u16,

@@ -53,6 +53,48 @@ impl FlowKey {
     }
 }
 
+/// Both directions of a connection under one key: endpoint `lo` is the
+/// smaller (address, port). `iface` is where it was seen (interface index
+/// live, pcapng interface number in replay). This is the key of the kernel's
+/// connection map and of the userspace table, so both join the same way.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnKey {
+    pub lo: [u8; 16],
+    pub hi: [u8; 16],
+    pub lo_port: u16,
+    pub hi_port: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+    pub iface: u32,
+}
+
+impl ConnKey {
+    /// The canonical key of `k`, and the direction `k` travels in:
+    /// 0 for lo → hi, 1 for hi → lo.
+    #[inline(always)]
+    pub fn of(k: &FlowKey, iface: u32) -> (ConnKey, usize) {
+        let forward = (k.src, k.sport) <= (k.dst, k.dport);
+        let (lo, lo_port, hi, hi_port) = if forward {
+            (k.src, k.sport, k.dst, k.dport)
+        } else {
+            (k.dst, k.dport, k.src, k.sport)
+        };
+        let key = ConnKey {
+            lo,
+            hi,
+            lo_port,
+            hi_port,
+            proto: k.proto,
+            family: k.family,
+            _pad: [0; 2],
+            iface,
+        };
+        (key, if forward { 0 } else { 1 })
+    }
+}
+
 /// Maps a 4-byte IPv4 address into the 16-byte key space.
 pub const fn v4_mapped(a: [u8; 4]) -> [u8; 16] {
     [

@@ -68,5 +68,6 @@ for scenario in tcp4_loss tcp6_loss; do
     bash fixtures/capture/capture.sh "$scenario" "$fresh"
 done
 FLOWPROBE_FIXTURES="$fresh" cargo test --locked -p flowprobe --test replay_golden -- replay_agrees_with_kernel_truth
+FLOWPROBE_FIXTURES="$fresh" cargo test --locked -p flowprobe --test tshark_oracle
 echo
 echo "all tiers passed"

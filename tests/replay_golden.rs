@@ -15,30 +15,9 @@
 mod common;
 
 use std::fs;
-use std::path::PathBuf;
 
-use common::{flowprobe, json_lines, repo_root, stderr, stdout};
+use common::{captures, flowprobe, json_lines, stderr, stdout};
 use serde_json::Value;
-
-/// `FLOWPROBE_FIXTURES` points the tests at another directory: the root
-/// test tier captures fresh kernel traffic there and checks it the same way.
-fn captures() -> Vec<PathBuf> {
-    let dir = std::env::var_os("FLOWPROBE_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("fixtures/pcaps"));
-    let mut v: Vec<PathBuf> = fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| {
-            matches!(
-                p.extension().and_then(|e| e.to_str()),
-                Some("pcap" | "pcapng")
-            )
-        })
-        .collect();
-    v.sort();
-    v
-}
 
 fn replay(p: &std::path::Path) -> String {
     let out = flowprobe(&["replay", "--format", "json", "--quiet", p.to_str().unwrap()]);

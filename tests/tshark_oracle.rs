@@ -33,33 +33,13 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::fs;
 use std::io::{ErrorKind, Write};
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
-use common::{flowprobe, json_lines, repo_root, stderr, stdout};
+use common::{captures, flowprobe, json_lines, stderr, stdout};
 use serde_json::Value;
-
-/// The captures to check, sorted.
-fn captures() -> Vec<PathBuf> {
-    let dir = std::env::var_os("FLOWPROBE_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("fixtures/pcaps"));
-    let mut v: Vec<PathBuf> = fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .map(|e| e.unwrap().path())
-        .filter(|p| {
-            matches!(
-                p.extension().and_then(|e| e.to_str()),
-                Some("pcap" | "pcapng")
-            )
-        })
-        .collect();
-    v.sort();
-    v
-}
 
 /// tshark's version line, or `None` when it cannot be run.
 fn tshark_version() -> Option<String> {

@@ -84,7 +84,10 @@ fi
 # Sum of PARSE_STATS over CPUs, one "index count" line per key.
 stats() { # prog_id
     local map
-    map=$(bpftool prog show id "$1" -j | jq '.map_ids[0]')
+    # The program uses several maps: pick PARSE_STATS by name.
+    map=$(for id in $(bpftool prog show id "$1" -j | jq '.map_ids[]'); do
+        bpftool map show id "$id" -j
+    done | jq -s 'map(select(.name == "PARSE_STATS")) | .[0].id')
     bpftool map dump id "$map" -j | jq -r '.[] | .formatted // . | "\(.key) \([.values[].value] | add)"'
 }
 

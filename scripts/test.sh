@@ -9,6 +9,7 @@
 #               test, replay of every format, golden files, kernel truth, tshark
 #   4. root     eBPF: the verifier accepts the program (bpftool load) and it
 #               counts in a veth pair between two fresh network namespaces;
+#               `flowprobe run` there equals each socket's TCP_INFO (tests/live_tc.rs);
 #               replay of freshly captured kernel traffic (iptables loss in the
 #               receiver's INPUT) equals each socket's TCP_INFO
 #
@@ -61,6 +62,9 @@ if ! is_root; then
 fi
 cargo xtask check-ebpf --release
 cargo xtask smoke-ebpf --release
+# `flowprobe run` on a veth in new namespaces against TCP_INFO; it uses the
+# object check-ebpf just built (the unit tier skips it without this variable).
+FLOWPROBE_LIVE_TESTS=1 cargo test --locked -p flowprobe --test live_tc
 
 fresh=$(mktemp -d /tmp/flowprobe-capture.XXXXXX)
 trap 'rm -rf "$fresh"' EXIT

@@ -11,4 +11,4 @@ mod table;
 
 pub use conn::{Connection, DirStats};
 pub use stats::FrameStats;
-pub use table::{FlowTable, Observation};
+pub use table::{sort_connections, FlowTable, Observation};

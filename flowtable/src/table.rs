@@ -2,7 +2,8 @@
 
 use probe_common::parse::tcp_flags;
 use probe_common::tcp::{track, Segment};
-use probe_common::{ConnKey, DirCounters, L4Proto, Parsed, TcpDir};
+use probe_common::wire::evidence;
+use probe_common::{ConnKey, DirCounters, FlowEntry, L4Proto, Parsed, TcpDir};
 use rustc_hash::FxHashMap;
 
 use crate::conn::{ip, Connection, DirStats};
@@ -19,19 +20,12 @@ pub struct Observation<'a> {
     pub parsed: &'a Parsed,
 }
 
-/// How the initiator was decided; a SYN is better evidence than a port.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum Evidence {
-    FirstPacket,
-    Port,
-    Syn,
-}
-
 #[derive(Clone, Debug)]
 struct Flow {
     /// Direction index (0 = lo → hi) that the initiator sends in.
     initiator: usize,
-    evidence: Evidence,
+    /// `probe_common::wire::evidence` for `initiator`.
+    evidence: u8,
     first_seen: u64,
     last_seen: u64,
     counters: [DirCounters; 2],
@@ -62,21 +56,11 @@ impl Flow {
 }
 
 /// The initiator sent the SYN; failing that, it owns the ephemeral (higher)
-/// port; failing that (equal ports), it sent the first packet seen.
-fn initiator_of(dir: usize, key: &ConnKey, p: &Parsed) -> (usize, Evidence) {
-    if p.key.proto == L4Proto::Tcp as u8 && p.tcp.flags & tcp_flags::SYN != 0 {
-        let syn_sender = if p.tcp.flags & tcp_flags::ACK == 0 {
-            dir
-        } else {
-            1 - dir
-        };
-        return (syn_sender, Evidence::Syn);
-    }
-    match key.lo_port.cmp(&key.hi_port) {
-        core::cmp::Ordering::Greater => (0, Evidence::Port),
-        core::cmp::Ordering::Less => (1, Evidence::Port),
-        core::cmp::Ordering::Equal => (dir, Evidence::FirstPacket),
-    }
+/// port; failing that (equal ports), it sent the first packet seen. The rule
+/// lives in `probe_common` so that the kernel program applies the same one.
+fn initiator_of(dir: usize, key: &ConnKey, p: &Parsed) -> (usize, u8) {
+    let flags = (p.key.proto == L4Proto::Tcp as u8).then_some(p.tcp.flags);
+    probe_common::wire::initiator_of(dir, key, flags)
 }
 
 /// Connections keyed by 5-tuple and interface, both directions in one entry.
@@ -114,9 +98,9 @@ impl FlowTable {
                     // Same 5-tuple, new connection (port reuse after close).
                     let old = core::mem::replace(f, Flow::new(o.ts_ns, dir, &key, p));
                     self.ended.push((key, old));
-                } else if pure_syn && f.evidence < Evidence::Syn {
+                } else if pure_syn && f.evidence < evidence::SYN {
                     f.initiator = dir;
-                    f.evidence = Evidence::Syn;
+                    f.evidence = evidence::SYN;
                 }
                 f
             }
@@ -161,34 +145,66 @@ impl FlowTable {
             .map(|(k, f)| connection(k, f))
             .chain(self.live.iter().map(|(k, f)| connection(k, f)))
             .collect();
-        out.sort_by(|a, b| {
-            (
-                a.first_seen,
-                a.proto,
-                a.src,
-                a.sport,
-                a.dst,
-                a.dport,
-                a.iface,
-            )
-                .cmp(&(
-                    b.first_seen,
-                    b.proto,
-                    b.src,
-                    b.sport,
-                    b.dst,
-                    b.dport,
-                    b.iface,
-                ))
-        });
+        sort_connections(&mut out);
         out
     }
 }
 
 fn connection(k: &ConnKey, f: &Flow) -> Connection {
+    oriented(k, f.initiator, f.first_seen, f.last_seen, &f.counters)
+}
+
+impl Connection {
+    /// A connection from the kernel's map (`CONNS`): its key and entry, with
+    /// `clock_offset_ns` added to the entry's monotonic timestamps to make
+    /// them Unix time. Oriented by the entry's initiator, which the kernel
+    /// decided with the same rule as [`FlowTable`].
+    pub fn from_entry(k: &ConnKey, e: &FlowEntry, clock_offset_ns: u64) -> Connection {
+        oriented(
+            k,
+            (e.initiator & 1) as usize,
+            e.first_seen_ns.wrapping_add(clock_offset_ns),
+            e.last_seen_ns.wrapping_add(clock_offset_ns),
+            &e.counters,
+        )
+    }
+}
+
+/// Sorts connections the way [`FlowTable::connections`] does: first seen,
+/// then protocol, addresses and ports, then interface.
+pub fn sort_connections(conns: &mut [Connection]) {
+    conns.sort_by(|a, b| {
+        (
+            a.first_seen,
+            a.proto,
+            a.src,
+            a.sport,
+            a.dst,
+            a.dport,
+            a.iface,
+        )
+            .cmp(&(
+                b.first_seen,
+                b.proto,
+                b.src,
+                b.sport,
+                b.dst,
+                b.dport,
+                b.iface,
+            ))
+    });
+}
+
+fn oriented(
+    k: &ConnKey,
+    initiator: usize,
+    first_seen: u64,
+    last_seen: u64,
+    counters: &[DirCounters; 2],
+) -> Connection {
     let lo = (ip(k.family, &k.lo), k.lo_port);
     let hi = (ip(k.family, &k.hi), k.hi_port);
-    let ((src, sport), (dst, dport)) = if f.initiator == 0 { (lo, hi) } else { (hi, lo) };
+    let ((src, sport), (dst, dport)) = if initiator == 0 { (lo, hi) } else { (hi, lo) };
     let proto = if k.proto == L4Proto::Tcp as u8 {
         L4Proto::Tcp.name()
     } else {
@@ -201,10 +217,10 @@ fn connection(k: &ConnKey, f: &Flow) -> Connection {
         dst,
         dport,
         iface: k.iface,
-        first_seen: f.first_seen,
-        last_seen: f.last_seen,
-        sent: DirStats::from(&f.counters[f.initiator]),
-        received: DirStats::from(&f.counters[1 - f.initiator]),
+        first_seen,
+        last_seen,
+        sent: DirStats::from(&counters[initiator]),
+        received: DirStats::from(&counters[1 - initiator]),
     }
 }
 
@@ -350,5 +366,69 @@ mod tests {
         );
         let conns = t.connections();
         assert_eq!((conns.len(), conns[0].sent.retransmits), (1, 1));
+    }
+
+    /// What the kernel program does per packet (probe-ebpf `track_conn`),
+    /// with plain memory instead of BPF atomics.
+    fn kernel_like(pkts: &[Parsed]) -> Vec<Connection> {
+        use probe_common::tcp::track_shared;
+        use probe_common::Plain;
+        let mut map: FxHashMap<ConnKey, FlowEntry> = FxHashMap::default();
+        for (i, p) in pkts.iter().enumerate() {
+            let ts = 1000 + i as u64;
+            let (key, dir) = ConnKey::of(&p.key, 0);
+            let is_tcp = p.key.proto == L4Proto::Tcp as u8;
+            let e = map
+                .entry(key)
+                .or_insert_with(|| FlowEntry::new(ts, dir, &key, is_tcp.then_some(p.tcp.flags)));
+            e.last_seen_ns = ts;
+            let v = if is_tcp {
+                let f = p.tcp.flags;
+                if f & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN
+                    && e.evidence < evidence::SYN
+                {
+                    e.initiator = dir as u8;
+                    e.evidence = evidence::SYN;
+                }
+                let seg = Segment {
+                    hdr: p.tcp,
+                    payload_len: p.payload_len,
+                };
+                let t = e.tcp.as_mut_ptr();
+                // SAFETY: elements of a live array.
+                Some(unsafe { track_shared(&seg, t.add(dir), t.add(1 - dir), &Plain) })
+            } else {
+                None
+            };
+            e.counters[dir].record(1, p.payload_len, p.l3_len, v.as_ref());
+        }
+        let mut out: Vec<Connection> = map
+            .iter()
+            .map(|(k, e)| Connection::from_entry(k, e, 0))
+            .collect();
+        sort_connections(&mut out);
+        out
+    }
+
+    #[test]
+    fn kernel_entries_orient_and_count_like_the_table() {
+        let cases: [&[Parsed]; 3] = [
+            &[
+                pkt(C, 80, S, 40000, 6, SYN, 1, 0),
+                pkt(S, 40000, C, 80, 6, SA, 9, 0),
+                pkt(C, 80, S, 40000, 6, ACK, 2, 100),
+                pkt(C, 80, S, 40000, 6, ACK, 2, 100),
+            ],
+            &[pkt(S, 5001, C, 40000, 6, SA, 9, 0)],
+            &[
+                pkt(S, 53, C, 50000, 17, 0, 0, 20),
+                pkt(C, 50000, S, 53, 17, 0, 0, 10),
+            ],
+        ];
+        for pkts in cases {
+            let mut t = FlowTable::new();
+            feed(&mut t, pkts);
+            assert_eq!(kernel_like(pkts), t.connections());
+        }
     }
 }

@@ -15,4 +15,4 @@ pub mod wire;
 
 pub use parse::{parse_frame, LinkType, PacketBytes, ParseError, Parsed};
 pub use tcp::{Segment, TcpDir, Verdict, VerdictKind};
-pub use wire::{ConnKey, DirCounters, FlowKey, L4Proto};
+pub use wire::{Atomics, ConnKey, DirCounters, FlowEntry, FlowKey, L4Proto, Plain};

@@ -180,3 +180,101 @@ pub fn track(seg: &Segment, d: &mut TcpDir, r: &mut TcpDir) -> Verdict {
     v.spurious = d.has(TcpDir::FLAG_PEER_ACK) && !seq_after(end, d.peer_ack);
     v
 }
+
+/// [`track`] on state that other CPUs update at the same time (a kernel map
+/// value shared by tc ingress and egress): decides from a snapshot with the
+/// very same [`track`], then commits what changed with bounded
+/// compare-exchange loops. `snd_max` and `peer_ack` only ever move forward
+/// (in sequence space), so a commit that finds a value already further
+/// along keeps it; the flag bits that changed are set or cleared without
+/// touching the others.
+///
+/// Without contention (the normal case: one socket's segments are sent under
+/// its lock) the result is exactly that of [`track`].
+///
+/// # Safety
+/// `d` and `r` must point to live `TcpDir`s (4-byte aligned).
+#[inline(always)]
+pub unsafe fn track_shared<A: crate::wire::Atomics>(
+    seg: &Segment,
+    d: *mut TcpDir,
+    r: *mut TcpDir,
+    a: &A,
+) -> Verdict {
+    // SAFETY: caller's contract; volatile so that each field is read once.
+    let (d0, r0) = unsafe { (core::ptr::read_volatile(d), core::ptr::read_volatile(r)) };
+    let (mut d1, mut r1) = (d0, r0);
+    let v = track(seg, &mut d1, &mut r1);
+    // SAFETY: field pointers of live `TcpDir`s (caller's contract).
+    unsafe {
+        if r1.peer_ack != r0.peer_ack {
+            advance(&raw mut (*r).peer_ack, r0.peer_ack, r1.peer_ack, a);
+        }
+        if d1.snd_max != d0.snd_max {
+            // The first segment of a direction sets snd_max without
+            // comparing (FLAG_INIT is committed below).
+            let init = d0.flags & TcpDir::FLAG_INIT == 0;
+            advance_or_init(&raw mut (*d).snd_max, d0.snd_max, d1.snd_max, init, a);
+        }
+        commit_flags(d, d0.flags, d1.flags, a);
+        commit_flags(r, r0.flags, r1.flags, a);
+    }
+    v
+}
+
+/// Bound on compare-exchange retries; each retry means another CPU moved the
+/// value meanwhile, so more than a few cannot happen in practice.
+const CAS_TRIES: usize = 4;
+
+/// Moves `*p` from `old` to `new` unless another CPU has already moved it at
+/// or beyond `new`.
+#[inline(always)]
+unsafe fn advance<A: crate::wire::Atomics>(p: *mut u32, old: u32, new: u32, a: &A) {
+    // SAFETY: caller's contract.
+    unsafe { advance_or_init(p, old, new, false, a) }
+}
+
+#[inline(always)]
+unsafe fn advance_or_init<A: crate::wire::Atomics>(
+    p: *mut u32,
+    old: u32,
+    new: u32,
+    init: bool,
+    a: &A,
+) {
+    let mut expected = old;
+    for _ in 0..CAS_TRIES {
+        // SAFETY: caller's contract.
+        let cur = unsafe { a.cas_u32(p, expected, new) };
+        if cur == expected || (!init && !seq_after(new, cur)) {
+            return;
+        }
+        expected = cur;
+    }
+}
+
+/// Sets the flag bits `after` has and `before` had not, and clears those it
+/// lost, in the 32-bit word that holds `flags` (and padding).
+#[inline(always)]
+unsafe fn commit_flags<A: crate::wire::Atomics>(t: *mut TcpDir, before: u8, after: u8, a: &A) {
+    if before == after {
+        return;
+    }
+    let set = u32::from_ne_bytes([after & !before, 0, 0, 0]);
+    let clear = u32::from_ne_bytes([before & !after, 0, 0, 0]);
+    // `flags` and `_pad` form one aligned u32 (offset 8 of a repr(C) struct
+    // of u32 alignment).
+    // SAFETY: caller's contract; the word lies inside the `TcpDir`.
+    let p = unsafe { (&raw mut (*t).flags).cast::<u32>() };
+    // SAFETY: as above.
+    let mut expected = unsafe { core::ptr::read_volatile(p) };
+    for _ in 0..CAS_TRIES {
+        let new = (expected | set) & !clear;
+        // SAFETY: as above.
+        let cur = unsafe { a.cas_u32(p, expected, new) };
+        if cur == expected {
+            return;
+        }
+        expected = cur;
+    }
+}

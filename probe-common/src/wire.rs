@@ -75,7 +75,10 @@ impl ConnKey {
     /// 0 for lo → hi, 1 for hi → lo.
     #[inline(always)]
     pub fn of(k: &FlowKey, iface: u32) -> (ConnKey, usize) {
-        let forward = (k.src, k.sport) <= (k.dst, k.dport);
+        // Lexicographic byte order, compared as big-endian halves: comparing
+        // the arrays directly would call `memcmp`, which the eBPF verifier
+        // checks as a separate global function and rejects.
+        let forward = (be_halves(&k.src), k.sport) <= (be_halves(&k.dst), k.dport);
         let (lo, lo_port, hi, hi_port) = if forward {
             (k.src, k.sport, k.dst, k.dport)
         } else {
@@ -93,6 +96,15 @@ impl ConnKey {
         };
         (key, if forward { 0 } else { 1 })
     }
+}
+
+/// A 16-byte address as two big-endian `u64`s: same order as its bytes.
+#[inline(always)]
+fn be_halves(a: &[u8; 16]) -> (u64, u64) {
+    (
+        u64::from_be_bytes([a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]]),
+        u64::from_be_bytes([a[8], a[9], a[10], a[11], a[12], a[13], a[14], a[15]]),
+    )
 }
 
 /// Maps a 4-byte IPv4 address into the 16-byte key space.
@@ -139,20 +151,197 @@ impl DirCounters {
         l3_len: u32,
         tcp: Option<&crate::tcp::Verdict>,
     ) {
-        self.packets += segs as u64;
-        self.bytes += payload_len as u64;
-        self.l3_bytes += l3_len as u64;
+        let d = DirCounters::delta(segs, payload_len, l3_len, tcp);
+        self.packets += d.packets;
+        self.bytes += d.bytes;
+        self.l3_bytes += d.l3_bytes;
+        self.retransmits += d.retransmits;
+        self.retransmitted_bytes += d.retransmitted_bytes;
+        self.probes += d.probes;
+        self.gaps += d.gaps;
+        self.spurious += d.spurious;
+    }
+
+    /// What [`DirCounters::record`] adds for one frame: the one place that
+    /// turns a verdict into counts, for plain and atomic adds alike.
+    #[inline(always)]
+    pub fn delta(
+        segs: u32,
+        payload_len: u32,
+        l3_len: u32,
+        tcp: Option<&crate::tcp::Verdict>,
+    ) -> DirCounters {
+        let mut d = DirCounters {
+            packets: segs as u64,
+            bytes: payload_len as u64,
+            l3_bytes: l3_len as u64,
+            ..DirCounters::default()
+        };
         if let Some(v) = tcp {
             match v.kind {
                 crate::tcp::VerdictKind::Retransmit => {
-                    self.retransmits += segs as u64;
-                    self.spurious += v.spurious as u64 * segs as u64;
+                    d.retransmits = segs as u64;
+                    d.spurious = v.spurious as u64 * segs as u64;
                 }
-                crate::tcp::VerdictKind::Probe => self.probes += 1,
+                crate::tcp::VerdictKind::Probe => d.probes = 1,
                 _ => {}
             }
-            self.retransmitted_bytes += v.retransmitted_bytes as u64;
-            self.gaps += v.gap as u64;
+            d.retransmitted_bytes = v.retransmitted_bytes as u64;
+            d.gaps = v.gap as u64;
+        }
+        d
+    }
+
+    /// [`DirCounters::record`] on counters that other CPUs update at the
+    /// same time (a kernel map value): every field with an atomic add.
+    ///
+    /// # Safety
+    /// `c` must point to a live, 8-byte aligned `DirCounters`.
+    #[inline(always)]
+    pub unsafe fn record_shared<A: Atomics>(
+        c: *mut DirCounters,
+        segs: u32,
+        payload_len: u32,
+        l3_len: u32,
+        tcp: Option<&crate::tcp::Verdict>,
+        a: &A,
+    ) {
+        let d = DirCounters::delta(segs, payload_len, l3_len, tcp);
+        // SAFETY: field pointers of a live `DirCounters` (caller's contract).
+        unsafe {
+            a.add_u64(&raw mut (*c).packets, d.packets);
+            a.add_u64(&raw mut (*c).bytes, d.bytes);
+            a.add_u64(&raw mut (*c).l3_bytes, d.l3_bytes);
+            if d.retransmits != 0 {
+                a.add_u64(&raw mut (*c).retransmits, d.retransmits);
+            }
+            if d.retransmitted_bytes != 0 {
+                a.add_u64(&raw mut (*c).retransmitted_bytes, d.retransmitted_bytes);
+            }
+            if d.probes != 0 {
+                a.add_u64(&raw mut (*c).probes, d.probes);
+            }
+            if d.gaps != 0 {
+                a.add_u64(&raw mut (*c).gaps, d.gaps);
+            }
+            if d.spurious != 0 {
+                a.add_u64(&raw mut (*c).spurious, d.spurious);
+            }
         }
     }
 }
+
+/// The atomic operations the shared-state variants need. The eBPF program
+/// implements them with BPF atomics; userspace with `core::sync::atomic`;
+/// [`Plain`] with ordinary loads and stores (one thread only).
+pub trait Atomics {
+    /// `*p += v`, atomically.
+    ///
+    /// # Safety
+    /// `p` must be valid and 8-byte aligned.
+    unsafe fn add_u64(&self, p: *mut u64, v: u64);
+    /// If `*p == old` then `*p = new`, atomically; returns the value `*p`
+    /// had before (so the swap happened iff it equals `old`).
+    ///
+    /// # Safety
+    /// `p` must be valid and 4-byte aligned.
+    unsafe fn cas_u32(&self, p: *mut u32, old: u32, new: u32) -> u32;
+}
+
+/// [`Atomics`] for memory no one else touches (tests, single thread).
+pub struct Plain;
+
+impl Atomics for Plain {
+    #[inline(always)]
+    unsafe fn add_u64(&self, p: *mut u64, v: u64) {
+        // SAFETY: caller's contract.
+        unsafe { *p = (*p).wrapping_add(v) };
+    }
+    #[inline(always)]
+    unsafe fn cas_u32(&self, p: *mut u32, old: u32, new: u32) -> u32 {
+        // SAFETY: caller's contract.
+        unsafe {
+            let cur = *p;
+            if cur == old {
+                *p = new;
+            }
+            cur
+        }
+    }
+}
+
+/// How a connection's initiator was decided ([`FlowEntry::evidence`]); a
+/// larger value is better evidence.
+pub mod evidence {
+    /// Equal ports: the sender of the first packet seen.
+    pub const FIRST_PACKET: u8 = 0;
+    /// The side with the higher (ephemeral) port.
+    pub const PORT: u8 = 1;
+    /// The side that sent the SYN.
+    pub const SYN: u8 = 2;
+}
+
+/// The initiator of a connection whose first packet seen travels in
+/// direction `dir` of `key` (see [`ConnKey::of`]): the SYN sender; failing
+/// that, the side with the higher (ephemeral) port; failing that (equal
+/// ports), the sender of that first packet. `tcp_flags` is `None` for UDP.
+/// Returns (the initiator's direction index, [`evidence`]).
+#[inline(always)]
+pub fn initiator_of(dir: usize, key: &ConnKey, tcp_flags: Option<u8>) -> (usize, u8) {
+    use crate::parse::tcp_flags as f;
+    if let Some(flags) = tcp_flags {
+        if flags & f::SYN != 0 {
+            let syn_sender = if flags & f::ACK == 0 { dir } else { 1 - dir };
+            return (syn_sender, evidence::SYN);
+        }
+    }
+    if key.lo_port > key.hi_port {
+        (0, evidence::PORT)
+    } else if key.lo_port < key.hi_port {
+        (1, evidence::PORT)
+    } else {
+        (dir, evidence::FIRST_PACKET)
+    }
+}
+
+/// Value of the kernel's connection map (`CONNS`, keyed by [`ConnKey`]):
+/// everything the tc program knows about one connection. Direction index 0
+/// is `lo → hi` of the key, as in [`ConnKey::of`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEntry {
+    pub counters: [DirCounters; 2],
+    pub tcp: [crate::tcp::TcpDir; 2],
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) of the first and last packet.
+    pub first_seen_ns: u64,
+    pub last_seen_ns: u64,
+    /// Direction index the initiator sends in ([`initiator_of`]).
+    pub initiator: u8,
+    /// [`evidence`] for `initiator`.
+    pub evidence: u8,
+    pub _pad: [u8; 6],
+}
+
+impl FlowEntry {
+    /// A new entry for a connection first seen at `now_ns` with a packet in
+    /// direction `dir`; counters empty (the caller records the packet).
+    #[inline(always)]
+    pub fn new(now_ns: u64, dir: usize, key: &ConnKey, tcp_flags: Option<u8>) -> FlowEntry {
+        let (initiator, evidence) = initiator_of(dir, key, tcp_flags);
+        FlowEntry {
+            first_seen_ns: now_ns,
+            last_seen_ns: now_ns,
+            initiator: initiator as u8,
+            evidence,
+            ..FlowEntry::default()
+        }
+    }
+}
+
+// The kernel map's key and value layouts are part of the userspace/kernel
+// contract: no implicit padding, fixed sizes.
+const _: () = assert!(core::mem::size_of::<ConnKey>() == 44);
+const _: () = assert!(core::mem::size_of::<DirCounters>() == 64);
+const _: () = assert!(core::mem::size_of::<crate::tcp::TcpDir>() == 12);
+const _: () = assert!(core::mem::offset_of!(crate::tcp::TcpDir, flags) == 8);
+const _: () = assert!(core::mem::size_of::<FlowEntry>() == 176);

@@ -3,6 +3,7 @@
 
 mod capture;
 mod ingest;
+mod live;
 mod output;
 mod replay;
 
@@ -42,6 +43,34 @@ enum Cmd {
         #[arg(short, long)]
         quiet: bool,
     },
+    /// Count connections on live interfaces with the tc eBPF program.
+    ///
+    /// Needs root. Attaches to clsact ingress and egress of each interface
+    /// (adding the clsact qdisc where there is none), counts until
+    /// --duration has passed or SIGINT/SIGTERM arrives, detaches, removes only
+    /// what it added, and prints every connection seen.
+    Run {
+        /// Interface to attach to (repeat for several).
+        #[arg(short, long = "iface", required = true, value_name = "IFACE")]
+        ifaces: Vec<String>,
+        /// Stop after this many seconds (default: at SIGINT/SIGTERM).
+        #[arg(short, long, value_name = "SECS")]
+        duration: Option<f64>,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+        /// The eBPF object (default: this source tree's
+        /// target/ebpf/bpfel-unknown-none/release/probe-ebpf, built by
+        /// `cargo xtask build-ebpf --release`).
+        #[arg(long, value_name = "PATH")]
+        ebpf_object: Option<PathBuf>,
+        /// Capacity of the kernel's connection map.
+        #[arg(long, value_name = "N", default_value_t = 65536)]
+        max_conns: u32,
+        /// Do not print the summary line on stderr.
+        #[arg(short, long)]
+        quiet: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -57,6 +86,52 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.cmd {
+        Cmd::Run {
+            ifaces,
+            duration,
+            format,
+            ebpf_object,
+            max_conns,
+            quiet,
+        } => {
+            let duration = match duration {
+                Some(d) if !(d.is_finite() && d >= 0.0) => {
+                    anyhow::bail!("--duration must be a non-negative number of seconds")
+                }
+                Some(d) => Some(std::time::Duration::from_secs_f64(d)),
+                None => None,
+            };
+            let o = live::run(&live::Options {
+                ifaces,
+                duration,
+                ebpf_object,
+                max_conns,
+            })?;
+            let mut out = io::BufWriter::new(io::stdout().lock());
+            output::write(&mut out, format, &o.conns)?;
+            out.flush()?;
+            if !quiet {
+                let n = o.conns.len();
+                eprintln!(
+                    "flowprobe: {n} connection{}, {} packets tracked",
+                    if n == 1 { "" } else { "s" },
+                    o.tracked
+                );
+            }
+            if o.map_full > 0 {
+                eprintln!(
+                    "flowprobe: {} packets of new connections were not counted: the connection map was full (raise --max-conns)",
+                    o.map_full
+                );
+            }
+            if o.insert_failed > 0 {
+                eprintln!(
+                    "flowprobe: {} packets of new connections were not counted: connection map insert failed",
+                    o.insert_failed
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Replay {
             files,
             format,

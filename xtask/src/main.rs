@@ -165,7 +165,9 @@ fn nightly_cargo(sub: &str) -> Result<Command> {
     // definitions (and libbpf-based loaders such as bpftool and tc) require.
     cmd.env(
         "CARGO_ENCODED_RUSTFLAGS",
-        ["-Cdebuginfo=2", "-Clink-arg=--btf"].join("\x1f"),
+        // target-cpu v3: BPF atomics (fetch-add, compare-exchange) for the
+        // shared connection state; without it bpf-linker rejects them.
+        ["-Cdebuginfo=2", "-Clink-arg=--btf", "-Ctarget-cpu=v3"].join("\x1f"),
     );
     Ok(cmd)
 }

@@ -1,0 +1,593 @@
+//! `flowprobe run` on a live veth against each socket's `TCP_INFO` (root).
+//!
+//! Two fresh network namespaces joined by a veth, offloads left on (so the
+//! tc program sees GSO super-packets). Loss is induced in each receiver's
+//! INPUT chain (`iptables -m statistic`), downstream of the probe and of the
+//! sender's transmit path, so the kernel counts real retransmissions.
+//! `flowprobe run --iface <veth>` runs inside each namespace while
+//! `fixtures/capture/tcpapp.py` drives several TCP connections in parallel
+//! and records every socket's `TCP_INFO`. For every connection and both
+//! sides, at the sending side's probe: `bytes − retransmitted_bytes` = bytes
+//! the application wrote, `retransmits` = `tcpi_total_retrans`,
+//! `retransmitted_bytes` = `tcpi_bytes_retrans`, `bytes` =
+//! `tcpi_bytes_sent`; at the receiving side's probe `bytes` =
+//! `tcpi_bytes_sent` (see `check` for why only that).
+//! Also: the fixture captures pushed through the loaded program with
+//! `BPF_PROG_TEST_RUN` equal `flowprobe replay` of them.
+//!
+//! Runs only with `FLOWPROBE_LIVE_TESTS=1` (the root tier of
+//! `scripts/test.sh` sets it after building the eBPF object); otherwise it
+//! is skipped with a message. Set but not root: skipped, or a failure when
+//! `CI=true`.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{json_lines, repo_root};
+use serde_json::Value;
+
+/// Whether to run; `false` after printing why not.
+fn live_tests_enabled() -> bool {
+    let ci = std::env::var("CI").as_deref() == Ok("true");
+    if std::env::var("FLOWPROBE_LIVE_TESTS").as_deref() != Ok("1") {
+        eprintln!(
+            "live_tc: skipped (set FLOWPROBE_LIVE_TESTS=1 as root; the root tier of scripts/test.sh does)"
+        );
+        return false;
+    }
+    // SAFETY: no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        assert!(
+            !ci,
+            "live_tc: CI=true but not root: the live tests cannot run"
+        );
+        eprintln!("live_tc: skipped (needs root)");
+        return false;
+    }
+    true
+}
+
+fn sh(args: &[&str]) {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e}", args.join(" ")));
+    assert!(
+        out.status.success(),
+        "{} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn sh_out(args: &[&str]) -> String {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Two namespaces and a veth between them; deleted on drop.
+struct Netns {
+    a: String,
+    b: String,
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for ns in [&self.a, &self.b] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+const VETH_A: &str = "fpl0";
+const VETH_B: &str = "fpl1";
+
+fn setup(tag: &str, v6: bool) -> (Netns, &'static str, &'static str) {
+    let id = std::process::id();
+    let ns = Netns {
+        a: format!("fpl-{tag}-a-{id}"),
+        b: format!("fpl-{tag}-b-{id}"),
+    };
+    sh(&["ip", "netns", "add", &ns.a]);
+    sh(&["ip", "netns", "add", &ns.b]);
+    // Created inside A with the peer directly in B: the root namespace's
+    // interfaces are never touched.
+    sh(&[
+        "ip", "-n", &ns.a, "link", "add", VETH_A, "type", "veth", "peer", "name", VETH_B, "netns",
+        &ns.b,
+    ]);
+    let (ca, sa, plen, ipt) = if v6 {
+        ("fd77::1", "fd77::2", "64", "ip6tables")
+    } else {
+        ("10.78.0.1", "10.78.0.2", "24", "iptables")
+    };
+    for (n, dev, addr) in [(&ns.a, VETH_A, ca), (&ns.b, VETH_B, sa)] {
+        sh(&["ip", "-n", n, "link", "set", "lo", "up"]);
+        let cidr = format!("{addr}/{plen}");
+        let mut add = vec!["ip", "-n", n, "addr", "add", &cidr, "dev", dev];
+        if v6 {
+            add.push("nodad");
+        }
+        sh(&add);
+        sh(&["ip", "-n", n, "link", "set", dev, "up"]);
+        // Every 13th large TCP packet dropped in the receiver's INPUT chain.
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            n,
+            ipt,
+            "-w",
+            "-A",
+            "INPUT",
+            "-p",
+            "tcp",
+            "-m",
+            "length",
+            "--length",
+            "500:65535",
+            "-m",
+            "statistic",
+            "--mode",
+            "nth",
+            "--every",
+            "13",
+            "--packet",
+            "0",
+            "-j",
+            "DROP",
+        ]);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        let up =
+            |n: &str, d: &str| sh_out(&["ip", "-n", n, "link", "show", d]).contains("LOWER_UP");
+        if up(&ns.a, VETH_A) && up(&ns.b, VETH_B) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (ns, ca, sa)
+}
+
+fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// (client port, client writes, server writes): several in parallel.
+const CONNS: [(u16, u64, u64); 4] = [
+    (40000, 600_000, 200_000),
+    (40001, 2_000_000, 50_000),
+    (40002, 100_000, 900_000),
+    (40003, 1_000_000, 1_000_000),
+];
+
+fn tcpapp() -> PathBuf {
+    repo_root().join("fixtures/capture/tcpapp.py")
+}
+
+/// `flowprobe run` on `dev` inside `ns`; output in `dir/TAG.json`,
+/// stderr in `dir/TAG.err`.
+fn spawn_flowprobe(ns: &str, dev: &str, duration: Option<&str>, dir: &Path, tag: &str) -> Child {
+    let mut args = vec![
+        "netns",
+        "exec",
+        ns,
+        env!("CARGO_BIN_EXE_flowprobe"),
+        "run",
+        "--iface",
+        dev,
+        "--format",
+        "json",
+    ];
+    if let Some(d) = duration {
+        args.extend(["--duration", d]);
+    }
+    Command::new("ip")
+        .args(&args)
+        .stdout(fs::File::create(dir.join(format!("{tag}.json"))).unwrap())
+        .stderr(fs::File::create(dir.join(format!("{tag}.err"))).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+fn traffic(ns: &Netns, ca: &str, sa: &str, dir: &Path) {
+    let conn_args: Vec<String> = CONNS
+        .iter()
+        .flat_map(|(p, c, s)| ["--conn".to_owned(), format!("{p}:{c}:{s}")])
+        .collect();
+    let ready = dir.join("ready");
+    let mut server = Command::new("ip")
+        .args(["netns", "exec", &ns.b, "python3"])
+        .arg(tcpapp())
+        .args(["server", "--addr", sa, "--ready"])
+        .arg(&ready)
+        .arg("--out")
+        .arg(dir.join("server.json"))
+        .args(&conn_args)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("the server", || ready.exists());
+    let client = Command::new("ip")
+        .args(["netns", "exec", &ns.a, "python3"])
+        .arg(tcpapp())
+        .args(["client", "--server", sa, "--local", ca, "--out"])
+        .arg(dir.join("client.json"))
+        .args(&conn_args)
+        .status()
+        .unwrap();
+    assert!(client.success(), "tcpapp client failed");
+    assert!(server.wait().unwrap().success(), "tcpapp server failed");
+}
+
+/// The record of the connection from client port `port` in one probe's
+/// output, checked for orientation.
+fn record<'a>(conns: &'a [Value], port: u16, ca: &str, sa: &str, out: &str) -> &'a Value {
+    let c = conns
+        .iter()
+        .find(|c| c["proto"] == "tcp" && c["sport"] == port)
+        .unwrap_or_else(|| panic!("no connection from port {port} in:\n{out}"));
+    assert_eq!(
+        (c["src"].as_str(), c["dst"].as_str(), c["dport"].as_u64()),
+        (Some(ca), Some(sa), Some(5001)),
+        "orientation of {c}"
+    );
+    c
+}
+
+/// Checks both probes' output against both sides' TCP_INFO.
+///
+/// Each direction is exact where the probe sees it at the sender's egress
+/// (one socket's segments leave in order, under its lock): `bytes −
+/// retransmitted_bytes` = written, `retransmits` = `tcpi_total_retrans`,
+/// `retransmitted_bytes` = `tcpi_bytes_retrans`, `bytes` =
+/// `tcpi_bytes_sent`. At the receiver's ingress (before the INPUT-chain
+/// loss) every byte sent passes, so `bytes` = `tcpi_bytes_sent` there too;
+/// but veth delivers one socket's skbs on whichever CPU sent them (the
+/// application's, or the one handling the peer's ACK), so two can be
+/// processed out of order, and a reordered segment counts as a
+/// retransmission there, as the README says. So at ingress retransmits are
+/// only printed.
+fn check(dir: &Path, ca: &str, sa: &str) {
+    let read = |tag: &str| {
+        let err = fs::read_to_string(dir.join(format!("{tag}.err"))).unwrap();
+        let out = fs::read_to_string(dir.join(format!("{tag}.json"))).unwrap();
+        eprintln!("flowprobe in the {tag} namespace: {err}");
+        (json_lines(&out), out)
+    };
+    let (at_client, out_c) = read("probe-client");
+    let (at_server, out_s) = read("probe-server");
+    let truth = |side: &str| -> Value {
+        serde_json::from_str(&fs::read_to_string(dir.join(format!("{side}.json"))).unwrap())
+            .unwrap()
+    };
+    let (client, server) = (truth("client"), truth("server"));
+    let n = |v: &Value| v.as_u64().unwrap();
+    let mut total_retrans = 0;
+    let mut failures = Vec::new();
+    for (port, c_bytes, s_bytes) in CONNS {
+        let rc = record(&at_client, port, ca, sa, &out_c);
+        let rs = record(&at_server, port, ca, sa, &out_s);
+        let ct = &client["tcp"][port.to_string()];
+        let st = &server["tcp"][port.to_string()];
+        assert_eq!(ct["app_bytes_written"], c_bytes);
+        assert_eq!(st["app_bytes_written"], s_bytes);
+        // (direction, sender's truth, written, record at sender's egress,
+        // record at receiver's ingress)
+        for (dir, t, written, egress, ingress) in [
+            ("client->server", ct, c_bytes, &rc["sent"], &rs["sent"]),
+            (
+                "server->client",
+                st,
+                s_bytes,
+                &rs["received"],
+                &rc["received"],
+            ),
+        ] {
+            let got = (
+                n(&egress["bytes"]) - n(&egress["retransmitted_bytes"]),
+                n(&egress["retransmits"]),
+                n(&egress["retransmitted_bytes"]),
+                n(&egress["bytes"]),
+                n(&ingress["bytes"]),
+            );
+            let want = (
+                written,
+                n(&t["tcpi_total_retrans"]),
+                n(&t["tcpi_bytes_retrans"]),
+                n(&t["tcpi_bytes_sent"]),
+                n(&t["tcpi_bytes_sent"]),
+            );
+            total_retrans += want.1;
+            eprintln!(
+                "port {port} {dir}: (bytes-retx_bytes, retransmits, retx_bytes, bytes) at egress, bytes at ingress: \
+                 flowprobe {got:?}, kernel {want:?}; at ingress retransmits {} retransmitted_bytes {} gaps {} packets {}",
+                ingress["retransmits"],
+                ingress["retransmitted_bytes"],
+                ingress["gaps"],
+                ingress["packets"]
+            );
+            if got != want {
+                failures.push(format!(
+                    "port {port} {dir}: flowprobe {got:?} != kernel {want:?}"
+                ));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert!(
+        total_retrans > 0,
+        "the loss scenario produced no retransmissions"
+    );
+}
+
+fn no_filters_left(ns: &str, dev: &str) {
+    for hook in ["ingress", "egress"] {
+        let f = sh_out(&[
+            "ip", "netns", "exec", ns, "tc", "filter", "show", "dev", dev, hook,
+        ]);
+        assert!(f.trim().is_empty(), "filters left on {dev} {hook}: {f}");
+    }
+    let q = sh_out(&["ip", "netns", "exec", ns, "tc", "qdisc", "show", "dev", dev]);
+    assert!(
+        !q.contains("clsact"),
+        "the clsact qdisc we added is left: {q}"
+    );
+}
+
+fn attached(ns: &str, dev: &str) -> bool {
+    let f = sh_out(&[
+        "ip", "netns", "exec", ns, "tc", "filter", "show", "dev", dev, "egress",
+    ]);
+    f.contains("bpf")
+}
+
+/// One probe per namespace, traffic, then `stop` ends both probes.
+fn live_run(v6: bool, duration: Option<&str>, stop: impl Fn(&Child)) {
+    let dir = tempfile::tempdir().unwrap();
+    let (ns, ca, sa) = setup(if v6 { "v6" } else { "v4" }, v6);
+    let mut probes = [
+        spawn_flowprobe(&ns.a, VETH_A, duration, dir.path(), "probe-client"),
+        spawn_flowprobe(&ns.b, VETH_B, duration, dir.path(), "probe-server"),
+    ];
+    wait_for("flowprobe to attach", || {
+        attached(&ns.a, VETH_A) && attached(&ns.b, VETH_B)
+    });
+    traffic(&ns, ca, sa, dir.path());
+    for (p, tag) in probes.iter_mut().zip(["probe-client", "probe-server"]) {
+        stop(p);
+        let st = p.wait().unwrap();
+        assert!(
+            st.success(),
+            "flowprobe run failed: {}",
+            fs::read_to_string(dir.path().join(format!("{tag}.err"))).unwrap()
+        );
+    }
+    check(dir.path(), ca, sa);
+    no_filters_left(&ns.a, VETH_A);
+    no_filters_left(&ns.b, VETH_B);
+}
+
+#[test]
+fn ipv4_counts_equal_tcp_info_with_duration() {
+    if !live_tests_enabled() {
+        return;
+    }
+    live_run(false, Some("8"), |_| {});
+}
+
+#[test]
+fn ipv6_counts_equal_tcp_info_until_sigint() {
+    if !live_tests_enabled() {
+        return;
+    }
+    // `ip netns exec` execs flowprobe, so the child's pid is flowprobe's.
+    live_run(true, None, |p| sh(&["kill", "-INT", &p.id().to_string()]));
+}
+
+/// Runs everywhere: without root, or without the eBPF object, `run` says in
+/// one line what is missing (and never touches an interface).
+#[test]
+fn run_explains_what_is_missing() {
+    let out = common::flowprobe(&[
+        "run",
+        "--iface",
+        "lo",
+        "--duration",
+        "0",
+        "--ebpf-object",
+        "/nonexistent/probe-ebpf",
+    ]);
+    assert!(!out.status.success());
+    let err = common::stderr(&out);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    // SAFETY: no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        assert!(err.contains("cargo xtask build-ebpf --release"), "{err}");
+    } else {
+        assert!(err.contains("needs root"), "{err}");
+    }
+}
+
+/// `ConnKey`/`FlowEntry` as aya map types (the orphan rule keeps `Pod` off
+/// the `probe_common` types).
+#[derive(Clone, Copy)]
+#[repr(transparent)]
+struct Key(probe_common::ConnKey);
+// SAFETY: `repr(C)`, `Copy`, no padding or pointers.
+unsafe impl aya::Pod for Key {}
+#[derive(Clone, Copy)]
+#[repr(transparent)]
+struct Entry(probe_common::FlowEntry);
+// SAFETY: as above.
+unsafe impl aya::Pod for Entry {}
+
+/// The frames of a little-endian Ethernet pcap (the fixtures' format; read
+/// here by hand because their records may claim more than the snap length,
+/// which pcap-file rejects).
+fn pcap_frames(b: &[u8]) -> Vec<&[u8]> {
+    let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
+    assert!(
+        matches!(u32_at(0), 0xa1b2_c3d4 | 0xa1b2_3c4d),
+        "not a little-endian pcap"
+    );
+    assert_eq!(u32_at(20), 1, "link type must be Ethernet");
+    let mut out = Vec::new();
+    let mut o = 24;
+    while o + 16 <= b.len() {
+        let incl = u32_at(o + 8) as usize;
+        out.push(&b[o + 16..o + 16 + incl]);
+        o += 16 + incl;
+    }
+    out
+}
+
+/// The fixture captures pushed frame by frame through the loaded program
+/// (`BPF_PROG_TEST_RUN`) give the same connections and counters as
+/// `flowprobe replay` of the same file: the kernel runs the same parser,
+/// tracker and orientation rule.
+#[test]
+fn fixtures_through_the_kernel_program_equal_replay() {
+    use aya::maps::{HashMap as BpfHashMap, MapData};
+    use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
+
+    if !live_tests_enabled() {
+        return;
+    }
+    let object = repo_root().join("target/ebpf/bpfel-unknown-none/release/probe-ebpf");
+    assert!(
+        object.is_file(),
+        "{} missing: cargo xtask build-ebpf --release",
+        object.display()
+    );
+    let fixtures = repo_root().join("fixtures/pcaps");
+    let mut caps: Vec<PathBuf> = fs::read_dir(&fixtures)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "pcap"))
+        .collect();
+    caps.sort();
+    assert!(!caps.is_empty());
+    for cap in caps {
+        let mut ebpf = aya::Ebpf::load_file(&object).unwrap();
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut("flowprobe_tc")
+            .unwrap()
+            .try_into()
+            .unwrap();
+        prog.load().unwrap();
+        let mut frames = 0;
+        for frame in pcap_frames(&fs::read(&cap).unwrap()) {
+            let r = prog
+                .test_run(TestRunOptions {
+                    data_in: Some(frame),
+                    ..TestRunOptions::default()
+                })
+                .unwrap();
+            assert_eq!(r.return_value, 0, "the program must return TC_ACT_OK");
+            frames += 1;
+        }
+        let map: BpfHashMap<&MapData, Key, Entry> =
+            BpfHashMap::try_from(ebpf.map("CONNS").unwrap()).unwrap();
+        let kernel: Vec<Value> = map
+            .iter()
+            .map(|kv| {
+                let (k, e) = kv.unwrap();
+                serde_json::to_value(flowtable::Connection::from_entry(&k.0, &e.0, 0)).unwrap()
+            })
+            .collect();
+        let out = common::flowprobe(&[
+            "replay",
+            "--format",
+            "json",
+            "--quiet",
+            cap.to_str().unwrap(),
+        ]);
+        assert!(out.status.success());
+        let replay = json_lines(&common::stdout(&out));
+        let id = |c: &Value| {
+            ["proto", "src", "sport", "dst", "dport"]
+                .map(|f| c[f].to_string())
+                .join(" ")
+        };
+        assert_eq!(
+            kernel.len(),
+            replay.len(),
+            "{}: connection count",
+            cap.display()
+        );
+        for r in &replay {
+            let k = kernel
+                .iter()
+                .find(|k| id(k) == id(r))
+                .unwrap_or_else(|| panic!("{}: kernel lacks {}", cap.display(), id(r)));
+            for dir in ["sent", "received"] {
+                assert_eq!(k[dir], r[dir], "{}: {} {dir}", cap.display(), id(r));
+            }
+        }
+        eprintln!(
+            "{}: {frames} frames, {} connections equal",
+            cap.display(),
+            kernel.len()
+        );
+    }
+}
+
+/// A full connection map is counted in `CONN_STATS`, never silent: with room
+/// for one connection, the packets of the others are counted there.
+#[test]
+fn full_connection_map_is_counted() {
+    use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
+    use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
+
+    if !live_tests_enabled() {
+        return;
+    }
+    let object = repo_root().join("target/ebpf/bpfel-unknown-none/release/probe-ebpf");
+    let mut ebpf = aya::EbpfLoader::new()
+        .map_max_entries("CONNS", 1)
+        .load_file(&object)
+        .unwrap();
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut("flowprobe_tc")
+        .unwrap()
+        .try_into()
+        .unwrap();
+    prog.load().unwrap();
+    let cap = fs::read(repo_root().join("fixtures/pcaps/tcp4_loss.pcap")).unwrap();
+    for frame in pcap_frames(&cap) {
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                ..TestRunOptions::default()
+            })
+            .unwrap();
+        assert_eq!(r.return_value, 0, "the program must return TC_ACT_OK");
+    }
+    let conns: BpfHashMap<&MapData, Key, Entry> =
+        BpfHashMap::try_from(ebpf.map("CONNS").unwrap()).unwrap();
+    assert_eq!(conns.keys().count(), 1);
+    let stats: PerCpuArray<&MapData, u64> =
+        PerCpuArray::try_from(ebpf.map("CONN_STATS").unwrap()).unwrap();
+    let full: u64 = stats.get(&0, 0).unwrap().iter().sum();
+    let other: u64 = stats.get(&1, 0).unwrap().iter().sum();
+    let kept: u64 = conns
+        .iter()
+        .map(|kv| {
+            let e = kv.unwrap().1 .0;
+            e.counters[0].packets + e.counters[1].packets
+        })
+        .sum();
+    // tcp4_loss: 1124 frames, one segment each, all tracked.
+    assert_eq!((kept + full, other), (1124, 0));
+    assert!(full > 0);
+}

@@ -10,7 +10,9 @@
 //! must also agree with the kernel: per connection and direction,
 //! `bytes − retransmitted_bytes` = what the application wrote, `retransmits`
 //! = `tcpi_total_retrans`, `retransmitted_bytes` = `tcpi_bytes_retrans` and
-//! `bytes` = `tcpi_bytes_sent`.
+//! `bytes` = `tcpi_bytes_sent`. Summed per side, `retransmits` = the
+//! namespace's `TcpRetransSegs` delta, and where the truth records a
+//! `TCPKeepAlive_delta` (TcpExt), the `probes` a side sent = that delta.
 
 mod common;
 
@@ -67,6 +69,7 @@ fn find<'a>(conns: &'a [Value], proto: &str, client: &Value, server: &Value) -> 
 #[test]
 fn replay_agrees_with_kernel_truth() {
     let mut checked = 0;
+    let mut checked_keepalive = 0;
     for cap in captures() {
         let truth_path = cap.with_extension("truth.json");
         let Ok(truth) = fs::read_to_string(&truth_path) else {
@@ -76,6 +79,7 @@ fn replay_agrees_with_kernel_truth() {
         let conns = json_lines(&replay(&cap));
         let name = cap.file_name().unwrap().to_string_lossy().into_owned();
         let mut retrans_by_side = [0u64; 2];
+        let mut probes_by_side = [0u64; 2];
         for t in truth["connections"].as_array().unwrap() {
             let proto = t["proto"].as_str().unwrap();
             let c = find(&conns, proto, &t["client"], &t["server"]);
@@ -111,6 +115,7 @@ fn replay_agrees_with_kernel_truth() {
                         "{ctx}: bytes = tcpi_bytes_sent"
                     );
                     retrans_by_side[i] += d["retransmits"].as_u64().unwrap();
+                    probes_by_side[i] += d["probes"].as_u64().unwrap();
                 } else {
                     assert_eq!(d["packets"], s["datagrams_written"], "{ctx}: datagrams");
                 }
@@ -126,6 +131,18 @@ fn replay_agrees_with_kernel_truth() {
             ],
             "{name}: retransmits summed per side = the namespace's TcpRetransSegs"
         );
+        // Keepalives (and zero-window probes) are probes, never retransmits.
+        for (i, side) in ["client", "server"].into_iter().enumerate() {
+            if let Some(ka) = ns[side].get("TCPKeepAlive_delta") {
+                assert_eq!(
+                    probes_by_side[i],
+                    ka.as_u64().unwrap(),
+                    "{name}: probes sent by the {side} = its namespace's TCPKeepAlive"
+                );
+                checked_keepalive += 1;
+            }
+        }
     }
     assert!(checked > 0, "no fixture has a truth file");
+    eprintln!("{checked} directions checked, {checked_keepalive} sides with TCPKeepAlive");
 }

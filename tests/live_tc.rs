@@ -13,7 +13,10 @@
 //! `tcpi_bytes_sent`; at the receiving side's probe `bytes` =
 //! `tcpi_bytes_sent` (see `check` for why only that).
 //! Also: the fixture captures pushed through the loaded program with
-//! `BPF_PROG_TEST_RUN` equal `flowprobe replay` of them.
+//! `BPF_PROG_TEST_RUN` equal `flowprobe replay` of them; without `--iface`
+//! a veth created while `run` runs is attached within a second and its
+//! traffic counted, with nothing of ours left after exit; the next start
+//! after a `kill -9` removes what the killed run left, and only that.
 //!
 //! Runs only with `FLOWPROBE_LIVE_TESTS=1` (the root tier of
 //! `scripts/test.sh` sets it after building the eBPF object); otherwise it
@@ -78,7 +81,15 @@ struct Netns {
 impl Drop for Netns {
     fn drop(&mut self) {
         for ns in [&self.a, &self.b] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+            // flowprobe's lock and clsact files for this namespace (see
+            // probe/src/live/stale.rs): named after the namespace's inode.
+            if let Ok(m) = fs::metadata(format!("/run/netns/{ns}")) {
+                use std::os::unix::fs::MetadataExt;
+                for ext in ["lock", "clsact"] {
+                    let _ = fs::remove_file(format!("/run/flowprobe/netns-{}.{ext}", m.ino()));
+                }
+            }
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
         }
     }
 }
@@ -392,6 +403,308 @@ fn ipv6_counts_equal_tcp_info_until_sigint() {
     }
     // `ip netns exec` execs flowprobe, so the child's pid is flowprobe's.
     live_run(true, None, |p| sh(&["kill", "-INT", &p.id().to_string()]));
+}
+
+fn ours_on(ns: &str, dev: &str, hook: &str) -> bool {
+    sh_out(&[
+        "ip", "netns", "exec", ns, "tc", "filter", "show", "dev", dev, hook,
+    ])
+    .split_whitespace()
+    .any(|w| w == "flowprobe_tc")
+}
+
+fn ifindex(ns: &str, dev: &str) -> u64 {
+    let out = sh_out(&["ip", "-n", ns, "-o", "link", "show", dev]);
+    out.split(':').next().unwrap().trim().parse().unwrap()
+}
+
+/// Interface churn, without --iface: a veth created while `run` runs is
+/// attached within a second of coming up and its traffic counted; one
+/// deleted while it runs does not disturb it; `--interval` prints
+/// snapshots; after exit none of our filters and no clsact we added remain.
+#[test]
+fn follows_interfaces_that_appear_and_go() {
+    if !live_tests_enabled() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let id = std::process::id();
+    let ns = Netns {
+        a: format!("fpl-churn-a-{id}"),
+        b: format!("fpl-churn-b-{id}"),
+    };
+    sh(&["ip", "netns", "add", &ns.a]);
+    sh(&["ip", "netns", "add", &ns.b]);
+    sh(&["ip", "-n", &ns.a, "link", "set", "lo", "up"]);
+    sh(&["ip", "-n", &ns.b, "link", "set", "lo", "up"]);
+    let probe = Command::new("ip")
+        .args(["netns", "exec", &ns.a, env!("CARGO_BIN_EXE_flowprobe")])
+        .args([
+            "run",
+            "--duration",
+            "12",
+            "--interval",
+            "1",
+            "--format",
+            "json",
+        ])
+        .stdout(fs::File::create(dir.path().join("probe-client.json")).unwrap())
+        .stderr(fs::File::create(dir.path().join("probe-client.err")).unwrap())
+        .spawn()
+        .unwrap();
+    let mut probe = scopeguard(probe);
+    wait_for("flowprobe to attach to lo", || {
+        ours_on(&ns.a, "lo", "ingress")
+    });
+    // Loopback: one hook (ingress) only, else every packet counts twice.
+    assert!(!ours_on(&ns.a, "lo", "egress"), "attached to lo egress");
+    let lo = Command::new("ip")
+        .args(["netns", "exec", &ns.a, "python3", "-c"])
+        .arg(LO_EXCHANGE)
+        .status()
+        .unwrap();
+    assert!(lo.success(), "the loopback exchange failed");
+
+    // One that comes and goes again.
+    sh(&[
+        "ip", "-n", &ns.a, "link", "add", "fpd0", "type", "veth", "peer", "name", "fpd1",
+    ]);
+    sh(&["ip", "-n", &ns.a, "link", "set", "fpd0", "up"]);
+    wait_for("flowprobe to attach to fpd0", || {
+        ours_on(&ns.a, "fpd0", "ingress")
+    });
+    sh(&["ip", "-n", &ns.a, "link", "del", "fpd0"]);
+
+    // The one that carries the traffic; its peer in the other namespace.
+    let (ca, sa) = ("10.79.0.1", "10.79.0.2");
+    sh(&[
+        "ip", "-n", &ns.a, "link", "add", VETH_A, "type", "veth", "peer", "name", VETH_B, "netns",
+        &ns.b,
+    ]);
+    sh(&[
+        "ip",
+        "-n",
+        &ns.a,
+        "addr",
+        "add",
+        "10.79.0.1/24",
+        "dev",
+        VETH_A,
+    ]);
+    sh(&[
+        "ip",
+        "-n",
+        &ns.b,
+        "addr",
+        "add",
+        "10.79.0.2/24",
+        "dev",
+        VETH_B,
+    ]);
+    sh(&["ip", "-n", &ns.b, "link", "set", VETH_B, "up"]);
+    sh(&["ip", "-n", &ns.a, "link", "set", VETH_A, "up"]);
+    let up = Instant::now();
+    while !(ours_on(&ns.a, VETH_A, "ingress") && ours_on(&ns.a, VETH_A, "egress")) {
+        assert!(
+            up.elapsed() < Duration::from_secs(1),
+            "{VETH_A} not attached within 1 s of coming up"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    eprintln!("{VETH_A} attached {:?} after it came up", up.elapsed());
+    let index = ifindex(&ns.a, VETH_A);
+    traffic(&ns, ca, sa, dir.path());
+
+    let st = probe.0.wait().unwrap();
+    let err = fs::read_to_string(dir.path().join("probe-client.err")).unwrap();
+    assert!(st.success(), "flowprobe run failed: {err}");
+    eprintln!("flowprobe: {err}");
+    assert_eq!(err.lines().count(), 1, "only the summary line: {err}");
+
+    let out = fs::read_to_string(dir.path().join("probe-client.json")).unwrap();
+    let lines = json_lines(&out);
+    let (snapshots, last): (Vec<Value>, Vec<Value>) =
+        lines.into_iter().partition(|c| c.get("snapshot").is_some());
+    assert!(
+        snapshots.iter().any(|c| c["sport"] == CONNS[0].0),
+        "no snapshot with the traffic:\n{out}"
+    );
+    let truth = |side: &str| -> Value {
+        serde_json::from_str(&fs::read_to_string(dir.path().join(format!("{side}.json"))).unwrap())
+            .unwrap()
+    };
+    let (client, server) = (truth("client"), truth("server"));
+    let n = |v: &Value| v.as_u64().unwrap();
+    for (port, c_bytes, s_bytes) in CONNS {
+        let r = record(&last, port, ca, sa, &out);
+        assert_eq!(n(&r["iface"]), index, "iface of {r}");
+        let ct = &client["tcp"][port.to_string()];
+        let st = &server["tcp"][port.to_string()];
+        assert_eq!(ct["app_bytes_written"], c_bytes);
+        assert_eq!(st["app_bytes_written"], s_bytes);
+        let sent = &r["sent"];
+        assert_eq!(
+            (
+                n(&sent["bytes"]) - n(&sent["retransmitted_bytes"]),
+                n(&sent["bytes"]),
+                n(&r["received"]["bytes"]),
+            ),
+            (
+                c_bytes,
+                n(&ct["tcpi_bytes_sent"]),
+                n(&st["tcpi_bytes_sent"])
+            ),
+            "port {port}: (sent bytes - retransmitted, sent bytes, received bytes) vs (written, client tcpi_bytes_sent, server tcpi_bytes_sent)"
+        );
+    }
+    let r = last
+        .iter()
+        .find(|c| c["dport"] == 5555)
+        .unwrap_or_else(|| panic!("no loopback connection in:\n{out}"));
+    assert_eq!(
+        [
+            &r["src"],
+            &r["sent"]["bytes"],
+            &r["received"]["bytes"],
+            &r["sent"]["retransmits"],
+            &r["received"]["retransmits"],
+        ],
+        [
+            &Value::from("127.0.0.1"),
+            &Value::from(3000),
+            &Value::from(700),
+            &Value::from(0),
+            &Value::from(0),
+        ],
+        "loopback {r}"
+    );
+    no_filters_left(&ns.a, VETH_A);
+    no_filters_left(&ns.a, "lo");
+}
+
+/// 3000 bytes to 127.0.0.1:5555, 700 back, closed.
+const LO_EXCHANGE: &str = "
+import socket
+s = socket.socket(); s.bind(('127.0.0.1', 5555)); s.listen()
+c = socket.create_connection(('127.0.0.1', 5555)); a, _ = s.accept()
+c.sendall(b'x' * 3000)
+got = 0
+while got < 3000: got += len(a.recv(65536))
+a.sendall(b'y' * 700)
+got = 0
+while got < 700: got += len(c.recv(65536))
+c.close(); a.close(); s.close()
+";
+
+/// Kills the child on drop (a failed assertion must not leave a probe
+/// running).
+struct Guard(Child);
+fn scopeguard(c: Child) -> Guard {
+    Guard(c)
+}
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// After `kill -9` the filters and the clsact qdisc stay; the next start
+/// removes them and says so in one line, and leaves another program's
+/// filter and the clsact qdisc it sits in alone.
+#[test]
+fn next_run_removes_what_a_killed_run_left() {
+    if !live_tests_enabled() {
+        return;
+    }
+    let id = std::process::id();
+    let ns = Netns {
+        a: format!("fpl-kill-a-{id}"),
+        b: format!("fpl-kill-b-{id}"),
+    };
+    sh(&["ip", "netns", "add", &ns.a]);
+    sh(&["ip", "-n", &ns.a, "link", "set", "lo", "up"]);
+    sh(&[
+        "ip", "-n", &ns.a, "link", "add", "fpk0", "type", "veth", "peer", "name", "fpk1",
+    ]);
+    sh(&["ip", "-n", &ns.a, "link", "set", "fpk0", "up"]);
+    sh(&["ip", "-n", &ns.a, "link", "set", "fpk1", "up"]);
+    // Someone else's clsact and filter on fpk1 (the empty tc-baseline
+    // program, loaded by tc, so named after the file): they must survive.
+    let baseline = repo_root().join("target/ebpf/bpfel-unknown-none/release/tc-baseline");
+    let exec = ["ip", "netns", "exec", &ns.a];
+    sh(&[&exec[..], &["tc", "qdisc", "add", "dev", "fpk1", "clsact"]].concat());
+    sh(&[
+        &exec[..],
+        &[
+            "tc",
+            "filter",
+            "add",
+            "dev",
+            "fpk1",
+            "ingress",
+            "prio",
+            "1",
+            "bpf",
+            "da",
+            "obj",
+            baseline.to_str().unwrap(),
+            "sec",
+            "classifier",
+        ],
+    ]
+    .concat());
+    let probe = Command::new("ip")
+        .args(["netns", "exec", &ns.a, env!("CARGO_BIN_EXE_flowprobe")])
+        .args(["run", "--format", "json"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut probe = scopeguard(probe);
+    wait_for("flowprobe to attach", || {
+        ["lo", "fpk0", "fpk1"]
+            .iter()
+            .all(|d| ours_on(&ns.a, d, "ingress") && (*d == "lo" || ours_on(&ns.a, d, "egress")))
+    });
+    // `ip netns exec` execs flowprobe, so the child's pid is flowprobe's.
+    sh(&["kill", "-9", &probe.0.id().to_string()]);
+    let _ = probe.0.wait();
+    assert!(ours_on(&ns.a, "fpk0", "egress"), "kill -9 left nothing?");
+
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns.a, env!("CARGO_BIN_EXE_flowprobe")])
+        .args(["run", "--duration", "0", "--format", "json", "--quiet"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    eprintln!("second run: {err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("flowprobe: removed what a killed flowprobe run left:"),
+        "{err}"
+    );
+    for d in ["lo", "fpk0", "fpk1"] {
+        assert!(err.contains(d), "{err}");
+    }
+    no_filters_left(&ns.a, "lo");
+    no_filters_left(&ns.a, "fpk0");
+    // fpk1: ours gone, the other filter and its clsact still there.
+    assert!(!ours_on(&ns.a, "fpk1", "ingress") && !ours_on(&ns.a, "fpk1", "egress"));
+    let theirs = sh_out(
+        &[
+            &exec[..],
+            &["tc", "filter", "show", "dev", "fpk1", "ingress"],
+        ]
+        .concat(),
+    );
+    assert!(
+        theirs.contains("tc-baseline"),
+        "the other filter is gone: {theirs}"
+    );
+    let q = sh_out(&[&exec[..], &["tc", "qdisc", "show", "dev", "fpk1"]].concat());
+    assert!(q.contains("clsact"), "the other clsact is gone: {q}");
 }
 
 /// Runs everywhere: without root, or without the eBPF object, `run` says in

@@ -5,6 +5,16 @@
 //! that), waits for `--duration` or SIGINT/SIGTERM, detaches, reads the
 //! kernel's connection map and turns every entry into a [`Connection`].
 //! It removes only what it added.
+//!
+//! Which interfaces: without `--iface`, every interface of the current
+//! network namespace that is up, lo included (loopback traffic is traffic
+//! too; on a loopback interface ingress only, which sees every packet
+//! once), and every interface that comes up while it runs; with `--iface`,
+//! the named ones (also when they are re-created). It learns of changes from
+//! rtnetlink link events ([`links`]). An interface that goes down stays
+//! attached; one that is deleted or leaves the namespace is forgotten (its
+//! filters and qdisc went with it). What a killed run left is removed at
+//! start ([`stale`]).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -41,11 +51,17 @@ struct Entry(FlowEntry);
 // SAFETY: `FlowEntry` is `repr(C)`, `Copy`, without padding or pointers.
 unsafe impl Pod for Entry {}
 
+mod links;
+mod stale;
+
 pub struct Options {
+    /// Only these interfaces; empty: every interface that is up.
     pub ifaces: Vec<String>,
     pub duration: Option<Duration>,
     pub ebpf_object: Option<PathBuf>,
     pub max_conns: u32,
+    /// Call `on_snapshot` with every connection this often while running.
+    pub interval: Option<Duration>,
 }
 
 /// What a run saw, for the summary line.
@@ -78,21 +94,78 @@ fn install_signal_handlers() -> Result<()> {
 
 /// One interface we attached to, and what to undo there.
 struct Attached {
+    index: u32,
     iface: String,
     created_clsact: bool,
     links: Vec<aya::programs::tc::SchedClassifierLinkId>,
 }
 
-pub fn run(opts: &Options) -> Result<Outcome> {
+/// The interfaces we are attached to, and which ones we want.
+struct Attachments {
+    /// Named with --iface; empty: all that are up.
+    only: Vec<String>,
+    list: Vec<Attached>,
+    lock: Option<stale::NetnsLock>,
+}
+
+impl Attachments {
+    fn wanted(&self, l: &links::Link) -> bool {
+        if self.only.is_empty() {
+            l.up
+        } else {
+            self.only.contains(&l.name)
+        }
+    }
+
+    fn record_clsact(&self) {
+        if let Some(lock) = &self.lock {
+            let names: Vec<String> = self
+                .list
+                .iter()
+                .filter(|a| a.created_clsact)
+                .map(|a| a.iface.clone())
+                .collect();
+            lock.record_clsact(&names);
+        }
+    }
+
+    /// Attaches to `l` unless already attached there.
+    fn attach(&mut self, ebpf: &mut Ebpf, l: &links::Link) -> Result<()> {
+        if self.list.iter().any(|a| a.index == l.index) {
+            return Ok(());
+        }
+        let r = attach_one(ebpf, l, &mut self.list);
+        self.record_clsact();
+        r
+    }
+
+    /// `l` is gone: its filters and qdisc went with it; forget them.
+    fn forget(&mut self, ebpf: &mut Ebpf, index: u32) {
+        let Some(pos) = self.list.iter().position(|a| a.index == index) else {
+            return;
+        };
+        let a = self.list.remove(pos);
+        if let Some(prog) = ebpf
+            .program_mut(PROGRAM)
+            .and_then(|p| <&mut SchedClassifier>::try_from(p).ok())
+        {
+            for id in a.links {
+                // Dropping the link tries a detach; the device is gone, so
+                // that fails, and the failure is ignored.
+                drop(prog.take_link(id));
+            }
+        }
+        self.record_clsact();
+    }
+}
+
+pub fn run(opts: &Options, on_snapshot: &mut dyn FnMut(&Outcome) -> Result<()>) -> Result<Outcome> {
     // SAFETY: no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!(
             "`flowprobe run` needs root (CAP_BPF and CAP_NET_ADMIN) to load the eBPF program \
              and attach it to interfaces; run it with sudo"
         );
-    }
-    if opts.ifaces.is_empty() {
-        bail!("give at least one interface with --iface");
     }
     let object = opts
         .ebpf_object
@@ -108,16 +181,107 @@ pub fn run(opts: &Options) -> Result<Outcome> {
     let mut ebpf = load(&object, opts.max_conns)?;
     install_signal_handlers()?;
 
-    let mut attached: Vec<Attached> = Vec::new();
-    let res = attach_all(&mut ebpf, &opts.ifaces, &mut attached);
+    // Subscribe before the dump, so that no link change falls between.
+    let mut watcher = links::Watcher::subscribe()?;
+    let all = links::dump()?;
+    for name in &opts.ifaces {
+        if !all.iter().any(|l| &l.name == name) {
+            bail!("no interface {name} in this network namespace");
+        }
+    }
+    let lock = stale::lock()?;
+    if let Some(lock) = &lock {
+        if let Some(line) = lock.clean(&all, PROGRAM) {
+            eprintln!("flowprobe: {line}");
+        }
+    }
+    let mut att = Attachments {
+        only: opts.ifaces.clone(),
+        list: Vec::new(),
+        lock,
+    };
+
+    let mut res: Result<()> = Ok(());
+    for l in &all {
+        if att.wanted(l) {
+            if let Err(e) = att.attach(&mut ebpf, l) {
+                if att.only.is_empty() {
+                    // Not named by the user: say so and count the others.
+                    eprintln!("flowprobe: {e:#}");
+                    continue;
+                }
+                res = Err(e);
+                break;
+            }
+        }
+    }
     if res.is_ok() {
-        wait(opts.duration);
+        res = follow(&mut ebpf, &mut att, &mut watcher, opts, on_snapshot);
     }
     // Detach before reading: the map then holds the final state.
-    let cleanup = detach_all(&mut ebpf, attached);
+    let cleanup = detach_all(&mut ebpf, std::mem::take(&mut att.list));
+    drop(att);
     res?;
     cleanup?;
     collect(&ebpf)
+}
+
+/// Until --duration or a signal: follows link events, prints snapshots.
+fn follow(
+    ebpf: &mut Ebpf,
+    att: &mut Attachments,
+    watcher: &mut links::Watcher,
+    opts: &Options,
+    on_snapshot: &mut dyn FnMut(&Outcome) -> Result<()>,
+) -> Result<()> {
+    let start = Instant::now();
+    let mut next_snapshot = opts.interval.map(|i| start + i);
+    while !STOP.load(Ordering::SeqCst) {
+        if opts.duration.is_some_and(|d| start.elapsed() >= d) {
+            break;
+        }
+        let events = match watcher.poll() {
+            Ok(ev) => ev,
+            Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                // Events were lost: start over from a fresh dump.
+                let now = links::dump()?;
+                let gone: Vec<u32> = att
+                    .list
+                    .iter()
+                    .filter(|a| !now.iter().any(|l| l.index == a.index))
+                    .map(|a| a.index)
+                    .collect();
+                for index in gone {
+                    att.forget(ebpf, index);
+                }
+                now.into_iter().map(links::Event::New).collect()
+            }
+            Err(e) => return Err(e).context("reading rtnetlink link events"),
+        };
+        for ev in events {
+            match ev {
+                links::Event::New(l) => {
+                    if att.wanted(&l) {
+                        if let Err(e) = att.attach(ebpf, &l) {
+                            // It may be gone again already; keep running.
+                            eprintln!("flowprobe: {e:#}");
+                        }
+                    }
+                }
+                links::Event::Del(l) => {
+                    att.forget(ebpf, l.index);
+                }
+            }
+        }
+        if let (Some(at), Some(every)) = (next_snapshot, opts.interval) {
+            if Instant::now() >= at {
+                on_snapshot(&collect(ebpf)?)?;
+                next_snapshot = Some(at + every);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
 }
 
 fn load(object: &Path, max_conns: u32) -> Result<Ebpf> {
@@ -134,51 +298,51 @@ fn load(object: &Path, max_conns: u32) -> Result<Ebpf> {
     Ok(ebpf)
 }
 
-fn attach_all(ebpf: &mut Ebpf, ifaces: &[String], attached: &mut Vec<Attached>) -> Result<()> {
-    for iface in ifaces {
-        let created_clsact = match tc::qdisc_add_clsact(iface) {
-            Ok(()) => true,
-            Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => false,
-            Err(tc::TcError::AlreadyAttached) => false,
-            Err(e) => return Err(e).with_context(|| format!("adding the clsact qdisc to {iface}")),
-        };
-        let mut a = Attached {
-            iface: iface.clone(),
-            created_clsact,
-            links: Vec::new(),
-        };
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut(PROGRAM)
-            .context("program vanished")?
-            .try_into()?;
-        for hook in [TcAttachType::Ingress, TcAttachType::Egress] {
-            match prog.attach_with_options(
-                iface,
-                hook,
-                TcAttachOptions::Netlink(NlOptions::default()),
-            ) {
-                Ok(id) => a.links.push(id),
-                Err(e) => {
-                    attached.push(a);
-                    return Err(e).with_context(|| format!("attaching to {iface} {hook:?}"));
-                }
+fn attach_one(ebpf: &mut Ebpf, l: &links::Link, attached: &mut Vec<Attached>) -> Result<()> {
+    let iface = &l.name;
+    let created_clsact = match tc::qdisc_add_clsact(iface) {
+        Ok(()) => true,
+        Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => false,
+        Err(tc::TcError::AlreadyAttached) => false,
+        Err(e) => return Err(e).with_context(|| format!("adding the clsact qdisc to {iface}")),
+    };
+    let mut a = Attached {
+        index: l.index,
+        iface: iface.clone(),
+        created_clsact,
+        links: Vec::new(),
+    };
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut(PROGRAM)
+        .context("program vanished")?
+        .try_into()?;
+    // On a loopback interface every packet leaves through egress and comes
+    // back through ingress of the same interface: one hook sees each once
+    // (both would count it twice, the second time as a retransmission).
+    let hooks: &[TcAttachType] = if l.loopback {
+        &[TcAttachType::Ingress]
+    } else {
+        &[TcAttachType::Ingress, TcAttachType::Egress]
+    };
+    for &hook in hooks {
+        match prog.attach_with_options(iface, hook, TcAttachOptions::Netlink(NlOptions::default()))
+        {
+            Ok(id) => a.links.push(id),
+            Err(e) => {
+                attached.push(a);
+                return Err(e).with_context(|| format!("attaching to {iface} {hook:?}"));
             }
         }
-        attached.push(a);
     }
+    attached.push(a);
     Ok(())
 }
 
-fn wait(duration: Option<Duration>) {
-    let start = Instant::now();
-    while !STOP.load(Ordering::SeqCst) {
-        if let Some(d) = duration {
-            if start.elapsed() >= d {
-                break;
-            }
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+/// Whether `index` is still an interface of this namespace.
+fn exists(index: u32) -> bool {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: `buf` has IF_NAMESIZE bytes.
+    !unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) }.is_null()
 }
 
 fn detach_all(ebpf: &mut Ebpf, attached: Vec<Attached>) -> Result<()> {
@@ -191,11 +355,22 @@ fn detach_all(ebpf: &mut Ebpf, attached: Vec<Attached>) -> Result<()> {
     for a in attached {
         for id in a.links {
             if let Err(e) = prog.detach(id) {
+                if !exists(a.index) {
+                    // Went away just now, and its filters with it.
+                    continue;
+                }
                 eprintln!("flowprobe: detaching from {}: {e}", a.iface);
                 first_err.get_or_insert_with(|| anyhow::anyhow!("detaching from {}: {e}", a.iface));
             }
         }
-        if a.created_clsact {
+        if a.created_clsact && exists(a.index) {
+            if !stale::clsact_is_empty(&a.iface) {
+                eprintln!(
+                    "flowprobe: left the clsact qdisc we added on {}: others added filters to it",
+                    a.iface
+                );
+                continue;
+            }
             let out = Command::new("tc")
                 .args(["qdisc", "del", "dev", &a.iface, "clsact"])
                 .output();

@@ -45,17 +45,26 @@ enum Cmd {
     },
     /// Count connections on live interfaces with the tc eBPF program.
     ///
-    /// Needs root. Attaches to clsact ingress and egress of each interface
-    /// (adding the clsact qdisc where there is none), counts until
+    /// Needs root. Attaches to clsact ingress and egress of every interface
+    /// of the current network namespace that is up (lo included), and of
+    /// every interface that comes up later (adding the clsact qdisc where
+    /// there is none); --iface limits it to the named ones. Counts until
     /// --duration has passed or SIGINT/SIGTERM arrives, detaches, removes only
-    /// what it added, and prints every connection seen.
+    /// what it added, and prints every connection seen. At start it removes
+    /// the filters a killed run left in the namespace.
     Run {
-        /// Interface to attach to (repeat for several).
-        #[arg(short, long = "iface", required = true, value_name = "IFACE")]
+        /// Only this interface (repeat for several; default: every
+        /// interface that is up, and those that come up while running).
+        #[arg(short, long = "iface", value_name = "IFACE")]
         ifaces: Vec<String>,
         /// Stop after this many seconds (default: at SIGINT/SIGTERM).
         #[arg(short, long, value_name = "SECS")]
         duration: Option<f64>,
+        /// Print every connection so far this often while running (JSON:
+        /// each line with a "snapshot" number; table: a "# snapshot N"
+        /// line before each table).
+        #[arg(long, value_name = "SECS")]
+        interval: Option<f64>,
         /// Output format.
         #[arg(short, long, value_enum, default_value_t = Format::Table)]
         format: Format,
@@ -89,6 +98,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Run {
             ifaces,
             duration,
+            interval,
             format,
             ebpf_object,
             max_conns,
@@ -101,12 +111,31 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Some(d) => Some(std::time::Duration::from_secs_f64(d)),
                 None => None,
             };
-            let o = live::run(&live::Options {
-                ifaces,
-                duration,
-                ebpf_object,
-                max_conns,
-            })?;
+            let interval = match interval {
+                Some(i) if !(i.is_finite() && i >= 0.01) => {
+                    anyhow::bail!("--interval must be at least 0.01 seconds")
+                }
+                Some(i) => Some(std::time::Duration::from_secs_f64(i)),
+                None => None,
+            };
+            let mut snapshots = 0u64;
+            let mut on_snapshot = |o: &live::Outcome| -> anyhow::Result<()> {
+                snapshots += 1;
+                let mut out = io::BufWriter::new(io::stdout().lock());
+                output::write_snapshot(&mut out, format, snapshots, &o.conns)?;
+                out.flush()?;
+                Ok(())
+            };
+            let o = live::run(
+                &live::Options {
+                    ifaces,
+                    duration,
+                    ebpf_object,
+                    max_conns,
+                    interval,
+                },
+                &mut on_snapshot,
+            )?;
             let mut out = io::BufWriter::new(io::stdout().lock());
             output::write(&mut out, format, &o.conns)?;
             out.flush()?;

@@ -26,6 +26,34 @@ pub fn write(out: &mut impl Write, format: Format, conns: &[Connection]) -> io::
     }
 }
 
+/// One periodic snapshot of `flowprobe run --interval`: in JSON every
+/// connection's object with `"snapshot": n` added; as a table, a
+/// `# snapshot n` line, then the table.
+pub fn write_snapshot(
+    out: &mut impl Write,
+    format: Format,
+    n: u64,
+    conns: &[Connection],
+) -> io::Result<()> {
+    match format {
+        Format::Json => {
+            for c in conns {
+                let mut v = serde_json::to_value(c)?;
+                if let Some(o) = v.as_object_mut() {
+                    o.insert("snapshot".to_owned(), n.into());
+                }
+                serde_json::to_writer(&mut *out, &v)?;
+                out.write_all(b"\n")?;
+            }
+            Ok(())
+        }
+        Format::Table => {
+            writeln!(out, "# snapshot {n}")?;
+            table(out, conns)
+        }
+    }
+}
+
 fn endpoint(ip: IpAddr, port: u16) -> String {
     match ip {
         IpAddr::V4(a) => format!("{a}:{port}"),

@@ -209,8 +209,13 @@ impl DirCounters {
         let d = DirCounters::delta(segs, payload_len, l3_len, tcp);
         // SAFETY: field pointers of a live `DirCounters` (caller's contract).
         unsafe {
+            // Every add is skipped when it would add 0 (pure ACKs carry no
+            // payload): an atomic add is a locked instruction, and the line
+            // is often shared with the CPU handling the other direction.
             a.add_u64(&raw mut (*c).packets, d.packets);
-            a.add_u64(&raw mut (*c).bytes, d.bytes);
+            if d.bytes != 0 {
+                a.add_u64(&raw mut (*c).bytes, d.bytes);
+            }
             a.add_u64(&raw mut (*c).l3_bytes, d.l3_bytes);
             if d.retransmits != 0 {
                 a.add_u64(&raw mut (*c).retransmits, d.retransmits);

@@ -1,10 +1,10 @@
 //! flowprobe's tc classifier.
 //!
-//! It copies the first bytes of each packet into a per-CPU buffer with one
-//! `bpf_skb_load_bytes`, runs the very same `parse_frame` that userspace runs
-//! on `&[u8]`, counts the outcome in `PARSE_STATS`, and updates the
-//! connection's entry in `CONNS` with the shared tracker
-//! (`probe_common::tcp::track_shared`) and atomic counter adds
+//! It runs the very same `parse_frame` that userspace runs, directly on the
+//! skb's linear data (`data`/`data_end`, no copy; `bpf_skb_pull_data` only
+//! when the headers are not all linear), counts the outcome in
+//! `PARSE_STATS`, and updates the connection's entry in `CONNS` with the
+//! shared tracker (`probe_common::tcp::track_shared`) and atomic counter adds
 //! (`DirCounters::record_shared`). Ingress and egress share one entry.
 //!
 //! The program fails open: whatever happens, it returns `TC_ACT_OK`.
@@ -18,7 +18,7 @@ use core::intrinsics::{atomic_cxchg, atomic_xadd, AtomicOrdering};
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, TC_ACT_OK},
     btf_maps::{HashMap, PerCpuArray},
-    helpers::generated::{bpf_ktime_get_ns, bpf_skb_load_bytes},
+    helpers::generated::bpf_ktime_get_ns,
     macros::{btf_map, classifier},
     programs::TcContext,
 };
@@ -27,11 +27,12 @@ use probe_common::{
     parse_frame,
     tcp::{track_shared, Segment},
     wire::evidence,
-    Atomics, ConnKey, DirCounters, FlowEntry, L4Proto, LinkType, ParseError, Parsed,
+    Atomics, ConnKey, DirCounters, FlowEntry, L4Proto, LinkType, PacketBytes, ParseError, Parsed,
 };
 
-/// Bytes copied from the front of each packet: Ethernet + 2 VLAN tags +
-/// IPv6 + extension headers + the TCP header fields the tracker reads.
+/// Bytes made linear with `bpf_skb_pull_data` when the headers are not:
+/// Ethernet + 2 VLAN tags + IPv6 + extension headers + the TCP header fields
+/// the tracker reads.
 const SNAP: usize = 128;
 
 /// Index 0: frames that parsed to a TCP/UDP flow ("tracked");
@@ -62,20 +63,48 @@ const CONN_STATS_LEN: usize = 3;
 #[btf_map]
 static CONN_STATS: PerCpuArray<u64, CONN_STATS_LEN> = PerCpuArray::new();
 
-/// Scratch space for the packet's first bytes.
-#[btf_map]
-static FRAME: PerCpuArray<[u8; SNAP], 1> = PerCpuArray::new();
-
-/// Scratch space for the parse result.
-#[btf_map]
-static PARSED: PerCpuArray<Parsed, 1> = PerCpuArray::new();
-
 /// Scratch space for a new `CONNS` value.
 #[btf_map]
 static NEW_ENTRY: PerCpuArray<FlowEntry, 1> = PerCpuArray::new();
 
 const E2BIG: i32 = 7;
 const EEXIST: i32 = 17;
+
+/// Largest header offset the parser may ask for; a bound the verifier needs
+/// for variable offsets into the packet (IPv6 extension headers).
+const MAX_OFF: usize = 0x3fff;
+
+/// The skb's linear data, read in place (direct packet access): every load
+/// is checked against `data_end`, the check the verifier demands.
+struct Linear {
+    data: usize,
+    end: usize,
+}
+
+impl Linear {
+    #[inline(always)]
+    fn of(ctx: &TcContext) -> Linear {
+        Linear {
+            data: ctx.data(),
+            end: ctx.data_end(),
+        }
+    }
+}
+
+impl PacketBytes for Linear {
+    #[inline(always)]
+    fn load<const N: usize>(&self, off: usize) -> Option<[u8; N]> {
+        if off > MAX_OFF {
+            return None;
+        }
+        let start = self.data + off;
+        if start + N > self.end {
+            return None;
+        }
+        // SAFETY: `[start, start + N)` lies inside the linear packet data.
+        Some(unsafe { core::ptr::read_unaligned(start as *const [u8; N]) })
+    }
+}
 
 #[classifier]
 pub fn flowprobe_tc(ctx: TcContext) -> i32 {
@@ -85,48 +114,39 @@ pub fn flowprobe_tc(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn observe(ctx: &TcContext) {
-    let skb_len = ctx.len();
-    // The helper wants a length the verifier can prove is in [1, SNAP].
-    let n = (skb_len as usize).min(SNAP);
-    if n == 0 {
-        return;
-    }
-    // The packet bytes and the parse result live in per-CPU slots, and the
-    // parser and the connection update run as separate BPF functions: with
-    // alu32 (target-cpu v3) LLVM spills the parser's byte arrays widely, and
-    // together with the connection state they would exceed the 512-byte
-    // BPF stack.
-    let Some(buf) = FRAME.get_ptr_mut(0) else {
-        return;
-    };
-    // SAFETY: this CPU's slot of SNAP bytes, used only by this program run
-    // (preemption is disabled), and `n <= SNAP`.
-    if unsafe { bpf_skb_load_bytes(ctx.skb.skb.cast(), 0, buf.cast(), n as u32) } != 0 {
-        return;
-    }
-    let idx = parse_into_slot(n as u32, skb_len);
+    let mut p = core::mem::MaybeUninit::<Parsed>::uninit();
+    let idx = parse_skb(ctx, &mut p);
     bump(&PARSE_STATS, idx);
     if idx == STATS_TRACKED {
-        track_conn(ctx);
+        // SAFETY: `parse_skb` wrote it when it returned STATS_TRACKED.
+        track_conn(ctx, unsafe { p.assume_init_ref() });
     }
 }
 
-/// Parses the first `n` bytes of `FRAME` into `PARSED`; returns the
-/// `PARSE_STATS` index of the outcome.
+/// Parses the skb's headers in place into `out`; returns the `PARSE_STATS`
+/// index of the outcome (`out` is written only for [`STATS_TRACKED`]).
+///
+/// Not inlined: the parser's frame and the connection update's frame need
+/// not fit into the 512-byte BPF stack together.
 #[inline(never)]
-fn parse_into_slot(n: u32, skb_len: u32) -> u32 {
-    let (Some(buf), Some(out)) = (FRAME.get_ptr(0), PARSED.get_ptr_mut(0)) else {
-        return STATS_TRACKED + 1 + ParseError::COUNT as u32;
+fn parse_skb(ctx: &TcContext, out: &mut core::mem::MaybeUninit<Parsed>) -> u32 {
+    let skb_len = ctx.len();
+    let parsed = match parse_frame(&Linear::of(ctx), LinkType::Ethernet, skb_len) {
+        Err(e @ (ParseError::TruncatedL2 | ParseError::TruncatedL3 | ParseError::TruncatedL4))
+            if ((ctx.data_end() - ctx.data()) as u32) < skb_len =>
+        {
+            // The headers are not all in the linear data (rare: the stack
+            // usually keeps them there). Pull up to SNAP bytes and retry.
+            match ctx.pull_data(skb_len.min(SNAP as u32)) {
+                Ok(()) => parse_frame(&Linear::of(ctx), LinkType::Ethernet, skb_len),
+                Err(_) => Err(e),
+            }
+        }
+        r => r,
     };
-    // SAFETY: this CPU's slots, used only by this program run.
-    let buf = unsafe { &*buf };
-    let Some(frame) = buf.get(..n as usize) else {
-        return STATS_TRACKED + 1 + ParseError::COUNT as u32;
-    };
-    match parse_frame(frame, LinkType::Ethernet, skb_len) {
+    match parsed {
         Ok(p) => {
-            // SAFETY: as above.
-            unsafe { *out = p };
+            out.write(p);
             STATS_TRACKED
         }
         Err(e) => e as u32 + 1,
@@ -155,10 +175,8 @@ impl Atomics for Bpf {
     unsafe fn cas_u32(&self, p: *mut u32, old: u32, new: u32) -> u32 {
         // SAFETY: as above.
         unsafe {
-            atomic_cxchg::<u32, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
-                p, old, new,
-            )
-            .0
+            atomic_cxchg::<u32, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(p, old, new)
+                .0
         }
     }
 }
@@ -166,12 +184,7 @@ impl Atomics for Bpf {
 // Not inlined: a separate BPF function gets its own stack frame, so the
 // parser's frame and this one need not fit into 512 bytes together.
 #[inline(never)]
-fn track_conn(ctx: &TcContext) {
-    let Some(p) = PARSED.get_ptr(0) else {
-        return;
-    };
-    // SAFETY: this CPU's slot, written by `parse_into_slot` in this run.
-    let p: &Parsed = unsafe { &*p };
+fn track_conn(ctx: &TcContext, p: &Parsed) {
     // SAFETY: the program's own `__sk_buff`, valid while it runs.
     let (ifindex, gso_segs) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).gso_segs) };
     let segs = if gso_segs == 0 { 1 } else { gso_segs };
@@ -185,8 +198,8 @@ fn track_conn(ctx: &TcContext) {
         Some(e) => e,
         None => {
             let flags = if is_tcp { Some(p.tcp.flags) } else { None };
-            // Built in a per-CPU slot: a FlowEntry on the stack with the
-            // packet buffer exceeds the 512-byte BPF stack.
+            // Built in a per-CPU slot: only new connections take this path,
+            // and this function's frame stays small.
             let Some(fresh) = NEW_ENTRY.get_ptr_mut(0) else {
                 bump(&CONN_STATS, CONN_STATS_INSERT_FAILED);
                 return;

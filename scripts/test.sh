@@ -25,7 +25,7 @@ ci() { [ "${CI:-}" = true ]; }
 if [ "${FLOWPROBE_SKIP_SETUP:-}" != 1 ]; then
     tier "setup"
     if is_root; then
-        pkgs=(tcpdump tshark iptables iproute2 ethtool bpftool iperf3 jq softflowd python3)
+        pkgs=(tcpdump tshark iptables iproute2 ethtool bpftool iperf3 jq softflowd python3 iputils-ping)
         missing=()
         for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
         if [ ${#missing[@]} -gt 0 ]; then

@@ -78,6 +78,22 @@ struct Netns {
     b: String,
 }
 
+impl Netns {
+    /// Two fresh namespaces named after the test and this process, with lo up.
+    fn create(tag: &str) -> Netns {
+        let id = std::process::id();
+        let ns = Netns {
+            a: format!("fpl-{tag}-a-{id}"),
+            b: format!("fpl-{tag}-b-{id}"),
+        };
+        for n in [&ns.a, &ns.b] {
+            sh(&["ip", "netns", "add", n]);
+            sh(&["ip", "-n", n, "link", "set", "lo", "up"]);
+        }
+        ns
+    }
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         for ns in [&self.a, &self.b] {
@@ -98,13 +114,7 @@ const VETH_A: &str = "fpl0";
 const VETH_B: &str = "fpl1";
 
 fn setup(tag: &str, v6: bool) -> (Netns, &'static str, &'static str) {
-    let id = std::process::id();
-    let ns = Netns {
-        a: format!("fpl-{tag}-a-{id}"),
-        b: format!("fpl-{tag}-b-{id}"),
-    };
-    sh(&["ip", "netns", "add", &ns.a]);
-    sh(&["ip", "netns", "add", &ns.b]);
+    let ns = Netns::create(tag);
     // Created inside A with the peer directly in B: the root namespace's
     // interfaces are never touched.
     sh(&[
@@ -117,7 +127,6 @@ fn setup(tag: &str, v6: bool) -> (Netns, &'static str, &'static str) {
         ("10.78.0.1", "10.78.0.2", "24", "iptables")
     };
     for (n, dev, addr) in [(&ns.a, VETH_A, ca), (&ns.b, VETH_B, sa)] {
-        sh(&["ip", "-n", n, "link", "set", "lo", "up"]);
         let cidr = format!("{addr}/{plen}");
         let mut add = vec!["ip", "-n", n, "addr", "add", &cidr, "dev", dev];
         if v6 {
@@ -428,15 +437,7 @@ fn follows_interfaces_that_appear_and_go() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let id = std::process::id();
-    let ns = Netns {
-        a: format!("fpl-churn-a-{id}"),
-        b: format!("fpl-churn-b-{id}"),
-    };
-    sh(&["ip", "netns", "add", &ns.a]);
-    sh(&["ip", "netns", "add", &ns.b]);
-    sh(&["ip", "-n", &ns.a, "link", "set", "lo", "up"]);
-    sh(&["ip", "-n", &ns.b, "link", "set", "lo", "up"]);
+    let ns = Netns::create("churn");
     let probe = Command::new("ip")
         .args(["netns", "exec", &ns.a, env!("CARGO_BIN_EXE_flowprobe")])
         .args([
@@ -617,13 +618,7 @@ fn next_run_removes_what_a_killed_run_left() {
     if !live_tests_enabled() {
         return;
     }
-    let id = std::process::id();
-    let ns = Netns {
-        a: format!("fpl-kill-a-{id}"),
-        b: format!("fpl-kill-b-{id}"),
-    };
-    sh(&["ip", "netns", "add", &ns.a]);
-    sh(&["ip", "-n", &ns.a, "link", "set", "lo", "up"]);
+    let ns = Netns::create("kill");
     sh(&[
         "ip", "-n", &ns.a, "link", "add", "fpk0", "type", "veth", "peer", "name", "fpk1",
     ]);

@@ -3,7 +3,7 @@
 use probe_common::parse::tcp_flags;
 use probe_common::tcp::{track, Segment};
 use probe_common::wire::evidence;
-use probe_common::{ConnKey, DirCounters, FlowEntry, L4Proto, Parsed, TcpDir};
+use probe_common::{ConnKey, FlowEntry, L4Proto, Parsed};
 use rustc_hash::FxHashMap;
 
 use crate::conn::{ip, Connection, DirStats};
@@ -20,30 +20,21 @@ pub struct Observation<'a> {
     pub parsed: &'a Parsed,
 }
 
+/// A connection in the table: the very record the kernel keeps
+/// ([`FlowEntry`], here with Unix-time timestamps), plus what tells that its
+/// 5-tuple is free again.
 #[derive(Clone, Debug)]
 struct Flow {
-    /// Direction index (0 = lo → hi) that the initiator sends in.
-    initiator: usize,
-    /// `probe_common::wire::evidence` for `initiator`.
-    evidence: u8,
-    first_seen: u64,
-    last_seen: u64,
-    counters: [DirCounters; 2],
-    tcp: [TcpDir; 2],
+    entry: FlowEntry,
     fin: [bool; 2],
     rst: bool,
 }
 
 impl Flow {
     fn new(ts: u64, dir: usize, key: &ConnKey, p: &Parsed) -> Flow {
-        let (initiator, evidence) = initiator_of(dir, key, p);
+        let flags = (p.key.proto == L4Proto::Tcp as u8).then_some(p.tcp.flags);
         Flow {
-            initiator,
-            evidence,
-            first_seen: ts,
-            last_seen: ts,
-            counters: [DirCounters::default(); 2],
-            tcp: [TcpDir::default(); 2],
+            entry: FlowEntry::new(ts, dir, key, flags),
             fin: [false; 2],
             rst: false,
         }
@@ -53,14 +44,6 @@ impl Flow {
     fn closed(&self) -> bool {
         self.rst || (self.fin[0] && self.fin[1])
     }
-}
-
-/// The initiator sent the SYN; failing that, it owns the ephemeral (higher)
-/// port; failing that (equal ports), it sent the first packet seen. The rule
-/// lives in `probe_common` so that the kernel program applies the same one.
-fn initiator_of(dir: usize, key: &ConnKey, p: &Parsed) -> (usize, u8) {
-    let flags = (p.key.proto == L4Proto::Tcp as u8).then_some(p.tcp.flags);
-    probe_common::wire::initiator_of(dir, key, flags)
 }
 
 /// Connections keyed by 5-tuple and interface, both directions in one entry.
@@ -98,9 +81,9 @@ impl FlowTable {
                     // Same 5-tuple, new connection (port reuse after close).
                     let old = core::mem::replace(f, Flow::new(o.ts_ns, dir, &key, p));
                     self.ended.push((key, old));
-                } else if pure_syn && f.evidence < evidence::SYN {
-                    f.initiator = dir;
-                    f.evidence = evidence::SYN;
+                } else if pure_syn && f.entry.evidence < evidence::SYN {
+                    f.entry.initiator = dir as u8;
+                    f.entry.evidence = evidence::SYN;
                 }
                 f
             }
@@ -109,15 +92,12 @@ impl FlowTable {
             }
         };
 
-        if o.ts_ns < flow.first_seen {
-            flow.first_seen = o.ts_ns;
-        }
-        if o.ts_ns > flow.last_seen {
-            flow.last_seen = o.ts_ns;
-        }
+        let e = &mut flow.entry;
+        e.first_seen_ns = e.first_seen_ns.min(o.ts_ns);
+        e.last_seen_ns = e.last_seen_ns.max(o.ts_ns);
 
         let verdict = if is_tcp {
-            let [d0, d1] = &mut flow.tcp;
+            let [d0, d1] = &mut e.tcp;
             let (d, r) = if dir == 0 { (d0, d1) } else { (d1, d0) };
             let seg = Segment {
                 hdr: p.tcp,
@@ -133,7 +113,7 @@ impl FlowTable {
         } else {
             None
         };
-        flow.counters[dir].record(o.segs, p.payload_len, p.l3_len, verdict.as_ref());
+        e.counters[dir].record(o.segs, p.payload_len, p.l3_len, verdict.as_ref());
     }
 
     /// Every connection seen, oriented from its initiator, in a stable order:
@@ -142,31 +122,45 @@ impl FlowTable {
         let mut out: Vec<Connection> = self
             .ended
             .iter()
-            .map(|(k, f)| connection(k, f))
-            .chain(self.live.iter().map(|(k, f)| connection(k, f)))
+            .map(|(k, f)| Connection::from_entry(k, &f.entry, 0))
+            .chain(
+                self.live
+                    .iter()
+                    .map(|(k, f)| Connection::from_entry(k, &f.entry, 0)),
+            )
             .collect();
         sort_connections(&mut out);
         out
     }
 }
 
-fn connection(k: &ConnKey, f: &Flow) -> Connection {
-    oriented(k, f.initiator, f.first_seen, f.last_seen, &f.counters)
-}
-
 impl Connection {
-    /// A connection from the kernel's map (`CONNS`): its key and entry, with
-    /// `clock_offset_ns` added to the entry's monotonic timestamps to make
-    /// them Unix time. Oriented by the entry's initiator, which the kernel
-    /// decided with the same rule as [`FlowTable`].
+    /// A connection from its key and entry (the kernel's `CONNS` map or the
+    /// [`FlowTable`]), with `clock_offset_ns` added to the entry's timestamps
+    /// to make them Unix time (the kernel's are monotonic; the table's
+    /// already are). Oriented by the entry's initiator.
     pub fn from_entry(k: &ConnKey, e: &FlowEntry, clock_offset_ns: u64) -> Connection {
-        oriented(
-            k,
-            (e.initiator & 1) as usize,
-            e.first_seen_ns.wrapping_add(clock_offset_ns),
-            e.last_seen_ns.wrapping_add(clock_offset_ns),
-            &e.counters,
-        )
+        let initiator = (e.initiator & 1) as usize;
+        let lo = (ip(k.family, &k.lo), k.lo_port);
+        let hi = (ip(k.family, &k.hi), k.hi_port);
+        let ((src, sport), (dst, dport)) = if initiator == 0 { (lo, hi) } else { (hi, lo) };
+        let proto = if k.proto == L4Proto::Tcp as u8 {
+            L4Proto::Tcp.name()
+        } else {
+            L4Proto::Udp.name()
+        };
+        Connection {
+            proto,
+            src,
+            sport,
+            dst,
+            dport,
+            iface: k.iface,
+            first_seen: e.first_seen_ns.wrapping_add(clock_offset_ns),
+            last_seen: e.last_seen_ns.wrapping_add(clock_offset_ns),
+            sent: DirStats::from(&e.counters[initiator]),
+            received: DirStats::from(&e.counters[1 - initiator]),
+        }
     }
 }
 
@@ -193,35 +187,6 @@ pub fn sort_connections(conns: &mut [Connection]) {
                 b.iface,
             ))
     });
-}
-
-fn oriented(
-    k: &ConnKey,
-    initiator: usize,
-    first_seen: u64,
-    last_seen: u64,
-    counters: &[DirCounters; 2],
-) -> Connection {
-    let lo = (ip(k.family, &k.lo), k.lo_port);
-    let hi = (ip(k.family, &k.hi), k.hi_port);
-    let ((src, sport), (dst, dport)) = if initiator == 0 { (lo, hi) } else { (hi, lo) };
-    let proto = if k.proto == L4Proto::Tcp as u8 {
-        L4Proto::Tcp.name()
-    } else {
-        L4Proto::Udp.name()
-    };
-    Connection {
-        proto,
-        src,
-        sport,
-        dst,
-        dport,
-        iface: k.iface,
-        first_seen,
-        last_seen,
-        sent: DirStats::from(&counters[initiator]),
-        received: DirStats::from(&counters[1 - initiator]),
-    }
 }
 
 #[cfg(test)]

@@ -30,6 +30,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
+use aya::Ebpf;
 use common::{json_lines, repo_root};
 use serde_json::Value;
 
@@ -766,7 +768,6 @@ fn pcap_frames(b: &[u8]) -> Vec<&[u8]> {
 #[test]
 fn fixtures_through_the_kernel_program_equal_replay() {
     use aya::maps::{HashMap as BpfHashMap, MapData};
-    use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 
     if !live_tests_enabled() {
         return;
@@ -787,23 +788,7 @@ fn fixtures_through_the_kernel_program_equal_replay() {
     assert!(!caps.is_empty());
     for cap in caps {
         let mut ebpf = aya::Ebpf::load_file(&object).unwrap();
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut("flowprobe_tc")
-            .unwrap()
-            .try_into()
-            .unwrap();
-        prog.load().unwrap();
-        let mut frames = 0;
-        for frame in pcap_frames(&fs::read(&cap).unwrap()) {
-            let r = prog
-                .test_run(TestRunOptions {
-                    data_in: Some(frame),
-                    ..TestRunOptions::default()
-                })
-                .unwrap();
-            assert_eq!(r.return_value, 0, "the program must return TC_ACT_OK");
-            frames += 1;
-        }
+        let frames = push_frames(&mut ebpf, &fs::read(&cap).unwrap());
         let map: BpfHashMap<&MapData, Key, Entry> =
             BpfHashMap::try_from(ebpf.map("CONNS").unwrap()).unwrap();
         let kernel: Vec<Value> = map
@@ -855,7 +840,6 @@ fn fixtures_through_the_kernel_program_equal_replay() {
 #[test]
 fn full_connection_map_is_counted() {
     use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
-    use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 
     if !live_tests_enabled() {
         return;
@@ -865,22 +849,10 @@ fn full_connection_map_is_counted() {
         .map_max_entries("CONNS", 1)
         .load_file(&object)
         .unwrap();
-    let prog: &mut SchedClassifier = ebpf
-        .program_mut("flowprobe_tc")
-        .unwrap()
-        .try_into()
-        .unwrap();
-    prog.load().unwrap();
-    let cap = fs::read(repo_root().join("fixtures/pcaps/tcp4_loss.pcap")).unwrap();
-    for frame in pcap_frames(&cap) {
-        let r = prog
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                ..TestRunOptions::default()
-            })
-            .unwrap();
-        assert_eq!(r.return_value, 0, "the program must return TC_ACT_OK");
-    }
+    push_frames(
+        &mut ebpf,
+        &fs::read(repo_root().join("fixtures/pcaps/tcp4_loss.pcap")).unwrap(),
+    );
     let conns: BpfHashMap<&MapData, Key, Entry> =
         BpfHashMap::try_from(ebpf.map("CONNS").unwrap()).unwrap();
     assert_eq!(conns.keys().count(), 1);
@@ -898,4 +870,27 @@ fn full_connection_map_is_counted() {
     // tcp4_loss: 1124 frames, one segment each, all tracked.
     assert_eq!((kept + full, other), (1124, 0));
     assert!(full > 0);
+}
+
+/// Loads `flowprobe_tc` and runs every frame of the pcap `cap` through it
+/// with `BPF_PROG_TEST_RUN`; returns the number of frames.
+fn push_frames(ebpf: &mut Ebpf, cap: &[u8]) -> usize {
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut("flowprobe_tc")
+        .unwrap()
+        .try_into()
+        .unwrap();
+    prog.load().unwrap();
+    let mut frames = 0;
+    for frame in pcap_frames(cap) {
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                ..TestRunOptions::default()
+            })
+            .unwrap();
+        assert_eq!(r.return_value, 0, "the program must return TC_ACT_OK");
+        frames += 1;
+    }
+    frames
 }

@@ -2,7 +2,6 @@
 
 use probe_common::parse::tcp_flags;
 use probe_common::tcp::{track, Segment};
-use probe_common::wire::evidence;
 use probe_common::{ConnKey, FlowEntry, L4Proto, Parsed};
 use rustc_hash::FxHashMap;
 
@@ -81,9 +80,8 @@ impl FlowTable {
                     // Same 5-tuple, new connection (port reuse after close).
                     let old = core::mem::replace(f, Flow::new(o.ts_ns, dir, &key, p));
                     self.ended.push((key, old));
-                } else if pure_syn && f.entry.evidence < evidence::SYN {
-                    f.entry.initiator = dir as u8;
-                    f.entry.evidence = evidence::SYN;
+                } else if is_tcp {
+                    f.entry.note_syn(dir, p.tcp.flags);
                 }
                 f
             }
@@ -348,13 +346,7 @@ mod tests {
                 .or_insert_with(|| FlowEntry::new(ts, dir, &key, is_tcp.then_some(p.tcp.flags)));
             e.last_seen_ns = ts;
             let v = if is_tcp {
-                let f = p.tcp.flags;
-                if f & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN
-                    && e.evidence < evidence::SYN
-                {
-                    e.initiator = dir as u8;
-                    e.evidence = evidence::SYN;
-                }
+                e.note_syn(dir, p.tcp.flags);
                 let seg = Segment {
                     hdr: p.tcp,
                     payload_len: p.payload_len,

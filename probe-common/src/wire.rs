@@ -341,6 +341,17 @@ impl FlowEntry {
             ..FlowEntry::default()
         }
     }
+
+    /// A pure SYN (no ACK) sent in direction `dir` names the initiator
+    /// better than a port or first-packet guess made earlier.
+    #[inline(always)]
+    pub fn note_syn(&mut self, dir: usize, tcp_flags: u8) {
+        use crate::parse::tcp_flags as f;
+        if tcp_flags & (f::SYN | f::ACK) == f::SYN && self.evidence < evidence::SYN {
+            self.initiator = dir as u8;
+            self.evidence = evidence::SYN;
+        }
+    }
 }
 
 // The kernel map's key and value layouts are part of the userspace/kernel

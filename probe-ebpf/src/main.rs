@@ -23,10 +23,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use probe_common::{
-    parse::tcp_flags,
     parse_frame,
     tcp::{track_shared, Segment},
-    wire::evidence,
     Atomics, ConnKey, DirCounters, FlowEntry, L4Proto, LinkType, PacketBytes, ParseError, Parsed,
 };
 
@@ -239,13 +237,7 @@ fn track_conn(ctx: &TcContext, p: &Parsed) {
     unsafe {
         core::ptr::write_volatile(&raw mut (*entry).last_seen_ns, now);
         let verdict = if is_tcp {
-            let f = p.tcp.flags;
-            if f & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN
-                && (*entry).evidence < evidence::SYN
-            {
-                (*entry).initiator = dir as u8;
-                (*entry).evidence = evidence::SYN;
-            }
+            (*entry).note_syn(dir, p.tcp.flags);
             let seg = Segment {
                 hdr: p.tcp,
                 payload_len: p.payload_len,

@@ -10,6 +10,7 @@
 #![no_std]
 
 pub mod parse;
+pub mod shared;
 pub mod tcp;
 pub mod wire;
 

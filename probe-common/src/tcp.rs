@@ -31,6 +31,17 @@ pub struct TcpDir {
     /// `FLAG_*` bits.
     pub flags: u8,
     pub _pad: [u8; 3],
+    /// A hole below `snd_max`: sequence space this tap has not seen, left by
+    /// a segment that started beyond `snd_max` (a gap). Open while
+    /// `FLAG_HOLE` is set and `hole_hi` is after both `hole_lo` and the
+    /// peer's ACK (which proves everything below it arrived). Data that lands wholly inside it is
+    /// seen here for the first time, so it is new, not retransmitted: that is
+    /// reordering between the sender and this tap (veth or RPS deliver one
+    /// flow on several CPUs), or the retransmission of a loss upstream of
+    /// the tap. One hole per direction: several gaps widen it to cover them
+    /// all, which errs on the side of "new" inside it.
+    pub hole_lo: u32,
+    pub hole_hi: u32,
 }
 
 impl TcpDir {
@@ -42,6 +53,8 @@ impl TcpDir {
     pub const FLAG_PEER_WIN0: u8 = 4;
     /// The last segment of this direction was a 1-byte zero-window probe.
     pub const FLAG_LAST_ZWP: u8 = 8;
+    /// `hole_lo..hole_hi` is a hole (see `hole_lo`).
+    pub const FLAG_HOLE: u8 = 16;
 
     #[inline(always)]
     fn has(&self, f: u8) -> bool {
@@ -169,10 +182,35 @@ pub fn track(seg: &Segment, d: &mut TcpDir, r: &mut TcpDir) -> Verdict {
             && !(d.has(TcpDir::FLAG_LAST_ZWP) && h.seq == d.snd_max.wrapping_add(1))
         {
             v.gap = true;
+            if !hole_open(d) {
+                d.hole_lo = d.snd_max;
+                d.flags |= TcpDir::FLAG_HOLE;
+            }
+            d.hole_hi = h.seq;
         }
         d.snd_max = end;
         d.flags &= !TcpDir::FLAG_LAST_ZWP;
         return v;
+    }
+
+    if hole_open(d) {
+        let start = hole_start(d);
+        if !seq_after(start, h.seq) && !seq_after(end, d.hole_hi) {
+            // Wholly inside the hole: first seen now. Filling it from its
+            // start shrinks it (closes it when full); a fill further in
+            // leaves it as is (it still covers what is missing before).
+            if h.seq == start {
+                d.hole_lo = end;
+                if end == d.hole_hi {
+                    d.flags &= !TcpDir::FLAG_HOLE;
+                }
+            }
+            return Verdict::of(VerdictKind::New);
+        }
+    } else {
+        // Closed by the peer's ACK (or never open): forget it, so that it
+        // cannot look open again once sequence numbers wrap.
+        d.flags &= !TcpDir::FLAG_HOLE;
     }
 
     let mut v = Verdict::of(VerdictKind::Retransmit);
@@ -181,13 +219,35 @@ pub fn track(seg: &Segment, d: &mut TcpDir, r: &mut TcpDir) -> Verdict {
     v
 }
 
+/// Where the hole begins: its start, or the peer's ACK if that is further
+/// (the peer received everything below its ACK).
+#[inline(always)]
+fn hole_start(d: &TcpDir) -> u32 {
+    if d.has(TcpDir::FLAG_PEER_ACK) && seq_after(d.peer_ack, d.hole_lo) {
+        d.peer_ack
+    } else {
+        d.hole_lo
+    }
+}
+
+#[inline(always)]
+fn hole_open(d: &TcpDir) -> bool {
+    d.has(TcpDir::FLAG_HOLE) && seq_after(d.hole_hi, hole_start(d))
+}
+
 /// [`track`] on state that other CPUs update at the same time (a kernel map
-/// value shared by tc ingress and egress): decides from a snapshot with the
-/// very same [`track`], then commits what changed with bounded
-/// compare-exchange loops. `snd_max` and `peer_ack` only ever move forward
-/// (in sequence space), so a commit that finds a value already further
-/// along keeps it; the flag bits that changed are set or cleared without
-/// touching the others.
+/// value shared by tc ingress and egress, and by ingress on several CPUs):
+/// decides from a snapshot with the very same [`track`], then commits.
+///
+/// The decision rests on `snd_max`, so that is committed first, with a
+/// compare-exchange from the snapshot's value; if another CPU moved it in
+/// between, the segment is decided again on fresh state. Every byte is thus
+/// counted new exactly once, whichever CPUs see which copies (up to
+/// `REDECIDE_TRIES` collisions in a row, after which it keeps the last
+/// decision and only moves `snd_max` forward). `peer_ack` only ever moves forward;
+/// the hole bounds are committed from the snapshot and lose a collision
+/// (they only steer the "new or retransmitted" call for reordered data);
+/// the flag bits that changed are set or cleared without touching others.
 ///
 /// Without contention (the normal case: one socket's segments are sent under
 /// its lock) the result is exactly that of [`track`].
@@ -201,26 +261,56 @@ pub unsafe fn track_shared<A: crate::wire::Atomics>(
     r: *mut TcpDir,
     a: &A,
 ) -> Verdict {
-    // SAFETY: caller's contract; volatile so that each field is read once.
-    let (d0, r0) = unsafe { (core::ptr::read_volatile(d), core::ptr::read_volatile(r)) };
-    let (mut d1, mut r1) = (d0, r0);
-    let v = track(seg, &mut d1, &mut r1);
-    // SAFETY: field pointers of live `TcpDir`s (caller's contract).
-    unsafe {
-        if r1.peer_ack != r0.peer_ack {
-            advance(&raw mut (*r).peer_ack, r0.peer_ack, r1.peer_ack, a);
+    let mut tries = 0;
+    loop {
+        // SAFETY: caller's contract; volatile so that each field is read once.
+        let (d0, r0) = unsafe { (core::ptr::read_volatile(d), core::ptr::read_volatile(r)) };
+        let (mut d1, mut r1) = (d0, r0);
+        let v = track(seg, &mut d1, &mut r1);
+        // SAFETY: field pointers of live `TcpDir`s (caller's contract).
+        unsafe {
+            // The hole before `snd_max`: a CPU that sees the new `snd_max`
+            // must also see the hole below it, or it would take a reordered
+            // segment in the hole for a retransmission.
+            if d1.hole_lo != d0.hole_lo {
+                a.cas_u32(&raw mut (*d).hole_lo, d0.hole_lo, d1.hole_lo);
+            }
+            if d1.hole_hi != d0.hole_hi {
+                a.cas_u32(&raw mut (*d).hole_hi, d0.hole_hi, d1.hole_hi);
+            }
+            let hole_set = (d1.flags & !d0.flags) & TcpDir::FLAG_HOLE;
+            if hole_set != 0 {
+                commit_flags(d, d0.flags, d0.flags | hole_set, a);
+            }
+            if d1.snd_max != d0.snd_max {
+                if tries < REDECIDE_TRIES {
+                    let cur = a.cas_u32(&raw mut (*d).snd_max, d0.snd_max, d1.snd_max);
+                    if cur != d0.snd_max {
+                        tries += 1;
+                        continue;
+                    }
+                } else {
+                    // The first segment of a direction sets snd_max without
+                    // comparing (FLAG_INIT is committed below).
+                    let init = d0.flags & TcpDir::FLAG_INIT == 0;
+                    advance_or_init(&raw mut (*d).snd_max, d0.snd_max, d1.snd_max, init, a);
+                }
+            }
+            if r1.peer_ack != r0.peer_ack {
+                advance(&raw mut (*r).peer_ack, r0.peer_ack, r1.peer_ack, a);
+            }
+            commit_flags(d, d0.flags | hole_set, d1.flags, a);
+            commit_flags(r, r0.flags, r1.flags, a);
         }
-        if d1.snd_max != d0.snd_max {
-            // The first segment of a direction sets snd_max without
-            // comparing (FLAG_INIT is committed below).
-            let init = d0.flags & TcpDir::FLAG_INIT == 0;
-            advance_or_init(&raw mut (*d).snd_max, d0.snd_max, d1.snd_max, init, a);
-        }
-        commit_flags(d, d0.flags, d1.flags, a);
-        commit_flags(r, r0.flags, r1.flags, a);
+        return v;
     }
-    v
 }
+
+/// How often [`track_shared`] decides again after a collision. Each retry
+/// is another copy of the tracker for the verifier to walk (one costs about
+/// a second of load time), and the function only runs when the entry's lock
+/// is contended, which a BPF program practically never sees.
+const REDECIDE_TRIES: usize = 1;
 
 /// Bound on compare-exchange retries; each retry means another CPU moved the
 /// value meanwhile, so more than a few cannot happen in practice.

@@ -25,7 +25,7 @@ impl L4Proto {
 /// IPv4 addresses are stored as IPv4-mapped IPv6 (`::ffff:a.b.c.d`) so that
 /// keys of both families have one size and one comparison.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FlowKey {
     pub src: [u8; 16],
     pub dst: [u8; 16],
@@ -246,11 +246,18 @@ pub trait Atomics {
     /// `p` must be valid and 8-byte aligned.
     unsafe fn add_u64(&self, p: *mut u64, v: u64);
     /// If `*p == old` then `*p = new`, atomically; returns the value `*p`
-    /// had before (so the swap happened iff it equals `old`).
+    /// had before (so the swap happened iff it equals `old`). A full
+    /// barrier (it takes [`crate::shared`]'s lock).
     ///
     /// # Safety
     /// `p` must be valid and 4-byte aligned.
     unsafe fn cas_u32(&self, p: *mut u32, old: u32, new: u32) -> u32;
+    /// `*p = v`, atomically, returning the old value; a full barrier (it
+    /// releases [`crate::shared`]'s lock, so no store may move past it).
+    ///
+    /// # Safety
+    /// `p` must be valid and 4-byte aligned.
+    unsafe fn xchg_u32(&self, p: *mut u32, v: u32) -> u32;
 }
 
 /// [`Atomics`] for memory no one else touches (tests, single thread).
@@ -272,6 +279,11 @@ impl Atomics for Plain {
             }
             cur
         }
+    }
+    #[inline(always)]
+    unsafe fn xchg_u32(&self, p: *mut u32, v: u32) -> u32 {
+        // SAFETY: caller's contract.
+        unsafe { core::mem::replace(&mut *p, v) }
     }
 }
 
@@ -324,7 +336,9 @@ pub struct FlowEntry {
     pub initiator: u8,
     /// [`evidence`] for `initiator`.
     pub evidence: u8,
-    pub _pad: [u8; 6],
+    pub _pad: [u8; 2],
+    /// 0 or 1: taken while one CPU updates the entry ([`crate::shared`]).
+    pub lock: u32,
 }
 
 impl FlowEntry {
@@ -358,6 +372,6 @@ impl FlowEntry {
 // contract: no implicit padding, fixed sizes.
 const _: () = assert!(core::mem::size_of::<ConnKey>() == 44);
 const _: () = assert!(core::mem::size_of::<DirCounters>() == 64);
-const _: () = assert!(core::mem::size_of::<crate::tcp::TcpDir>() == 12);
+const _: () = assert!(core::mem::size_of::<crate::tcp::TcpDir>() == 20);
 const _: () = assert!(core::mem::offset_of!(crate::tcp::TcpDir, flags) == 8);
-const _: () = assert!(core::mem::size_of::<FlowEntry>() == 176);
+const _: () = assert!(core::mem::size_of::<FlowEntry>() == 192);

@@ -293,27 +293,62 @@ fn mid_stream_start_has_no_history() {
 }
 
 #[test]
-fn gap_then_hole_fill_is_counted_as_retransmit() {
+fn gap_then_hole_fill_is_new_data() {
+    // 201..301 lost before the tap, then retransmitted: this tap sees those
+    // bytes once, so they are new here (the gap records the loss).
     let c = check(&[
         s(A, 100, 0, SYN, 0, W, K::New, 0),
         s(A, 101, 0, PA, 100, W, K::New, 0),
-        // 201..301 lost before the tap
         s(A, 301, 0, PA, 100, W, K::New, 0),
-        // the hole is filled (retransmitted, or reordered): below snd_max
+        s(A, 201, 0, PA, 100, W, K::New, 0),
+        // A second copy of the filler is a retransmission again.
         s(A, 201, 0, PA, 100, W, K::Retransmit, 100),
     ]);
     assert_eq!((c[A].gaps, c[A].retransmits), (1, 1));
+    assert_eq!(c[A].bytes - c[A].retransmitted_bytes, 300);
 }
 
 #[test]
-fn reordering_looks_like_a_gap_and_a_retransmit() {
-    // Documented limitation at ingress: a swapped pair reads as gap + retx.
+fn reordering_is_not_retransmission() {
+    // A swapped pair (veth or RPS spread one flow over two CPUs).
     let c = check(&[
         s(A, 100, 0, SYN, 0, W, K::New, 0),
         s(A, 201, 0, PA, 100, W, K::New, 0),
-        s(A, 101, 0, PA, 100, W, K::Retransmit, 100),
+        s(A, 101, 0, PA, 100, W, K::New, 0),
     ]);
-    assert_eq!((c[A].gaps, c[A].retransmits), (1, 1));
+    assert_eq!((c[A].gaps, c[A].retransmits), (1, 0));
+}
+
+#[test]
+fn several_holes_are_covered_by_one() {
+    // 1, 3, 5 arrive before 2 and 4: two gaps, one widened hole.
+    let c = check(&[
+        s(A, 100, 0, SYN, 0, W, K::New, 0),
+        s(A, 101, 0, PA, 100, W, K::New, 0),
+        s(A, 301, 0, PA, 100, W, K::New, 0),
+        s(A, 501, 0, PA, 100, W, K::New, 0),
+        s(A, 201, 0, PA, 100, W, K::New, 0),
+        s(A, 401, 0, PA, 100, W, K::New, 0),
+        s(A, 601, 0, PA, 100, W, K::New, 0),
+    ]);
+    assert_eq!((c[A].gaps, c[A].retransmits), (2, 0));
+    assert_eq!(c[A].bytes, 600);
+}
+
+#[test]
+fn data_below_the_peers_ack_is_a_retransmission_even_in_a_hole() {
+    let c = check(&[
+        s(A, 100, 0, SYN, 0, W, K::New, 0),
+        s(B, 899, 101, SA, 0, W, K::New, 0),
+        s(A, 101, 0, PA, 100, W, K::New, 0),
+        s(A, 301, 0, PA, 100, W, K::New, 0),
+        s(A, 201, 0, PA, 100, W, K::New, 0),
+        // B acknowledges everything: the hole is closed.
+        s(B, 900, 401, ACK, 0, W, K::AckOnly, 0),
+        s(A, 201, 0, PA, 100, W, K::Retransmit, 100),
+        s(A, 301, 0, PA, 100, W, K::Retransmit, 100),
+    ]);
+    assert_eq!((c[A].gaps, c[A].retransmits), (1, 2));
 }
 
 #[test]

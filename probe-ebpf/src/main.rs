@@ -3,9 +3,9 @@
 //! It runs the very same `parse_frame` that userspace runs, directly on the
 //! skb's linear data (`data`/`data_end`, no copy; `bpf_skb_pull_data` only
 //! when the headers are not all linear), counts the outcome in
-//! `PARSE_STATS`, and updates the connection's entry in `CONNS` with the
-//! shared tracker (`probe_common::tcp::track_shared`) and atomic counter adds
-//! (`DirCounters::record_shared`). Ingress and egress share one entry.
+//! `PARSE_STATS`, and updates the connection's entry in `CONNS` with
+//! `probe_common::shared::update`: under the entry's own lock, the very
+//! tracker and counters replay runs. Ingress and egress share one entry.
 //!
 //! The program fails open: whatever happens, it returns `TC_ACT_OK`.
 #![no_std]
@@ -13,7 +13,7 @@
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
-use core::intrinsics::{atomic_cxchg, atomic_xadd, AtomicOrdering};
+use core::intrinsics::{atomic_cxchg, atomic_xadd, atomic_xchg, AtomicOrdering};
 
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, TC_ACT_OK},
@@ -24,8 +24,8 @@ use aya_ebpf::{
 };
 use probe_common::{
     parse_frame,
-    tcp::{track_shared, Segment},
-    Atomics, ConnKey, DirCounters, FlowEntry, L4Proto, LinkType, PacketBytes, ParseError, Parsed,
+    shared::{update, Updated},
+    Atomics, ConnKey, FlowEntry, L4Proto, LinkType, PacketBytes, ParseError, Parsed,
 };
 
 /// Bytes made linear with `bpf_skb_pull_data` when the headers are not:
@@ -52,11 +52,18 @@ static CONNS: HashMap<ConnKey, FlowEntry, MAX_CONNS> = HashMap::new();
 /// Connection-map events that lose data, so that none is silent.
 /// Index 0: a new connection was not inserted because `CONNS` is full;
 /// 1: the insert failed for another reason; 2: the entry was missing right
-/// after a successful insert (removed by userspace in between).
+/// after a successful insert (removed by userspace in between); 3: the
+/// entry's lock stayed taken and the lock-free update ran instead (counts
+/// exact, reordering call best effort; see `probe_common::shared`).
 pub const CONN_STATS_FULL: u32 = 0;
 pub const CONN_STATS_INSERT_FAILED: u32 = 1;
 pub const CONN_STATS_LOST_ENTRY: u32 = 2;
-const CONN_STATS_LEN: usize = 3;
+pub const CONN_STATS_CONTENDED: u32 = 3;
+const CONN_STATS_LEN: usize = 4;
+
+/// Tries for an entry's lock before the lock-free fallback. The holder is a
+/// tc program on another CPU, done within a few hundred nanoseconds.
+const LOCK_SPINS: u32 = 64;
 
 #[btf_map]
 static CONN_STATS: PerCpuArray<u64, CONN_STATS_LEN> = PerCpuArray::new();
@@ -177,6 +184,11 @@ impl Atomics for Bpf {
                 .0
         }
     }
+    #[inline(always)]
+    unsafe fn xchg_u32(&self, p: *mut u32, v: u32) -> u32 {
+        // SAFETY: as above.
+        unsafe { atomic_xchg::<u32, { AtomicOrdering::SeqCst }>(p, v) }
+    }
 }
 
 // Not inlined: a separate BPF function gets its own stack frame, so the
@@ -230,32 +242,9 @@ fn track_conn(ctx: &TcContext, p: &Parsed) {
         }
     };
 
-    // SAFETY: `entry` points to a live map value; every field shared with
-    // other CPUs is updated atomically (counters, sequence state) or is a
-    // single aligned store of a value any writer may win (timestamps,
-    // initiator upgrade).
-    unsafe {
-        core::ptr::write_volatile(&raw mut (*entry).last_seen_ns, now);
-        let verdict = if is_tcp {
-            (*entry).note_syn(dir, p.tcp.flags);
-            let seg = Segment {
-                hdr: p.tcp,
-                payload_len: p.payload_len,
-            };
-            let tcp = (&raw mut (*entry).tcp).cast::<probe_common::TcpDir>();
-            Some(track_shared(&seg, tcp.add(dir), tcp.add(1 - dir), &Bpf))
-        } else {
-            None
-        };
-        let counters = (&raw mut (*entry).counters).cast::<DirCounters>();
-        DirCounters::record_shared(
-            counters.add(dir),
-            segs,
-            p.payload_len,
-            p.l3_len,
-            verdict.as_ref(),
-            &Bpf,
-        );
+    // SAFETY: `entry` points to a live map value, updated only by `update`.
+    if unsafe { update(entry, dir, segs, p, now, LOCK_SPINS, &Bpf) } == Updated::Contended {
+        bump(&CONN_STATS, CONN_STATS_CONTENDED);
     }
 }
 

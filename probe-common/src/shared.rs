@@ -1,0 +1,103 @@
+//! One packet's update of a [`FlowEntry`] that several CPUs share (the
+//! kernel's connection map: tc ingress and egress, and ingress on several
+//! CPUs when veth or RPS spread a flow).
+//!
+//! The update takes the entry's own lock word with a compare-exchange, then
+//! runs the plain tracker and plain counter adds, the very code replay runs,
+//! and releases it with an exchange. That makes each packet's decision and
+//! counts one indivisible step, whatever the interleaving, and is cheaper
+//! than an atomic per field. A BPF program cannot sleep or be preempted by
+//! another tc program on its CPU, so the lock is held for a few dozen
+//! instructions; a CPU that still finds it taken after `spins` tries (it
+//! cannot happen in the kernel short of a stalled CPU) falls back to the
+//! lock-free variants ([`track_shared`], [`DirCounters::record_shared`]) and
+//! says so, so that the caller can count it.
+
+use crate::parse::Parsed;
+use crate::tcp::{track, track_shared, Segment, TcpDir};
+use crate::wire::{Atomics, DirCounters, FlowEntry, L4Proto};
+
+/// How [`update`] went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Updated {
+    /// Under the entry's lock: exact.
+    Locked,
+    /// The lock stayed taken: lock-free fallback, exact for counters and
+    /// for `snd_max`, best effort for the reordering hole.
+    Contended,
+}
+
+/// Records one packet (or GSO super-packet of `segs` segments) travelling
+/// in direction `dir` (0 or 1, as in [`crate::ConnKey::of`]) at `now_ns`.
+///
+/// # Safety
+/// `e` must point to a live `FlowEntry`, 8-byte aligned, that other writers
+/// update only through this function.
+#[inline(always)]
+pub unsafe fn update<A: Atomics>(
+    e: *mut FlowEntry,
+    dir: usize,
+    segs: u32,
+    p: &Parsed,
+    now_ns: u64,
+    spins: u32,
+    a: &A,
+) -> Updated {
+    let dir = dir & 1;
+    let is_tcp = p.key.proto == L4Proto::Tcp as u8;
+    let seg = Segment {
+        hdr: p.tcp,
+        payload_len: p.payload_len,
+    };
+    // SAFETY: caller's contract.
+    let lock = unsafe { &raw mut (*e).lock };
+    let mut locked = false;
+    for _ in 0..spins {
+        // SAFETY: as above.
+        if unsafe { a.cas_u32(lock, 0, 1) } == 0 {
+            locked = true;
+            break;
+        }
+    }
+    if locked {
+        // SAFETY: we hold the entry's lock; every other writer takes it too
+        // (or is a fallback, see the module comment).
+        unsafe {
+            let e = &mut *e;
+            e.last_seen_ns = now_ns;
+            let verdict = if is_tcp {
+                e.note_syn(dir, p.tcp.flags);
+                let [t0, t1] = &mut e.tcp;
+                let (d, r) = if dir == 0 { (t0, t1) } else { (t1, t0) };
+                Some(track(&seg, d, r))
+            } else {
+                None
+            };
+            e.counters[dir].record(segs, p.payload_len, p.l3_len, verdict.as_ref());
+            a.xchg_u32(lock, 0);
+        }
+        return Updated::Locked;
+    }
+    // SAFETY: caller's contract; every shared field is updated atomically
+    // or by a single aligned store any writer may win (timestamp, initiator).
+    unsafe {
+        core::ptr::write_volatile(&raw mut (*e).last_seen_ns, now_ns);
+        let verdict = if is_tcp {
+            (*e).note_syn(dir, p.tcp.flags);
+            let tcp = (&raw mut (*e).tcp).cast::<TcpDir>();
+            Some(track_shared(&seg, tcp.add(dir), tcp.add(1 - dir), a))
+        } else {
+            None
+        };
+        let counters = (&raw mut (*e).counters).cast::<DirCounters>();
+        DirCounters::record_shared(
+            counters.add(dir),
+            segs,
+            p.payload_len,
+            p.l3_len,
+            verdict.as_ref(),
+            a,
+        );
+    }
+    Updated::Contended
+}

@@ -2,16 +2,18 @@
 //! kernel's connection map: tc ingress and egress, and ingress on several
 //! CPUs when veth or RPS spread a flow).
 //!
-//! The update takes the entry's own lock word with a compare-exchange, then
-//! runs the plain tracker and plain counter adds, the very code replay runs,
-//! and releases it with an exchange. That makes each packet's decision and
-//! counts one indivisible step, whatever the interleaving, and is cheaper
-//! than an atomic per field. A BPF program cannot sleep or be preempted by
-//! another tc program on its CPU, so the lock is held for a few dozen
-//! instructions; a CPU that still finds it taken after `spins` tries (it
-//! cannot happen in the kernel short of a stalled CPU) falls back to the
-//! lock-free variants ([`track_shared`], [`DirCounters::record_shared`]) and
-//! says so, so that the caller can count it.
+//! The update takes the entry's own lock word with a compare-exchange, runs
+//! the plain tracker, the very code replay runs, adds the counts, and
+//! releases the lock with an exchange. That makes each packet's decision one
+//! indivisible step, whatever the interleaving. A BPF program cannot sleep
+//! or be preempted by another tc program on its CPU, so the lock is held for
+//! a few dozen instructions; but a virtual CPU can be descheduled by its
+//! hypervisor while it holds it. A CPU that still finds the lock taken after
+//! `spins` tries falls back to the lock-free variants ([`track_shared`],
+//! [`DirCounters::record_shared`]) and says so, so that the caller can count
+//! it. Counters are added atomically on both paths, so they stay exact when
+//! the two paths meet; only the tracker's call on that packet is then best
+//! effort.
 
 use crate::parse::Parsed;
 use crate::tcp::{track, track_shared, Segment, TcpDir};
@@ -73,7 +75,18 @@ pub unsafe fn update<A: Atomics>(
             } else {
                 None
             };
-            e.counters[dir].record(segs, p.payload_len, p.l3_len, verdict.as_ref());
+            // Atomic adds even under the lock: a fallback writer (below) may
+            // add to the same counters meanwhile, and a plain
+            // read-modify-write here would overwrite its add.
+            let counters = (&raw mut e.counters).cast::<DirCounters>();
+            DirCounters::record_shared(
+                counters.add(dir),
+                segs,
+                p.payload_len,
+                p.l3_len,
+                verdict.as_ref(),
+                a,
+            );
             a.xchg_u32(lock, 0);
         }
         return Updated::Locked;

@@ -175,9 +175,11 @@ pub fn track(seg: &Segment, d: &mut TcpDir, r: &mut TcpDir) -> Verdict {
     if seq_after(end, d.snd_max) {
         let mut v = Verdict::of(VerdictKind::New);
         if seq_after(d.snd_max, h.seq) {
-            // Repacketised: the head of this segment was sent before.
+            // Repacketised: the head of this segment was sent before, but
+            // for what of it lies in the hole.
             let overlap = d.snd_max.wrapping_sub(h.seq);
-            v.retransmitted_bytes = if overlap < len { overlap } else { len };
+            let overlap = if overlap < len { overlap } else { len };
+            v.retransmitted_bytes = overlap - fill_hole(d, h.seq, overlap);
         } else if seq_after(h.seq, d.snd_max)
             && !(d.has(TcpDir::FLAG_LAST_ZWP) && h.seq == d.snd_max.wrapping_add(1))
         {
@@ -193,30 +195,49 @@ pub fn track(seg: &Segment, d: &mut TcpDir, r: &mut TcpDir) -> Verdict {
         return v;
     }
 
-    if hole_open(d) {
-        let start = hole_start(d);
-        if !seq_after(start, h.seq) && !seq_after(end, d.hole_hi) {
-            // Wholly inside the hole: first seen now. Filling it from its
-            // start shrinks it (closes it when full); a fill further in
-            // leaves it as is (it still covers what is missing before).
-            if h.seq == start {
-                d.hole_lo = end;
-                if end == d.hole_hi {
-                    d.flags &= !TcpDir::FLAG_HOLE;
-                }
-            }
-            return Verdict::of(VerdictKind::New);
-        }
-    } else {
-        // Closed by the peer's ACK (or never open): forget it, so that it
-        // cannot look open again once sequence numbers wrap.
-        d.flags &= !TcpDir::FLAG_HOLE;
+    // At or below snd_max: seen before, but for what lies in the hole.
+    let unseen = fill_hole(d, h.seq, len);
+    if unseen != 0 {
+        let mut v = Verdict::of(VerdictKind::New);
+        v.retransmitted_bytes = len - unseen;
+        return v;
     }
-
     let mut v = Verdict::of(VerdictKind::Retransmit);
     v.retransmitted_bytes = len;
     v.spurious = d.has(TcpDir::FLAG_PEER_ACK) && !seq_after(end, d.peer_ack);
     v
+}
+
+/// How many of the payload bytes `[seq, seq + len)` lie in the open hole
+/// (first seen now). A segment that covers the hole's start moves the start
+/// past it, closing the hole when it reaches the end; one further in leaves
+/// the hole as is (it still covers what is missing before).
+#[inline(always)]
+fn fill_hole(d: &mut TcpDir, seq: u32, len: u32) -> u32 {
+    if !hole_open(d) {
+        // Closed by the peer's ACK (or never open): forget it, so that it
+        // cannot look open again once sequence numbers wrap.
+        d.flags &= !TcpDir::FLAG_HOLE;
+        return 0;
+    }
+    let start = hole_start(d);
+    let data_end = seq.wrapping_add(len);
+    let lo = if seq_after(start, seq) { start } else { seq };
+    let hi = if seq_after(data_end, d.hole_hi) {
+        d.hole_hi
+    } else {
+        data_end
+    };
+    if !seq_after(hi, lo) {
+        return 0;
+    }
+    if lo == start {
+        d.hole_lo = hi;
+        if hi == d.hole_hi {
+            d.flags &= !TcpDir::FLAG_HOLE;
+        }
+    }
+    hi.wrapping_sub(lo)
 }
 
 /// Where the hole begins: its start, or the peer's ACK if that is further

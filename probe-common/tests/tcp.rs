@@ -364,3 +364,17 @@ fn partial_overlap_counts_only_old_bytes() {
         "a segment that brings new data is not a retransmitted segment"
     );
 }
+
+#[test]
+fn a_retransmission_spanning_seen_data_and_the_hole_splits_its_bytes() {
+    let c = check(&[
+        s(A, 100, 0, SYN, 0, W, K::New, 0),
+        s(A, 101, 0, PA, 100, W, K::New, 0),
+        s(A, 301, 0, PA, 100, W, K::New, 0),
+        // 101..301 again in one segment: 101..201 seen, 201..301 not.
+        s(A, 101, 0, PA, 200, W, K::New, 100),
+        // The delayed original of 201..301: now a duplicate.
+        s(A, 201, 0, PA, 100, W, K::Retransmit, 100),
+    ]);
+    assert_eq!(c[A].bytes - c[A].retransmitted_bytes, 300);
+}

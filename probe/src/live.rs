@@ -73,6 +73,9 @@ pub struct Outcome {
     pub map_full: u64,
     /// New connections not counted for another map error.
     pub insert_failed: u64,
+    /// Packets whose connection entry stayed locked by another CPU, so the
+    /// lock-free update ran: counts exact, retransmit call best effort.
+    pub contended: u64,
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -438,5 +441,6 @@ fn collect(ebpf: &Ebpf) -> Result<Outcome> {
         tracked: per_cpu_sum(ebpf, "PARSE_STATS", 0)?,
         map_full: per_cpu_sum(ebpf, "CONN_STATS", 0)?,
         insert_failed: per_cpu_sum(ebpf, "CONN_STATS", 1)? + per_cpu_sum(ebpf, "CONN_STATS", 2)?,
+        contended: per_cpu_sum(ebpf, "CONN_STATS", 3)?,
     })
 }

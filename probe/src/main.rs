@@ -153,6 +153,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     o.map_full
                 );
             }
+            if o.contended > 0 {
+                eprintln!(
+                    "flowprobe: {} packets found their connection entry locked by another CPU (counted without the lock; their retransmit call is best effort)",
+                    o.contended
+                );
+            }
             if o.insert_failed > 0 {
                 eprintln!(
                     "flowprobe: {} packets of new connections were not counted: connection map insert failed",

@@ -1,0 +1,196 @@
+#!/usr/bin/env bash
+# Live tc benchmark: what the probe costs a TCP bulk transfer over a veth.
+#
+#   netns A (iperf3 client) va <==veth, offloads on==> vb (iperf3 server) netns B
+#
+# Interleaved rounds of three modes, the same iperf3 load each time:
+#   none   nothing attached
+#   empty  the empty tc program (tc-baseline) on vb ingress+egress
+#   probe  `flowprobe run --iface vb` in netns B (the real product)
+# and reports medians of: iperf3 throughput (receiver side), in-kernel cost per
+# program run (kernel.bpf_stats_enabled=1: run_time_ns / run_cnt over both
+# hooks), and, for the probe, whether it lost anything: CONN_STATS must stay 0
+# and the data connection's sent.bytes − sent.retransmitted_bytes must equal
+# the bytes iperf3 says it sent.
+#
+# usage (root): bench/tc.sh [ROUNDS]   (default 5; SECS=5 per iperf3 run)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ROUNDS=${1:-${ROUNDS:-5}}
+SECS=${SECS:-5}
+NS_A=fp-bench-a-$$
+NS_B=fp-bench-b-$$
+V4_A=10.232.0.1 V4_B=10.232.0.2
+
+log() { printf 'bench: %s\n' "$*" >&2; }
+die() { log "FAIL: $*"; exit 2; }
+
+[[ $(id -u) -eq 0 ]] || die "must run as root (network namespaces, tc, bpf_stats)"
+for t in ip tc iperf3 bpftool jq awk; do
+    command -v "$t" >/dev/null || die "$t not found (Debian: iproute2 iperf3 bpftool jq gawk)"
+done
+
+log "building flowprobe and the eBPF objects (release)"
+cargo build --release --quiet -p flowprobe
+cargo xtask build-ebpf --release >/dev/null
+FP=target/release/flowprobe
+OBJ=target/ebpf/bpfel-unknown-none/release/probe-ebpf
+BASE=target/ebpf/bpfel-unknown-none/release/tc-baseline
+
+WORK=$(mktemp -d /tmp/flowprobe-bench.XXXXXX)
+OLD_STATS=$(sysctl -n kernel.bpf_stats_enabled)
+SERVER=
+cleanup() {
+    [[ -n $SERVER ]] && kill "$SERVER" 2>/dev/null || true
+    ip netns del "$NS_A" 2>/dev/null || true
+    ip netns del "$NS_B" 2>/dev/null || true
+    sysctl -q -w kernel.bpf_stats_enabled="$OLD_STATS" >/dev/null || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+ip netns add "$NS_A"
+ip netns add "$NS_B"
+ip -n "$NS_A" link add va type veth peer name vb netns "$NS_B"
+for spec in "$NS_A va $V4_A" "$NS_B vb $V4_B"; do
+    read -r ns dev v4 <<<"$spec"
+    ip -n "$ns" link set lo up
+    ip -n "$ns" addr add "$v4/24" dev "$dev"
+    ip -n "$ns" link set "$dev" up
+done
+sysctl -q -w kernel.bpf_stats_enabled=1
+
+ip netns exec "$NS_B" iperf3 -s -B "$V4_B" >/dev/null 2>&1 &
+SERVER=$!
+sleep 0.5
+
+# Prog ids of the filters on vb (both hooks).
+prog_ids() {
+    for dir in ingress egress; do
+        tc -n "$NS_B" filter show dev vb "$dir" | grep -o ' id [0-9]*' | awk '{print $2}'
+    done
+}
+# "run_cnt run_time_ns" summed over the given prog ids.
+prog_cost() {
+    local cnt=0 ns=0 c t
+    for id in "$@"; do
+        read -r c t < <(bpftool prog show id "$id" -j | jq -r '"\(.run_cnt // 0) \(.run_time_ns // 0)"')
+        cnt=$((cnt + c)) ns=$((ns + t))
+    done
+    echo "$cnt $ns"
+}
+# iperf3 from A to B; prints "bits_per_second bytes_sent".
+load() {
+    ip netns exec "$NS_A" iperf3 -c "$V4_B" -t "$SECS" -J >"$WORK/iperf.json" ||
+        die "iperf3 failed: $(jq -r '.error // empty' "$WORK/iperf.json")"
+    jq -r '"\(.end.sum_received.bits_per_second) \(.end.sum_sent.bytes)"' "$WORK/iperf.json"
+}
+
+# The sender's namespace-wide Tcp RetransSegs (/proc/net/snmp).
+retrans_segs() {
+    ip netns exec "$NS_A" awk '/^Tcp:/ { if (h) { print $13; exit } h = 1 }' /proc/net/snmp
+}
+
+RESULTS=$WORK/results # mode round gbps ns_per_run runs
+: >"$RESULTS"
+run_mode() { # mode round
+    local mode=$1 round=$2 ids=() bps sent cnt ns fp_pid
+    case $mode in
+    none) read -r bps sent < <(load) ;;
+    empty)
+        tc -n "$NS_B" qdisc add dev vb clsact
+        tc -n "$NS_B" filter add dev vb ingress bpf da obj "$BASE" sec classifier
+        tc -n "$NS_B" filter add dev vb egress bpf da obj "$BASE" sec classifier
+        mapfile -t ids < <(prog_ids)
+        read -r bps sent < <(load)
+        read -r cnt ns < <(prog_cost "${ids[@]}")
+        tc -n "$NS_B" qdisc del dev vb clsact
+        ;;
+    probe)
+        ip netns exec "$NS_B" "$FP" run --iface vb --ebpf-object "$OBJ" --format json \
+            >"$WORK/probe.json" 2>"$WORK/probe.err" &
+        fp_pid=$!
+        for _ in $(seq 100); do
+            mapfile -t ids < <(prog_ids)
+            [[ ${#ids[@]} -eq 2 ]] && break
+            sleep 0.05
+        done
+        [[ ${#ids[@]} -eq 2 ]] || die "flowprobe did not attach: $(cat "$WORK/probe.err")"
+        local retx0
+        retx0=$(retrans_segs)
+        read -r bps sent < <(load)
+        read -r cnt ns < <(prog_cost "${ids[@]}")
+        KERNEL_RETX=$(($(retrans_segs) - retx0))
+        kill -INT "$fp_pid"
+        wait "$fp_pid" || die "flowprobe run failed: $(cat "$WORK/probe.err")"
+        check_probe "$sent"
+        ;;
+    esac
+    printf '%s %s %s %s %s\n' "$mode" "$round" \
+        "$(awk -v b="$bps" 'BEGIN { printf "%.3f", b / 1e9 }')" \
+        "$( [[ $mode == none ]] && echo - || awk -v n="$ns" -v c="$cnt" 'BEGIN { printf "%.1f", n / c }')" \
+        "${cnt:--}" >>"$RESULTS"
+}
+# Lost nothing: no map event, and the iperf3 data connection (the largest
+# one from A to B's port 5201) carried exactly the bytes iperf3 wrote, plus
+# the 37-byte cookie iperf3 sends first on every data stream and leaves out
+# of its count (COOKIE_SIZE in iperf3's source); its retransmits equal the
+# sender namespace's RetransSegs delta. Mismatches are listed, not fatal, so
+# that the figures still print; the exit status is 1 if there was any.
+MISMATCH=$WORK/mismatch
+: >"$MISMATCH"
+check_probe() { # bytes iperf3 sent
+    if grep -q 'not counted\|locked by another CPU' "$WORK/probe.err"; then
+        echo "round $ROUND: $(grep 'not counted\|locked' "$WORK/probe.err")" >>"$MISMATCH"
+    fi
+    local counted retx
+    read -r counted retx < <(jq -sr --arg a "$V4_A" --arg b "$V4_B" \
+        '[.[] | select(.src == $a and .dst == $b and .dport == 5201)]
+         | max_by(.sent.bytes) | "\(.sent.bytes - .sent.retransmitted_bytes) \(.sent.retransmits)"' \
+        "$WORK/probe.json")
+    if [[ $counted != $(($1 + 37)) || $retx != "$KERNEL_RETX" ]]; then
+        echo "round $ROUND: new bytes $counted vs iperf3 $1 + 37 ($((counted - $1 - 37))), retransmits $retx vs RetransSegs $KERNEL_RETX" >>"$MISMATCH"
+    fi
+}
+
+log "$ROUNDS rounds x (none, empty, probe), iperf3 -t $SECS each"
+run_mode none 0 # warm-up, discarded
+: >"$RESULTS"
+for r in $(seq "$ROUNDS"); do
+    # Rotate the order so that no mode always follows the same one.
+    case $((r % 3)) in
+    0) order="none empty probe" ;;
+    1) order="empty probe none" ;;
+    2) order="probe none empty" ;;
+    esac
+    ROUND=$r
+    for m in $order; do run_mode "$m" "$r"; done
+    log "round $r/$ROUNDS done"
+done
+
+median() { sort -g | awk '{ a[NR] = $1 } END { if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
+col() { awk -v m="$1" -v c="$2" '$1 == m { print $c }' "$RESULTS"; }
+G_NONE=$(col none 3 | median)
+G_EMPTY=$(col empty 3 | median)
+G_PROBE=$(col probe 3 | median)
+C_EMPTY=$(col empty 4 | median)
+C_PROBE=$(col probe 4 | median)
+
+echo
+echo "per-round results (mode round Gbit/s ns/run runs):"
+sort -k2n -k1 "$RESULTS" | sed 's/^/  /'
+echo
+printf '%-6s %10s %10s %12s\n' mode Gbit/s vs_none ns/run
+printf '%-6s %10s %10s %12s\n' none "$G_NONE" 1.000 -
+printf '%-6s %10s %10s %12s\n' empty "$G_EMPTY" "$(awk -v a="$G_EMPTY" -v b="$G_NONE" 'BEGIN { printf "%.3f", a / b }')" "$C_EMPTY"
+printf '%-6s %10s %10s %12s\n' probe "$G_PROBE" "$(awk -v a="$G_PROBE" -v b="$G_NONE" 'BEGIN { printf "%.3f", a / b }')" "$C_PROBE"
+echo
+echo "probe/empty in-kernel cost per run (median of per-round ratios):"
+paste <(col probe 4) <(col empty 4) | awk '{ print $1 / $2 }' | median | awk '{ printf "  %.2fx\n", $1 }'
+if [[ -s $MISMATCH ]]; then
+    echo "probe counts that differ from the ground truth:"
+    sed 's/^/  /' "$MISMATCH"
+    exit 1
+fi
+echo "probe exact in every round: new payload bytes == iperf3's bytes + 37, retransmits == RetransSegs, no map events"

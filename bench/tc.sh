@@ -80,11 +80,11 @@ prog_cost() {
     done
     echo "$cnt $ns"
 }
-# iperf3 from A to B; prints "bits_per_second bytes_sent".
+# iperf3 from A to B; prints "bits_per_second bytes_sent bytes_received".
 load() {
     ip netns exec "$NS_A" iperf3 -c "$V4_B" -t "$SECS" -J >"$WORK/iperf.json" ||
         die "iperf3 failed: $(jq -r '.error // empty' "$WORK/iperf.json")"
-    jq -r '"\(.end.sum_received.bits_per_second) \(.end.sum_sent.bytes)"' "$WORK/iperf.json"
+    jq -r '"\(.end.sum_received.bits_per_second) \(.end.sum_sent.bytes) \(.end.sum_received.bytes)"' "$WORK/iperf.json"
 }
 
 # The sender's namespace-wide Tcp RetransSegs (/proc/net/snmp).
@@ -95,15 +95,15 @@ retrans_segs() {
 RESULTS=$WORK/results # mode round gbps ns_per_run runs
 : >"$RESULTS"
 run_mode() { # mode round
-    local mode=$1 round=$2 ids=() bps sent cnt ns fp_pid
+    local mode=$1 round=$2 ids=() bps sent recvd cnt ns fp_pid
     case $mode in
-    none) read -r bps sent < <(load) ;;
+    none) read -r bps sent recvd < <(load) ;;
     empty)
         tc -n "$NS_B" qdisc add dev vb clsact
         tc -n "$NS_B" filter add dev vb ingress bpf da obj "$BASE" sec classifier
         tc -n "$NS_B" filter add dev vb egress bpf da obj "$BASE" sec classifier
         mapfile -t ids < <(prog_ids)
-        read -r bps sent < <(load)
+        read -r bps sent recvd < <(load)
         read -r cnt ns < <(prog_cost "${ids[@]}")
         tc -n "$NS_B" qdisc del dev vb clsact
         ;;
@@ -119,12 +119,12 @@ run_mode() { # mode round
         [[ ${#ids[@]} -eq 2 ]] || die "flowprobe did not attach: $(cat "$WORK/probe.err")"
         local retx0
         retx0=$(retrans_segs)
-        read -r bps sent < <(load)
+        read -r bps sent recvd < <(load)
         read -r cnt ns < <(prog_cost "${ids[@]}")
         KERNEL_RETX=$(($(retrans_segs) - retx0))
         kill -INT "$fp_pid"
         wait "$fp_pid" || die "flowprobe run failed: $(cat "$WORK/probe.err")"
-        check_probe "$sent"
+        check_probe "$sent" "$recvd"
         ;;
     esac
     printf '%s %s %s %s %s\n' "$mode" "$round" \
@@ -132,15 +132,19 @@ run_mode() { # mode round
         "$( [[ $mode == none ]] && echo - || awk -v n="$ns" -v c="$cnt" 'BEGIN { printf "%.1f", n / c }')" \
         "${cnt:--}" >>"$RESULTS"
 }
-# Lost nothing: no map event, and the iperf3 data connection (the largest
-# one from A to B's port 5201) carried exactly the bytes iperf3 wrote, plus
-# the 37-byte cookie iperf3 sends first on every data stream and leaves out
-# of its count (COOKIE_SIZE in iperf3's source); its retransmits equal the
-# sender namespace's RetransSegs delta. Mismatches are listed, not fatal, so
-# that the figures still print; the exit status is 1 if there was any.
+# Lost nothing: no map event, and on the iperf3 data connection (the
+# largest one from A to B's port 5201) the retransmits equal the sender
+# namespace's RetransSegs delta, and the new payload bytes (minus the 37-byte
+# cookie iperf3 sends first and leaves out of its counts) lie between what
+# the server read and what the client wrote: with -t, iperf3 closes the
+# sockets at the end of the test and what is still in the client's send
+# buffer then never reaches the wire, so neither figure is the exact truth
+# (tests/live_tc.rs holds bytes to TCP_INFO exactly). Mismatches are listed,
+# not fatal, so that the figures still print; the exit status is 1 if there
+# was any.
 MISMATCH=$WORK/mismatch
 : >"$MISMATCH"
-check_probe() { # bytes iperf3 sent
+check_probe() { # bytes the client wrote, bytes the server read
     if grep -q 'not counted\|locked by another CPU' "$WORK/probe.err"; then
         echo "round $ROUND: $(grep 'not counted\|locked' "$WORK/probe.err")" >>"$MISMATCH"
     fi
@@ -149,8 +153,9 @@ check_probe() { # bytes iperf3 sent
         '[.[] | select(.src == $a and .dst == $b and .dport == 5201)]
          | max_by(.sent.bytes) | "\(.sent.bytes - .sent.retransmitted_bytes) \(.sent.retransmits)"' \
         "$WORK/probe.json")
-    if [[ $counted != $(($1 + 37)) || $retx != "$KERNEL_RETX" ]]; then
-        echo "round $ROUND: new bytes $counted vs iperf3 $1 + 37 ($((counted - $1 - 37))), retransmits $retx vs RetransSegs $KERNEL_RETX" >>"$MISMATCH"
+    counted=$((counted - 37))
+    if ((counted < $2 || counted > $1)) || [[ $retx != "$KERNEL_RETX" ]]; then
+        echo "round $ROUND: new bytes $counted, iperf3 read $2 and wrote $1; retransmits $retx vs RetransSegs $KERNEL_RETX" >>"$MISMATCH"
     fi
 }
 
@@ -193,4 +198,4 @@ if [[ -s $MISMATCH ]]; then
     sed 's/^/  /' "$MISMATCH"
     exit 1
 fi
-echo "probe exact in every round: new payload bytes == iperf3's bytes + 37, retransmits == RetransSegs, no map events"
+echo "probe exact in every round: retransmits == RetransSegs, new payload bytes within what iperf3 read and wrote, no map events or contention"

@@ -704,8 +704,8 @@ fn next_run_removes_what_a_killed_run_left() {
     assert!(q.contains("clsact"), "the other clsact is gone: {q}");
 }
 
-/// Runs everywhere: without root, or without the eBPF object, `run` says in
-/// one line what is missing (and never touches an interface).
+/// Runs everywhere: without root, or with an object that is not there, `run`
+/// says in one line what is missing (and never touches an interface).
 #[test]
 fn run_explains_what_is_missing() {
     let out = common::flowprobe(&[
@@ -722,7 +722,7 @@ fn run_explains_what_is_missing() {
     assert_eq!(err.lines().count(), 1, "{err}");
     // SAFETY: no preconditions.
     if unsafe { libc::geteuid() } == 0 {
-        assert!(err.contains("cargo xtask build-ebpf --release"), "{err}");
+        assert!(err.contains("reading /nonexistent/probe-ebpf"), "{err}");
     } else {
         assert!(err.contains("needs root"), "{err}");
     }

@@ -9,14 +9,12 @@
 //! or be preempted by another tc program on its CPU, so the lock is held for
 //! a few dozen instructions; but a virtual CPU can be descheduled by its
 //! hypervisor while it holds it. A CPU that still finds the lock taken after
-//! `spins` tries falls back to the lock-free variants ([`track_shared`],
-//! [`DirCounters::record_shared`]) and says so, so that the caller can count
-//! it. Counters are added atomically on both paths, so they stay exact when
-//! the two paths meet; only the tracker's call on that packet is then best
-//! effort.
+//! `spins` tries counts the packet without the tracker and says so, so that
+//! the caller can count that. Counters are added atomically on both paths, so they stay exact when
+//! the two paths meet; only the tracker's call on that packet is lost.
 
 use crate::parse::Parsed;
-use crate::tcp::{track, track_shared, Segment, TcpDir};
+use crate::tcp::{track, Segment};
 use crate::wire::{Atomics, DirCounters, FlowEntry, L4Proto};
 
 /// How [`update`] went.
@@ -24,8 +22,8 @@ use crate::wire::{Atomics, DirCounters, FlowEntry, L4Proto};
 pub enum Updated {
     /// Under the entry's lock: exact.
     Locked,
-    /// The lock stayed taken: lock-free fallback, exact for counters and
-    /// for `snd_max`, best effort for the reordering hole.
+    /// The lock stayed taken: packets and bytes counted, but not the
+    /// tracker's verdict (a retransmission counts as new data).
     Contended,
 }
 
@@ -91,26 +89,14 @@ pub unsafe fn update<A: Atomics>(
         }
         return Updated::Locked;
     }
-    // SAFETY: caller's contract; every shared field is updated atomically
-    // or by a single aligned store any writer may win (timestamp, initiator).
+    // The lock stayed taken: count the packet, atomically, without a
+    // tracker verdict (the sequence state belongs to the lock holder).
+    // SAFETY: caller's contract; the counters are only ever added to
+    // atomically, and the timestamp is one aligned store any writer may win.
     unsafe {
         core::ptr::write_volatile(&raw mut (*e).last_seen_ns, now_ns);
-        let verdict = if is_tcp {
-            (*e).note_syn(dir, p.tcp.flags);
-            let tcp = (&raw mut (*e).tcp).cast::<TcpDir>();
-            Some(track_shared(&seg, tcp.add(dir), tcp.add(1 - dir), a))
-        } else {
-            None
-        };
         let counters = (&raw mut (*e).counters).cast::<DirCounters>();
-        DirCounters::record_shared(
-            counters.add(dir),
-            segs,
-            p.payload_len,
-            p.l3_len,
-            verdict.as_ref(),
-            a,
-        );
+        DirCounters::record_shared(counters.add(dir), segs, p.payload_len, p.l3_len, None, a);
     }
     Updated::Contended
 }

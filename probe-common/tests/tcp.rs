@@ -4,8 +4,9 @@
 //! the tracker must give it. Direction 0 is the client (A), 1 the server (B).
 
 use probe_common::parse::{tcp_flags as f, TcpHeader};
-use probe_common::tcp::{seq_after, track, track_shared, Segment, TcpDir, VerdictKind as K};
-use probe_common::{DirCounters, Plain, Verdict};
+use probe_common::shared::{update, Updated};
+use probe_common::tcp::{seq_after, track, Segment, TcpDir, VerdictKind as K};
+use probe_common::{DirCounters, FlowEntry, FlowKey, L4Proto, Parsed, Plain, Verdict};
 
 const A: usize = 0;
 const B: usize = 1;
@@ -49,10 +50,9 @@ fn s(
 fn check(steps: &[Step]) -> [DirCounters; 2] {
     let mut st = [TcpDir::default(); 2];
     let mut c = [DirCounters::default(); 2];
-    // The kernel's variant (snapshot, decide, compare-exchange commit) runs
-    // beside and must agree step by step.
-    let mut shared = [TcpDir::default(); 2];
-    let mut shared_c = [DirCounters::default(); 2];
+    // The kernel's variant (`shared::update` on a map value) runs beside and
+    // must agree step by step.
+    let mut entry = FlowEntry::default();
     for (i, step) in steps.iter().enumerate() {
         let seg = Segment {
             hdr: TcpHeader {
@@ -77,25 +77,23 @@ fn check(steps: &[Step]) -> [DirCounters; 2] {
         );
         c[step.dir].record(1, step.len, step.len + 40, Some(&v));
 
-        let base = shared.as_mut_ptr();
-        // SAFETY: both pointers are elements of a live local array.
-        let vs = unsafe {
-            let (d, r) = (base.add(step.dir), base.add(1 - step.dir));
-            let vs = track_shared(&seg, d, r, &Plain);
-            DirCounters::record_shared(
-                &raw mut shared_c[step.dir],
-                1,
-                step.len,
-                step.len + 40,
-                Some(&vs),
-                &Plain,
-            );
-            vs
+        let p = Parsed {
+            key: FlowKey {
+                proto: L4Proto::Tcp as u8,
+                ..FlowKey::default()
+            },
+            l3_len: step.len + 40,
+            payload_len: step.len,
+            l3_offset: 0,
+            tcp: seg.hdr,
         };
-        assert_eq!(vs, v, "step {i}: track_shared disagrees with track");
-        assert_eq!(shared, st, "step {i}: track_shared state differs");
+        // SAFETY: a live local, no other writer.
+        let how = unsafe { update(&raw mut entry, step.dir, 1, &p, 0, 1, &Plain) };
+        assert_eq!(how, Updated::Locked);
+        assert_eq!(entry.tcp, st, "step {i}: shared::update state differs");
+        assert_eq!(entry.lock, 0, "step {i}: lock not released");
     }
-    assert_eq!(shared_c, c, "record_shared differs from record");
+    assert_eq!(entry.counters, c, "shared::update counts differ");
     c
 }
 

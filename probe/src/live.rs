@@ -16,7 +16,7 @@
 //! filters and qdisc went with it). What a killed run left is removed at
 //! start ([`stale`]).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -26,15 +26,14 @@ use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
 use aya::programs::tc::{NlOptions, TcAttachOptions};
 use aya::programs::{tc, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader, Pod};
-use flowtable::{sort_connections, Connection};
+use flowtable::{sort_connections, Connection, FrameStats};
+use probe_common::ParseError;
 use probe_common::{ConnKey, FlowEntry};
 
-/// Where `cargo xtask build-ebpf --release` leaves the object, in this
-/// source tree.
-const DEFAULT_OBJECT: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../target/ebpf/bpfel-unknown-none/release/probe-ebpf"
-);
+/// The tc program, built and embedded by `build.rs`; empty when it could
+/// not be built, and then [`MISSING`] says why.
+static EMBEDDED: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/probe-ebpf.o"));
+const MISSING: &str = env!("FLOWPROBE_EBPF_MISSING");
 const PROGRAM: &str = "flowprobe_tc";
 
 /// `ConnKey` as a map key for aya (the orphan rule keeps `Pod` off the
@@ -67,8 +66,8 @@ pub struct Options {
 /// What a run saw, for the summary line.
 pub struct Outcome {
     pub conns: Vec<Connection>,
-    /// Packets the program parsed into a connection update.
-    pub tracked: u64,
+    /// Packets the program saw: tracked, or skipped by reason.
+    pub stats: FrameStats,
     /// New connections not counted because the map was full.
     pub map_full: u64,
     /// New connections not counted for another map error.
@@ -170,18 +169,18 @@ pub fn run(opts: &Options, on_snapshot: &mut dyn FnMut(&Outcome) -> Result<()>) 
              and attach it to interfaces; run it with sudo"
         );
     }
-    let object = opts
-        .ebpf_object
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_OBJECT));
-    if !object.is_file() {
-        bail!(
-            "no eBPF object at {}: build it with `cargo xtask build-ebpf --release` \
-             (needs the nightly toolchain: scripts/setup-ebpf-toolchain.sh), or pass --ebpf-object",
-            object.display()
-        );
-    }
-    let mut ebpf = load(&object, opts.max_conns)?;
+    let (bytes, origin) = match &opts.ebpf_object {
+        Some(path) => (
+            std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
+            path.display().to_string(),
+        ),
+        None if EMBEDDED.is_empty() => bail!(
+            "this flowprobe has no eBPF program for live capture: {MISSING} \
+             (or pass --ebpf-object; replay works without it)"
+        ),
+        None => (EMBEDDED.to_vec(), "the embedded eBPF program".to_owned()),
+    };
+    let mut ebpf = load(&bytes, &origin, opts.max_conns)?;
     install_signal_handlers()?;
 
     // Subscribe before the dump, so that no link change falls between.
@@ -287,14 +286,14 @@ fn follow(
     Ok(())
 }
 
-fn load(object: &Path, max_conns: u32) -> Result<Ebpf> {
+fn load(object: &[u8], origin: &str, max_conns: u32) -> Result<Ebpf> {
     let mut ebpf = EbpfLoader::new()
         .map_max_entries("CONNS", max_conns)
-        .load_file(object)
-        .with_context(|| format!("loading {}", object.display()))?;
+        .load(object)
+        .with_context(|| format!("loading {origin}"))?;
     let prog: &mut SchedClassifier = ebpf
         .program_mut(PROGRAM)
-        .with_context(|| format!("{} has no program {PROGRAM}", object.display()))?
+        .with_context(|| format!("{origin} has no program {PROGRAM}"))?
         .try_into()?;
     prog.load()
         .with_context(|| format!("the kernel rejected {PROGRAM}"))?;
@@ -424,6 +423,19 @@ fn per_cpu_sum(ebpf: &Ebpf, map: &str, idx: u32) -> Result<u64> {
     Ok(m.get(&idx, 0)?.iter().sum())
 }
 
+/// `PARSE_STATS`: index 0 tracked, `e as u32 + 1` skipped for `e`.
+fn parse_stats(ebpf: &Ebpf) -> Result<FrameStats> {
+    let mut s = FrameStats {
+        tracked: per_cpu_sum(ebpf, "PARSE_STATS", 0)?,
+        ..FrameStats::default()
+    };
+    for e in ParseError::ALL {
+        s.skipped[e as usize] = per_cpu_sum(ebpf, "PARSE_STATS", e as u32 + 1)?;
+    }
+    s.frames = s.tracked + s.skipped.iter().sum::<u64>();
+    Ok(s)
+}
+
 fn collect(ebpf: &Ebpf) -> Result<Outcome> {
     let conns_map: BpfHashMap<&MapData, Key, Entry> = BpfHashMap::try_from(
         ebpf.map("CONNS")
@@ -438,7 +450,7 @@ fn collect(ebpf: &Ebpf) -> Result<Outcome> {
     sort_connections(&mut conns);
     Ok(Outcome {
         conns,
-        tracked: per_cpu_sum(ebpf, "PARSE_STATS", 0)?,
+        stats: parse_stats(ebpf)?,
         map_full: per_cpu_sum(ebpf, "CONN_STATS", 0)?,
         insert_failed: per_cpu_sum(ebpf, "CONN_STATS", 1)? + per_cpu_sum(ebpf, "CONN_STATS", 2)?,
         contended: per_cpu_sum(ebpf, "CONN_STATS", 3)?,

@@ -68,9 +68,9 @@ enum Cmd {
         /// Output format.
         #[arg(short, long, value_enum, default_value_t = Format::Table)]
         format: Format,
-        /// The eBPF object (default: this source tree's
-        /// target/ebpf/bpfel-unknown-none/release/probe-ebpf, built by
-        /// `cargo xtask build-ebpf --release`).
+        /// Load this eBPF object instead of the one built into flowprobe
+        /// (for example target/ebpf/bpfel-unknown-none/release/probe-ebpf
+        /// from `cargo xtask build-ebpf --release`).
         #[arg(long, value_name = "PATH")]
         ebpf_object: Option<PathBuf>,
         /// Capacity of the kernel's connection map.
@@ -140,12 +140,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             output::write(&mut out, format, &o.conns)?;
             out.flush()?;
             if !quiet {
-                let n = o.conns.len();
-                eprintln!(
-                    "flowprobe: {n} connection{}, {} packets tracked",
-                    if n == 1 { "" } else { "s" },
-                    o.tracked
-                );
+                eprintln!("flowprobe: {}", output::summary(o.conns.len(), &o.stats));
             }
             if o.map_full > 0 {
                 eprintln!(

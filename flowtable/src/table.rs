@@ -155,7 +155,12 @@ impl Connection {
             dport,
             iface: k.iface,
             first_seen: e.first_seen_ns.wrapping_add(clock_offset_ns),
-            last_seen: e.last_seen_ns.wrapping_add(clock_offset_ns),
+            // Live, last_seen comes from the kernel's coarse clock (the last
+            // tick), which can lag the precise first_seen of a new entry.
+            last_seen: e
+                .last_seen_ns
+                .max(e.first_seen_ns)
+                .wrapping_add(clock_offset_ns),
             sent: DirStats::from(&e.counters[initiator]),
             received: DirStats::from(&e.counters[1 - initiator]),
         }
@@ -331,10 +336,11 @@ mod tests {
         assert_eq!((conns.len(), conns[0].sent.retransmits), (1, 1));
     }
 
-    /// What the kernel program does per packet (probe-ebpf `track_conn`),
-    /// with plain memory instead of BPF atomics.
+    /// What the kernel program does per packet (probe-ebpf `track_conn`):
+    /// `FlowEntry::new` for a new key, then `shared::update`, with plain
+    /// memory instead of BPF atomics.
     fn kernel_like(pkts: &[Parsed]) -> Vec<Connection> {
-        use probe_common::tcp::track_shared;
+        use probe_common::shared::{update, Updated};
         use probe_common::Plain;
         let mut map: FxHashMap<ConnKey, FlowEntry> = FxHashMap::default();
         for (i, p) in pkts.iter().enumerate() {
@@ -344,20 +350,9 @@ mod tests {
             let e = map
                 .entry(key)
                 .or_insert_with(|| FlowEntry::new(ts, dir, &key, is_tcp.then_some(p.tcp.flags)));
-            e.last_seen_ns = ts;
-            let v = if is_tcp {
-                e.note_syn(dir, p.tcp.flags);
-                let seg = Segment {
-                    hdr: p.tcp,
-                    payload_len: p.payload_len,
-                };
-                let t = e.tcp.as_mut_ptr();
-                // SAFETY: elements of a live array.
-                Some(unsafe { track_shared(&seg, t.add(dir), t.add(1 - dir), &Plain) })
-            } else {
-                None
-            };
-            e.counters[dir].record(1, p.payload_len, p.l3_len, v.as_ref());
+            // SAFETY: a live map value, no other writer.
+            let how = unsafe { update(e, dir, 1, p, ts, 1, &Plain) };
+            assert_eq!(how, Updated::Locked);
         }
         let mut out: Vec<Connection> = map
             .iter()

@@ -80,7 +80,7 @@ pub(crate) fn ip(family: u8, a: &[u8; 16]) -> IpAddr {
 
 /// Nanoseconds since the Unix epoch as RFC 3339 UTC with nanoseconds:
 /// exact (a JSON float is not) and sortable as text.
-fn rfc3339<S: Serializer>(ns: &u64, s: S) -> Result<S::Ok, S::Error> {
+pub(crate) fn rfc3339<S: Serializer>(ns: &u64, s: S) -> Result<S::Ok, S::Error> {
     let t = UNIX_EPOCH + Duration::from_nanos(*ns);
     s.collect_str(&humantime::format_rfc3339_nanos(t))
 }

@@ -6,6 +6,7 @@
 //! byte-for-byte the same output every time.
 
 mod conn;
+pub mod query;
 mod rtt;
 mod stats;
 mod table;

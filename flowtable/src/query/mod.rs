@@ -120,7 +120,8 @@ pub struct QuerySpec {
     pub filter: Filter,
     pub sort: Sort,
     pub top: Option<usize>,
-    pub window: Window,
+    /// `None`: no window; `..` is the whole capture.
+    pub window: Option<Window>,
     pub raw_ports: bool,
 }
 
@@ -134,7 +135,7 @@ impl Default for QuerySpec {
             filter: Filter::default(),
             sort: Sort::default(),
             top: None,
-            window: Window::default(),
+            window: None,
             raw_ports: false,
         }
     }
@@ -161,7 +162,7 @@ impl QuerySpec {
             t => t,
         };
         if let Some(w) = &a.window {
-            q.window = w.parse()?;
+            q.window = Some(w.parse()?);
         }
         q.raw_ports = a.raw_ports;
         Ok(q)
@@ -172,10 +173,9 @@ impl QuerySpec {
     /// the last packet at the latest.
     pub fn run(&self, conns: &[Connection], origin_ns: u64) -> QueryResult {
         let last = conns.iter().map(|c| c.last_seen).max().unwrap_or(origin_ns);
-        let window = (self.window != Window::default()).then(|| {
-            let start = origin_ns.saturating_add(self.window.start_ns.unwrap_or(0));
-            let end = self
-                .window
+        let window = self.window.map(|w| {
+            let start = origin_ns.saturating_add(w.start_ns.unwrap_or(0));
+            let end = w
                 .end_ns
                 .map_or(last, |e| origin_ns.saturating_add(e).min(last));
             (start, end.max(start))
@@ -647,6 +647,10 @@ mod tests {
         let r = run("6..");
         assert_eq!(r.window, Some((7 * s, 8 * s)));
         assert_eq!(r.rows[0].bandwidth(), Some(3010.0));
+        // `..` is the whole capture, 1 s .. 8 s.
+        let r = run("..");
+        assert_eq!(r.window, Some((s, 8 * s)));
+        assert_eq!(r.rows[0].bandwidth(), Some(4610.0 / 7.0));
         // Without a window: the rows' own span.
         let r = QuerySpec::parse(&args("", "")).unwrap().run(&c, 0);
         assert_eq!(r.rows[0].span_ns, 7 * s);

@@ -59,6 +59,8 @@ pub enum TagError {
     BadPrefix { key: String },
     #[error("tag key `{key}`: only letters, digits, `_`, `-`, `.` and `:` may form a key")]
     BadChar { key: String },
+    #[error("tag key `{key}` is given twice")]
+    Twice { key: String },
 }
 
 impl FromStr for TagKey {
@@ -110,7 +112,17 @@ pub fn parse_keys(s: &str) -> Result<Vec<TagKey>, TagError> {
     if s.trim().is_empty() {
         return Ok(Vec::new());
     }
-    s.split(',').map(|k| k.trim().parse()).collect()
+    let keys: Vec<TagKey> = s
+        .split(',')
+        .map(|k| k.trim().parse())
+        .collect::<Result<_, _>>()?;
+    // A row names its values by key, so each key may appear once.
+    for (i, k) in keys.iter().enumerate() {
+        if keys[..i].contains(k) {
+            return Err(TagError::Twice { key: k.to_string() });
+        }
+    }
+    Ok(keys)
 }
 
 /// An IPv4 or IPv6 network: an address and a prefix length.
@@ -215,6 +227,10 @@ mod tests {
             "tag key `ip/129`: the prefix length must be 0 to 128 (as in ip/24)"
         );
         assert!(matches!(parse_keys("ip,,port"), Err(TagError::Empty)));
+        assert_eq!(
+            parse_keys("ip,port,ip").unwrap_err().to_string(),
+            "tag key `ip` is given twice"
+        );
         assert!(matches!(
             "a b".parse::<TagKey>(),
             Err(TagError::BadChar { .. })

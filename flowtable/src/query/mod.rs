@@ -208,19 +208,20 @@ impl QuerySpec {
                 .add(c);
         }
 
-        let mut rows: Vec<Row> = groups.into_values().collect();
-        for r in &mut rows {
-            r.finish(window);
-        }
         let sort = self.sort;
-        rows.sort_by(|a, b| {
-            cmp_metric(
-                a.metric(sort.metric),
-                b.metric(sort.metric),
-                sort.descending,
-            )
-            .then_with(|| (&a.src, &a.dst).cmp(&(&b.src, &b.dst)))
+        // Each key once: RTT percentiles walk a histogram.
+        let mut keyed: Vec<(Option<f64>, Row)> = groups
+            .into_values()
+            .map(|mut r| {
+                r.finish(window);
+                (r.metric(sort.metric), r)
+            })
+            .collect();
+        keyed.sort_by(|(ka, a), (kb, b)| {
+            cmp_metric(*ka, *kb, sort.descending)
+                .then_with(|| (&a.src, &a.dst).cmp(&(&b.src, &b.dst)))
         });
+        let mut rows: Vec<Row> = keyed.into_iter().map(|(_, r)| r).collect();
         if let Some(n) = self.top {
             if rows.len() > n {
                 let rest = rows.split_off(n);

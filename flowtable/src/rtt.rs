@@ -35,50 +35,99 @@ pub(crate) fn new_histogram() -> Histogram<u64> {
     Histogram::new(SIGFIG).expect("2 significant digits are within hdrhistogram's range")
 }
 
+/// Samples a leg keeps inline before it needs a histogram: most
+/// connections are short, and a histogram costs kilobytes.
+const INLINE: usize = 8;
+
+/// Microseconds; a sample beyond `u32::MAX` µs (71 minutes) is kept as that.
+#[derive(Clone, Debug, PartialEq)]
+enum Samples {
+    Few { len: u8, v: [u32; INLINE] },
+    Many(Box<Histogram<u64>>),
+}
+
+impl Default for Samples {
+    fn default() -> Samples {
+        Samples::Few {
+            len: 0,
+            v: [0; INLINE],
+        }
+    }
+}
+
+/// Records into an auto-resizing histogram. `record` grows it and fails
+/// only beyond i64::MAX / 2, where clamping is harmless
+/// (`saturating_record` alone would never grow it).
+fn record(h: &mut Histogram<u64>, v: u64) {
+    if h.record(v).is_err() {
+        h.saturating_record(v);
+    }
+}
+
 /// The RTT samples of one leg.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct RttLeg {
     /// The first sample, when it timed a SYN or SYN/ACK (handshake RTT).
     pub handshake_us: Option<u64>,
     /// Exact largest sample.
     pub max_us: u64,
-    /// Every sample, the handshake included. `None` until the first one.
-    pub hist: Option<Histogram<u64>>,
+    count: u64,
+    samples: Samples,
 }
 
-impl PartialEq for RttLeg {
-    fn eq(&self, o: &RttLeg) -> bool {
-        self.handshake_us == o.handshake_us && self.max_us == o.max_us && self.hist == o.hist
-    }
-}
 impl Eq for RttLeg {}
 
 impl RttLeg {
+    /// Number of samples, the handshake included.
     pub fn samples(&self) -> u64 {
-        self.hist.as_ref().map_or(0, |h| h.len())
+        self.count
     }
 
     fn record(&mut self, us: u64, handshake: bool) {
-        if handshake && self.samples() == 0 {
+        if handshake && self.count == 0 {
             self.handshake_us = Some(us);
         }
         self.max_us = self.max_us.max(us);
-        let h = self.hist.get_or_insert_with(new_histogram);
-        // `record` grows the histogram; it fails only beyond i64::MAX / 2 µs,
-        // where clamping is harmless. (`saturating_record` never grows.)
-        if h.record(us).is_err() {
-            h.saturating_record(us);
+        self.count += 1;
+        match &mut self.samples {
+            Samples::Few { len, v } if (*len as usize) < INLINE => {
+                v[*len as usize] = us.min(u32::MAX as u64) as u32;
+                *len += 1;
+            }
+            Samples::Few { v, .. } => {
+                let mut h = new_histogram();
+                v.iter().for_each(|&x| record(&mut h, x as u64));
+                record(&mut h, us);
+                self.samples = Samples::Many(Box::new(h));
+            }
+            Samples::Many(h) => record(h, us),
         }
     }
 
-    /// Adds another leg's samples (for a query row). The handshake is per
-    /// connection, so it is not merged.
+    /// Adds this leg's samples to `hist` (for a query row). The handshake is
+    /// per connection, so it is not merged.
     pub fn merge_into(&self, hist: &mut Histogram<u64>, max_us: &mut u64) {
-        if let Some(h) = &self.hist {
+        match &self.samples {
+            Samples::Few { len, v } => v[..*len as usize]
+                .iter()
+                .for_each(|&x| record(hist, x as u64)),
             // Both auto-resize, so adding cannot run out of range.
-            let _ = hist.add(h);
+            Samples::Many(h) => {
+                let _ = hist.add(&**h);
+            }
+        }
+        if self.count > 0 {
             *max_us = (*max_us).max(self.max_us);
         }
+    }
+
+    /// Percentiles of this leg alone, as a row of one connection would
+    /// report them.
+    pub fn percentiles(&self) -> Percentiles {
+        let mut h = new_histogram();
+        let mut max = 0;
+        self.merge_into(&mut h, &mut max);
+        Percentiles::of(Some(&h), max)
     }
 }
 
@@ -95,7 +144,7 @@ impl Serialize for RttLeg {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let mut st = s.serialize_struct("RttLeg", 6)?;
         st.serialize_field("handshake_us", &self.handshake_us)?;
-        let p = Percentiles::of(self.hist.as_ref(), self.max_us);
+        let p = self.percentiles();
         st.serialize_field("samples", &p.samples)?;
         st.serialize_field("p50_us", &p.p50)?;
         st.serialize_field("p90_us", &p.p90)?;
@@ -145,10 +194,12 @@ struct Timed {
 }
 
 /// Per-connection timing state, indexed by direction like `FlowEntry::tcp`.
+/// The samples sit behind a box made at the first one, so that the flow
+/// table's entries stay small (they are what every packet touches).
 #[derive(Clone, Debug, Default)]
 pub(crate) struct RttTimer {
     timed: [Option<Timed>; 2],
-    legs: [RttLeg; 2],
+    legs: Option<Box<[RttLeg; 2]>>,
 }
 
 impl RttTimer {
@@ -165,7 +216,7 @@ impl RttTimer {
             if let Some(t) = self.timed[back] {
                 if !seq_after(t.end, h.ack) {
                     let us = (ts_ns.saturating_sub(t.ts_ns) + 500) / 1000;
-                    self.legs[back].record(us, t.syn);
+                    self.legs.get_or_insert_with(Default::default)[back].record(us, t.syn);
                     self.timed[back] = None;
                 }
             }
@@ -190,11 +241,10 @@ impl RttTimer {
 
     /// The samples, oriented from the initiator (direction `initiator`).
     pub(crate) fn rtt(&self, initiator: usize) -> Option<Rtt> {
-        let dst = &self.legs[initiator];
-        let src = &self.legs[1 - initiator];
-        (dst.samples() + src.samples() > 0).then(|| Rtt {
-            dst: dst.clone(),
-            src: src.clone(),
+        let legs = self.legs.as_ref()?;
+        Some(Rtt {
+            dst: legs[initiator].clone(),
+            src: legs[1 - initiator].clone(),
         })
     }
 }
@@ -232,11 +282,11 @@ mod tests {
         t
     }
 
+    /// The samples as the histogram holds them (top of each bucket).
     fn samples(l: &RttLeg) -> Vec<u64> {
-        l.hist
-            .as_ref()
-            .map(|h| h.iter_recorded().map(|v| v.value_iterated_to()).collect())
-            .unwrap_or_default()
+        let (mut h, mut max) = (new_histogram(), 0);
+        l.merge_into(&mut h, &mut max);
+        h.iter_recorded().map(|v| v.value_iterated_to()).collect()
     }
 
     #[test]
@@ -259,7 +309,7 @@ mod tests {
         // 1000 µs lies in a 4-µs bucket at two significant digits.
         assert_eq!(samples(&r.src), vec![10, 1003]);
         assert_eq!(r.dst.max_us, 200);
-        let p = Percentiles::of(r.src.hist.as_ref(), r.src.max_us);
+        let p = r.src.percentiles();
         assert_eq!((p.samples, p.p50, p.max), (2, Some(10), Some(1000)));
         // Never above the exact maximum, though its bucket reaches 1003.
         assert_eq!(p.p99, Some(1000));
@@ -282,6 +332,28 @@ mod tests {
         assert_eq!(r.dst.handshake_us, None);
         assert_eq!(samples(&r.dst), vec![30]);
         assert_eq!(r.src.handshake_us, Some(10));
+    }
+
+    #[test]
+    fn many_samples_move_to_a_histogram_unchanged() {
+        let mut l = RttLeg::default();
+        let mut all = RttLeg::default();
+        for i in 0..(INLINE as u64 + 5) {
+            l.record(10 + i, i == 0);
+            if i < INLINE as u64 {
+                all = l.clone();
+            }
+        }
+        assert!(matches!(all.samples, Samples::Few { .. }));
+        assert!(matches!(l.samples, Samples::Many(_)));
+        assert_eq!(l.samples(), INLINE as u64 + 5);
+        assert_eq!(l.handshake_us, Some(10));
+        assert_eq!(
+            samples(&l),
+            (10..10 + INLINE as u64 + 5).collect::<Vec<_>>()
+        );
+        let p = l.percentiles();
+        assert_eq!((p.p50, p.max), (Some(16), Some(22)));
     }
 
     #[test]

@@ -575,6 +575,53 @@ mod tests {
         );
     }
 
+    /// Every sequence of up to four pieces parses or fails with an error
+    /// that points into the expression; none panics.
+    #[test]
+    fn never_panics_on_token_soup() {
+        let pieces = [
+            "src.ip",
+            "dst.port",
+            "proto",
+            "=",
+            "!=",
+            "~",
+            "!",
+            "in",
+            "not",
+            "(",
+            ")",
+            ",",
+            "and",
+            "10.0.0.0/8",
+            "\"x",
+            "80",
+            " ",
+            "é",
+        ];
+        let c = conn("10.1.2.3", 40000, "fd77::2", 5001);
+        let mut stack = vec![String::new()];
+        let mut n = 0;
+        while let Some(e) = stack.pop() {
+            match Filter::parse(&e) {
+                Ok(f) => {
+                    f.matches(&c);
+                }
+                Err(x) => assert!(
+                    x.column >= 1 && x.column <= e.chars().count() + 1,
+                    "{e:?}: {x}"
+                ),
+            }
+            n += 1;
+            if e.matches(' ').count() < 4 {
+                for p in pieces {
+                    stack.push(format!("{e} {p}"));
+                }
+            }
+        }
+        assert!(n > 50_000, "{n}");
+    }
+
     #[test]
     fn globs() {
         for (p, s, want) in [

@@ -357,6 +357,27 @@ mod tests {
     }
 
     #[test]
+    fn sequence_wrap() {
+        let t = run(&[
+            (0, 0, SYN, u32::MAX, 0, 0),
+            (1, 40, SA, 7, 0, 0), // acks u32::MAX + 1 = 0
+            (0, 45, ACK, 0, 8, 0),
+            (0, 100, ACK, 0, 8, 100),
+            (1, 133, ACK, 8, 100, 0),
+        ]);
+        let r = t.rtt(0).unwrap();
+        assert_eq!((r.dst.handshake_us, r.dst.samples()), (Some(40), 2));
+        assert_eq!((r.dst.max_us, r.src.handshake_us), (40, Some(5)));
+        // An ACK short of the timed end gives nothing.
+        let t = run(&[
+            (0, 0, ACK, 10, 1, 100),
+            (1, 50, ACK, 1, 109, 0),
+            (1, 60, ACK, 1, 110, 0),
+        ]);
+        assert_eq!(samples(&t.rtt(0).unwrap().dst), vec![60]);
+    }
+
+    #[test]
     fn orientation_follows_the_initiator() {
         let t = run(&[(1, 0, SYN, 5, 0, 0), (0, 70, SA, 9, 6, 0)]);
         assert_eq!(t.rtt(1).unwrap().dst.handshake_us, Some(70));

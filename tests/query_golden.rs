@@ -15,6 +15,9 @@
 //!   sums exactly, the `--top` rows plus the `other` row must add up to the
 //!   total, and `bandwidth = bytes / seconds` with `seconds` the window or
 //!   the group's first-to-last-packet span.
+//! - Every RTT sample: the timing rule (README, "Round-trip times") replayed
+//!   over tshark's dissection and retransmission flags gives the same
+//!   samples per leg (count, handshake, exact max, percentiles within 1 %).
 //! - Handshake RTT: per TCP connection, `rtt.dst.handshake_us` = SYN →
 //!   SYN/ACK and `rtt.src.handshake_us` = SYN/ACK → its ACK, from tshark's
 //!   frame times and equal to tshark's `tcp.analysis.ack_rtt` on those
@@ -669,4 +672,188 @@ fn handshake_rtt_matches_tshark() {
     }
     assert!(checked > 0, "no TCP handshake in the fixtures");
     eprintln!("{checked} handshakes checked against tshark");
+}
+
+/// One TCP frame as tshark dissects it.
+struct TsFrame {
+    t_ns: i64,
+    src: (IpAddr, u16),
+    dst: (IpAddr, u16),
+    flags: u8,
+    seq: u32,
+    ack: u32,
+    len: u32,
+    /// tshark: retransmission, out-of-order or spurious retransmission
+    /// (what flowprobe counts as retransmits on these sender-side captures,
+    /// see `tshark_oracle`).
+    retransmit: bool,
+    /// tshark: keep-alive or zero-window probe.
+    probe: bool,
+}
+
+fn tshark_tcp_frames(cap: &Path) -> Option<Vec<TsFrame>> {
+    let cfg = tempfile::tempdir().unwrap();
+    let fields = [
+        "frame.time_epoch",
+        "ip.src",
+        "ipv6.src",
+        "tcp.srcport",
+        "ip.dst",
+        "ipv6.dst",
+        "tcp.dstport",
+        "tcp.flags",
+        "tcp.seq_raw",
+        "tcp.ack_raw",
+        "tcp.len",
+        "tcp.analysis.retransmission",
+        "tcp.analysis.out_of_order",
+        "tcp.analysis.spurious_retransmission",
+        "tcp.analysis.keep_alive",
+        "tcp.analysis.zero_window_probe",
+    ];
+    let mut cmd = Command::new("tshark");
+    cmd.env("WIRESHARK_CONFIG_DIR", cfg.path())
+        .args(["-n", "-r"])
+        .arg(cap)
+        .args(["-o", "tcp.analyze_sequence_numbers:TRUE"])
+        .args(["-T", "fields", "-E", "separator=,", "-E", "occurrence=f"])
+        .args(["-Y", "tcp"]);
+    for f in fields {
+        cmd.args(["-e", f]);
+    }
+    let out = match cmd.output() {
+        Err(e) if e.kind() == ErrorKind::NotFound => return None,
+        r => r.expect("run tshark"),
+    };
+    assert!(
+        out.status.success(),
+        "tshark: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    Some(
+        text.lines()
+            .map(|l| {
+                let f: Vec<&str> = l.split(',').collect();
+                assert_eq!(f.len(), fields.len(), "{l}");
+                let ip = |a: &str, b: &str| -> IpAddr {
+                    if a.is_empty() { b } else { a }.parse().unwrap()
+                };
+                TsFrame {
+                    t_ns: ns(f[0]),
+                    src: (ip(f[1], f[2]), f[3].parse().unwrap()),
+                    dst: (ip(f[4], f[5]), f[6].parse().unwrap()),
+                    flags: u8::from_str_radix(f[7].trim_start_matches("0x"), 16).unwrap(),
+                    seq: f[8].parse().unwrap(),
+                    ack: f[9].parse().unwrap(),
+                    len: f[10].parse().unwrap(),
+                    retransmit: !(f[11].is_empty() && f[12].is_empty() && f[13].is_empty()),
+                    probe: !(f[14].is_empty() && f[15].is_empty()),
+                }
+            })
+            .collect(),
+    )
+}
+
+/// The documented timing rule (README, "Round-trip times") run over
+/// tshark's dissection of one connection's frames: per leg, the samples in
+/// whole microseconds and whether the first one timed a SYN.
+fn expected_samples(frames: &[&TsFrame], client: (IpAddr, u16)) -> [(Vec<i64>, bool); 2] {
+    const FIN: u8 = 0x01;
+    const SYN: u8 = 0x02;
+    const RST: u8 = 0x04;
+    const ACK: u8 = 0x10;
+    // Index 0: the client's segments (dst leg); 1: the server's (src leg).
+    let mut timed: [Option<(u32, i64, bool)>; 2] = [None, None];
+    let mut legs: [(Vec<i64>, bool); 2] = Default::default();
+    for f in frames {
+        if f.flags & RST != 0 {
+            continue;
+        }
+        let d = usize::from(f.src != client);
+        if f.flags & ACK != 0 {
+            if let Some((end, t0, syn)) = timed[1 - d] {
+                // `ack` at or after `end`, in wrapping sequence space.
+                if (f.ack.wrapping_sub(end) as i32) >= 0 {
+                    let leg = &mut legs[1 - d];
+                    if leg.0.is_empty() {
+                        leg.1 = syn;
+                    }
+                    leg.0.push((f.t_ns - t0 + 500) / 1000);
+                    timed[1 - d] = None;
+                }
+            }
+        }
+        let (syn, fin) = (f.flags & SYN != 0, f.flags & FIN != 0);
+        if f.retransmit {
+            timed[d] = None;
+        } else if !f.probe && (f.len > 0 || syn || fin) && timed[d].is_none() {
+            let end = f.seq.wrapping_add(f.len + syn as u32 + fin as u32);
+            timed[d] = Some((end, f.t_ns, syn));
+        }
+    }
+    legs
+}
+
+/// Every RTT sample flowprobe takes on the fixtures, data included, equals
+/// the timing rule replayed over tshark's dissection and retransmission
+/// analysis: the count, the handshake, the exact maximum, and percentiles
+/// within the histogram's 1 %.
+#[test]
+fn rtt_samples_match_the_rule_over_tshark() {
+    let mut checked = 0;
+    for cap in captures() {
+        let Some(frames) = tshark_tcp_frames(&cap) else {
+            if std::env::var("CI").as_deref() == Ok("true") {
+                panic!("tshark is not installed but CI=true");
+            }
+            eprintln!("skipped: tshark is not installed");
+            return;
+        };
+        for c in run(&cap, &[]).iter().filter(|c| c["proto"] == "tcp") {
+            let ep = |a: &str, p: &str| -> (IpAddr, u16) {
+                (
+                    c[a].as_str().unwrap().parse().unwrap(),
+                    c[p].as_u64().unwrap() as u16,
+                )
+            };
+            let (client, server) = (ep("src", "sport"), ep("dst", "dport"));
+            let mine: Vec<&TsFrame> = frames
+                .iter()
+                .filter(|f| {
+                    (f.src, f.dst) == (client, server) || (f.src, f.dst) == (server, client)
+                })
+                .collect();
+            let want = expected_samples(&mine, client);
+            for (leg, (samples, syn)) in ["dst", "src"].iter().zip(want) {
+                let ctx = format!("{} {} {leg}", cap.display(), client.1);
+                let got = &c["rtt"][leg];
+                let n = samples.len() as u64;
+                assert_eq!(got["samples"].as_u64().unwrap_or(0), n, "{ctx}: samples");
+                if n == 0 {
+                    continue;
+                }
+                let handshake = syn.then(|| samples[0]);
+                assert_eq!(got["handshake_us"].as_i64(), handshake, "{ctx}: handshake");
+                let mut sorted = samples.clone();
+                sorted.sort();
+                assert_eq!(got["max_us"].as_i64(), sorted.last().copied(), "{ctx}: max");
+                for (q, key) in [(0.5, "p50_us"), (0.9, "p90_us"), (0.99, "p99_us")] {
+                    // The histogram's rule: the value at rank ceil(q * n),
+                    // reported as the top of its bucket (at most 1 % above,
+                    // never above the maximum).
+                    let rank = ((q * n as f64).ceil() as usize).max(1);
+                    let exact = sorted[rank - 1];
+                    let v = got[key].as_i64().unwrap();
+                    assert!(
+                        v >= exact && v as f64 <= exact as f64 * 1.01 + 1.0,
+                        "{ctx}: {key} {v}, exact {exact} (samples {sorted:?})"
+                    );
+                }
+                checked += n;
+            }
+        }
+    }
+    assert!(checked > 0, "no RTT samples in the fixtures");
+    eprintln!("{checked} RTT samples checked against tshark's dissection");
 }

@@ -6,6 +6,7 @@ use probe_common::{ConnKey, FlowEntry, L4Proto, Parsed};
 use rustc_hash::FxHashMap;
 
 use crate::conn::{ip, Connection, DirStats};
+use crate::rtt::RttTimer;
 
 /// One parsed frame (or GSO super-packet) offered to the table.
 #[derive(Clone, Copy, Debug)]
@@ -27,6 +28,8 @@ struct Flow {
     entry: FlowEntry,
     fin: [bool; 2],
     rst: bool,
+    /// Userspace-only: the kernel entry has no room (nor clock) for it.
+    rtt: RttTimer,
 }
 
 impl Flow {
@@ -36,7 +39,14 @@ impl Flow {
             entry: FlowEntry::new(ts, dir, key, flags),
             fin: [false; 2],
             rst: false,
+            rtt: RttTimer::default(),
         }
+    }
+
+    fn connection(&self, k: &ConnKey) -> Connection {
+        let mut c = Connection::from_entry(k, &self.entry, 0);
+        c.rtt = self.rtt.rtt((self.entry.initiator & 1) as usize);
+        c
     }
 
     /// A connection whose 5-tuple is free again, so a SYN starts a new one.
@@ -107,7 +117,9 @@ impl FlowTable {
             if p.tcp.flags & tcp_flags::FIN != 0 {
                 flow.fin[dir] = true;
             }
-            Some(track(&seg, d, r))
+            let v = track(&seg, d, r);
+            flow.rtt.observe(dir, o.ts_ns, &seg, &v);
+            Some(v)
         } else {
             None
         };
@@ -120,12 +132,8 @@ impl FlowTable {
         let mut out: Vec<Connection> = self
             .ended
             .iter()
-            .map(|(k, f)| Connection::from_entry(k, &f.entry, 0))
-            .chain(
-                self.live
-                    .iter()
-                    .map(|(k, f)| Connection::from_entry(k, &f.entry, 0)),
-            )
+            .map(|(k, f)| f.connection(k))
+            .chain(self.live.iter().map(|(k, f)| f.connection(k)))
             .collect();
         sort_connections(&mut out);
         out
@@ -163,6 +171,9 @@ impl Connection {
                 .wrapping_add(clock_offset_ns),
             sent: DirStats::from(&e.counters[initiator]),
             received: DirStats::from(&e.counters[1 - initiator]),
+            rtt: None,
+            src_tags: Default::default(),
+            dst_tags: Default::default(),
         }
     }
 }
@@ -380,7 +391,10 @@ mod tests {
         for pkts in cases {
             let mut t = FlowTable::new();
             feed(&mut t, pkts);
-            assert_eq!(kernel_like(pkts), t.connections());
+            let mut table = t.connections();
+            // RTT timing is the table's own; the kernel entry has none.
+            table.iter_mut().for_each(|c| c.rtt = None);
+            assert_eq!(kernel_like(pkts), table);
         }
     }
 }

@@ -5,6 +5,7 @@ mod capture;
 mod ingest;
 mod live;
 mod output;
+mod query;
 mod replay;
 
 use std::io::{self, Write};
@@ -12,6 +13,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use flowtable::query::origin;
 use flowtable::{FlowTable, FrameStats};
 
 use crate::output::Format;
@@ -42,6 +44,8 @@ enum Cmd {
         /// Do not print the summary line on stderr.
         #[arg(short, long)]
         quiet: bool,
+        #[command(flatten)]
+        query: query::QueryFlags,
     },
     /// Count connections on live interfaces with the tc eBPF program.
     ///
@@ -166,13 +170,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             files,
             format,
             quiet,
+            query,
         } => {
+            // Parse the query before reading gigabytes, so a typo fails fast.
+            let spec = query.given().then(|| query.spec()).transpose()?;
             let mut table = FlowTable::new();
             let mut stats = FrameStats::default();
             let outcomes = replay::replay(&files, &mut table, &mut stats)?;
             let conns = table.connections();
             let mut out = io::BufWriter::new(io::stdout().lock());
-            output::write(&mut out, format, &conns)?;
+            match &spec {
+                Some(q) => output::write_query(&mut out, format, &q.run(&conns, origin(&conns)))?,
+                None => output::write(&mut out, format, &conns)?,
+            }
             out.flush()?;
 
             let mut unreadable = false;

@@ -21,13 +21,10 @@ pub struct Observation<'a> {
 }
 
 /// A connection in the table: the very record the kernel keeps
-/// ([`FlowEntry`], here with Unix-time timestamps), plus what tells that its
-/// 5-tuple is free again.
+/// ([`FlowEntry`], here with Unix-time timestamps).
 #[derive(Clone, Debug)]
 struct Flow {
     entry: FlowEntry,
-    fin: [bool; 2],
-    rst: bool,
     /// Userspace-only: the kernel entry has no room (nor clock) for it.
     rtt: RttTimer,
 }
@@ -37,8 +34,6 @@ impl Flow {
         let flags = (p.key.proto == L4Proto::Tcp as u8).then_some(p.tcp.flags);
         Flow {
             entry: FlowEntry::new(ts, dir, key, flags),
-            fin: [false; 2],
-            rst: false,
             rtt: RttTimer::default(),
         }
     }
@@ -47,11 +42,6 @@ impl Flow {
         let mut c = Connection::from_entry(k, &self.entry, 0);
         c.rtt = self.rtt.rtt((self.entry.initiator & 1) as usize);
         c
-    }
-
-    /// A connection whose 5-tuple is free again, so a SYN starts a new one.
-    fn closed(&self) -> bool {
-        self.rst || (self.fin[0] && self.fin[1])
     }
 }
 
@@ -86,7 +76,7 @@ impl FlowTable {
         let flow = match self.live.entry(key) {
             std::collections::hash_map::Entry::Occupied(e) => {
                 let f = e.into_mut();
-                if pure_syn && f.closed() {
+                if pure_syn && f.entry.closed() {
                     // Same 5-tuple, new connection (port reuse after close).
                     let old = core::mem::replace(f, Flow::new(o.ts_ns, dir, &key, p));
                     self.ended.push((key, old));
@@ -111,12 +101,6 @@ impl FlowTable {
                 hdr: p.tcp,
                 payload_len: p.payload_len,
             };
-            if p.tcp.flags & tcp_flags::RST != 0 {
-                flow.rst = true;
-            }
-            if p.tcp.flags & tcp_flags::FIN != 0 {
-                flow.fin[dir] = true;
-            }
             let v = track(&seg, d, r);
             flow.rtt.observe(dir, o.ts_ns, &seg, &v);
             Some(v)

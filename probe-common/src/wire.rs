@@ -141,6 +141,18 @@ pub struct DirCounters {
 }
 
 impl DirCounters {
+    /// Adds every counter of `o` (the same direction of a later entry).
+    pub fn add(&mut self, o: &DirCounters) {
+        self.packets += o.packets;
+        self.bytes += o.bytes;
+        self.l3_bytes += o.l3_bytes;
+        self.retransmits += o.retransmits;
+        self.retransmitted_bytes += o.retransmitted_bytes;
+        self.probes += o.probes;
+        self.gaps += o.gaps;
+        self.spurious += o.spurious;
+    }
+
     /// Adds one frame or GSO super-packet of `segs` wire segments. `tcp` is
     /// the tracker's verdict, `None` for UDP.
     #[inline(always)]
@@ -354,6 +366,15 @@ impl FlowEntry {
             evidence,
             ..FlowEntry::default()
         }
+    }
+
+    /// The connection is over and its 5-tuple free again: an RST either
+    /// way, or a FIN each way (TCP only; UDP never closes).
+    #[inline(always)]
+    pub fn closed(&self) -> bool {
+        use crate::tcp::TcpDir;
+        let f = self.tcp[0].flags | self.tcp[1].flags;
+        f & TcpDir::FLAG_RST != 0 || self.tcp[0].flags & self.tcp[1].flags & TcpDir::FLAG_FIN != 0
     }
 
     /// A pure SYN (no ACK) sent in direction `dir` names the initiator

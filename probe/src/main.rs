@@ -77,9 +77,20 @@ enum Cmd {
         /// from `cargo xtask build-ebpf --release`).
         #[arg(long, value_name = "PATH")]
         ebpf_object: Option<PathBuf>,
-        /// Capacity of the kernel's connection map.
+        /// Capacity of the kernel's connection map (connections open at the
+        /// same time; closed ones are moved out, see --closed-timeout).
         #[arg(long, value_name = "N", default_value_t = 65536)]
         max_conns: u32,
+        /// Move a TCP connection that closed (FIN both ways or RST) out of
+        /// the kernel map this long after its last packet. It is still
+        /// reported.
+        #[arg(long, value_name = "SECS", default_value_t = 2.0)]
+        closed_timeout: f64,
+        /// Move any connection without a packet for this long out of the
+        /// kernel map (UDP, or TCP whose end was not seen). A later packet
+        /// adds to the same record.
+        #[arg(long, value_name = "SECS", default_value_t = 300.0)]
+        idle_timeout: f64,
         /// Do not print the summary line on stderr.
         #[arg(short, long)]
         quiet: bool,
@@ -106,8 +117,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             format,
             ebpf_object,
             max_conns,
+            closed_timeout,
+            idle_timeout,
             quiet,
         } => {
+            let secs = |v: f64, flag: &str| -> anyhow::Result<std::time::Duration> {
+                if v.is_finite() && v >= 0.0 {
+                    Ok(std::time::Duration::from_secs_f64(v))
+                } else {
+                    anyhow::bail!("{flag} must be a non-negative number of seconds")
+                }
+            };
+            let closed_timeout = secs(closed_timeout, "--closed-timeout")?;
+            let idle_timeout = secs(idle_timeout, "--idle-timeout")?;
             let duration = match duration {
                 Some(d) if !(d.is_finite() && d >= 0.0) => {
                     anyhow::bail!("--duration must be a non-negative number of seconds")
@@ -137,6 +159,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     ebpf_object,
                     max_conns,
                     interval,
+                    closed_timeout,
+                    idle_timeout,
                 },
                 &mut on_snapshot,
             )?;

@@ -279,7 +279,21 @@ fn record<'a>(conns: &'a [Value], port: u16, ca: &str, sa: &str, out: &str) -> &
 /// processed out of order, and a reordered segment counts as a
 /// retransmission there, as the README says. So at ingress retransmits are
 /// only printed.
-fn check(dir: &Path, ca: &str, sa: &str) {
+/// `Tcp: RetransSegs` of network namespace `ns` (/proc/net/snmp is per
+/// namespace).
+fn retrans_segs(ns: &str) -> u64 {
+    let snmp = sh_out(&["ip", "netns", "exec", ns, "cat", "/proc/net/snmp"]);
+    let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+    let (names, values) = (tcp.next().unwrap(), tcp.next().unwrap());
+    let i = names
+        .split_whitespace()
+        .position(|n| n == "RetransSegs")
+        .unwrap();
+    values.split_whitespace().nth(i).unwrap().parse().unwrap()
+}
+
+/// `mib`: the (client, server) namespaces' RetransSegs deltas.
+fn check(dir: &Path, ca: &str, sa: &str, mib: (u64, u64)) {
     let read = |tag: &str| {
         let err = fs::read_to_string(dir.join(format!("{tag}.err"))).unwrap();
         let out = fs::read_to_string(dir.join(format!("{tag}.json"))).unwrap();
@@ -295,6 +309,8 @@ fn check(dir: &Path, ca: &str, sa: &str) {
     let (client, server) = (truth("client"), truth("server"));
     let n = |v: &Value| v.as_u64().unwrap();
     let mut total_retrans = 0;
+    // Retransmits flowprobe saw each side send: (client, server).
+    let mut seen = (0, 0);
     let mut failures = Vec::new();
     for (port, c_bytes, s_bytes) in CONNS {
         let rc = record(&at_client, port, ca, sa, &out_c);
@@ -315,35 +331,46 @@ fn check(dir: &Path, ca: &str, sa: &str) {
                 &rc["received"],
             ),
         ] {
-            let got = (
-                n(&egress["bytes"]) - n(&egress["retransmitted_bytes"]),
-                n(&egress["retransmits"]),
-                n(&egress["retransmitted_bytes"]),
-                n(&egress["bytes"]),
-                n(&ingress["bytes"]),
-            );
-            let want = (
-                written,
-                n(&t["tcpi_total_retrans"]),
-                n(&t["tcpi_bytes_retrans"]),
-                n(&t["tcpi_bytes_sent"]),
-                n(&t["tcpi_bytes_sent"]),
-            );
-            total_retrans += want.1;
-            eprintln!(
-                "port {port} {dir}: (bytes-retx_bytes, retransmits, retx_bytes, bytes) at egress, bytes at ingress: \
-                 flowprobe {got:?}, kernel {want:?}; at ingress retransmits {} retransmitted_bytes {} gaps {} packets {}",
-                ingress["retransmits"],
-                ingress["retransmitted_bytes"],
-                ingress["gaps"],
-                ingress["packets"]
-            );
-            if got != want {
-                failures.push(format!(
-                    "port {port} {dir}: flowprobe {got:?} != kernel {want:?}"
-                ));
+            // At the sender's egress and, through the receiver's INPUT
+            // drops (after tc ingress) and veth's reordering, at the
+            // receiver's ingress: the same numbers.
+            for (at, r) in [("egress", egress), ("ingress", ingress)] {
+                let got = (
+                    n(&r["bytes"]) - n(&r["retransmitted_bytes"]),
+                    n(&r["retransmits"]),
+                    n(&r["retransmitted_bytes"]),
+                    n(&r["bytes"]),
+                );
+                let want = (
+                    written,
+                    n(&t["tcpi_total_retrans"]),
+                    n(&t["tcpi_bytes_retrans"]),
+                    n(&t["tcpi_bytes_sent"]),
+                );
+                eprintln!(
+                    "port {port} {dir} at {at}: (bytes-retx_bytes, retransmits, retx_bytes, bytes) \
+                     flowprobe {got:?}, kernel {want:?}, gaps {}",
+                    r["gaps"]
+                );
+                if got != want {
+                    failures.push(format!(
+                        "port {port} {dir} at {at}: flowprobe {got:?} != kernel {want:?}"
+                    ));
+                }
             }
+            let retx = n(&egress["retransmits"]);
+            if dir == "client->server" {
+                seen.0 += retx;
+            } else {
+                seen.1 += retx;
+            }
+            total_retrans += n(&t["tcpi_total_retrans"]);
         }
+    }
+    if seen != mib {
+        failures.push(format!(
+            "retransmits seen per sending side {seen:?} != the namespaces' RetransSegs deltas {mib:?}"
+        ));
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     assert!(
@@ -384,7 +411,12 @@ fn live_run(v6: bool, duration: Option<&str>, stop: impl Fn(&Child)) {
     wait_for("flowprobe to attach", || {
         attached(&ns.a, VETH_A) && attached(&ns.b, VETH_B)
     });
+    let before = (retrans_segs(&ns.a), retrans_segs(&ns.b));
     traffic(&ns, ca, sa, dir.path());
+    let mib = (
+        retrans_segs(&ns.a) - before.0,
+        retrans_segs(&ns.b) - before.1,
+    );
     for (p, tag) in probes.iter_mut().zip(["probe-client", "probe-server"]) {
         stop(p);
         let st = p.wait().unwrap();
@@ -394,7 +426,7 @@ fn live_run(v6: bool, duration: Option<&str>, stop: impl Fn(&Child)) {
             fs::read_to_string(dir.path().join(format!("{tag}.err"))).unwrap()
         );
     }
-    check(dir.path(), ca, sa);
+    check(dir.path(), ca, sa, mib);
     no_filters_left(&ns.a, VETH_A);
     no_filters_left(&ns.b, VETH_B);
 }

@@ -24,7 +24,11 @@ impl L4Proto {
 ///
 /// IPv4 addresses are stored as IPv4-mapped IPv6 (`::ffff:a.b.c.d`) so that
 /// keys of both families have one size and one comparison.
-#[repr(C)]
+///
+/// 8-byte aligned, like [`ConnKey`]: the eBPF backend copies and compares
+/// the address arrays with byte loads and stores unless it can prove them
+/// aligned.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FlowKey {
     pub src: [u8; 16],
@@ -57,7 +61,11 @@ impl FlowKey {
 /// smaller (address, port). `iface` is where it was seen (interface index
 /// live, pcapng interface number in replay). This is the key of the kernel's
 /// connection map and of the userspace table, so both join the same way.
-#[repr(C)]
+///
+/// 8-byte aligned (so that the eBPF program copies and hashes its addresses
+/// with 8-byte loads, not byte by byte), with the tail padding explicit and
+/// zero: the kernel hashes and compares all 48 bytes.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConnKey {
     pub lo: [u8; 16],
@@ -68,6 +76,7 @@ pub struct ConnKey {
     pub family: u8,
     pub _pad: [u8; 2],
     pub iface: u32,
+    pub _pad2: [u8; 4],
 }
 
 impl ConnKey {
@@ -93,6 +102,7 @@ impl ConnKey {
             family: k.family,
             _pad: [0; 2],
             iface,
+            _pad2: [0; 4],
         };
         (key, if forward { 0 } else { 1 })
     }
@@ -391,7 +401,7 @@ impl FlowEntry {
 
 // The kernel map's key and value layouts are part of the userspace/kernel
 // contract: no implicit padding, fixed sizes.
-const _: () = assert!(core::mem::size_of::<ConnKey>() == 44);
+const _: () = assert!(core::mem::size_of::<ConnKey>() == 48);
 const _: () = assert!(core::mem::size_of::<DirCounters>() == 64);
 const _: () = assert!(core::mem::size_of::<crate::tcp::TcpDir>() == 20);
 const _: () = assert!(core::mem::offset_of!(crate::tcp::TcpDir, flags) == 8);

@@ -280,6 +280,23 @@ pub trait Atomics {
     /// # Safety
     /// `p` must be valid and 4-byte aligned.
     unsafe fn xchg_u32(&self, p: *mut u32, v: u32) -> u32;
+
+    /// Takes the lock word `*p` (0 → 1) within `spins` tries; false if it
+    /// stayed taken. The eBPF program overrides it with `bpf_loop`, whose
+    /// body the verifier walks once instead of once per try.
+    ///
+    /// # Safety
+    /// `p` must be valid and 4-byte aligned.
+    #[inline(always)]
+    unsafe fn try_lock(&self, p: *mut u32, spins: u32) -> bool {
+        for _ in 0..spins {
+            // SAFETY: caller's contract.
+            if unsafe { self.cas_u32(p, 0, 1) } == 0 {
+                return true;
+            }
+        }
+        false
+    }
 }
 
 /// [`Atomics`] for memory no one else touches (tests, single thread).

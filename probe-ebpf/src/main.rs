@@ -13,12 +13,13 @@
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
+use core::ffi::c_void;
 use core::intrinsics::{atomic_cxchg, atomic_xadd, atomic_xchg, AtomicOrdering};
 
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, TC_ACT_OK},
     btf_maps::{HashMap, PerCpuArray},
-    helpers::generated::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
+    helpers::generated::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_loop},
     macros::{btf_map, classifier},
     programs::TcContext,
 };
@@ -191,6 +192,44 @@ impl Atomics for Bpf {
         // SAFETY: as above.
         unsafe { atomic_xchg::<u32, { AtomicOrdering::SeqCst }>(p, v) }
     }
+    #[inline(always)]
+    unsafe fn try_lock(&self, p: *mut u32, spins: u32) -> bool {
+        // SAFETY: as above.
+        if unsafe { self.cas_u32(p, 0, 1) } == 0 {
+            return true;
+        }
+        let mut spin = Spin { lock: p, got: 0 };
+        // SAFETY: `spin` outlives the call; `try_once` matches the callback
+        // signature bpf_loop expects.
+        unsafe {
+            bpf_loop(
+                spins,
+                try_once as *mut c_void,
+                (&raw mut spin).cast::<c_void>(),
+                0,
+            )
+        };
+        spin.got != 0
+    }
+}
+
+/// `bpf_loop` state of one lock attempt.
+#[repr(C)]
+struct Spin {
+    lock: *mut u32,
+    got: u32,
+}
+
+/// One try for the lock; returns 1 (stop) once taken.
+extern "C" fn try_once(_index: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `ctx` is the caller's `Spin` (see `Bpf::try_lock`).
+    let spin = unsafe { &mut *ctx.cast::<Spin>() };
+    // SAFETY: `spin.lock` is a map value's lock word.
+    if unsafe { Bpf.cas_u32(spin.lock, 0, 1) } == 0 {
+        spin.got = 1;
+        return 1;
+    }
+    0
 }
 
 // Not inlined: a separate BPF function gets its own stack frame, so the

@@ -2,9 +2,10 @@
 //!
 //! Architecture invariant: no OS calls and no clock. Time comes from the
 //! packets (capture or kernel timestamps); lookups of processes and
-//! containers will come in through a trait. So a replayed capture gives
+//! containers come in through a trait ([`attrib::Host`]). So a replayed capture gives
 //! byte-for-byte the same output every time.
 
+pub mod attrib;
 mod conn;
 pub mod query;
 mod rtt;

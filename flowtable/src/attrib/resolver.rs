@@ -1,0 +1,464 @@
+//! The join: (network namespace, 5-tuple) → socket inode → process → tags.
+//!
+//! [`Resolver::refresh`] is one pass over the host: the sockets of every
+//! namespace in which processes live, and the owner of each socket not seen
+//! before. Owners are found by reading `/proc/<pid>/fd` of the processes
+//! that owned sockets in that namespace lately (most recent first), and only
+//! when that fails of every process in the namespace, so a steady stream of
+//! connections from a few processes costs a few directory reads per pass.
+//! What a pass learnt is kept for the run, keyed by 5-tuple: a connection
+//! stays attributed after its socket closed, and [`Resolver::tag`] can
+//! label every connection a probe reports, whenever it reports.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+
+use super::host::{Host, Netns, Proto, SocketEntry, SocketState, Tuple};
+use super::owner::Owner;
+use super::rules::{self, ServiceRule};
+use crate::Connection;
+
+/// The tag an end gets when its owner is unknown, and the reasons.
+pub const UNATTRIBUTED: &str = "unattributed";
+/// A socket was seen, but no process held it when looked for (it closed,
+/// or it sat in TIME_WAIT or the accept queue whenever a pass saw it).
+pub const NO_PROCESS: &str = "no_process";
+/// The address is this host's, but no pass saw a socket with this 5-tuple:
+/// it opened and closed between two passes.
+pub const NO_SOCKET: &str = "no_socket";
+/// No namespace of this host has ever used the address: the end is on
+/// another machine.
+pub const REMOTE: &str = "remote";
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub rules: Vec<ServiceRule>,
+    /// List the namespaces (a walk of `/proc`) at most this often; more
+    /// often when a socket's owner was not found (a process may be new).
+    pub namespaces_every_ns: u64,
+    /// The namespace the probe runs in: where a 5-tuple found in several
+    /// namespaces (private addresses reused) is taken from.
+    pub own_netns: Option<u64>,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            rules: Vec::new(),
+            namespaces_every_ns: 1_000_000_000,
+            own_netns: None,
+        }
+    }
+}
+
+/// What one pass did, for cost accounting.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PassStats {
+    pub namespaces: usize,
+    pub sockets: usize,
+    /// Sockets whose owner this pass found.
+    pub attributed: usize,
+    /// `/proc/<pid>/fd` directories read.
+    pub fd_scans: usize,
+    /// Namespaces whose every process had to be read.
+    pub full_scans: usize,
+    /// Failures other than "it went away" (permissions, netlink errors).
+    pub errors: usize,
+}
+
+/// One socket with this 5-tuple in one namespace, and its owner once known.
+#[derive(Clone, Debug)]
+struct Sighting {
+    netns: u64,
+    inode: u64,
+    uid: u32,
+    state: SocketState,
+    owner: Option<Arc<Owner>>,
+}
+
+pub struct Resolver<H> {
+    pub(super) host: H,
+    opts: Options,
+    host_name: Option<String>,
+    namespaces: Vec<Netns>,
+    namespaces_at: Option<u64>,
+    /// Bumped at each namespace listing: an inode no process held gets one
+    /// more look per listing (its process may not have been listed yet).
+    generation: u64,
+    rescan_namespaces: bool,
+    sockets: HashMap<Tuple, Vec<Sighting>>,
+    /// Owner of each inode seen in the last fd scans, for sockets alive now.
+    inode_pid: HashMap<u64, u32>,
+    /// Per namespace, processes that owned sockets, most recent first.
+    hot: HashMap<u64, Vec<u32>>,
+    /// Inodes a full scan did not find, and the generation it ran in.
+    orphans: HashMap<u64, u64>,
+    procs: HashMap<u32, Arc<Owner>>,
+    users: HashMap<u32, Option<String>>,
+    /// Addresses some socket of this host used as its local address.
+    local_ips: HashSet<IpAddr>,
+    last_error: Option<String>,
+}
+
+impl<H: Host> Resolver<H> {
+    pub fn new(mut host: H, opts: Options) -> Resolver<H> {
+        let host_name = host.host_name();
+        Resolver {
+            host,
+            opts,
+            host_name,
+            namespaces: Vec::new(),
+            namespaces_at: None,
+            generation: 0,
+            rescan_namespaces: false,
+            sockets: HashMap::new(),
+            inode_pid: HashMap::new(),
+            hot: HashMap::new(),
+            orphans: HashMap::new(),
+            procs: HashMap::new(),
+            users: HashMap::new(),
+            local_ips: HashSet::new(),
+            last_error: None,
+        }
+    }
+
+    pub fn host(&self) -> &H {
+        &self.host
+    }
+
+    /// The last failure that was not a process or namespace going away
+    /// (taken: each is reported once).
+    pub fn take_error(&mut self) -> Option<String> {
+        self.last_error.take()
+    }
+
+    /// One pass at `now_ns` (any monotonic clock; only differences matter).
+    pub fn refresh(&mut self, now_ns: u64) -> PassStats {
+        let mut st = PassStats::default();
+        let every = if self.rescan_namespaces {
+            self.opts.namespaces_every_ns / 10
+        } else {
+            self.opts.namespaces_every_ns
+        };
+        let due = self
+            .namespaces_at
+            .is_none_or(|at| now_ns.saturating_sub(at) >= every);
+        if due {
+            match self.host.namespaces() {
+                Ok(list) => {
+                    let alive: HashSet<u32> =
+                        list.iter().flat_map(|n| n.pids.iter().copied()).collect();
+                    // A pid not listed has exited; its number may come back
+                    // as another process.
+                    self.procs.retain(|pid, _| alive.contains(pid));
+                    for pids in self.hot.values_mut() {
+                        pids.retain(|p| alive.contains(p));
+                    }
+                    self.namespaces = list;
+                    self.namespaces_at = Some(now_ns);
+                    self.generation += 1;
+                    self.rescan_namespaces = false;
+                }
+                Err(e) => self.error(&mut st, format!("listing network namespaces: {e}")),
+            }
+        }
+        let namespaces = std::mem::take(&mut self.namespaces);
+        let mut live_inodes = HashSet::new();
+        for ns in &namespaces {
+            self.pass_netns(ns, &mut st, &mut live_inodes);
+        }
+        st.namespaces = namespaces.len();
+        self.namespaces = namespaces;
+        self.inode_pid.retain(|i, _| live_inodes.contains(i));
+        self.orphans.retain(|i, _| live_inodes.contains(i));
+        st
+    }
+
+    fn error(&mut self, st: &mut PassStats, msg: String) {
+        st.errors += 1;
+        self.last_error = Some(msg);
+    }
+
+    fn pass_netns(&mut self, ns: &Netns, st: &mut PassStats, live_inodes: &mut HashSet<u64>) {
+        let socks = match self.host.sockets(ns) {
+            Ok(s) => s,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return,
+            Err(e) => {
+                return self.error(st, format!("sockets of network namespace {}: {e}", ns.id));
+            }
+        };
+        st.sockets += socks.len();
+        let mut pending: Vec<(Tuple, u64)> = Vec::new();
+        for s in &socks {
+            if s.inode != 0 {
+                live_inodes.insert(s.inode);
+            }
+            if !s.tuple.local.ip().is_unspecified() {
+                self.local_ips.insert(s.tuple.local.ip());
+            }
+            if self.see(ns.id, s) {
+                pending.push((s.tuple, s.inode));
+            }
+        }
+        if pending.is_empty() {
+            return;
+        }
+        let mut want: HashSet<u64> = pending
+            .iter()
+            .map(|&(_, i)| i)
+            .filter(|i| !self.inode_pid.contains_key(i))
+            .filter(|i| self.orphans.get(i) != Some(&self.generation))
+            .collect();
+        if !want.is_empty() {
+            self.find_owners(ns, &mut want, st);
+        }
+        for (tuple, inode) in pending {
+            let Some(&pid) = self.inode_pid.get(&inode) else {
+                continue;
+            };
+            let Some(owner) = self.owner(pid, st) else {
+                continue;
+            };
+            if let Some(s) = self
+                .sockets
+                .get_mut(&tuple)
+                .and_then(|l| l.iter_mut().find(|s| s.netns == ns.id && s.inode == inode))
+            {
+                s.owner = Some(owner);
+                st.attributed += 1;
+            }
+        }
+    }
+
+    /// Records socket `s` of namespace `netns`; true when its owner is
+    /// still to be found.
+    fn see(&mut self, netns: u64, s: &SocketEntry) -> bool {
+        let list = self.sockets.entry(s.tuple).or_default();
+        let pos = match list.iter().position(|x| x.netns == netns) {
+            Some(p) => p,
+            None => {
+                list.push(Sighting {
+                    netns,
+                    inode: s.inode,
+                    uid: s.uid,
+                    state: s.state,
+                    owner: None,
+                });
+                list.len() - 1
+            }
+        };
+        let x = &mut list[pos];
+        if s.inode != 0 && x.inode != s.inode {
+            if x.inode != 0 {
+                // Another socket on the same 5-tuple: a new owner.
+                x.owner = None;
+            }
+            x.inode = s.inode;
+            x.uid = s.uid;
+            x.state = s.state;
+        }
+        // Inode 0 (TIME_WAIT, accept queue): nobody holds it; keep what an
+        // earlier pass learnt.
+        x.owner.is_none() && s.inode != 0
+    }
+
+    /// Reads fd tables until every inode in `want` has its process: the
+    /// namespace's recent owners first, then (once per namespace listing
+    /// for a given inode) all of its processes.
+    fn find_owners(&mut self, ns: &Netns, want: &mut HashSet<u64>, st: &mut PassStats) {
+        let hot = self.hot.get(&ns.id).cloned().unwrap_or_default();
+        let mut scanned = HashSet::new();
+        for pid in hot {
+            if want.is_empty() {
+                return;
+            }
+            scanned.insert(pid);
+            self.scan(ns.id, pid, want, st);
+        }
+        if want.is_empty() {
+            return;
+        }
+        st.full_scans += 1;
+        for &pid in &ns.pids {
+            if want.is_empty() {
+                return;
+            }
+            if scanned.insert(pid) {
+                self.scan(ns.id, pid, want, st);
+            }
+        }
+        for &i in want.iter() {
+            self.orphans.insert(i, self.generation);
+        }
+        self.rescan_namespaces = true;
+    }
+
+    fn scan(&mut self, netns: u64, pid: u32, want: &mut HashSet<u64>, st: &mut PassStats) {
+        st.fd_scans += 1;
+        let hot = self.hot.entry(netns).or_default();
+        match self.host.socket_inodes(pid) {
+            Ok(inodes) => {
+                let mut hit = false;
+                for i in inodes {
+                    hit |= want.remove(&i);
+                    self.inode_pid.insert(i, pid);
+                }
+                if hit {
+                    hot.retain(|&p| p != pid);
+                    hot.insert(0, pid);
+                }
+            }
+            Err(e) => {
+                hot.retain(|&p| p != pid);
+                if e.kind() != io::ErrorKind::NotFound {
+                    self.error(st, format!("fds of process {pid}: {e}"));
+                }
+            }
+        }
+    }
+
+    fn owner(&mut self, pid: u32, st: &mut PassStats) -> Option<Arc<Owner>> {
+        if let Some(o) = self.procs.get(&pid) {
+            return Some(o.clone());
+        }
+        let p = match self.host.process(pid) {
+            Ok(p) => p,
+            Err(e) => {
+                if e.kind() != io::ErrorKind::NotFound {
+                    self.error(st, format!("process {pid}: {e}"));
+                }
+                return None;
+            }
+        };
+        let user = self.user(p.uid);
+        let o = Arc::new(Owner::new(&p, user, self.host_name.as_deref()));
+        self.procs.insert(pid, o.clone());
+        Some(o)
+    }
+
+    fn user(&mut self, uid: u32) -> Option<String> {
+        if let Some(u) = self.users.get(&uid) {
+            return u.clone();
+        }
+        let u = self.host.user_name(uid);
+        self.users.insert(uid, u.clone());
+        u
+    }
+
+    /// Adds each end's tags to every connection (see the README,
+    /// "Attribution"): an end whose socket a pass saw gets its owner's tags,
+    /// `netns` and `service`; any other end an [`UNATTRIBUTED`] reason.
+    pub fn tag(&self, conns: &mut [Connection]) {
+        for c in conns {
+            let Some(proto) = Proto::from_name(c.proto) else {
+                continue;
+            };
+            let src = SocketAddr::new(c.src, c.sport);
+            let dst = SocketAddr::new(c.dst, c.dport);
+            c.src_tags.extend(self.end_tags(proto, src, dst));
+            c.dst_tags.extend(self.end_tags(proto, dst, src));
+        }
+    }
+
+    /// Tags of the end at `local` talking to `remote`.
+    pub fn end_tags(
+        &self,
+        proto: Proto,
+        local: SocketAddr,
+        remote: SocketAddr,
+    ) -> BTreeMap<String, String> {
+        let mut tags = BTreeMap::new();
+        let t = Tuple::new(proto, local, remote);
+        let Some(s) = self.lookup(&t) else {
+            let ip = t.local.ip();
+            let why = if ip.is_loopback() || self.local_ips.contains(&ip) {
+                NO_SOCKET
+            } else {
+                REMOTE
+            };
+            tags.insert(UNATTRIBUTED.to_owned(), why.to_owned());
+            return tags;
+        };
+        tags.insert("netns".to_owned(), s.netns.to_string());
+        match &s.owner {
+            Some(o) => {
+                tags.extend(o.tags.iter().map(|(k, v)| (k.clone(), v.clone())));
+                let service = rules::service(
+                    &self.opts.rules,
+                    Some(&o.process),
+                    o.container.as_deref(),
+                    t.local.port(),
+                )
+                .map(str::to_owned)
+                .or_else(|| o.env_service.clone());
+                if let Some(svc) = service {
+                    tags.insert("service".to_owned(), svc);
+                }
+            }
+            None => {
+                tags.insert(UNATTRIBUTED.to_owned(), NO_PROCESS.to_owned());
+                if let Some(h) = &self.host_name {
+                    tags.insert("host".to_owned(), h.clone());
+                }
+                if s.inode != 0 {
+                    tags.insert("uid".to_owned(), s.uid.to_string());
+                }
+            }
+        }
+        tags
+    }
+
+    /// The socket of this 5-tuple: the connected one, else one bound to the
+    /// local address without a peer (an unconnected UDP server, a TCP
+    /// listener whose accepted socket no pass saw), also bound to the
+    /// wildcard address or, for IPv4, to `::` (dual-stack).
+    fn lookup(&self, t: &Tuple) -> Option<&Sighting> {
+        if let Some(s) = self.pick(self.sockets.get(t), |_| true) {
+            return Some(s);
+        }
+        let v4_any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+        let v6_any = IpAddr::V6(Ipv6Addr::UNSPECIFIED);
+        let port = t.local.port();
+        let mut locals = vec![t.local];
+        if t.local.is_ipv4() {
+            locals.push(SocketAddr::new(v4_any, port));
+        }
+        locals.push(SocketAddr::new(v6_any, port));
+        // A socket without a peer only stands for an end when a process owns
+        // it, and for TCP only when it listens.
+        let usable = |s: &Sighting| {
+            s.owner.is_some() && (t.proto == Proto::Udp || s.state == SocketState::Listen)
+        };
+        for local in locals {
+            for any in [v4_any, v6_any] {
+                let wild = Tuple {
+                    proto: t.proto,
+                    local,
+                    remote: SocketAddr::new(any, 0),
+                };
+                if let Some(s) = self.pick(self.sockets.get(&wild), usable) {
+                    return Some(s);
+                }
+            }
+        }
+        None
+    }
+
+    /// Among the usable sightings of one tuple: the one in the probe's own
+    /// namespace, else one with an owner, else any.
+    fn pick<'a>(
+        &self,
+        list: Option<&'a Vec<Sighting>>,
+        usable: impl Fn(&Sighting) -> bool,
+    ) -> Option<&'a Sighting> {
+        let all: Vec<&Sighting> = list?.iter().filter(|s| usable(s)).collect();
+        let own = self.opts.own_netns;
+        all.iter()
+            .find(|s| own.is_some_and(|n| s.netns == n))
+            .or_else(|| all.iter().find(|s| s.owner.is_some()))
+            .or_else(|| all.first())
+            .copied()
+    }
+}

@@ -187,6 +187,8 @@ pub fn run(opts: &Options, on_snapshot: &mut dyn FnMut(&Outcome) -> Result<()>) 
     };
     let mut ebpf = load(&bytes, &origin, opts.max_conns)?;
     install_signal_handlers()?;
+    // Joins connections to processes while it runs; `collect` tags them.
+    let _attrib = crate::attrib::start(&ebpf);
 
     // Subscribe before the dump, so that no link change falls between.
     let mut watcher = links::Watcher::subscribe()?;
@@ -476,6 +478,7 @@ fn collect(ebpf: &Ebpf, drainer: &drain::Drainer) -> Result<Outcome> {
         live.push((k.0, e.0));
     }
     let mut conns = drainer.connections(live.into_iter(), clock_offset_ns());
+    crate::attrib::tag(&mut conns);
     sort_connections(&mut conns);
     Ok(Outcome {
         conns,

@@ -1,6 +1,7 @@
 //! `flowprobe`: per-connection bytes, packets and TCP retransmits, from
 //! eBPF on live interfaces or from capture files.
 
+mod attrib;
 mod capture;
 mod ingest;
 mod live;

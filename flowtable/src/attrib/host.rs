@@ -46,6 +46,13 @@ impl Tuple {
     }
 }
 
+impl Tuple {
+    /// Both ends' views of one connection between `a` and `b`.
+    pub fn ends(proto: Proto, a: SocketAddr, b: SocketAddr) -> [Tuple; 2] {
+        [Tuple::new(proto, a, b), Tuple::new(proto, b, a)]
+    }
+}
+
 fn canonical(a: SocketAddr) -> SocketAddr {
     match a.ip() {
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
@@ -113,6 +120,12 @@ pub trait Host {
     fn namespaces(&mut self) -> io::Result<Vec<Netns>>;
     /// TCP and UDP sockets (v4 and v6) of one namespace.
     fn sockets(&mut self, netns: &Netns) -> io::Result<Vec<SocketEntry>>;
+    /// The socket that would receive a packet from `t.remote` to `t.local`
+    /// in one namespace, as the kernel's own lookup finds it: the connected
+    /// socket, else a listener or an unconnected UDP socket bound to the
+    /// local port. One hash lookup, where [`Host::sockets`] walks every
+    /// socket of the host.
+    fn lookup(&mut self, netns: &Netns, t: &Tuple) -> io::Result<Option<SocketEntry>>;
     /// Inodes of the sockets `pid` holds open (`/proc/<pid>/fd`).
     fn socket_inodes(&mut self, pid: u32) -> io::Result<Vec<u64>>;
     fn process(&mut self, pid: u32) -> io::Result<ProcessInfo>;

@@ -1,8 +1,11 @@
 //! The join: (network namespace, 5-tuple) → socket inode → process → tags.
 //!
-//! [`Resolver::refresh`] is one pass over the host: the sockets of every
-//! namespace in which processes live, and the owner of each socket not seen
-//! before. Owners are found by reading `/proc/<pid>/fd` of the processes
+//! [`Resolver::refresh`] is one pass over the host: every namespace in
+//! which processes live is asked for the sockets of the 5-tuples the probe
+//! has just seen (one kernel hash lookup each, [`Host::lookup`]), and, less
+//! often, for all of its sockets ([`Host::sockets`], a walk of the kernel's
+//! whole socket hash table, whatever the namespace); then the owner of each
+//! socket not seen before is found. Owners are found by reading `/proc/<pid>/fd` of the processes
 //! that owned sockets in that namespace lately (most recent first), and only
 //! when that fails of every process in the namespace, so a steady stream of
 //! connections from a few processes costs a few directory reads per pass.
@@ -32,6 +35,15 @@ pub const NO_SOCKET: &str = "no_socket";
 /// another machine.
 pub const REMOTE: &str = "remote";
 
+/// Passes a 5-tuple is looked up for before the resolver settles for what
+/// it found: the server's socket of a new connection sits in the accept
+/// queue (no inode) until the server accepts it.
+pub const LOOKUP_TRIES: u32 = 5;
+
+/// Full scans for one inode before it is given up as held by no process we
+/// can see: one at once, one after the next namespace listing.
+const ORPHAN_TRIES: u32 = 2;
+
 #[derive(Clone, Debug)]
 pub struct Options {
     pub rules: Vec<ServiceRule>,
@@ -41,6 +53,9 @@ pub struct Options {
     /// The namespace the probe runs in: where a 5-tuple found in several
     /// namespaces (private addresses reused) is taken from.
     pub own_netns: Option<u64>,
+    /// Dump every socket of every namespace at most this often (0: every
+    /// pass). New connections are looked up one by one in between.
+    pub dumps_every_ns: u64,
 }
 
 impl Default for Options {
@@ -49,6 +64,7 @@ impl Default for Options {
             rules: Vec::new(),
             namespaces_every_ns: 1_000_000_000,
             own_netns: None,
+            dumps_every_ns: 0,
         }
     }
 }
@@ -57,7 +73,10 @@ impl Default for Options {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PassStats {
     pub namespaces: usize,
+    /// Sockets the dumps returned.
     pub sockets: usize,
+    /// 5-tuples looked up (each in every namespace until found).
+    pub lookups: usize,
     /// Sockets whose owner this pass found.
     pub attributed: usize,
     /// `/proc/<pid>/fd` directories read.
@@ -87,18 +106,29 @@ pub struct Resolver<H> {
     /// Bumped at each namespace listing: an inode no process held gets one
     /// more look per listing (its process may not have been listed yet).
     generation: u64,
-    rescan_namespaces: bool,
+    /// The namespaces were listed during this pass already.
+    listed_now: bool,
+    now_ns: u64,
     sockets: HashMap<Tuple, Vec<Sighting>>,
     /// Owner of each inode seen in the last fd scans, for sockets alive now.
     inode_pid: HashMap<u64, u32>,
     /// Per namespace, processes that owned sockets, most recent first.
     hot: HashMap<u64, Vec<u32>>,
-    /// Inodes a full scan did not find, and the generation it ran in.
-    orphans: HashMap<u64, u64>,
+    /// Inodes full scans did not find: the generation of the last try and
+    /// how many tries. A socket held by a process of another namespace (or
+    /// a hidden one) would otherwise cost a full scan on every pass.
+    orphans: HashMap<u64, (u64, u32)>,
     procs: HashMap<u32, Arc<Owner>>,
     users: HashMap<u32, Option<String>>,
-    /// Addresses some socket of this host used as its local address.
+    /// Addresses some socket of this host used as its local address, and
+    /// the same per namespace.
     local_ips: HashSet<IpAddr>,
+    netns_ips: HashSet<(u64, IpAddr)>,
+    dumped_at: Option<u64>,
+    /// 5-tuples given to [`Resolver::refresh`] that need no more lookups,
+    /// and those still being looked up with their tries so far.
+    looked_up: HashSet<Tuple>,
+    asking: HashMap<Tuple, u32>,
     last_error: Option<String>,
 }
 
@@ -112,7 +142,8 @@ impl<H: Host> Resolver<H> {
             namespaces: Vec::new(),
             namespaces_at: None,
             generation: 0,
-            rescan_namespaces: false,
+            listed_now: false,
+            now_ns: 0,
             sockets: HashMap::new(),
             inode_pid: HashMap::new(),
             hot: HashMap::new(),
@@ -120,6 +151,10 @@ impl<H: Host> Resolver<H> {
             procs: HashMap::new(),
             users: HashMap::new(),
             local_ips: HashSet::new(),
+            netns_ips: HashSet::new(),
+            dumped_at: None,
+            looked_up: HashSet::new(),
+            asking: HashMap::new(),
             last_error: None,
         }
     }
@@ -134,46 +169,127 @@ impl<H: Host> Resolver<H> {
         self.last_error.take()
     }
 
-    /// One pass at `now_ns` (any monotonic clock; only differences matter).
-    pub fn refresh(&mut self, now_ns: u64) -> PassStats {
+    /// One pass at `now_ns` (any monotonic clock; only differences
+    /// matter). `seen` are 5-tuples the probe saw (each end's view; repeats
+    /// are cheap): each is looked up until its socket is found, at most
+    /// [`LOOKUP_TRIES`] passes.
+    pub fn refresh(&mut self, now_ns: u64, seen: &[Tuple]) -> PassStats {
         let mut st = PassStats::default();
-        let every = if self.rescan_namespaces {
-            self.opts.namespaces_every_ns / 10
-        } else {
-            self.opts.namespaces_every_ns
-        };
+        self.now_ns = now_ns;
+        self.listed_now = false;
         let due = self
             .namespaces_at
-            .is_none_or(|at| now_ns.saturating_sub(at) >= every);
+            .is_none_or(|at| now_ns.saturating_sub(at) >= self.opts.namespaces_every_ns);
         if due {
-            match self.host.namespaces() {
-                Ok(list) => {
-                    let alive: HashSet<u32> =
-                        list.iter().flat_map(|n| n.pids.iter().copied()).collect();
-                    // A pid not listed has exited; its number may come back
-                    // as another process.
-                    self.procs.retain(|pid, _| alive.contains(pid));
-                    for pids in self.hot.values_mut() {
-                        pids.retain(|p| alive.contains(p));
-                    }
-                    self.namespaces = list;
-                    self.namespaces_at = Some(now_ns);
-                    self.generation += 1;
-                    self.rescan_namespaces = false;
-                }
-                Err(e) => self.error(&mut st, format!("listing network namespaces: {e}")),
-            }
+            self.list_namespaces(&mut st);
         }
         let namespaces = std::mem::take(&mut self.namespaces);
-        let mut live_inodes = HashSet::new();
-        for ns in &namespaces {
-            self.pass_netns(ns, &mut st, &mut live_inodes);
+        let dump = self
+            .dumped_at
+            .is_none_or(|at| now_ns.saturating_sub(at) >= self.opts.dumps_every_ns);
+        if dump {
+            let mut live_inodes = HashSet::new();
+            for ns in &namespaces {
+                self.dump_netns(ns, &mut st, &mut live_inodes);
+            }
+            self.dumped_at = Some(now_ns);
+            self.inode_pid.retain(|i, _| live_inodes.contains(i));
+            self.orphans.retain(|i, _| live_inodes.contains(i));
         }
+        self.look_up(&namespaces, seen, &mut st);
         st.namespaces = namespaces.len();
-        self.namespaces = namespaces;
-        self.inode_pid.retain(|i, _| live_inodes.contains(i));
-        self.orphans.retain(|i, _| live_inodes.contains(i));
+        // Unless a search for a new process listed them afresh meanwhile.
+        if !self.listed_now || self.namespaces.is_empty() {
+            self.namespaces = namespaces;
+        }
         st
+    }
+
+    /// Lists the namespaces and their processes now.
+    fn list_namespaces(&mut self, st: &mut PassStats) {
+        self.listed_now = true;
+        match self.host.namespaces() {
+            Ok(mut list) => {
+                let alive: HashSet<u32> =
+                    list.iter().flat_map(|n| n.pids.iter().copied()).collect();
+                // A pid not listed has exited; its number may come back as
+                // another process.
+                self.procs.retain(|pid, _| alive.contains(pid));
+                for pids in self.hot.values_mut() {
+                    pids.retain(|p| alive.contains(p));
+                }
+                // Own namespace first: see `pick`.
+                let own = self.opts.own_netns;
+                list.sort_by_key(|n| Some(n.id) != own);
+                self.namespaces = list;
+                self.namespaces_at = Some(self.now_ns);
+                self.generation += 1;
+            }
+            Err(e) => self.error(st, format!("listing network namespaces: {e}")),
+        }
+    }
+
+    /// Looks up each 5-tuple of `seen` not settled yet in every namespace,
+    /// then finds the owners of what turned up.
+    fn look_up(&mut self, namespaces: &[Netns], seen: &[Tuple], st: &mut PassStats) {
+        let mut pending: Vec<Vec<(Tuple, u64)>> = vec![Vec::new(); namespaces.len()];
+        for t in seen {
+            if self.looked_up.contains(t) {
+                continue;
+            }
+            st.lookups += 1;
+            let mut best: Option<(usize, SocketEntry)> = None;
+            for (i, ns) in namespaces.iter().enumerate() {
+                match self.host.lookup(ns, t) {
+                    Ok(Some(e)) => {
+                        let exact = e.tuple == *t;
+                        if exact || best.is_none() {
+                            best = Some((i, e));
+                        }
+                        if exact {
+                            break;
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => self.error(
+                        st,
+                        format!("looking up a socket in network namespace {}: {e}", ns.id),
+                    ),
+                }
+            }
+            let tries = self.asking.entry(*t).or_insert(0);
+            *tries += 1;
+            // Settled: the connected socket itself, with an inode to find
+            // its process by. A listener, TIME_WAIT or nothing: try again
+            // next pass (the accept may not have happened yet), a few times.
+            let settled = best
+                .as_ref()
+                .is_some_and(|(_, e)| e.tuple == *t && e.inode != 0);
+            if settled || *tries >= LOOKUP_TRIES {
+                self.asking.remove(t);
+                self.looked_up.insert(*t);
+            }
+            if let Some((i, e)) = best {
+                self.learn_ip(namespaces[i].id, &e);
+                if self.see(namespaces[i].id, &e) {
+                    pending[i].push((e.tuple, e.inode));
+                }
+            }
+        }
+        for (ns, p) in namespaces.iter().zip(pending) {
+            if !p.is_empty() {
+                self.attribute(ns, p, st);
+            }
+        }
+    }
+
+    fn learn_ip(&mut self, netns: u64, s: &SocketEntry) {
+        let ip = s.tuple.local.ip();
+        if !ip.is_unspecified() {
+            self.local_ips.insert(ip);
+            self.netns_ips.insert((netns, ip));
+        }
     }
 
     fn error(&mut self, st: &mut PassStats, msg: String) {
@@ -181,7 +297,7 @@ impl<H: Host> Resolver<H> {
         self.last_error = Some(msg);
     }
 
-    fn pass_netns(&mut self, ns: &Netns, st: &mut PassStats, live_inodes: &mut HashSet<u64>) {
+    fn dump_netns(&mut self, ns: &Netns, st: &mut PassStats, live_inodes: &mut HashSet<u64>) {
         let socks = match self.host.sockets(ns) {
             Ok(s) => s,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return,
@@ -195,21 +311,28 @@ impl<H: Host> Resolver<H> {
             if s.inode != 0 {
                 live_inodes.insert(s.inode);
             }
-            if !s.tuple.local.ip().is_unspecified() {
-                self.local_ips.insert(s.tuple.local.ip());
-            }
+            self.learn_ip(ns.id, s);
             if self.see(ns.id, s) {
                 pending.push((s.tuple, s.inode));
             }
         }
-        if pending.is_empty() {
-            return;
+        if !pending.is_empty() {
+            self.attribute(ns, pending, st);
         }
+    }
+
+    /// Finds the owners of sockets `pending` of namespace `ns` (5-tuple and
+    /// inode) and records them.
+    fn attribute(&mut self, ns: &Netns, pending: Vec<(Tuple, u64)>, st: &mut PassStats) {
         let mut want: HashSet<u64> = pending
             .iter()
             .map(|&(_, i)| i)
             .filter(|i| !self.inode_pid.contains_key(i))
-            .filter(|i| self.orphans.get(i) != Some(&self.generation))
+            .filter(|i| {
+                self.orphans
+                    .get(i)
+                    .is_none_or(|&(g, tries)| g != self.generation && tries < ORPHAN_TRIES)
+            })
             .collect();
         if !want.is_empty() {
             self.find_owners(ns, &mut want, st);
@@ -289,10 +412,29 @@ impl<H: Host> Resolver<H> {
                 self.scan(ns.id, pid, want, st);
             }
         }
-        for &i in want.iter() {
-            self.orphans.insert(i, self.generation);
+        if !want.is_empty() && !self.listed_now {
+            // Its process may be newer than the listing (a client that
+            // just started): list again and read the newcomers.
+            self.list_namespaces(st);
+            let fresh: Vec<u32> = self
+                .namespaces
+                .iter()
+                .find(|n| n.id == ns.id)
+                .map(|n| n.pids.clone())
+                .unwrap_or_default();
+            for pid in fresh {
+                if want.is_empty() {
+                    return;
+                }
+                if scanned.insert(pid) {
+                    self.scan(ns.id, pid, want, st);
+                }
+            }
         }
-        self.rescan_namespaces = true;
+        for &i in want.iter() {
+            let o = self.orphans.entry(i).or_insert((self.generation, 0));
+            *o = (self.generation, o.1 + 1);
+        }
     }
 
     fn scan(&mut self, netns: u64, pid: u32, want: &mut HashSet<u64>, st: &mut PassStats) {
@@ -415,7 +557,8 @@ impl<H: Host> Resolver<H> {
     /// listener whose accepted socket no pass saw), also bound to the
     /// wildcard address or, for IPv4, to `::` (dual-stack).
     fn lookup(&self, t: &Tuple) -> Option<&Sighting> {
-        if let Some(s) = self.pick(self.sockets.get(t), |_| true) {
+        let exact = self.pick(self.sockets.get(t), |_| true);
+        if let Some(s) = exact.filter(|s| s.owner.is_some()) {
             return Some(s);
         }
         let v4_any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
@@ -427,9 +570,17 @@ impl<H: Host> Resolver<H> {
         }
         locals.push(SocketAddr::new(v6_any, port));
         // A socket without a peer only stands for an end when a process owns
-        // it, and for TCP only when it listens.
+        // it, and for TCP only when it listens; it stands for a connected
+        // socket seen without an owner (closed by the server before a pass
+        // found it: TIME_WAIT) only in that socket's namespace.
+        let ip = t.local.ip();
         let usable = |s: &Sighting| {
-            s.owner.is_some() && (t.proto == Proto::Udp || s.state == SocketState::Listen)
+            s.owner.is_some()
+                && (t.proto == Proto::Udp || s.state == SocketState::Listen)
+                && exact.is_none_or(|e| e.netns == s.netns)
+                // A wildcard socket takes the traffic of its own namespace's
+                // addresses only; a remote end on the same port is not it.
+                && (ip.is_loopback() || self.netns_ips.contains(&(s.netns, ip)))
         };
         for local in locals {
             for any in [v4_any, v6_any] {
@@ -443,7 +594,7 @@ impl<H: Host> Resolver<H> {
                 }
             }
         }
-        None
+        exact
     }
 
     /// Among the usable sightings of one tuple: the one in the probe's own

@@ -21,6 +21,8 @@ struct Fake {
     procs: HashMap<u32, ProcessInfo>,
     fd_reads: Vec<u32>,
     namespace_listings: usize,
+    dumps: usize,
+    lookups: usize,
 }
 
 impl Host for Fake {
@@ -29,10 +31,32 @@ impl Host for Fake {
         Ok(self.namespaces.clone())
     }
     fn sockets(&mut self, ns: &Netns) -> io::Result<Vec<SocketEntry>> {
+        self.dumps += 1;
         self.sockets
             .get(&ns.id)
             .cloned()
             .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))
+    }
+    /// As the kernel: the connected socket, else one bound to the port
+    /// without a peer (TCP: listening).
+    fn lookup(&mut self, ns: &Netns, t: &Tuple) -> io::Result<Option<SocketEntry>> {
+        self.lookups += 1;
+        let Some(all) = self.sockets.get(&ns.id) else {
+            return Ok(None);
+        };
+        if let Some(s) = all.iter().find(|s| s.tuple == *t) {
+            return Ok(Some(*s));
+        }
+        Ok(all
+            .iter()
+            .find(|s| {
+                s.tuple.proto == t.proto
+                    && s.tuple.remote.ip().is_unspecified()
+                    && s.tuple.local.port() == t.local.port()
+                    && (s.tuple.local.ip().is_unspecified() || s.tuple.local.ip() == t.local.ip())
+                    && (t.proto == Proto::Udp || s.state == SocketState::Listen)
+            })
+            .copied())
     }
     fn socket_inodes(&mut self, pid: u32) -> io::Result<Vec<u64>> {
         self.fd_reads.push(pid);
@@ -178,7 +202,7 @@ fn tags(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
 #[test]
 fn both_ends_in_two_namespaces_get_process_container_and_service() {
     let mut r = Resolver::new(world(), Options::default());
-    let st = r.refresh(0);
+    let st = r.refresh(0, &[]);
     assert_eq!(st.namespaces, 3);
     assert_eq!(st.errors, 0);
     let mut c = vec![conn("tcp", "10.1.0.1:40000", "10.1.0.2:8080")];
@@ -213,7 +237,7 @@ fn both_ends_in_two_namespaces_get_process_container_and_service() {
 #[test]
 fn owner_is_kept_after_the_socket_and_process_are_gone() {
     let mut r = Resolver::new(world(), Options::default());
-    r.refresh(0);
+    r.refresh(0, &[]);
     // The connection closes: the client's socket goes to TIME_WAIT (inode
     // 0), the server's is gone, and the client process exits.
     let f = &mut r.host;
@@ -228,7 +252,7 @@ fn owner_is_kept_after_the_socket_and_process_are_gone() {
     f.procs.remove(&101);
     f.fds.remove(&101);
     f.namespaces[1].pids = vec![100];
-    r.refresh(10_000_000_000);
+    r.refresh(10_000_000_000, &[]);
     let mut c = vec![conn("tcp", "10.1.0.1:40000", "10.1.0.2:8080")];
     r.tag(&mut c);
     assert_eq!(c[0].src_tags["pid"], "101");
@@ -245,7 +269,7 @@ fn unattributed_ends_say_why() {
         .unwrap()
         .push(sock(Proto::Tcp, "10.1.0.1:40001", "10.1.0.2:9999", 1002));
     let mut r = Resolver::new(f, Options::default());
-    r.refresh(0);
+    r.refresh(0, &[]);
     let mut c = vec![
         conn("tcp", "10.1.0.1:40001", "10.1.0.2:9999"),
         // 10.1.0.1 is a local address, this port was never seen.
@@ -269,8 +293,14 @@ fn unattributed_ends_say_why() {
 
 #[test]
 fn listener_and_unconnected_udp_stand_for_ends_never_seen_connected() {
-    let mut r = Resolver::new(world(), Options::default());
-    r.refresh(0);
+    let mut f = world();
+    // Sockets that show 10.9.9.9 and fd00::1 are addresses of namespace 1.
+    f.sockets.get_mut(&1).unwrap().extend([
+        sock(Proto::Udp, "10.9.9.9:53000", "192.0.2.53:53", 5001),
+        sock(Proto::Udp, "[fd00::1]:53000", "[fd00::53]:53", 5002),
+    ]);
+    let mut r = Resolver::new(f, Options::default());
+    r.refresh(0, &[]);
     let mut c = vec![
         // A connection to the server whose accepted socket no pass saw.
         conn("tcp", "10.1.0.1:40100", "10.1.0.2:8080"),
@@ -283,10 +313,30 @@ fn listener_and_unconnected_udp_stand_for_ends_never_seen_connected() {
     assert_eq!(c[0].src_tags["unattributed"], "no_socket");
     assert_eq!(c[1].dst_tags["process"], "mdns");
     assert_eq!(c[2].dst_tags["process"], "mdns");
+    // An address no socket of the namespace ever used is not its.
+    let mut c = vec![conn("udp", "192.0.2.9:5353", "10.9.9.10:5353")];
+    r.tag(&mut c);
+    assert_eq!(c[0].dst_tags["unattributed"], "remote");
     // The client side of a TCP port does not match a listener elsewhere.
     let mut c = vec![conn("tcp", "10.1.0.2:8080", "10.1.0.1:1")];
     r.tag(&mut c);
     assert_eq!(c[0].src_tags["process"], "fp-server");
+}
+
+#[test]
+fn a_server_socket_first_seen_in_time_wait_takes_the_listeners_owner() {
+    let mut f = world();
+    // The server answered and closed before any pass: only TIME_WAIT left.
+    f.sockets
+        .get_mut(&22)
+        .unwrap()
+        .push(sock(Proto::Tcp, "10.1.0.2:8080", "10.1.0.1:40900", 0));
+    let mut r = Resolver::new(f, Options::default());
+    r.refresh(0, &[]);
+    let mut c = vec![conn("tcp", "10.1.0.1:40900", "10.1.0.2:8080")];
+    r.tag(&mut c);
+    assert_eq!(c[0].dst_tags["process"], "fp-server");
+    assert_eq!(c[0].dst_tags["netns"], "22");
 }
 
 #[test]
@@ -300,7 +350,7 @@ fn ipv4_mapped_socket_matches_an_ipv4_connection() {
     ));
     f.fds.get_mut(&200).unwrap().push(2002);
     let mut r = Resolver::new(f, Options::default());
-    r.refresh(0);
+    r.refresh(0, &[]);
     let mut c = vec![conn("tcp", "10.1.0.1:40500", "10.1.0.2:8443")];
     r.tag(&mut c);
     assert_eq!(c[0].dst_tags["pid"], "200");
@@ -324,7 +374,7 @@ fn rules_name_services_before_the_environment() {
         ..Options::default()
     };
     let mut r = Resolver::new(world(), opts);
-    r.refresh(0);
+    r.refresh(0, &[]);
     let mut c = vec![conn("tcp", "10.1.0.1:40000", "10.1.0.2:8080")];
     r.tag(&mut c);
     assert_eq!(c[0].dst_tags["service"], "payments-api");
@@ -334,7 +384,7 @@ fn rules_name_services_before_the_environment() {
 #[test]
 fn new_sockets_of_a_known_process_cost_one_fd_read() {
     let mut r = Resolver::new(world(), Options::default());
-    r.refresh(0);
+    r.refresh(0, &[]);
     // The first pass had to read every process of the client's namespace.
     assert!(r.host.fd_reads.contains(&100));
     r.host.fd_reads.clear();
@@ -344,13 +394,13 @@ fn new_sockets_of_a_known_process_cost_one_fd_read() {
         .unwrap()
         .push(sock(Proto::Tcp, "10.1.0.1:40001", "10.1.0.2:8080", 1003));
     f.fds.get_mut(&101).unwrap().push(1003);
-    let st = r.refresh(1_000_000);
+    let st = r.refresh(1_000_000, &[]);
     assert_eq!(r.host.fd_reads, vec![101], "only the recent owner is read");
     assert_eq!(st.full_scans, 0);
     assert_eq!(st.attributed, 1);
     // Nothing new: no fd reads at all.
     r.host.fd_reads.clear();
-    r.refresh(2_000_000);
+    r.refresh(2_000_000, &[]);
     assert!(r.host.fd_reads.is_empty());
     // Namespaces are listed once per second, not per pass.
     assert_eq!(r.host.namespace_listings, 1);
@@ -364,14 +414,20 @@ fn an_orphan_inode_is_not_searched_for_on_every_pass() {
         .unwrap()
         .push(sock(Proto::Udp, "10.1.0.2:7000", "0.0.0.0:0", 2999));
     let mut r = Resolver::new(f, Options::default());
-    let st = r.refresh(0);
+    let st = r.refresh(0, &[]);
     assert_eq!(st.full_scans, 3, "every namespace once: nothing was known");
-    let st = r.refresh(1_000_000);
+    let st = r.refresh(1_000_000, &[]);
     assert_eq!(st.full_scans, 0);
-    // A new namespace listing (a new process may hold it) gives it one more look.
-    let st = r.refresh(200_000_000);
+    // The next listing (a new process may hold it) gives it one more look.
+    let st = r.refresh(1_000_000_000, &[]);
     assert_eq!(r.host.namespace_listings, 2);
     assert_eq!(st.full_scans, 1);
+    // Then it is given up.
+    for t in 1..=20 {
+        let st = r.refresh(1_000_000_000 + t * 100_000_000, &[]);
+        assert_eq!(st.full_scans, 0);
+    }
+    assert_eq!(r.host.namespace_listings, 4, "once per second");
 }
 
 #[test]
@@ -381,7 +437,7 @@ fn processes_vanishing_mid_pass_are_not_errors() {
     f.namespaces[1].pids.insert(0, 999);
     f.procs.remove(&200);
     let mut r = Resolver::new(f, Options::default());
-    let st = r.refresh(0);
+    let st = r.refresh(0, &[]);
     assert_eq!(st.errors, 0);
     assert!(r.take_error().is_none());
     let mut c = vec![conn("tcp", "10.1.0.1:40000", "10.1.0.2:8080")];
@@ -392,7 +448,7 @@ fn processes_vanishing_mid_pass_are_not_errors() {
     r.host
         .procs
         .insert(200, proc_info(200, "fp-server", String::new(), None));
-    r.refresh(1_000_000);
+    r.refresh(1_000_000, &[]);
     let mut c = vec![conn("tcp", "10.1.0.1:40000", "10.1.0.2:8080")];
     r.tag(&mut c);
     assert_eq!(c[0].dst_tags["pid"], "200");
@@ -401,7 +457,7 @@ fn processes_vanishing_mid_pass_are_not_errors() {
 #[test]
 fn a_reused_tuple_takes_the_new_owner() {
     let mut r = Resolver::new(world(), Options::default());
-    r.refresh(0);
+    r.refresh(0, &[]);
     let f = &mut r.host;
     f.sockets.insert(
         11,
@@ -411,7 +467,7 @@ fn a_reused_tuple_takes_the_new_owner() {
     f.fds.insert(101, vec![]);
     f.procs
         .insert(100, proc_info(100, "fp-other", String::new(), None));
-    r.refresh(1_000_000);
+    r.refresh(1_000_000, &[]);
     let mut c = vec![conn("tcp", "10.1.0.1:40000", "10.1.0.2:8080")];
     r.tag(&mut c);
     assert_eq!(c[0].src_tags["process"], "fp-other");
@@ -441,7 +497,7 @@ fn the_same_tuple_in_two_namespaces_prefers_the_probes_own() {
             ..Options::default()
         };
         let mut r = Resolver::new(world_with(&f), opts);
-        r.refresh(0);
+        r.refresh(0, &[]);
         let mut c = vec![conn("tcp", "127.0.0.1:50000", "127.0.0.1:6379")];
         r.tag(&mut c);
         assert_eq!(c[0].src_tags["netns"], own.to_string());
@@ -457,4 +513,107 @@ fn world_with(f: &Fake) -> Fake {
         procs: f.procs.clone(),
         ..Fake::default()
     }
+}
+
+/// Dumps once, then only lookups of what the probe saw.
+fn lookup_only() -> Options {
+    Options {
+        dumps_every_ns: u64::MAX,
+        ..Options::default()
+    }
+}
+
+fn ends(proto: Proto, a: &str, b: &str) -> Vec<Tuple> {
+    Tuple::ends(proto, addr(a), addr(b)).to_vec()
+}
+
+#[test]
+fn new_connections_are_found_by_lookup_in_any_namespace() {
+    let mut f = world();
+    // Nothing to dump at the start.
+    let later_11 = f.sockets.insert(11, vec![]).unwrap();
+    let later_22 = f.sockets.get(&22).unwrap().clone();
+    f.sockets.insert(22, vec![later_22[0]]);
+    let mut r = Resolver::new(f, lookup_only());
+    r.refresh(0, &[]);
+    assert_eq!(r.host.dumps, 3);
+    // The connection appears; the probe reports its 5-tuple.
+    r.host.sockets.insert(11, later_11);
+    r.host.sockets.insert(22, later_22);
+    let seen = ends(Proto::Tcp, "10.1.0.1:40000", "10.1.0.2:8080");
+    let st = r.refresh(1_000_000, &seen);
+    assert_eq!(r.host.dumps, 3, "no dump between dumps_every_ns");
+    assert_eq!(st.lookups, 2);
+    assert_eq!(st.attributed, 2);
+    let mut c = vec![conn("tcp", "10.1.0.1:40000", "10.1.0.2:8080")];
+    r.tag(&mut c);
+    assert_eq!(c[0].src_tags["process"], "fp-client");
+    assert_eq!(c[0].dst_tags["process"], "fp-server");
+    assert_eq!(c[0].dst_tags["netns"], "22");
+    // Settled: the same tuples again cost nothing.
+    let n = r.host.lookups;
+    let st = r.refresh(2_000_000, &seen);
+    assert_eq!((st.lookups, r.host.lookups), (0, n));
+}
+
+#[test]
+fn a_socket_still_in_the_accept_queue_is_looked_up_again() {
+    let mut f = world();
+    // Handshake done, not accepted: the kernel's socket has no inode yet.
+    let accepted = f.sockets.get_mut(&22).unwrap().pop().unwrap();
+    f.sockets.get_mut(&22).unwrap().push(SocketEntry {
+        inode: 0,
+        ..accepted
+    });
+    let mut r = Resolver::new(f, lookup_only());
+    let seen = ends(Proto::Tcp, "10.1.0.1:40000", "10.1.0.2:8080");
+    r.refresh(0, &seen);
+    *r.host.sockets.get_mut(&22).unwrap().last_mut().unwrap() = accepted;
+    let st = r.refresh(1_000_000, &seen);
+    assert_eq!(st.lookups, 1, "only the server end was unsettled");
+    assert_eq!(st.attributed, 1);
+}
+
+#[test]
+fn a_remote_end_on_a_listening_port_is_not_the_listener() {
+    let mut r = Resolver::new(world(), lookup_only());
+    // 10.1.0.2 talks to a web server elsewhere whose port is also 8080: the
+    // local wildcard listener on 8080 must not claim that remote end.
+    let seen = ends(Proto::Tcp, "10.1.0.2:41000", "198.51.100.1:8080");
+    r.refresh(0, &seen);
+    let mut c = vec![conn("tcp", "10.1.0.2:41000", "198.51.100.1:8080")];
+    r.tag(&mut c);
+    assert_eq!(c[0].dst_tags, tags(&[("unattributed", "remote")]));
+    // Given up after LOOKUP_TRIES passes.
+    for t in 1..10 {
+        r.refresh(t, &seen);
+    }
+    let n = r.host.lookups;
+    r.refresh(100, &seen);
+    assert_eq!(r.host.lookups, n);
+}
+
+#[test]
+fn a_socket_of_a_process_newer_than_the_listing_is_found_in_the_same_pass() {
+    let mut r = Resolver::new(world(), lookup_only());
+    r.refresh(0, &[]);
+    // A new client process starts in namespace 11 and connects at once.
+    let f = &mut r.host;
+    f.namespaces[1].pids.push(102);
+    f.fds.insert(102, vec![1050]);
+    f.procs
+        .insert(102, proc_info(102, "fp-newcomer", String::new(), None));
+    f.sockets
+        .get_mut(&11)
+        .unwrap()
+        .push(sock(Proto::Tcp, "10.1.0.1:40777", "10.1.0.2:8080", 1050));
+    let seen = ends(Proto::Tcp, "10.1.0.1:40777", "10.1.0.2:8080");
+    r.refresh(1_000_000, &seen);
+    assert_eq!(
+        r.host.namespace_listings, 2,
+        "listed again for the unknown inode"
+    );
+    let mut c = vec![conn("tcp", "10.1.0.1:40777", "10.1.0.2:8080")];
+    r.tag(&mut c);
+    assert_eq!(c[0].src_tags["process"], "fp-newcomer");
 }

@@ -1,0 +1,271 @@
+//! Process attribution for `flowprobe run`: a resolver pass every
+//! [`INTERVAL`] on a thread of its own, so that a connection is joined to
+//! its process while its socket still exists, and once more at every
+//! report ([`tag`]). Each pass reads the keys of the kernel's connection
+//! map (a second descriptor of the same map) and looks up the sockets of
+//! keys it has not settled yet; every [`DUMP_EVERY`] it also dumps all
+//! sockets (a walk of the kernel's whole socket hash table per namespace,
+//! too costly to do every pass). The join itself lives in [`flowtable::attrib`]; this
+//! module is the operating system side ([`host::ProcHost`]).
+//!
+//! `FLOWPROBE_ATTRIB=off` turns it off; `FLOWPROBE_ATTRIB_STATS=1` prints
+//! its CPU cost at exit (the benchmark reads that line);
+//! `FLOWPROBE_ATTRIB_INTERVAL_MS` changes the pass interval.
+
+mod host;
+mod procfs;
+mod procnet;
+mod sockdiag;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+use aya::Pod;
+use flowtable::attrib::{Options, PassStats, Proto, Resolver, Tuple};
+use flowtable::Connection;
+use probe_common::{ConnKey, FlowEntry};
+
+use self::host::ProcHost;
+
+/// Between passes. A connection that opens and closes within one interval
+/// can be missed; 20 ms sees a 50 ms connection twice or more.
+pub const INTERVAL: Duration = Duration::from_millis(20);
+
+/// Between dumps of every socket: they find what lookups cannot (sockets
+/// of connections that were open before the run, listeners).
+pub const DUMP_EVERY: Duration = Duration::from_secs(2);
+
+/// The kernel map's key and value, as aya wants them (`Pod` is aya's
+/// trait and `ConnKey` another crate's type, so a local wrapper).
+#[derive(Clone, Copy)]
+#[repr(transparent)]
+struct Key(ConnKey);
+// SAFETY: `ConnKey` is `repr(C)`, `Copy`, without padding or pointers.
+unsafe impl Pod for Key {}
+
+#[derive(Clone, Copy)]
+#[repr(transparent)]
+struct Value(FlowEntry);
+// SAFETY: `FlowEntry` is `repr(C)`, `Copy`, without padding or pointers.
+unsafe impl Pod for Value {}
+
+type ConnMap = BpfHashMap<MapData, Key, Value>;
+
+struct Shared {
+    resolver: Mutex<Resolver<ProcHost>>,
+    stop: AtomicBool,
+    /// Thread CPU time spent in passes, ns.
+    cpu_ns: AtomicU64,
+    passes: AtomicU64,
+    totals: Mutex<PassStats>,
+    started: Instant,
+}
+
+/// The attribution that [`tag`] uses while a run runs.
+static CURRENT: Mutex<Option<Arc<Shared>>> = Mutex::new(None);
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding it leaves plain data behind; keep going.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Running attribution; stops (and reports its cost when asked) on drop.
+pub struct Attribution {
+    shared: Option<Arc<Shared>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Starts the resolver thread, unless `FLOWPROBE_ATTRIB=off`. It follows
+/// the connection map `CONNS` of `ebpf` for new connections.
+pub fn start(ebpf: &aya::Ebpf) -> Attribution {
+    if std::env::var("FLOWPROBE_ATTRIB").as_deref() == Ok("off") {
+        return Attribution {
+            shared: None,
+            thread: None,
+        };
+    }
+    let interval = std::env::var("FLOWPROBE_ATTRIB_INTERVAL_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_millis)
+        .unwrap_or(INTERVAL);
+    let host = ProcHost::new();
+    let opts = Options {
+        own_netns: host.own_netns(),
+        dumps_every_ns: DUMP_EVERY.as_nanos() as u64,
+        ..Options::default()
+    };
+    let map = conn_map(ebpf);
+    if let Err(e) = &map {
+        eprintln!("flowprobe: attribution: {e}; connections are joined at each report only");
+    }
+    let map = map.ok();
+    let shared = Arc::new(Shared {
+        resolver: Mutex::new(Resolver::new(host, opts)),
+        stop: AtomicBool::new(false),
+        cpu_ns: AtomicU64::new(0),
+        passes: AtomicU64::new(0),
+        totals: Mutex::new(PassStats::default()),
+        started: Instant::now(),
+    });
+    *lock(&CURRENT) = Some(shared.clone());
+    let s = shared.clone();
+    let thread = std::thread::Builder::new()
+        .name("attrib".to_owned())
+        .spawn(move || {
+            let mut seen = Vec::new();
+            while !s.stop.load(Ordering::Relaxed) {
+                let t0 = thread_cpu_ns();
+                seen.clear();
+                if let Some(m) = &map {
+                    for k in m.keys().flatten() {
+                        seen.extend(key_ends(&k.0).into_iter().flatten());
+                    }
+                }
+                s.cpu_ns
+                    .fetch_add(thread_cpu_ns().saturating_sub(t0), Ordering::Relaxed);
+                pass(&s, &mut lock(&s.resolver), &seen);
+                std::thread::park_timeout(interval);
+            }
+        })
+        .map_err(|e| eprintln!("flowprobe: attribution: cannot start its thread: {e}"))
+        .ok();
+    Attribution {
+        shared: Some(shared),
+        thread,
+    }
+}
+
+/// One resolver pass, timed in thread CPU time; failures said once each.
+fn pass(s: &Shared, r: &mut Resolver<ProcHost>, seen: &[Tuple]) {
+    let t0 = thread_cpu_ns();
+    let st = r.refresh(monotonic_ns(), seen);
+    s.cpu_ns
+        .fetch_add(thread_cpu_ns().saturating_sub(t0), Ordering::Relaxed);
+    s.passes.fetch_add(1, Ordering::Relaxed);
+    let mut t = lock(&s.totals);
+    t.sockets = t.sockets.max(st.sockets);
+    t.namespaces = t.namespaces.max(st.namespaces);
+    t.attributed += st.attributed;
+    t.lookups += st.lookups;
+    t.fd_scans += st.fd_scans;
+    t.full_scans += st.full_scans;
+    t.errors += st.errors;
+    if let Some(e) = r.take_error() {
+        if t.errors == st.errors {
+            eprintln!("flowprobe: attribution: {e}");
+        }
+    }
+}
+
+/// Fills `src_tags` / `dst_tags` of `conns` after one more pass (a
+/// connection that started since the last pass is caught now, if its socket
+/// still exists). Does nothing when attribution is not running.
+pub fn tag(conns: &mut [Connection]) {
+    let Some(s) = lock(&CURRENT).clone() else {
+        return;
+    };
+    let seen: Vec<Tuple> = conns
+        .iter()
+        .filter_map(|c| {
+            let p = Proto::from_name(c.proto)?;
+            Some(Tuple::ends(
+                p,
+                (c.src, c.sport).into(),
+                (c.dst, c.dport).into(),
+            ))
+        })
+        .flatten()
+        .collect();
+    let mut r = lock(&s.resolver);
+    pass(&s, &mut r, &seen);
+    r.tag(conns);
+}
+
+/// A second descriptor of the kernel's connection map, for this thread.
+fn conn_map(ebpf: &aya::Ebpf) -> anyhow::Result<ConnMap> {
+    use anyhow::Context;
+    use std::os::fd::AsFd;
+    let fd = match ebpf.map("CONNS") {
+        Some(Map::HashMap(m) | Map::LruHashMap(m)) => m.fd().as_fd().try_clone_to_owned()?,
+        _ => anyhow::bail!("the eBPF object has no hash map CONNS"),
+    };
+    let data = MapData::from_fd(fd).context("opening the connection map again")?;
+    Ok(ConnMap::try_from(Map::HashMap(data))?)
+}
+
+/// Both ends' 5-tuples of a map key (addresses as `conn.rs` renders them).
+fn key_ends(k: &ConnKey) -> Option<[Tuple; 2]> {
+    let proto = match k.proto as i32 {
+        libc::IPPROTO_TCP => Proto::Tcp,
+        libc::IPPROTO_UDP => Proto::Udp,
+        _ => return None,
+    };
+    let ip = |a: &[u8; 16]| -> std::net::IpAddr {
+        if k.family == 4 {
+            std::net::Ipv4Addr::new(a[12], a[13], a[14], a[15]).into()
+        } else {
+            std::net::Ipv6Addr::from(*a).into()
+        }
+    };
+    Some(Tuple::ends(
+        proto,
+        (ip(&k.lo), k.lo_port).into(),
+        (ip(&k.hi), k.hi_port).into(),
+    ))
+}
+
+impl Drop for Attribution {
+    fn drop(&mut self) {
+        let Some(s) = self.shared.take() else { return };
+        s.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.thread().unpark();
+            let _ = t.join();
+        }
+        *lock(&CURRENT) = None;
+        if let Some(w) = &lock(&s.resolver).host().warning {
+            eprintln!("flowprobe: attribution: {w}");
+        }
+        if std::env::var("FLOWPROBE_ATTRIB_STATS").as_deref() == Ok("1") {
+            let wall = s.started.elapsed().as_secs_f64();
+            let cpu = s.cpu_ns.load(Ordering::Relaxed) as f64 / 1e9;
+            let t = lock(&s.totals);
+            eprintln!(
+                "flowprobe: attribution: {} passes in {wall:.2} s, resolver CPU {:.3} s = {:.2}% of one core; \
+                 up to {} namespaces and {} sockets per dump; {} lookups, {} sockets attributed, {} fd tables read, {} full scans, {} errors",
+                s.passes.load(Ordering::Relaxed),
+                cpu,
+                100.0 * cpu / wall.max(1e-9),
+                t.namespaces,
+                t.sockets,
+                t.lookups,
+                t.attributed,
+                t.fd_scans,
+                t.full_scans,
+                t.errors,
+            );
+        }
+    }
+}
+
+fn clock_ns(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid out-pointer.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn monotonic_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC)
+}
+
+fn thread_cpu_ns() -> u64 {
+    clock_ns(libc::CLOCK_THREAD_CPUTIME_ID)
+}

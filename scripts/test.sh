@@ -10,6 +10,8 @@
 #   4. root     eBPF: the verifier accepts the program (bpftool load) and it
 #               counts in a veth pair between two fresh network namespaces;
 #               `flowprobe run` there equals each socket's TCP_INFO (tests/live_tc.rs);
+#               each end is joined to its process, container and service
+#               (tests/live_attrib.rs);
 #               replay of freshly captured kernel traffic (iptables loss in the
 #               receiver's INPUT) equals each socket's TCP_INFO
 #
@@ -65,6 +67,9 @@ cargo xtask smoke-ebpf --release
 # `flowprobe run` on a veth in new namespaces against TCP_INFO; it uses the
 # object check-ebpf just built (the unit tier skips it without this variable).
 FLOWPROBE_LIVE_TESTS=1 cargo test --locked -p flowprobe --test live_tc
+# Process attribution: processes in two namespaces and made-up container
+# cgroups, 500 short-lived connections (tests/live_attrib.rs).
+FLOWPROBE_LIVE_TESTS=1 cargo test --locked -p flowprobe --test live_attrib -- --nocapture
 
 fresh=$(mktemp -d /tmp/flowprobe-capture.XXXXXX)
 trap 'rm -rf "$fresh"' EXIT

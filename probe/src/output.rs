@@ -1,5 +1,6 @@
 //! How connections are printed: the JSON-lines contract and a table.
 
+use std::collections::BTreeMap;
 use std::io::{self, Write};
 use std::net::IpAddr;
 
@@ -62,6 +63,24 @@ fn endpoint(ip: IpAddr, port: u16) -> String {
     }
 }
 
+/// Who an end is, in one table cell: `process[pid]/service/container`
+/// (the container id cut to 12 digits, as `docker ps` shows it; `-` for a
+/// missing part), or `(reason)` when it is not attributed.
+fn owner(tags: &BTreeMap<String, String>) -> String {
+    if let Some(why) = tags.get("unattributed") {
+        return format!("({why})");
+    }
+    let get = |k: &str| tags.get(k).map(String::as_str).unwrap_or("-");
+    let container = get("container");
+    format!(
+        "{}[{}]/{}/{}",
+        get("process"),
+        get("pid"),
+        get("service"),
+        &container[..container.len().min(12)]
+    )
+}
+
 fn table(out: &mut impl Write, conns: &[Connection]) -> io::Result<()> {
     let rows: Vec<[String; 2]> = conns
         .iter()
@@ -69,7 +88,25 @@ fn table(out: &mut impl Write, conns: &[Connection]) -> io::Result<()> {
         .collect();
     let ws = rows.iter().map(|r| r[0].len()).max().unwrap_or(0).max(6);
     let wd = rows.iter().map(|r| r[1].len()).max().unwrap_or(0).max(11);
-    writeln!(
+    // Owner columns only when some end is attributed (`run`), so replay
+    // tables stay as they were.
+    let owners: Option<Vec<[String; 2]>> = conns
+        .iter()
+        .any(|c| !c.src_tags.is_empty() || !c.dst_tags.is_empty())
+        .then(|| {
+            conns
+                .iter()
+                .map(|c| [owner(&c.src_tags), owner(&c.dst_tags)])
+                .collect()
+        });
+    let wo = owners
+        .iter()
+        .flatten()
+        .map(|r| r[0].len())
+        .max()
+        .unwrap_or(0)
+        .max(9);
+    write!(
         out,
         "{:<5} {:<ws$} {:<wd$} {:>9} {:>12} {:>7} {:>10} {:>9} {:>12} {:>7} {:>10} {:>10}",
         "PROTO",
@@ -85,16 +122,24 @@ fn table(out: &mut impl Write, conns: &[Connection]) -> io::Result<()> {
         "R_RETX_B",
         "DURATION_S",
     )?;
-    for (c, [s, d]) in conns.iter().zip(&rows) {
+    if owners.is_some() {
+        write!(out, " {:<wo$} DST_OWNER", "SRC_OWNER")?;
+    }
+    writeln!(out)?;
+    for (i, (c, [s, d])) in conns.iter().zip(&rows).enumerate() {
         let dur = c.last_seen.saturating_sub(c.first_seen) as f64 / 1e9;
         let dir = |x: &DirStats| (x.packets, x.bytes, x.retransmits, x.retransmitted_bytes);
         let (sp, sb, sr, srb) = dir(&c.sent);
         let (rp, rb, rr, rrb) = dir(&c.received);
-        writeln!(
+        write!(
             out,
             "{:<5} {s:<ws$} {d:<wd$} {sp:>9} {sb:>12} {sr:>7} {srb:>10} {rp:>9} {rb:>12} {rr:>7} {rrb:>10} {dur:>10.3}",
             c.proto
         )?;
+        if let Some([so, dso]) = owners.as_ref().and_then(|o| o.get(i)) {
+            write!(out, " {so:<wo$} {dso}")?;
+        }
+        writeln!(out)?;
     }
     Ok(())
 }
@@ -246,4 +291,35 @@ pub fn summary(conns: usize, s: &FrameStats) -> String {
     }
     line.push(')');
     line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owner_cells() {
+        let tags = |kv: &[(&str, &str)]| -> BTreeMap<String, String> {
+            kv.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        assert_eq!(
+            owner(&tags(&[
+                ("process", "nginx"),
+                ("pid", "42"),
+                ("service", "web"),
+                (
+                    "container",
+                    "4f2d9b3c1a0e8f7d6c5b4a39281706f5e4d3c2b1a0998877665544332211aabb"
+                ),
+            ])),
+            "nginx[42]/web/4f2d9b3c1a0e"
+        );
+        assert_eq!(
+            owner(&tags(&[("process", "sshd"), ("pid", "7")])),
+            "sshd[7]/-/-"
+        );
+        assert_eq!(owner(&tags(&[("unattributed", "remote")])), "(remote)");
+    }
 }

@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# Attribution benchmark: what joining connections to processes costs while
+# RATE connections per second (default 1000) come and go.
+#
+#   netns A: load client  ==veth==  netns B: echo server
+#   `flowprobe run` in A (every interface), attribution on or off
+#
+# Each connection sends 100 bytes, reads the echo, stays open HOLD_MS (50)
+# and closes. Rounds alternate `on` and `off` (FLOWPROBE_ATTRIB=off). Per
+# round it prints: connections per second achieved; flowprobe's process CPU
+# (utime+stime from /proc/PID/stat over the load window, % of one core);
+# with attribution on, the resolver's own CPU as the process measures it
+# (thread CPU time of its passes, FLOWPROBE_ATTRIB_STATS=1) and the
+# fraction of the load's connections whose both ends were attributed.
+#
+# usage (root): bench/attrib.sh [ROUNDS]   (default 3; SECS=10, RATE=1000, HOLD_MS=50)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ROUNDS=${1:-${ROUNDS:-3}}
+SECS=${SECS:-10}
+RATE=${RATE:-1000}
+HOLD_MS=${HOLD_MS:-50}
+NS_A=fp-abench-a-$$
+NS_B=fp-abench-b-$$
+PY=/usr/bin/python3
+
+log() { printf 'bench: %s\n' "$*" >&2; }
+die() { log "FAIL: $*"; exit 2; }
+[[ $(id -u) -eq 0 ]] || die "must run as root (network namespaces, tc)"
+for t in ip tc jq "$PY"; do command -v "$t" >/dev/null || die "$t not found"; done
+
+log "building flowprobe (release)"
+cargo build --release --quiet -p flowprobe
+FP=target/release/flowprobe
+WORK=$(mktemp -d /tmp/flowprobe-abench.XXXXXX)
+SERVER=
+cleanup() {
+    [[ -n $SERVER ]] && kill "$SERVER" 2>/dev/null || true
+    for ns in "$NS_A" "$NS_B"; do
+        ino=$(stat -L -c %i "/run/netns/$ns" 2>/dev/null || true)
+        [[ -n $ino ]] && rm -f "/run/flowprobe/netns-$ino.lock" "/run/flowprobe/netns-$ino.clsact"
+        ip netns del "$ns" 2>/dev/null || true
+    done
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+for ns in "$NS_A" "$NS_B"; do ip netns add "$ns"; ip -n "$ns" link set lo up; done
+ip -n "$NS_A" link add fab0 type veth peer name fab1 netns "$NS_B"
+ip -n "$NS_A" addr add 10.233.0.1/24 dev fab0
+ip -n "$NS_B" addr add 10.233.0.2/24 dev fab1
+ip -n "$NS_A" link set fab0 up
+ip -n "$NS_B" link set fab1 up
+sleep 1
+
+ip netns exec "$NS_B" "$PY" bench/attrib_load.py server 10.233.0.2:8080 "$WORK/ready" &
+SERVER=$!
+for _ in $(seq 100); do [[ -e $WORK/ready ]] && break; sleep 0.1; done
+[[ -e $WORK/ready ]] || die "the server did not start"
+
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+TCK=$(getconf CLK_TCK)
+
+round() { # MODE N
+    local mode=$1 n=$2 attrib=on
+    [[ $mode == off ]] && attrib=off
+    FLOWPROBE_ATTRIB=$attrib FLOWPROBE_ATTRIB_STATS=1 \
+        ip netns exec "$NS_A" "$FP" run --format json --duration 600 \
+        >"$WORK/$mode-$n.json" 2>"$WORK/$mode-$n.err" &
+    local fp=$!
+    for _ in $(seq 600); do
+        ip netns exec "$NS_A" tc filter show dev fab0 egress | grep -q flowprobe_tc && break
+        sleep 0.1
+    done
+    sleep 1
+    local c0 t0 c1 t1
+    c0=$(cpu_ticks "$fp"); t0=$(date +%s.%N)
+    ip netns exec "$NS_A" "$PY" bench/attrib_load.py client 10.233.0.2:8080 "$RATE" "$SECS" "$HOLD_MS" "$WORK/load-$mode-$n.json"
+    c1=$(cpu_ticks "$fp"); t1=$(date +%s.%N)
+    kill -INT "$fp"; wait "$fp"
+    local opened secs pct rate line frac
+    opened=$(jq .opened "$WORK/load-$mode-$n.json")
+    secs=$(jq .secs "$WORK/load-$mode-$n.json")
+    rate=$(awk -v o="$opened" -v s="$secs" 'BEGIN{printf "%.0f", o/s}')
+    pct=$(awk -v c="$((c1 - c0))" -v k="$TCK" -v a="$t0" -v b="$t1" 'BEGIN{printf "%.1f", 100*c/k/(b-a)}')
+    if [[ $mode == on ]]; then
+        line=$(grep -o 'resolver CPU.*of one core' "$WORK/$mode-$n.err" || echo "resolver CPU ?")
+        # Both ends attributed, among the load's connections (port 8080).
+        frac=$(jq -s --slurpfile l "$WORK/load-$mode-$n.json" '
+            ($l[0].ports | map({key: tostring, value: 1}) | from_entries) as $p
+            | map(select(.dport == 8080 and ($p[.sport | tostring] // 0) == 1))
+            | (map(select(.src_tags.pid != null and .dst_tags.pid != null)) | length) as $ok
+            | "\($ok)/\(length)"' "$WORK/$mode-$n.json" | tr -d '"')
+        printf 'round %d on : %5s conn/s  flowprobe CPU %5s%%  %s  attributed (both ends) %s\n' "$n" "$rate" "$pct" "$line" "$frac"
+    else
+        printf 'round %d off: %5s conn/s  flowprobe CPU %5s%%\n' "$n" "$rate" "$pct"
+    fi
+}
+
+log "RATE=$RATE/s SECS=$SECS HOLD_MS=$HOLD_MS, $ROUNDS rounds of on/off"
+for n in $(seq "$ROUNDS"); do
+    round on "$n"
+    round off "$n"
+done

@@ -13,10 +13,14 @@
 //! stays attributed after its socket closed, and [`Resolver::tag`] can
 //! label every connection a probe reports, whenever it reports.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
+
+// Fx, not SipHash, as the flow table itself (table.rs): every pass checks
+// every key of the kernel map against these sets.
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 
 use super::host::{Host, Netns, Proto, SocketEntry, SocketState, Tuple};
 use super::owner::Owner;
@@ -144,17 +148,17 @@ impl<H: Host> Resolver<H> {
             generation: 0,
             listed_now: false,
             now_ns: 0,
-            sockets: HashMap::new(),
-            inode_pid: HashMap::new(),
-            hot: HashMap::new(),
-            orphans: HashMap::new(),
-            procs: HashMap::new(),
-            users: HashMap::new(),
-            local_ips: HashSet::new(),
-            netns_ips: HashSet::new(),
+            sockets: HashMap::default(),
+            inode_pid: HashMap::default(),
+            hot: HashMap::default(),
+            orphans: HashMap::default(),
+            procs: HashMap::default(),
+            users: HashMap::default(),
+            local_ips: HashSet::default(),
+            netns_ips: HashSet::default(),
             dumped_at: None,
-            looked_up: HashSet::new(),
-            asking: HashMap::new(),
+            looked_up: HashSet::default(),
+            asking: HashMap::default(),
             last_error: None,
         }
     }
@@ -188,7 +192,7 @@ impl<H: Host> Resolver<H> {
             .dumped_at
             .is_none_or(|at| now_ns.saturating_sub(at) >= self.opts.dumps_every_ns);
         if dump {
-            let mut live_inodes = HashSet::new();
+            let mut live_inodes = HashSet::default();
             for ns in &namespaces {
                 self.dump_netns(ns, &mut st, &mut live_inodes);
             }
@@ -308,6 +312,11 @@ impl<H: Host> Resolver<H> {
         st.sockets += socks.len();
         let mut pending: Vec<(Tuple, u64)> = Vec::new();
         for s in &socks {
+            if s.inode == 0 && !self.sockets.contains_key(&s.tuple) {
+                // TIME_WAIT or not yet accepted, never seen before: nothing
+                // to learn (a busy host has tens of thousands in TIME_WAIT).
+                continue;
+            }
             if s.inode != 0 {
                 live_inodes.insert(s.inode);
             }
@@ -392,7 +401,7 @@ impl<H: Host> Resolver<H> {
     /// for a given inode) all of its processes.
     fn find_owners(&mut self, ns: &Netns, want: &mut HashSet<u64>, st: &mut PassStats) {
         let hot = self.hot.get(&ns.id).cloned().unwrap_or_default();
-        let mut scanned = HashSet::new();
+        let mut scanned = HashSet::default();
         for pid in hot {
             if want.is_empty() {
                 return;

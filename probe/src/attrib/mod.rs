@@ -13,6 +13,7 @@
 //! `FLOWPROBE_ATTRIB_INTERVAL_MS` changes the pass interval.
 
 mod host;
+mod mapkeys;
 mod procfs;
 mod procnet;
 mod sockdiag;
@@ -22,11 +23,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use aya::maps::{HashMap as BpfHashMap, Map, MapData};
-use aya::Pod;
 use flowtable::attrib::{Options, PassStats, Proto, Resolver, Tuple};
 use flowtable::Connection;
-use probe_common::{ConnKey, FlowEntry};
+use probe_common::ConnKey;
 
 use self::host::ProcHost;
 
@@ -37,22 +36,6 @@ pub const INTERVAL: Duration = Duration::from_millis(20);
 /// Between dumps of every socket: they find what lookups cannot (sockets
 /// of connections that were open before the run, listeners).
 pub const DUMP_EVERY: Duration = Duration::from_secs(2);
-
-/// The kernel map's key and value, as aya wants them (`Pod` is aya's
-/// trait and `ConnKey` another crate's type, so a local wrapper).
-#[derive(Clone, Copy)]
-#[repr(transparent)]
-struct Key(ConnKey);
-// SAFETY: `ConnKey` is `repr(C)`, `Copy`, without padding or pointers.
-unsafe impl Pod for Key {}
-
-#[derive(Clone, Copy)]
-#[repr(transparent)]
-struct Value(FlowEntry);
-// SAFETY: `FlowEntry` is `repr(C)`, `Copy`, without padding or pointers.
-unsafe impl Pod for Value {}
-
-type ConnMap = BpfHashMap<MapData, Key, Value>;
 
 struct Shared {
     resolver: Mutex<Resolver<ProcHost>>,
@@ -98,11 +81,11 @@ pub fn start(ebpf: &aya::Ebpf) -> Attribution {
         dumps_every_ns: DUMP_EVERY.as_nanos() as u64,
         ..Options::default()
     };
-    let map = conn_map(ebpf);
+    let map = mapkeys::MapKeys::open(ebpf);
     if let Err(e) = &map {
         eprintln!("flowprobe: attribution: {e}; connections are joined at each report only");
     }
-    let map = map.ok();
+    let mut map = map.ok();
     let shared = Arc::new(Shared {
         resolver: Mutex::new(Resolver::new(host, opts)),
         stop: AtomicBool::new(false),
@@ -116,15 +99,18 @@ pub fn start(ebpf: &aya::Ebpf) -> Attribution {
     let thread = std::thread::Builder::new()
         .name("attrib".to_owned())
         .spawn(move || {
-            let mut seen = Vec::new();
+            let (mut keys, mut seen) = (Vec::new(), Vec::new());
             while !s.stop.load(Ordering::Relaxed) {
                 let t0 = thread_cpu_ns();
+                keys.clear();
                 seen.clear();
-                if let Some(m) = &map {
-                    for k in m.keys().flatten() {
-                        seen.extend(key_ends(&k.0).into_iter().flatten());
+                if let Some(m) = &mut map {
+                    if let Err(e) = m.read(&mut keys) {
+                        eprintln!("flowprobe: attribution: {e:#}; joining at each report only");
+                        map = None;
                     }
                 }
+                seen.extend(keys.iter().filter_map(key_ends).flatten());
                 s.cpu_ns
                     .fetch_add(thread_cpu_ns().saturating_sub(t0), Ordering::Relaxed);
                 pass(&s, &mut lock(&s.resolver), &seen);
@@ -183,18 +169,6 @@ pub fn tag(conns: &mut [Connection]) {
     let mut r = lock(&s.resolver);
     pass(&s, &mut r, &seen);
     r.tag(conns);
-}
-
-/// A second descriptor of the kernel's connection map, for this thread.
-fn conn_map(ebpf: &aya::Ebpf) -> anyhow::Result<ConnMap> {
-    use anyhow::Context;
-    use std::os::fd::AsFd;
-    let fd = match ebpf.map("CONNS") {
-        Some(Map::HashMap(m) | Map::LruHashMap(m)) => m.fd().as_fd().try_clone_to_owned()?,
-        _ => anyhow::bail!("the eBPF object has no hash map CONNS"),
-    };
-    let data = MapData::from_fd(fd).context("opening the connection map again")?;
-    Ok(ConnMap::try_from(Map::HashMap(data))?)
 }
 
 /// Both ends' 5-tuples of a map key (addresses as `conn.rs` renders them).

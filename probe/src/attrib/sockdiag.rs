@@ -19,6 +19,8 @@ const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
 const TCP_LISTEN: u8 = 10;
+const TCP_TIME_WAIT: u32 = 6;
+const TCP_NEW_SYN_RECV: u32 = 12;
 
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
@@ -107,7 +109,19 @@ impl DiagSocket {
 
     fn dump(&mut self, family: u8, proto: Proto, out: &mut Vec<SocketEntry>) -> io::Result<()> {
         let flags = libc::NLM_F_REQUEST | libc::NLM_F_DUMP;
-        self.send(family, proto, flags as u16, InetDiagSockId::default())?;
+        // Not TIME_WAIT nor not-yet-accepted sockets: no process holds them
+        // (the kernel still walks its table, but sends and we parse less).
+        let states = match proto {
+            Proto::Tcp => !(1 << TCP_TIME_WAIT | 1 << TCP_NEW_SYN_RECV),
+            Proto::Udp => u32::MAX,
+        };
+        self.send(
+            family,
+            proto,
+            flags as u16,
+            states,
+            InetDiagSockId::default(),
+        )?;
         loop {
             let n = self.recv()?;
             if parse_batch(&self.buf[..n], self.seq, proto, out)? {
@@ -143,7 +157,13 @@ impl DiagSocket {
             // INET_DIAG_NOCOOKIE: any socket.
             cookie: [u32::MAX; 2],
         };
-        self.send(family as u8, t.proto, libc::NLM_F_REQUEST as u16, id)?;
+        self.send(
+            family as u8,
+            t.proto,
+            libc::NLM_F_REQUEST as u16,
+            u32::MAX,
+            id,
+        )?;
         let mut out = Vec::new();
         loop {
             let n = self.recv()?;
@@ -158,7 +178,14 @@ impl DiagSocket {
         }
     }
 
-    fn send(&mut self, family: u8, proto: Proto, flags: u16, id: InetDiagSockId) -> io::Result<()> {
+    fn send(
+        &mut self,
+        family: u8,
+        proto: Proto,
+        flags: u16,
+        states: u32,
+        id: InetDiagSockId,
+    ) -> io::Result<()> {
         self.seq = self.seq.wrapping_add(1);
         let req = Request {
             nlh: libc::nlmsghdr {
@@ -175,7 +202,7 @@ impl DiagSocket {
             },
             ext: 0,
             pad: 0,
-            states: u32::MAX,
+            states,
             id,
         };
         let mut dest: libc::sockaddr_nl = unsafe_zeroed_nl();

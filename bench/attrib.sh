@@ -52,6 +52,9 @@ ip -n "$NS_A" addr add 10.233.0.1/24 dev fab0
 ip -n "$NS_B" addr add 10.233.0.2/24 dev fab1
 ip -n "$NS_A" link set fab0 up
 ip -n "$NS_B" link set fab1 up
+# Rounds leave 10000s of client sockets in TIME_WAIT (60 s): without these
+# the client's port search slows down and later rounds miss the rate.
+ip netns exec "$NS_A" sysctl -qw net.ipv4.ip_local_port_range="10000 65000" net.ipv4.tcp_tw_reuse=1
 sleep 1
 
 ip netns exec "$NS_B" "$PY" bench/attrib_load.py server 10.233.0.2:8080 "$WORK/ready" &

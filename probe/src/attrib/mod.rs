@@ -33,9 +33,12 @@ use self::host::ProcHost;
 /// can be missed; 20 ms sees a 50 ms connection twice or more.
 pub const INTERVAL: Duration = Duration::from_millis(20);
 
-/// Between dumps of every socket: they find what lookups cannot (sockets
-/// of connections that were open before the run, listeners).
-pub const DUMP_EVERY: Duration = Duration::from_secs(2);
+/// Between dumps of every socket. Lookups find every connection the probe
+/// sees; dumps add sockets without traffic yet (listeners, idle
+/// connections older than the run). A dump walks the kernel's whole TCP
+/// hash table, with every namespace's TIME_WAIT sockets in it (about 60000
+/// at 1000 connections a second), once per namespace and family: costly.
+pub const DUMP_EVERY: Duration = Duration::from_secs(10);
 
 struct Shared {
     resolver: Mutex<Resolver<ProcHost>>,

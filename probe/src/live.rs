@@ -80,6 +80,11 @@ pub struct Outcome {
     /// Packets whose connection entry stayed locked by another CPU, so the
     /// lock-free update ran: counts exact, retransmit call best effort.
     pub contended: u64,
+    /// Entries in the kernel map at the read (for the agent's table fill).
+    pub in_map: usize,
+    /// Interfaces attached at the read; empty in the final outcome (read
+    /// after detaching).
+    pub attached: Vec<String>,
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -300,7 +305,9 @@ fn follow(
         }
         if let (Some(at), Some(every)) = (next_snapshot, opts.interval) {
             if Instant::now() >= at {
-                on_snapshot(&collect(ebpf, drainer)?)?;
+                let mut o = collect(ebpf, drainer)?;
+                o.attached = att.list.iter().map(|a| a.iface.clone()).collect();
+                on_snapshot(&o)?;
                 next_snapshot = Some(at + every);
             }
         }
@@ -475,6 +482,7 @@ fn collect(ebpf: &Ebpf, drainer: &drain::Drainer) -> Result<Outcome> {
         let (k, e) = item.context("reading the connection map")?;
         live.push((k.0, e.0));
     }
+    let in_map = live.len();
     let mut conns = drainer.connections(live.into_iter(), clock_offset_ns());
     sort_connections(&mut conns);
     Ok(Outcome {
@@ -483,5 +491,7 @@ fn collect(ebpf: &Ebpf, drainer: &drain::Drainer) -> Result<Outcome> {
         map_full: per_cpu_sum(ebpf, "CONN_STATS", 0)?,
         insert_failed: per_cpu_sum(ebpf, "CONN_STATS", 1)? + per_cpu_sum(ebpf, "CONN_STATS", 2)?,
         contended: per_cpu_sum(ebpf, "CONN_STATS", 3)?,
+        in_map,
+        attached: Vec::new(),
     })
 }

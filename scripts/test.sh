@@ -10,6 +10,7 @@
 #   4. root     eBPF: the verifier accepts the program (bpftool load) and it
 #               counts in a veth pair between two fresh network namespaces;
 #               `flowprobe run` there equals each socket's TCP_INFO (tests/live_tc.rs);
+#               a real Prometheus scraping `run --listen` (tests/live_agent.rs);
 #               replay of freshly captured kernel traffic (iptables loss in the
 #               receiver's INPUT) equals each socket's TCP_INFO
 #
@@ -25,7 +26,7 @@ ci() { [ "${CI:-}" = true ]; }
 if [ "${FLOWPROBE_SKIP_SETUP:-}" != 1 ]; then
     tier "setup"
     if is_root; then
-        pkgs=(tcpdump tshark iptables iproute2 ethtool bpftool iperf3 jq softflowd python3 iputils-ping)
+        pkgs=(tcpdump tshark iptables iproute2 ethtool bpftool iperf3 jq softflowd python3 iputils-ping prometheus)
         missing=()
         for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
         if [ ${#missing[@]} -gt 0 ]; then
@@ -65,6 +66,9 @@ cargo xtask smoke-ebpf --release
 # `flowprobe run` on a veth in new namespaces against TCP_INFO; it uses the
 # object check-ebpf just built (the unit tier skips it without this variable).
 FLOWPROBE_LIVE_TESTS=1 cargo test --locked -p flowprobe --test live_tc
+# `flowprobe run --listen` scraped by Debian's prometheus in a new namespace:
+# PromQL sums = the agent's /query = the bytes the applications wrote.
+FLOWPROBE_LIVE_TESTS=1 cargo test --locked -p flowprobe --test live_agent
 
 fresh=$(mktemp -d /tmp/flowprobe-capture.XXXXXX)
 trap 'rm -rf "$fresh"' EXIT

@@ -126,9 +126,11 @@ fn query(raw: &str, shared: &Shared) -> Result<(Format, Vec<u8>), String> {
                     _ => return Err(format!("format: `{v}` is not json or table")),
                 }
             }
-            _ => return Err(format!(
+            _ => {
+                return Err(format!(
                 "unknown parameter `{k}` (src, dst, where, sort, top, window, raw_ports, format)"
-            )),
+            ))
+            }
         }
     }
     let spec = QuerySpec::parse(&a).map_err(|e| e.to_string())?;

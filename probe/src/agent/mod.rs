@@ -94,7 +94,120 @@ pub fn start(addr: SocketAddr, shared: Shared, labels: MetricLabels) -> anyhow::
 
 #[cfg(test)]
 mod tests {
+    use std::net::IpAddr;
+
+    use flowtable::query::{origin, QueryArgs, QuerySpec};
+    use flowtable::DirStats;
+
     use super::*;
+    use crate::output::{self, Format};
+
+    fn conns() -> Vec<Connection> {
+        (0..5u8)
+            .map(|i| Connection {
+                proto: "tcp",
+                src: IpAddr::from([10, 0, 0, 1 + i % 2]),
+                sport: 40000 + u16::from(i),
+                dst: IpAddr::from([10, 0, 1, 1]),
+                dport: [80, 443][usize::from(i % 2)],
+                iface: 2,
+                first_seen: 1_000_000_000 * u64::from(i),
+                last_seen: 1_000_000_000 * u64::from(i + 2),
+                sent: DirStats {
+                    packets: 2,
+                    bytes: 100 * u64::from(i + 1),
+                    ..DirStats::default()
+                },
+                received: DirStats {
+                    packets: 1,
+                    bytes: 1000,
+                    ..DirStats::default()
+                },
+                rtt: None,
+                src_tags: Default::default(),
+                dst_tags: Default::default(),
+            })
+            .collect()
+    }
+
+    /// A served snapshot answers as the same query run here.
+    #[test]
+    fn query_over_http_equals_the_local_query() {
+        let shared = Shared::default();
+        let addr = start(
+            "127.0.0.1:0".parse().unwrap(),
+            shared.clone(),
+            MetricLabels::default(),
+        )
+        .unwrap();
+        shared.publish(Snapshot {
+            conns: conns(),
+            capacity: 16,
+            ..Snapshot::default()
+        });
+        let args = QueryArgs {
+            src: Some("ip".to_owned()),
+            dst: Some("port".to_owned()),
+            wheres: vec!["dst.port in (80, 443)".to_owned()],
+            sort: Some("sent_bytes:asc".to_owned()),
+            top: Some(2),
+            ..QueryArgs::default()
+        };
+        let c = conns();
+        let local = QuerySpec::parse(&args).unwrap().run(&c, origin(&c));
+        for (format, name) in [(Format::Json, "json"), (Format::Table, "table")] {
+            let mut want = Vec::new();
+            output::write_query(&mut want, format, &local).unwrap();
+            let path = format!(
+                "/query?src=ip&dst=port&where={}&sort=sent_bytes%3Aasc&top=2&format={name}",
+                client::encode("dst.port in (80, 443)")
+            );
+            let got = client::get(addr, &path).unwrap();
+            assert_eq!(
+                String::from_utf8(got).unwrap(),
+                String::from_utf8(want).unwrap()
+            );
+        }
+        let metrics = client::get(addr, "/metrics").unwrap();
+        assert_eq!(
+            String::from_utf8(metrics).unwrap(),
+            metrics::encode(&shared.latest(), &MetricLabels::default())
+        );
+
+        let err = client::get(addr, "/query?sort=speed")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("400 Bad Request") && err.contains("speed"),
+            "{err}"
+        );
+        let err = client::get(addr, "/query?color=red")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown parameter `color`"), "{err}");
+
+        // The port is taken now: a second agent says so in one line.
+        let err = start(addr, Shared::default(), MetricLabels::default()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("--listen {addr}: the port is in use (another flowprobe?)")
+        );
+    }
+
+    #[test]
+    fn unreachable_agent() {
+        // Bound and dropped: nothing listens there now.
+        let addr = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let err = client::get(addr, "/query").unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!("cannot reach the agent at {addr}:")),
+            "{err}"
+        );
+        assert!(err.contains("is `flowprobe run --listen"), "{err}");
+    }
 
     #[test]
     fn listen_addresses() {

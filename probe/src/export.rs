@@ -11,26 +11,27 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use flowtable::{Connection, DirStats};
 use serde::Serialize;
 
-/// What identifies a connection across intervals: its record in the table
-/// (a reused 5-tuple starts a new record with a new `first_seen`).
-type Key = (&'static str, IpAddr, u16, IpAddr, u16, u32, u64);
+/// A connection's 5-tuple and interface; several records can share it (a
+/// reused 5-tuple starts a new record), told apart by `first_seen`.
+type Key = (&'static str, IpAddr, u16, IpAddr, u16, u32);
 
 fn key(c: &Connection) -> Key {
-    (
-        c.proto,
-        c.src,
-        c.sport,
-        c.dst,
-        c.dport,
-        c.iface,
-        c.first_seen,
-    )
+    (c.proto, c.src, c.sport, c.dst, c.dport, c.iface)
 }
+
+/// Live times are the kernel's monotonic stamps plus the wall clock's
+/// offset read at each snapshot, so one record's `first_seen` moves by some
+/// nanoseconds between reads. A second record of one 5-tuple starts after
+/// the first one ended, in practice far more than this later.
+const SAME_RECORD_NS: u64 = 1_000_000;
+
+/// One record's `first_seen` and counters at the previous interval.
+type Prev = (u64, DirStats, DirStats);
 
 /// Counters at the previous interval.
 #[derive(Default)]
 pub struct Deltas {
-    prev: HashMap<Key, (DirStats, DirStats)>,
+    prev: HashMap<Key, Vec<Prev>>,
     interval: u64,
 }
 
@@ -83,9 +84,20 @@ impl Deltas {
         self.interval += 1;
         let time = rfc3339(now);
         for c in conns {
-            let zero = (DirStats::default(), DirStats::default());
-            let before = self.prev.get(&key(c)).unwrap_or(&zero);
-            if (c.sent, c.received) == *before {
+            let records = self.prev.entry(key(c)).or_default();
+            let i = match records
+                .iter()
+                .position(|r| r.0.abs_diff(c.first_seen) < SAME_RECORD_NS)
+            {
+                Some(i) => i,
+                None => {
+                    records.push((c.first_seen, DirStats::default(), DirStats::default()));
+                    records.len() - 1
+                }
+            };
+            let before = records[i];
+            records[i] = (c.first_seen, c.sent, c.received);
+            if (c.sent, c.received) == (before.1, before.2) {
                 continue;
             }
             let line = Line {
@@ -99,14 +111,13 @@ impl Deltas {
                 iface: c.iface,
                 first_seen: at(c.first_seen),
                 last_seen: at(c.last_seen),
-                sent: sub(&c.sent, &before.0),
-                received: sub(&c.received, &before.1),
+                sent: sub(&c.sent, &before.1),
+                received: sub(&c.received, &before.2),
                 src_tags: &c.src_tags,
                 dst_tags: &c.dst_tags,
             };
             serde_json::to_writer(&mut *out, &line)?;
             out.write_all(b"\n")?;
-            self.prev.insert(key(c), (c.sent, c.received));
         }
         out.flush()
     }
@@ -191,6 +202,23 @@ mod tests {
         assert_eq!(second[1]["sent"]["bytes"], 100);
 
         assert!(lines(&mut d, &[conn(40000, 1500, 300)]).is_empty());
+    }
+
+    #[test]
+    fn first_seen_jitter_is_the_same_record_and_a_reuse_is_not() {
+        let mut d = Deltas::default();
+        let a = conn(40000, 1000, 0);
+        assert_eq!(lines(&mut d, &[a.clone()]).len(), 1);
+        // The same record, read again with its time 20 ns off: no change.
+        let mut jittered = a.clone();
+        jittered.first_seen -= 20;
+        assert!(lines(&mut d, &[jittered.clone()]).is_empty());
+        // The 5-tuple reused a second later: a new record, its totals.
+        let mut reused = conn(40000, 300, 0);
+        reused.first_seen += 1_000_000_000;
+        let l = lines(&mut d, &[jittered, reused]);
+        assert_eq!(l.len(), 1);
+        assert_eq!(l[0]["sent"]["bytes"], 300);
     }
 
     #[test]

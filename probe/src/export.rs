@@ -208,7 +208,7 @@ mod tests {
     fn first_seen_jitter_is_the_same_record_and_a_reuse_is_not() {
         let mut d = Deltas::default();
         let a = conn(40000, 1000, 0);
-        assert_eq!(lines(&mut d, &[a.clone()]).len(), 1);
+        assert_eq!(lines(&mut d, std::slice::from_ref(&a)).len(), 1);
         // The same record, read again with its time 20 ns off: no change.
         let mut jittered = a.clone();
         jittered.first_seen -= 20;

@@ -11,6 +11,7 @@
 #               counts in a veth pair between two fresh network namespaces;
 #               `flowprobe run` there equals each socket's TCP_INFO (tests/live_tc.rs);
 #               a real Prometheus scraping `run --listen` (tests/live_agent.rs);
+#               handshake RTT against a known added delay (tests/rtt_delay.rs);
 #               replay of freshly captured kernel traffic (iptables loss in the
 #               receiver's INPUT) equals each socket's TCP_INFO
 #
@@ -69,6 +70,8 @@ FLOWPROBE_LIVE_TESTS=1 cargo test --locked -p flowprobe --test live_tc
 # `flowprobe run --listen` scraped by Debian's prometheus in a new namespace:
 # PromQL sums = the agent's /query = the bytes the applications wrote.
 FLOWPROBE_LIVE_TESTS=1 cargo test --locked -p flowprobe --test live_agent
+# Handshake RTT of a capture taken behind a bridge that adds 40 ms.
+FLOWPROBE_LIVE_TESTS=1 cargo test --locked -p flowprobe --test rtt_delay
 
 fresh=$(mktemp -d /tmp/flowprobe-capture.XXXXXX)
 trap 'rm -rf "$fresh"' EXIT

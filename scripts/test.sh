@@ -70,7 +70,7 @@ FLOWPROBE_LIVE_TESTS=1 cargo test --locked -p flowprobe --test live_tc
 # `flowprobe run --listen` scraped by Debian's prometheus in a new namespace:
 # PromQL sums = the agent's /query = the bytes the applications wrote.
 FLOWPROBE_LIVE_TESTS=1 cargo test --locked -p flowprobe --test live_agent
-# Handshake RTT of a capture taken behind a bridge that adds 40 ms.
+# Handshake RTT of a capture taken behind a bridge that adds 100 ms.
 FLOWPROBE_LIVE_TESTS=1 cargo test --locked -p flowprobe --test rtt_delay
 
 fresh=$(mktemp -d /tmp/flowprobe-capture.XXXXXX)

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use common::{json_lines, repo_root};
 
-const DELAY_MS: u64 = 40;
+const DELAY_MS: u64 = 100;
 /// Connections opened at once. Their SYNs queue in the bridge, each a few
 /// hundred microseconds behind the previous one (Python), so a few keep
 /// that bias well under the 10 %.

@@ -222,6 +222,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     let addr =
                         agent::parse_listen(l).map_err(|e| anyhow::anyhow!("--listen: {e}"))?;
                     let shared = agent::Shared::default();
+                    // Until the first tick: no connections, but the capacity.
+                    shared.publish(agent::Snapshot {
+                        capacity: max_conns,
+                        ..agent::Snapshot::default()
+                    });
                     let bound = agent::start(addr, shared.clone(), labels)?;
                     if !quiet {
                         eprintln!("flowprobe: serving http://{bound}/metrics and /query");

@@ -3,7 +3,8 @@
 //! Two fresh network namespaces joined by a veth, with loss in each
 //! receiver's INPUT chain (as in tests/live_tc.rs) so that there are real
 //! retransmissions. In the client's namespace: `flowprobe run --iface <veth>
-//! --listen 127.0.0.1:9911 --export-jsonl FILE`, and Debian's `prometheus`
+//! --config FILE` (the file sets `--listen 127.0.0.1:9911`, the metric
+//! labels and `--export-jsonl`; a flag overrides it), and Debian's `prometheus`
 //! (temporary config and data dir, listening on that namespace's loopback)
 //! scraping it every second. `fixtures/capture/tcpapp.py` drives TCP
 //! connections with known byte counts and records each socket's TCP_INFO.
@@ -345,7 +346,19 @@ fn prometheus_scrape_equals_agent_query_and_app_bytes() {
     let d = dir.path();
     let mut w = World::new();
 
+    // The listener, labels and export come from the config file; the
+    // command line's --max-conns wins over the file's.
     let export = d.join("export.jsonl");
+    let config = d.join("flowprobe.toml");
+    fs::write(
+        &config,
+        format!(
+            "listen = \"{AGENT}\"\nmetrics_labels = \"src.service,dst.service,dst.port\"\n\
+             max_conns = 4096\n[export]\njsonl = \"{}\"\n",
+            export.display()
+        ),
+    )
+    .unwrap();
     let ns_a = w.a.clone();
     w.spawn(
         "flowprobe",
@@ -353,17 +366,15 @@ fn prometheus_scrape_equals_agent_query_and_app_bytes() {
         &[
             env!("CARGO_BIN_EXE_flowprobe"),
             "run",
+            "--config",
+            config.to_str().unwrap(),
             "--iface",
             VETH_A,
             "--format",
             "json",
-            "--listen",
-            AGENT,
-            "--metrics-labels",
-            "src.service,dst.service,dst.port",
-            "--export-jsonl",
-            export.to_str().unwrap(),
-            // Fast ticks: each connection's export spans several lines.
+            "--max-conns",
+            "8192",
+            // Fast ticks: the export and the agent follow closely.
             "--interval",
             "0.1",
         ],
@@ -491,12 +502,44 @@ fn prometheus_scrape_equals_agent_query_and_app_bytes() {
     for line in [
         "flowprobe_attached_interfaces 1",
         &format!("flowprobe_interface_attached{{iface=\"{VETH_A}\"}} 1"),
-        "flowprobe_table_capacity 65536",
+        "flowprobe_table_capacity 8192",
         "flowprobe_map_full_total 0",
     ] {
         assert!(metrics.contains(line), "no `{line}` in:\n{metrics}");
     }
     assert!(metrics.contains("flowprobe_packets_skipped_total{reason=\"not_ip\"}"));
+
+    // Monotonic across drains: once the closed connections have left the
+    // kernel map (--closed-timeout, 2 s), Prometheus has seen no counter
+    // go down and the sums are unchanged.
+    wait_for(
+        "the closed connections to be drained and scraped",
+        30,
+        || {
+            single(&ns_a, "flowprobe_table_connections") == Some(0)
+                && single(&ns_a, "flowprobe_tracked_connections") == Some(CONNS.len() as u64)
+        },
+    );
+    for m in [
+        "flowprobe_sent_bytes_total",
+        "flowprobe_received_bytes_total",
+        "flowprobe_retransmits_total",
+        "flowprobe_connections_total",
+    ] {
+        assert_eq!(
+            single(&ns_a, &format!("sum(resets({m}[5m]))")),
+            Some(0),
+            "{m}"
+        );
+    }
+    assert_eq!(
+        single(
+            &ns_a,
+            "sum by (src_service, dst_service) (flowprobe_sent_bytes_total)"
+        ),
+        Some(sent)
+    );
+    eprintln!("after the drain: table_connections 0, no counter reset, sums unchanged");
 
     // The export: each connection's delta lines sum to its final record.
     let status = w.stop("flowprobe");

@@ -469,6 +469,37 @@ mod tests {
         assert_eq!(got, want, "FLOWPROBE_BLESS=1 rewrites the golden file");
     }
 
+    /// A real capture through the flow table: RTT histograms included.
+    #[test]
+    fn exposition_of_a_capture_golden() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let mut table = flowtable::FlowTable::new();
+        let mut stats = flowtable::FrameStats::default();
+        let files = [root.join("fixtures/pcaps/tcp4_loss.pcap")];
+        crate::replay::replay(&files, &mut table, &mut stats).unwrap();
+        let s = Snapshot {
+            conns: table.connections(),
+            stats,
+            capacity: 65536,
+            ..Snapshot::default()
+        };
+        let labels: MetricLabels = "src.ip/24,dst.port".parse().unwrap();
+        let got = encode(&s, &labels);
+        let want = include_str!("metrics.capture.golden.txt");
+        if got != want && std::env::var_os("FLOWPROBE_BLESS").is_some() {
+            std::fs::write(
+                concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/src/agent/metrics.capture.golden.txt"
+                ),
+                &got,
+            )
+            .unwrap();
+            return;
+        }
+        assert_eq!(got, want, "FLOWPROBE_BLESS=1 rewrites the golden file");
+    }
+
     #[test]
     fn sums_equal_the_query() {
         // The default labels (services) over the same snapshot: one series

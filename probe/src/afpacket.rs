@@ -1,0 +1,305 @@
+//! `flowprobe run --backend afpacket`: counting from AF_PACKET rings, for
+//! hosts where the eBPF program cannot be loaded.
+//!
+//! One socket with a TPACKET_V3 ring per CPU ([`ring`]), all bound to every
+//! interface of the network namespace (interface index 0, so interfaces
+//! that appear later are included without any work) and joined in one
+//! `PACKET_FANOUT_HASH` group, so the kernel spreads connections over the
+//! rings and keeps each connection on one ([`merge`] says why that holds
+//! and what happens when it does not). One thread per ring reads frames in
+//! place and feeds them through the same parser as replay
+//! ([`crate::ingest`]) into its own [`FlowTable`]; snapshots and the final
+//! output merge the tables. `--iface` is a filter in the kernel ([`filter`]).
+//!
+//! What differs from the tc backend, by construction: AF_PACKET's egress
+//! tap is after software GSO only when GSO runs in software; with TSO (veth,
+//! most NICs) it sees the same super-packets as tc egress, and counts each
+//! as one packet, where tc counts `gso_segs`. So `packets` can be lower
+//! than tc's; bytes, retransmits and retransmitted bytes are the same (the
+//! tracker works on sequence ranges, not packets). At ingress AF_PACKET
+//! sees frames before tc ingress and netfilter, as tc does.
+
+mod filter;
+mod merge;
+mod ring;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use flowtable::{Connection, FlowTable, FrameStats};
+
+use crate::live::{self, links};
+pub use ring::KernelStats;
+use ring::{Cursor, Frame, Ring};
+
+pub struct Options {
+    /// Only these interfaces; empty: every interface.
+    pub ifaces: Vec<String>,
+    pub duration: Option<Duration>,
+    /// Call `on_snapshot` with every connection this often while running.
+    pub interval: Option<Duration>,
+}
+
+/// What a run saw, for the summary line.
+pub struct Outcome {
+    pub conns: Vec<Connection>,
+    /// Frames read from the rings, and why those not counted were not.
+    pub frames: FrameStats,
+    /// The kernel's `PACKET_STATISTICS`, summed over the rings.
+    pub kernel: KernelStats,
+    pub rings: usize,
+    /// Records of connections that were split across rings and merged.
+    pub split: u64,
+}
+
+/// One ring's table.
+#[derive(Default)]
+struct Shard {
+    table: FlowTable,
+    frames: FrameStats,
+}
+
+pub fn run(
+    opts: &Options,
+    on_snapshot: &mut dyn FnMut(&[Connection]) -> Result<()>,
+) -> Result<Outcome> {
+    // Only --iface needs to follow links: the named interfaces' indexes
+    // change when they are created again.
+    let mut watcher = if opts.ifaces.is_empty() {
+        None
+    } else {
+        Some(links::Watcher::subscribe()?)
+    };
+    let all = links::dump()?;
+    for name in &opts.ifaces {
+        if !all.iter().any(|l| &l.name == name) {
+            bail!("no interface {name} in this network namespace");
+        }
+    }
+    let mut named = Named::new(&opts.ifaces);
+    for l in &all {
+        named.new_link(l);
+    }
+
+    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let only = named.indexes();
+    let rings = (0..n)
+        .map(|_| Ring::open(only.as_deref()))
+        .collect::<Result<Vec<_>>>()?;
+    let group = rings[0].join_fanout(None)?;
+    for r in &rings[1..] {
+        r.join_fanout(Some(group))?;
+    }
+    live::install_signal_handlers()?;
+
+    let shards: Vec<Mutex<Shard>> = rings.iter().map(|_| Mutex::default()).collect();
+    let done = AtomicBool::new(false);
+    let mut kernel = KernelStats::default();
+    std::thread::scope(|s| -> Result<()> {
+        let workers: Vec<_> = rings
+            .iter()
+            .zip(&shards)
+            .map(|(r, sh)| {
+                let done = &done;
+                s.spawn(move || read_ring(r, sh, done))
+            })
+            .collect();
+        let res = follow(
+            &rings,
+            &shards,
+            &mut named,
+            watcher.as_mut(),
+            &mut kernel,
+            opts,
+            on_snapshot,
+        );
+        done.store(true, Ordering::Release);
+        for w in workers {
+            w.join()
+                .map_err(|_| anyhow!("an AF_PACKET reader thread panicked"))??;
+        }
+        res
+    })?;
+    add_kernel_stats(&rings, &mut kernel)?;
+    let (conns, split) = collect(&shards)?;
+    let mut frames = FrameStats::default();
+    for sh in &shards {
+        frames.merge(&lock(sh)?.frames);
+    }
+    Ok(Outcome {
+        conns,
+        frames,
+        kernel,
+        rings: rings.len(),
+        split,
+    })
+}
+
+/// Until --duration or a signal: follows the named interfaces, reads the
+/// kernel counters, prints snapshots.
+fn follow(
+    rings: &[Ring],
+    shards: &[Mutex<Shard>],
+    named: &mut Named,
+    mut watcher: Option<&mut links::Watcher>,
+    kernel: &mut KernelStats,
+    opts: &Options,
+    on_snapshot: &mut dyn FnMut(&[Connection]) -> Result<()>,
+) -> Result<()> {
+    let start = Instant::now();
+    let mut next_snapshot = opts.interval.map(|i| start + i);
+    // The kernel's counters are 32-bit: read them often enough not to wrap.
+    let mut next_stats = start + Duration::from_secs(1);
+    while !live::STOP.load(Ordering::SeqCst) {
+        if opts.duration.is_some_and(|d| start.elapsed() >= d) {
+            break;
+        }
+        if let Some(w) = watcher.as_deref_mut() {
+            let before = named.indexes();
+            match w.poll() {
+                Ok(events) => {
+                    for ev in events {
+                        match ev {
+                            links::Event::New(l) => named.new_link(&l),
+                            links::Event::Del(l) => named.del_link(&l),
+                        }
+                    }
+                }
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                    // Events were lost: start over from a fresh dump.
+                    named.clear();
+                    for l in links::dump()? {
+                        named.new_link(&l);
+                    }
+                }
+                Err(e) => return Err(e).context("reading rtnetlink link events"),
+            }
+            let now = named.indexes();
+            if now != before {
+                for r in rings {
+                    r.set_filter(now.as_deref())?;
+                }
+            }
+        }
+        let now = Instant::now();
+        if now >= next_stats {
+            add_kernel_stats(rings, kernel)?;
+            next_stats = now + Duration::from_secs(1);
+        }
+        if let (Some(at), Some(every)) = (next_snapshot, opts.interval) {
+            if now >= at {
+                on_snapshot(&collect(shards)?.0)?;
+                next_snapshot = Some(at + every);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// One ring's thread: waits for blocks and counts their frames, until
+/// `done`.
+fn read_ring(ring: &Ring, shard: &Mutex<Shard>, done: &AtomicBool) -> Result<()> {
+    let mut cur = Cursor::default();
+    loop {
+        let stopping = done.load(Ordering::Acquire);
+        if stopping {
+            // The kernel hands over a partly filled block only when its
+            // retire timer fires (every RETIRE_MS; a block can wait up to
+            // two periods): wait for that, so the last frames before the
+            // stop are counted.
+            std::thread::sleep(Duration::from_millis(3 * u64::from(ring::RETIRE_MS)));
+        } else {
+            ring.wait(50)?;
+        }
+        {
+            let mut sh = lock(shard)?;
+            let sh = &mut *sh;
+            ring.drain(&mut cur, |f| observe(sh, f));
+        }
+        if stopping {
+            return Ok(());
+        }
+    }
+}
+
+fn observe(sh: &mut Shard, f: &Frame) {
+    // On a loopback interface every packet is seen twice: leaving
+    // (PACKET_OUTGOING) and coming back in (PACKET_HOST). Counting both
+    // would count it twice, the second time as a retransmission. Keep the
+    // incoming copy: the one tc ingress, the tc backend's only hook on lo,
+    // sees too.
+    if f.hatype == libc::ARPHRD_LOOPBACK && f.pkttype == libc::PACKET_OUTGOING {
+        return;
+    }
+    crate::ingest::frame(
+        &mut sh.table,
+        &mut sh.frames,
+        f.ts_ns,
+        f.ifindex,
+        f.link(),
+        f.data,
+        f.wire_len,
+    );
+}
+
+fn lock(m: &Mutex<Shard>) -> Result<std::sync::MutexGuard<'_, Shard>> {
+    m.lock()
+        .map_err(|_| anyhow!("an AF_PACKET reader thread panicked"))
+}
+
+fn collect(shards: &[Mutex<Shard>]) -> Result<(Vec<Connection>, u64)> {
+    let per_ring = shards
+        .iter()
+        .map(|sh| Ok(lock(sh)?.table.connections()))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(merge::merge(per_ring))
+}
+
+fn add_kernel_stats(rings: &[Ring], total: &mut KernelStats) -> Result<()> {
+    for r in rings {
+        total.add(&r.stats()?);
+    }
+    Ok(())
+}
+
+/// The interfaces named with --iface and their current indexes.
+struct Named {
+    /// Empty: every interface.
+    names: Vec<String>,
+    index: BTreeMap<String, u32>,
+}
+
+impl Named {
+    fn new(names: &[String]) -> Named {
+        Named {
+            names: names.to_vec(),
+            index: BTreeMap::new(),
+        }
+    }
+
+    fn new_link(&mut self, l: &links::Link) {
+        if self.names.contains(&l.name) {
+            self.index.insert(l.name.clone(), l.index);
+        }
+        // Renamed away from a named one.
+        self.index
+            .retain(|name, &mut i| i != l.index || *name == l.name);
+    }
+
+    fn del_link(&mut self, l: &links::Link) {
+        self.index.retain(|_, &mut i| i != l.index);
+    }
+
+    fn clear(&mut self) {
+        self.index.clear();
+    }
+
+    /// The filter's interface list: `None` for every interface.
+    fn indexes(&self) -> Option<Vec<u32>> {
+        (!self.names.is_empty()).then(|| self.index.values().copied().collect())
+    }
+}

@@ -9,7 +9,9 @@
 #               test, replay of every format, golden files, kernel truth, tshark
 #   4. root     eBPF: the verifier accepts the program (bpftool load) and it
 #               counts in a veth pair between two fresh network namespaces;
-#               `flowprobe run` there equals each socket's TCP_INFO (tests/live_tc.rs);
+#               `flowprobe run` there equals each socket's TCP_INFO (tests/live_tc.rs),
+#               with the AF_PACKET backend too, and falls back to it without
+#               CAP_BPF (tests/live_afpacket.rs);
 #               replay of freshly captured kernel traffic (iptables loss in the
 #               receiver's INPUT) equals each socket's TCP_INFO
 #
@@ -65,6 +67,9 @@ cargo xtask smoke-ebpf --release
 # `flowprobe run` on a veth in new namespaces against TCP_INFO; it uses the
 # object check-ebpf just built (the unit tier skips it without this variable).
 FLOWPROBE_LIVE_TESTS=1 cargo test --locked -p flowprobe --test live_tc
+# `flowprobe run --backend afpacket` beside the tc backend, both against
+# TCP_INFO; the fallback to AF_PACKET without CAP_BPF (setpriv, util-linux).
+FLOWPROBE_LIVE_TESTS=1 cargo test --locked -p flowprobe --test live_afpacket
 
 fresh=$(mktemp -d /tmp/flowprobe-capture.XXXXXX)
 trap 'rm -rf "$fresh"' EXIT

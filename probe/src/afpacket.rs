@@ -235,14 +235,17 @@ fn observe(sh: &mut Shard, f: &Frame) {
     if f.hatype == libc::ARPHRD_LOOPBACK && f.pkttype == libc::PACKET_OUTGOING {
         return;
     }
-    crate::ingest::frame(
+    crate::ingest::captured(
         &mut sh.table,
         &mut sh.frames,
-        f.ts_ns,
-        f.ifindex,
-        f.link(),
-        f.data,
-        f.wire_len,
+        &crate::ingest::Captured {
+            ts_ns: f.ts_ns,
+            iface: f.ifindex,
+            link: f.link(),
+            data: f.data,
+            wire_len: f.wire_len,
+            gso_size: f.gso_size.into(),
+        },
     );
 }
 

@@ -66,23 +66,7 @@ pub fn run(
     opts: &Options,
     on_snapshot: &mut dyn FnMut(&[Connection]) -> Result<()>,
 ) -> Result<Outcome> {
-    // Only --iface needs to follow links: the named interfaces' indexes
-    // change when they are created again.
-    let mut watcher = if opts.ifaces.is_empty() {
-        None
-    } else {
-        Some(links::Watcher::subscribe()?)
-    };
-    let all = links::dump()?;
-    for name in &opts.ifaces {
-        if !all.iter().any(|l| &l.name == name) {
-            bail!("no interface {name} in this network namespace");
-        }
-    }
-    let mut named = Named::new(&opts.ifaces);
-    for l in &all {
-        named.new_link(l);
-    }
+    let mut named = Named::new(&opts.ifaces)?;
 
     let n = std::thread::available_parallelism().map_or(1, |n| n.get());
     let only = named.indexes();
@@ -104,14 +88,21 @@ pub fn run(
             .zip(&shards)
             .map(|(r, sh)| {
                 let done = &done;
-                s.spawn(move || read_ring(r, sh, done))
+                s.spawn(move || {
+                    let res = read_ring(r, sh, done);
+                    if res.is_err() {
+                        // Stop the run rather than count on with one ring fewer.
+                        done.store(true, Ordering::Release);
+                    }
+                    res
+                })
             })
             .collect();
         let res = follow(
             &rings,
             &shards,
+            &done,
             &mut named,
-            watcher.as_mut(),
             &mut kernel,
             opts,
             on_snapshot,
@@ -143,8 +134,8 @@ pub fn run(
 fn follow(
     rings: &[Ring],
     shards: &[Mutex<Shard>],
+    failed: &AtomicBool,
     named: &mut Named,
-    mut watcher: Option<&mut links::Watcher>,
     kernel: &mut KernelStats,
     opts: &Options,
     on_snapshot: &mut dyn FnMut(&[Connection]) -> Result<()>,
@@ -153,35 +144,13 @@ fn follow(
     let mut next_snapshot = opts.interval.map(|i| start + i);
     // The kernel's counters are 32-bit: read them often enough not to wrap.
     let mut next_stats = start + Duration::from_secs(1);
-    while !live::STOP.load(Ordering::SeqCst) {
+    while !live::STOP.load(Ordering::SeqCst) && !failed.load(Ordering::Acquire) {
         if opts.duration.is_some_and(|d| start.elapsed() >= d) {
             break;
         }
-        if let Some(w) = watcher.as_deref_mut() {
-            let before = named.indexes();
-            match w.poll() {
-                Ok(events) => {
-                    for ev in events {
-                        match ev {
-                            links::Event::New(l) => named.new_link(&l),
-                            links::Event::Del(l) => named.del_link(&l),
-                        }
-                    }
-                }
-                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
-                    // Events were lost: start over from a fresh dump.
-                    named.clear();
-                    for l in links::dump()? {
-                        named.new_link(&l);
-                    }
-                }
-                Err(e) => return Err(e).context("reading rtnetlink link events"),
-            }
-            let now = named.indexes();
-            if now != before {
-                for r in rings {
-                    r.set_filter(now.as_deref())?;
-                }
+        if let Some(now) = named.follow()? {
+            for r in rings {
+                r.set_filter(Some(&now))?;
             }
         }
         let now = Instant::now();
@@ -269,19 +238,70 @@ fn add_kernel_stats(rings: &[Ring], total: &mut KernelStats) -> Result<()> {
     Ok(())
 }
 
-/// The interfaces named with --iface and their current indexes.
+/// The interfaces named with --iface, their current indexes, and the link
+/// events that change them (a named interface created again has a new
+/// index).
 struct Named {
     /// Empty: every interface.
     names: Vec<String>,
     index: BTreeMap<String, u32>,
+    /// Only with names: without, the rings are bound to every interface.
+    watcher: Option<links::Watcher>,
 }
 
 impl Named {
-    fn new(names: &[String]) -> Named {
-        Named {
+    /// Every name must be an interface now.
+    fn new(names: &[String]) -> Result<Named> {
+        // Subscribe before the dump, so that no link change falls between.
+        let watcher = if names.is_empty() {
+            None
+        } else {
+            Some(links::Watcher::subscribe()?)
+        };
+        let mut n = Named {
             names: names.to_vec(),
             index: BTreeMap::new(),
+            watcher,
+        };
+        let all = links::dump()?;
+        for name in names {
+            if !all.iter().any(|l| &l.name == name) {
+                bail!("no interface {name} in this network namespace");
+            }
         }
+        for l in &all {
+            n.new_link(l);
+        }
+        Ok(n)
+    }
+
+    /// Applies the link events since the last call; the new index list
+    /// when it changed.
+    fn follow(&mut self) -> Result<Option<Vec<u32>>> {
+        let Some(w) = &mut self.watcher else {
+            return Ok(None);
+        };
+        let before: Vec<u32> = self.index.values().copied().collect();
+        match w.poll() {
+            Ok(events) => {
+                for ev in events {
+                    match ev {
+                        links::Event::New(l) => self.new_link(&l),
+                        links::Event::Del(l) => self.del_link(&l),
+                    }
+                }
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                // Events were lost: start over from a fresh dump.
+                self.index.clear();
+                for l in links::dump()? {
+                    self.new_link(&l);
+                }
+            }
+            Err(e) => return Err(e).context("reading rtnetlink link events"),
+        }
+        let now: Vec<u32> = self.index.values().copied().collect();
+        Ok((now != before).then_some(now))
     }
 
     fn new_link(&mut self, l: &links::Link) {
@@ -295,10 +315,6 @@ impl Named {
 
     fn del_link(&mut self, l: &links::Link) {
         self.index.retain(|_, &mut i| i != l.index);
-    }
-
-    fn clear(&mut self) {
-        self.index.clear();
     }
 
     /// The filter's interface list: `None` for every interface.

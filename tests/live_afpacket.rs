@@ -121,25 +121,9 @@ const VETH_B: &str = "fpa1";
 /// server's address.
 fn setup(tag: &str, v6: bool) -> (Netns, &'static str, &'static str) {
     let ns = Netns::create(tag);
-    // Created inside A with the peer directly in B: the root namespace's
-    // interfaces are never touched.
-    sh(&[
-        "ip", "-n", &ns.a, "link", "add", VETH_A, "type", "veth", "peer", "name", VETH_B, "netns",
-        &ns.b,
-    ]);
-    let (ca, sa, plen, ipt) = if v6 {
-        ("fd78::1", "fd78::2", "64", "ip6tables")
-    } else {
-        ("10.80.0.1", "10.80.0.2", "24", "iptables")
-    };
-    for (n, dev, addr) in [(&ns.a, VETH_A, ca), (&ns.b, VETH_B, sa)] {
-        let cidr = format!("{addr}/{plen}");
-        let mut add = vec!["ip", "-n", n, "addr", "add", &cidr, "dev", dev];
-        if v6 {
-            add.push("nodad");
-        }
-        sh(&add);
-        sh(&["ip", "-n", n, "link", "set", dev, "up"]);
+    let (ca, sa) = add_veth(&ns, v6);
+    let ipt = if v6 { "ip6tables" } else { "iptables" };
+    for n in [&ns.a, &ns.b] {
         sh(&[
             "ip",
             "netns",
@@ -167,12 +151,51 @@ fn setup(tag: &str, v6: bool) -> (Netns, &'static str, &'static str) {
             "DROP",
         ]);
     }
+    (ns, ca, sa)
+}
+
+/// The veth between the namespaces, addressed and up.
+fn add_veth(ns: &Netns, v6: bool) -> (&'static str, &'static str) {
+    // Created inside A with the peer directly in B: the root namespace's
+    // interfaces are never touched.
+    sh(&[
+        "ip", "-n", &ns.a, "link", "add", VETH_A, "type", "veth", "peer", "name", VETH_B, "netns",
+        &ns.b,
+    ]);
+    let (ca, sa, plen) = if v6 {
+        ("fd78::1", "fd78::2", "64")
+    } else {
+        ("10.80.0.1", "10.80.0.2", "24")
+    };
+    for (n, dev, addr) in [(&ns.a, VETH_A, ca), (&ns.b, VETH_B, sa)] {
+        let cidr = format!("{addr}/{plen}");
+        let mut add = vec!["ip", "-n", n, "addr", "add", &cidr, "dev", dev];
+        if v6 {
+            add.push("nodad");
+        }
+        sh(&add);
+        sh(&["ip", "-n", n, "link", "set", dev, "up"]);
+    }
     wait_for("the veth to come up", || {
         let up =
             |n: &str, d: &str| sh_out(&["ip", "-n", n, "link", "show", d]).contains("LOWER_UP");
         up(&ns.a, VETH_A) && up(&ns.b, VETH_B)
     });
-    (ns, ca, sa)
+    (ca, sa)
+}
+
+fn ifindex(ns: &str, dev: &str) -> u32 {
+    let out = sh_out(&["ip", "-n", ns, "-o", "link", "show", dev]);
+    out.split(':').next().unwrap().trim().parse().unwrap()
+}
+
+/// The classic BPF filters of the packet sockets in `ns` (`ss -0 -b`).
+fn packet_filters(ns: &str) -> Vec<String> {
+    sh_out(&["ip", "netns", "exec", ns, "ss", "-0", "-b", "-n"])
+        .lines()
+        .filter(|l| l.contains("bpf filter"))
+        .map(str::to_owned)
+        .collect()
 }
 
 fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
@@ -618,4 +641,58 @@ fn loopback_counts_each_packet_once() {
         ],
         "loopback {r}"
     );
+}
+
+/// With --iface, a named interface deleted and created again (new index)
+/// is followed: the rings' filter takes the new index, and its traffic is
+/// counted.
+#[test]
+fn iface_follows_a_named_interface_created_again() {
+    if !live_tests_enabled() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let (ns, _, _) = setup("re", false);
+    let old = ifindex(&ns.a, VETH_A);
+    let mut p = spawn_flowprobe(
+        &ns.a,
+        &[],
+        &["--backend", "afpacket", "--iface", VETH_A],
+        dir,
+        "re",
+    );
+    wait_for_rings(&ns.a, 1);
+    // `jeq #ifindex` in the filter (ss prints `0x15 jt jf k`).
+    let has = |index: u32| {
+        let f = packet_filters(&ns.a);
+        !f.is_empty() && f.iter().all(|l| l.contains(&format!("0x15 1 0 {index},")))
+    };
+    assert!(has(old), "filters: {:?}", packet_filters(&ns.a));
+    sh(&["ip", "-n", &ns.a, "link", "del", VETH_A]);
+    let (ca, sa) = add_veth(&ns, false);
+    let new = ifindex(&ns.a, VETH_A);
+    assert_ne!(old, new);
+    wait_for("the filter to follow the new index", || has(new));
+    traffic(&ns, ca, sa, dir);
+    let (conns, out, _) = finish(&mut p, dir, "re");
+    let client = truth(dir, "client");
+    for (port, c_bytes, _) in CONNS {
+        let r = record(&conns, port, ca, sa, &out);
+        let ct = &client["tcp"][port.to_string()];
+        let sent = counts(&r["sent"]);
+        assert_eq!(
+            (n(&r["iface"]), sent.0 - sent.2, sent),
+            (
+                u64::from(new),
+                c_bytes,
+                (
+                    n(&ct["tcpi_bytes_sent"]),
+                    n(&ct["tcpi_total_retrans"]),
+                    n(&ct["tcpi_bytes_retrans"])
+                )
+            ),
+            "port {port}: (iface, written, (bytes, retransmits, retx_bytes))"
+        );
+    }
 }

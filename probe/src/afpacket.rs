@@ -70,8 +70,9 @@ pub fn run(
 
     let n = std::thread::available_parallelism().map_or(1, |n| n.get());
     let only = named.indexes();
+    let blocks = ring::blocks_per_ring(n);
     let rings = (0..n)
-        .map(|_| Ring::open(only.as_deref()))
+        .map(|_| Ring::open(only.as_deref(), blocks))
         .collect::<Result<Vec<_>>>()?;
     let group = rings[0].join_fanout(None)?;
     for r in &rings[1..] {

@@ -22,10 +22,21 @@ pub const SNAPLEN: u32 = 256;
 /// A block is handed to us at the latest this long after its first frame,
 /// so a quiet ring still delivers within a snapshot's precision.
 pub const RETIRE_MS: u32 = 20;
-/// 256 KiB blocks, 32 of them: 8 MiB per ring, about 25 000 frames of
-/// headers, or 3 ms of 10 Mpps, before the kernel has to drop.
+/// 256 KiB blocks.
 const BLOCK_SIZE: u32 = 1 << 18;
-const BLOCK_NR: u32 = 32;
+/// Up to 32 blocks per ring: 8 MiB, about 25 000 frames of headers (a
+/// frame takes its 68-byte header, alignment and up to SNAPLEN bytes)
+/// before the kernel has to drop; on many CPUs fewer per ring (at least 8,
+/// 2 MiB), so that all rings together stay near 64 MiB.
+const MAX_BLOCKS: u32 = 32;
+const MIN_BLOCKS: u32 = 8;
+const TOTAL_BYTES: u64 = 64 << 20;
+
+/// Blocks per ring for `rings` rings.
+pub fn blocks_per_ring(rings: usize) -> u32 {
+    let each = TOTAL_BYTES / (rings.max(1) as u64) / u64::from(BLOCK_SIZE);
+    (each as u32).clamp(MIN_BLOCKS, MAX_BLOCKS)
+}
 /// Frame size only matters to the kernel's TPACKET_V1/V2 bookkeeping; V3
 /// packs frames back to back, but `tp_frame_size` must still divide the
 /// block size and hold a header.
@@ -97,6 +108,7 @@ pub struct Ring {
     fd: OwnedFd,
     map: *mut u8,
     map_len: usize,
+    blocks: u32,
     /// Each frame is preceded by a `virtio_net_hdr`.
     vnet: bool,
 }
@@ -183,7 +195,7 @@ impl Ring {
     /// `ifindexes` is `None`), bound to every interface of the current
     /// network namespace. It receives nothing until it is bound, so no
     /// frame escapes the ring or the filter.
-    pub fn open(ifindexes: Option<&[u32]>) -> Result<Ring> {
+    pub fn open(ifindexes: Option<&[u32]>, blocks: u32) -> Result<Ring> {
         // Protocol 0: nothing is delivered before `bind` below.
         // SAFETY: plain syscall.
         let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
@@ -216,16 +228,16 @@ impl Ring {
 
         let req = libc::tpacket_req3 {
             tp_block_size: BLOCK_SIZE,
-            tp_block_nr: BLOCK_NR,
+            tp_block_nr: blocks,
             tp_frame_size: FRAME_SIZE,
-            tp_frame_nr: BLOCK_SIZE / FRAME_SIZE * BLOCK_NR,
+            tp_frame_nr: BLOCK_SIZE / FRAME_SIZE * blocks,
             tp_retire_blk_tov: RETIRE_MS,
             tp_sizeof_priv: 0,
             tp_feature_req_word: 0,
         };
         setsockopt(&fd, libc::SOL_PACKET, libc::PACKET_RX_RING, &req)
             .context("setting up the PACKET_RX_RING")?;
-        let map_len = (BLOCK_SIZE * BLOCK_NR) as usize;
+        let map_len = BLOCK_SIZE as usize * blocks as usize;
         // SAFETY: maps the ring the kernel just allocated for this fd.
         let map = unsafe {
             libc::mmap(
@@ -244,6 +256,7 @@ impl Ring {
             fd,
             map: map.cast(),
             map_len,
+            blocks,
             vnet,
         };
 
@@ -343,8 +356,8 @@ impl Ring {
     }
 
     fn block(&self, i: u32) -> *mut u8 {
-        // SAFETY: `i < BLOCK_NR`, so the offset is inside the mapping.
-        unsafe { self.map.add((i * BLOCK_SIZE) as usize) }
+        // SAFETY: `i < self.blocks`, so the offset is inside the mapping.
+        unsafe { self.map.add(i as usize * BLOCK_SIZE as usize) }
     }
 
     /// Calls `f` with every frame of every block the kernel has handed
@@ -371,7 +384,7 @@ impl Ring {
             };
             read_block(b, num, first, self.vnet, &mut f);
             status.store(libc::TP_STATUS_KERNEL, Ordering::Release);
-            cur.block = (cur.block + 1) % BLOCK_NR;
+            cur.block = (cur.block + 1) % self.blocks;
             blocks += 1;
         }
     }
@@ -455,6 +468,16 @@ impl Drop for Ring {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn ring_sizes() {
+        use super::blocks_per_ring;
+        assert_eq!(blocks_per_ring(1), 32);
+        assert_eq!(blocks_per_ring(2), 32);
+        assert_eq!(blocks_per_ring(16), 16);
+        assert_eq!(blocks_per_ring(64), 8);
+        assert_eq!(blocks_per_ring(512), 8);
+    }
+
     #[test]
     fn kernel_versions() {
         for (r, want) in [

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Capture-cost benchmark: iperf3 throughput over a veth between two fresh
 # network namespaces with no capture, with `flowprobe run --backend
-# afpacket` in the receiver's namespace, and with `tcpdump -w /dev/null` on
-# the receiver's veth; interleaved round by round, reported as medians,
-# ratios to no capture, and kernel drops.
+# afpacket` in the receiver's namespace, with `tcpdump -w /dev/null` on the
+# receiver's veth, and with `tcpdump -s 256 -w /dev/null` (the snap length
+# flowprobe uses); interleaved round by round, reported as medians, ratios
+# to no capture, the capturing process's CPU time, and kernel drops.
 #
 # Usage: sudo bench/afpacket.sh [ROUNDS]     (default 5; or ROUNDS=N)
 #
 # Environment:
-#   ROUNDS=5        timed rounds (each: none, afpacket, tcpdump)
+#   ROUNDS=5        timed rounds (each: none, afpacket, tcpdump, tcpdump-s256)
 #   SECS=5          iperf3 seconds per run
 #   SKIP_BUILD=1    use the existing target/release/flowprobe
 #
@@ -91,14 +92,20 @@ wait_rings() {
     die "capture did not start"
 }
 
+# CPU seconds (user + system, all threads) process $1 has used.
+cpu_s() {
+    awk -v hz="$(getconf CLK_TCK)" '{ print ($14 + $15) / hz }' "/proc/$1/stat"
+}
+
 cpus=$(nproc)
-declare -A bps drops
-run_none() { bps[none]+="$(iperf) "; drops[none]+="0 "; }
+declare -A bps drops cpu
+run_none() { bps[none]+="$(iperf) "; drops[none]+="0 "; cpu[none]+="0 "; }
 run_afpacket() {
     ip netns exec "$B" "$fp" run --backend afpacket --iface fpb1 >/dev/null 2>"$work/fp.err" &
     local pid=$!
     wait_rings "$cpus"
     bps[afpacket]+="$(iperf) "
+    cpu[afpacket]+="$(cpu_s "$pid") "
     kill -INT "$pid"
     wait "$pid" || die "flowprobe failed: $(cat "$work/fp.err")"
     # "... kernel: P packets, D dropped, ..."
@@ -108,18 +115,22 @@ run_afpacket() {
     drops[afpacket]+="$d "
     echo "  afpacket: $(cat "$work/fp.err")" >&2
 }
+# run_tcpdump NAME [tcpdump options]
 run_tcpdump() {
-    ip netns exec "$B" tcpdump -i fpb1 -w /dev/null 2>"$work/td.err" &
+    local name=$1
+    shift
+    ip netns exec "$B" tcpdump -i fpb1 "$@" -w /dev/null 2>"$work/td.err" &
     local pid=$!
     wait_rings 1
-    bps[tcpdump]+="$(iperf) "
+    bps[$name]+="$(iperf) "
+    cpu[$name]+="$(cpu_s "$pid") "
     kill -INT "$pid"
     wait "$pid" || true
     local d
     d=$(sed -n 's/^\([0-9]*\) packets\{0,1\} dropped by kernel.*/\1/p' "$work/td.err")
     [[ -n $d ]] || die "no drop count in: $(cat "$work/td.err")"
-    drops[tcpdump]+="$d "
-    echo "  tcpdump: $(grep -E 'captured|received|dropped' "$work/td.err" | tr '\n' ' ')" >&2
+    drops[$name]+="$d "
+    echo "  $name: $(grep -E 'captured|received|dropped' "$work/td.err" | tr '\n' ' ')" >&2
 }
 
 echo "afpacket.sh: $ROUNDS rounds of ${SECS} s iperf3 over a veth, $cpus CPUs, $(uname -r)" >&2
@@ -127,18 +138,23 @@ for r in $(seq "$ROUNDS"); do
     echo "round $r" >&2
     run_none
     run_afpacket
-    run_tcpdump
+    run_tcpdump tcpdump
+    run_tcpdump tcpdump-s256 -s 256
 done
 
-python3 - "${bps[none]}" "${bps[afpacket]}" "${bps[tcpdump]}" \
-    "${drops[none]}" "${drops[afpacket]}" "${drops[tcpdump]}" <<'EOF'
+modes=(none afpacket tcpdump tcpdump-s256)
+args=()
+for m in "${modes[@]}"; do args+=("$m" "${bps[$m]}" "${cpu[$m]}" "${drops[$m]}"); done
+python3 - "${args[@]}" <<'EOF'
 import statistics, sys
-names = ["none", "afpacket", "tcpdump"]
-bps = [[float(x) for x in a.split()] for a in sys.argv[1:4]]
-drops = [[int(x) for x in a.split()] for a in sys.argv[4:7]]
-base = statistics.median(bps[0])
-print(f"{'capture':<10} {'Gbit/s':>8} {'min-max':>13} {'vs none':>8} {'drops/run (max)':>16}")
-for name, b, d in zip(names, bps, drops):
+rows = [sys.argv[i:i + 4] for i in range(1, len(sys.argv), 4)]
+base = statistics.median(float(x) for x in rows[0][1].split())
+print(f"{'capture':<13} {'Gbit/s':>7} {'min-max':>13} {'vs none':>7} {'CPU s/run':>9} {'drops (max/run)':>15}")
+for name, b, c, d in rows:
+    b = [float(x) for x in b.split()]
+    c = [float(x) for x in c.split()]
+    d = [int(x) for x in d.split()]
     m = statistics.median(b)
-    print(f"{name:<10} {m/1e9:>8.2f} {min(b)/1e9:>6.2f}-{max(b)/1e9:<6.2f} {m/base:>8.3f} {max(d):>16}")
+    print(f"{name:<13} {m/1e9:>7.2f} {min(b)/1e9:>6.2f}-{max(b)/1e9:<6.2f} {m/base:>7.3f} "
+          f"{statistics.median(c):>9.2f} {max(d):>15}")
 EOF

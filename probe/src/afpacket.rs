@@ -11,13 +11,14 @@
 //! ([`crate::ingest`]) into its own [`FlowTable`]; snapshots and the final
 //! output merge the tables. `--iface` is a filter in the kernel ([`filter`]).
 //!
-//! What differs from the tc backend, by construction: AF_PACKET's egress
-//! tap is after software GSO only when GSO runs in software; with TSO (veth,
-//! most NICs) it sees the same super-packets as tc egress, and counts each
-//! as one packet, where tc counts `gso_segs`. So `packets` can be lower
-//! than tc's; bytes, retransmits and retransmitted bytes are the same (the
-//! tracker works on sequence ranges, not packets). At ingress AF_PACKET
-//! sees frames before tc ingress and netfilter, as tc does.
+//! Where it looks: AF_PACKET's taps are where tcpdump's are. On ingress,
+//! before tc ingress and netfilter; on egress, after tc egress, and before
+//! segmentation when the device does TSO/GSO (veth, most NICs), so it sees
+//! the same super-packets as tc egress. tc counts such a packet as its
+//! `gso_segs`; here the virtio-net header's `gso_size` gives the same number
+//! ([`crate::ingest::Captured::gso_size`]), so `packets` and `retransmits`
+//! (segments) equal tc's, and bytes are exact either way (lengths come from
+//! the IP header or `tp_len`, not from the cut copy).
 
 mod filter;
 mod merge;

@@ -19,8 +19,10 @@
 //!
 //! Also: with CAP_BPF and CAP_SYS_ADMIN taken away, `flowprobe run` (auto)
 //! says in one line that it cannot use eBPF and counts with AF_PACKET,
-//! correctly; `--backend tc` fails instead. And on loopback, where
-//! AF_PACKET sees every packet twice, each counts once.
+//! correctly; `--backend tc` fails instead. On loopback, where AF_PACKET
+//! sees every packet twice, each counts once. `--iface` follows a named
+//! interface created again. UDP connections that the fanout splits across
+//! rings (first fragments hash by address only) are merged whole.
 //!
 //! Runs only with `FLOWPROBE_LIVE_TESTS=1` (the root tier of
 //! `scripts/test.sh`, after building the eBPF object); otherwise skipped
@@ -693,6 +695,54 @@ fn iface_follows_a_named_interface_created_again() {
                 )
             ),
             "port {port}: (iface, written, (bytes, retransmits, retx_bytes))"
+        );
+    }
+}
+
+/// From 12 source ports, 5 small and 5 fragmented (4000-byte) UDP
+/// datagrams each to one port.
+const UDP_FRAGMENTS: &str = "
+import socket, time
+for p in range(42000, 42012):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('10.80.0.1', p))
+    for i in range(5):
+        s.sendto(b'a' * 100, ('10.80.0.2', 5002)); s.sendto(b'b' * 4000, ('10.80.0.2', 5002))
+        time.sleep(0.002)
+";
+
+/// A first IP fragment is hashed by its addresses only, so the fanout can
+/// put it in another ring than the unfragmented datagrams of the same
+/// 5-tuple: the parts are merged into one connection with every count.
+#[test]
+fn udp_connections_split_by_fragments_are_merged() {
+    if !live_tests_enabled() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let ns = Netns::create("frag");
+    add_veth(&ns, false);
+    let mut p = spawn_flowprobe(
+        &ns.b,
+        &[],
+        &["--backend", "afpacket", "--iface", VETH_B],
+        dir,
+        "frag",
+    );
+    wait_for_rings(&ns.b, 1);
+    let st = Command::new("ip")
+        .args(["netns", "exec", &ns.a, "python3", "-c", UDP_FRAGMENTS])
+        .status()
+        .unwrap();
+    assert!(st.success(), "the UDP sender failed");
+    let (conns, out, _) = finish(&mut p, dir, "frag");
+    let udp: Vec<&Value> = conns.iter().filter(|c| c["dport"] == 5002).collect();
+    assert_eq!(udp.len(), 12, "one record per source port:\n{out}");
+    for c in udp {
+        assert_eq!(
+            (n(&c["sent"]["packets"]), n(&c["sent"]["bytes"])),
+            (10, 5 * 100 + 5 * 4000),
+            "{c}"
         );
     }
 }

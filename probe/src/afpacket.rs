@@ -73,11 +73,16 @@ pub fn run(
     let only = named.indexes();
     let blocks = ring::blocks_per_ring(n);
     let rings = (0..n)
-        .map(|_| Ring::open(only.as_deref(), blocks))
+        .map(|_| Ring::open(blocks))
         .collect::<Result<Vec<_>>>()?;
     let group = rings[0].join_fanout(None)?;
     for r in &rings[1..] {
         r.join_fanout(Some(group))?;
+    }
+    // Only now that every ring is in the group: before, a ring could get a
+    // packet that another also got through the group.
+    for r in &rings {
+        r.set_filter(only.as_deref())?;
     }
     live::install_signal_handlers()?;
 

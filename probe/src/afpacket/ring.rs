@@ -191,11 +191,12 @@ fn setsockopt<T>(fd: &OwnedFd, level: libc::c_int, name: libc::c_int, v: &T) -> 
 }
 
 impl Ring {
-    /// A socket with its ring and `filter` (every interface when
-    /// `ifindexes` is `None`), bound to every interface of the current
-    /// network namespace. It receives nothing until it is bound, so no
-    /// frame escapes the ring or the filter.
-    pub fn open(ifindexes: Option<&[u32]>, blocks: u32) -> Result<Ring> {
+    /// A socket with its ring, bound to every interface of the current
+    /// network namespace, and a filter that lets nothing in yet: between
+    /// `bind` and joining the fanout group a socket gets every packet
+    /// directly, besides the group's copy, so every ring joins first and
+    /// then gets its real filter ([`Ring::set_filter`]).
+    pub fn open(blocks: u32) -> Result<Ring> {
         // Protocol 0: nothing is delivered before `bind` below.
         // SAFETY: plain syscall.
         let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
@@ -212,7 +213,7 @@ impl Ring {
         let v3: libc::c_int = libc::tpacket_versions::TPACKET_V3 as libc::c_int;
         setsockopt(&fd, libc::SOL_PACKET, libc::PACKET_VERSION, &v3)
             .context("selecting TPACKET_V3 (needs Linux 3.2)")?;
-        set_filter_on(&fd, ifindexes)?;
+        set_filter_on(&fd, Some(&[]))?;
         // The virtio-net header carries the GSO segment size of a
         // super-packet, so that it counts as the wire segments it stands
         // for, as tc counts `gso_segs`: retransmitted segments must match

@@ -297,6 +297,12 @@ fn finish(p: &mut Child, dir: &Path, tag: &str) -> (Vec<Value>, String, String) 
     // `ip netns exec` execs flowprobe (and setpriv execs it too), so the
     // child's pid is flowprobe's.
     sh(&["kill", "-INT", &p.id().to_string()]);
+    outcome(p, dir, tag)
+}
+
+/// Waits for a probe to exit and returns its (JSON lines, raw output,
+/// stderr), after checking it exited well.
+fn outcome(p: &mut Child, dir: &Path, tag: &str) -> (Vec<Value>, String, String) {
     let st = p.wait().unwrap();
     let err = fs::read_to_string(dir.join(format!("{tag}.err"))).unwrap();
     assert!(st.success(), "flowprobe ({tag}) failed: {err}");
@@ -725,7 +731,14 @@ fn udp_connections_split_by_fragments_are_merged() {
     let mut p = spawn_flowprobe(
         &ns.b,
         &[],
-        &["--backend", "afpacket", "--iface", VETH_B],
+        &[
+            "--backend",
+            "afpacket",
+            "--iface",
+            VETH_B,
+            "--duration",
+            "3",
+        ],
         dir,
         "frag",
     );
@@ -735,7 +748,8 @@ fn udp_connections_split_by_fragments_are_merged() {
         .status()
         .unwrap();
     assert!(st.success(), "the UDP sender failed");
-    let (conns, out, _) = finish(&mut p, dir, "frag");
+    // Ends by itself after --duration.
+    let (conns, out, _) = outcome(&mut p, dir, "frag");
     let udp: Vec<&Value> = conns.iter().filter(|c| c["dport"] == 5002).collect();
     assert_eq!(udp.len(), 12, "one record per source port:\n{out}");
     for c in udp {

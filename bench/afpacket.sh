@@ -9,9 +9,11 @@
 # Usage: sudo bench/afpacket.sh [ROUNDS]     (default 5; or ROUNDS=N)
 #
 # Environment:
-#   ROUNDS=5        timed rounds (each: none, afpacket, tcpdump, tcpdump-s256)
+#   ROUNDS=5        timed rounds (each: none, afpacket, tc, tcpdump, tcpdump-s256)
 #   SECS=5          iperf3 seconds per run
 #   SKIP_BUILD=1    use the existing target/release/flowprobe
+#   TC=0            leave out the tc backend (`flowprobe run --backend tc`,
+#                   shown for comparison; its cost is in the kernel)
 #   OFFLOADS=off    turn TSO/GSO/GRO off on both veth ends, so that every
 #                   wire-size frame is a packet (about 40x the packets per
 #                   second of the default, where the veth carries 64 KB
@@ -125,6 +127,25 @@ run_afpacket() {
     drops[afpacket]+="$d "
     echo "  afpacket: $(cat "$work/fp.err")" >&2
 }
+# The tc backend, for comparison (skipped with TC=0): its per-packet work
+# runs in the kernel and is charged to the traffic, not to flowprobe.
+run_tc() {
+    ip netns exec "$B" "$fp" run --backend tc --iface fpb1 >/dev/null 2>"$work/tc.err" &
+    local pid=$!
+    for _ in $(seq 200); do
+        ip netns exec "$B" tc filter show dev fpb1 egress | grep -q flowprobe_tc && break
+        sleep 0.05
+    done
+    ip netns exec "$B" tc filter show dev fpb1 egress | grep -q flowprobe_tc ||
+        die "the tc backend did not attach: $(cat "$work/tc.err")"
+    bps[tc]+="$(iperf) "
+    cpu[tc]+="$(cpu_s "$pid") "
+    kill -INT "$pid"
+    wait "$pid" || die "flowprobe --backend tc failed: $(cat "$work/tc.err")"
+    # The tc backend never drops a packet; lost counts would be map events.
+    drops[tc]+="$(grep -c 'not counted' "$work/tc.err" || true) "
+    echo "  tc: $(cat "$work/tc.err")" >&2
+}
 # run_tcpdump NAME [tcpdump options]
 run_tcpdump() {
     local name=$1
@@ -148,11 +169,14 @@ for r in $(seq "$ROUNDS"); do
     echo "round $r" >&2
     run_none
     run_afpacket
+    [[ ${TC:-1} == 0 ]] || run_tc
     run_tcpdump tcpdump
     run_tcpdump tcpdump-s256 -s 256
 done
 
-modes=(none afpacket tcpdump tcpdump-s256)
+modes=(none afpacket)
+[[ ${TC:-1} == 0 ]] || modes+=(tc)
+modes+=(tcpdump tcpdump-s256)
 args=()
 for m in "${modes[@]}"; do args+=("$m" "${bps[$m]}" "${cpu[$m]}" "${drops[$m]}"); done
 python3 - "${args[@]}" <<'EOF'

@@ -24,11 +24,15 @@ pub const SNAPLEN: u32 = 256;
 pub const RETIRE_MS: u32 = 20;
 /// 256 KiB blocks.
 const BLOCK_SIZE: u32 = 1 << 18;
-/// Up to 32 blocks per ring: 8 MiB, about 25 000 frames of headers (a
-/// frame takes its 68-byte header, alignment and up to SNAPLEN bytes)
-/// before the kernel has to drop; on many CPUs fewer per ring (at least 8,
-/// 2 MiB), so that all rings together stay near 64 MiB.
-const MAX_BLOCKS: u32 = 32;
+/// About 64 MiB of rings in all, split over the CPUs: on 2 CPUs 32 MiB per
+/// ring, about 95 000 frames of headers (a frame takes its 68-byte header,
+/// the virtio-net header, alignment and up to SNAPLEN bytes), which is
+/// 200 ms of 450 000 frames per second, the most a 2-CPU VM pushed through a
+/// veth: the reader thread competes with the traffic for the CPUs, and with
+/// 8 MiB rings it fell behind long enough to drop 0.15 % of the frames in
+/// one of 7 runs (`bench/afpacket.sh`). On many CPUs at least 8 blocks
+/// (2 MiB) per ring.
+const MAX_BLOCKS: u32 = 128;
 const MIN_BLOCKS: u32 = 8;
 const TOTAL_BYTES: u64 = 64 << 20;
 
@@ -37,6 +41,7 @@ pub fn blocks_per_ring(rings: usize) -> u32 {
     let each = TOTAL_BYTES / (rings.max(1) as u64) / u64::from(BLOCK_SIZE);
     (each as u32).clamp(MIN_BLOCKS, MAX_BLOCKS)
 }
+
 /// Frame size only matters to the kernel's TPACKET_V1/V2 bookkeeping; V3
 /// packs frames back to back, but `tp_frame_size` must still divide the
 /// block size and hold a header.
@@ -472,8 +477,8 @@ mod tests {
     #[test]
     fn ring_sizes() {
         use super::blocks_per_ring;
-        assert_eq!(blocks_per_ring(1), 32);
-        assert_eq!(blocks_per_ring(2), 32);
+        assert_eq!(blocks_per_ring(1), 128);
+        assert_eq!(blocks_per_ring(2), 128);
         assert_eq!(blocks_per_ring(16), 16);
         assert_eq!(blocks_per_ring(64), 8);
         assert_eq!(blocks_per_ring(512), 8);

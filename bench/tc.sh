@@ -14,6 +14,8 @@
 # the bytes iperf3 says it sent.
 #
 # usage (root): bench/tc.sh [ROUNDS]   (default 5; SECS=5 per iperf3 run)
+#   MODES="empty raw" bench/tc.sh   only those modes; `raw` attaches the probe
+#   object with tc, without the agent (for comparing builds of the program)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -98,10 +100,12 @@ run_mode() { # mode round
     local mode=$1 round=$2 ids=() bps sent recvd cnt ns fp_pid
     case $mode in
     none) read -r bps sent recvd < <(load) ;;
-    empty)
+    empty | raw)
+        local obj=$BASE
+        [[ $mode == raw ]] && obj=$OBJ
         tc -n "$NS_B" qdisc add dev vb clsact
-        tc -n "$NS_B" filter add dev vb ingress bpf da obj "$BASE" sec classifier
-        tc -n "$NS_B" filter add dev vb egress bpf da obj "$BASE" sec classifier
+        tc -n "$NS_B" filter add dev vb ingress bpf da obj "$obj" sec classifier
+        tc -n "$NS_B" filter add dev vb egress bpf da obj "$obj" sec classifier
         mapfile -t ids < <(prog_ids)
         read -r bps sent recvd < <(load)
         read -r cnt ns < <(prog_cost "${ids[@]}")
@@ -159,40 +163,38 @@ check_probe() { # bytes the client wrote, bytes the server read
     fi
 }
 
-log "$ROUNDS rounds x (none, empty, probe), iperf3 -t $SECS each"
+MODES=(${MODES:-none empty probe})
+log "$ROUNDS rounds x (${MODES[*]}), iperf3 -t $SECS each"
 run_mode none 0 # warm-up, discarded
 : >"$RESULTS"
 for r in $(seq "$ROUNDS"); do
     # Rotate the order so that no mode always follows the same one.
-    case $((r % 3)) in
-    0) order="none empty probe" ;;
-    1) order="empty probe none" ;;
-    2) order="probe none empty" ;;
-    esac
+    order=("${MODES[@]:r % ${#MODES[@]}}" "${MODES[@]:0:r % ${#MODES[@]}}")
     ROUND=$r
-    for m in $order; do run_mode "$m" "$r"; done
+    for m in "${order[@]}"; do run_mode "$m" "$r"; done
     log "round $r/$ROUNDS done"
 done
 
 median() { sort -g | awk '{ a[NR] = $1 } END { if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 col() { awk -v m="$1" -v c="$2" '$1 == m { print $c }' "$RESULTS"; }
-G_NONE=$(col none 3 | median)
-G_EMPTY=$(col empty 3 | median)
-G_PROBE=$(col probe 3 | median)
-C_EMPTY=$(col empty 4 | median)
-C_PROBE=$(col probe 4 | median)
-
 echo
 echo "per-round results (mode round Gbit/s ns/run runs):"
 sort -k2n -k1 "$RESULTS" | sed 's/^/  /'
 echo
+G_NONE=$(col none 3 | median)
 printf '%-6s %10s %10s %12s\n' mode Gbit/s vs_none ns/run
-printf '%-6s %10s %10s %12s\n' none "$G_NONE" 1.000 -
-printf '%-6s %10s %10s %12s\n' empty "$G_EMPTY" "$(awk -v a="$G_EMPTY" -v b="$G_NONE" 'BEGIN { printf "%.3f", a / b }')" "$C_EMPTY"
-printf '%-6s %10s %10s %12s\n' probe "$G_PROBE" "$(awk -v a="$G_PROBE" -v b="$G_NONE" 'BEGIN { printf "%.3f", a / b }')" "$C_PROBE"
-echo
-echo "probe/empty in-kernel cost per run (median of per-round ratios):"
-paste <(col probe 4) <(col empty 4) | awk '{ print $1 / $2 }' | median | awk '{ printf "  %.2fx\n", $1 }'
+for m in "${MODES[@]}"; do
+    g=$(col "$m" 3 | median)
+    c=$( [[ $m == none ]] && echo - || col "$m" 4 | median)
+    v=$( [[ -n $G_NONE ]] && awk -v a="$g" -v b="$G_NONE" 'BEGIN { printf "%.3f", a / b }' || echo -)
+    printf '%-6s %10s %10s %12s\n' "$m" "$g" "$v" "$c"
+done
+for m in probe raw; do
+    [[ " ${MODES[*]} " == *" $m "* && " ${MODES[*]} " == *" empty "* ]] || continue
+    echo
+    echo "$m/empty in-kernel cost per run (median of per-round ratios):"
+    paste <(col "$m" 4) <(col empty 4) | awk '{ print $1 / $2 }' | median | awk '{ printf "  %.2fx\n", $1 }'
+done
 if [[ -s $MISMATCH ]]; then
     echo "probe counts that differ from the ground truth:"
     sed 's/^/  /' "$MISMATCH"

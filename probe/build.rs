@@ -21,9 +21,16 @@ const TARGET: &str = "bpfel-unknown-none";
 
 fn main() {
     let manifest = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
-    let root = manifest.parent().expect("probe/ is one level down").to_path_buf();
+    let root = manifest
+        .parent()
+        .expect("probe/ is one level down")
+        .to_path_buf();
     let out = PathBuf::from(env::var_os("OUT_DIR").expect("set by cargo"));
-    for p in ["probe-ebpf/src", "probe-ebpf/Cargo.toml", "probe-common/src"] {
+    for p in [
+        "probe-ebpf/src",
+        "probe-ebpf/Cargo.toml",
+        "probe-common/src",
+    ] {
         println!("cargo:rerun-if-changed={}", root.join(p).display());
     }
     for v in [
@@ -57,7 +64,10 @@ fn object(root: &Path) -> Result<PathBuf, String> {
         return if p.is_file() {
             Ok(p)
         } else {
-            Err(format!("FLOWPROBE_EBPF_OBJECT={} is not a file", p.display()))
+            Err(format!(
+                "FLOWPROBE_EBPF_OBJECT={} is not a file",
+                p.display()
+            ))
         };
     }
     if env::var_os("FLOWPROBE_NO_EBPF").is_some_and(|v| v == "1") {

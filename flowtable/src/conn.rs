@@ -1,10 +1,13 @@
 //! The per-connection record every front end prints: the JSON contract.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, UNIX_EPOCH};
 
 use probe_common::DirCounters;
 use serde::{Serialize, Serializer};
+
+use crate::rtt::Rtt;
 
 /// One connection, oriented from its initiator (`src`) to its responder.
 ///
@@ -27,6 +30,17 @@ pub struct Connection {
     pub sent: DirStats,
     /// dst → src.
     pub received: DirStats,
+    /// Round-trip times from packet timestamps (TCP, userspace table only;
+    /// absent when no segment was answered).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rtt: Option<Rtt>,
+    /// Tags of the initiator's end (process attribution fills them; a query
+    /// groups and filters by them like `ip` or `port`).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub src_tags: BTreeMap<String, String>,
+    /// Tags of the responder's end.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub dst_tags: BTreeMap<String, String>,
 }
 
 /// Counters of one direction; see the README for exact meanings.
@@ -66,7 +80,7 @@ pub(crate) fn ip(family: u8, a: &[u8; 16]) -> IpAddr {
 
 /// Nanoseconds since the Unix epoch as RFC 3339 UTC with nanoseconds:
 /// exact (a JSON float is not) and sortable as text.
-fn rfc3339<S: Serializer>(ns: &u64, s: S) -> Result<S::Ok, S::Error> {
+pub(crate) fn rfc3339<S: Serializer>(ns: &u64, s: S) -> Result<S::Ok, S::Error> {
     let t = UNIX_EPOCH + Duration::from_nanos(*ns);
     s.collect_str(&humantime::format_rfc3339_nanos(t))
 }

@@ -6,9 +6,12 @@
 //! byte-for-byte the same output every time.
 
 mod conn;
+pub mod query;
+mod rtt;
 mod stats;
 mod table;
 
 pub use conn::{Connection, DirStats};
+pub use rtt::{Percentiles, Rtt, RttLeg};
 pub use stats::FrameStats;
 pub use table::{sort_connections, FlowTable, Observation};

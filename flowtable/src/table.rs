@@ -6,6 +6,7 @@ use probe_common::{ConnKey, FlowEntry, L4Proto, Parsed};
 use rustc_hash::FxHashMap;
 
 use crate::conn::{ip, Connection, DirStats};
+use crate::rtt::RttTimer;
 
 /// One parsed frame (or GSO super-packet) offered to the table.
 #[derive(Clone, Copy, Debug)]
@@ -20,13 +21,12 @@ pub struct Observation<'a> {
 }
 
 /// A connection in the table: the very record the kernel keeps
-/// ([`FlowEntry`], here with Unix-time timestamps), plus what tells that its
-/// 5-tuple is free again.
+/// ([`FlowEntry`], here with Unix-time timestamps).
 #[derive(Clone, Debug)]
 struct Flow {
     entry: FlowEntry,
-    fin: [bool; 2],
-    rst: bool,
+    /// Userspace-only: the kernel entry has no room (nor clock) for it.
+    rtt: RttTimer,
 }
 
 impl Flow {
@@ -34,14 +34,14 @@ impl Flow {
         let flags = (p.key.proto == L4Proto::Tcp as u8).then_some(p.tcp.flags);
         Flow {
             entry: FlowEntry::new(ts, dir, key, flags),
-            fin: [false; 2],
-            rst: false,
+            rtt: RttTimer::default(),
         }
     }
 
-    /// A connection whose 5-tuple is free again, so a SYN starts a new one.
-    fn closed(&self) -> bool {
-        self.rst || (self.fin[0] && self.fin[1])
+    fn connection(&self, k: &ConnKey) -> Connection {
+        let mut c = Connection::from_entry(k, &self.entry, 0);
+        c.rtt = self.rtt.rtt((self.entry.initiator & 1) as usize);
+        c
     }
 }
 
@@ -76,7 +76,7 @@ impl FlowTable {
         let flow = match self.live.entry(key) {
             std::collections::hash_map::Entry::Occupied(e) => {
                 let f = e.into_mut();
-                if pure_syn && f.closed() {
+                if pure_syn && f.entry.closed() {
                     // Same 5-tuple, new connection (port reuse after close).
                     let old = core::mem::replace(f, Flow::new(o.ts_ns, dir, &key, p));
                     self.ended.push((key, old));
@@ -101,13 +101,9 @@ impl FlowTable {
                 hdr: p.tcp,
                 payload_len: p.payload_len,
             };
-            if p.tcp.flags & tcp_flags::RST != 0 {
-                flow.rst = true;
-            }
-            if p.tcp.flags & tcp_flags::FIN != 0 {
-                flow.fin[dir] = true;
-            }
-            Some(track(&seg, d, r))
+            let v = track(&seg, d, r);
+            flow.rtt.observe(dir, o.ts_ns, &seg, &v);
+            Some(v)
         } else {
             None
         };
@@ -120,12 +116,8 @@ impl FlowTable {
         let mut out: Vec<Connection> = self
             .ended
             .iter()
-            .map(|(k, f)| Connection::from_entry(k, &f.entry, 0))
-            .chain(
-                self.live
-                    .iter()
-                    .map(|(k, f)| Connection::from_entry(k, &f.entry, 0)),
-            )
+            .map(|(k, f)| f.connection(k))
+            .chain(self.live.iter().map(|(k, f)| f.connection(k)))
             .collect();
         sort_connections(&mut out);
         out
@@ -155,9 +147,17 @@ impl Connection {
             dport,
             iface: k.iface,
             first_seen: e.first_seen_ns.wrapping_add(clock_offset_ns),
-            last_seen: e.last_seen_ns.wrapping_add(clock_offset_ns),
+            // Live, last_seen comes from the kernel's coarse clock (the last
+            // tick), which can lag the precise first_seen of a new entry.
+            last_seen: e
+                .last_seen_ns
+                .max(e.first_seen_ns)
+                .wrapping_add(clock_offset_ns),
             sent: DirStats::from(&e.counters[initiator]),
             received: DirStats::from(&e.counters[1 - initiator]),
+            rtt: None,
+            src_tags: Default::default(),
+            dst_tags: Default::default(),
         }
     }
 }
@@ -331,10 +331,11 @@ mod tests {
         assert_eq!((conns.len(), conns[0].sent.retransmits), (1, 1));
     }
 
-    /// What the kernel program does per packet (probe-ebpf `track_conn`),
-    /// with plain memory instead of BPF atomics.
+    /// What the kernel program does per packet (probe-ebpf `track_conn`):
+    /// `FlowEntry::new` for a new key, then `shared::update`, with plain
+    /// memory instead of BPF atomics.
     fn kernel_like(pkts: &[Parsed]) -> Vec<Connection> {
-        use probe_common::tcp::track_shared;
+        use probe_common::shared::{update, Updated};
         use probe_common::Plain;
         let mut map: FxHashMap<ConnKey, FlowEntry> = FxHashMap::default();
         for (i, p) in pkts.iter().enumerate() {
@@ -344,20 +345,9 @@ mod tests {
             let e = map
                 .entry(key)
                 .or_insert_with(|| FlowEntry::new(ts, dir, &key, is_tcp.then_some(p.tcp.flags)));
-            e.last_seen_ns = ts;
-            let v = if is_tcp {
-                e.note_syn(dir, p.tcp.flags);
-                let seg = Segment {
-                    hdr: p.tcp,
-                    payload_len: p.payload_len,
-                };
-                let t = e.tcp.as_mut_ptr();
-                // SAFETY: elements of a live array.
-                Some(unsafe { track_shared(&seg, t.add(dir), t.add(1 - dir), &Plain) })
-            } else {
-                None
-            };
-            e.counters[dir].record(1, p.payload_len, p.l3_len, v.as_ref());
+            // SAFETY: a live map value, no other writer.
+            let how = unsafe { update(e, dir, 1, p, ts, 1, &Plain) };
+            assert_eq!(how, Updated::Locked);
         }
         let mut out: Vec<Connection> = map
             .iter()
@@ -385,7 +375,10 @@ mod tests {
         for pkts in cases {
             let mut t = FlowTable::new();
             feed(&mut t, pkts);
-            assert_eq!(kernel_like(pkts), t.connections());
+            let mut table = t.connections();
+            // RTT timing is the table's own; the kernel entry has none.
+            table.iter_mut().for_each(|c| c.rtt = None);
+            assert_eq!(kernel_like(pkts), table);
         }
     }
 }

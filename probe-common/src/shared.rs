@@ -51,15 +51,8 @@ pub unsafe fn update<A: Atomics>(
     };
     // SAFETY: caller's contract.
     let lock = unsafe { &raw mut (*e).lock };
-    let mut locked = false;
-    for _ in 0..spins {
-        // SAFETY: as above.
-        if unsafe { a.cas_u32(lock, 0, 1) } == 0 {
-            locked = true;
-            break;
-        }
-    }
-    if locked {
+    // SAFETY: as above.
+    if unsafe { a.try_lock(lock, spins) } {
         // SAFETY: we hold the entry's lock; every other writer takes it too
         // (or is a fallback, see the module comment).
         unsafe {

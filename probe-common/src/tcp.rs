@@ -55,6 +55,10 @@ impl TcpDir {
     pub const FLAG_LAST_ZWP: u8 = 8;
     /// `hole_lo..hole_hi` is a hole (see `hole_lo`).
     pub const FLAG_HOLE: u8 = 16;
+    /// This direction sent a FIN.
+    pub const FLAG_FIN: u8 = 32;
+    /// This direction sent an RST.
+    pub const FLAG_RST: u8 = 64;
 
     #[inline(always)]
     fn has(&self, f: u8) -> bool {
@@ -130,7 +134,11 @@ pub fn track(seg: &Segment, d: &mut TcpDir, r: &mut TcpDir) -> Verdict {
         }
     }
     if h.flags & tcp_flags::RST != 0 {
+        d.flags |= TcpDir::FLAG_RST;
         return Verdict::of(VerdictKind::Reset);
+    }
+    if fin {
+        d.flags |= TcpDir::FLAG_FIN;
     }
 
     let len = seg.payload_len;

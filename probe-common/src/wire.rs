@@ -24,7 +24,11 @@ impl L4Proto {
 ///
 /// IPv4 addresses are stored as IPv4-mapped IPv6 (`::ffff:a.b.c.d`) so that
 /// keys of both families have one size and one comparison.
-#[repr(C)]
+///
+/// 8-byte aligned, like [`ConnKey`]: the eBPF backend copies and compares
+/// the address arrays with byte loads and stores unless it can prove them
+/// aligned.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FlowKey {
     pub src: [u8; 16],
@@ -57,7 +61,11 @@ impl FlowKey {
 /// smaller (address, port). `iface` is where it was seen (interface index
 /// live, pcapng interface number in replay). This is the key of the kernel's
 /// connection map and of the userspace table, so both join the same way.
-#[repr(C)]
+///
+/// 8-byte aligned (so that the eBPF program copies and hashes its addresses
+/// with 8-byte loads, not byte by byte), with the tail padding explicit and
+/// zero: the kernel hashes and compares all 48 bytes.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConnKey {
     pub lo: [u8; 16],
@@ -68,6 +76,7 @@ pub struct ConnKey {
     pub family: u8,
     pub _pad: [u8; 2],
     pub iface: u32,
+    pub _pad2: [u8; 4],
 }
 
 impl ConnKey {
@@ -93,6 +102,7 @@ impl ConnKey {
             family: k.family,
             _pad: [0; 2],
             iface,
+            _pad2: [0; 4],
         };
         (key, if forward { 0 } else { 1 })
     }
@@ -141,6 +151,18 @@ pub struct DirCounters {
 }
 
 impl DirCounters {
+    /// Adds every counter of `o` (the same direction of a later entry).
+    pub fn add(&mut self, o: &DirCounters) {
+        self.packets += o.packets;
+        self.bytes += o.bytes;
+        self.l3_bytes += o.l3_bytes;
+        self.retransmits += o.retransmits;
+        self.retransmitted_bytes += o.retransmitted_bytes;
+        self.probes += o.probes;
+        self.gaps += o.gaps;
+        self.spurious += o.spurious;
+    }
+
     /// Adds one frame or GSO super-packet of `segs` wire segments. `tcp` is
     /// the tracker's verdict, `None` for UDP.
     #[inline(always)]
@@ -258,6 +280,23 @@ pub trait Atomics {
     /// # Safety
     /// `p` must be valid and 4-byte aligned.
     unsafe fn xchg_u32(&self, p: *mut u32, v: u32) -> u32;
+
+    /// Takes the lock word `*p` (0 → 1) within `spins` tries; false if it
+    /// stayed taken. The eBPF program overrides it with `bpf_loop`, whose
+    /// body the verifier walks once instead of once per try.
+    ///
+    /// # Safety
+    /// `p` must be valid and 4-byte aligned.
+    #[inline(always)]
+    unsafe fn try_lock(&self, p: *mut u32, spins: u32) -> bool {
+        for _ in 0..spins {
+            // SAFETY: caller's contract.
+            if unsafe { self.cas_u32(p, 0, 1) } == 0 {
+                return true;
+            }
+        }
+        false
+    }
 }
 
 /// [`Atomics`] for memory no one else touches (tests, single thread).
@@ -356,6 +395,15 @@ impl FlowEntry {
         }
     }
 
+    /// The connection is over and its 5-tuple free again: an RST either
+    /// way, or a FIN each way (TCP only; UDP never closes).
+    #[inline(always)]
+    pub fn closed(&self) -> bool {
+        use crate::tcp::TcpDir;
+        let f = self.tcp[0].flags | self.tcp[1].flags;
+        f & TcpDir::FLAG_RST != 0 || self.tcp[0].flags & self.tcp[1].flags & TcpDir::FLAG_FIN != 0
+    }
+
     /// A pure SYN (no ACK) sent in direction `dir` names the initiator
     /// better than a port or first-packet guess made earlier.
     #[inline(always)]
@@ -370,7 +418,7 @@ impl FlowEntry {
 
 // The kernel map's key and value layouts are part of the userspace/kernel
 // contract: no implicit padding, fixed sizes.
-const _: () = assert!(core::mem::size_of::<ConnKey>() == 44);
+const _: () = assert!(core::mem::size_of::<ConnKey>() == 48);
 const _: () = assert!(core::mem::size_of::<DirCounters>() == 64);
 const _: () = assert!(core::mem::size_of::<crate::tcp::TcpDir>() == 20);
 const _: () = assert!(core::mem::offset_of!(crate::tcp::TcpDir, flags) == 8);

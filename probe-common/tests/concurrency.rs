@@ -71,7 +71,6 @@ impl Shared {
                 ack: 1,
                 flags,
                 window: 1000,
-                ..TcpHeader::default()
             },
         };
         // SAFETY: `self` outlives the call; writers all use `update`.
@@ -100,12 +99,7 @@ fn segments(n: usize) -> Vec<(u32, u32)> {
 
 /// Runs `parts[0]` and `parts[1]` (each in order) on two threads at once,
 /// after the SYN, many times over; checks `expect` on every outcome.
-fn race(
-    parts: [Vec<(u32, u32)>; 2],
-    spins: u32,
-    rounds: usize,
-    expect: impl Fn(&DirCounters),
-) {
+fn race(parts: [Vec<(u32, u32)>; 2], spins: u32, rounds: usize, expect: impl Fn(&DirCounters)) {
     let want = if spins == 0 {
         Updated::Contended
     } else {

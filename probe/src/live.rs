@@ -50,6 +50,7 @@ struct Entry(FlowEntry);
 // SAFETY: `FlowEntry` is `repr(C)`, `Copy`, without padding or pointers.
 unsafe impl Pod for Entry {}
 
+mod drain;
 pub(crate) mod links;
 mod stale;
 
@@ -61,6 +62,10 @@ pub struct Options {
     pub max_conns: u32,
     /// Call `on_snapshot` with every connection this often while running.
     pub interval: Option<Duration>,
+    /// Move a closed connection out of the kernel map this long after its
+    /// last packet; any connection after `idle_timeout` ([`drain`]).
+    pub closed_timeout: Duration,
+    pub idle_timeout: Duration,
 }
 
 /// The eBPF backend cannot run here at all (no object, not root, the
@@ -232,15 +237,23 @@ pub fn run(opts: &Options, on_snapshot: &mut dyn FnMut(&Outcome) -> Result<()>) 
             }
         }
     }
+    let mut drainer = drain::Drainer::new(opts.closed_timeout, opts.idle_timeout);
     if res.is_ok() {
-        res = follow(&mut ebpf, &mut att, &mut watcher, opts, on_snapshot);
+        res = follow(
+            &mut ebpf,
+            &mut att,
+            &mut watcher,
+            &mut drainer,
+            opts,
+            on_snapshot,
+        );
     }
     // Detach before reading: the map then holds the final state.
     let cleanup = detach_all(&mut ebpf, std::mem::take(&mut att.list));
     drop(att);
     res?;
     cleanup?;
-    collect(&ebpf)
+    collect(&ebpf, &drainer)
 }
 
 /// Until --duration or a signal: follows link events, prints snapshots.
@@ -248,11 +261,13 @@ fn follow(
     ebpf: &mut Ebpf,
     att: &mut Attachments,
     watcher: &mut links::Watcher,
+    drainer: &mut drain::Drainer,
     opts: &Options,
     on_snapshot: &mut dyn FnMut(&Outcome) -> Result<()>,
 ) -> Result<()> {
     let start = Instant::now();
     let mut next_snapshot = opts.interval.map(|i| start + i);
+    let mut next_drain = start + drainer.every();
     while !STOP.load(Ordering::SeqCst) {
         if opts.duration.is_some_and(|d| start.elapsed() >= d) {
             break;
@@ -290,9 +305,17 @@ fn follow(
                 }
             }
         }
+        if Instant::now() >= next_drain {
+            let mut map: BpfHashMap<&mut MapData, Key, Entry> = BpfHashMap::try_from(
+                ebpf.map_mut("CONNS")
+                    .context("the eBPF object has no map CONNS")?,
+            )?;
+            drainer.pass(&mut map, monotonic_ns())?;
+            next_drain = Instant::now() + drainer.every();
+        }
         if let (Some(at), Some(every)) = (next_snapshot, opts.interval) {
             if Instant::now() >= at {
-                on_snapshot(&collect(ebpf)?)?;
+                on_snapshot(&collect(ebpf, drainer)?)?;
                 next_snapshot = Some(at + every);
             }
         }
@@ -415,19 +438,25 @@ fn detach_all(ebpf: &mut Ebpf, attached: Vec<Attached>) -> Result<()> {
     }
 }
 
+fn clock_ns(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid out-pointer.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The clock of the kernel's `bpf_ktime_get_ns` stamps.
+fn monotonic_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC)
+}
+
 /// CLOCK_REALTIME − CLOCK_MONOTONIC now: turns `bpf_ktime_get_ns` stamps
 /// into Unix time.
 fn clock_offset_ns() -> u64 {
-    fn now(clock: libc::clockid_t) -> u64 {
-        let mut ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: `ts` is a valid out-pointer.
-        unsafe { libc::clock_gettime(clock, &mut ts) };
-        ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-    }
-    now(libc::CLOCK_REALTIME).wrapping_sub(now(libc::CLOCK_MONOTONIC))
+    clock_ns(libc::CLOCK_REALTIME).wrapping_sub(monotonic_ns())
 }
 
 fn per_cpu_sum(ebpf: &Ebpf, map: &str, idx: u32) -> Result<u64> {
@@ -451,17 +480,17 @@ fn parse_stats(ebpf: &Ebpf) -> Result<FrameStats> {
     Ok(s)
 }
 
-fn collect(ebpf: &Ebpf) -> Result<Outcome> {
+fn collect(ebpf: &Ebpf, drainer: &drain::Drainer) -> Result<Outcome> {
     let conns_map: BpfHashMap<&MapData, Key, Entry> = BpfHashMap::try_from(
         ebpf.map("CONNS")
             .context("the eBPF object has no map CONNS")?,
     )?;
-    let offset = clock_offset_ns();
-    let mut conns = Vec::new();
+    let mut live = Vec::new();
     for item in conns_map.iter() {
         let (k, e) = item.context("reading the connection map")?;
-        conns.push(Connection::from_entry(&k.0, &e.0, offset));
+        live.push((k.0, e.0));
     }
+    let mut conns = drainer.connections(live.into_iter(), clock_offset_ns());
     sort_connections(&mut conns);
     Ok(Outcome {
         conns,

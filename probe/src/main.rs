@@ -6,6 +6,7 @@ mod capture;
 mod ingest;
 mod live;
 mod output;
+mod query;
 mod replay;
 
 use std::io::{self, Write};
@@ -13,6 +14,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use flowtable::query::origin;
 use flowtable::{FlowTable, FrameStats};
 
 use crate::output::Format;
@@ -43,6 +45,8 @@ enum Cmd {
         /// Do not print the summary line on stderr.
         #[arg(short, long)]
         quiet: bool,
+        #[command(flatten)]
+        query: query::QueryFlags,
     },
     /// Count connections on live interfaces with the tc eBPF program, or
     /// AF_PACKET rings where eBPF cannot be loaded.
@@ -76,14 +80,25 @@ enum Cmd {
         #[arg(long, value_name = "PATH")]
         ebpf_object: Option<PathBuf>,
         /// tc: the eBPF program; afpacket: memory-mapped AF_PACKET rings
-        /// (needs only CAP_NET_RAW; counts a GSO super-packet as one
-        /// packet); auto: tc, or afpacket (saying why) when the eBPF
-        /// program cannot be loaded.
+        /// (needs only CAP_NET_RAW; same counts, in userspace); auto: tc,
+        /// or afpacket (saying why) when the eBPF program cannot be loaded.
         #[arg(long, value_enum, default_value_t = Backend::Auto)]
         backend: Backend,
-        /// Capacity of the kernel's connection map (tc backend).
+        /// Capacity of the kernel's connection map (tc backend; connections
+        /// open at the same time; closed ones are moved out, see
+        /// --closed-timeout).
         #[arg(long, value_name = "N", default_value_t = 65536)]
         max_conns: u32,
+        /// Move a TCP connection that closed (FIN both ways or RST) out of
+        /// the kernel map this long after its last packet. It is still
+        /// reported.
+        #[arg(long, value_name = "SECS", default_value_t = 2.0)]
+        closed_timeout: f64,
+        /// Move any connection without a packet for this long out of the
+        /// kernel map (UDP, or TCP whose end was not seen). A later packet
+        /// adds to the same record.
+        #[arg(long, value_name = "SECS", default_value_t = 300.0)]
+        idle_timeout: f64,
         /// Do not print the summary line on stderr.
         #[arg(short, long)]
         quiet: bool,
@@ -118,8 +133,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ebpf_object,
             backend,
             max_conns,
+            closed_timeout,
+            idle_timeout,
             quiet,
         } => {
+            let secs = |v: f64, flag: &str| -> anyhow::Result<std::time::Duration> {
+                if v.is_finite() && v >= 0.0 {
+                    Ok(std::time::Duration::from_secs_f64(v))
+                } else {
+                    anyhow::bail!("{flag} must be a non-negative number of seconds")
+                }
+            };
+            let closed_timeout = secs(closed_timeout, "--closed-timeout")?;
+            let idle_timeout = secs(idle_timeout, "--idle-timeout")?;
             let duration = match duration {
                 Some(d) if !(d.is_finite() && d >= 0.0) => {
                     anyhow::bail!("--duration must be a non-negative number of seconds")
@@ -151,6 +177,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                             ebpf_object: ebpf_object.clone(),
                             max_conns,
                             interval,
+                            closed_timeout,
+                            idle_timeout,
                         },
                         &mut |o: &live::Outcome| on_snapshot(&o.conns),
                     )
@@ -199,13 +227,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             files,
             format,
             quiet,
+            query,
         } => {
+            // Parse the query before reading gigabytes, so a typo fails fast.
+            let spec = query.given().then(|| query.spec()).transpose()?;
             let mut table = FlowTable::new();
             let mut stats = FrameStats::default();
             let outcomes = replay::replay(&files, &mut table, &mut stats)?;
             let conns = table.connections();
             let mut out = io::BufWriter::new(io::stdout().lock());
-            output::write(&mut out, format, &conns)?;
+            match &spec {
+                Some(q) => output::write_query(&mut out, format, &q.run(&conns, origin(&conns)))?,
+                None => output::write(&mut out, format, &conns)?,
+            }
             out.flush()?;
 
             let mut unreadable = false;

@@ -3,7 +3,8 @@
 use std::io::{self, Write};
 use std::net::IpAddr;
 
-use flowtable::{Connection, DirStats, FrameStats};
+use flowtable::query::QueryResult;
+use flowtable::{Connection, DirStats, FrameStats, Percentiles};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -96,6 +97,131 @@ fn table(out: &mut impl Write, conns: &[Connection]) -> io::Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// A query's rows: in JSON one object per row per line (the row contract
+/// of the README, "Queries"); as a table, one column per tag key, then the
+/// sums. A tag an end lacks shows as `-`, the `--top` remainder as `(other)`.
+pub fn write_query(out: &mut impl Write, format: Format, q: &QueryResult) -> io::Result<()> {
+    match format {
+        Format::Json => {
+            for r in &q.rows {
+                serde_json::to_writer(&mut *out, &r.json(q))?;
+                out.write_all(b"\n")?;
+            }
+            Ok(())
+        }
+        Format::Table => query_table(out, q),
+    }
+}
+
+fn query_table(out: &mut impl Write, q: &QueryResult) -> io::Result<()> {
+    let mut header: Vec<String> = q
+        .src_keys
+        .iter()
+        .map(|k| format!("SRC.{k}").to_uppercase())
+        .chain(q.dst_keys.iter().map(|k| format!("DST.{k}").to_uppercase()))
+        .collect();
+    let tag_cols = header.len();
+    header.extend(
+        [
+            "CONNS",
+            "SENT_PKTS",
+            "SENT_BYTES",
+            "S_RETX",
+            "S_RETX_B",
+            "RECV_PKTS",
+            "RECV_BYTES",
+            "R_RETX",
+            "R_RETX_B",
+            "SECONDS",
+            "BANDWIDTH",
+            "RTT_P50_US",
+            "RTT_P90_US",
+            "RTT_P99_US",
+            "RTT_MAX_US",
+        ]
+        .map(String::from),
+    );
+    let opt = |v: Option<u64>| v.map_or_else(|| "-".to_owned(), |v| v.to_string());
+    let rows: Vec<Vec<String>> = q
+        .rows
+        .iter()
+        .map(|r| {
+            let mut cells: Vec<String> = r
+                .src
+                .iter()
+                .chain(&r.dst)
+                .map(|v| match (r.other, v) {
+                    (true, _) => "(other)".to_owned(),
+                    (false, Some(v)) => v.clone(),
+                    (false, None) => "-".to_owned(),
+                })
+                .collect();
+            let Percentiles {
+                p50, p90, p99, max, ..
+            } = r.rtt_dst();
+            cells.extend([
+                r.conns.to_string(),
+                r.sent.packets.to_string(),
+                r.sent.bytes.to_string(),
+                r.sent.retransmits.to_string(),
+                r.sent.retransmitted_bytes.to_string(),
+                r.received.packets.to_string(),
+                r.received.bytes.to_string(),
+                r.received.retransmits.to_string(),
+                r.received.retransmitted_bytes.to_string(),
+                format!("{:.3}", r.seconds()),
+                r.bandwidth().map_or_else(|| "-".to_owned(), rate),
+                opt(p50),
+                opt(p90),
+                opt(p99),
+                opt(max),
+            ]);
+            cells
+        })
+        .collect();
+    let widths: Vec<usize> = (0..header.len())
+        .map(|i| {
+            rows.iter()
+                .map(|r| r[i].chars().count())
+                .chain([header[i].len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    for line in std::iter::once(&header).chain(&rows) {
+        let mut s = String::new();
+        for (i, (cell, w)) in line.iter().zip(&widths).enumerate() {
+            if i > 0 {
+                s.push(' ');
+            }
+            // Tags read left to right, numbers line up on the right.
+            if i < tag_cols {
+                s.push_str(&format!("{cell:<w$}"));
+            } else {
+                s.push_str(&format!("{cell:>w$}"));
+            }
+        }
+        writeln!(out, "{}", s.trim_end())?;
+    }
+    Ok(())
+}
+
+/// Bytes per second in SI units (`12.3 MB/s`).
+fn rate(bps: f64) -> String {
+    const UNITS: [&str; 5] = ["B/s", "kB/s", "MB/s", "GB/s", "TB/s"];
+    let mut v = bps;
+    let mut u = 0;
+    while v >= 1000.0 && u + 1 < UNITS.len() {
+        v /= 1000.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{v:.0} {}", UNITS[u])
+    } else {
+        format!("{v:.2} {}", UNITS[u])
+    }
 }
 
 /// One line for stderr: what was read and what was skipped, by reason.

@@ -74,12 +74,24 @@ pub fn merge(per_ring: Vec<Vec<Connection>>) -> (Vec<Connection>, u64) {
         match partner {
             Some((i, rings)) => {
                 let o = &mut out[*i];
-                if (o.src, o.sport) == (c.src, c.sport) {
+                let same_way = (o.src, o.sport) == (c.src, c.sport);
+                if same_way {
                     add(&mut o.sent, &c.sent);
                     add(&mut o.received, &c.received);
                 } else {
                     add(&mut o.sent, &c.received);
                     add(&mut o.received, &c.sent);
+                }
+                // Round-trip times need both directions of one part (a
+                // split TCP connection would have none); keep the first
+                // part's, or take the other's, turned to this orientation.
+                if o.rtt.is_none() {
+                    o.rtt = c.rtt.map(|mut r| {
+                        if !same_way {
+                            std::mem::swap(&mut r.src, &mut r.dst);
+                        }
+                        r
+                    });
                 }
                 o.first_seen = o.first_seen.min(c.first_seen);
                 o.last_seen = o.last_seen.max(c.last_seen);
@@ -117,6 +129,9 @@ mod tests {
             last_seen: last,
             sent: st(sent),
             received: st(recv),
+            rtt: None,
+            src_tags: Default::default(),
+            dst_tags: Default::default(),
         }
     }
 

@@ -1,0 +1,125 @@
+//! Moves connections that are over from the kernel's map to userspace while
+//! `run` runs, so that the map holds only live connections and a busy host
+//! does not fill it.
+//!
+//! A connection is drained once it has been quiet for `closed_after` after
+//! closing (FIN both ways or an RST; the wait lets late ACKs and
+//! retransmitted FINs land in the same entry), or for `idle_after` whatever
+//! its state (UDP, or TCP whose end was not seen). Its entry is read, then
+//! deleted. A packet that comes after the delete makes a new entry; if that
+//! one did not start with a SYN it is the same connection's tail, and
+//! [`Drained::connections`] adds it to the drained record (its tracker
+//! starts afresh, so a retransmission in that tail counts as new data). The
+//! one window in which counts can be lost is between the read and the
+//! delete, a few microseconds, on a connection quiet for `closed_after`.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use aya::maps::{HashMap as BpfHashMap, MapData};
+use flowtable::Connection;
+use probe_common::{wire::evidence, ConnKey, FlowEntry};
+
+use super::{Entry, Key};
+
+pub struct Drainer {
+    pub closed_after: Duration,
+    pub idle_after: Duration,
+    /// Drained entries in the order they were drained.
+    done: Vec<(ConnKey, FlowEntry)>,
+}
+
+impl Drainer {
+    pub fn new(closed_after: Duration, idle_after: Duration) -> Drainer {
+        Drainer {
+            closed_after,
+            idle_after,
+            done: Vec::new(),
+        }
+    }
+
+    /// How often to look: often enough that a closed connection leaves
+    /// within about `closed_after`, never more than once per 50 ms.
+    pub fn every(&self) -> Duration {
+        (self.closed_after / 2).clamp(Duration::from_millis(50), Duration::from_secs(1))
+    }
+
+    /// One pass over the map at `now_ns` (CLOCK_MONOTONIC, the clock of the
+    /// kernel's timestamps). Returns how many entries it moved.
+    pub fn pass(
+        &mut self,
+        map: &mut BpfHashMap<&mut MapData, Key, Entry>,
+        now_ns: u64,
+    ) -> Result<usize> {
+        let due = |e: &FlowEntry| {
+            let quiet =
+                Duration::from_nanos(now_ns.saturating_sub(e.last_seen_ns.max(e.first_seen_ns)));
+            quiet >= self.idle_after || (e.closed() && quiet >= self.closed_after)
+        };
+        let mut keys = Vec::new();
+        for item in map.iter() {
+            let (k, e) = item.context("reading the connection map")?;
+            if due(&e.0) {
+                keys.push(k);
+            }
+        }
+        let mut moved = 0;
+        for k in keys {
+            // Read again right before the delete: the window between the two
+            // is the only one in which an update can be lost.
+            let Ok(e) = map.get(&k, 0) else { continue };
+            if !due(&e.0) {
+                continue;
+            }
+            match map.remove(&k) {
+                Ok(()) => {
+                    self.done.push((k.0, e.0));
+                    moved += 1;
+                }
+                // Gone already (cannot happen: we are the only remover).
+                Err(_) => continue,
+            }
+        }
+        Ok(moved)
+    }
+
+    /// Every drained connection plus the map's current entries, as
+    /// connections; a map entry that continues a drained one (same key, not
+    /// opened by a SYN) is added to it.
+    pub fn connections(
+        &self,
+        live: impl Iterator<Item = (ConnKey, FlowEntry)>,
+        clock_offset_ns: u64,
+    ) -> Vec<Connection> {
+        let mut all: Vec<(ConnKey, FlowEntry)> = self.done.clone();
+        for (k, e) in live {
+            all.push((k, e));
+        }
+        let mut merged: Vec<(ConnKey, FlowEntry)> = Vec::with_capacity(all.len());
+        // Index of the latest record per key, to find what a tail continues.
+        let mut latest: HashMap<ConnKey, usize> = HashMap::new();
+        for (k, e) in all {
+            match latest.get(&k) {
+                Some(&i) if e.evidence < evidence::SYN => absorb(&mut merged[i].1, &e),
+                _ => {
+                    latest.insert(k, merged.len());
+                    merged.push((k, e));
+                }
+            }
+        }
+        merged
+            .iter()
+            .map(|(k, e)| Connection::from_entry(k, e, clock_offset_ns))
+            .collect()
+    }
+}
+
+/// Adds the counts of `tail`, a later entry of the same connection, to `e`.
+/// Direction indices agree: both are relative to the same key.
+fn absorb(e: &mut FlowEntry, tail: &FlowEntry) {
+    for (c, t) in e.counters.iter_mut().zip(tail.counters.iter()) {
+        c.add(t);
+    }
+    e.last_seen_ns = e.last_seen_ns.max(tail.last_seen_ns);
+}

@@ -1,0 +1,64 @@
+//! The query flags of `flowprobe replay` (README, "Queries"); the query
+//! itself is `flowtable::query`, shared with a later live query.
+
+use flowtable::query::{QueryArgs, QueryError, QuerySpec};
+
+/// Grouped query instead of one row per connection. Any of these flags
+/// turns it on; see the README, "Queries".
+#[derive(clap::Args)]
+#[command(next_help_heading = "Query (any of these prints grouped rows)")]
+pub struct QueryFlags {
+    /// Group by these tag keys of the initiator's end, comma-separated:
+    /// ip, ip/NN, port, proto, iface, or any tag (service, process...).
+    /// Default: nothing when --dst is given, else `service`.
+    #[arg(long, value_name = "TAGS")]
+    src: Option<String>,
+    /// Group by these tag keys of the responder's end (as --src).
+    #[arg(long, value_name = "TAGS")]
+    dst: Option<String>,
+    /// Only connections matching EXPR, e.g. 'src.ip in 10.0.0.0/8 and
+    /// dst.port in (80, 443)'. Repeat to AND several.
+    #[arg(long = "where", value_name = "EXPR")]
+    wheres: Vec<String>,
+    /// Order rows by METRIC, descending (METRIC:asc for ascending):
+    /// bytes, sent_bytes, received_bytes, packets, sent_packets,
+    /// received_packets, retransmits, sent_retransmits,
+    /// received_retransmits, retransmitted_bytes, conns, bandwidth,
+    /// rtt_p50, rtt_p90, rtt_p99, rtt_max.
+    #[arg(long, value_name = "METRIC")]
+    sort: Option<String>,
+    /// Keep the first N rows and sum the rest into one `other` row.
+    #[arg(long, value_name = "N")]
+    top: Option<usize>,
+    /// Only connections that overlap START..END, seconds after the first
+    /// packet (either may be left out: 2.5.., ..10); bandwidth is over it.
+    #[arg(long, value_name = "START..END", allow_hyphen_values = true)]
+    window: Option<String>,
+    /// Group initiator ports as they are instead of as `ephemeral`.
+    #[arg(long)]
+    raw_ports: bool,
+}
+
+impl QueryFlags {
+    pub fn given(&self) -> bool {
+        self.src.is_some()
+            || self.dst.is_some()
+            || !self.wheres.is_empty()
+            || self.sort.is_some()
+            || self.top.is_some()
+            || self.window.is_some()
+            || self.raw_ports
+    }
+
+    pub fn spec(self) -> Result<QuerySpec, QueryError> {
+        QuerySpec::parse(&QueryArgs {
+            src: self.src,
+            dst: self.dst,
+            wheres: self.wheres,
+            sort: self.sort,
+            top: self.top,
+            window: self.window,
+            raw_ports: self.raw_ports,
+        })
+    }
+}

@@ -15,7 +15,8 @@
 #
 # usage (root): bench/tc.sh [ROUNDS]   (default 5; SECS=5 per iperf3 run)
 #   MODES="empty raw" bench/tc.sh   only those modes; `raw` attaches the probe
-#   object with tc, without the agent (for comparing builds of the program)
+#   object with tc, without the agent; `alt` attaches ALT_OBJ=PATH the same
+#   way (to compare two builds of the program in one run)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -100,9 +101,10 @@ run_mode() { # mode round
     local mode=$1 round=$2 ids=() bps sent recvd cnt ns fp_pid
     case $mode in
     none) read -r bps sent recvd < <(load) ;;
-    empty | raw)
+    empty | raw | alt)
         local obj=$BASE
         [[ $mode == raw ]] && obj=$OBJ
+        [[ $mode == alt ]] && obj=${ALT_OBJ:?mode alt needs ALT_OBJ=PATH}
         tc -n "$NS_B" qdisc add dev vb clsact
         tc -n "$NS_B" filter add dev vb ingress bpf da obj "$obj" sec classifier
         tc -n "$NS_B" filter add dev vb egress bpf da obj "$obj" sec classifier
@@ -189,7 +191,7 @@ for m in "${MODES[@]}"; do
     v=$( [[ -n $G_NONE ]] && awk -v a="$g" -v b="$G_NONE" 'BEGIN { printf "%.3f", a / b }' || echo -)
     printf '%-6s %10s %10s %12s\n' "$m" "$g" "$v" "$c"
 done
-for m in probe raw; do
+for m in probe raw alt; do
     [[ " ${MODES[*]} " == *" $m "* && " ${MODES[*]} " == *" empty "* ]] || continue
     echo
     echo "$m/empty in-kernel cost per run (median of per-round ratios):"

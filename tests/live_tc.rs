@@ -192,6 +192,11 @@ const CONNS: [(u16, u64, u64); 4] = [
     (40003, 1_000_000, 1_000_000),
 ];
 
+/// One UDP exchange beside them: the client sends this many datagrams
+/// (1 to 1400 bytes) from this port and the server echoes each.
+const UDP_PORT: u16 = 41000;
+const UDP_DATAGRAMS: u64 = 30;
+
 fn tcpapp() -> PathBuf {
     repo_root().join("fixtures/capture/tcpapp.py")
 }
@@ -222,10 +227,11 @@ fn spawn_flowprobe(ns: &str, dev: &str, duration: Option<&str>, dir: &Path, tag:
 }
 
 fn traffic(ns: &Netns, ca: &str, sa: &str, dir: &Path) {
-    let conn_args: Vec<String> = CONNS
+    let mut conn_args: Vec<String> = CONNS
         .iter()
         .flat_map(|(p, c, s)| ["--conn".to_owned(), format!("{p}:{c}:{s}")])
         .collect();
+    conn_args.extend(["--udp".to_owned(), format!("{UDP_PORT}:{UDP_DATAGRAMS}")]);
     let ready = dir.join("ready");
     let mut server = Command::new("ip")
         .args(["netns", "exec", &ns.b, "python3"])
@@ -365,6 +371,26 @@ fn check(dir: &Path, ca: &str, sa: &str, mib: (u64, u64)) {
                 seen.1 += retx;
             }
             total_retrans += n(&t["tcpi_total_retrans"]);
+        }
+    }
+    // UDP: every datagram once each way, at both probes.
+    let cu = &client["udp"];
+    assert_eq!(n(&cu["datagrams_written"]), UDP_DATAGRAMS);
+    for (at, conns, out) in [
+        ("client", &at_client, &out_c),
+        ("server", &at_server, &out_s),
+    ] {
+        let u = conns
+            .iter()
+            .find(|c| c["proto"] == "udp" && c["sport"] == UDP_PORT)
+            .unwrap_or_else(|| panic!("no UDP record at the {at} probe:\n{out}"));
+        assert_eq!(u["src"], ca, "UDP initiator at the {at} probe: {u}");
+        for d in ["sent", "received"] {
+            let got = (n(&u[d]["packets"]), n(&u[d]["bytes"]));
+            let want = (UDP_DATAGRAMS, n(&cu["app_bytes_written"]));
+            if got != want {
+                failures.push(format!("UDP {d} at the {at} probe: {got:?} != {want:?}"));
+            }
         }
     }
     if seen != mib {

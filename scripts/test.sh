@@ -53,6 +53,20 @@ cargo xtask clippy-ebpf
 tier "unit and replay tests"
 cargo test --workspace --locked
 
+# A flowprobe built without the eBPF toolchain: replay works, and run says in
+# one line what is missing (before needing root).
+FLOWPROBE_NO_EBPF=1 CARGO_TARGET_DIR=target/no-ebpf cargo build --locked -q -p flowprobe
+target/no-ebpf/debug/flowprobe replay --quiet fixtures/pcaps/tcp4_clean.pcap >/dev/null
+if msg=$(target/no-ebpf/debug/flowprobe run --duration 0 2>&1); then
+    echo "FAIL: run without an eBPF program succeeded" >&2
+    exit 1
+fi
+case $msg in
+*$'\n'*) echo "FAIL: run without an eBPF program said more than one line: $msg" >&2; exit 1 ;;
+*"no eBPF program"* | *"needs root"*) echo "without the eBPF toolchain: $msg" ;;
+*) echo "FAIL: unexpected message: $msg" >&2; exit 1 ;;
+esac
+
 tier "root: eBPF and live kernel traffic"
 if ! is_root; then
     if ci; then

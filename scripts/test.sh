@@ -53,11 +53,13 @@ cargo xtask clippy-ebpf
 tier "unit and replay tests"
 cargo test --workspace --locked
 
-# A flowprobe built without the eBPF toolchain: replay works, and run says in
-# one line what is missing (before needing root).
+# A flowprobe built without the eBPF toolchain: replay works, and run
+# --backend tc says in one line what is missing (before needing root). (The
+# default, auto, would count with AF_PACKET instead, here in the root
+# namespace; tests/live_afpacket.rs checks that fallback in a namespace.)
 FLOWPROBE_NO_EBPF=1 CARGO_TARGET_DIR=target/no-ebpf cargo build --locked -q -p flowprobe
 target/no-ebpf/debug/flowprobe replay --quiet fixtures/pcaps/tcp4_clean.pcap >/dev/null
-if msg=$(target/no-ebpf/debug/flowprobe run --duration 0 2>&1); then
+if msg=$(target/no-ebpf/debug/flowprobe run --backend tc --duration 0 2>&1); then
     echo "FAIL: run without an eBPF program succeeded" >&2
     exit 1
 fi

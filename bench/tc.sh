@@ -6,7 +6,7 @@
 # Interleaved rounds of three modes, the same iperf3 load each time:
 #   none   nothing attached
 #   empty  the empty tc program (tc-baseline) on vb ingress+egress
-#   probe  `flowprobe run --iface vb` in netns B (the real product)
+#   probe  `flowprobe run --backend tc --iface vb` in netns B (the real product)
 # and reports medians of: iperf3 throughput (receiver side), in-kernel cost per
 # program run (kernel.bpf_stats_enabled=1: run_time_ns / run_cnt over both
 # hooks), and, for the probe, whether it lost anything: CONN_STATS must stay 0
@@ -114,7 +114,7 @@ run_mode() { # mode round
         tc -n "$NS_B" qdisc del dev vb clsact
         ;;
     probe)
-        ip netns exec "$NS_B" "$FP" run --iface vb --ebpf-object "$OBJ" --format json \
+        ip netns exec "$NS_B" "$FP" run --backend tc --iface vb --ebpf-object "$OBJ" --format json \
             >"$WORK/probe.json" 2>"$WORK/probe.err" &
         fp_pid=$!
         for _ in $(seq 100); do

@@ -9,7 +9,9 @@
 #               test, replay of every format, golden files, kernel truth, tshark
 #   4. root     eBPF: the verifier accepts the program (bpftool load) and it
 #               counts in a veth pair between two fresh network namespaces;
-#               `flowprobe run` there equals each socket's TCP_INFO (tests/live_tc.rs);
+#               `flowprobe run` there equals each socket's TCP_INFO (tests/live_tc.rs),
+#               with the AF_PACKET backend too, and falls back to it without
+#               CAP_BPF (tests/live_afpacket.rs);
 #               replay of freshly captured kernel traffic (iptables loss in the
 #               receiver's INPUT) equals each socket's TCP_INFO
 #
@@ -51,11 +53,13 @@ cargo xtask clippy-ebpf
 tier "unit and replay tests"
 cargo test --workspace --locked
 
-# A flowprobe built without the eBPF toolchain: replay works, and run says in
-# one line what is missing (before needing root).
+# A flowprobe built without the eBPF toolchain: replay works, and run
+# --backend tc says in one line what is missing (before needing root). (The
+# default, auto, would count with AF_PACKET instead, here in the root
+# namespace; tests/live_afpacket.rs checks that fallback in a namespace.)
 FLOWPROBE_NO_EBPF=1 CARGO_TARGET_DIR=target/no-ebpf cargo build --locked -q -p flowprobe
 target/no-ebpf/debug/flowprobe replay --quiet fixtures/pcaps/tcp4_clean.pcap >/dev/null
-if msg=$(target/no-ebpf/debug/flowprobe run --duration 0 2>&1); then
+if msg=$(target/no-ebpf/debug/flowprobe run --backend tc --duration 0 2>&1); then
     echo "FAIL: run without an eBPF program succeeded" >&2
     exit 1
 fi
@@ -79,6 +83,9 @@ cargo xtask smoke-ebpf --release
 # `flowprobe run` on a veth in new namespaces against TCP_INFO; it uses the
 # object check-ebpf just built (the unit tier skips it without this variable).
 FLOWPROBE_LIVE_TESTS=1 cargo test --locked -p flowprobe --test live_tc
+# `flowprobe run --backend afpacket` beside the tc backend, both against
+# TCP_INFO; the fallback to AF_PACKET without CAP_BPF (setpriv, util-linux).
+FLOWPROBE_LIVE_TESTS=1 cargo test --locked -p flowprobe --test live_afpacket
 
 fresh=$(mktemp -d /tmp/flowprobe-capture.XXXXXX)
 trap 'rm -rf "$fresh"' EXIT

@@ -762,12 +762,15 @@ fn next_run_removes_what_a_killed_run_left() {
     assert!(q.contains("clsact"), "the other clsact is gone: {q}");
 }
 
-/// Runs everywhere: without root, or with an object that is not there, `run`
-/// says in one line what is missing (and never touches an interface).
+/// Runs everywhere: without root, or with an object that is not there,
+/// `run --backend tc` says in one line what is missing (and never touches
+/// an interface; `auto` would count with AF_PACKET instead).
 #[test]
 fn run_explains_what_is_missing() {
     let out = common::flowprobe(&[
         "run",
+        "--backend",
+        "tc",
         "--iface",
         "lo",
         "--duration",

@@ -51,7 +51,7 @@ struct Entry(FlowEntry);
 unsafe impl Pod for Entry {}
 
 mod drain;
-mod links;
+pub(crate) mod links;
 mod stale;
 
 pub struct Options {
@@ -68,6 +68,17 @@ pub struct Options {
     pub idle_timeout: Duration,
 }
 
+/// The eBPF backend cannot run here at all (no object, not root, the
+/// kernel refuses the program or its maps), as opposed to failing on an
+/// interface: `--backend auto` counts with AF_PACKET instead.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Unavailable(pub String);
+
+fn unavailable(e: anyhow::Error) -> anyhow::Error {
+    Unavailable(format!("{e:#}")).into()
+}
+
 /// What a run saw, for the summary line.
 pub struct Outcome {
     pub conns: Vec<Connection>,
@@ -82,13 +93,13 @@ pub struct Outcome {
     pub contended: u64,
 }
 
-static STOP: AtomicBool = AtomicBool::new(false);
+pub(crate) static STOP: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_signal(_: libc::c_int) {
     STOP.store(true, Ordering::SeqCst);
 }
 
-fn install_signal_handlers() -> Result<()> {
+pub(crate) fn install_signal_handlers() -> Result<()> {
     for sig in [libc::SIGINT, libc::SIGTERM] {
         // SAFETY: the handler only stores to an atomic (async-signal-safe).
         let prev = unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
@@ -169,23 +180,27 @@ impl Attachments {
 pub fn run(opts: &Options, on_snapshot: &mut dyn FnMut(&Outcome) -> Result<()>) -> Result<Outcome> {
     // SAFETY: no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        bail!(
+        return Err(unavailable(anyhow::anyhow!(
             "`flowprobe run` needs root (CAP_BPF and CAP_NET_ADMIN) to load the eBPF program \
              and attach it to interfaces; run it with sudo"
-        );
+        )));
     }
     let (bytes, origin) = match &opts.ebpf_object {
         Some(path) => (
-            std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
+            std::fs::read(path)
+                .with_context(|| format!("reading {}", path.display()))
+                .map_err(unavailable)?,
             path.display().to_string(),
         ),
-        None if EMBEDDED.is_empty() => bail!(
-            "this flowprobe has no eBPF program for live capture: {MISSING} \
-             (or pass --ebpf-object; replay works without it)"
-        ),
+        None if EMBEDDED.is_empty() => {
+            return Err(unavailable(anyhow::anyhow!(
+                "this flowprobe has no eBPF program for live capture: {MISSING} \
+                 (or pass --ebpf-object; replay works without it)"
+            )))
+        }
         None => (EMBEDDED.to_vec(), "the embedded eBPF program".to_owned()),
     };
-    let mut ebpf = load(&bytes, &origin, opts.max_conns)?;
+    let mut ebpf = load(&bytes, &origin, opts.max_conns).map_err(unavailable)?;
     install_signal_handlers()?;
 
     // Subscribe before the dump, so that no link change falls between.

@@ -1,6 +1,7 @@
 //! `flowprobe`: per-connection bytes, packets and TCP retransmits, from
 //! eBPF on live interfaces or from capture files.
 
+mod afpacket;
 mod capture;
 mod ingest;
 mod live;
@@ -47,9 +48,10 @@ enum Cmd {
         #[command(flatten)]
         query: query::QueryFlags,
     },
-    /// Count connections on live interfaces with the tc eBPF program.
+    /// Count connections on live interfaces with the tc eBPF program, or
+    /// AF_PACKET rings where eBPF cannot be loaded.
     ///
-    /// Needs root. Attaches to clsact ingress and egress of every interface
+    /// Needs root. The tc backend attaches to clsact ingress and egress of every interface
     /// of the current network namespace that is up (lo included), and of
     /// every interface that comes up later (adding the clsact qdisc where
     /// there is none); --iface limits it to the named ones. Counts until
@@ -77,8 +79,14 @@ enum Cmd {
         /// from `cargo xtask build-ebpf --release`).
         #[arg(long, value_name = "PATH")]
         ebpf_object: Option<PathBuf>,
-        /// Capacity of the kernel's connection map (connections open at the
-        /// same time; closed ones are moved out, see --closed-timeout).
+        /// tc: the eBPF program; afpacket: memory-mapped AF_PACKET rings
+        /// (needs only CAP_NET_RAW; same counts, in userspace); auto: tc,
+        /// or afpacket (saying why) when the eBPF program cannot be loaded.
+        #[arg(long, value_enum, default_value_t = Backend::Auto)]
+        backend: Backend,
+        /// Capacity of the kernel's connection map (tc backend; connections
+        /// open at the same time; closed ones are moved out, see
+        /// --closed-timeout).
         #[arg(long, value_name = "N", default_value_t = 65536)]
         max_conns: u32,
         /// Move a TCP connection that closed (FIN both ways or RST) out of
@@ -95,6 +103,13 @@ enum Cmd {
         #[arg(short, long)]
         quiet: bool,
     },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Backend {
+    Auto,
+    Tc,
+    Afpacket,
 }
 
 fn main() -> ExitCode {
@@ -116,6 +131,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             interval,
             format,
             ebpf_object,
+            backend,
             max_conns,
             closed_timeout,
             idle_timeout,
@@ -145,48 +161,65 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 None => None,
             };
             let mut snapshots = 0u64;
-            let mut on_snapshot = |o: &live::Outcome| -> anyhow::Result<()> {
+            let mut on_snapshot = |conns: &[flowtable::Connection]| -> anyhow::Result<()> {
                 snapshots += 1;
                 let mut out = io::BufWriter::new(io::stdout().lock());
-                output::write_snapshot(&mut out, format, snapshots, &o.conns)?;
+                output::write_snapshot(&mut out, format, snapshots, conns)?;
                 out.flush()?;
                 Ok(())
             };
-            let o = live::run(
-                &live::Options {
-                    ifaces,
-                    duration,
-                    ebpf_object,
-                    max_conns,
-                    interval,
-                    closed_timeout,
-                    idle_timeout,
+            let tc =
+                |on_snapshot: &mut dyn FnMut(&[flowtable::Connection]) -> anyhow::Result<()>| {
+                    live::run(
+                        &live::Options {
+                            ifaces: ifaces.clone(),
+                            duration,
+                            ebpf_object: ebpf_object.clone(),
+                            max_conns,
+                            interval,
+                            closed_timeout,
+                            idle_timeout,
+                        },
+                        &mut |o: &live::Outcome| on_snapshot(&o.conns),
+                    )
+                };
+            let afpacket =
+                |on_snapshot: &mut dyn FnMut(&[flowtable::Connection]) -> anyhow::Result<()>| {
+                    afpacket::run(
+                        &afpacket::Options {
+                            ifaces: ifaces.clone(),
+                            duration,
+                            interval,
+                        },
+                        on_snapshot,
+                    )
+                };
+            let ran = match backend {
+                Backend::Tc => Ran::Tc(tc(&mut on_snapshot)?),
+                Backend::Afpacket => Ran::Afpacket(afpacket(&mut on_snapshot)?),
+                Backend::Auto => match tc(&mut on_snapshot) {
+                    Ok(o) => Ran::Tc(o),
+                    Err(e) => match e.downcast_ref::<live::Unavailable>() {
+                        Some(why) => {
+                            // One line, however long the kernel's reason.
+                            let why = why.0.lines().next().unwrap_or_default();
+                            eprintln!("flowprobe: cannot use eBPF ({why}); counting with AF_PACKET instead");
+                            Ran::Afpacket(afpacket(&mut on_snapshot)?)
+                        }
+                        None => return Err(e),
+                    },
                 },
-                &mut on_snapshot,
-            )?;
+            };
+            let conns = match &ran {
+                Ran::Tc(o) => &o.conns,
+                Ran::Afpacket(o) => &o.conns,
+            };
             let mut out = io::BufWriter::new(io::stdout().lock());
-            output::write(&mut out, format, &o.conns)?;
+            output::write(&mut out, format, conns)?;
             out.flush()?;
-            if !quiet {
-                eprintln!("flowprobe: {}", output::summary(o.conns.len(), &o.stats));
-            }
-            if o.map_full > 0 {
-                eprintln!(
-                    "flowprobe: {} packets of new connections were not counted: the connection map was full (raise --max-conns)",
-                    o.map_full
-                );
-            }
-            if o.contended > 0 {
-                eprintln!(
-                    "flowprobe: {} packets found their connection entry locked by another CPU (counted without the lock; their retransmit call is best effort)",
-                    o.contended
-                );
-            }
-            if o.insert_failed > 0 {
-                eprintln!(
-                    "flowprobe: {} packets of new connections were not counted: connection map insert failed",
-                    o.insert_failed
-                );
+            match &ran {
+                Ran::Tc(o) => tc_summary(o, quiet),
+                Ran::Afpacket(o) => afpacket_summary(o, quiet),
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -233,5 +266,64 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::SUCCESS
             })
         }
+    }
+}
+
+/// What `flowprobe run` ran, and what it saw.
+enum Ran {
+    Tc(live::Outcome),
+    Afpacket(afpacket::Outcome),
+}
+
+fn tc_summary(o: &live::Outcome, quiet: bool) {
+    if !quiet {
+        eprintln!(
+            "flowprobe: {} (backend tc)",
+            output::summary(o.conns.len(), &o.stats)
+        );
+    }
+    if o.map_full > 0 {
+        eprintln!(
+            "flowprobe: {} packets of new connections were not counted: the connection map was full (raise --max-conns)",
+            o.map_full
+        );
+    }
+    if o.contended > 0 {
+        eprintln!(
+            "flowprobe: {} packets found their connection entry locked by another CPU (counted without the lock; their retransmit call is best effort)",
+            o.contended
+        );
+    }
+    if o.insert_failed > 0 {
+        eprintln!(
+            "flowprobe: {} packets of new connections were not counted: connection map insert failed",
+            o.insert_failed
+        );
+    }
+}
+
+fn afpacket_summary(o: &afpacket::Outcome, quiet: bool) {
+    let k = &o.kernel;
+    if !quiet {
+        let split = if o.split > 0 {
+            format!(", {} connection parts merged across rings", o.split)
+        } else {
+            String::new()
+        };
+        eprintln!(
+            "flowprobe: {} (backend afpacket, {} rings; kernel: {} packets, {} dropped, {} queue freezes{split})",
+            output::summary(o.conns.len(), &o.frames),
+            o.rings,
+            k.packets,
+            k.drops,
+            k.freeze_q
+        );
+    }
+    if quiet && k.drops > 0 {
+        // Lost counts are never silent.
+        eprintln!(
+            "flowprobe: the kernel dropped {} of {} packets: the AF_PACKET rings were full",
+            k.drops, k.packets
+        );
     }
 }

@@ -2,7 +2,9 @@
 # In-kernel cost of the tc program on one packet, hot cache, without the
 # bpf_stats overhead: BPF_PROG_TEST_RUN (`bpftool prog run ... repeat N`)
 # of a 1400-byte TCP data segment through each object, interleaved rounds.
-# It isolates the program's own instructions from what a live load adds
+# Each program of each object runs (probe-ebpf: the tc classifier and the
+# XDP program). It isolates the program's own instructions from what a live
+# load adds
 # (cache misses on fresh packets, the entry's cache line moving between
 # CPUs); bench/tc.sh measures the live figure.
 #
@@ -42,34 +44,40 @@ ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp) + len(payload), 1, 0x40
 open(sys.argv[1], "wb").write(b"\x02" * 6 + b"\x04" * 6 + b"\x08\x00" + ip + tcp + payload)
 EOF
 
+# Every program of every object is one column: probe-ebpf has the tc
+# classifier and the XDP program.
 i=0
+COLS=()
+NAMES=()
 for obj in "$@"; do
     [[ -f $obj ]] || die "no such object: $obj"
     pin=/sys/fs/bpf/flowprobe-testrun-$$-$i
-    bpftool prog loadall "$obj" "$pin" type classifier >/dev/null || die "cannot load $obj"
+    bpftool prog loadall "$obj" "$pin" >/dev/null || die "cannot load $obj"
     PINS+=("$pin")
+    for prog in $(ls "$pin"); do
+        COLS+=("$pin/$prog")
+        NAMES+=("$prog")
+    done
     i=$((i + 1))
 done
 
 printf '%-8s' round
-for obj in "$@"; do printf ' %14s' "$(basename "$obj")"; done
+for name in "${NAMES[@]}"; do printf ' %22s' "$name"; done
 echo
 declare -A all
 for r in $(seq "$ROUNDS"); do
     printf '%-8s' "$r"
-    for k in "${!PINS[@]}"; do
-        pin=${PINS[$k]}
-        prog=$(ls "$pin" | head -1)
-        ns=$(bpftool prog run pinned "$pin/$prog" data_in "$WORK/pkt.bin" repeat "$REPEAT" 2>&1 |
+    for k in "${!COLS[@]}"; do
+        ns=$(bpftool prog run pinned "${COLS[$k]}" data_in "$WORK/pkt.bin" repeat "$REPEAT" 2>&1 |
             sed -n 's/.*average): \([0-9]*\)ns.*/\1/p')
-        [[ -n $ns ]] || die "bpftool prog run gave no duration for $prog"
+        [[ -n $ns ]] || die "bpftool prog run gave no duration for ${NAMES[$k]}"
         all[$k]+="$ns "
-        printf ' %14s' "$ns"
+        printf ' %22s' "$ns"
     done
     echo
 done
 median() { tr ' ' '\n' | grep . | sort -n | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
 printf '%-8s' median
-for k in "${!PINS[@]}"; do printf ' %14s' "$(median <<<"${all[$k]}")"; done
+for k in "${!COLS[@]}"; do printf ' %22s' "$(median <<<"${all[$k]}")"; done
 echo
-echo "(ns per run; the first object is the yardstick)"
+echo "(ns per run; the first column is the yardstick)"

@@ -53,8 +53,20 @@ unsafe impl Pod for Entry {}
 mod drain;
 pub(crate) mod links;
 mod stale;
+mod xdp;
+
+/// Where the program runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    /// tc clsact ingress and egress: everything an interface receives and
+    /// sends.
+    Tc,
+    /// XDP: what an interface receives (see [`xdp`]).
+    Xdp,
+}
 
 pub struct Options {
+    pub hook: Hook,
     /// Only these interfaces; empty: every interface that is up.
     pub ifaces: Vec<String>,
     pub duration: Option<Duration>,
@@ -91,6 +103,9 @@ pub struct Outcome {
     /// Packets whose connection entry stayed locked by another CPU, so the
     /// lock-free update ran: counts exact, retransmit call best effort.
     pub contended: u64,
+    pub hook: Hook,
+    /// XDP: (interface, "native" or "generic") for every attachment.
+    pub xdp_modes: Vec<(String, &'static str)>,
 }
 
 pub(crate) static STOP: AtomicBool = AtomicBool::new(false);
@@ -116,10 +131,12 @@ struct Attached {
     iface: String,
     created_clsact: bool,
     links: Vec<aya::programs::tc::SchedClassifierLinkId>,
+    xdp: Option<(aya::programs::xdp::XdpLinkId, &'static str)>,
 }
 
 /// The interfaces we are attached to, and which ones we want.
 struct Attachments {
+    hook: Hook,
     /// Named with --iface; empty: all that are up.
     only: Vec<String>,
     list: Vec<Attached>,
@@ -152,7 +169,18 @@ impl Attachments {
         if self.list.iter().any(|a| a.index == l.index) {
             return Ok(());
         }
-        let r = attach_one(ebpf, l, &mut self.list);
+        let r = match self.hook {
+            Hook::Tc => attach_one(ebpf, l, &mut self.list),
+            Hook::Xdp => xdp::attach(ebpf, &l.name).map(|link| {
+                self.list.push(Attached {
+                    index: l.index,
+                    iface: l.name.clone(),
+                    created_clsact: false,
+                    links: Vec::new(),
+                    xdp: Some(link),
+                })
+            }),
+        };
         self.record_clsact();
         r
     }
@@ -163,6 +191,9 @@ impl Attachments {
             return;
         };
         let a = self.list.remove(pos);
+        if let Some((id, _)) = a.xdp {
+            xdp::forget(ebpf, id);
+        }
         if let Some(prog) = ebpf
             .program_mut(PROGRAM)
             .and_then(|p| <&mut SchedClassifier>::try_from(p).ok())
@@ -200,7 +231,7 @@ pub fn run(opts: &Options, on_snapshot: &mut dyn FnMut(&Outcome) -> Result<()>) 
         }
         None => (EMBEDDED.to_vec(), "the embedded eBPF program".to_owned()),
     };
-    let mut ebpf = load(&bytes, &origin, opts.max_conns).map_err(unavailable)?;
+    let mut ebpf = load(&bytes, &origin, opts.max_conns, opts.hook).map_err(unavailable)?;
     install_signal_handlers()?;
 
     // Subscribe before the dump, so that no link change falls between.
@@ -218,6 +249,7 @@ pub fn run(opts: &Options, on_snapshot: &mut dyn FnMut(&Outcome) -> Result<()>) 
         }
     }
     let mut att = Attachments {
+        hook: opts.hook,
         only: opts.ifaces.clone(),
         list: Vec::new(),
         lock,
@@ -248,12 +280,20 @@ pub fn run(opts: &Options, on_snapshot: &mut dyn FnMut(&Outcome) -> Result<()>) 
             on_snapshot,
         );
     }
+    let xdp_modes = att
+        .list
+        .iter()
+        .filter_map(|a| a.xdp.as_ref().map(|(_, mode)| (a.iface.clone(), *mode)))
+        .collect();
     // Detach before reading: the map then holds the final state.
     let cleanup = detach_all(&mut ebpf, std::mem::take(&mut att.list));
     drop(att);
     res?;
     cleanup?;
-    collect(&ebpf, &drainer)
+    let mut o = collect(&ebpf, &drainer)?;
+    o.hook = opts.hook;
+    o.xdp_modes = xdp_modes;
+    Ok(o)
 }
 
 /// Until --duration or a signal: follows link events, prints snapshots.
@@ -324,11 +364,15 @@ fn follow(
     Ok(())
 }
 
-fn load(object: &[u8], origin: &str, max_conns: u32) -> Result<Ebpf> {
+fn load(object: &[u8], origin: &str, max_conns: u32, hook: Hook) -> Result<Ebpf> {
     let mut ebpf = EbpfLoader::new()
         .map_max_entries("CONNS", max_conns)
         .load(object)
         .with_context(|| format!("loading {origin}"))?;
+    if hook == Hook::Xdp {
+        xdp::load(&mut ebpf)?;
+        return Ok(ebpf);
+    }
     let prog: &mut SchedClassifier = ebpf
         .program_mut(PROGRAM)
         .with_context(|| format!("{origin} has no program {PROGRAM}"))?
@@ -351,6 +395,7 @@ fn attach_one(ebpf: &mut Ebpf, l: &links::Link, attached: &mut Vec<Attached>) ->
         iface: iface.clone(),
         created_clsact,
         links: Vec::new(),
+        xdp: None,
     };
     let prog: &mut SchedClassifier = ebpf
         .program_mut(PROGRAM)
@@ -387,6 +432,26 @@ fn exists(index: u32) -> bool {
 
 fn detach_all(ebpf: &mut Ebpf, attached: Vec<Attached>) -> Result<()> {
     let mut first_err: Option<anyhow::Error> = None;
+    let mut attached = attached;
+    for a in attached.iter_mut() {
+        if let Some((id, _)) = a.xdp.take() {
+            if let Err(e) = xdp::detach(ebpf, id) {
+                if exists(a.index) {
+                    eprintln!("flowprobe: detaching XDP from {}: {e:#}", a.iface);
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+    }
+    if attached
+        .iter()
+        .all(|a| a.links.is_empty() && !a.created_clsact)
+    {
+        return match first_err {
+            Some(e) => Err(e),
+            None => Ok(()),
+        };
+    }
     let prog: Option<&mut SchedClassifier> =
         ebpf.program_mut(PROGRAM).and_then(|p| p.try_into().ok());
     let Some(prog) = prog else {
@@ -498,5 +563,7 @@ fn collect(ebpf: &Ebpf, drainer: &drain::Drainer) -> Result<Outcome> {
         map_full: per_cpu_sum(ebpf, "CONN_STATS", 0)?,
         insert_failed: per_cpu_sum(ebpf, "CONN_STATS", 1)? + per_cpu_sum(ebpf, "CONN_STATS", 2)?,
         contended: per_cpu_sum(ebpf, "CONN_STATS", 3)?,
+        hook: Hook::Tc,
+        xdp_modes: Vec::new(),
     })
 }

@@ -81,7 +81,10 @@ enum Cmd {
         ebpf_object: Option<PathBuf>,
         /// tc: the eBPF program; afpacket: memory-mapped AF_PACKET rings
         /// (needs only CAP_NET_RAW; same counts, in userspace); auto: tc,
-        /// or afpacket (saying why) when the eBPF program cannot be loaded.
+        /// or afpacket (saying why) when the eBPF program cannot be loaded;
+        /// xdp: the eBPF program at XDP, received packets only (for
+        /// gateways, where every forwarded packet is received; connections
+        /// are keyed without the interface, iface 0).
         #[arg(long, value_enum, default_value_t = Backend::Auto)]
         backend: Backend,
         /// Capacity of the kernel's connection map (tc backend; connections
@@ -110,6 +113,7 @@ enum Backend {
     Auto,
     Tc,
     Afpacket,
+    Xdp,
 }
 
 fn main() -> ExitCode {
@@ -168,21 +172,24 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 out.flush()?;
                 Ok(())
             };
-            let tc =
-                |on_snapshot: &mut dyn FnMut(&[flowtable::Connection]) -> anyhow::Result<()>| {
-                    live::run(
-                        &live::Options {
-                            ifaces: ifaces.clone(),
-                            duration,
-                            ebpf_object: ebpf_object.clone(),
-                            max_conns,
-                            interval,
-                            closed_timeout,
-                            idle_timeout,
-                        },
-                        &mut |o: &live::Outcome| on_snapshot(&o.conns),
-                    )
-                };
+            let ebpf = |hook: live::Hook,
+                        on_snapshot: &mut dyn FnMut(
+                &[flowtable::Connection],
+            ) -> anyhow::Result<()>| {
+                live::run(
+                    &live::Options {
+                        hook,
+                        ifaces: ifaces.clone(),
+                        duration,
+                        ebpf_object: ebpf_object.clone(),
+                        max_conns,
+                        interval,
+                        closed_timeout,
+                        idle_timeout,
+                    },
+                    &mut |o: &live::Outcome| on_snapshot(&o.conns),
+                )
+            };
             let afpacket =
                 |on_snapshot: &mut dyn FnMut(&[flowtable::Connection]) -> anyhow::Result<()>| {
                     afpacket::run(
@@ -195,9 +202,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     )
                 };
             let ran = match backend {
-                Backend::Tc => Ran::Tc(tc(&mut on_snapshot)?),
+                Backend::Tc => Ran::Tc(ebpf(live::Hook::Tc, &mut on_snapshot)?),
+                Backend::Xdp => Ran::Tc(ebpf(live::Hook::Xdp, &mut on_snapshot)?),
                 Backend::Afpacket => Ran::Afpacket(afpacket(&mut on_snapshot)?),
-                Backend::Auto => match tc(&mut on_snapshot) {
+                Backend::Auto => match ebpf(live::Hook::Tc, &mut on_snapshot) {
                     Ok(o) => Ran::Tc(o),
                     Err(e) => match e.downcast_ref::<live::Unavailable>() {
                         Some(why) => {
@@ -277,8 +285,18 @@ enum Ran {
 
 fn tc_summary(o: &live::Outcome, quiet: bool) {
     if !quiet {
+        let backend = if o.hook == live::Hook::Tc {
+            "tc".to_owned()
+        } else {
+            let modes: Vec<String> = o
+                .xdp_modes
+                .iter()
+                .map(|(iface, mode)| format!("{mode} on {iface}"))
+                .collect();
+            format!("xdp: {}", modes.join(", "))
+        };
         eprintln!(
-            "flowprobe: {} (backend tc)",
+            "flowprobe: {} (backend {backend})",
             output::summary(o.conns.len(), &o.stats)
         );
     }

@@ -272,6 +272,8 @@ fn open_hole(d: &mut TcpDir, lo: u32, hi: u32) {
 fn fill_hole(d: &mut TcpDir, seq: u32, len: u32) -> u32 {
     let data_end = seq.wrapping_add(len);
     let mut unseen = 0;
+    // An index, not an iterator: `d` is borrowed mutably in the body.
+    #[allow(clippy::needless_range_loop)]
     for i in 0..2 {
         if !hole_open(d, i) {
             continue;

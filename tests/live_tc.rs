@@ -192,6 +192,11 @@ const CONNS: [(u16, u64, u64); 4] = [
     (40003, 1_000_000, 1_000_000),
 ];
 
+/// One UDP exchange beside them: the client sends this many datagrams
+/// (1 to 1400 bytes) from this port and the server echoes each.
+const UDP_PORT: u16 = 41000;
+const UDP_DATAGRAMS: u64 = 30;
+
 fn tcpapp() -> PathBuf {
     repo_root().join("fixtures/capture/tcpapp.py")
 }
@@ -222,10 +227,11 @@ fn spawn_flowprobe(ns: &str, dev: &str, duration: Option<&str>, dir: &Path, tag:
 }
 
 fn traffic(ns: &Netns, ca: &str, sa: &str, dir: &Path) {
-    let conn_args: Vec<String> = CONNS
+    let mut conn_args: Vec<String> = CONNS
         .iter()
         .flat_map(|(p, c, s)| ["--conn".to_owned(), format!("{p}:{c}:{s}")])
         .collect();
+    conn_args.extend(["--udp".to_owned(), format!("{UDP_PORT}:{UDP_DATAGRAMS}")]);
     let ready = dir.join("ready");
     let mut server = Command::new("ip")
         .args(["netns", "exec", &ns.b, "python3"])
@@ -365,6 +371,26 @@ fn check(dir: &Path, ca: &str, sa: &str, mib: (u64, u64)) {
                 seen.1 += retx;
             }
             total_retrans += n(&t["tcpi_total_retrans"]);
+        }
+    }
+    // UDP: every datagram once each way, at both probes.
+    let cu = &client["udp"];
+    assert_eq!(n(&cu["datagrams_written"]), UDP_DATAGRAMS);
+    for (at, conns, out) in [
+        ("client", &at_client, &out_c),
+        ("server", &at_server, &out_s),
+    ] {
+        let u = conns
+            .iter()
+            .find(|c| c["proto"] == "udp" && c["sport"] == UDP_PORT)
+            .unwrap_or_else(|| panic!("no UDP record at the {at} probe:\n{out}"));
+        assert_eq!(u["src"], ca, "UDP initiator at the {at} probe: {u}");
+        for d in ["sent", "received"] {
+            let got = (n(&u[d]["packets"]), n(&u[d]["bytes"]));
+            let want = (UDP_DATAGRAMS, n(&cu["app_bytes_written"]));
+            if got != want {
+                failures.push(format!("UDP {d} at the {at} probe: {got:?} != {want:?}"));
+            }
         }
     }
     if seen != mib {
@@ -736,12 +762,15 @@ fn next_run_removes_what_a_killed_run_left() {
     assert!(q.contains("clsact"), "the other clsact is gone: {q}");
 }
 
-/// Runs everywhere: without root, or with an object that is not there, `run`
-/// says in one line what is missing (and never touches an interface).
+/// Runs everywhere: without root, or with an object that is not there,
+/// `run --backend tc` says in one line what is missing (and never touches
+/// an interface; `auto` would count with AF_PACKET instead).
 #[test]
 fn run_explains_what_is_missing() {
     let out = common::flowprobe(&[
         "run",
+        "--backend",
+        "tc",
         "--iface",
         "lo",
         "--duration",
@@ -1014,4 +1043,170 @@ fn closed_connections_are_drained_and_lose_nothing() {
         assert_eq!(new, 3000 + 37 * i as u64, "port {port}: {}", mine[0]);
         assert_eq!(mine[0]["src"], ca);
     }
+}
+
+/// `--backend xdp` on a gateway: client and server in their own namespaces,
+/// routed through a third with forwarding on, loss in each receiver's INPUT
+/// (behind the gateway). XDP on the gateway's two interfaces receives every
+/// packet of both directions once, and keys them without the interface, so
+/// each connection is one record whose both directions equal the sending
+/// sockets' TCP_INFO; UDP too.
+#[test]
+fn xdp_on_a_gateway_counts_both_directions() {
+    if !live_tests_enabled() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ns = Netns::create("xgw");
+    let gw = Netns::create("xgwg");
+    let g = &gw.a;
+    let (ca, sa) = ("10.79.1.1", "10.79.2.1");
+    sh(&[
+        "ip", "-n", &ns.a, "link", "add", VETH_A, "type", "veth", "peer", "name", "g0", "netns", g,
+    ]);
+    sh(&[
+        "ip", "-n", &ns.b, "link", "add", VETH_B, "type", "veth", "peer", "name", "g1", "netns", g,
+    ]);
+    for (n, dev, cidr) in [
+        (&ns.a, VETH_A, "10.79.1.1/24"),
+        (g, "g0", "10.79.1.254/24"),
+        (g, "g1", "10.79.2.254/24"),
+        (&ns.b, VETH_B, "10.79.2.1/24"),
+    ] {
+        sh(&["ip", "-n", n, "addr", "add", cidr, "dev", dev]);
+        sh(&["ip", "-n", n, "link", "set", dev, "up"]);
+    }
+    sh(&[
+        "ip",
+        "-n",
+        &ns.a,
+        "route",
+        "add",
+        "default",
+        "via",
+        "10.79.1.254",
+    ]);
+    sh(&[
+        "ip",
+        "-n",
+        &ns.b,
+        "route",
+        "add",
+        "default",
+        "via",
+        "10.79.2.254",
+    ]);
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        g,
+        "sysctl",
+        "-q",
+        "-w",
+        "net.ipv4.ip_forward=1",
+    ]);
+    for n in [&ns.a, &ns.b] {
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            n,
+            "iptables",
+            "-w",
+            "-A",
+            "INPUT",
+            "-p",
+            "tcp",
+            "-m",
+            "length",
+            "--length",
+            "500:65535",
+            "-m",
+            "statistic",
+            "--mode",
+            "nth",
+            "--every",
+            "13",
+            "--packet",
+            "0",
+            "-j",
+            "DROP",
+        ]);
+    }
+    let mut probe = Command::new("ip")
+        .args(["netns", "exec", g, env!("CARGO_BIN_EXE_flowprobe"), "run"])
+        .args(["--backend", "xdp", "--format", "json"])
+        .stdout(fs::File::create(dir.path().join("gw.json")).unwrap())
+        .stderr(fs::File::create(dir.path().join("gw.err")).unwrap())
+        .spawn()
+        .unwrap();
+    let xdp_on = |dev: &str| sh_out(&["ip", "-n", g, "link", "show", dev]).contains("xdp");
+    wait_for("XDP on both gateway interfaces", || {
+        xdp_on("g0") && xdp_on("g1")
+    });
+    traffic(&ns, ca, sa, dir.path());
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(probe.id() as i32, libc::SIGINT) };
+    assert!(probe.wait().unwrap().success());
+    let err = fs::read_to_string(dir.path().join("gw.err")).unwrap();
+    eprintln!("flowprobe on the gateway: {err}");
+    assert!(err.contains("backend xdp"), "{err}");
+    assert!(!xdp_on("g0") && !xdp_on("g1"), "XDP left attached");
+
+    let out = fs::read_to_string(dir.path().join("gw.json")).unwrap();
+    let conns = json_lines(&out);
+    let truth = |side: &str| -> Value {
+        serde_json::from_str(&fs::read_to_string(dir.path().join(format!("{side}.json"))).unwrap())
+            .unwrap()
+    };
+    let (client, server) = (truth("client"), truth("server"));
+    let n = |v: &Value| v.as_u64().unwrap();
+    let mut failures = Vec::new();
+    let mut retrans = 0;
+    for (port, c_bytes, s_bytes) in CONNS {
+        let r = record(&conns, port, ca, sa, &out);
+        assert_eq!(
+            r["iface"], 0,
+            "XDP keys connections without the interface: {r}"
+        );
+        let (ct, st) = (
+            &client["tcp"][port.to_string()],
+            &server["tcp"][port.to_string()],
+        );
+        for (d, t, written) in [("sent", ct, c_bytes), ("received", st, s_bytes)] {
+            let got = (
+                n(&r[d]["bytes"]) - n(&r[d]["retransmitted_bytes"]),
+                n(&r[d]["retransmits"]),
+                n(&r[d]["retransmitted_bytes"]),
+                n(&r[d]["bytes"]),
+            );
+            let want = (
+                written,
+                n(&t["tcpi_total_retrans"]),
+                n(&t["tcpi_bytes_retrans"]),
+                n(&t["tcpi_bytes_sent"]),
+            );
+            retrans += want.1;
+            eprintln!("port {port} {d}: flowprobe {got:?}, kernel {want:?}");
+            if got != want {
+                failures.push(format!(
+                    "port {port} {d}: flowprobe {got:?} != kernel {want:?}"
+                ));
+            }
+        }
+    }
+    let u = conns
+        .iter()
+        .find(|c| c["proto"] == "udp" && c["sport"] == UDP_PORT)
+        .unwrap_or_else(|| panic!("no UDP record:\n{out}"));
+    for d in ["sent", "received"] {
+        let got = (n(&u[d]["packets"]), n(&u[d]["bytes"]));
+        let want = (UDP_DATAGRAMS, n(&client["udp"]["app_bytes_written"]));
+        if got != want {
+            failures.push(format!("UDP {d}: {got:?} != {want:?}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert!(retrans > 0, "the loss scenario produced no retransmissions");
 }

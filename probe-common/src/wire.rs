@@ -420,6 +420,6 @@ impl FlowEntry {
 // contract: no implicit padding, fixed sizes.
 const _: () = assert!(core::mem::size_of::<ConnKey>() == 48);
 const _: () = assert!(core::mem::size_of::<DirCounters>() == 64);
-const _: () = assert!(core::mem::size_of::<crate::tcp::TcpDir>() == 20);
+const _: () = assert!(core::mem::size_of::<crate::tcp::TcpDir>() == 28);
 const _: () = assert!(core::mem::offset_of!(crate::tcp::TcpDir, flags) == 8);
-const _: () = assert!(core::mem::size_of::<FlowEntry>() == 192);
+const _: () = assert!(core::mem::size_of::<FlowEntry>() == 208);

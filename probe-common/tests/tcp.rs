@@ -376,3 +376,43 @@ fn a_retransmission_spanning_seen_data_and_the_hole_splits_its_bytes() {
     ]);
     assert_eq!(c[A].bytes - c[A].retransmitted_bytes, 300);
 }
+
+#[test]
+fn a_fill_at_a_holes_end_and_the_late_original_after_it() {
+    // 101..201 seen, 201..301 missing, 301..401 seen, 401..501 missing,
+    // 501..601 seen: two holes. The retransmission of 401..501 fills the
+    // second hole; the delayed original of it is then a duplicate.
+    let c = check(&[
+        s(A, 100, 0, SYN, 0, W, K::New, 0),
+        s(A, 101, 0, PA, 100, W, K::New, 0),
+        s(A, 301, 0, PA, 100, W, K::New, 0),
+        s(A, 501, 0, PA, 100, W, K::New, 0),
+        s(A, 401, 0, PA, 100, W, K::New, 0),
+        s(A, 401, 0, PA, 100, W, K::Retransmit, 100),
+        // A copy of seen data between the holes is a duplicate too.
+        s(A, 301, 0, PA, 100, W, K::Retransmit, 100),
+        s(A, 201, 0, PA, 100, W, K::New, 0),
+        s(A, 201, 0, PA, 100, W, K::Retransmit, 100),
+    ]);
+    assert_eq!((c[A].gaps, c[A].retransmits), (2, 3));
+    assert_eq!(c[A].bytes - c[A].retransmitted_bytes, 500);
+}
+
+#[test]
+fn a_third_hole_merges_the_two_older_ones() {
+    // Holes at 201, 401, 601: the first two become 201..501, which also
+    // covers 301..401 (seen): a copy of that counts as new, the documented
+    // cost of keeping two holes.
+    let c = check(&[
+        s(A, 100, 0, SYN, 0, W, K::New, 0),
+        s(A, 101, 0, PA, 100, W, K::New, 0),
+        s(A, 301, 0, PA, 100, W, K::New, 0),
+        s(A, 501, 0, PA, 100, W, K::New, 0),
+        s(A, 701, 0, PA, 100, W, K::New, 0),
+        s(A, 601, 0, PA, 100, W, K::New, 0),
+        s(A, 601, 0, PA, 100, W, K::Retransmit, 100),
+        s(A, 201, 0, PA, 100, W, K::New, 0),
+        s(A, 401, 0, PA, 100, W, K::New, 0),
+    ]);
+    assert_eq!(c[A].gaps, 3);
+}

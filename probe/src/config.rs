@@ -14,7 +14,7 @@ use crate::agent::{parse_listen, MetricLabels};
 pub struct RunConfig {
     /// As --iface, repeated.
     pub interfaces: Option<Vec<String>>,
-    /// Capture backend: only "tc" for now.
+    /// As --backend: auto, tc, afpacket or xdp.
     pub backend: Option<String>,
     pub ebpf_object: Option<PathBuf>,
     pub max_conns: Option<u32>,
@@ -42,7 +42,7 @@ pub struct ConfigError {
     message: String,
 }
 
-const BACKENDS: &[&str] = &["tc"];
+const BACKENDS: &[&str] = &["auto", "tc", "afpacket", "xdp"];
 
 impl RunConfig {
     pub fn load(path: &Path) -> Result<RunConfig, ConfigError> {
@@ -191,7 +191,10 @@ mod tests {
                 "field `idle_timeout`: must be a non-negative number of seconds",
             ),
             ("interval = 0.001", "field `interval`: must be at least 0.01 seconds"),
-            ("backend = \"xdp\"", "field `backend`: `xdp` is not one of: tc"),
+            (
+                "backend = \"pcap\"",
+                "field `backend`: `pcap` is not one of: auto, tc, afpacket, xdp",
+            ),
             (
                 "listen = \"localhost\"",
                 "field `listen`: `localhost` is not ADDR:PORT or PORT (e.g. 127.0.0.1:9911, [::1]:9911)",

@@ -1,6 +1,7 @@
 //! `flowprobe`: per-connection bytes, packets and TCP retransmits, from
 //! eBPF on live interfaces or from capture files.
 
+mod afpacket;
 mod agent;
 mod capture;
 mod config;
@@ -84,9 +85,17 @@ enum Cmd {
         /// from `cargo xtask build-ebpf --release`).
         #[arg(long, value_name = "PATH")]
         ebpf_object: Option<PathBuf>,
-        /// Capacity of the kernel's connection map (connections open at the
-        /// same time; closed ones are moved out, see --closed-timeout)
-        /// [default: 65536].
+        /// tc: the eBPF program; afpacket: memory-mapped AF_PACKET rings
+        /// (needs only CAP_NET_RAW; same counts, in userspace); auto: tc,
+        /// or afpacket (saying why) when the eBPF program cannot be loaded;
+        /// xdp: the eBPF program at XDP, received packets only (for
+        /// gateways, where every forwarded packet is received; connections
+        /// are keyed without the interface, iface 0) [default: auto].
+        #[arg(long, value_enum)]
+        backend: Option<Backend>,
+        /// Capacity of the kernel's connection map (tc backend; connections
+        /// open at the same time; closed ones are moved out, see
+        /// --closed-timeout) [default: 65536].
         #[arg(long, value_name = "N")]
         max_conns: Option<u32>,
         /// Move a TCP connection that closed (FIN both ways or RST) out of
@@ -134,6 +143,14 @@ enum Cmd {
     },
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Backend {
+    Auto,
+    Tc,
+    Afpacket,
+    Xdp,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
@@ -153,6 +170,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             interval,
             format,
             ebpf_object,
+            backend,
             max_conns,
             closed_timeout,
             idle_timeout,
@@ -173,6 +191,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ifaces
             };
             let ebpf_object = ebpf_object.or(file.ebpf_object);
+            let backend = match (backend, &file.backend) {
+                (Some(b), _) => b,
+                // Validated when the file was read.
+                (None, Some(b)) => clap::ValueEnum::from_str(b, false)
+                    .map_err(|e| anyhow::anyhow!("config backend: {e}"))?,
+                (None, None) => Backend::Auto,
+            };
             let max_conns = max_conns.or(file.max_conns).unwrap_or(65536);
             if max_conns == 0 {
                 anyhow::bail!("--max-conns must be at least 1");
@@ -222,11 +247,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     let addr =
                         agent::parse_listen(l).map_err(|e| anyhow::anyhow!("--listen: {e}"))?;
                     let shared = agent::Shared::default();
-                    // Until the first tick: no connections, but the capacity.
-                    shared.publish(agent::Snapshot {
-                        capacity: max_conns,
-                        ..agent::Snapshot::default()
-                    });
+                    // Until the first tick: no connections, nothing known
+                    // of the backend yet (auto may fall back).
+                    shared.publish(agent::Snapshot::default());
                     let bound = agent::start(addr, shared.clone(), labels)?;
                     if !quiet {
                         eprintln!("flowprobe: serving http://{bound}/metrics and /query");
@@ -247,64 +270,94 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             });
 
             let mut snapshots = 0u64;
-            let mut on_snapshot = |o: &live::Outcome| -> anyhow::Result<()> {
+            // Each tick of either backend: the connections so far, and with
+            // the eBPF backends what the kernel maps say about themselves.
+            let mut on_tick = |conns: &[flowtable::Connection],
+                               kernel: Option<&live::Outcome>|
+             -> anyhow::Result<()> {
                 if let Some(shared) = &shared {
-                    shared.publish(agent_snapshot(o, max_conns));
+                    shared.publish(match kernel {
+                        Some(o) => agent_snapshot(o, max_conns),
+                        None => agent::Snapshot {
+                            conns: conns.to_vec(),
+                            backend: "afpacket",
+                            ..agent::Snapshot::default()
+                        },
+                    });
                 }
                 if let Some((deltas, out)) = &mut export {
                     deltas
-                        .write(out, &o.conns, SystemTime::now())
+                        .write(out, conns, SystemTime::now())
                         .map_err(|e| anyhow::anyhow!("--export-jsonl: {e}"))?;
                 }
                 if print_snapshots {
                     snapshots += 1;
                     let mut out = io::BufWriter::new(io::stdout().lock());
-                    output::write_snapshot(&mut out, format, snapshots, &o.conns)?;
+                    output::write_snapshot(&mut out, format, snapshots, conns)?;
                     out.flush()?;
                 }
                 Ok(())
             };
-            let o = live::run(
-                &live::Options {
-                    ifaces,
-                    duration,
-                    ebpf_object,
-                    max_conns,
-                    interval: tick,
-                    closed_timeout,
-                    idle_timeout,
+            type OnTick<'a> = dyn FnMut(&[flowtable::Connection], Option<&live::Outcome>) -> anyhow::Result<()>
+                + 'a;
+            let ebpf = |hook: live::Hook, on_tick: &mut OnTick| {
+                live::run(
+                    &live::Options {
+                        hook,
+                        ifaces: ifaces.clone(),
+                        duration,
+                        ebpf_object: ebpf_object.clone(),
+                        max_conns,
+                        interval: tick,
+                        closed_timeout,
+                        idle_timeout,
+                    },
+                    &mut |o: &live::Outcome| on_tick(&o.conns, Some(o)),
+                )
+            };
+            let afpacket = |on_tick: &mut OnTick| {
+                afpacket::run(
+                    &afpacket::Options {
+                        ifaces: ifaces.clone(),
+                        duration,
+                        interval: tick,
+                    },
+                    &mut |c: &[flowtable::Connection]| on_tick(c, None),
+                )
+            };
+            let ran = match backend {
+                Backend::Tc => Ran::Tc(ebpf(live::Hook::Tc, &mut on_tick)?),
+                Backend::Xdp => Ran::Tc(ebpf(live::Hook::Xdp, &mut on_tick)?),
+                Backend::Afpacket => Ran::Afpacket(afpacket(&mut on_tick)?),
+                Backend::Auto => match ebpf(live::Hook::Tc, &mut on_tick) {
+                    Ok(o) => Ran::Tc(o),
+                    Err(e) => match e.downcast_ref::<live::Unavailable>() {
+                        Some(why) => {
+                            // One line, however long the kernel's reason.
+                            let why = why.0.lines().next().unwrap_or_default();
+                            eprintln!("flowprobe: cannot use eBPF ({why}); counting with AF_PACKET instead");
+                            Ran::Afpacket(afpacket(&mut on_tick)?)
+                        }
+                        None => return Err(e),
+                    },
                 },
-                &mut on_snapshot,
-            )?;
+            };
+            let conns = match &ran {
+                Ran::Tc(o) => &o.conns,
+                Ran::Afpacket(o) => &o.conns,
+            };
             // The last lines: the export then sums to the totals below.
             if let Some((deltas, out)) = &mut export {
                 deltas
-                    .write(out, &o.conns, SystemTime::now())
+                    .write(out, conns, SystemTime::now())
                     .map_err(|e| anyhow::anyhow!("--export-jsonl: {e}"))?;
             }
             let mut out = io::BufWriter::new(io::stdout().lock());
-            output::write(&mut out, format, &o.conns)?;
+            output::write(&mut out, format, conns)?;
             out.flush()?;
-            if !quiet {
-                eprintln!("flowprobe: {}", output::summary(o.conns.len(), &o.stats));
-            }
-            if o.map_full > 0 {
-                eprintln!(
-                    "flowprobe: {} packets of new connections were not counted: the connection map was full (raise --max-conns)",
-                    o.map_full
-                );
-            }
-            if o.contended > 0 {
-                eprintln!(
-                    "flowprobe: {} packets found their connection entry locked by another CPU (counted without the lock; their retransmit call is best effort)",
-                    o.contended
-                );
-            }
-            if o.insert_failed > 0 {
-                eprintln!(
-                    "flowprobe: {} packets of new connections were not counted: connection map insert failed",
-                    o.insert_failed
-                );
+            match &ran {
+                Ran::Tc(o) => tc_summary(o, quiet),
+                Ran::Afpacket(o) => afpacket_summary(o, quiet),
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -383,6 +436,10 @@ fn agent_snapshot(o: &live::Outcome, capacity: u32) -> agent::Snapshot {
         attached: o.attached.clone(),
         in_map: o.in_map,
         capacity,
+        backend: match o.hook {
+            live::Hook::Tc => "tc",
+            live::Hook::Xdp => "xdp",
+        },
     }
 }
 
@@ -398,4 +455,73 @@ fn export_sink(path: &str) -> anyhow::Result<Box<dyn Write>> {
         .open(path)
         .map_err(|e| anyhow::anyhow!("--export-jsonl {path}: {e}"))?;
     Ok(Box::new(io::BufWriter::new(f)))
+}
+
+/// What `flowprobe run` ran, and what it saw.
+enum Ran {
+    Tc(live::Outcome),
+    Afpacket(afpacket::Outcome),
+}
+
+fn tc_summary(o: &live::Outcome, quiet: bool) {
+    if !quiet {
+        let backend = if o.hook == live::Hook::Tc {
+            "tc".to_owned()
+        } else {
+            let modes: Vec<String> = o
+                .xdp_modes
+                .iter()
+                .map(|(iface, mode)| format!("{mode} on {iface}"))
+                .collect();
+            format!("xdp: {}", modes.join(", "))
+        };
+        eprintln!(
+            "flowprobe: {} (backend {backend})",
+            output::summary(o.conns.len(), &o.stats)
+        );
+    }
+    if o.map_full > 0 {
+        eprintln!(
+            "flowprobe: {} packets of new connections were not counted: the connection map was full (raise --max-conns)",
+            o.map_full
+        );
+    }
+    if o.contended > 0 {
+        eprintln!(
+            "flowprobe: {} packets found their connection entry locked by another CPU (counted without the lock; their retransmit call is best effort)",
+            o.contended
+        );
+    }
+    if o.insert_failed > 0 {
+        eprintln!(
+            "flowprobe: {} packets of new connections were not counted: connection map insert failed",
+            o.insert_failed
+        );
+    }
+}
+
+fn afpacket_summary(o: &afpacket::Outcome, quiet: bool) {
+    let k = &o.kernel;
+    if !quiet {
+        let split = if o.split > 0 {
+            format!(", {} connection parts merged across rings", o.split)
+        } else {
+            String::new()
+        };
+        eprintln!(
+            "flowprobe: {} (backend afpacket, {} rings; kernel: {} packets, {} dropped, {} queue freezes{split})",
+            output::summary(o.conns.len(), &o.frames),
+            o.rings,
+            k.packets,
+            k.drops,
+            k.freeze_q
+        );
+    }
+    if quiet && k.drops > 0 {
+        // Lost counts are never silent.
+        eprintln!(
+            "flowprobe: the kernel dropped {} of {} packets: the AF_PACKET rings were full",
+            k.drops, k.packets
+        );
+    }
 }

@@ -304,6 +304,20 @@ fn groups(reg: &mut Registry, conns: &[Connection], labels: &MetricLabels) {
 
 /// Health of the agent itself.
 fn health(reg: &mut Registry, s: &Snapshot) {
+    if !s.backend.is_empty() {
+        reg.register(
+            "backend",
+            "1 for the capture backend in use (tc, xdp or afpacket)",
+            Series(vec![(
+                vec![("backend".to_owned(), s.backend.to_owned())],
+                gauge(1),
+            )]),
+        );
+    }
+    // The rest describes the eBPF program and its maps.
+    if !s.ebpf() {
+        return;
+    }
     reg.register(
         "attached_interfaces",
         "Interfaces the tc program is attached to",
@@ -450,6 +464,7 @@ mod tests {
             attached: vec!["veth0".to_owned()],
             in_map: 2,
             capacity: 1024,
+            backend: "tc",
         }
     }
 
@@ -481,6 +496,7 @@ mod tests {
             conns: table.connections(),
             stats,
             capacity: 65536,
+            backend: "tc",
             ..Snapshot::default()
         };
         let labels: MetricLabels = "src.ip/24,dst.port".parse().unwrap();
@@ -514,6 +530,24 @@ mod tests {
             "flowprobe_retransmits_total{src_service=\"web\",dst_service=\"db\",direction=\"sent\"} 1\n"
         ));
         assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn afpacket_has_no_kernel_map_series() {
+        let s = Snapshot {
+            backend: "afpacket",
+            ..snapshot()
+        };
+        let text = encode(&s, &MetricLabels::default());
+        assert!(text.contains("flowprobe_backend{backend=\"afpacket\"} 1\n"));
+        assert!(text.contains("flowprobe_sent_bytes_total{"));
+        for absent in [
+            "flowprobe_table_capacity",
+            "flowprobe_map_full",
+            "flowprobe_attached",
+        ] {
+            assert!(!text.contains(absent), "{absent}");
+        }
     }
 
     #[test]

@@ -34,6 +34,16 @@ pub struct Snapshot {
     /// Entries in the kernel map now, and its capacity.
     pub in_map: usize,
     pub capacity: u32,
+    /// `tc`, `xdp` (the kernel map and its counters above are real) or
+    /// `afpacket` (only `conns` is).
+    pub backend: &'static str,
+}
+
+impl Snapshot {
+    /// Whether the kernel's maps and counters are in this snapshot.
+    pub fn ebpf(&self) -> bool {
+        matches!(self.backend, "tc" | "xdp")
+    }
 }
 
 /// The latest snapshot, shared between the run loop and the server.
@@ -143,6 +153,7 @@ mod tests {
         shared.publish(Snapshot {
             conns: conns(),
             capacity: 16,
+            backend: "tc",
             ..Snapshot::default()
         });
         let args = QueryArgs {

@@ -91,7 +91,8 @@ FLOWPROBE_LIVE_TESTS=1 cargo test --locked -p flowprobe --test live_afpacket
 # `flowprobe run --listen` scraped by Debian's prometheus in a new namespace:
 # PromQL sums = the agent's /query = the bytes the applications wrote.
 FLOWPROBE_LIVE_TESTS=1 cargo test --locked -p flowprobe --test live_agent
-# Handshake RTT of a capture taken behind a bridge that adds 100 ms.
+# Handshake RTT behind a bridge that adds 100 ms: replay of a capture, and
+# the agent of `run --backend afpacket`.
 FLOWPROBE_LIVE_TESTS=1 cargo test --locked -p flowprobe --test rtt_delay
 
 fresh=$(mktemp -d /tmp/flowprobe-capture.XXXXXX)

@@ -9,8 +9,10 @@
 //! while `fixtures/capture/tcpapp.py` opens connections; `flowprobe replay`
 //! of that capture must report, per connection, a handshake RTT (SYN →
 //! SYN/ACK at the client, the `dst` leg) within 10 % of the delay, and so
-//! must their median. Live `flowprobe run` keeps no per-segment timestamps
-//! (no RTT), hence the capture.
+//! must their median. Live, the tc program keeps no per-segment timestamps
+//! (no RTT), but `flowprobe run --backend afpacket` on the same veth does:
+//! its agent's `/connections` must show the same handshakes, and its
+//! `/metrics` an RTT histogram.
 //!
 //! Runs only with `FLOWPROBE_LIVE_TESTS=1` as root (the root tier of
 //! `scripts/test.sh`).
@@ -31,6 +33,7 @@ const DELAY_MS: u64 = 100;
 const CONNS: u16 = 5;
 const CLIENT: &str = "10.80.0.1";
 const SERVER: &str = "10.80.0.2";
+const AGENT: &str = "127.0.0.1:9911";
 
 fn enabled() -> bool {
     let ci = std::env::var("CI").as_deref() == Ok("true");
@@ -155,6 +158,19 @@ impl Drop for World {
     }
 }
 
+/// GET from inside namespace `ns` (the agent listens on its loopback).
+fn http_get(ns: &str, url: &str) -> Option<String> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "python3", "-c"])
+        .arg("import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())")
+        .arg(url)
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while !ok() {
@@ -194,6 +210,31 @@ fn handshake_rtt_equals_the_added_delay() {
     sh(&[
         "ip", "netns", "exec", &c, "ping", "-c", "2", "-i", "0.2", "-W", "5", SERVER,
     ]);
+
+    // The AF_PACKET backend times segments live (the tc program does not):
+    // its agent's /connections must show the same handshakes.
+    w.spawn(
+        &c,
+        &[
+            env!("CARGO_BIN_EXE_flowprobe"),
+            "run",
+            "--backend",
+            "afpacket",
+            "--iface",
+            "rc0",
+            "--listen",
+            AGENT,
+            "--interval",
+            "0.2",
+            "--format",
+            "json",
+        ],
+        &d.join("flowprobe"),
+    );
+    wait_for("the afpacket agent", || {
+        http_get(&c, &format!("http://{AGENT}/metrics"))
+            .is_some_and(|m| m.contains("flowprobe_backend{backend=\"afpacket\"} 1"))
+    });
 
     let pcap = d.join("client.pcap");
     w.spawn(
@@ -294,4 +335,32 @@ fn handshake_rtt_equals_the_added_delay() {
         within(p50),
         "handshake RTT median {p50} µs is not within 10 % of {want} µs"
     );
+
+    // Live, from the agent of `run --backend afpacket`.
+    let mut live: Vec<u64> = Vec::new();
+    wait_for("the agent to show every handshake", || {
+        live = http_get(&c, &format!("http://{AGENT}/connections"))
+            .map(|b| json_lines(&b))
+            .unwrap_or_default()
+            .iter()
+            .filter(|c| c["proto"] == "tcp" && c["dport"] == 5001)
+            .filter_map(|c| c["rtt"]["dst"]["handshake_us"].as_u64())
+            .collect();
+        live.len() == usize::from(CONNS)
+    });
+    live.sort_unstable();
+    let live_p50 = live[live.len() / 2];
+    let metrics = http_get(&c, &format!("http://{AGENT}/metrics")).unwrap();
+    let hist: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("flowprobe_rtt_seconds_count") && l.contains("leg=\"dst\""))
+        .collect();
+    eprintln!(
+        "run --backend afpacket: handshake RTT per connection {live:?} µs, median {live_p50} µs; {hist:?}"
+    );
+    assert!(
+        within(live_p50),
+        "live handshake RTT median {live_p50} µs is not within 10 % of {want} µs"
+    );
+    assert_eq!(hist.len(), 1, "one RTT histogram series: {hist:?}");
 }

@@ -6,13 +6,16 @@
 //! sender's transmit path, so the kernel counts real retransmissions.
 //! `flowprobe run --iface <veth>` runs inside each namespace while
 //! `fixtures/capture/tcpapp.py` drives several TCP connections in parallel
-//! and records every socket's `TCP_INFO`. For every connection and both
-//! sides, at the sending side's probe: `bytes − retransmitted_bytes` = bytes
-//! the application wrote, `retransmits` = `tcpi_total_retrans`,
-//! `retransmitted_bytes` = `tcpi_bytes_retrans`, `bytes` =
-//! `tcpi_bytes_sent`; at the receiving side's probe `bytes` =
-//! `tcpi_bytes_sent` (see `check` for why only that).
-//! Also: the fixture captures pushed through the loaded program with
+//! and records every socket's `TCP_INFO`, beside a UDP echo. For every
+//! connection and both directions, at the sending side's probe and at the
+//! receiving side's: `bytes − retransmitted_bytes` = bytes the application
+//! wrote, `retransmits` = `tcpi_total_retrans`, `retransmitted_bytes` =
+//! `tcpi_bytes_retrans`, `bytes` = `tcpi_bytes_sent`; the retransmits each
+//! side sent = its namespace's `RetransSegs` delta; UDP datagrams and bytes
+//! once each way.
+//! Also: closed connections drained from a map much smaller than their
+//! number; `--backend xdp` on a forwarding gateway namespace between client
+//! and server namespaces; the fixture captures pushed through the loaded program with
 //! `BPF_PROG_TEST_RUN` equal `flowprobe replay` of them; without `--iface`
 //! a veth created while `run` runs is attached within a second and its
 //! traffic counted, with nothing of ours left after exit; the next start

@@ -362,6 +362,7 @@ fn follow(
             if Instant::now() >= at {
                 let mut o = collect(ebpf, drainer)?;
                 o.attached = att.list.iter().map(|a| a.iface.clone()).collect();
+                o.hook = att.hook;
                 on_snapshot(&o)?;
                 next_snapshot = Some(at + every);
             }

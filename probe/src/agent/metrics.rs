@@ -320,7 +320,7 @@ fn health(reg: &mut Registry, s: &Snapshot) {
     }
     reg.register(
         "attached_interfaces",
-        "Interfaces the tc program is attached to",
+        "Interfaces the eBPF program (tc or xdp) is attached to",
         ConstGauge::new(s.attached.len() as i64),
     );
     let ifaces = s
@@ -330,7 +330,7 @@ fn health(reg: &mut Registry, s: &Snapshot) {
         .collect();
     reg.register(
         "interface_attached",
-        "1 for each interface the tc program is attached to",
+        "1 for each interface the eBPF program is attached to",
         Series(ifaces),
     );
     reg.register(

@@ -526,10 +526,13 @@ fn monotonic_ns() -> u64 {
     clock_ns(libc::CLOCK_MONOTONIC)
 }
 
-/// CLOCK_REALTIME − CLOCK_MONOTONIC now: turns `bpf_ktime_get_ns` stamps
-/// into Unix time.
+/// CLOCK_REALTIME − CLOCK_MONOTONIC, taken once per process: turns
+/// `bpf_ktime_get_ns` stamps into Unix time. Once, so that a connection's
+/// times read the same in every snapshot (the two clock reads are tens of
+/// nanoseconds apart, and NTP slews the difference).
 fn clock_offset_ns() -> u64 {
-    clock_ns(libc::CLOCK_REALTIME).wrapping_sub(monotonic_ns())
+    static OFFSET: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *OFFSET.get_or_init(|| clock_ns(libc::CLOCK_REALTIME).wrapping_sub(monotonic_ns()))
 }
 
 fn per_cpu_sum(ebpf: &Ebpf, map: &str, idx: u32) -> Result<u64> {

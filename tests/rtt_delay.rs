@@ -34,6 +34,8 @@ const CONNS: u16 = 5;
 const CLIENT: &str = "10.80.0.1";
 const SERVER: &str = "10.80.0.2";
 const AGENT: &str = "127.0.0.1:9911";
+/// The tc backend's agent, beside the AF_PACKET one.
+const AGENT_TC: &str = "127.0.0.1:9912";
 
 fn enabled() -> bool {
     let ci = std::env::var("CI").as_deref() == Ok("true");
@@ -235,6 +237,30 @@ fn handshake_rtt_equals_the_added_delay() {
         http_get(&c, &format!("http://{AGENT}/metrics"))
             .is_some_and(|m| m.contains("flowprobe_backend{backend=\"afpacket\"} 1"))
     });
+    // The tc program times the handshake in the kernel (SYN → SYN/ACK, the
+    // precise clock read for those packets only).
+    w.spawn(
+        &c,
+        &[
+            env!("CARGO_BIN_EXE_flowprobe"),
+            "run",
+            "--backend",
+            "tc",
+            "--iface",
+            "rc0",
+            "--listen",
+            AGENT_TC,
+            "--interval",
+            "0.2",
+            "--format",
+            "json",
+        ],
+        &d.join("flowprobe-tc"),
+    );
+    wait_for("the tc agent", || {
+        http_get(&c, &format!("http://{AGENT_TC}/metrics"))
+            .is_some_and(|m| m.contains("flowprobe_backend{backend=\"tc\"} 1"))
+    });
 
     let pcap = d.join("client.pcap");
     w.spawn(
@@ -363,4 +389,24 @@ fn handshake_rtt_equals_the_added_delay() {
         "live handshake RTT median {live_p50} µs is not within 10 % of {want} µs"
     );
     assert_eq!(hist.len(), 1, "one RTT histogram series: {hist:?}");
+
+    // Live, from the tc program's handshake times.
+    let mut tc: Vec<u64> = Vec::new();
+    wait_for("the tc agent to show every handshake", || {
+        tc = http_get(&c, &format!("http://{AGENT_TC}/connections"))
+            .map(|b| json_lines(&b))
+            .unwrap_or_default()
+            .iter()
+            .filter(|c| c["proto"] == "tcp" && c["dport"] == 5001)
+            .filter_map(|c| c["rtt"]["dst"]["handshake_us"].as_u64())
+            .collect();
+        tc.len() == usize::from(CONNS)
+    });
+    tc.sort_unstable();
+    let tc_p50 = tc[tc.len() / 2];
+    eprintln!("run --backend tc: handshake RTT per connection {tc:?} µs, median {tc_p50} µs");
+    assert!(
+        within(tc_p50),
+        "tc handshake RTT median {tc_p50} µs is not within 10 % of {want} µs"
+    );
 }

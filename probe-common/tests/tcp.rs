@@ -4,7 +4,7 @@
 //! the tracker must give it. Direction 0 is the client (A), 1 the server (B).
 
 use probe_common::parse::{tcp_flags as f, TcpHeader};
-use probe_common::shared::{update, Updated};
+use probe_common::shared::{update, Fixed, Updated};
 use probe_common::tcp::{seq_after, track, Segment, TcpDir, VerdictKind as K};
 use probe_common::{DirCounters, FlowEntry, FlowKey, L4Proto, Parsed, Plain, Verdict};
 
@@ -88,7 +88,7 @@ fn check(steps: &[Step]) -> [DirCounters; 2] {
             tcp: seg.hdr,
         };
         // SAFETY: a live local, no other writer.
-        let how = unsafe { update(&raw mut entry, step.dir, 1, &p, 0, 1, &Plain) };
+        let how = unsafe { update(&raw mut entry, step.dir, 1, &p, &Fixed(0), 1, &Plain) };
         assert_eq!(how, Updated::Locked);
         assert_eq!(entry.tcp, st, "step {i}: shared::update state differs");
         assert_eq!(entry.lock, 0, "step {i}: lock not released");

@@ -25,7 +25,7 @@ use aya_ebpf::{
 };
 use probe_common::{
     parse_frame,
-    shared::{update, Updated},
+    shared::{update, Clock, Updated},
     Atomics, ConnKey, FlowEntry, L4Proto, LinkType, PacketBytes, ParseError, Parsed,
 };
 
@@ -254,6 +254,25 @@ impl Atomics for Bpf {
     }
 }
 
+/// The kernel's CLOCK_MONOTONIC. The coarse clock (the last tick) costs a
+/// load; the precise one about 25 ns a packet, so it is read only for a new
+/// entry's first_seen and for handshake times; userspace keeps last_seen
+/// from lagging first_seen.
+struct Ktime;
+
+impl Clock for Ktime {
+    #[inline(always)]
+    fn coarse_ns(&self) -> u64 {
+        // SAFETY: helper without preconditions.
+        unsafe { bpf_ktime_get_coarse_ns() }
+    }
+    #[inline(always)]
+    fn precise_ns(&self) -> u64 {
+        // SAFETY: helper without preconditions.
+        unsafe { bpf_ktime_get_ns() }
+    }
+}
+
 /// `bpf_loop` state of one lock attempt.
 #[repr(C)]
 struct Spin {
@@ -280,12 +299,6 @@ fn track_conn(p: &Parsed, ifindex: u32, segs: u32) {
     let (key, dir) = ConnKey::of(&p.key, ifindex);
     let dir = dir & 1;
     let is_tcp = p.key.proto == L4Proto::Tcp as u8;
-    // The coarse clock (last tick, CLOCK_MONOTONIC_COARSE) costs a load; the
-    // precise one about 25 ns a packet. Only a new entry's first_seen gets
-    // the precise clock; userspace keeps last_seen from lagging it.
-    // SAFETY: helper without preconditions.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
-
     let entry = match CONNS.get_ptr_mut(key) {
         Some(e) => e,
         None => {
@@ -298,8 +311,7 @@ fn track_conn(p: &Parsed, ifindex: u32, segs: u32) {
             };
             // SAFETY: this CPU's slot, used only here while the program runs.
             let fresh = unsafe {
-                // SAFETY: helper without preconditions.
-                *fresh = FlowEntry::new(bpf_ktime_get_ns(), dir, &key, flags);
+                *fresh = FlowEntry::new(Ktime.precise_ns(), dir, &key, flags);
                 &*fresh
             };
             match CONNS.insert(key, fresh, BPF_NOEXIST as u64) {
@@ -326,7 +338,7 @@ fn track_conn(p: &Parsed, ifindex: u32, segs: u32) {
     };
 
     // SAFETY: `entry` points to a live map value, updated only by `update`.
-    if unsafe { update(entry, dir, segs, p, now, LOCK_SPINS, &Bpf) } == Updated::Contended {
+    if unsafe { update(entry, dir, segs, p, &Ktime, LOCK_SPINS, &Bpf) } == Updated::Contended {
         bump(&CONN_STATS, CONN_STATS_CONTENDED);
     }
 }

@@ -352,12 +352,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .write(out, conns, SystemTime::now())
                     .map_err(|e| anyhow::anyhow!("--export-jsonl: {e}"))?;
             }
+            let health = backend_health(&ran);
             let mut out = io::BufWriter::new(io::stdout().lock());
+            if format == Format::Table {
+                writeln!(out, "# {health}")?;
+            }
             output::write(&mut out, format, conns)?;
             out.flush()?;
             match &ran {
-                Ran::Tc(o) => tc_summary(o, quiet),
-                Ran::Afpacket(o) => afpacket_summary(o, quiet),
+                Ran::Tc(o) => tc_summary(o, &health, quiet),
+                Ran::Afpacket(o) => afpacket_summary(o, &health, quiet),
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -463,20 +467,38 @@ enum Ran {
     Afpacket(afpacket::Outcome),
 }
 
-fn tc_summary(o: &live::Outcome, quiet: bool) {
-    if !quiet {
-        let backend = if o.hook == live::Hook::Tc {
-            "tc".to_owned()
-        } else {
+/// Which backend ran and how it fared: the stderr summary's tail and the
+/// table's header line.
+fn backend_health(ran: &Ran) -> String {
+    match ran {
+        Ran::Tc(o) if o.hook == live::Hook::Xdp => {
             let modes: Vec<String> = o
                 .xdp_modes
                 .iter()
                 .map(|(iface, mode)| format!("{mode} on {iface}"))
                 .collect();
-            format!("xdp: {}", modes.join(", "))
-        };
+            format!("backend xdp: {}", modes.join(", "))
+        }
+        Ran::Tc(_) => "backend tc".to_owned(),
+        Ran::Afpacket(o) => {
+            let k = &o.kernel;
+            let split = if o.split > 0 {
+                format!(", {} connection parts merged across rings", o.split)
+            } else {
+                String::new()
+            };
+            format!(
+                "backend afpacket, {} rings; kernel: {} packets, {} dropped, {} queue freezes{split}",
+                o.rings, k.packets, k.drops, k.freeze_q
+            )
+        }
+    }
+}
+
+fn tc_summary(o: &live::Outcome, health: &str, quiet: bool) {
+    if !quiet {
         eprintln!(
-            "flowprobe: {} (backend {backend})",
+            "flowprobe: {} ({health})",
             output::summary(o.conns.len(), &o.stats)
         );
     }
@@ -488,7 +510,7 @@ fn tc_summary(o: &live::Outcome, quiet: bool) {
     }
     if o.contended > 0 {
         eprintln!(
-            "flowprobe: {} packets found their connection entry locked by another CPU (counted without the lock; their retransmit call is best effort)",
+            "flowprobe: {} packets found their connection entry locked by another CPU for too long: counted, but without the retransmit check",
             o.contended
         );
     }
@@ -500,21 +522,12 @@ fn tc_summary(o: &live::Outcome, quiet: bool) {
     }
 }
 
-fn afpacket_summary(o: &afpacket::Outcome, quiet: bool) {
+fn afpacket_summary(o: &afpacket::Outcome, health: &str, quiet: bool) {
     let k = &o.kernel;
     if !quiet {
-        let split = if o.split > 0 {
-            format!(", {} connection parts merged across rings", o.split)
-        } else {
-            String::new()
-        };
         eprintln!(
-            "flowprobe: {} (backend afpacket, {} rings; kernel: {} packets, {} dropped, {} queue freezes{split})",
-            output::summary(o.conns.len(), &o.frames),
-            o.rings,
-            k.packets,
-            k.drops,
-            k.freeze_q
+            "flowprobe: {} ({health})",
+            output::summary(o.conns.len(), &o.frames)
         );
     }
     if quiet && k.drops > 0 {

@@ -33,87 +33,10 @@ mod common;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
+use common::root::{enabled, sh, sh_out, wait_for, Netns};
 use common::{json_lines, repo_root};
 use serde_json::Value;
-
-/// Whether to run; `false` after printing why not.
-fn live_tests_enabled() -> bool {
-    let ci = std::env::var("CI").as_deref() == Ok("true");
-    if std::env::var("FLOWPROBE_LIVE_TESTS").as_deref() != Ok("1") {
-        eprintln!(
-            "live_afpacket: skipped (set FLOWPROBE_LIVE_TESTS=1 as root; the root tier of scripts/test.sh does)"
-        );
-        return false;
-    }
-    // SAFETY: no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        assert!(
-            !ci,
-            "live_afpacket: CI=true but not root: the live tests cannot run"
-        );
-        eprintln!("live_afpacket: skipped (needs root)");
-        return false;
-    }
-    true
-}
-
-fn sh(args: &[&str]) {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("{}: {e}", args.join(" ")));
-    assert!(
-        out.status.success(),
-        "{} failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn sh_out(args: &[&str]) -> String {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Two namespaces (a: client, b: server); deleted on drop.
-struct Netns {
-    a: String,
-    b: String,
-}
-
-impl Netns {
-    /// Two fresh namespaces named after the test and this process, with lo up.
-    fn create(tag: &str) -> Netns {
-        let id = std::process::id();
-        let ns = Netns {
-            a: format!("fpa-{tag}-a-{id}"),
-            b: format!("fpa-{tag}-b-{id}"),
-        };
-        for n in [&ns.a, &ns.b] {
-            sh(&["ip", "netns", "add", n]);
-            sh(&["ip", "-n", n, "link", "set", "lo", "up"]);
-        }
-        ns
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        for ns in [&self.a, &self.b] {
-            // The tc backend's lock and clsact files for this namespace
-            // (probe/src/live/stale.rs): named after the namespace's inode.
-            if let Ok(m) = fs::metadata(format!("/run/netns/{ns}")) {
-                use std::os::unix::fs::MetadataExt;
-                for ext in ["lock", "clsact"] {
-                    let _ = fs::remove_file(format!("/run/flowprobe/netns-{}.{ext}", m.ino()));
-                }
-            }
-            let _ = Command::new("ip").args(["netns", "del", ns]).output();
-        }
-    }
-}
 
 const VETH_A: &str = "fpa0";
 const VETH_B: &str = "fpa1";
@@ -122,7 +45,7 @@ const VETH_B: &str = "fpa1";
 /// dropped in each receiver's INPUT chain. Returns the client's and the
 /// server's address.
 fn setup(tag: &str, v6: bool) -> (Netns, &'static str, &'static str) {
-    let ns = Netns::create(tag);
+    let ns = Netns::create("fpa", tag);
     let (ca, sa) = add_veth(&ns, v6);
     let ipt = if v6 { "ip6tables" } else { "iptables" };
     for n in [&ns.a, &ns.b] {
@@ -198,14 +121,6 @@ fn packet_filters(ns: &str) -> Vec<String> {
         .filter(|l| l.contains("bpf filter"))
         .map(str::to_owned)
         .collect()
-}
-
-fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !ok() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// (client port, client writes, server writes): several in parallel.
@@ -489,7 +404,7 @@ fn parity(v6: bool) {
 
 #[test]
 fn ipv4_afpacket_equals_tc_and_tcp_info() {
-    if !live_tests_enabled() {
+    if !enabled("live_afpacket") {
         return;
     }
     parity(false);
@@ -497,7 +412,7 @@ fn ipv4_afpacket_equals_tc_and_tcp_info() {
 
 #[test]
 fn ipv6_afpacket_equals_tc_and_tcp_info() {
-    if !live_tests_enabled() {
+    if !enabled("live_afpacket") {
         return;
     }
     parity(true);
@@ -514,7 +429,7 @@ const NO_BPF: [&str; 4] = [
 
 #[test]
 fn auto_falls_back_to_afpacket_without_bpf_capabilities() {
-    if !live_tests_enabled() {
+    if !enabled("live_afpacket") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -600,12 +515,12 @@ c.close(); a.close(); s.close()
 /// with no false retransmission; `--interval` snapshots work.
 #[test]
 fn loopback_counts_each_packet_once() {
-    if !live_tests_enabled() {
+    if !enabled("live_afpacket") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
-    let ns = Netns::create("lo");
+    let ns = Netns::create("fpa", "lo");
     let mut p = spawn_flowprobe(
         &ns.a,
         &[],
@@ -656,7 +571,7 @@ fn loopback_counts_each_packet_once() {
 /// counted.
 #[test]
 fn iface_follows_a_named_interface_created_again() {
-    if !live_tests_enabled() {
+    if !enabled("live_afpacket") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -721,12 +636,12 @@ for p in range(42000, 42012):
 /// 5-tuple: the parts are merged into one connection with every count.
 #[test]
 fn udp_connections_split_by_fragments_are_merged() {
-    if !live_tests_enabled() {
+    if !enabled("live_afpacket") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
-    let ns = Netns::create("frag");
+    let ns = Netns::create("fpa", "frag");
     add_veth(&ns, false);
     let mut p = spawn_flowprobe(
         &ns.b,

@@ -29,6 +29,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::root::{enabled, sh};
 use common::{json_lines, repo_root};
 use serde_json::Value;
 
@@ -45,36 +46,6 @@ const CONNS: [(u16, u64, u64); 3] = [
     (41001, 1_500_000, 60_000),
     (41002, 200_000, 800_000),
 ];
-
-fn enabled() -> bool {
-    let ci = std::env::var("CI").as_deref() == Ok("true");
-    if std::env::var("FLOWPROBE_LIVE_TESTS").as_deref() != Ok("1") {
-        eprintln!(
-            "live_agent: skipped (set FLOWPROBE_LIVE_TESTS=1 as root; the root tier of scripts/test.sh does)"
-        );
-        return false;
-    }
-    // SAFETY: no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        assert!(!ci, "live_agent: CI=true but not root");
-        eprintln!("live_agent: skipped (needs root)");
-        return false;
-    }
-    true
-}
-
-fn sh(args: &[&str]) {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("{}: {e}", args.join(" ")));
-    assert!(
-        out.status.success(),
-        "{} failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 fn sh_out(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
@@ -335,7 +306,7 @@ fn traffic(w: &World, dir: &Path) -> (Value, Value) {
 
 #[test]
 fn prometheus_scrape_equals_agent_query_and_app_bytes() {
-    if !enabled() {
+    if !enabled("live_agent") {
         return;
     }
     assert!(

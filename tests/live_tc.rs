@@ -35,91 +35,15 @@ use std::time::{Duration, Instant};
 
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use aya::Ebpf;
+use common::root::{enabled, sh, sh_out, wait_for, Netns};
 use common::{json_lines, repo_root};
 use serde_json::Value;
-
-/// Whether to run; `false` after printing why not.
-fn live_tests_enabled() -> bool {
-    let ci = std::env::var("CI").as_deref() == Ok("true");
-    if std::env::var("FLOWPROBE_LIVE_TESTS").as_deref() != Ok("1") {
-        eprintln!(
-            "live_tc: skipped (set FLOWPROBE_LIVE_TESTS=1 as root; the root tier of scripts/test.sh does)"
-        );
-        return false;
-    }
-    // SAFETY: no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        assert!(
-            !ci,
-            "live_tc: CI=true but not root: the live tests cannot run"
-        );
-        eprintln!("live_tc: skipped (needs root)");
-        return false;
-    }
-    true
-}
-
-fn sh(args: &[&str]) {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("{}: {e}", args.join(" ")));
-    assert!(
-        out.status.success(),
-        "{} failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn sh_out(args: &[&str]) -> String {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Two namespaces and a veth between them; deleted on drop.
-struct Netns {
-    a: String,
-    b: String,
-}
-
-impl Netns {
-    /// Two fresh namespaces named after the test and this process, with lo up.
-    fn create(tag: &str) -> Netns {
-        let id = std::process::id();
-        let ns = Netns {
-            a: format!("fpl-{tag}-a-{id}"),
-            b: format!("fpl-{tag}-b-{id}"),
-        };
-        for n in [&ns.a, &ns.b] {
-            sh(&["ip", "netns", "add", n]);
-            sh(&["ip", "-n", n, "link", "set", "lo", "up"]);
-        }
-        ns
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        for ns in [&self.a, &self.b] {
-            // flowprobe's lock and clsact files for this namespace (see
-            // probe/src/live/stale.rs): named after the namespace's inode.
-            if let Ok(m) = fs::metadata(format!("/run/netns/{ns}")) {
-                use std::os::unix::fs::MetadataExt;
-                for ext in ["lock", "clsact"] {
-                    let _ = fs::remove_file(format!("/run/flowprobe/netns-{}.{ext}", m.ino()));
-                }
-            }
-            let _ = Command::new("ip").args(["netns", "del", ns]).output();
-        }
-    }
-}
 
 const VETH_A: &str = "fpl0";
 const VETH_B: &str = "fpl1";
 
 fn setup(tag: &str, v6: bool) -> (Netns, &'static str, &'static str) {
-    let ns = Netns::create(tag);
+    let ns = Netns::create("fpl", tag);
     // Created inside A with the peer directly in B: the root namespace's
     // interfaces are never touched.
     sh(&[
@@ -177,14 +101,6 @@ fn setup(tag: &str, v6: bool) -> (Netns, &'static str, &'static str) {
         std::thread::sleep(Duration::from_millis(50));
     }
     (ns, ca, sa)
-}
-
-fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !ok() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// (client port, client writes, server writes): several in parallel.
@@ -462,7 +378,7 @@ fn live_run(v6: bool, duration: Option<&str>, stop: impl Fn(&Child)) {
 
 #[test]
 fn ipv4_counts_equal_tcp_info_with_duration() {
-    if !live_tests_enabled() {
+    if !enabled("live_tc") {
         return;
     }
     live_run(false, Some("8"), |_| {});
@@ -470,7 +386,7 @@ fn ipv4_counts_equal_tcp_info_with_duration() {
 
 #[test]
 fn ipv6_counts_equal_tcp_info_until_sigint() {
-    if !live_tests_enabled() {
+    if !enabled("live_tc") {
         return;
     }
     // `ip netns exec` execs flowprobe, so the child's pid is flowprobe's.
@@ -496,11 +412,11 @@ fn ifindex(ns: &str, dev: &str) -> u64 {
 /// snapshots; after exit none of our filters and no clsact we added remain.
 #[test]
 fn follows_interfaces_that_appear_and_go() {
-    if !live_tests_enabled() {
+    if !enabled("live_tc") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let ns = Netns::create("churn");
+    let ns = Netns::create("fpl", "churn");
     let probe = Command::new("ip")
         .args(["netns", "exec", &ns.a, env!("CARGO_BIN_EXE_flowprobe")])
         .args([
@@ -678,10 +594,10 @@ impl Drop for Guard {
 /// filter and the clsact qdisc it sits in alone.
 #[test]
 fn next_run_removes_what_a_killed_run_left() {
-    if !live_tests_enabled() {
+    if !enabled("live_tc") {
         return;
     }
-    let ns = Netns::create("kill");
+    let ns = Netns::create("fpl", "kill");
     sh(&[
         "ip", "-n", &ns.a, "link", "add", "fpk0", "type", "veth", "peer", "name", "fpk1",
     ]);
@@ -833,7 +749,7 @@ fn pcap_frames(b: &[u8]) -> Vec<&[u8]> {
 fn fixtures_through_the_kernel_program_equal_replay() {
     use aya::maps::{HashMap as BpfHashMap, MapData};
 
-    if !live_tests_enabled() {
+    if !enabled("live_tc") {
         return;
     }
     let object = repo_root().join("target/ebpf/bpfel-unknown-none/release/probe-ebpf");
@@ -905,7 +821,7 @@ fn fixtures_through_the_kernel_program_equal_replay() {
 fn full_connection_map_is_counted() {
     use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
 
-    if !live_tests_enabled() {
+    if !enabled("live_tc") {
         return;
     }
     let object = repo_root().join("target/ebpf/bpfel-unknown-none/release/probe-ebpf");
@@ -965,7 +881,7 @@ fn push_frames(ebpf: &mut Ebpf, cap: &[u8]) -> usize {
 /// bytes its client wrote (retransmissions from the INPUT drops aside).
 #[test]
 fn closed_connections_are_drained_and_lose_nothing() {
-    if !live_tests_enabled() {
+    if !enabled("live_tc") {
         return;
     }
     const N: usize = 120;
@@ -1056,12 +972,12 @@ fn closed_connections_are_drained_and_lose_nothing() {
 /// sockets' TCP_INFO; UDP too.
 #[test]
 fn xdp_on_a_gateway_counts_both_directions() {
-    if !live_tests_enabled() {
+    if !enabled("live_tc") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let ns = Netns::create("xgw");
-    let gw = Netns::create("xgwg");
+    let ns = Netns::create("fpl", "xgw");
+    let gw = Netns::create("fpl", "xgwg");
     let g = &gw.a;
     let (ca, sa) = ("10.79.1.1", "10.79.2.1");
     sh(&[

@@ -24,6 +24,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::root::{enabled, sh, wait_for};
 use common::{json_lines, repo_root};
 
 const DELAY_MS: u64 = 100;
@@ -36,34 +37,6 @@ const SERVER: &str = "10.80.0.2";
 const AGENT: &str = "127.0.0.1:9911";
 /// The tc backend's agent, beside the AF_PACKET one.
 const AGENT_TC: &str = "127.0.0.1:9912";
-
-fn enabled() -> bool {
-    let ci = std::env::var("CI").as_deref() == Ok("true");
-    if std::env::var("FLOWPROBE_LIVE_TESTS").as_deref() != Ok("1") {
-        eprintln!("rtt_delay: skipped (set FLOWPROBE_LIVE_TESTS=1 as root; the root tier of scripts/test.sh does)");
-        return false;
-    }
-    // SAFETY: no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        assert!(!ci, "rtt_delay: CI=true but not root");
-        eprintln!("rtt_delay: skipped (needs root)");
-        return false;
-    }
-    true
-}
-
-fn sh(args: &[&str]) {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("{}: {e}", args.join(" ")));
-    assert!(
-        out.status.success(),
-        "{} failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// The namespaces and the processes in them, undone on drop (also on a
 /// panic): SIGTERM, then SIGKILL, then the namespaces.
@@ -173,17 +146,9 @@ fn http_get(ns: &str, url: &str) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !ok() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn handshake_rtt_equals_the_added_delay() {
-    if !enabled() {
+    if !enabled("rtt_delay") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

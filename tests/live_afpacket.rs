@@ -34,7 +34,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use common::root::{enabled, sh, sh_out, wait_for, Netns};
+use common::root::{drop_in_input, enabled, sh, sh_out, wait_for, Netns};
 use common::{json_lines, repo_root};
 use serde_json::Value;
 
@@ -49,32 +49,7 @@ fn setup(tag: &str, v6: bool) -> (Netns, &'static str, &'static str) {
     let (ca, sa) = add_veth(&ns, v6);
     let ipt = if v6 { "ip6tables" } else { "iptables" };
     for n in [&ns.a, &ns.b] {
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            n,
-            ipt,
-            "-w",
-            "-A",
-            "INPUT",
-            "-p",
-            "tcp",
-            "-m",
-            "length",
-            "--length",
-            "500:65535",
-            "-m",
-            "statistic",
-            "--mode",
-            "nth",
-            "--every",
-            "13",
-            "--packet",
-            "0",
-            "-j",
-            "DROP",
-        ]);
+        drop_in_input(n, ipt);
     }
     (ns, ca, sa)
 }

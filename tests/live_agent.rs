@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::root::{enabled, sh};
+use common::root::{drop_in_input, enabled, sh};
 use common::{json_lines, repo_root};
 use serde_json::Value;
 
@@ -94,32 +94,7 @@ impl World {
             sh(&["ip", "-n", n, "link", "set", dev, "up"]);
             // Every 13th large TCP packet dropped after tc ingress: the
             // senders retransmit for real.
-            sh(&[
-                "ip",
-                "netns",
-                "exec",
-                n,
-                "iptables",
-                "-w",
-                "-A",
-                "INPUT",
-                "-p",
-                "tcp",
-                "-m",
-                "length",
-                "--length",
-                "500:65535",
-                "-m",
-                "statistic",
-                "--mode",
-                "nth",
-                "--every",
-                "13",
-                "--packet",
-                "0",
-                "-j",
-                "DROP",
-            ]);
+            drop_in_input(n, "iptables");
         }
         w
     }

@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use aya::Ebpf;
-use common::root::{enabled, sh, sh_out, wait_for, Netns};
+use common::root::{drop_in_input, enabled, sh, sh_out, wait_for, Netns};
 use common::{json_lines, repo_root};
 use serde_json::Value;
 
@@ -64,32 +64,7 @@ fn setup(tag: &str, v6: bool) -> (Netns, &'static str, &'static str) {
         sh(&add);
         sh(&["ip", "-n", n, "link", "set", dev, "up"]);
         // Every 13th large TCP packet dropped in the receiver's INPUT chain.
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            n,
-            ipt,
-            "-w",
-            "-A",
-            "INPUT",
-            "-p",
-            "tcp",
-            "-m",
-            "length",
-            "--length",
-            "500:65535",
-            "-m",
-            "statistic",
-            "--mode",
-            "nth",
-            "--every",
-            "13",
-            "--packet",
-            "0",
-            "-j",
-            "DROP",
-        ]);
+        drop_in_input(n, ipt);
     }
     let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline {
@@ -1026,32 +1001,7 @@ fn xdp_on_a_gateway_counts_both_directions() {
         "net.ipv4.ip_forward=1",
     ]);
     for n in [&ns.a, &ns.b] {
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            n,
-            "iptables",
-            "-w",
-            "-A",
-            "INPUT",
-            "-p",
-            "tcp",
-            "-m",
-            "length",
-            "--length",
-            "500:65535",
-            "-m",
-            "statistic",
-            "--mode",
-            "nth",
-            "--every",
-            "13",
-            "--packet",
-            "0",
-            "-j",
-            "DROP",
-        ]);
+        drop_in_input(n, "iptables");
     }
     let mut probe = Command::new("ip")
         .args(["netns", "exec", g, env!("CARGO_BIN_EXE_flowprobe"), "run"])

@@ -94,3 +94,36 @@ impl Drop for Netns {
         }
     }
 }
+
+/// Drops every 13th TCP packet of 500 bytes or more in the INPUT chain of
+/// namespace `ns` (`ipt`: `iptables` or `ip6tables`): after tc ingress and
+/// AF_PACKET, so the sender retransmits for real and the probe sees both
+/// copies.
+pub fn drop_in_input(ns: &str, ipt: &str) {
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        ns,
+        ipt,
+        "-w",
+        "-A",
+        "INPUT",
+        "-p",
+        "tcp",
+        "-m",
+        "length",
+        "--length",
+        "500:65535",
+        "-m",
+        "statistic",
+        "--mode",
+        "nth",
+        "--every",
+        "13",
+        "--packet",
+        "0",
+        "-j",
+        "DROP",
+    ]);
+}

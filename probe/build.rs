@@ -80,10 +80,20 @@ fn object(root: &Path) -> Result<PathBuf, String> {
     }
     let target_dir = root.join("target").join("ebpf");
     let mut cmd = Command::new("rustup");
-    cmd.args(["run", &toolchain, "cargo", "build", "--release"])
-        .args(["--target", TARGET, "-Z", "build-std=core", "--target-dir"])
-        .arg(&target_dir)
-        .current_dir(root.join("probe-ebpf"));
+    // Offline: a nested cargo that has to download waits forever on the
+    // package-cache lock the outer cargo holds. The set-up script builds
+    // the program once at top level, which fetches what this needs.
+    cmd.args([
+        "run",
+        &toolchain,
+        "cargo",
+        "build",
+        "--release",
+        "--offline",
+    ])
+    .args(["--target", TARGET, "-Z", "build-std=core", "--target-dir"])
+    .arg(&target_dir)
+    .current_dir(root.join("probe-ebpf"));
     // Only what a nested cargo needs: the variables cargo sets for build
     // scripts (RUSTC, CARGO_*, TARGET, profile flags …) would steer the
     // nightly build.
@@ -104,6 +114,12 @@ fn object(root: &Path) -> Result<PathBuf, String> {
         .map_err(|e| format!("cannot run rustup ({e}); {setup}"))?;
     if !output.status.success() {
         let log = String::from_utf8_lossy(&output.stderr);
+        if log.contains("offline") {
+            return Err(format!(
+                "the eBPF crate's dependencies are not in the cargo cache yet ({setup}, \
+                 or run `cargo xtask build-ebpf --release` once)"
+            ));
+        }
         let last = log
             .lines()
             .rev()

@@ -83,4 +83,10 @@ else
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
-step "done: cargo xtask check-ebpf --release builds the program and runs the kernel verifier"
+# 4. Build the program once, as a top-level cargo: it fetches the eBPF
+# crate's dependencies (and build-std's) into the cargo cache, so that the
+# nested build probe/build.rs runs can work offline (a nested cargo that has
+# to download waits forever on the outer cargo's package-cache lock).
+step "eBPF program: cargo xtask build-ebpf --release (fetches its dependencies)"
+(cd "$(dirname "$0")/.." && cargo xtask build-ebpf --release >/dev/null)
+step "done: cargo build embeds the program in flowprobe; cargo xtask check-ebpf --release runs the kernel verifier"

@@ -9,8 +9,12 @@
 #               test, replay of every format, golden files, kernel truth, tshark
 #   4. root     eBPF: the verifier accepts the program (bpftool load) and it
 #               counts in a veth pair between two fresh network namespaces;
-#               `flowprobe run` there equals each socket's TCP_INFO (tests/live_tc.rs);
-#               each end is joined to its process, container and service
+#               `flowprobe run` there equals each socket's TCP_INFO (tests/live_tc.rs),
+#               with the AF_PACKET backend too, and falls back to it without
+#               CAP_BPF (tests/live_afpacket.rs);
+#               a real Prometheus scraping `run --listen` (tests/live_agent.rs);
+#               handshake RTT against a known added delay (tests/rtt_delay.rs);
+#               each end joined to its process, container and service
 #               (tests/live_attrib.rs);
 #               replay of freshly captured kernel traffic (iptables loss in the
 #               receiver's INPUT) equals each socket's TCP_INFO
@@ -27,7 +31,7 @@ ci() { [ "${CI:-}" = true ]; }
 if [ "${FLOWPROBE_SKIP_SETUP:-}" != 1 ]; then
     tier "setup"
     if is_root; then
-        pkgs=(tcpdump tshark iptables iproute2 ethtool bpftool iperf3 jq softflowd python3 iputils-ping)
+        pkgs=(tcpdump tshark iptables iproute2 ethtool bpftool iperf3 jq softflowd python3 iputils-ping prometheus)
         missing=()
         for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
         if [ ${#missing[@]} -gt 0 ]; then
@@ -53,6 +57,22 @@ cargo xtask clippy-ebpf
 tier "unit and replay tests"
 cargo test --workspace --locked
 
+# A flowprobe built without the eBPF toolchain: replay works, and run
+# --backend tc says in one line what is missing (before needing root). (The
+# default, auto, would count with AF_PACKET instead, here in the root
+# namespace; tests/live_afpacket.rs checks that fallback in a namespace.)
+FLOWPROBE_NO_EBPF=1 CARGO_TARGET_DIR=target/no-ebpf cargo build --locked -q -p flowprobe
+target/no-ebpf/debug/flowprobe replay --quiet fixtures/pcaps/tcp4_clean.pcap >/dev/null
+if msg=$(target/no-ebpf/debug/flowprobe run --backend tc --duration 0 2>&1); then
+    echo "FAIL: run without an eBPF program succeeded" >&2
+    exit 1
+fi
+case $msg in
+*$'\n'*) echo "FAIL: run without an eBPF program said more than one line: $msg" >&2; exit 1 ;;
+*"no eBPF program"* | *"needs root"*) echo "without the eBPF toolchain: $msg" ;;
+*) echo "FAIL: unexpected message: $msg" >&2; exit 1 ;;
+esac
+
 tier "root: eBPF and live kernel traffic"
 if ! is_root; then
     if ci; then
@@ -67,6 +87,15 @@ cargo xtask smoke-ebpf --release
 # `flowprobe run` on a veth in new namespaces against TCP_INFO; it uses the
 # object check-ebpf just built (the unit tier skips it without this variable).
 FLOWPROBE_LIVE_TESTS=1 cargo test --locked -p flowprobe --test live_tc
+# `flowprobe run --backend afpacket` beside the tc backend, both against
+# TCP_INFO; the fallback to AF_PACKET without CAP_BPF (setpriv, util-linux).
+FLOWPROBE_LIVE_TESTS=1 cargo test --locked -p flowprobe --test live_afpacket
+# `flowprobe run --listen` scraped by Debian's prometheus in a new namespace:
+# PromQL sums = the agent's /query = the bytes the applications wrote.
+FLOWPROBE_LIVE_TESTS=1 cargo test --locked -p flowprobe --test live_agent
+# Handshake RTT behind a bridge that adds 100 ms: replay of a capture, and
+# the agent of `run --backend afpacket`.
+FLOWPROBE_LIVE_TESTS=1 cargo test --locked -p flowprobe --test rtt_delay
 # Process attribution: processes in two namespaces and made-up container
 # cgroups, 500 short-lived connections (tests/live_attrib.rs).
 FLOWPROBE_LIVE_TESTS=1 cargo test --locked -p flowprobe --test live_attrib -- --nocapture

@@ -6,13 +6,16 @@
 //! sender's transmit path, so the kernel counts real retransmissions.
 //! `flowprobe run --iface <veth>` runs inside each namespace while
 //! `fixtures/capture/tcpapp.py` drives several TCP connections in parallel
-//! and records every socket's `TCP_INFO`. For every connection and both
-//! sides, at the sending side's probe: `bytes − retransmitted_bytes` = bytes
-//! the application wrote, `retransmits` = `tcpi_total_retrans`,
-//! `retransmitted_bytes` = `tcpi_bytes_retrans`, `bytes` =
-//! `tcpi_bytes_sent`; at the receiving side's probe `bytes` =
-//! `tcpi_bytes_sent` (see `check` for why only that).
-//! Also: the fixture captures pushed through the loaded program with
+//! and records every socket's `TCP_INFO`, beside a UDP echo. For every
+//! connection and both directions, at the sending side's probe and at the
+//! receiving side's: `bytes − retransmitted_bytes` = bytes the application
+//! wrote, `retransmits` = `tcpi_total_retrans`, `retransmitted_bytes` =
+//! `tcpi_bytes_retrans`, `bytes` = `tcpi_bytes_sent`; the retransmits each
+//! side sent = its namespace's `RetransSegs` delta; UDP datagrams and bytes
+//! once each way.
+//! Also: closed connections drained from a map much smaller than their
+//! number; `--backend xdp` on a forwarding gateway namespace between client
+//! and server namespaces; the fixture captures pushed through the loaded program with
 //! `BPF_PROG_TEST_RUN` equal `flowprobe replay` of them; without `--iface`
 //! a veth created while `run` runs is attached within a second and its
 //! traffic counted, with nothing of ours left after exit; the next start
@@ -32,91 +35,15 @@ use std::time::{Duration, Instant};
 
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use aya::Ebpf;
+use common::root::{drop_in_input, enabled, sh, sh_out, wait_for, Netns};
 use common::{json_lines, repo_root};
 use serde_json::Value;
-
-/// Whether to run; `false` after printing why not.
-fn live_tests_enabled() -> bool {
-    let ci = std::env::var("CI").as_deref() == Ok("true");
-    if std::env::var("FLOWPROBE_LIVE_TESTS").as_deref() != Ok("1") {
-        eprintln!(
-            "live_tc: skipped (set FLOWPROBE_LIVE_TESTS=1 as root; the root tier of scripts/test.sh does)"
-        );
-        return false;
-    }
-    // SAFETY: no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        assert!(
-            !ci,
-            "live_tc: CI=true but not root: the live tests cannot run"
-        );
-        eprintln!("live_tc: skipped (needs root)");
-        return false;
-    }
-    true
-}
-
-fn sh(args: &[&str]) {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("{}: {e}", args.join(" ")));
-    assert!(
-        out.status.success(),
-        "{} failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn sh_out(args: &[&str]) -> String {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Two namespaces and a veth between them; deleted on drop.
-struct Netns {
-    a: String,
-    b: String,
-}
-
-impl Netns {
-    /// Two fresh namespaces named after the test and this process, with lo up.
-    fn create(tag: &str) -> Netns {
-        let id = std::process::id();
-        let ns = Netns {
-            a: format!("fpl-{tag}-a-{id}"),
-            b: format!("fpl-{tag}-b-{id}"),
-        };
-        for n in [&ns.a, &ns.b] {
-            sh(&["ip", "netns", "add", n]);
-            sh(&["ip", "-n", n, "link", "set", "lo", "up"]);
-        }
-        ns
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        for ns in [&self.a, &self.b] {
-            // flowprobe's lock and clsact files for this namespace (see
-            // probe/src/live/stale.rs): named after the namespace's inode.
-            if let Ok(m) = fs::metadata(format!("/run/netns/{ns}")) {
-                use std::os::unix::fs::MetadataExt;
-                for ext in ["lock", "clsact"] {
-                    let _ = fs::remove_file(format!("/run/flowprobe/netns-{}.{ext}", m.ino()));
-                }
-            }
-            let _ = Command::new("ip").args(["netns", "del", ns]).output();
-        }
-    }
-}
 
 const VETH_A: &str = "fpl0";
 const VETH_B: &str = "fpl1";
 
 fn setup(tag: &str, v6: bool) -> (Netns, &'static str, &'static str) {
-    let ns = Netns::create(tag);
+    let ns = Netns::create("fpl", tag);
     // Created inside A with the peer directly in B: the root namespace's
     // interfaces are never touched.
     sh(&[
@@ -137,32 +64,7 @@ fn setup(tag: &str, v6: bool) -> (Netns, &'static str, &'static str) {
         sh(&add);
         sh(&["ip", "-n", n, "link", "set", dev, "up"]);
         // Every 13th large TCP packet dropped in the receiver's INPUT chain.
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            n,
-            ipt,
-            "-w",
-            "-A",
-            "INPUT",
-            "-p",
-            "tcp",
-            "-m",
-            "length",
-            "--length",
-            "500:65535",
-            "-m",
-            "statistic",
-            "--mode",
-            "nth",
-            "--every",
-            "13",
-            "--packet",
-            "0",
-            "-j",
-            "DROP",
-        ]);
+        drop_in_input(n, ipt);
     }
     let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline {
@@ -176,14 +78,6 @@ fn setup(tag: &str, v6: bool) -> (Netns, &'static str, &'static str) {
     (ns, ca, sa)
 }
 
-fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !ok() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// (client port, client writes, server writes): several in parallel.
 const CONNS: [(u16, u64, u64); 4] = [
     (40000, 600_000, 200_000),
@@ -191,6 +85,11 @@ const CONNS: [(u16, u64, u64); 4] = [
     (40002, 100_000, 900_000),
     (40003, 1_000_000, 1_000_000),
 ];
+
+/// One UDP exchange beside them: the client sends this many datagrams
+/// (1 to 1400 bytes) from this port and the server echoes each.
+const UDP_PORT: u16 = 41000;
+const UDP_DATAGRAMS: u64 = 30;
 
 fn tcpapp() -> PathBuf {
     repo_root().join("fixtures/capture/tcpapp.py")
@@ -222,10 +121,11 @@ fn spawn_flowprobe(ns: &str, dev: &str, duration: Option<&str>, dir: &Path, tag:
 }
 
 fn traffic(ns: &Netns, ca: &str, sa: &str, dir: &Path) {
-    let conn_args: Vec<String> = CONNS
+    let mut conn_args: Vec<String> = CONNS
         .iter()
         .flat_map(|(p, c, s)| ["--conn".to_owned(), format!("{p}:{c}:{s}")])
         .collect();
+    conn_args.extend(["--udp".to_owned(), format!("{UDP_PORT}:{UDP_DATAGRAMS}")]);
     let ready = dir.join("ready");
     let mut server = Command::new("ip")
         .args(["netns", "exec", &ns.b, "python3"])
@@ -367,6 +267,26 @@ fn check(dir: &Path, ca: &str, sa: &str, mib: (u64, u64)) {
             total_retrans += n(&t["tcpi_total_retrans"]);
         }
     }
+    // UDP: every datagram once each way, at both probes.
+    let cu = &client["udp"];
+    assert_eq!(n(&cu["datagrams_written"]), UDP_DATAGRAMS);
+    for (at, conns, out) in [
+        ("client", &at_client, &out_c),
+        ("server", &at_server, &out_s),
+    ] {
+        let u = conns
+            .iter()
+            .find(|c| c["proto"] == "udp" && c["sport"] == UDP_PORT)
+            .unwrap_or_else(|| panic!("no UDP record at the {at} probe:\n{out}"));
+        assert_eq!(u["src"], ca, "UDP initiator at the {at} probe: {u}");
+        for d in ["sent", "received"] {
+            let got = (n(&u[d]["packets"]), n(&u[d]["bytes"]));
+            let want = (UDP_DATAGRAMS, n(&cu["app_bytes_written"]));
+            if got != want {
+                failures.push(format!("UDP {d} at the {at} probe: {got:?} != {want:?}"));
+            }
+        }
+    }
     if seen != mib {
         failures.push(format!(
             "retransmits seen per sending side {seen:?} != the namespaces' RetransSegs deltas {mib:?}"
@@ -433,7 +353,7 @@ fn live_run(v6: bool, duration: Option<&str>, stop: impl Fn(&Child)) {
 
 #[test]
 fn ipv4_counts_equal_tcp_info_with_duration() {
-    if !live_tests_enabled() {
+    if !enabled("live_tc") {
         return;
     }
     live_run(false, Some("8"), |_| {});
@@ -441,7 +361,7 @@ fn ipv4_counts_equal_tcp_info_with_duration() {
 
 #[test]
 fn ipv6_counts_equal_tcp_info_until_sigint() {
-    if !live_tests_enabled() {
+    if !enabled("live_tc") {
         return;
     }
     // `ip netns exec` execs flowprobe, so the child's pid is flowprobe's.
@@ -467,11 +387,11 @@ fn ifindex(ns: &str, dev: &str) -> u64 {
 /// snapshots; after exit none of our filters and no clsact we added remain.
 #[test]
 fn follows_interfaces_that_appear_and_go() {
-    if !live_tests_enabled() {
+    if !enabled("live_tc") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let ns = Netns::create("churn");
+    let ns = Netns::create("fpl", "churn");
     let probe = Command::new("ip")
         .args(["netns", "exec", &ns.a, env!("CARGO_BIN_EXE_flowprobe")])
         .args([
@@ -649,10 +569,10 @@ impl Drop for Guard {
 /// filter and the clsact qdisc it sits in alone.
 #[test]
 fn next_run_removes_what_a_killed_run_left() {
-    if !live_tests_enabled() {
+    if !enabled("live_tc") {
         return;
     }
-    let ns = Netns::create("kill");
+    let ns = Netns::create("fpl", "kill");
     sh(&[
         "ip", "-n", &ns.a, "link", "add", "fpk0", "type", "veth", "peer", "name", "fpk1",
     ]);
@@ -736,12 +656,15 @@ fn next_run_removes_what_a_killed_run_left() {
     assert!(q.contains("clsact"), "the other clsact is gone: {q}");
 }
 
-/// Runs everywhere: without root, or with an object that is not there, `run`
-/// says in one line what is missing (and never touches an interface).
+/// Runs everywhere: without root, or with an object that is not there,
+/// `run --backend tc` says in one line what is missing (and never touches
+/// an interface; `auto` would count with AF_PACKET instead).
 #[test]
 fn run_explains_what_is_missing() {
     let out = common::flowprobe(&[
         "run",
+        "--backend",
+        "tc",
         "--iface",
         "lo",
         "--duration",
@@ -801,7 +724,7 @@ fn pcap_frames(b: &[u8]) -> Vec<&[u8]> {
 fn fixtures_through_the_kernel_program_equal_replay() {
     use aya::maps::{HashMap as BpfHashMap, MapData};
 
-    if !live_tests_enabled() {
+    if !enabled("live_tc") {
         return;
     }
     let object = repo_root().join("target/ebpf/bpfel-unknown-none/release/probe-ebpf");
@@ -873,7 +796,7 @@ fn fixtures_through_the_kernel_program_equal_replay() {
 fn full_connection_map_is_counted() {
     use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
 
-    if !live_tests_enabled() {
+    if !enabled("live_tc") {
         return;
     }
     let object = repo_root().join("target/ebpf/bpfel-unknown-none/release/probe-ebpf");
@@ -933,7 +856,7 @@ fn push_frames(ebpf: &mut Ebpf, cap: &[u8]) -> usize {
 /// bytes its client wrote (retransmissions from the INPUT drops aside).
 #[test]
 fn closed_connections_are_drained_and_lose_nothing() {
-    if !live_tests_enabled() {
+    if !enabled("live_tc") {
         return;
     }
     const N: usize = 120;
@@ -1014,4 +937,145 @@ fn closed_connections_are_drained_and_lose_nothing() {
         assert_eq!(new, 3000 + 37 * i as u64, "port {port}: {}", mine[0]);
         assert_eq!(mine[0]["src"], ca);
     }
+}
+
+/// `--backend xdp` on a gateway: client and server in their own namespaces,
+/// routed through a third with forwarding on, loss in each receiver's INPUT
+/// (behind the gateway). XDP on the gateway's two interfaces receives every
+/// packet of both directions once, and keys them without the interface, so
+/// each connection is one record whose both directions equal the sending
+/// sockets' TCP_INFO; UDP too.
+#[test]
+fn xdp_on_a_gateway_counts_both_directions() {
+    if !enabled("live_tc") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ns = Netns::create("fpl", "xgw");
+    let gw = Netns::create("fpl", "xgwg");
+    let g = &gw.a;
+    let (ca, sa) = ("10.79.1.1", "10.79.2.1");
+    sh(&[
+        "ip", "-n", &ns.a, "link", "add", VETH_A, "type", "veth", "peer", "name", "g0", "netns", g,
+    ]);
+    sh(&[
+        "ip", "-n", &ns.b, "link", "add", VETH_B, "type", "veth", "peer", "name", "g1", "netns", g,
+    ]);
+    for (n, dev, cidr) in [
+        (&ns.a, VETH_A, "10.79.1.1/24"),
+        (g, "g0", "10.79.1.254/24"),
+        (g, "g1", "10.79.2.254/24"),
+        (&ns.b, VETH_B, "10.79.2.1/24"),
+    ] {
+        sh(&["ip", "-n", n, "addr", "add", cidr, "dev", dev]);
+        sh(&["ip", "-n", n, "link", "set", dev, "up"]);
+    }
+    sh(&[
+        "ip",
+        "-n",
+        &ns.a,
+        "route",
+        "add",
+        "default",
+        "via",
+        "10.79.1.254",
+    ]);
+    sh(&[
+        "ip",
+        "-n",
+        &ns.b,
+        "route",
+        "add",
+        "default",
+        "via",
+        "10.79.2.254",
+    ]);
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        g,
+        "sysctl",
+        "-q",
+        "-w",
+        "net.ipv4.ip_forward=1",
+    ]);
+    for n in [&ns.a, &ns.b] {
+        drop_in_input(n, "iptables");
+    }
+    let mut probe = Command::new("ip")
+        .args(["netns", "exec", g, env!("CARGO_BIN_EXE_flowprobe"), "run"])
+        .args(["--backend", "xdp", "--format", "json"])
+        .stdout(fs::File::create(dir.path().join("gw.json")).unwrap())
+        .stderr(fs::File::create(dir.path().join("gw.err")).unwrap())
+        .spawn()
+        .unwrap();
+    let xdp_on = |dev: &str| sh_out(&["ip", "-n", g, "link", "show", dev]).contains("xdp");
+    wait_for("XDP on both gateway interfaces", || {
+        xdp_on("g0") && xdp_on("g1")
+    });
+    traffic(&ns, ca, sa, dir.path());
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(probe.id() as i32, libc::SIGINT) };
+    assert!(probe.wait().unwrap().success());
+    let err = fs::read_to_string(dir.path().join("gw.err")).unwrap();
+    eprintln!("flowprobe on the gateway: {err}");
+    assert!(err.contains("backend xdp"), "{err}");
+    assert!(!xdp_on("g0") && !xdp_on("g1"), "XDP left attached");
+
+    let out = fs::read_to_string(dir.path().join("gw.json")).unwrap();
+    let conns = json_lines(&out);
+    let truth = |side: &str| -> Value {
+        serde_json::from_str(&fs::read_to_string(dir.path().join(format!("{side}.json"))).unwrap())
+            .unwrap()
+    };
+    let (client, server) = (truth("client"), truth("server"));
+    let n = |v: &Value| v.as_u64().unwrap();
+    let mut failures = Vec::new();
+    let mut retrans = 0;
+    for (port, c_bytes, s_bytes) in CONNS {
+        let r = record(&conns, port, ca, sa, &out);
+        assert_eq!(
+            r["iface"], 0,
+            "XDP keys connections without the interface: {r}"
+        );
+        let (ct, st) = (
+            &client["tcp"][port.to_string()],
+            &server["tcp"][port.to_string()],
+        );
+        for (d, t, written) in [("sent", ct, c_bytes), ("received", st, s_bytes)] {
+            let got = (
+                n(&r[d]["bytes"]) - n(&r[d]["retransmitted_bytes"]),
+                n(&r[d]["retransmits"]),
+                n(&r[d]["retransmitted_bytes"]),
+                n(&r[d]["bytes"]),
+            );
+            let want = (
+                written,
+                n(&t["tcpi_total_retrans"]),
+                n(&t["tcpi_bytes_retrans"]),
+                n(&t["tcpi_bytes_sent"]),
+            );
+            retrans += want.1;
+            eprintln!("port {port} {d}: flowprobe {got:?}, kernel {want:?}");
+            if got != want {
+                failures.push(format!(
+                    "port {port} {d}: flowprobe {got:?} != kernel {want:?}"
+                ));
+            }
+        }
+    }
+    let u = conns
+        .iter()
+        .find(|c| c["proto"] == "udp" && c["sport"] == UDP_PORT)
+        .unwrap_or_else(|| panic!("no UDP record:\n{out}"));
+    for d in ["sent", "received"] {
+        let got = (n(&u[d]["packets"]), n(&u[d]["bytes"]));
+        let want = (UDP_DATAGRAMS, n(&client["udp"]["app_bytes_written"]));
+        if got != want {
+            failures.push(format!("UDP {d}: {got:?} != {want:?}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert!(retrans > 0, "the loss scenario produced no retransmissions");
 }

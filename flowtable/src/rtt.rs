@@ -78,6 +78,14 @@ pub struct RttLeg {
 impl Eq for RttLeg {}
 
 impl RttLeg {
+    /// A leg with its handshake sample only: what the kernel's entry keeps
+    /// (`probe_common::handshake`).
+    pub fn handshake(us: u64) -> RttLeg {
+        let mut l = RttLeg::default();
+        l.record(us, true);
+        l
+    }
+
     /// Number of samples, the handshake included.
     pub fn samples(&self) -> u64 {
         self.count

@@ -6,7 +6,7 @@ use probe_common::{ConnKey, FlowEntry, L4Proto, Parsed};
 use rustc_hash::FxHashMap;
 
 use crate::conn::{ip, Connection, DirStats};
-use crate::rtt::RttTimer;
+use crate::rtt::{Rtt, RttLeg, RttTimer};
 
 /// One parsed frame (or GSO super-packet) offered to the table.
 #[derive(Clone, Copy, Debug)]
@@ -155,11 +155,27 @@ impl Connection {
                 .wrapping_add(clock_offset_ns),
             sent: DirStats::from(&e.counters[initiator]),
             received: DirStats::from(&e.counters[1 - initiator]),
-            rtt: None,
+            rtt: handshake_rtt(e, initiator),
             src_tags: Default::default(),
             dst_tags: Default::default(),
         }
     }
+}
+
+/// The handshake samples the kernel's entry keeps (none in the table's own
+/// entries: it times every packet itself, see [`crate::rtt`]).
+fn handshake_rtt(e: &FlowEntry, initiator: usize) -> Option<Rtt> {
+    let leg = |d: usize| {
+        probe_common::handshake::sample_ns(e, d).map(|ns| RttLeg::handshake((ns + 500) / 1000))
+    };
+    let (dst, src) = (leg(initiator), leg(1 - initiator));
+    if dst.is_none() && src.is_none() {
+        return None;
+    }
+    Some(Rtt {
+        dst: dst.unwrap_or_default(),
+        src: src.unwrap_or_default(),
+    })
 }
 
 /// Sorts connections the way [`FlowTable::connections`] does: first seen,
@@ -335,7 +351,7 @@ mod tests {
     /// `FlowEntry::new` for a new key, then `shared::update`, with plain
     /// memory instead of BPF atomics.
     fn kernel_like(pkts: &[Parsed]) -> Vec<Connection> {
-        use probe_common::shared::{update, Updated};
+        use probe_common::shared::{update, Fixed, Updated};
         use probe_common::Plain;
         let mut map: FxHashMap<ConnKey, FlowEntry> = FxHashMap::default();
         for (i, p) in pkts.iter().enumerate() {
@@ -346,7 +362,7 @@ mod tests {
                 .entry(key)
                 .or_insert_with(|| FlowEntry::new(ts, dir, &key, is_tcp.then_some(p.tcp.flags)));
             // SAFETY: a live map value, no other writer.
-            let how = unsafe { update(e, dir, 1, p, ts, 1, &Plain) };
+            let how = unsafe { update(e, dir, 1, p, &Fixed(ts), 1, &Plain) };
             assert_eq!(how, Updated::Locked);
         }
         let mut out: Vec<Connection> = map
@@ -380,5 +396,42 @@ mod tests {
             table.iter_mut().for_each(|c| c.rtt = None);
             assert_eq!(kernel_like(pkts), table);
         }
+    }
+
+    #[test]
+    fn kernel_handshake_rtt_equals_the_tables() {
+        use probe_common::shared::{update, Fixed};
+        use probe_common::Plain;
+        let syn = pkt(C, 40000, S, 80, 6, SYN, 100, 0);
+        let mut sa = pkt(S, 80, C, 40000, 6, SA, 900, 0);
+        sa.tcp.ack = 101;
+        let mut ack = pkt(C, 40000, S, 80, 6, ACK, 101, 0);
+        ack.tcp.ack = 901;
+        // SYN/ACK 250 µs after the SYN, the ACK 50 µs after that.
+        let times = [1_000_000u64, 1_250_000, 1_300_000];
+        let pkts = [syn, sa, ack];
+
+        let mut t = FlowTable::new();
+        for (p, &ts) in pkts.iter().zip(&times) {
+            t.observe(&Observation {
+                ts_ns: ts,
+                iface: 0,
+                segs: 1,
+                parsed: p,
+            });
+        }
+        let table = t.connections()[0].rtt.clone().unwrap();
+
+        let (key, dir0) = ConnKey::of(&pkts[0].key, 0);
+        let mut e = FlowEntry::new(times[0], dir0, &key, Some(SYN));
+        for (p, &ts) in pkts.iter().zip(&times) {
+            let dir = ConnKey::of(&p.key, 0).1;
+            // SAFETY: a live local, no other writer.
+            unsafe { update(&mut e, dir, 1, p, &Fixed(ts), 1, &Plain) };
+        }
+        let kernel = Connection::from_entry(&key, &e, 0).rtt.unwrap();
+        let legs = |r: &Rtt| (r.dst.handshake_us, r.src.handshake_us);
+        assert_eq!(legs(&kernel), (Some(250), Some(50)));
+        assert_eq!(legs(&table), legs(&kernel));
     }
 }

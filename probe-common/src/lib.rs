@@ -9,6 +9,7 @@
 //! - No clock and no OS: time, interface and segment counts are passed in.
 #![no_std]
 
+pub mod handshake;
 pub mod parse;
 pub mod shared;
 pub mod tcp;

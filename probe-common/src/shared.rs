@@ -13,9 +13,32 @@
 //! the caller can count that. Counters are added atomically on both paths, so they stay exact when
 //! the two paths meet; only the tracker's call on that packet is lost.
 
+use crate::handshake;
 use crate::parse::Parsed;
 use crate::tcp::{track, Segment};
 use crate::wire::{Atomics, DirCounters, FlowEntry, L4Proto};
+
+/// The clocks an update reads: the coarse one for every packet's
+/// `last_seen`, the precise one only when a handshake time is taken
+/// ([`crate::handshake`]).
+pub trait Clock {
+    fn coarse_ns(&self) -> u64;
+    fn precise_ns(&self) -> u64;
+}
+
+/// One clock for both (userspace, tests).
+pub struct Fixed(pub u64);
+
+impl Clock for Fixed {
+    #[inline(always)]
+    fn coarse_ns(&self) -> u64 {
+        self.0
+    }
+    #[inline(always)]
+    fn precise_ns(&self) -> u64 {
+        self.0
+    }
+}
 
 /// How [`update`] went.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,15 +57,16 @@ pub enum Updated {
 /// `e` must point to a live `FlowEntry`, 8-byte aligned, that other writers
 /// update only through this function.
 #[inline(always)]
-pub unsafe fn update<A: Atomics>(
+pub unsafe fn update<A: Atomics, C: Clock>(
     e: *mut FlowEntry,
     dir: usize,
     segs: u32,
     p: &Parsed,
-    now_ns: u64,
+    clock: &C,
     spins: u32,
     a: &A,
 ) -> Updated {
+    let now_ns = clock.coarse_ns();
     let dir = dir & 1;
     let is_tcp = p.key.proto == L4Proto::Tcp as u8;
     let seg = Segment {
@@ -62,7 +86,9 @@ pub unsafe fn update<A: Atomics>(
                 e.note_syn(dir, p.tcp.flags);
                 let [t0, t1] = &mut e.tcp;
                 let (d, r) = if dir == 0 { (t0, t1) } else { (t1, t0) };
-                Some(track(&seg, d, r))
+                let v = track(&seg, d, r);
+                handshake::observe(e, dir, &p.tcp, &v, || clock.precise_ns());
+                Some(v)
             } else {
                 None
             };

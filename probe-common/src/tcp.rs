@@ -31,17 +31,17 @@ pub struct TcpDir {
     /// `FLAG_*` bits.
     pub flags: u8,
     pub _pad: [u8; 3],
-    /// A hole below `snd_max`: sequence space this tap has not seen, left by
-    /// a segment that started beyond `snd_max` (a gap). Open while
-    /// `FLAG_HOLE` is set and `hole_hi` is after both `hole_lo` and the
-    /// peer's ACK (which proves everything below it arrived). Data that lands wholly inside it is
-    /// seen here for the first time, so it is new, not retransmitted: that is
+    /// Holes below `snd_max`: sequence space this tap has not seen, each
+    /// left by a segment that started beyond `snd_max` (a gap), as
+    /// `[lo, hi)`; hole `i` is open while `FLAG_HOLE << i` is set and its
+    /// `hi` is after both its `lo` and the peer's ACK (which proves
+    /// everything below it arrived). Data that lands inside one is seen here
+    /// for the first time, so it is new, not retransmitted: that is
     /// reordering between the sender and this tap (veth or RPS deliver one
     /// flow on several CPUs), or the retransmission of a loss upstream of
-    /// the tap. One hole per direction: several gaps widen it to cover them
-    /// all, which errs on the side of "new" inside it.
-    pub hole_lo: u32,
-    pub hole_hi: u32,
+    /// the tap. Hole 0 is the older (lower) one. A third gap merges the two
+    /// into hole 0, which then also covers the seen data between them.
+    pub holes: [[u32; 2]; 2],
 }
 
 impl TcpDir {
@@ -53,12 +53,14 @@ impl TcpDir {
     pub const FLAG_PEER_WIN0: u8 = 4;
     /// The last segment of this direction was a 1-byte zero-window probe.
     pub const FLAG_LAST_ZWP: u8 = 8;
-    /// `hole_lo..hole_hi` is a hole (see `hole_lo`).
+    /// Hole 0 is open (see `holes`); `FLAG_HOLE << 1`: hole 1.
     pub const FLAG_HOLE: u8 = 16;
     /// This direction sent a FIN.
     pub const FLAG_FIN: u8 = 32;
     /// This direction sent an RST.
     pub const FLAG_RST: u8 = 64;
+    /// Hole 1 is open.
+    pub const FLAG_HOLE1: u8 = 128;
 
     #[inline(always)]
     fn has(&self, f: u8) -> bool {
@@ -192,11 +194,7 @@ pub fn track(seg: &Segment, d: &mut TcpDir, r: &mut TcpDir) -> Verdict {
             && !(d.has(TcpDir::FLAG_LAST_ZWP) && h.seq == d.snd_max.wrapping_add(1))
         {
             v.gap = true;
-            if !hole_open(d) {
-                d.hole_lo = d.snd_max;
-                d.flags |= TcpDir::FLAG_HOLE;
-            }
-            d.hole_hi = h.seq;
+            open_hole(d, d.snd_max, h.seq);
         }
         d.snd_max = end;
         d.flags &= !TcpDir::FLAG_LAST_ZWP;
@@ -216,50 +214,90 @@ pub fn track(seg: &Segment, d: &mut TcpDir, r: &mut TcpDir) -> Verdict {
     v
 }
 
-/// How many of the payload bytes `[seq, seq + len)` lie in the open hole
-/// (first seen now). A segment that covers the hole's start moves the start
-/// past it, closing the hole when it reaches the end; one further in leaves
-/// the hole as is (it still covers what is missing before).
-#[inline(always)]
-fn fill_hole(d: &mut TcpDir, seq: u32, len: u32) -> u32 {
-    if !hole_open(d) {
-        // Closed by the peer's ACK (or never open): forget it, so that it
-        // cannot look open again once sequence numbers wrap.
-        d.flags &= !TcpDir::FLAG_HOLE;
-        return 0;
-    }
-    let start = hole_start(d);
-    let data_end = seq.wrapping_add(len);
-    let lo = if seq_after(start, seq) { start } else { seq };
-    let hi = if seq_after(data_end, d.hole_hi) {
-        d.hole_hi
-    } else {
-        data_end
-    };
-    if !seq_after(hi, lo) {
-        return 0;
-    }
-    if lo == start {
-        d.hole_lo = hi;
-        if hi == d.hole_hi {
-            d.flags &= !TcpDir::FLAG_HOLE;
-        }
-    }
-    hi.wrapping_sub(lo)
-}
+const HOLE_FLAGS: [u8; 2] = [TcpDir::FLAG_HOLE, TcpDir::FLAG_HOLE1];
 
-/// Where the hole begins: its start, or the peer's ACK if that is further
+/// Where hole `i` begins: its `lo`, or the peer's ACK if that is further
 /// (the peer received everything below its ACK).
 #[inline(always)]
-fn hole_start(d: &TcpDir) -> u32 {
-    if d.has(TcpDir::FLAG_PEER_ACK) && seq_after(d.peer_ack, d.hole_lo) {
+fn hole_start(d: &TcpDir, i: usize) -> u32 {
+    let lo = d.holes[i][0];
+    if d.has(TcpDir::FLAG_PEER_ACK) && seq_after(d.peer_ack, lo) {
         d.peer_ack
     } else {
-        d.hole_lo
+        lo
     }
 }
 
+/// Hole `i` is open; a hole the peer's ACK has closed is forgotten, so that
+/// it cannot look open again once sequence numbers wrap.
 #[inline(always)]
-fn hole_open(d: &TcpDir) -> bool {
-    d.has(TcpDir::FLAG_HOLE) && seq_after(d.hole_hi, hole_start(d))
+fn hole_open(d: &mut TcpDir, i: usize) -> bool {
+    if !d.has(HOLE_FLAGS[i]) {
+        return false;
+    }
+    if seq_after(d.holes[i][1], hole_start(d, i)) {
+        return true;
+    }
+    d.flags &= !HOLE_FLAGS[i];
+    false
+}
+
+/// Records the hole `[lo, hi)` a gap just left (above every open hole).
+#[inline(always)]
+fn open_hole(d: &mut TcpDir, lo: u32, hi: u32) {
+    let slot = match (hole_open(d, 0), hole_open(d, 1)) {
+        (false, false) => 0,
+        (true, false) => 1,
+        (false, true) => {
+            // Keep hole 0 the older one.
+            d.holes[0] = d.holes[1];
+            d.flags |= TcpDir::FLAG_HOLE;
+            1
+        }
+        (true, true) => {
+            // A third hole: the two older ones become one.
+            d.holes[0][1] = d.holes[1][1];
+            1
+        }
+    };
+    d.holes[slot] = [lo, hi];
+    d.flags |= HOLE_FLAGS[slot];
+}
+
+/// How many of the payload bytes `[seq, seq + len)` lie in open holes
+/// (first seen now). A segment that covers a hole's start or end moves that
+/// edge past it, closing the hole when nothing is left; one strictly inside
+/// leaves the hole as is.
+#[inline(always)]
+fn fill_hole(d: &mut TcpDir, seq: u32, len: u32) -> u32 {
+    let data_end = seq.wrapping_add(len);
+    let mut unseen = 0;
+    // An index, not an iterator: `d` is borrowed mutably in the body.
+    #[allow(clippy::needless_range_loop)]
+    for i in 0..2 {
+        if !hole_open(d, i) {
+            continue;
+        }
+        let start = hole_start(d, i);
+        let end = d.holes[i][1];
+        let lo = if seq_after(start, seq) { start } else { seq };
+        let hi = if seq_after(data_end, end) {
+            end
+        } else {
+            data_end
+        };
+        if !seq_after(hi, lo) {
+            continue;
+        }
+        unseen += hi.wrapping_sub(lo);
+        if lo == start {
+            d.holes[i][0] = hi;
+        } else if hi == end {
+            d.holes[i][1] = lo;
+        }
+        if !seq_after(d.holes[i][1], d.holes[i][0]) {
+            d.flags &= !HOLE_FLAGS[i];
+        }
+    }
+    unseen
 }

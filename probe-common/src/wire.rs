@@ -375,9 +375,17 @@ pub struct FlowEntry {
     pub initiator: u8,
     /// [`evidence`] for `initiator`.
     pub evidence: u8,
-    pub _pad: [u8; 2],
+    /// [`crate::handshake`] state bits.
+    pub hs_flags: u8,
+    pub _pad: [u8; 1],
     /// 0 or 1: taken while one CPU updates the entry ([`crate::shared`]).
     pub lock: u32,
+    /// Per direction: when its SYN was sent (while timed), then the
+    /// handshake sample in nanoseconds ([`crate::handshake`]).
+    pub hs_ns: [u64; 2],
+    /// Per direction: the sequence end of its SYN, which the answer must
+    /// acknowledge.
+    pub hs_end: [u32; 2],
 }
 
 impl FlowEntry {
@@ -420,6 +428,6 @@ impl FlowEntry {
 // contract: no implicit padding, fixed sizes.
 const _: () = assert!(core::mem::size_of::<ConnKey>() == 48);
 const _: () = assert!(core::mem::size_of::<DirCounters>() == 64);
-const _: () = assert!(core::mem::size_of::<crate::tcp::TcpDir>() == 20);
+const _: () = assert!(core::mem::size_of::<crate::tcp::TcpDir>() == 28);
 const _: () = assert!(core::mem::offset_of!(crate::tcp::TcpDir, flags) == 8);
-const _: () = assert!(core::mem::size_of::<FlowEntry>() == 192);
+const _: () = assert!(core::mem::size_of::<FlowEntry>() == 232);

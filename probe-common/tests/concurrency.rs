@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Barrier;
 
 use probe_common::parse::{tcp_flags as f, TcpHeader};
-use probe_common::shared::{update, Updated};
+use probe_common::shared::{update, Fixed, Updated};
 use probe_common::{Atomics, DirCounters, FlowEntry, FlowKey, L4Proto, Parsed};
 
 /// `Atomics` over `std::sync::atomic`, the userspace twin of the BPF one.
@@ -74,7 +74,7 @@ impl Shared {
             },
         };
         // SAFETY: `self` outlives the call; writers all use `update`.
-        unsafe { update(self.0.get(), 0, 1, &p, 0, spins, &Std) }
+        unsafe { update(self.0.get(), 0, 1, &p, &Fixed(0), spins, &Std) }
     }
 
     fn totals(&self) -> DirCounters {

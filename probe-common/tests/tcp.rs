@@ -4,7 +4,7 @@
 //! the tracker must give it. Direction 0 is the client (A), 1 the server (B).
 
 use probe_common::parse::{tcp_flags as f, TcpHeader};
-use probe_common::shared::{update, Updated};
+use probe_common::shared::{update, Fixed, Updated};
 use probe_common::tcp::{seq_after, track, Segment, TcpDir, VerdictKind as K};
 use probe_common::{DirCounters, FlowEntry, FlowKey, L4Proto, Parsed, Plain, Verdict};
 
@@ -88,7 +88,7 @@ fn check(steps: &[Step]) -> [DirCounters; 2] {
             tcp: seg.hdr,
         };
         // SAFETY: a live local, no other writer.
-        let how = unsafe { update(&raw mut entry, step.dir, 1, &p, 0, 1, &Plain) };
+        let how = unsafe { update(&raw mut entry, step.dir, 1, &p, &Fixed(0), 1, &Plain) };
         assert_eq!(how, Updated::Locked);
         assert_eq!(entry.tcp, st, "step {i}: shared::update state differs");
         assert_eq!(entry.lock, 0, "step {i}: lock not released");
@@ -375,4 +375,44 @@ fn a_retransmission_spanning_seen_data_and_the_hole_splits_its_bytes() {
         s(A, 201, 0, PA, 100, W, K::Retransmit, 100),
     ]);
     assert_eq!(c[A].bytes - c[A].retransmitted_bytes, 300);
+}
+
+#[test]
+fn a_fill_at_a_holes_end_and_the_late_original_after_it() {
+    // 101..201 seen, 201..301 missing, 301..401 seen, 401..501 missing,
+    // 501..601 seen: two holes. The retransmission of 401..501 fills the
+    // second hole; the delayed original of it is then a duplicate.
+    let c = check(&[
+        s(A, 100, 0, SYN, 0, W, K::New, 0),
+        s(A, 101, 0, PA, 100, W, K::New, 0),
+        s(A, 301, 0, PA, 100, W, K::New, 0),
+        s(A, 501, 0, PA, 100, W, K::New, 0),
+        s(A, 401, 0, PA, 100, W, K::New, 0),
+        s(A, 401, 0, PA, 100, W, K::Retransmit, 100),
+        // A copy of seen data between the holes is a duplicate too.
+        s(A, 301, 0, PA, 100, W, K::Retransmit, 100),
+        s(A, 201, 0, PA, 100, W, K::New, 0),
+        s(A, 201, 0, PA, 100, W, K::Retransmit, 100),
+    ]);
+    assert_eq!((c[A].gaps, c[A].retransmits), (2, 3));
+    assert_eq!(c[A].bytes - c[A].retransmitted_bytes, 500);
+}
+
+#[test]
+fn a_third_hole_merges_the_two_older_ones() {
+    // Holes at 201, 401, 601: the first two become 201..501, which also
+    // covers 301..401 (seen): a copy of that counts as new, the documented
+    // cost of keeping two holes.
+    let c = check(&[
+        s(A, 100, 0, SYN, 0, W, K::New, 0),
+        s(A, 101, 0, PA, 100, W, K::New, 0),
+        s(A, 301, 0, PA, 100, W, K::New, 0),
+        s(A, 501, 0, PA, 100, W, K::New, 0),
+        s(A, 701, 0, PA, 100, W, K::New, 0),
+        s(A, 601, 0, PA, 100, W, K::New, 0),
+        s(A, 601, 0, PA, 100, W, K::Retransmit, 100),
+        s(A, 201, 0, PA, 100, W, K::New, 0),
+        s(A, 401, 0, PA, 100, W, K::New, 0),
+    ]);
+    assert_eq!(c[A].gaps, 3);
 }

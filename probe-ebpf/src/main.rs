@@ -17,15 +17,15 @@ use core::ffi::c_void;
 use core::intrinsics::{atomic_cxchg, atomic_xadd, atomic_xchg, AtomicOrdering};
 
 use aya_ebpf::{
-    bindings::{BPF_NOEXIST, TC_ACT_OK},
+    bindings::{xdp_action::XDP_PASS, xdp_md, BPF_NOEXIST, TC_ACT_OK},
     btf_maps::{HashMap, PerCpuArray},
     helpers::generated::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_loop},
-    macros::{btf_map, classifier},
-    programs::TcContext,
+    macros::{btf_map, classifier, xdp},
+    programs::{TcContext, XdpContext},
 };
 use probe_common::{
     parse_frame,
-    shared::{update, Updated},
+    shared::{update, Clock, Updated},
     Atomics, ConnKey, FlowEntry, L4Proto, LinkType, PacketBytes, ParseError, Parsed,
 };
 
@@ -118,18 +118,57 @@ impl PacketBytes for Linear {
 
 #[classifier]
 pub fn flowprobe_tc(ctx: TcContext) -> i32 {
-    observe(&ctx);
+    let mut p = core::mem::MaybeUninit::<Parsed>::uninit();
+    let idx = parse_skb(&ctx, &mut p);
+    bump(&PARSE_STATS, idx);
+    if idx == STATS_TRACKED {
+        // SAFETY: the program's own `__sk_buff`, valid while it runs.
+        let (ifindex, gso_segs) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).gso_segs) };
+        // SAFETY: `parse_skb` wrote it when it returned STATS_TRACKED.
+        track_conn(unsafe { p.assume_init_ref() }, ifindex, gso_segs.max(1));
+    }
     TC_ACT_OK
 }
 
-#[inline(always)]
-fn observe(ctx: &TcContext) {
+/// The same count at XDP, for gateways: ingress only, every frame one
+/// segment (no GSO before the driver's receive path). A forwarded
+/// connection enters through two interfaces, one per direction, so its key
+/// has interface 0 here: both directions meet in one entry.
+#[xdp]
+pub fn flowprobe_xdp(ctx: XdpContext) -> u32 {
     let mut p = core::mem::MaybeUninit::<Parsed>::uninit();
-    let idx = parse_skb(ctx, &mut p);
+    let idx = parse_xdp(ctx.ctx, &mut p);
     bump(&PARSE_STATS, idx);
     if idx == STATS_TRACKED {
-        // SAFETY: `parse_skb` wrote it when it returned STATS_TRACKED.
-        track_conn(ctx, unsafe { p.assume_init_ref() });
+        // SAFETY: `parse_xdp` wrote it when it returned STATS_TRACKED.
+        track_conn(unsafe { p.assume_init_ref() }, 0, 1);
+    }
+    XDP_PASS
+}
+
+/// [`parse_skb`] for an XDP frame: its linear data is all there is (the
+/// fragments of a multi-buffer frame hold payload, not headers).
+///
+/// Takes the raw context and loads `data`/`data_end` itself, volatile: the
+/// verifier knows them as packet pointers only as loads from the context,
+/// and LLVM would otherwise hoist the loads into the caller and pass them
+/// here as plain 32-bit numbers.
+#[inline(never)]
+fn parse_xdp(ctx: *mut xdp_md, out: &mut core::mem::MaybeUninit<Parsed>) -> u32 {
+    // SAFETY: the program's own context, valid while it runs.
+    let (data, end) = unsafe {
+        (
+            core::ptr::read_volatile(&raw const (*ctx).data) as usize,
+            core::ptr::read_volatile(&raw const (*ctx).data_end) as usize,
+        )
+    };
+    let len = end.saturating_sub(data) as u32;
+    match parse_frame(&Linear { data, end }, LinkType::Ethernet, len) {
+        Ok(p) => {
+            out.write(p);
+            STATS_TRACKED
+        }
+        Err(e) => e as u32 + 1,
     }
 }
 
@@ -215,6 +254,25 @@ impl Atomics for Bpf {
     }
 }
 
+/// The kernel's CLOCK_MONOTONIC. The coarse clock (the last tick) costs a
+/// load; the precise one about 25 ns a packet, so it is read only for a new
+/// entry's first_seen and for handshake times; userspace keeps last_seen
+/// from lagging first_seen.
+struct Ktime;
+
+impl Clock for Ktime {
+    #[inline(always)]
+    fn coarse_ns(&self) -> u64 {
+        // SAFETY: helper without preconditions.
+        unsafe { bpf_ktime_get_coarse_ns() }
+    }
+    #[inline(always)]
+    fn precise_ns(&self) -> u64 {
+        // SAFETY: helper without preconditions.
+        unsafe { bpf_ktime_get_ns() }
+    }
+}
+
 /// `bpf_loop` state of one lock attempt.
 #[repr(C)]
 struct Spin {
@@ -237,19 +295,10 @@ extern "C" fn try_once(_index: u64, ctx: *mut c_void) -> i64 {
 // Not inlined: a separate BPF function gets its own stack frame, so the
 // parser's frame and this one need not fit into 512 bytes together.
 #[inline(never)]
-fn track_conn(ctx: &TcContext, p: &Parsed) {
-    // SAFETY: the program's own `__sk_buff`, valid while it runs.
-    let (ifindex, gso_segs) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).gso_segs) };
-    let segs = if gso_segs == 0 { 1 } else { gso_segs };
+fn track_conn(p: &Parsed, ifindex: u32, segs: u32) {
     let (key, dir) = ConnKey::of(&p.key, ifindex);
     let dir = dir & 1;
     let is_tcp = p.key.proto == L4Proto::Tcp as u8;
-    // The coarse clock (last tick, CLOCK_MONOTONIC_COARSE) costs a load; the
-    // precise one about 25 ns a packet. Only a new entry's first_seen gets
-    // the precise clock; userspace keeps last_seen from lagging it.
-    // SAFETY: helper without preconditions.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
-
     let entry = match CONNS.get_ptr_mut(key) {
         Some(e) => e,
         None => {
@@ -262,8 +311,7 @@ fn track_conn(ctx: &TcContext, p: &Parsed) {
             };
             // SAFETY: this CPU's slot, used only here while the program runs.
             let fresh = unsafe {
-                // SAFETY: helper without preconditions.
-                *fresh = FlowEntry::new(bpf_ktime_get_ns(), dir, &key, flags);
+                *fresh = FlowEntry::new(Ktime.precise_ns(), dir, &key, flags);
                 &*fresh
             };
             match CONNS.insert(key, fresh, BPF_NOEXIST as u64) {
@@ -290,7 +338,7 @@ fn track_conn(ctx: &TcContext, p: &Parsed) {
     };
 
     // SAFETY: `entry` points to a live map value, updated only by `update`.
-    if unsafe { update(entry, dir, segs, p, now, LOCK_SPINS, &Bpf) } == Updated::Contended {
+    if unsafe { update(entry, dir, segs, p, &Ktime, LOCK_SPINS, &Bpf) } == Updated::Contended {
         bump(&CONN_STATS, CONN_STATS_CONTENDED);
     }
 }

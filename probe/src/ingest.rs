@@ -4,6 +4,22 @@
 use flowtable::{FlowTable, FrameStats, Observation};
 use probe_common::{parse_frame, LinkType};
 
+/// One frame as a source hands it over.
+pub struct Captured<'a> {
+    /// Capture time, nanoseconds since the Unix epoch.
+    pub ts_ns: u64,
+    pub iface: u32,
+    /// `None`: a link type the parser does not know.
+    pub link: Option<LinkType>,
+    /// The captured bytes (possibly cut to a snap length).
+    pub data: &'a [u8],
+    /// The frame's length before any cut.
+    pub wire_len: u32,
+    /// For a GSO/GRO super-packet, the payload size of each wire segment
+    /// (AF_PACKET's virtio-net header); 0 for a plain frame.
+    pub gso_size: u32,
+}
+
 pub fn frame(
     table: &mut FlowTable,
     stats: &mut FrameStats,
@@ -13,21 +29,67 @@ pub fn frame(
     data: &[u8],
     wire_len: u32,
 ) {
+    captured(
+        table,
+        stats,
+        &Captured {
+            ts_ns,
+            iface,
+            link,
+            data,
+            wire_len,
+            gso_size: 0,
+        },
+    );
+}
+
+pub fn captured(table: &mut FlowTable, stats: &mut FrameStats, c: &Captured) {
     stats.frames += 1;
-    let Some(link) = link else {
+    let Some(link) = c.link else {
         stats.unsupported_link += 1;
         return;
     };
-    match parse_frame(data, link, wire_len) {
+    match parse_frame(c.data, link, c.wire_len) {
         Ok(parsed) => {
             stats.tracked += 1;
             table.observe(&Observation {
-                ts_ns,
-                iface,
-                segs: 1,
+                ts_ns: c.ts_ns,
+                iface: c.iface,
+                segs: segs(parsed.payload_len, c.gso_size),
                 parsed: &parsed,
             });
         }
         Err(why) => stats.skip(why),
+    }
+}
+
+/// Wire segments of a super-packet: every segment but the last carries
+/// `gso_size` bytes, which is how the kernel computes `gso_segs` (TCP:
+/// `tcp_set_skb_tso_segs`; GRO merges only full-size segments but the last).
+fn segs(payload_len: u32, gso_size: u32) -> u32 {
+    if gso_size == 0 {
+        1
+    } else {
+        payload_len.div_ceil(gso_size).max(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::segs;
+
+    #[test]
+    fn super_packets_count_their_wire_segments() {
+        for (payload, gso, want) in [
+            (0, 0, 1),
+            (1448, 0, 1),
+            (0, 1448, 1),
+            (1448, 1448, 1),
+            (1449, 1448, 2),
+            (65160, 1448, 45),
+            (65161, 1448, 46),
+        ] {
+            assert_eq!(segs(payload, gso), want, "{payload} / {gso}");
+        }
     }
 }

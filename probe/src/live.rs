@@ -51,10 +51,22 @@ struct Entry(FlowEntry);
 unsafe impl Pod for Entry {}
 
 mod drain;
-mod links;
+pub(crate) mod links;
 mod stale;
+mod xdp;
+
+/// Where the program runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    /// tc clsact ingress and egress: everything an interface receives and
+    /// sends.
+    Tc,
+    /// XDP: what an interface receives (see [`xdp`]).
+    Xdp,
+}
 
 pub struct Options {
+    pub hook: Hook,
     /// Only these interfaces; empty: every interface that is up.
     pub ifaces: Vec<String>,
     pub duration: Option<Duration>,
@@ -66,6 +78,17 @@ pub struct Options {
     /// last packet; any connection after `idle_timeout` ([`drain`]).
     pub closed_timeout: Duration,
     pub idle_timeout: Duration,
+}
+
+/// The eBPF backend cannot run here at all (no object, not root, the
+/// kernel refuses the program or its maps), as opposed to failing on an
+/// interface: `--backend auto` counts with AF_PACKET instead.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Unavailable(pub String);
+
+fn unavailable(e: anyhow::Error) -> anyhow::Error {
+    Unavailable(format!("{e:#}")).into()
 }
 
 /// What a run saw, for the summary line.
@@ -80,15 +103,23 @@ pub struct Outcome {
     /// Packets whose connection entry stayed locked by another CPU, so the
     /// lock-free update ran: counts exact, retransmit call best effort.
     pub contended: u64,
+    pub hook: Hook,
+    /// XDP: (interface, "native" or "generic") for every attachment.
+    pub xdp_modes: Vec<(String, &'static str)>,
+    /// Entries in the kernel map at the read (for the agent's table fill).
+    pub in_map: usize,
+    /// Interfaces attached at the read; empty in the final outcome (read
+    /// after detaching).
+    pub attached: Vec<String>,
 }
 
-static STOP: AtomicBool = AtomicBool::new(false);
+pub(crate) static STOP: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_signal(_: libc::c_int) {
     STOP.store(true, Ordering::SeqCst);
 }
 
-fn install_signal_handlers() -> Result<()> {
+pub(crate) fn install_signal_handlers() -> Result<()> {
     for sig in [libc::SIGINT, libc::SIGTERM] {
         // SAFETY: the handler only stores to an atomic (async-signal-safe).
         let prev = unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
@@ -105,10 +136,12 @@ struct Attached {
     iface: String,
     created_clsact: bool,
     links: Vec<aya::programs::tc::SchedClassifierLinkId>,
+    xdp: Option<(aya::programs::xdp::XdpLinkId, &'static str)>,
 }
 
 /// The interfaces we are attached to, and which ones we want.
 struct Attachments {
+    hook: Hook,
     /// Named with --iface; empty: all that are up.
     only: Vec<String>,
     list: Vec<Attached>,
@@ -141,7 +174,18 @@ impl Attachments {
         if self.list.iter().any(|a| a.index == l.index) {
             return Ok(());
         }
-        let r = attach_one(ebpf, l, &mut self.list);
+        let r = match self.hook {
+            Hook::Tc => attach_one(ebpf, l, &mut self.list),
+            Hook::Xdp => xdp::attach(ebpf, &l.name).map(|link| {
+                self.list.push(Attached {
+                    index: l.index,
+                    iface: l.name.clone(),
+                    created_clsact: false,
+                    links: Vec::new(),
+                    xdp: Some(link),
+                })
+            }),
+        };
         self.record_clsact();
         r
     }
@@ -152,6 +196,9 @@ impl Attachments {
             return;
         };
         let a = self.list.remove(pos);
+        if let Some((id, _)) = a.xdp {
+            xdp::forget(ebpf, id);
+        }
         if let Some(prog) = ebpf
             .program_mut(PROGRAM)
             .and_then(|p| <&mut SchedClassifier>::try_from(p).ok())
@@ -169,26 +216,30 @@ impl Attachments {
 pub fn run(opts: &Options, on_snapshot: &mut dyn FnMut(&Outcome) -> Result<()>) -> Result<Outcome> {
     // SAFETY: no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        bail!(
+        return Err(unavailable(anyhow::anyhow!(
             "`flowprobe run` needs root (CAP_BPF and CAP_NET_ADMIN) to load the eBPF program \
              and attach it to interfaces; run it with sudo"
-        );
+        )));
     }
     let (bytes, origin) = match &opts.ebpf_object {
         Some(path) => (
-            std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
+            std::fs::read(path)
+                .with_context(|| format!("reading {}", path.display()))
+                .map_err(unavailable)?,
             path.display().to_string(),
         ),
-        None if EMBEDDED.is_empty() => bail!(
-            "this flowprobe has no eBPF program for live capture: {MISSING} \
-             (or pass --ebpf-object; replay works without it)"
-        ),
+        None if EMBEDDED.is_empty() => {
+            return Err(unavailable(anyhow::anyhow!(
+                "this flowprobe has no eBPF program for live capture: {MISSING} \
+                 (or pass --ebpf-object; replay works without it)"
+            )))
+        }
         None => (EMBEDDED.to_vec(), "the embedded eBPF program".to_owned()),
     };
-    let mut ebpf = load(&bytes, &origin, opts.max_conns)?;
+    let mut ebpf = load(&bytes, &origin, opts.max_conns, opts.hook).map_err(unavailable)?;
     install_signal_handlers()?;
     // Joins connections to processes while it runs; `collect` tags them.
-    let _attrib = crate::attrib::start(&ebpf);
+    let _attrib = crate::attrib::start(Some(&ebpf));
 
     // Subscribe before the dump, so that no link change falls between.
     let mut watcher = links::Watcher::subscribe()?;
@@ -205,6 +256,7 @@ pub fn run(opts: &Options, on_snapshot: &mut dyn FnMut(&Outcome) -> Result<()>) 
         }
     }
     let mut att = Attachments {
+        hook: opts.hook,
         only: opts.ifaces.clone(),
         list: Vec::new(),
         lock,
@@ -235,12 +287,20 @@ pub fn run(opts: &Options, on_snapshot: &mut dyn FnMut(&Outcome) -> Result<()>) 
             on_snapshot,
         );
     }
+    let xdp_modes = att
+        .list
+        .iter()
+        .filter_map(|a| a.xdp.as_ref().map(|(_, mode)| (a.iface.clone(), *mode)))
+        .collect();
     // Detach before reading: the map then holds the final state.
     let cleanup = detach_all(&mut ebpf, std::mem::take(&mut att.list));
     drop(att);
     res?;
     cleanup?;
-    collect(&ebpf, &drainer)
+    let mut o = collect(&ebpf, &drainer)?;
+    o.hook = opts.hook;
+    o.xdp_modes = xdp_modes;
+    Ok(o)
 }
 
 /// Until --duration or a signal: follows link events, prints snapshots.
@@ -302,7 +362,10 @@ fn follow(
         }
         if let (Some(at), Some(every)) = (next_snapshot, opts.interval) {
             if Instant::now() >= at {
-                on_snapshot(&collect(ebpf, drainer)?)?;
+                let mut o = collect(ebpf, drainer)?;
+                o.attached = att.list.iter().map(|a| a.iface.clone()).collect();
+                o.hook = att.hook;
+                on_snapshot(&o)?;
                 next_snapshot = Some(at + every);
             }
         }
@@ -311,11 +374,15 @@ fn follow(
     Ok(())
 }
 
-fn load(object: &[u8], origin: &str, max_conns: u32) -> Result<Ebpf> {
+fn load(object: &[u8], origin: &str, max_conns: u32, hook: Hook) -> Result<Ebpf> {
     let mut ebpf = EbpfLoader::new()
         .map_max_entries("CONNS", max_conns)
         .load(object)
         .with_context(|| format!("loading {origin}"))?;
+    if hook == Hook::Xdp {
+        xdp::load(&mut ebpf)?;
+        return Ok(ebpf);
+    }
     let prog: &mut SchedClassifier = ebpf
         .program_mut(PROGRAM)
         .with_context(|| format!("{origin} has no program {PROGRAM}"))?
@@ -338,6 +405,7 @@ fn attach_one(ebpf: &mut Ebpf, l: &links::Link, attached: &mut Vec<Attached>) ->
         iface: iface.clone(),
         created_clsact,
         links: Vec::new(),
+        xdp: None,
     };
     let prog: &mut SchedClassifier = ebpf
         .program_mut(PROGRAM)
@@ -374,6 +442,26 @@ fn exists(index: u32) -> bool {
 
 fn detach_all(ebpf: &mut Ebpf, attached: Vec<Attached>) -> Result<()> {
     let mut first_err: Option<anyhow::Error> = None;
+    let mut attached = attached;
+    for a in attached.iter_mut() {
+        if let Some((id, _)) = a.xdp.take() {
+            if let Err(e) = xdp::detach(ebpf, id) {
+                if exists(a.index) {
+                    eprintln!("flowprobe: detaching XDP from {}: {e:#}", a.iface);
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+    }
+    if attached
+        .iter()
+        .all(|a| a.links.is_empty() && !a.created_clsact)
+    {
+        return match first_err {
+            Some(e) => Err(e),
+            None => Ok(()),
+        };
+    }
     let prog: Option<&mut SchedClassifier> =
         ebpf.program_mut(PROGRAM).and_then(|p| p.try_into().ok());
     let Some(prog) = prog else {
@@ -440,10 +528,13 @@ fn monotonic_ns() -> u64 {
     clock_ns(libc::CLOCK_MONOTONIC)
 }
 
-/// CLOCK_REALTIME − CLOCK_MONOTONIC now: turns `bpf_ktime_get_ns` stamps
-/// into Unix time.
+/// CLOCK_REALTIME − CLOCK_MONOTONIC, taken once per process: turns
+/// `bpf_ktime_get_ns` stamps into Unix time. Once, so that a connection's
+/// times read the same in every snapshot (the two clock reads are tens of
+/// nanoseconds apart, and NTP slews the difference).
 fn clock_offset_ns() -> u64 {
-    clock_ns(libc::CLOCK_REALTIME).wrapping_sub(monotonic_ns())
+    static OFFSET: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *OFFSET.get_or_init(|| clock_ns(libc::CLOCK_REALTIME).wrapping_sub(monotonic_ns()))
 }
 
 fn per_cpu_sum(ebpf: &Ebpf, map: &str, idx: u32) -> Result<u64> {
@@ -477,6 +568,7 @@ fn collect(ebpf: &Ebpf, drainer: &drain::Drainer) -> Result<Outcome> {
         let (k, e) = item.context("reading the connection map")?;
         live.push((k.0, e.0));
     }
+    let in_map = live.len();
     let mut conns = drainer.connections(live.into_iter(), clock_offset_ns());
     crate::attrib::tag(&mut conns);
     sort_connections(&mut conns);
@@ -486,5 +578,9 @@ fn collect(ebpf: &Ebpf, drainer: &drain::Drainer) -> Result<Outcome> {
         map_full: per_cpu_sum(ebpf, "CONN_STATS", 0)?,
         insert_failed: per_cpu_sum(ebpf, "CONN_STATS", 1)? + per_cpu_sum(ebpf, "CONN_STATS", 2)?,
         contended: per_cpu_sum(ebpf, "CONN_STATS", 3)?,
+        hook: Hook::Tc,
+        xdp_modes: Vec::new(),
+        in_map,
+        attached: Vec::new(),
     })
 }

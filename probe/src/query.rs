@@ -5,7 +5,7 @@ use flowtable::query::{QueryArgs, QueryError, QuerySpec};
 
 /// Grouped query instead of one row per connection. Any of these flags
 /// turns it on; see the README, "Queries".
-#[derive(clap::Args)]
+#[derive(Clone, clap::Args)]
 #[command(next_help_heading = "Query (any of these prints grouped rows)")]
 pub struct QueryFlags {
     /// Group by these tag keys of the initiator's end, comma-separated:
@@ -48,6 +48,36 @@ impl QueryFlags {
             || self.top.is_some()
             || self.window.is_some()
             || self.raw_ports
+    }
+
+    /// The flags as the agent's `/query` parameters (URL-encoded, without
+    /// the `?`).
+    pub fn params(&self) -> String {
+        let enc = crate::agent::client::encode;
+        let mut p: Vec<String> = Vec::new();
+        let mut add = |k: &str, v: &str| p.push(format!("{k}={}", enc(v)));
+        if let Some(v) = &self.src {
+            add("src", v);
+        }
+        if let Some(v) = &self.dst {
+            add("dst", v);
+        }
+        for w in &self.wheres {
+            add("where", w);
+        }
+        if let Some(v) = &self.sort {
+            add("sort", v);
+        }
+        if let Some(v) = self.top {
+            add("top", &v.to_string());
+        }
+        if let Some(v) = &self.window {
+            add("window", v);
+        }
+        if self.raw_ports {
+            add("raw_ports", "1");
+        }
+        p.join("&")
     }
 
     pub fn spec(self) -> Result<QuerySpec, QueryError> {

@@ -1,6 +1,8 @@
 //! Helpers shared by the end-to-end tests.
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub mod root;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

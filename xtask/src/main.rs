@@ -217,7 +217,9 @@ fn clippy_ebpf() -> Result<()> {
     Ok(())
 }
 
-/// Loads the object with bpftool (which runs the verifier), then unpins it.
+/// Loads every program of the object with bpftool (which runs the verifier
+/// on each: the tc classifier and the XDP program, typed by their ELF
+/// sections), then unpins them.
 fn check_ebpf(obj: &Path) -> Result<()> {
     which("bpftool").context("bpftool not found (Debian package `bpftool`)")?;
     ensure_bpffs()?;
@@ -226,10 +228,7 @@ fn check_ebpf(obj: &Path) -> Result<()> {
     let mut cmd = Command::new("bpftool");
     // -d: libbpf debug output, which includes the verifier log and its
     // statistics even when the load succeeds.
-    cmd.args(["-d", "prog", "load"])
-        .arg(obj)
-        .arg(&pin)
-        .args(["type", "classifier"]);
+    cmd.args(["-d", "prog", "loadall"]).arg(obj).arg(&pin);
     eprintln!("xtask: {}", show(&cmd));
     let out = cmd.output().context("running bpftool")?;
     let mut log = out.stdout;
@@ -238,7 +237,7 @@ fn check_ebpf(obj: &Path) -> Result<()> {
     let log = String::from_utf8_lossy(&log);
     let loaded = out.status.success() && pin.exists();
     if pin.exists() {
-        fs::remove_file(&pin).with_context(|| format!("removing pin {}", pin.display()))?;
+        fs::remove_dir_all(&pin).with_context(|| format!("removing pins {}", pin.display()))?;
     }
     if !loaded {
         eprintln!("{}", verifier_excerpt(&log));

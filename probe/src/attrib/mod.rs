@@ -40,6 +40,11 @@ pub const INTERVAL: Duration = Duration::from_millis(20);
 /// at 1000 connections a second), once per namespace and family: costly.
 pub const DUMP_EVERY: Duration = Duration::from_secs(10);
 
+/// Between dumps when there is no kernel map to follow (AF_PACKET): dumps
+/// are then the only way to see a socket before the report, so a
+/// connection shorter than this may go unattributed.
+pub const DUMP_EVERY_WITHOUT_MAP: Duration = Duration::from_secs(1);
+
 struct Shared {
     resolver: Mutex<Resolver<ProcHost>>,
     stop: AtomicBool,
@@ -64,9 +69,11 @@ pub struct Attribution {
     thread: Option<JoinHandle<()>>,
 }
 
-/// Starts the resolver thread, unless `FLOWPROBE_ATTRIB=off`. It follows
-/// the connection map `CONNS` of `ebpf` for new connections.
-pub fn start(ebpf: &aya::Ebpf) -> Attribution {
+/// Starts the resolver thread, unless `FLOWPROBE_ATTRIB=off`. With the tc
+/// or XDP program (`ebpf`) it follows the connection map `CONNS` for new
+/// connections; without (the AF_PACKET backend) it dumps every socket each
+/// [`DUMP_EVERY_WITHOUT_MAP`] and looks up what each report holds.
+pub fn start(ebpf: Option<&aya::Ebpf>) -> Attribution {
     if std::env::var("FLOWPROBE_ATTRIB").as_deref() == Ok("off") {
         return Attribution {
             shared: None,
@@ -79,16 +86,21 @@ pub fn start(ebpf: &aya::Ebpf) -> Attribution {
         .map(Duration::from_millis)
         .unwrap_or(INTERVAL);
     let host = ProcHost::new();
-    let opts = Options {
-        own_netns: host.own_netns(),
-        dumps_every_ns: DUMP_EVERY.as_nanos() as u64,
-        ..Options::default()
-    };
-    let map = mapkeys::MapKeys::open(ebpf);
+    let map = ebpf.map(mapkeys::MapKeys::open).transpose();
     if let Err(e) = &map {
         eprintln!("flowprobe: attribution: {e}; connections are joined at each report only");
     }
-    let mut map = map.ok();
+    let mut map = map.ok().flatten();
+    let dump_every = if map.is_some() {
+        DUMP_EVERY
+    } else {
+        DUMP_EVERY_WITHOUT_MAP
+    };
+    let opts = Options {
+        own_netns: host.own_netns(),
+        dumps_every_ns: dump_every.as_nanos() as u64,
+        ..Options::default()
+    };
     let shared = Arc::new(Shared {
         resolver: Mutex::new(Resolver::new(host, opts)),
         stop: AtomicBool::new(false),

@@ -123,3 +123,64 @@ fn absorb(e: &mut FlowEntry, tail: &FlowEntry) {
     }
     e.last_seen_ns = e.last_seen_ns.max(tail.last_seen_ns);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use probe_common::parse::tcp_flags;
+    use probe_common::{ConnKey, FlowKey, L4Proto};
+
+    fn key() -> ConnKey {
+        let k = FlowKey {
+            src: probe_common::wire::v4_mapped([10, 0, 0, 1]),
+            dst: probe_common::wire::v4_mapped([10, 0, 0, 2]),
+            sport: 40000,
+            dport: 80,
+            proto: L4Proto::Tcp as u8,
+            family: 4,
+            _pad: [0; 2],
+        };
+        ConnKey::of(&k, 3).0
+    }
+
+    fn entry(first: u64, flags: u8, bytes: u64) -> FlowEntry {
+        let k = key();
+        let mut e = FlowEntry::new(first, 1, &k, Some(flags));
+        e.last_seen_ns = first + 10;
+        e.counters[1].bytes = bytes;
+        e.counters[1].packets = 1;
+        e
+    }
+
+    fn drainer_with(done: Vec<(ConnKey, FlowEntry)>) -> Drainer {
+        let mut d = Drainer::new(Duration::from_secs(2), Duration::from_secs(300));
+        d.done = done;
+        d
+    }
+
+    #[test]
+    fn a_tail_after_the_drain_adds_to_the_drained_record() {
+        let k = key();
+        let d = drainer_with(vec![(k, entry(1000, tcp_flags::SYN, 500))]);
+        // A late ACK made a new entry after the drain: no SYN.
+        let tail = entry(5000, tcp_flags::ACK, 7);
+        let conns = d.connections([(k, tail)].into_iter(), 0);
+        assert_eq!(conns.len(), 1);
+        assert_eq!(conns[0].sent.bytes, 507);
+        assert_eq!(conns[0].sent.packets, 2);
+        assert_eq!((conns[0].first_seen, conns[0].last_seen), (1000, 5010));
+    }
+
+    #[test]
+    fn a_new_syn_on_the_same_key_is_a_new_connection() {
+        let k = key();
+        let d = drainer_with(vec![(k, entry(1000, tcp_flags::SYN, 500))]);
+        let next = entry(9000, tcp_flags::SYN, 40);
+        let conns = d.connections([(k, next)].into_iter(), 0);
+        assert_eq!(conns.len(), 2);
+        assert_eq!(
+            conns.iter().map(|c| c.sent.bytes).collect::<Vec<_>>(),
+            [500, 40]
+        );
+    }
+}

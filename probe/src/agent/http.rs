@@ -1,0 +1,203 @@
+//! The agent's HTTP/1 routes.
+
+use std::convert::Infallible;
+use std::net::TcpListener;
+
+use anyhow::Context;
+use flowtable::query::{origin, QueryArgs, QuerySpec};
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::header::CONTENT_TYPE;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+
+use super::metrics::{self, MetricLabels};
+use super::Shared;
+use crate::output::{self, Format};
+
+pub async fn serve(
+    listener: TcpListener,
+    shared: Shared,
+    labels: MetricLabels,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::from_std(listener).context("listening")?;
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            // Out of descriptors and the like: this client is lost, the
+            // next may not be.
+            Err(_) => continue,
+        };
+        let shared = shared.clone();
+        let labels = labels.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let resp = route(&req, &shared, &labels);
+                async move { Ok::<_, Infallible>(resp) }
+            });
+            // A client that hangs up mid-request is its own problem.
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn text(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header(CONTENT_TYPE, content_type)
+        .body(Full::new(body.into()))
+        .expect("static headers are valid")
+}
+
+fn error(status: StatusCode, msg: impl Into<String>) -> Response<Full<Bytes>> {
+    let mut msg = msg.into();
+    msg.push('\n');
+    text(status, "text/plain; charset=utf-8", msg)
+}
+
+fn route(req: &Request<Incoming>, shared: &Shared, labels: &MetricLabels) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return error(StatusCode::METHOD_NOT_ALLOWED, "only GET");
+    }
+    match req.uri().path() {
+        "/metrics" => text(
+            StatusCode::OK,
+            metrics::CONTENT_TYPE,
+            metrics::encode(&shared.latest(), labels),
+        ),
+        "/query" => match query(req.uri().query().unwrap_or(""), shared) {
+            Ok((format, body)) => {
+                let ct = match format {
+                    Format::Json => "application/x-ndjson",
+                    Format::Table => "text/plain; charset=utf-8",
+                };
+                text(StatusCode::OK, ct, body)
+            }
+            Err(msg) => error(StatusCode::BAD_REQUEST, msg),
+        },
+        "/connections" => {
+            let mut body = Vec::new();
+            match output::write(&mut body, Format::Json, &shared.latest().conns) {
+                Ok(()) => text(StatusCode::OK, "application/x-ndjson", body),
+                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+            }
+        }
+        "/" => text(
+            StatusCode::OK,
+            "text/plain; charset=utf-8",
+            "flowprobe agent: /metrics, /query, /connections\n",
+        ),
+        p => error(
+            StatusCode::NOT_FOUND,
+            format!("no {p} here: /metrics, /query, /connections"),
+        ),
+    }
+}
+
+/// `/query?src=..&dst=..&where=..&sort=..&top=..&window=..&raw_ports=1&format=json|table`:
+/// the flags of `flowprobe replay`, one parameter each (`where` repeated).
+fn query(raw: &str, shared: &Shared) -> Result<(Format, Vec<u8>), String> {
+    let mut a = QueryArgs::default();
+    let mut format = Format::Json;
+    for pair in raw.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let (k, v) = (decode(k)?, decode(v)?);
+        match k.as_str() {
+            "src" => a.src = Some(v),
+            "dst" => a.dst = Some(v),
+            "where" => a.wheres.push(v),
+            "sort" => a.sort = Some(v),
+            "top" => {
+                a.top = Some(
+                    v.parse()
+                        .map_err(|_| format!("top: `{v}` is not a number"))?,
+                )
+            }
+            "window" => a.window = Some(v),
+            "raw_ports" => a.raw_ports = matches!(v.as_str(), "" | "1" | "true"),
+            "format" => {
+                format = match v.as_str() {
+                    "json" => Format::Json,
+                    "table" => Format::Table,
+                    _ => return Err(format!("format: `{v}` is not json or table")),
+                }
+            }
+            _ => {
+                return Err(format!(
+                "unknown parameter `{k}` (src, dst, where, sort, top, window, raw_ports, format)"
+            ))
+            }
+        }
+    }
+    let spec = QuerySpec::parse(&a).map_err(|e| e.to_string())?;
+    let snap = shared.latest();
+    let result = spec.run(&snap.conns, origin(&snap.conns));
+    let mut body = Vec::new();
+    output::write_query(&mut body, format, &result).map_err(|e| e.to_string())?;
+    Ok((format, body))
+}
+
+/// Percent-decoding of a query component (`+` is a space, as browsers and
+/// curl's --data-urlencode send it).
+fn decode(s: &str) -> Result<String, String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' => {
+                let hex = b
+                    .get(i + 1..i + 3)
+                    .and_then(|h| std::str::from_utf8(h).ok())
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                    .ok_or_else(|| format!("bad percent escape in `{s}`"))?;
+                out.push(hex);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).map_err(|_| format!("`{s}` is not UTF-8"))
+}
+
+/// The inverse of [`decode`], for the client.
+pub fn encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percent_round_trip() {
+        for s in [
+            "dst.port=5432",
+            "src.ip in 10.0.0.0/8 and dst.port in (80, 443)",
+            "é&+%",
+        ] {
+            assert_eq!(decode(&encode(s)).unwrap(), s);
+        }
+        assert_eq!(decode("a+b%2Cc").unwrap(), "a b,c");
+        assert!(decode("%zz").is_err());
+    }
+}

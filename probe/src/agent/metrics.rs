@@ -1,0 +1,597 @@
+//! `/metrics`: the Prometheus exposition of a snapshot.
+//!
+//! The per-group series come from running the query engine over the
+//! snapshot's connections with the configured label keys as its group-by,
+//! so a PromQL sum equals `flowprobe query` by construction. The snapshot
+//! keeps connections that left the kernel map (`live::drain`), so each
+//! group's sums only grow: the counters are monotonic across drains.
+//!
+//! A fresh registry is built for every scrape from constant values: the
+//! numbers are totals the kernel already keeps, there is nothing to
+//! increment.
+
+use std::fmt;
+
+use flowtable::query::{QuerySpec, Side, TagKey};
+use flowtable::Connection;
+use hdrhistogram::Histogram;
+use probe_common::ParseError;
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::{MetricType, TypedMetric};
+use prometheus_client::registry::{Registry, Unit};
+
+use super::Snapshot;
+
+/// The group-by of the per-group series: keys of each end.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MetricLabels {
+    keys: Vec<(Side, TagKey)>,
+}
+
+impl Default for MetricLabels {
+    /// `src_service`, `dst_service`: one series per service pair, a bound
+    /// that does not grow with clients or ports.
+    fn default() -> MetricLabels {
+        "src.service,dst.service".parse().expect("valid default")
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LabelsError {
+    #[error("metrics label `{given}`: expected src.KEY or dst.KEY (e.g. dst.port)")]
+    NoSide { given: String },
+    #[error("metrics label `{given}`: {err}")]
+    Key {
+        given: String,
+        err: flowtable::query::TagError,
+    },
+    #[error("metrics label `{given}` is given twice")]
+    Twice { given: String },
+}
+
+impl std::str::FromStr for MetricLabels {
+    type Err = LabelsError;
+
+    fn from_str(s: &str) -> Result<MetricLabels, LabelsError> {
+        let mut keys = Vec::new();
+        for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            let no_side = || LabelsError::NoSide {
+                given: item.to_owned(),
+            };
+            let (side, key) = item.split_once('.').ok_or_else(no_side)?;
+            let side = match side {
+                "src" => Side::Src,
+                "dst" => Side::Dst,
+                _ => return Err(no_side()),
+            };
+            let key: TagKey = key.parse().map_err(|err| LabelsError::Key {
+                given: item.to_owned(),
+                err,
+            })?;
+            if keys.contains(&(side, key.clone())) {
+                return Err(LabelsError::Twice {
+                    given: item.to_owned(),
+                });
+            }
+            keys.push((side, key));
+        }
+        Ok(MetricLabels { keys })
+    }
+}
+
+impl MetricLabels {
+    /// The query whose rows are the series: no filter, no top, ephemeral
+    /// initiator ports collapsed (bounded cardinality).
+    pub fn spec(&self) -> QuerySpec {
+        let side = |s: Side| {
+            self.keys
+                .iter()
+                .filter(|(k, _)| *k == s)
+                .map(|(_, t)| t.clone())
+                .collect()
+        };
+        QuerySpec {
+            src: side(Side::Src),
+            dst: side(Side::Dst),
+            ..QuerySpec::default()
+        }
+    }
+
+    /// Label names: `src_service`, `dst_port`, `src_ip_24` (a Prometheus
+    /// label name allows only letters, digits and `_`).
+    pub fn names(&self) -> (Vec<String>, Vec<String>) {
+        let name = |side: Side, k: &TagKey| {
+            let k: String = k
+                .to_string()
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+                .collect();
+            format!("{}_{k}", side.name())
+        };
+        let spec = self.spec();
+        (
+            spec.src.iter().map(|k| name(Side::Src, k)).collect(),
+            spec.dst.iter().map(|k| name(Side::Dst, k)).collect(),
+        )
+    }
+}
+
+impl fmt::Display for MetricLabels {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let items: Vec<String> = self
+            .keys
+            .iter()
+            .map(|(s, k)| format!("{}.{k}", s.name()))
+            .collect();
+        f.write_str(&items.join(","))
+    }
+}
+
+type Labels = Vec<(String, String)>;
+
+/// Series of one metric, each with its labels and a constant value.
+#[derive(Debug)]
+struct Series<M>(Vec<(Labels, M)>);
+
+impl<M: TypedMetric> TypedMetric for Series<M> {
+    const TYPE: MetricType = M::TYPE;
+}
+
+impl<M: EncodeMetric + TypedMetric> EncodeMetric for Series<M> {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), fmt::Error> {
+        for (labels, m) in &self.0 {
+            m.encode(encoder.encode_family(labels)?)?;
+        }
+        Ok(())
+    }
+
+    fn metric_type(&self) -> MetricType {
+        M::TYPE
+    }
+}
+
+/// Upper bounds of the RTT histogram, seconds: 100 µs (same host) to 10 s.
+const RTT_BUCKETS: [f64; 16] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+/// A histogram from the flow table's hdrhistogram of microseconds.
+#[derive(Debug)]
+struct RttHistogram {
+    sum: f64,
+    count: u64,
+    /// Non-cumulative counts per bound of [`RTT_BUCKETS`], then `+Inf`.
+    buckets: Vec<(f64, u64)>,
+}
+
+impl RttHistogram {
+    fn of(h: &Histogram<u64>) -> RttHistogram {
+        let mut buckets: Vec<(f64, u64)> = RTT_BUCKETS
+            .iter()
+            .map(|&b| (b, 0))
+            .chain([(f64::MAX, 0)])
+            .collect();
+        let mut sum = 0.0;
+        for v in h.iter_recorded() {
+            // The middle of hdrhistogram's bucket: within its 1 % precision.
+            let secs = h.median_equivalent(v.value_iterated_to()) as f64 / 1e6;
+            let n = v.count_at_value();
+            sum += secs * n as f64;
+            let i = buckets
+                .iter()
+                .position(|&(b, _)| secs <= b)
+                .unwrap_or(buckets.len() - 1);
+            buckets[i].1 += n;
+        }
+        RttHistogram {
+            sum,
+            count: h.len(),
+            buckets,
+        }
+    }
+}
+
+impl TypedMetric for RttHistogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for RttHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), fmt::Error> {
+        encoder.encode_histogram::<NoLabelSet>(self.sum, self.count, &self.buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
+fn counter(v: u64) -> ConstCounter<u64> {
+    ConstCounter::new(v)
+}
+
+fn gauge(v: u64) -> ConstGauge<i64> {
+    ConstGauge::new(v.min(i64::MAX as u64) as i64)
+}
+
+/// Group series from the query rows.
+fn groups(reg: &mut Registry, conns: &[Connection], labels: &MetricLabels) {
+    let q = labels.spec().run(conns, flowtable::query::origin(conns));
+    let (src_names, dst_names) = labels.names();
+    let label_set = |src: &[Option<String>], dst: &[Option<String>]| -> Labels {
+        let pairs = src_names.iter().zip(src).chain(dst_names.iter().zip(dst));
+        // A missing tag is an empty value: Prometheus reads it as absent.
+        pairs
+            .map(|(n, v)| (n.clone(), v.clone().unwrap_or_default()))
+            .collect()
+    };
+    let with = |l: &Labels, k: &str, v: &str| -> Labels {
+        let mut l = l.clone();
+        l.push((k.to_owned(), v.to_owned()));
+        l
+    };
+
+    let mut sent_bytes = Vec::new();
+    let mut received_bytes = Vec::new();
+    let mut sent_packets = Vec::new();
+    let mut received_packets = Vec::new();
+    let mut retransmits = Vec::new();
+    let mut retransmitted_bytes = Vec::new();
+    let mut conns_total = Vec::new();
+    let mut rtt = Vec::new();
+    for r in &q.rows {
+        let l = label_set(&r.src, &r.dst);
+        sent_bytes.push((l.clone(), counter(r.sent.bytes)));
+        received_bytes.push((l.clone(), counter(r.received.bytes)));
+        sent_packets.push((l.clone(), counter(r.sent.packets)));
+        received_packets.push((l.clone(), counter(r.received.packets)));
+        for (dir, d) in [("sent", &r.sent), ("received", &r.received)] {
+            let dl = with(&l, "direction", dir);
+            retransmits.push((dl.clone(), counter(d.retransmits)));
+            retransmitted_bytes.push((dl, counter(d.retransmitted_bytes)));
+        }
+        conns_total.push((l.clone(), counter(r.conns)));
+        for (leg, h) in [("dst", &r.rtt_dst), ("src", &r.rtt_src)] {
+            if !h.is_empty() {
+                rtt.push((with(&l, "leg", leg), RttHistogram::of(h)));
+            }
+        }
+    }
+    reg.register(
+        "sent_bytes",
+        "Bytes from initiator to responder (`sent.bytes` of a connection), retransmissions included",
+        Series(sent_bytes),
+    );
+    reg.register(
+        "received_bytes",
+        "Bytes from responder to initiator, retransmissions included",
+        Series(received_bytes),
+    );
+    reg.register(
+        "sent_packets",
+        "Packets from initiator to responder",
+        Series(sent_packets),
+    );
+    reg.register(
+        "received_packets",
+        "Packets from responder to initiator",
+        Series(received_packets),
+    );
+    reg.register(
+        "retransmits",
+        "TCP segments that repeat sequence space already sent, by direction (sent: initiator to responder)",
+        Series(retransmits),
+    );
+    reg.register(
+        "retransmitted_bytes",
+        "Bytes of those retransmitted segments, by direction",
+        Series(retransmitted_bytes),
+    );
+    reg.register(
+        "connections",
+        "Connections seen, closed ones included",
+        Series(conns_total),
+    );
+    reg.register_with_unit(
+        "rtt",
+        "Round-trip time samples; leg=dst timed on sent segments (initiator to responder and back), leg=src on received ones. Present where the flow table measures RTT",
+        Unit::Seconds,
+        Series(rtt),
+    );
+}
+
+/// Health of the agent itself.
+fn health(reg: &mut Registry, s: &Snapshot) {
+    if !s.backend.is_empty() {
+        reg.register(
+            "backend",
+            "1 for the capture backend in use (tc, xdp or afpacket)",
+            Series(vec![(
+                vec![("backend".to_owned(), s.backend.to_owned())],
+                gauge(1),
+            )]),
+        );
+    }
+    // The rest describes the eBPF program and its maps.
+    if !s.ebpf() {
+        return;
+    }
+    reg.register(
+        "attached_interfaces",
+        "Interfaces the eBPF program (tc or xdp) is attached to",
+        ConstGauge::new(s.attached.len() as i64),
+    );
+    let ifaces = s
+        .attached
+        .iter()
+        .map(|i| (vec![("iface".to_owned(), i.clone())], gauge(1)))
+        .collect();
+    reg.register(
+        "interface_attached",
+        "1 for each interface the eBPF program is attached to",
+        Series(ifaces),
+    );
+    reg.register(
+        "table_connections",
+        "Connections in the kernel's map now (closed and idle ones are moved out)",
+        gauge(s.in_map as u64),
+    );
+    reg.register(
+        "table_capacity",
+        "Capacity of the kernel's connection map (--max-conns)",
+        gauge(u64::from(s.capacity)),
+    );
+    reg.register(
+        "tracked_connections",
+        "Connections the agent reports, including those moved out of the kernel map",
+        gauge(s.conns.len() as u64),
+    );
+    reg.register(
+        "map_full",
+        "Packets of new connections not counted: the kernel map was full",
+        counter(s.map_full),
+    );
+    reg.register(
+        "map_insert_failed",
+        "Packets of new connections not counted: another map insert error",
+        counter(s.insert_failed),
+    );
+    reg.register(
+        "map_contended",
+        "Packets counted without their entry's lock (another CPU held it); retransmit detection best effort",
+        counter(s.contended),
+    );
+    reg.register(
+        "packets_tracked",
+        "Packets that updated a connection",
+        counter(s.stats.tracked),
+    );
+    let skipped = ParseError::ALL
+        .iter()
+        .map(|&e| {
+            (
+                vec![("reason".to_owned(), e.name().to_owned())],
+                counter(s.stats.skipped(e)),
+            )
+        })
+        .collect();
+    reg.register(
+        "packets_skipped",
+        "Packets that carry no TCP/UDP connection, by reason",
+        Series(skipped),
+    );
+}
+
+/// The OpenMetrics text of `s` (Prometheus scrapes it as such).
+pub fn encode(s: &Snapshot, labels: &MetricLabels) -> String {
+    let mut reg = Registry::with_prefix("flowprobe");
+    groups(&mut reg, &s.conns, labels);
+    health(&mut reg, s);
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, &reg)
+        .expect("writing to a String cannot fail");
+    out
+}
+
+/// The Content-Type of [`encode`]'s text.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+
+    use flowtable::DirStats;
+
+    use super::*;
+
+    fn conn(
+        src_service: &str,
+        dst_service: Option<&str>,
+        dport: u16,
+        sent: (u64, u64, u64, u64),
+        received: (u64, u64),
+    ) -> Connection {
+        let tags = |s: Option<&str>| {
+            s.map(|s| [("service".to_owned(), s.to_owned())].into())
+                .unwrap_or_default()
+        };
+        Connection {
+            proto: "tcp",
+            src: IpAddr::from([10, 0, 0, 1]),
+            sport: 40000 + dport,
+            dst: IpAddr::from([10, 0, 0, 2]),
+            dport,
+            iface: 2,
+            first_seen: 1_000_000_000,
+            last_seen: 2_000_000_000,
+            sent: DirStats {
+                packets: sent.0,
+                bytes: sent.1,
+                retransmits: sent.2,
+                retransmitted_bytes: sent.3,
+                ..DirStats::default()
+            },
+            received: DirStats {
+                packets: received.0,
+                bytes: received.1,
+                ..DirStats::default()
+            },
+            rtt: None,
+            src_tags: tags(Some(src_service)),
+            dst_tags: tags(dst_service),
+        }
+    }
+
+    fn snapshot() -> Snapshot {
+        let mut stats = flowtable::FrameStats {
+            tracked: 42,
+            ..Default::default()
+        };
+        stats.skip(ParseError::NotIp);
+        stats.skip(ParseError::NotIp);
+        Snapshot {
+            conns: vec![
+                conn("web", Some("db"), 5432, (10, 1000, 1, 100), (8, 4000)),
+                conn("web", Some("db"), 5432, (5, 500, 0, 0), (5, 600)),
+                conn("web", None, 443, (3, 300, 0, 0), (2, 200)),
+            ],
+            stats,
+            map_full: 1,
+            insert_failed: 0,
+            contended: 3,
+            attached: vec!["veth0".to_owned()],
+            in_map: 2,
+            capacity: 1024,
+            backend: "tc",
+        }
+    }
+
+    #[test]
+    fn exposition_golden() {
+        let labels: MetricLabels = "src.service,dst.service,dst.port".parse().unwrap();
+        let got = encode(&snapshot(), &labels);
+        let want = include_str!("metrics.golden.txt");
+        if got != want && std::env::var_os("FLOWPROBE_BLESS").is_some() {
+            std::fs::write(
+                concat!(env!("CARGO_MANIFEST_DIR"), "/src/agent/metrics.golden.txt"),
+                &got,
+            )
+            .unwrap();
+            return;
+        }
+        assert_eq!(got, want, "FLOWPROBE_BLESS=1 rewrites the golden file");
+    }
+
+    /// A real capture through the flow table: RTT histograms included.
+    #[test]
+    fn exposition_of_a_capture_golden() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let mut table = flowtable::FlowTable::new();
+        let mut stats = flowtable::FrameStats::default();
+        let files = [root.join("fixtures/pcaps/tcp4_loss.pcap")];
+        crate::replay::replay(&files, &mut table, &mut stats).unwrap();
+        let s = Snapshot {
+            conns: table.connections(),
+            stats,
+            capacity: 65536,
+            backend: "tc",
+            ..Snapshot::default()
+        };
+        let labels: MetricLabels = "src.ip/24,dst.port".parse().unwrap();
+        let got = encode(&s, &labels);
+        let want = include_str!("metrics.capture.golden.txt");
+        if got != want && std::env::var_os("FLOWPROBE_BLESS").is_some() {
+            std::fs::write(
+                concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/src/agent/metrics.capture.golden.txt"
+                ),
+                &got,
+            )
+            .unwrap();
+            return;
+        }
+        assert_eq!(got, want, "FLOWPROBE_BLESS=1 rewrites the golden file");
+    }
+
+    #[test]
+    fn sums_equal_the_query() {
+        // The default labels (services) over the same snapshot: one series
+        // per service pair, equal to the rows of `--src service --dst service`.
+        let text = encode(&snapshot(), &MetricLabels::default());
+        assert!(text
+            .contains("flowprobe_sent_bytes_total{src_service=\"web\",dst_service=\"db\"} 1500\n"));
+        assert!(
+            text.contains("flowprobe_sent_bytes_total{src_service=\"web\",dst_service=\"\"} 300\n")
+        );
+        assert!(text.contains(
+            "flowprobe_retransmits_total{src_service=\"web\",dst_service=\"db\",direction=\"sent\"} 1\n"
+        ));
+        assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn afpacket_has_no_kernel_map_series() {
+        let s = Snapshot {
+            backend: "afpacket",
+            ..snapshot()
+        };
+        let text = encode(&s, &MetricLabels::default());
+        assert!(text.contains("flowprobe_backend{backend=\"afpacket\"} 1\n"));
+        assert!(text.contains("flowprobe_sent_bytes_total{"));
+        for absent in [
+            "flowprobe_table_capacity",
+            "flowprobe_map_full",
+            "flowprobe_attached",
+        ] {
+            assert!(!text.contains(absent), "{absent}");
+        }
+    }
+
+    #[test]
+    fn rtt_histogram_from_the_flow_table() {
+        let mut h = Histogram::<u64>::new(2).unwrap();
+        for us in [80, 300, 300, 20_000] {
+            h.record(us).unwrap();
+        }
+        let r = RttHistogram::of(&h);
+        assert_eq!(r.count, 4);
+        let counts: Vec<u64> = r.buckets.iter().map(|b| b.1).collect();
+        // ≤100 µs: 1; ≤500 µs: 2; ≤25 ms: 1.
+        assert_eq!(counts[0], 1);
+        assert_eq!(counts[2], 2);
+        assert_eq!(counts[7], 1);
+        assert!((r.sum - 0.02068).abs() < 0.0005, "{}", r.sum);
+    }
+
+    #[test]
+    fn labels_parse() {
+        let l: MetricLabels = "src.ip/24, dst.port,dst.k8s.pod".parse().unwrap();
+        assert_eq!(
+            l.names(),
+            (
+                vec!["src_ip_24".to_owned()],
+                vec!["dst_port".to_owned(), "dst_k8s_pod".to_owned()]
+            )
+        );
+        assert_eq!(l.to_string(), "src.ip/24,dst.port,dst.k8s.pod");
+        for (bad, msg) in [
+            (
+                "service",
+                "metrics label `service`: expected src.KEY or dst.KEY (e.g. dst.port)",
+            ),
+            (
+                "dst.port,dst.port",
+                "metrics label `dst.port` is given twice",
+            ),
+            (
+                "peer.port",
+                "metrics label `peer.port`: expected src.KEY or dst.KEY (e.g. dst.port)",
+            ),
+        ] {
+            assert_eq!(bad.parse::<MetricLabels>().unwrap_err().to_string(), msg);
+        }
+    }
+}

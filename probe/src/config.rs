@@ -1,0 +1,222 @@
+//! `flowprobe run --config FILE`: the same settings as the flags, in TOML
+//! (README, "Config file"). A flag given on the command line wins over the
+//! file; the file wins over the defaults.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::agent::{parse_listen, MetricLabels};
+
+/// The file as written; every field optional.
+#[derive(Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// As --iface, repeated.
+    pub interfaces: Option<Vec<String>>,
+    /// As --backend: auto, tc, afpacket or xdp.
+    pub backend: Option<String>,
+    pub ebpf_object: Option<PathBuf>,
+    pub max_conns: Option<u32>,
+    pub closed_timeout: Option<f64>,
+    pub idle_timeout: Option<f64>,
+    pub interval: Option<f64>,
+    /// As --listen.
+    pub listen: Option<String>,
+    /// As --metrics-labels.
+    pub metrics_labels: Option<String>,
+    pub export: Option<Export>,
+}
+
+#[derive(Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Export {
+    /// As --export-jsonl: a path, or "-" for stdout.
+    pub jsonl: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("config {path}: {message}")]
+pub struct ConfigError {
+    path: String,
+    message: String,
+}
+
+const BACKENDS: &[&str] = &["auto", "tc", "afpacket", "xdp"];
+
+impl RunConfig {
+    pub fn load(path: &Path) -> Result<RunConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        RunConfig::parse(&text).map_err(|message| ConfigError {
+            path: path.display().to_string(),
+            message,
+        })
+    }
+
+    /// Parses and validates: the error names the field (and the line when
+    /// the TOML itself is at fault).
+    pub fn parse(text: &str) -> Result<RunConfig, String> {
+        let c: RunConfig = toml::from_str(text).map_err(|e| toml_error(text, &e))?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let bad = |field: &str, why: &str| format!("field `{field}`: {why}");
+        if let Some(b) = &self.backend {
+            if !BACKENDS.contains(&b.as_str()) {
+                return Err(bad(
+                    "backend",
+                    &format!("`{b}` is not one of: {}", BACKENDS.join(", ")),
+                ));
+            }
+        }
+        if let Some(ifaces) = &self.interfaces {
+            if ifaces
+                .iter()
+                .any(|i| i.is_empty() || i.len() >= libc::IF_NAMESIZE)
+            {
+                return Err(bad(
+                    "interfaces",
+                    "an interface name has 1 to 15 characters",
+                ));
+            }
+        }
+        if self.max_conns == Some(0) {
+            return Err(bad("max_conns", "must be at least 1"));
+        }
+        for (field, v) in [
+            ("closed_timeout", self.closed_timeout),
+            ("idle_timeout", self.idle_timeout),
+        ] {
+            if v.is_some_and(|v| !(v.is_finite() && v >= 0.0)) {
+                return Err(bad(field, "must be a non-negative number of seconds"));
+            }
+        }
+        if self.interval.is_some_and(|v| !(v.is_finite() && v >= 0.01)) {
+            return Err(bad("interval", "must be at least 0.01 seconds"));
+        }
+        if let Some(l) = &self.listen {
+            parse_listen(l).map_err(|e| bad("listen", &e))?;
+        }
+        if let Some(m) = &self.metrics_labels {
+            m.parse::<MetricLabels>()
+                .map_err(|e| bad("metrics_labels", &e.to_string()))?;
+        }
+        if let Some(Export { jsonl: Some(p) }) = &self.export {
+            if p.is_empty() {
+                return Err(bad("export.jsonl", "a path, or \"-\" for stdout"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One line: `line N: field `key`: message`.
+fn toml_error(text: &str, e: &toml::de::Error) -> String {
+    let Some(span) = e.span() else {
+        return e.message().to_owned();
+    };
+    let before = &text[..span.start.min(text.len())];
+    let line_no = before.matches('\n').count() + 1;
+    let line = text.lines().nth(line_no - 1).unwrap_or("");
+    // The table the line is in, for nested keys like export.jsonl.
+    let table = before
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_owned());
+    match line.split_once('=') {
+        Some((key, _)) if !e.message().starts_with("unknown field") => {
+            let key = key.trim();
+            let key = match table {
+                Some(t) => format!("{t}.{key}"),
+                None => key.to_owned(),
+            };
+            format!("line {line_no}: field `{key}`: {}", e.message())
+        }
+        _ => format!("line {line_no}: {}", e.message()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_file() {
+        let c = RunConfig::parse(
+            r#"
+            interfaces = ["eth0", "lo"]
+            backend = "tc"
+            max_conns = 1024
+            closed_timeout = 1.5
+            idle_timeout = 60
+            interval = 5
+            listen = "127.0.0.1:9911"
+            metrics_labels = "src.service,dst.service,dst.port"
+            ebpf_object = "/tmp/probe-ebpf"
+
+            [export]
+            jsonl = "-"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.interfaces.unwrap(), ["eth0", "lo"]);
+        assert_eq!(c.max_conns, Some(1024));
+        assert_eq!(c.idle_timeout, Some(60.0));
+        assert_eq!(c.export.unwrap().jsonl.as_deref(), Some("-"));
+    }
+
+    #[test]
+    fn empty_is_all_defaults() {
+        assert_eq!(RunConfig::parse("").unwrap(), RunConfig::default());
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        for (text, want) in [
+            (
+                "max_conns = \"many\"",
+                "line 1: field `max_conns`: invalid type: string \"many\", expected u32",
+            ),
+            ("max_conns = -1", "line 1: field `max_conns`: invalid value: integer `-1`, expected u32"),
+            ("max_conns = 0", "field `max_conns`: must be at least 1"),
+            (
+                "idle_timeout = -3.0",
+                "field `idle_timeout`: must be a non-negative number of seconds",
+            ),
+            ("interval = 0.001", "field `interval`: must be at least 0.01 seconds"),
+            (
+                "backend = \"pcap\"",
+                "field `backend`: `pcap` is not one of: auto, tc, afpacket, xdp",
+            ),
+            (
+                "listen = \"localhost\"",
+                "field `listen`: `localhost` is not ADDR:PORT or PORT (e.g. 127.0.0.1:9911, [::1]:9911)",
+            ),
+            (
+                "metrics_labels = \"service\"",
+                "field `metrics_labels`: metrics label `service`: expected src.KEY or dst.KEY (e.g. dst.port)",
+            ),
+            (
+                "[export]\njsonl = 3",
+                "line 2: field `export.jsonl`: invalid type: integer `3`, expected a string",
+            ),
+            (
+                "interfaces = [\"eth0\"]\nmax_con = 5",
+                "line 2: unknown field `max_con`, expected one of `interfaces`, `backend`, `ebpf_object`, `max_conns`, `closed_timeout`, `idle_timeout`, `interval`, `listen`, `metrics_labels`, `export`",
+            ),
+            (
+                "[export]\nfile = \"x\"",
+                "line 2: unknown field `file`, expected `jsonl`",
+            ),
+        ] {
+            assert_eq!(RunConfig::parse(text).unwrap_err(), want, "{text}");
+        }
+    }
+}

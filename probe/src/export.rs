@@ -1,0 +1,235 @@
+//! `flowprobe run --export-jsonl`: at each interval, one JSON line per
+//! connection whose counters changed since the previous interval, with the
+//! change (README, "JSON-lines export"). Summing a connection's lines gives
+//! its totals, because the last lines are written after the final read.
+
+use std::collections::HashMap;
+use std::io::{self, Write};
+use std::net::IpAddr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use flowtable::{Connection, DirStats};
+use serde::Serialize;
+
+/// A connection's 5-tuple and interface; several records can share it (a
+/// reused 5-tuple starts a new record), told apart by `first_seen`.
+type Key = (&'static str, IpAddr, u16, IpAddr, u16, u32);
+
+fn key(c: &Connection) -> Key {
+    (c.proto, c.src, c.sport, c.dst, c.dport, c.iface)
+}
+
+/// Live times are the kernel's monotonic stamps plus the wall clock's
+/// offset read at each snapshot, so one record's `first_seen` moves by some
+/// nanoseconds between reads. A second record of one 5-tuple starts after
+/// the first one ended, in practice far more than this later.
+const SAME_RECORD_NS: u64 = 1_000_000;
+
+/// One record's `first_seen` and counters at the previous interval.
+type Prev = (u64, DirStats, DirStats);
+
+/// Counters at the previous interval.
+#[derive(Default)]
+pub struct Deltas {
+    prev: HashMap<Key, Vec<Prev>>,
+    interval: u64,
+}
+
+/// One line; fields may be added, never renamed.
+#[derive(Serialize)]
+struct Line<'a> {
+    interval: u64,
+    /// When this interval's read was taken, RFC 3339 UTC.
+    time: String,
+    proto: &'static str,
+    src: IpAddr,
+    sport: u16,
+    dst: IpAddr,
+    dport: u16,
+    iface: u32,
+    first_seen: String,
+    last_seen: String,
+    /// Change since the previous line of this connection (or its totals on
+    /// its first line).
+    sent: DirStats,
+    received: DirStats,
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    src_tags: &'a std::collections::BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    dst_tags: &'a std::collections::BTreeMap<String, String>,
+}
+
+fn sub(now: &DirStats, before: &DirStats) -> DirStats {
+    DirStats {
+        packets: now.packets.saturating_sub(before.packets),
+        bytes: now.bytes.saturating_sub(before.bytes),
+        l3_bytes: now.l3_bytes.saturating_sub(before.l3_bytes),
+        retransmits: now.retransmits.saturating_sub(before.retransmits),
+        retransmitted_bytes: now
+            .retransmitted_bytes
+            .saturating_sub(before.retransmitted_bytes),
+        probes: now.probes.saturating_sub(before.probes),
+        gaps: now.gaps.saturating_sub(before.gaps),
+    }
+}
+
+impl Deltas {
+    /// Writes the lines of this interval, read at `now`.
+    pub fn write(
+        &mut self,
+        out: &mut impl Write,
+        conns: &[Connection],
+        now: SystemTime,
+    ) -> io::Result<()> {
+        self.interval += 1;
+        let time = rfc3339(now);
+        for c in conns {
+            let records = self.prev.entry(key(c)).or_default();
+            let i = match records
+                .iter()
+                .position(|r| r.0.abs_diff(c.first_seen) < SAME_RECORD_NS)
+            {
+                Some(i) => i,
+                None => {
+                    records.push((c.first_seen, DirStats::default(), DirStats::default()));
+                    records.len() - 1
+                }
+            };
+            let before = records[i];
+            records[i] = (c.first_seen, c.sent, c.received);
+            if (c.sent, c.received) == (before.1, before.2) {
+                continue;
+            }
+            let line = Line {
+                interval: self.interval,
+                time: time.clone(),
+                proto: c.proto,
+                src: c.src,
+                sport: c.sport,
+                dst: c.dst,
+                dport: c.dport,
+                iface: c.iface,
+                first_seen: at(c.first_seen),
+                last_seen: at(c.last_seen),
+                sent: sub(&c.sent, &before.1),
+                received: sub(&c.received, &before.2),
+                src_tags: &c.src_tags,
+                dst_tags: &c.dst_tags,
+            };
+            serde_json::to_writer(&mut *out, &line)?;
+            out.write_all(b"\n")?;
+        }
+        out.flush()
+    }
+}
+
+/// RFC 3339 UTC with nanoseconds, as the connection records print time.
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_nanos(t).to_string()
+}
+
+fn at(ns: u64) -> String {
+    rfc3339(UNIX_EPOCH + Duration::from_nanos(ns))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn(sport: u16, sent_bytes: u64, recv_bytes: u64) -> Connection {
+        Connection {
+            proto: "tcp",
+            src: IpAddr::from([10, 0, 0, 1]),
+            sport,
+            dst: IpAddr::from([10, 0, 0, 2]),
+            dport: 80,
+            iface: 2,
+            first_seen: 1_700_000_000_000_000_000,
+            last_seen: 1_700_000_001_000_000_000,
+            sent: DirStats {
+                packets: sent_bytes / 100,
+                bytes: sent_bytes,
+                ..DirStats::default()
+            },
+            received: DirStats {
+                packets: recv_bytes / 100,
+                bytes: recv_bytes,
+                ..DirStats::default()
+            },
+            rtt: None,
+            src_tags: Default::default(),
+            dst_tags: Default::default(),
+        }
+    }
+
+    fn lines(d: &mut Deltas, conns: &[Connection]) -> Vec<serde_json::Value> {
+        let mut out = Vec::new();
+        let t = UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_002);
+        d.write(&mut out, conns, t).unwrap();
+        String::from_utf8(out)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn only_changed_connections_with_their_change() {
+        let mut d = Deltas::default();
+        let first = lines(&mut d, &[conn(40000, 1000, 200), conn(40001, 500, 0)]);
+        assert_eq!(first.len(), 2);
+        assert_eq!(first[0]["interval"], 1);
+        assert_eq!(first[0]["sent"]["bytes"], 1000);
+        assert_eq!(first[0]["time"], "2023-11-14T22:13:22.000000000Z");
+        assert_eq!(first[0]["first_seen"], "2023-11-14T22:13:20.000000000Z");
+
+        // 40000 grew, 40001 did not, 40002 is new.
+        let second = lines(
+            &mut d,
+            &[
+                conn(40000, 1500, 300),
+                conn(40001, 500, 0),
+                conn(40002, 100, 100),
+            ],
+        );
+        assert_eq!(second.len(), 2);
+        assert_eq!(second[0]["interval"], 2);
+        assert_eq!(second[0]["sport"], 40000);
+        assert_eq!(second[0]["sent"]["bytes"], 500);
+        assert_eq!(second[0]["sent"]["packets"], 5);
+        assert_eq!(second[0]["received"]["bytes"], 100);
+        assert_eq!(second[1]["sport"], 40002);
+        assert_eq!(second[1]["sent"]["bytes"], 100);
+
+        assert!(lines(&mut d, &[conn(40000, 1500, 300)]).is_empty());
+    }
+
+    #[test]
+    fn first_seen_jitter_is_the_same_record_and_a_reuse_is_not() {
+        let mut d = Deltas::default();
+        let a = conn(40000, 1000, 0);
+        assert_eq!(lines(&mut d, std::slice::from_ref(&a)).len(), 1);
+        // The same record, read again with its time 20 ns off: no change.
+        let mut jittered = a.clone();
+        jittered.first_seen -= 20;
+        assert!(lines(&mut d, &[jittered.clone()]).is_empty());
+        // The 5-tuple reused a second later: a new record, its totals.
+        let mut reused = conn(40000, 300, 0);
+        reused.first_seen += 1_000_000_000;
+        let l = lines(&mut d, &[jittered, reused]);
+        assert_eq!(l.len(), 1);
+        assert_eq!(l[0]["sent"]["bytes"], 300);
+    }
+
+    #[test]
+    fn the_lines_of_a_connection_sum_to_its_totals() {
+        let mut d = Deltas::default();
+        let mut sum = 0;
+        for bytes in [100, 100, 250, 1000, 1000, 4096] {
+            for l in lines(&mut d, &[conn(40000, bytes, 0)]) {
+                sum += l["sent"]["bytes"].as_u64().unwrap();
+            }
+        }
+        assert_eq!(sum, 4096);
+    }
+}

@@ -1,0 +1,129 @@
+//! Helpers of the root tests: the gate, shell commands, waiting, and
+//! throwaway network namespaces.
+
+use std::fs;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// Whether the root tests of binary `name` run; `false` after printing why
+/// not. They run with `FLOWPROBE_LIVE_TESTS=1` as root (the root tier of
+/// `scripts/test.sh`); with `CI=true` a skip for want of root is a failure.
+pub fn enabled(name: &str) -> bool {
+    let ci = std::env::var("CI").as_deref() == Ok("true");
+    if std::env::var("FLOWPROBE_LIVE_TESTS").as_deref() != Ok("1") {
+        eprintln!(
+            "{name}: skipped (set FLOWPROBE_LIVE_TESTS=1 as root; the root tier of scripts/test.sh does)"
+        );
+        return false;
+    }
+    // SAFETY: no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        assert!(
+            !ci,
+            "{name}: CI=true but not root: the live tests cannot run"
+        );
+        eprintln!("{name}: skipped (needs root)");
+        return false;
+    }
+    true
+}
+
+/// Runs a command that must succeed.
+pub fn sh(args: &[&str]) {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e}", args.join(" ")));
+    assert!(
+        out.status.success(),
+        "{} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A command's stdout, whatever its status.
+pub fn sh_out(args: &[&str]) -> String {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Polls `ok` every 50 ms for up to 20 s.
+pub fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Two fresh network namespaces, deleted on drop.
+pub struct Netns {
+    pub a: String,
+    pub b: String,
+}
+
+impl Netns {
+    /// Named after `tag` and this process (`prefix-tag-a-PID`), lo up.
+    pub fn create(prefix: &str, tag: &str) -> Netns {
+        let id = std::process::id();
+        let ns = Netns {
+            a: format!("{prefix}-{tag}-a-{id}"),
+            b: format!("{prefix}-{tag}-b-{id}"),
+        };
+        for n in [&ns.a, &ns.b] {
+            sh(&["ip", "netns", "add", n]);
+            sh(&["ip", "-n", n, "link", "set", "lo", "up"]);
+        }
+        ns
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for ns in [&self.a, &self.b] {
+            // flowprobe's lock and clsact files for this namespace (see
+            // probe/src/live/stale.rs): named after the namespace's inode.
+            if let Ok(m) = fs::metadata(format!("/run/netns/{ns}")) {
+                use std::os::unix::fs::MetadataExt;
+                for ext in ["lock", "clsact"] {
+                    let _ = fs::remove_file(format!("/run/flowprobe/netns-{}.{ext}", m.ino()));
+                }
+            }
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+    }
+}
+
+/// Drops every 13th TCP packet of 500 bytes or more in the INPUT chain of
+/// namespace `ns` (`ipt`: `iptables` or `ip6tables`): after tc ingress and
+/// AF_PACKET, so the sender retransmits for real and the probe sees both
+/// copies.
+pub fn drop_in_input(ns: &str, ipt: &str) {
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        ns,
+        ipt,
+        "-w",
+        "-A",
+        "INPUT",
+        "-p",
+        "tcp",
+        "-m",
+        "length",
+        "--length",
+        "500:65535",
+        "-m",
+        "statistic",
+        "--mode",
+        "nth",
+        "--every",
+        "13",
+        "--packet",
+        "0",
+        "-j",
+        "DROP",
+    ]);
+}

@@ -134,6 +134,10 @@ pub struct Resolver<H> {
     looked_up: HashSet<Tuple>,
     asking: HashMap<Tuple, u32>,
     last_error: Option<String>,
+    /// Failures for lack of privilege (no CAP_SYS_ADMIN for `setns`, no
+    /// CAP_SYS_PTRACE for other users' fds): counted, never said, since a
+    /// probe run without them attributes what it can.
+    pub denied: usize,
 }
 
 impl<H: Host> Resolver<H> {
@@ -160,6 +164,7 @@ impl<H: Host> Resolver<H> {
             looked_up: HashSet::default(),
             asking: HashMap::default(),
             last_error: None,
+            denied: 0,
         }
     }
 
@@ -229,7 +234,7 @@ impl<H: Host> Resolver<H> {
                 self.namespaces_at = Some(self.now_ns);
                 self.generation += 1;
             }
-            Err(e) => self.error(st, format!("listing network namespaces: {e}")),
+            Err(e) => self.error(st, &e, "listing network namespaces".to_owned()),
         }
     }
 
@@ -258,7 +263,8 @@ impl<H: Host> Resolver<H> {
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                     Err(e) => self.error(
                         st,
-                        format!("looking up a socket in network namespace {}: {e}", ns.id),
+                        &e,
+                        format!("looking up a socket in network namespace {}", ns.id),
                     ),
                 }
             }
@@ -296,9 +302,13 @@ impl<H: Host> Resolver<H> {
         }
     }
 
-    fn error(&mut self, st: &mut PassStats, msg: String) {
+    fn error(&mut self, st: &mut PassStats, e: &io::Error, what: String) {
+        if e.kind() == io::ErrorKind::PermissionDenied {
+            self.denied += 1;
+            return;
+        }
         st.errors += 1;
-        self.last_error = Some(msg);
+        self.last_error = Some(format!("{what}: {e}"));
     }
 
     fn dump_netns(&mut self, ns: &Netns, st: &mut PassStats, live_inodes: &mut HashSet<u64>) {
@@ -306,7 +316,7 @@ impl<H: Host> Resolver<H> {
             Ok(s) => s,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return,
             Err(e) => {
-                return self.error(st, format!("sockets of network namespace {}: {e}", ns.id));
+                return self.error(st, &e, format!("sockets of network namespace {}", ns.id));
             }
         };
         st.sockets += socks.len();
@@ -464,7 +474,7 @@ impl<H: Host> Resolver<H> {
             Err(e) => {
                 hot.retain(|&p| p != pid);
                 if e.kind() != io::ErrorKind::NotFound {
-                    self.error(st, format!("fds of process {pid}: {e}"));
+                    self.error(st, &e, format!("fds of process {pid}"));
                 }
             }
         }
@@ -478,7 +488,7 @@ impl<H: Host> Resolver<H> {
             Ok(p) => p,
             Err(e) => {
                 if e.kind() != io::ErrorKind::NotFound {
-                    self.error(st, format!("process {pid}: {e}"));
+                    self.error(st, &e, format!("process {pid}"));
                 }
                 return None;
             }

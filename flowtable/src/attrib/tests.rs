@@ -20,6 +20,8 @@ struct Fake {
     fds: HashMap<u32, Vec<u64>>,
     procs: HashMap<u32, ProcessInfo>,
     fd_reads: Vec<u32>,
+    /// Processes whose fds we may not read (another user's, no CAP_SYS_PTRACE).
+    forbidden: Vec<u32>,
     namespace_listings: usize,
     dumps: usize,
     lookups: usize,
@@ -60,6 +62,9 @@ impl Host for Fake {
     }
     fn socket_inodes(&mut self, pid: u32) -> io::Result<Vec<u64>> {
         self.fd_reads.push(pid);
+        if self.forbidden.contains(&pid) {
+            return Err(io::ErrorKind::PermissionDenied.into());
+        }
         self.fds
             .get(&pid)
             .cloned()
@@ -616,4 +621,19 @@ fn a_socket_of_a_process_newer_than_the_listing_is_found_in_the_same_pass() {
     let mut c = vec![conn("tcp", "10.1.0.1:40777", "10.1.0.2:8080")];
     r.tag(&mut c);
     assert_eq!(c[0].src_tags["process"], "fp-newcomer");
+}
+
+#[test]
+fn lack_of_privilege_is_counted_not_reported() {
+    let mut f = world();
+    f.forbidden.push(100);
+    let mut r = Resolver::new(f, Options::default());
+    let st = r.refresh(0, &[]);
+    assert_eq!(st.errors, 0);
+    assert!(r.take_error().is_none());
+    assert!(r.denied > 0);
+    // The others are still read.
+    let mut c = vec![conn("tcp", "10.1.0.1:40000", "10.1.0.2:8080")];
+    r.tag(&mut c);
+    assert_eq!(c[0].src_tags["pid"], "101");
 }

@@ -1,7 +1,7 @@
 //! The real [`Host`]: sock_diag per network namespace (with `/proc/<pid>/net`
 //! as the fallback) and procfs.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::MetadataExt;
@@ -22,6 +22,9 @@ pub struct ProcHost {
     diag_missing: bool,
     /// Said once on stderr why sock_diag is not used.
     pub warning: Option<String>,
+    /// Namespaces we may not enter (no CAP_SYS_ADMIN): not tried again,
+    /// each try costs a thread.
+    denied: HashSet<u64>,
 }
 
 impl ProcHost {
@@ -32,6 +35,7 @@ impl ProcHost {
             users: procfs::users(),
             diag_missing: false,
             warning: None,
+            denied: HashSet::new(),
         }
     }
 
@@ -45,12 +49,20 @@ impl ProcHost {
 
     /// The namespace's sock_diag socket, opened on first use.
     fn diag_socket(&mut self, ns: &Netns) -> io::Result<&mut DiagSocket> {
+        if self.denied.contains(&ns.id) {
+            return Err(io::ErrorKind::PermissionDenied.into());
+        }
         if !self.diag.contains_key(&ns.id) {
             let sock = if Some(ns.id) == self.own_netns {
-                DiagSocket::open()?
+                DiagSocket::open()
             } else {
-                DiagSocket::open_in(&self.open_netns(ns)?)?
+                self.open_netns(ns).and_then(|f| DiagSocket::open_in(&f))
             };
+            let sock = sock.inspect_err(|e| {
+                if e.kind() == io::ErrorKind::PermissionDenied {
+                    self.denied.insert(ns.id);
+                }
+            })?;
             self.diag.insert(ns.id, sock);
         }
         self.diag
@@ -80,6 +92,7 @@ impl Host for ProcHost {
     fn namespaces(&mut self) -> io::Result<Vec<Netns>> {
         let list = procfs::namespaces()?;
         self.diag.retain(|id, _| list.iter().any(|n| n.id == *id));
+        self.denied.retain(|id| list.iter().any(|n| n.id == *id));
         Ok(list)
     }
 
@@ -96,10 +109,14 @@ impl Host for ProcHost {
                     ) {
                         self.diag_missing = true;
                     }
-                    self.warning = Some(format!(
-                        "sock_diag in network namespace {}: {e}; reading /proc/<pid>/net instead",
-                        ns.id
-                    ));
+                    // Without the privilege to enter the namespace, the
+                    // fallback is all there is; not worth a word each run.
+                    if e.kind() != io::ErrorKind::PermissionDenied {
+                        self.warning = Some(format!(
+                            "sock_diag in network namespace {}: {e}; reading /proc/<pid>/net instead",
+                            ns.id
+                        ));
+                    }
                 }
             }
         }

@@ -28,6 +28,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::root::{enabled, sh, sh_out, wait_for, Netns};
 use common::{json_lines, repo_root};
 use serde_json::Value;
 
@@ -37,104 +38,31 @@ use serde_json::Value;
 /// pass delayed by more than the connection's life on 2 shared vCPUs.
 const SHORT_MIN: f64 = 0.98;
 
-fn live_tests_enabled() -> bool {
-    let ci = std::env::var("CI").as_deref() == Ok("true");
-    if std::env::var("FLOWPROBE_LIVE_TESTS").as_deref() != Ok("1") {
-        eprintln!(
-            "live_attrib: skipped (set FLOWPROBE_LIVE_TESTS=1 as root; the root tier of scripts/test.sh does)"
-        );
-        return false;
+/// Two namespaces (the shared helper) joined by a veth, 10.81.0.1 in A
+/// and 10.81.0.2 in B.
+fn create_netns() -> Netns {
+    let ns = Netns::create("fpa", "attrib");
+    sh(&[
+        "ip", "-n", &ns.a, "link", "add", "fpa0", "type", "veth", "peer", "name", "fpa1", "netns",
+        &ns.b,
+    ]);
+    for (n, dev, cidr) in [
+        (&ns.a, "fpa0", "10.81.0.1/24"),
+        (&ns.b, "fpa1", "10.81.0.2/24"),
+    ] {
+        sh(&["ip", "-n", n, "addr", "add", cidr, "dev", dev]);
+        sh(&["ip", "-n", n, "link", "set", dev, "up"]);
     }
-    // SAFETY: no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        assert!(
-            !ci,
-            "live_attrib: CI=true but not root: the live tests cannot run"
-        );
-        eprintln!("live_attrib: skipped (needs root)");
-        return false;
-    }
-    true
+    wait_for("the veth", || {
+        sh_out(&["ip", "-n", &ns.a, "link", "show", "fpa0"]).contains("LOWER_UP")
+            && sh_out(&["ip", "-n", &ns.b, "link", "show", "fpa1"]).contains("LOWER_UP")
+    });
+    ns
 }
 
-fn sh(args: &[&str]) {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("{}: {e}", args.join(" ")));
-    assert!(
-        out.status.success(),
-        "{} failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn sh_out(args: &[&str]) -> String {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !ok() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Two namespaces joined by a veth; deleted on drop.
-struct Netns {
-    a: String,
-    b: String,
-}
-
-impl Netns {
-    fn create() -> Netns {
-        let id = std::process::id();
-        let ns = Netns {
-            a: format!("fpa-a-{id}"),
-            b: format!("fpa-b-{id}"),
-        };
-        for n in [&ns.a, &ns.b] {
-            sh(&["ip", "netns", "add", n]);
-            sh(&["ip", "-n", n, "link", "set", "lo", "up"]);
-        }
-        sh(&[
-            "ip", "-n", &ns.a, "link", "add", "fpa0", "type", "veth", "peer", "name", "fpa1",
-            "netns", &ns.b,
-        ]);
-        for (n, dev, cidr) in [
-            (&ns.a, "fpa0", "10.81.0.1/24"),
-            (&ns.b, "fpa1", "10.81.0.2/24"),
-        ] {
-            sh(&["ip", "-n", n, "addr", "add", cidr, "dev", dev]);
-            sh(&["ip", "-n", n, "link", "set", dev, "up"]);
-        }
-        wait_for("the veth", || {
-            sh_out(&["ip", "-n", &ns.a, "link", "show", "fpa0"]).contains("LOWER_UP")
-                && sh_out(&["ip", "-n", &ns.b, "link", "show", "fpa1"]).contains("LOWER_UP")
-        });
-        ns
-    }
-
-    /// The namespace's identity as flowprobe tags it (`netns`).
-    fn inode(name: &str) -> u64 {
-        fs::metadata(format!("/run/netns/{name}")).unwrap().ino()
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        for ns in [&self.a, &self.b] {
-            if let Ok(m) = fs::metadata(format!("/run/netns/{ns}")) {
-                for ext in ["lock", "clsact"] {
-                    let _ = fs::remove_file(format!("/run/flowprobe/netns-{}.{ext}", m.ino()));
-                }
-            }
-            let _ = Command::new("ip").args(["netns", "del", ns]).output();
-        }
-    }
+/// A namespace's identity as flowprobe tags it (`netns`).
+fn netns_inode(name: &str) -> u64 {
+    fs::metadata(format!("/run/netns/{name}")).unwrap().ino()
 }
 
 /// A cgroup directory tree made for the test; removed (leaf first) on drop,
@@ -264,12 +192,12 @@ fn mismatches(tags: &Value, e: &Expect) -> Vec<String> {
 
 #[test]
 fn every_end_carries_its_process_container_and_service() {
-    if !live_tests_enabled() {
+    if !enabled("live_attrib") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let ns = Netns::create();
-    let (ns_a, ns_b) = (Netns::inode(&ns.a), Netns::inode(&ns.b));
+    let ns = create_netns();
+    let (ns_a, ns_b) = (netns_inode(&ns.a), netns_inode(&ns.b));
     let id = std::process::id();
     let (client_id, server_id, cache_id) = (container_id(1), container_id(2), container_id(3));
     let pod = format!("{:08x}-7e57-4a11-8b0b-{:012x}", id, 0xf10f_u64);
@@ -508,6 +436,9 @@ fn every_end_carries_its_process_container_and_service() {
         100.0 * frac,
         100.0 * SHORT_MIN
     );
-    // Cleanup order: processes (dropped above) before their cgroups.
-    drop((cg_client, cg_server, cg_cache));
+    // Processes (dropped above) before their cgroups; these last to first,
+    // since the later ones sit inside directories the first one created.
+    drop(cg_cache);
+    drop(cg_server);
+    drop(cg_client);
 }

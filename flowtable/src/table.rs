@@ -156,10 +156,23 @@ impl Connection {
             sent: DirStats::from(&e.counters[initiator]),
             received: DirStats::from(&e.counters[1 - initiator]),
             rtt: handshake_rtt(e, initiator),
-            src_tags: Default::default(),
-            dst_tags: Default::default(),
+            src_tags: socket_tags(e, initiator),
+            dst_tags: socket_tags(e, 1 - initiator),
         }
     }
+}
+
+/// The local socket the tc program saw sending in direction `dir`: its
+/// cgroup v2 id and cookie, as tags of that end (none in the table's own
+/// entries).
+fn socket_tags(e: &FlowEntry, dir: usize) -> std::collections::BTreeMap<String, String> {
+    let mut tags = std::collections::BTreeMap::new();
+    let d = dir & 1;
+    if e.sk_cookie[d] != 0 {
+        tags.insert("socket_cookie".to_owned(), e.sk_cookie[d].to_string());
+        tags.insert("cgroup_id".to_owned(), e.sk_cgroup[d].to_string());
+    }
+    tags
 }
 
 /// The handshake samples the kernel's entry keeps (none in the table's own

@@ -386,6 +386,10 @@ pub struct FlowEntry {
     /// Per direction: the sequence end of its SYN, which the answer must
     /// acknowledge.
     pub hs_end: [u32; 2],
+    /// Per direction, when this host sent it from a local socket (tc
+    /// only): the socket's cookie (0: none seen) and its cgroup v2 id.
+    pub sk_cookie: [u64; 2],
+    pub sk_cgroup: [u64; 2],
 }
 
 impl FlowEntry {
@@ -430,4 +434,4 @@ const _: () = assert!(core::mem::size_of::<ConnKey>() == 48);
 const _: () = assert!(core::mem::size_of::<DirCounters>() == 64);
 const _: () = assert!(core::mem::size_of::<crate::tcp::TcpDir>() == 28);
 const _: () = assert!(core::mem::offset_of!(crate::tcp::TcpDir, flags) == 8);
-const _: () = assert!(core::mem::size_of::<FlowEntry>() == 232);
+const _: () = assert!(core::mem::size_of::<FlowEntry>() == 264);

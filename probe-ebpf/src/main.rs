@@ -19,7 +19,9 @@ use core::intrinsics::{atomic_cxchg, atomic_xadd, atomic_xchg, AtomicOrdering};
 use aya_ebpf::{
     bindings::{xdp_action::XDP_PASS, xdp_md, BPF_NOEXIST, TC_ACT_OK},
     btf_maps::{HashMap, PerCpuArray},
-    helpers::generated::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_loop},
+    helpers::generated::{
+        bpf_get_socket_cookie, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_loop, bpf_skb_cgroup_id,
+    },
     macros::{btf_map, classifier, xdp},
     programs::{TcContext, XdpContext},
 };
@@ -125,9 +127,38 @@ pub fn flowprobe_tc(ctx: TcContext) -> i32 {
         // SAFETY: the program's own `__sk_buff`, valid while it runs.
         let (ifindex, gso_segs) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).gso_segs) };
         // SAFETY: `parse_skb` wrote it when it returned STATS_TRACKED.
-        track_conn(unsafe { p.assume_init_ref() }, ifindex, gso_segs.max(1));
+        if let Some((entry, dir)) =
+            track_conn(unsafe { p.assume_init_ref() }, ifindex, gso_segs.max(1))
+        {
+            note_socket(&ctx, entry, dir);
+        }
     }
     TC_ACT_OK
+}
+
+/// The local socket behind a packet this host sends (tc egress carries it;
+/// ingress before the socket lookup and forwarded packets do not): its
+/// cookie and cgroup v2 id, once per direction. Userspace joins them to a
+/// process and container even when the socket and the process were gone
+/// before it looked (`probe/src/attrib`). Two helper calls, made for the
+/// first packet with a socket only.
+#[inline(always)]
+fn note_socket(ctx: &TcContext, entry: *mut FlowEntry, dir: usize) {
+    let dir = dir & 1;
+    // SAFETY: the program's own `__sk_buff`; `entry` a live map value.
+    unsafe {
+        if (*ctx.skb.skb).__bindgen_anon_2.sk.is_null() || (*entry).sk_cookie[dir] != 0 {
+            return;
+        }
+        let cookie = bpf_get_socket_cookie(ctx.skb.skb.cast());
+        if cookie == 0 {
+            return;
+        }
+        // Written once, by whichever CPU gets here first; a racing writer
+        // writes the same socket's values.
+        core::ptr::write_volatile(&raw mut (*entry).sk_cgroup[dir], bpf_skb_cgroup_id(ctx.skb.skb));
+        core::ptr::write_volatile(&raw mut (*entry).sk_cookie[dir], cookie);
+    }
 }
 
 /// The same count at XDP, for gateways: ingress only, every frame one
@@ -295,7 +326,7 @@ extern "C" fn try_once(_index: u64, ctx: *mut c_void) -> i64 {
 // Not inlined: a separate BPF function gets its own stack frame, so the
 // parser's frame and this one need not fit into 512 bytes together.
 #[inline(never)]
-fn track_conn(p: &Parsed, ifindex: u32, segs: u32) {
+fn track_conn(p: &Parsed, ifindex: u32, segs: u32) -> Option<(*mut FlowEntry, usize)> {
     let (key, dir) = ConnKey::of(&p.key, ifindex);
     let dir = dir & 1;
     let is_tcp = p.key.proto == L4Proto::Tcp as u8;
@@ -307,7 +338,7 @@ fn track_conn(p: &Parsed, ifindex: u32, segs: u32) {
             // and this function's frame stays small.
             let Some(fresh) = NEW_ENTRY.get_ptr_mut(0) else {
                 bump(&CONN_STATS, CONN_STATS_INSERT_FAILED);
-                return;
+                return None;
             };
             // SAFETY: this CPU's slot, used only here while the program runs.
             let fresh = unsafe {
@@ -320,18 +351,18 @@ fn track_conn(p: &Parsed, ifindex: u32, segs: u32) {
                 Err(e) if e == -EEXIST => {}
                 Err(e) if e == -E2BIG => {
                     bump(&CONN_STATS, CONN_STATS_FULL);
-                    return;
+                    return None;
                 }
                 Err(_) => {
                     bump(&CONN_STATS, CONN_STATS_INSERT_FAILED);
-                    return;
+                    return None;
                 }
             }
             match CONNS.get_ptr_mut(key) {
                 Some(e) => e,
                 None => {
                     bump(&CONN_STATS, CONN_STATS_LOST_ENTRY);
-                    return;
+                    return None;
                 }
             }
         }
@@ -341,6 +372,7 @@ fn track_conn(p: &Parsed, ifindex: u32, segs: u32) {
     if unsafe { update(entry, dir, segs, p, &Ktime, LOCK_SPINS, &Bpf) } == Updated::Contended {
         bump(&CONN_STATS, CONN_STATS_CONTENDED);
     }
+    Some((entry, dir))
 }
 
 #[cfg(not(test))]

@@ -12,6 +12,7 @@
 //! its CPU cost at exit (the benchmark reads that line);
 //! `FLOWPROBE_ATTRIB_INTERVAL_MS` changes the pass interval.
 
+mod cgroupid;
 mod host;
 mod mapkeys;
 mod procfs;
@@ -47,6 +48,7 @@ pub const DUMP_EVERY_WITHOUT_MAP: Duration = Duration::from_secs(1);
 
 struct Shared {
     resolver: Mutex<Resolver<ProcHost>>,
+    cgroups: Mutex<cgroupid::CgroupIds>,
     stop: AtomicBool,
     /// Thread CPU time spent in passes, ns.
     cpu_ns: AtomicU64,
@@ -103,6 +105,7 @@ pub fn start(ebpf: Option<&aya::Ebpf>) -> Attribution {
     };
     let shared = Arc::new(Shared {
         resolver: Mutex::new(Resolver::new(host, opts)),
+        cgroups: Mutex::new(cgroupid::CgroupIds::default()),
         stop: AtomicBool::new(false),
         cpu_ns: AtomicU64::new(0),
         passes: AtomicU64::new(0),
@@ -184,6 +187,9 @@ pub fn tag(conns: &mut [Connection]) {
     let mut r = lock(&s.resolver);
     pass(&s, &mut r, &seen);
     r.tag(conns);
+    // Ends the resolver found no process for: their container from the
+    // cgroup id the tc program saw on the socket.
+    lock(&s.cgroups).tag(conns);
 }
 
 /// Both ends' 5-tuples of a map key (addresses as `conn.rs` renders them).

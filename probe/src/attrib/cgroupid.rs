@@ -1,0 +1,119 @@
+//! Container tags from the cgroup v2 id the tc program took from a local
+//! socket (`probe-ebpf` `note_socket`): the id is the inode number of the
+//! cgroup's directory in the unified hierarchy. A container's cgroup lives
+//! as long as the container, so this names the container of a connection
+//! whose socket and process were gone before a resolver pass saw them.
+//!
+//! The hierarchy is our own cgroup2 mount, or else PID 1's seen through
+//! `/proc/1/root` (under `ip netns exec`, whose fresh `/sys` has no cgroup
+//! mounts; `nsenter --net` keeps them).
+
+use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use flowtable::attrib::parse_cgroup;
+use flowtable::Connection;
+
+/// Tag keys written by `Connection::from_entry` and here.
+pub const CGROUP_ID: &str = "cgroup_id";
+pub const CGROUP: &str = "cgroup";
+
+/// Directories walked at most per lookup: bounds the cost on a host with
+/// a very deep or wide hierarchy.
+const MAX_DIRS: usize = 100_000;
+
+#[derive(Default)]
+pub struct CgroupIds {
+    root: Option<Option<PathBuf>>,
+    paths: HashMap<u64, String>,
+}
+
+impl CgroupIds {
+    /// Adds `cgroup` and the container tags of its path to every end that
+    /// has a `cgroup_id` but no owning process.
+    pub fn tag(&mut self, conns: &mut [Connection]) {
+        for c in conns {
+            for tags in [&mut c.src_tags, &mut c.dst_tags] {
+                if tags.contains_key("pid") {
+                    continue;
+                }
+                let Some(id) = tags.get(CGROUP_ID).and_then(|v| v.parse().ok()) else {
+                    continue;
+                };
+                let Some(path) = self.path_of(id) else {
+                    continue;
+                };
+                let info = parse_cgroup(&format!("0::{path}"));
+                if let Some(v) = info.container {
+                    tags.insert("container".to_owned(), v);
+                }
+                if let Some(v) = info.runtime {
+                    tags.insert("runtime".to_owned(), v.to_owned());
+                }
+                if let Some(v) = info.pod {
+                    tags.insert("pod".to_owned(), v);
+                }
+                if let Some(v) = info.qos {
+                    tags.insert("qos".to_owned(), v.to_owned());
+                }
+                tags.insert(CGROUP.to_owned(), path);
+            }
+        }
+    }
+
+    /// The cgroup's path in the unified hierarchy (`/a/b`), walking it for
+    /// an id not seen before.
+    fn path_of(&mut self, id: u64) -> Option<String> {
+        if let Some(p) = self.paths.get(&id) {
+            return Some(p.clone());
+        }
+        let root = self.root.get_or_insert_with(unified_root).clone()?;
+        let mut stack = vec![root.clone()];
+        let mut walked = 0;
+        while let Some(dir) = stack.pop() {
+            walked += 1;
+            if walked > MAX_DIRS {
+                break;
+            }
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let Ok(m) = e.metadata() else { continue };
+                if !m.is_dir() {
+                    continue;
+                }
+                let p = e.path();
+                if m.ino() == id {
+                    let rel = Path::new("/").join(p.strip_prefix(&root).ok()?);
+                    let rel = rel.to_string_lossy().into_owned();
+                    self.paths.insert(id, rel.clone());
+                    return Some(rel);
+                }
+                stack.push(p);
+            }
+        }
+        None
+    }
+}
+
+/// The cgroup2 mount: ours, or else the one of the host's mount namespace
+/// seen through `/proc/1/root` (where that is allowed).
+fn unified_root() -> Option<PathBuf> {
+    let mount_in = |mountinfo: &str| -> Option<String> {
+        let info = std::fs::read_to_string(mountinfo).ok()?;
+        // ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTIONS ... - FSTYPE SOURCE SUPER
+        info.lines().find_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            (post.split_whitespace().next()? == "cgroup2")
+                .then(|| pre.split_whitespace().nth(4).map(str::to_owned))?
+        })
+    };
+    if let Some(m) = mount_in("/proc/self/mountinfo") {
+        return Some(PathBuf::from(m));
+    }
+    let m = mount_in("/proc/1/mountinfo")?;
+    let p = Path::new("/proc/1/root").join(m.trim_start_matches('/'));
+    p.is_dir().then_some(p)
+}

@@ -54,16 +54,19 @@ enum Cmd {
         #[command(flatten)]
         query: query::QueryFlags,
     },
-    /// Count connections on live interfaces with the tc eBPF program.
+    /// Count connections on live interfaces: the tc eBPF program, XDP, or
+    /// AF_PACKET rings (--backend).
     ///
-    /// Needs root. Attaches to clsact ingress and egress of every interface
-    /// of the current network namespace that is up (lo included), and of
-    /// every interface that comes up later (adding the clsact qdisc where
-    /// there is none); --iface limits it to the named ones. Counts until
-    /// --duration has passed or SIGINT/SIGTERM arrives, detaches, removes only
-    /// what it added, and prints every connection seen. At start it removes
-    /// the filters a killed run left in the namespace. With --listen it
-    /// serves /metrics (Prometheus) and /query (for `flowprobe query`).
+    /// Needs root (AF_PACKET alone: CAP_NET_RAW). The tc backend attaches to
+    /// clsact ingress and egress of every interface of the current network
+    /// namespace that is up (lo included), and of every interface that comes
+    /// up later (adding the clsact qdisc where there is none); --iface limits
+    /// it to the named ones. Counts until --duration has passed or
+    /// SIGINT/SIGTERM arrives, detaches, removes only what it added, and
+    /// prints every connection seen, each end tagged with the process,
+    /// container and service that own its socket. At start it removes the
+    /// filters a killed run left in the namespace. With --listen it serves
+    /// /metrics (Prometheus) and /query (for `flowprobe query`).
     Run {
         /// Only this interface (repeat for several; default: every
         /// interface that is up, and those that come up while running).

@@ -447,7 +447,7 @@ fn prometheus_scrape_equals_agent_query_and_app_bytes() {
     let metrics = http_get(&ns_a, &format!("http://{AGENT}/metrics")).unwrap();
     for line in [
         "flowprobe_attached_interfaces 1",
-        &format!("flowprobe_interface_attached{{iface=\"{VETH_A}\"}} 1"),
+        &format!("flowprobe_interface_attached{{iface=\"{VETH_A}\",mode=\"clsact\"}} 1"),
         "flowprobe_table_capacity 8192",
         "flowprobe_map_full_total 0",
     ] {

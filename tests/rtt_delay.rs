@@ -354,6 +354,12 @@ fn handshake_rtt_equals_the_added_delay() {
         "live handshake RTT median {live_p50} µs is not within 10 % of {want} µs"
     );
     assert_eq!(hist.len(), 1, "one RTT histogram series: {hist:?}");
+    // The rings' own losses are in /metrics too (none at this rate).
+    assert!(
+        metrics.contains("flowprobe_ring_drops_total 0\n")
+            && metrics.contains("flowprobe_ring_packets_total "),
+        "no AF_PACKET ring counters in /metrics:\n{metrics}"
+    );
 
     // Live, from the tc program's handshake times.
     let mut tc: Vec<u64> = Vec::new();

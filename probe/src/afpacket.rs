@@ -65,7 +65,7 @@ struct Shard {
 
 pub fn run(
     opts: &Options,
-    on_snapshot: &mut dyn FnMut(&[Connection]) -> Result<()>,
+    on_snapshot: &mut dyn FnMut(&[Connection], &KernelStats) -> Result<()>,
 ) -> Result<Outcome> {
     let mut named = Named::new(&opts.ifaces)?;
 
@@ -147,7 +147,7 @@ fn follow(
     named: &mut Named,
     kernel: &mut KernelStats,
     opts: &Options,
-    on_snapshot: &mut dyn FnMut(&[Connection]) -> Result<()>,
+    on_snapshot: &mut dyn FnMut(&[Connection], &KernelStats) -> Result<()>,
 ) -> Result<()> {
     let start = Instant::now();
     let mut next_snapshot = opts.interval.map(|i| start + i);
@@ -169,7 +169,7 @@ fn follow(
         }
         if let (Some(at), Some(every)) = (next_snapshot, opts.interval) {
             if now >= at {
-                on_snapshot(&collect(shards)?.0)?;
+                on_snapshot(&collect(shards)?.0, kernel)?;
                 next_snapshot = Some(at + every);
             }
         }

@@ -287,11 +287,7 @@ pub fn run(opts: &Options, on_snapshot: &mut dyn FnMut(&Outcome) -> Result<()>) 
             on_snapshot,
         );
     }
-    let xdp_modes = att
-        .list
-        .iter()
-        .filter_map(|a| a.xdp.as_ref().map(|(_, mode)| (a.iface.clone(), *mode)))
-        .collect();
+    let xdp_modes = xdp_modes(&att.list);
     // Detach before reading: the map then holds the final state.
     let cleanup = detach_all(&mut ebpf, std::mem::take(&mut att.list));
     drop(att);
@@ -301,6 +297,13 @@ pub fn run(opts: &Options, on_snapshot: &mut dyn FnMut(&Outcome) -> Result<()>) 
     o.hook = opts.hook;
     o.xdp_modes = xdp_modes;
     Ok(o)
+}
+
+/// (interface, "native" or "generic") of every XDP attachment.
+fn xdp_modes(list: &[Attached]) -> Vec<(String, &'static str)> {
+    list.iter()
+        .filter_map(|a| a.xdp.as_ref().map(|(_, mode)| (a.iface.clone(), *mode)))
+        .collect()
 }
 
 /// Until --duration or a signal: follows link events, prints snapshots.
@@ -365,6 +368,7 @@ fn follow(
                 let mut o = collect(ebpf, drainer)?;
                 o.attached = att.list.iter().map(|a| a.iface.clone()).collect();
                 o.hook = att.hook;
+                o.xdp_modes = xdp_modes(&att.list);
                 on_snapshot(&o)?;
                 next_snapshot = Some(at + every);
             }

@@ -276,34 +276,34 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let mut snapshots = 0u64;
             // Each tick of either backend: the connections so far, and with
             // the eBPF backends what the kernel maps say about themselves.
-            let mut on_tick = |conns: &[flowtable::Connection],
-                               kernel: Option<&live::Outcome>|
-             -> anyhow::Result<()> {
-                if let Some(shared) = &shared {
-                    shared.publish(match kernel {
-                        Some(o) => agent_snapshot(o, max_conns),
-                        None => agent::Snapshot {
-                            conns: conns.to_vec(),
-                            backend: "afpacket",
-                            ..agent::Snapshot::default()
-                        },
-                    });
-                }
-                if let Some((deltas, out)) = &mut export {
-                    deltas
-                        .write(out, conns, SystemTime::now())
-                        .map_err(|e| anyhow::anyhow!("--export-jsonl: {e}"))?;
-                }
-                if print_snapshots {
-                    snapshots += 1;
-                    let mut out = io::BufWriter::new(io::stdout().lock());
-                    output::write_snapshot(&mut out, format, snapshots, conns)?;
-                    out.flush()?;
-                }
-                Ok(())
-            };
-            type OnTick<'a> = dyn FnMut(&[flowtable::Connection], Option<&live::Outcome>) -> anyhow::Result<()>
-                + 'a;
+            let mut on_tick =
+                |conns: &[flowtable::Connection], health: Health| -> anyhow::Result<()> {
+                    if let Some(shared) = &shared {
+                        shared.publish(match health {
+                            Health::Ebpf(o) => agent_snapshot(o, max_conns),
+                            Health::Afpacket(k) => agent::Snapshot {
+                                conns: conns.to_vec(),
+                                backend: "afpacket",
+                                rings: Some([k.packets, k.drops, k.freeze_q]),
+                                ..agent::Snapshot::default()
+                            },
+                        });
+                    }
+                    if let Some((deltas, out)) = &mut export {
+                        deltas
+                            .write(out, conns, SystemTime::now())
+                            .map_err(|e| anyhow::anyhow!("--export-jsonl: {e}"))?;
+                    }
+                    if print_snapshots {
+                        snapshots += 1;
+                        let mut out = io::BufWriter::new(io::stdout().lock());
+                        output::write_snapshot(&mut out, format, snapshots, conns)?;
+                        out.flush()?;
+                    }
+                    Ok(())
+                };
+            type OnTick<'a> =
+                dyn FnMut(&[flowtable::Connection], Health) -> anyhow::Result<()> + 'a;
             let ebpf = |hook: live::Hook, on_tick: &mut OnTick| {
                 live::run(
                     &live::Options {
@@ -316,7 +316,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         closed_timeout,
                         idle_timeout,
                     },
-                    &mut |o: &live::Outcome| on_tick(&o.conns, Some(o)),
+                    &mut |o: &live::Outcome| on_tick(&o.conns, Health::Ebpf(o)),
                 )
             };
             let afpacket = |on_tick: &mut OnTick| {
@@ -326,7 +326,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         duration,
                         interval: tick,
                     },
-                    &mut |c: &[flowtable::Connection]| on_tick(c, None),
+                    &mut |c: &[flowtable::Connection], k: &afpacket::KernelStats| {
+                        on_tick(c, Health::Afpacket(k))
+                    },
                 )
             };
             let ran = match backend {
@@ -442,6 +444,8 @@ fn agent_snapshot(o: &live::Outcome, capacity: u32) -> agent::Snapshot {
         insert_failed: o.insert_failed,
         contended: o.contended,
         attached: o.attached.clone(),
+        xdp_modes: o.xdp_modes.clone(),
+        rings: None,
         in_map: o.in_map,
         capacity,
         backend: match o.hook {
@@ -463,6 +467,14 @@ fn export_sink(path: &str) -> anyhow::Result<Box<dyn Write>> {
         .open(path)
         .map_err(|e| anyhow::anyhow!("--export-jsonl {path}: {e}"))?;
     Ok(Box::new(io::BufWriter::new(f)))
+}
+
+/// What a backend says about itself at each tick, for the agent.
+enum Health<'a> {
+    /// tc or XDP: the kernel map and the program's counters.
+    Ebpf(&'a live::Outcome),
+    /// AF_PACKET: the rings' kernel counters.
+    Afpacket(&'a afpacket::KernelStats),
 }
 
 /// What `flowprobe run` ran, and what it saw.

@@ -314,6 +314,23 @@ fn health(reg: &mut Registry, s: &Snapshot) {
             )]),
         );
     }
+    if let Some([packets, drops, freezes]) = s.rings {
+        reg.register(
+            "ring_packets",
+            "Packets the kernel offered the AF_PACKET rings (PACKET_STATISTICS), dropped ones included",
+            counter(packets),
+        );
+        reg.register(
+            "ring_drops",
+            "Packets the kernel dropped because an AF_PACKET ring was full: not counted",
+            counter(drops),
+        );
+        reg.register(
+            "ring_freezes",
+            "Times an AF_PACKET ring was full and the kernel froze its queue",
+            counter(freezes),
+        );
+    }
     // The rest describes the eBPF program and its maps.
     if !s.ebpf() {
         return;
@@ -326,11 +343,25 @@ fn health(reg: &mut Registry, s: &Snapshot) {
     let ifaces = s
         .attached
         .iter()
-        .map(|i| (vec![("iface".to_owned(), i.clone())], gauge(1)))
+        .map(|i| {
+            // tc: clsact; XDP: the mode the driver took.
+            let mode = s
+                .xdp_modes
+                .iter()
+                .find(|(x, _)| x == i)
+                .map_or("clsact", |(_, m)| *m);
+            (
+                vec![
+                    ("iface".to_owned(), i.clone()),
+                    ("mode".to_owned(), mode.to_owned()),
+                ],
+                gauge(1),
+            )
+        })
         .collect();
     reg.register(
         "interface_attached",
-        "1 for each interface the eBPF program is attached to",
+        "1 for each interface the eBPF program is attached to; mode: clsact (tc), native or generic (xdp)",
         Series(ifaces),
     );
     reg.register(
@@ -360,7 +391,7 @@ fn health(reg: &mut Registry, s: &Snapshot) {
     );
     reg.register(
         "map_contended",
-        "Packets counted without their entry's lock (another CPU held it); retransmit detection best effort",
+        "Packets whose entry stayed locked by another CPU: counted, without the retransmit check",
         counter(s.contended),
     );
     reg.register(
@@ -461,7 +492,10 @@ mod tests {
             map_full: 1,
             insert_failed: 0,
             contended: 3,
-            attached: vec!["veth0".to_owned()],
+            attached: vec!["veth0".to_owned(), "eth1".to_owned()],
+            // As an XDP run would say it; the golden shows both modes.
+            xdp_modes: vec![("eth1".to_owned(), "native")],
+            rings: None,
             in_map: 2,
             capacity: 1024,
             backend: "tc",
@@ -536,10 +570,19 @@ mod tests {
     fn afpacket_has_no_kernel_map_series() {
         let s = Snapshot {
             backend: "afpacket",
+            rings: Some([1200, 7, 1]),
             ..snapshot()
         };
         let text = encode(&s, &MetricLabels::default());
         assert!(text.contains("flowprobe_backend{backend=\"afpacket\"} 1\n"));
+        // Its own losses are never silent.
+        for line in [
+            "flowprobe_ring_packets_total 1200\n",
+            "flowprobe_ring_drops_total 7\n",
+            "flowprobe_ring_freezes_total 1\n",
+        ] {
+            assert!(text.contains(line), "{line}{text}");
+        }
         assert!(text.contains("flowprobe_sent_bytes_total{"));
         for absent in [
             "flowprobe_table_capacity",

@@ -31,6 +31,11 @@ pub struct Snapshot {
     pub contended: u64,
     /// Interfaces the program is attached to.
     pub attached: Vec<String>,
+    /// XDP: (interface, "native" or "generic") of every attachment.
+    pub xdp_modes: Vec<(String, &'static str)>,
+    /// AF_PACKET: the kernel's ring counters (packets, drops, queue
+    /// freezes), summed over the rings.
+    pub rings: Option<[u64; 3]>,
     /// Entries in the kernel map now, and its capacity.
     pub in_map: usize,
     pub capacity: u32,

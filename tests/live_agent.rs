@@ -454,6 +454,21 @@ fn prometheus_scrape_equals_agent_query_and_app_bytes() {
         assert!(metrics.contains(line), "no `{line}` in:\n{metrics}");
     }
     assert!(metrics.contains("flowprobe_packets_skipped_total{reason=\"not_ip\"}"));
+    // The same health as JSON.
+    let health: Value =
+        serde_json::from_str(&http_get(&ns_a, &format!("http://{AGENT}/health")).unwrap()).unwrap();
+    assert_eq!(health["backend"], "tc", "{health}");
+    assert_eq!(
+        health["interfaces"],
+        serde_json::json!([{ "iface": VETH_A, "mode": "clsact" }]),
+        "{health}"
+    );
+    assert_eq!(health["map"]["capacity"], 8192, "{health}");
+    assert_eq!(health["map"]["full"], 0, "{health}");
+    assert!(
+        health["packets"]["tracked"].as_u64().unwrap() > 0,
+        "{health}"
+    );
 
     // Monotonic across drains: once the closed connections have left the
     // kernel map (--closed-timeout, 2 s), Prometheus has seen no counter

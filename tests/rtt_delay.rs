@@ -360,6 +360,11 @@ fn handshake_rtt_equals_the_added_delay() {
             && metrics.contains("flowprobe_ring_packets_total "),
         "no AF_PACKET ring counters in /metrics:\n{metrics}"
     );
+    let health = http_get(&c, &format!("http://{AGENT}/health")).unwrap();
+    assert!(
+        health.contains("\"backend\":\"afpacket\"") && health.contains("\"drops\":0"),
+        "{health}"
+    );
 
     // Live, from the tc program's handshake times.
     let mut tc: Vec<u64> = Vec::new();

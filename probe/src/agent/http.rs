@@ -13,6 +13,7 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 
+use super::health;
 use super::metrics::{self, MetricLabels};
 use super::Shared;
 use crate::output::{self, Format};
@@ -79,6 +80,11 @@ fn route(req: &Request<Incoming>, shared: &Shared, labels: &MetricLabels) -> Res
             }
             Err(msg) => error(StatusCode::BAD_REQUEST, msg),
         },
+        "/health" => text(
+            StatusCode::OK,
+            "application/json",
+            health::encode(&shared.latest()),
+        ),
         "/connections" => {
             let mut body = Vec::new();
             match output::write(&mut body, Format::Json, &shared.latest().conns) {
@@ -89,11 +95,11 @@ fn route(req: &Request<Incoming>, shared: &Shared, labels: &MetricLabels) -> Res
         "/" => text(
             StatusCode::OK,
             "text/plain; charset=utf-8",
-            "flowprobe agent: /metrics, /query, /connections\n",
+            "flowprobe agent: /metrics, /query, /connections, /health\n",
         ),
         p => error(
             StatusCode::NOT_FOUND,
-            format!("no {p} here: /metrics, /query, /connections"),
+            format!("no {p} here: /metrics, /query, /connections, /health"),
         ),
     }
 }

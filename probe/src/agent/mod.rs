@@ -9,6 +9,7 @@
 //! longer than swapping an `Arc`.
 
 pub mod client;
+mod health;
 mod http;
 pub mod metrics;
 

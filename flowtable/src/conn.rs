@@ -55,6 +55,19 @@ pub struct DirStats {
     pub gaps: u64,
 }
 
+impl DirStats {
+    /// Adds every counter of `o` (another record's same direction).
+    pub fn add(&mut self, o: &DirStats) {
+        self.packets += o.packets;
+        self.bytes += o.bytes;
+        self.l3_bytes += o.l3_bytes;
+        self.retransmits += o.retransmits;
+        self.retransmitted_bytes += o.retransmitted_bytes;
+        self.probes += o.probes;
+        self.gaps += o.gaps;
+    }
+}
+
 impl From<&DirCounters> for DirStats {
     fn from(c: &DirCounters) -> DirStats {
         DirStats {

@@ -28,6 +28,8 @@ use aya::programs::{tc, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader, Pod};
 use flowtable::{sort_connections, Connection, FrameStats};
 use probe_common::ParseError;
+
+use crate::clock::{monotonic_ns, realtime_ns};
 use probe_common::{ConnKey, FlowEntry};
 
 /// The tc program, built and embedded by `build.rs`; empty when it could
@@ -40,18 +42,20 @@ const PROGRAM: &str = "flowprobe_tc";
 /// `probe_common` type itself).
 #[derive(Clone, Copy)]
 #[repr(transparent)]
-struct Key(ConnKey);
+pub(crate) struct Key(pub(crate) ConnKey);
 // SAFETY: `ConnKey` is `repr(C)`, `Copy`, without padding or pointers.
 unsafe impl Pod for Key {}
 
+/// `FlowEntry` as a map value for aya, likewise.
 #[derive(Clone, Copy)]
 #[repr(transparent)]
-struct Entry(FlowEntry);
+pub(crate) struct Entry(pub(crate) FlowEntry);
 // SAFETY: `FlowEntry` is `repr(C)`, `Copy`, without padding or pointers.
 unsafe impl Pod for Entry {}
 
 mod drain;
 pub(crate) mod links;
+pub(crate) mod mapread;
 mod stale;
 mod xdp;
 
@@ -277,12 +281,14 @@ pub fn run(opts: &Options, on_snapshot: &mut dyn FnMut(&Outcome) -> Result<()>) 
         }
     }
     let mut drainer = drain::Drainer::new(opts.closed_timeout, opts.idle_timeout);
+    let mut reader = mapread::MapReader::open(&ebpf)?;
     if res.is_ok() {
         res = follow(
             &mut ebpf,
             &mut att,
             &mut watcher,
             &mut drainer,
+            &mut reader,
             opts,
             on_snapshot,
         );
@@ -293,7 +299,7 @@ pub fn run(opts: &Options, on_snapshot: &mut dyn FnMut(&Outcome) -> Result<()>) 
     drop(att);
     res?;
     cleanup?;
-    let mut o = collect(&ebpf, &drainer)?;
+    let mut o = collect(&ebpf, &mut reader, &drainer)?;
     o.hook = opts.hook;
     o.xdp_modes = xdp_modes;
     Ok(o)
@@ -312,6 +318,7 @@ fn follow(
     att: &mut Attachments,
     watcher: &mut links::Watcher,
     drainer: &mut drain::Drainer,
+    reader: &mut mapread::MapReader,
     opts: &Options,
     on_snapshot: &mut dyn FnMut(&Outcome) -> Result<()>,
 ) -> Result<()> {
@@ -360,12 +367,14 @@ fn follow(
                 ebpf.map_mut("CONNS")
                     .context("the eBPF object has no map CONNS")?,
             )?;
-            drainer.pass(&mut map, monotonic_ns())?;
+            let mut entries = Vec::new();
+            reader.entries(&mut entries)?;
+            drainer.pass(&mut map, &entries, monotonic_ns())?;
             next_drain = Instant::now() + drainer.every();
         }
         if let (Some(at), Some(every)) = (next_snapshot, opts.interval) {
             if Instant::now() >= at {
-                let mut o = collect(ebpf, drainer)?;
+                let mut o = collect(ebpf, reader, drainer)?;
                 o.attached = att.list.iter().map(|a| a.iface.clone()).collect();
                 o.hook = att.hook;
                 o.xdp_modes = xdp_modes(&att.list);
@@ -517,28 +526,13 @@ fn detach_all(ebpf: &mut Ebpf, attached: Vec<Attached>) -> Result<()> {
     }
 }
 
-fn clock_ns(clock: libc::clockid_t) -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid out-pointer.
-    unsafe { libc::clock_gettime(clock, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-/// The clock of the kernel's `bpf_ktime_get_ns` stamps.
-fn monotonic_ns() -> u64 {
-    clock_ns(libc::CLOCK_MONOTONIC)
-}
-
 /// CLOCK_REALTIME − CLOCK_MONOTONIC, taken once per process: turns
 /// `bpf_ktime_get_ns` stamps into Unix time. Once, so that a connection's
 /// times read the same in every snapshot (the two clock reads are tens of
 /// nanoseconds apart, and NTP slews the difference).
 fn clock_offset_ns() -> u64 {
     static OFFSET: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    *OFFSET.get_or_init(|| clock_ns(libc::CLOCK_REALTIME).wrapping_sub(monotonic_ns()))
+    *OFFSET.get_or_init(|| realtime_ns().wrapping_sub(monotonic_ns()))
 }
 
 fn per_cpu_sum(ebpf: &Ebpf, map: &str, idx: u32) -> Result<u64> {
@@ -562,16 +556,13 @@ fn parse_stats(ebpf: &Ebpf) -> Result<FrameStats> {
     Ok(s)
 }
 
-fn collect(ebpf: &Ebpf, drainer: &drain::Drainer) -> Result<Outcome> {
-    let conns_map: BpfHashMap<&MapData, Key, Entry> = BpfHashMap::try_from(
-        ebpf.map("CONNS")
-            .context("the eBPF object has no map CONNS")?,
-    )?;
+fn collect(
+    ebpf: &Ebpf,
+    reader: &mut mapread::MapReader,
+    drainer: &drain::Drainer,
+) -> Result<Outcome> {
     let mut live = Vec::new();
-    for item in conns_map.iter() {
-        let (k, e) = item.context("reading the connection map")?;
-        live.push((k.0, e.0));
-    }
+    reader.entries(&mut live)?;
     let in_map = live.len();
     let mut conns = drainer.connections(live.into_iter(), clock_offset_ns());
     crate::attrib::tag(&mut conns);

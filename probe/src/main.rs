@@ -5,6 +5,7 @@ mod afpacket;
 mod agent;
 mod attrib;
 mod capture;
+mod clock;
 mod config;
 mod export;
 mod ingest;

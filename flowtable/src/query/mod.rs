@@ -300,16 +300,6 @@ pub struct Row {
     pub rtt_src_max: u64,
 }
 
-fn add_dir(a: &mut DirStats, b: &DirStats) {
-    a.packets += b.packets;
-    a.bytes += b.bytes;
-    a.l3_bytes += b.l3_bytes;
-    a.retransmits += b.retransmits;
-    a.retransmitted_bytes += b.retransmitted_bytes;
-    a.probes += b.probes;
-    a.gaps += b.gaps;
-}
-
 impl Row {
     fn new(src: Vec<Option<String>>, dst: Vec<Option<String>>) -> Row {
         Row {
@@ -331,8 +321,8 @@ impl Row {
 
     fn add(&mut self, c: &Connection) {
         self.conns += 1;
-        add_dir(&mut self.sent, &c.sent);
-        add_dir(&mut self.received, &c.received);
+        self.sent.add(&c.sent);
+        self.received.add(&c.received);
         self.first_seen = self.first_seen.min(c.first_seen);
         self.last_seen = self.last_seen.max(c.last_seen);
         if let Some(r) = &c.rtt {
@@ -343,8 +333,8 @@ impl Row {
 
     fn merge(&mut self, o: &Row) {
         self.conns += o.conns;
-        add_dir(&mut self.sent, &o.sent);
-        add_dir(&mut self.received, &o.received);
+        self.sent.add(&o.sent);
+        self.received.add(&o.received);
         self.first_seen = self.first_seen.min(o.first_seen);
         self.last_seen = self.last_seen.max(o.last_seen);
         // Both auto-resize, so adding cannot run out of range.

@@ -19,7 +19,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 
-use flowtable::{sort_connections, Connection, DirStats};
+use flowtable::{sort_connections, Connection};
 
 /// Both endpoints in a canonical order, protocol and interface.
 type Key = (&'static str, (IpAddr, u16), (IpAddr, u16), u32);
@@ -28,16 +28,6 @@ fn key(c: &Connection) -> Key {
     let a = (c.src, c.sport);
     let b = (c.dst, c.dport);
     (c.proto, a.min(b), a.max(b), c.iface)
-}
-
-fn add(a: &mut DirStats, b: &DirStats) {
-    a.packets += b.packets;
-    a.bytes += b.bytes;
-    a.l3_bytes += b.l3_bytes;
-    a.retransmits += b.retransmits;
-    a.retransmitted_bytes += b.retransmitted_bytes;
-    a.probes += b.probes;
-    a.gaps += b.gaps;
 }
 
 /// How far apart two connections' lifetimes are (0 when they overlap).
@@ -76,11 +66,11 @@ pub fn merge(per_ring: Vec<Vec<Connection>>) -> (Vec<Connection>, u64) {
                 let o = &mut out[*i];
                 let same_way = (o.src, o.sport) == (c.src, c.sport);
                 if same_way {
-                    add(&mut o.sent, &c.sent);
-                    add(&mut o.received, &c.received);
+                    o.sent.add(&c.sent);
+                    o.received.add(&c.received);
                 } else {
-                    add(&mut o.sent, &c.received);
-                    add(&mut o.received, &c.sent);
+                    o.sent.add(&c.received);
+                    o.received.add(&c.sent);
                 }
                 // Round-trip times need both directions of one part (a
                 // split TCP connection would have none); keep the first
@@ -111,6 +101,7 @@ pub fn merge(per_ring: Vec<Vec<Connection>>) -> (Vec<Connection>, u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use flowtable::DirStats;
 
     fn conn(sport: u16, dport: u16, first: u64, last: u64, sent: u64, recv: u64) -> Connection {
         let st = |bytes| DirStats {

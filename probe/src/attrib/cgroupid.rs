@@ -26,7 +26,10 @@ const MAX_DIRS: usize = 100_000;
 #[derive(Default)]
 pub struct CgroupIds {
     root: Option<Option<PathBuf>>,
-    paths: HashMap<u64, String>,
+    /// Every id looked up, found or not: cgroup ids are 64-bit and never
+    /// reused, so one not found (removed, or out of sight) stays so, and
+    /// the hierarchy is walked once per id, not at every report.
+    paths: HashMap<u64, Option<String>>,
 }
 
 impl CgroupIds {
@@ -66,36 +69,41 @@ impl CgroupIds {
     /// an id not seen before.
     fn path_of(&mut self, id: u64) -> Option<String> {
         if let Some(p) = self.paths.get(&id) {
-            return Some(p.clone());
+            return p.clone();
         }
-        let root = self.root.get_or_insert_with(unified_root).clone()?;
-        let mut stack = vec![root.clone()];
-        let mut walked = 0;
-        while let Some(dir) = stack.pop() {
-            walked += 1;
-            if walked > MAX_DIRS {
-                break;
-            }
-            let Ok(entries) = std::fs::read_dir(&dir) else {
-                continue;
-            };
-            for e in entries.flatten() {
-                let Ok(m) = e.metadata() else { continue };
-                if !m.is_dir() {
-                    continue;
-                }
-                let p = e.path();
-                if m.ino() == id {
-                    let rel = Path::new("/").join(p.strip_prefix(&root).ok()?);
-                    let rel = rel.to_string_lossy().into_owned();
-                    self.paths.insert(id, rel.clone());
-                    return Some(rel);
-                }
-                stack.push(p);
-            }
-        }
-        None
+        let root = self.root.get_or_insert_with(unified_root).clone();
+        let found = root.and_then(|r| find(&r, id));
+        self.paths.insert(id, found.clone());
+        found
     }
+}
+
+/// The directory under `root` whose inode is `id`, as a path from `root`.
+fn find(root: &Path, id: u64) -> Option<String> {
+    let mut stack = vec![root.to_path_buf()];
+    let mut walked = 0;
+    while let Some(dir) = stack.pop() {
+        walked += 1;
+        if walked > MAX_DIRS {
+            return None;
+        }
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let Ok(m) = e.metadata() else { continue };
+            if !m.is_dir() {
+                continue;
+            }
+            let p = e.path();
+            if m.ino() == id {
+                let rel = Path::new("/").join(p.strip_prefix(root).ok()?);
+                return Some(rel.to_string_lossy().into_owned());
+            }
+            stack.push(p);
+        }
+    }
+    None
 }
 
 /// The cgroup2 mount: ours, or else the one of the host's mount namespace

@@ -14,7 +14,6 @@
 
 mod cgroupid;
 mod host;
-mod mapkeys;
 mod procfs;
 mod procnet;
 mod sockdiag;
@@ -29,6 +28,8 @@ use flowtable::Connection;
 use probe_common::ConnKey;
 
 use self::host::ProcHost;
+use crate::clock::{monotonic_ns, thread_cpu_ns};
+use crate::live::mapread::MapReader;
 
 /// Between passes. A connection that opens and closes within one interval
 /// can be missed; 20 ms sees a 50 ms connection twice or more.
@@ -88,7 +89,7 @@ pub fn start(ebpf: Option<&aya::Ebpf>) -> Attribution {
         .map(Duration::from_millis)
         .unwrap_or(INTERVAL);
     let host = ProcHost::new();
-    let map = ebpf.map(mapkeys::MapKeys::open).transpose();
+    let map = ebpf.map(MapReader::open).transpose();
     if let Err(e) = &map {
         eprintln!("flowprobe: attribution: {e}; connections are joined at each report only");
     }
@@ -123,7 +124,7 @@ pub fn start(ebpf: Option<&aya::Ebpf>) -> Attribution {
                 keys.clear();
                 seen.clear();
                 if let Some(m) = &mut map {
-                    if let Err(e) = m.read(&mut keys) {
+                    if let Err(e) = m.keys(&mut keys) {
                         eprintln!("flowprobe: attribution: {e:#}; joining at each report only");
                         map = None;
                     }
@@ -246,22 +247,4 @@ impl Drop for Attribution {
             );
         }
     }
-}
-
-fn clock_ns(clock: libc::clockid_t) -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid out-pointer.
-    unsafe { libc::clock_gettime(clock, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-fn monotonic_ns() -> u64 {
-    clock_ns(libc::CLOCK_MONOTONIC)
-}
-
-fn thread_cpu_ns() -> u64 {
-    clock_ns(libc::CLOCK_THREAD_CPUTIME_ID)
 }

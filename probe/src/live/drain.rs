@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use flowtable::Connection;
 use probe_common::{wire::evidence, ConnKey, FlowEntry};
@@ -50,6 +50,7 @@ impl Drainer {
     pub fn pass(
         &mut self,
         map: &mut BpfHashMap<&mut MapData, Key, Entry>,
+        entries: &[(ConnKey, FlowEntry)],
         now_ns: u64,
     ) -> Result<usize> {
         let due = |e: &FlowEntry| {
@@ -57,13 +58,11 @@ impl Drainer {
                 Duration::from_nanos(now_ns.saturating_sub(e.last_seen_ns.max(e.first_seen_ns)));
             quiet >= self.idle_after || (e.closed() && quiet >= self.closed_after)
         };
-        let mut keys = Vec::new();
-        for item in map.iter() {
-            let (k, e) = item.context("reading the connection map")?;
-            if due(&e.0) {
-                keys.push(k);
-            }
-        }
+        let keys: Vec<Key> = entries
+            .iter()
+            .filter(|(_, e)| due(e))
+            .map(|(k, _)| Key(*k))
+            .collect();
         let mut moved = 0;
         for k in keys {
             // Read again right before the delete: the window between the two

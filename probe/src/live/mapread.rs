@@ -1,9 +1,10 @@
-//! The keys of the kernel's connection map, read many per system call
-//! (`BPF_MAP_LOOKUP_BATCH`): a pass reads every key, and one
-//! `BPF_MAP_GET_NEXT_KEY` per key was most of the resolver's cost at 1000
-//! new connections a second (thousands of closed connections wait in the map
-//! for `--closed-timeout`). Falls back to one key at a time where the kernel
-//! has no batch operations (before 5.6).
+//! The kernel's connection map, read many entries per system call
+//! (`BPF_MAP_LOOKUP_BATCH`): the attribution pass (every 20 ms), the drain
+//! and every snapshot read the whole map, and one `BPF_MAP_GET_NEXT_KEY` plus
+//! one lookup per entry was most of the resolver's cost at 1000 new
+//! connections a second (thousands of closed connections wait in the map
+//! for `--closed-timeout`). Falls back to one entry at a time where the
+//! kernel has no batch operations (before 5.6).
 
 use std::io;
 use std::mem::size_of;
@@ -11,8 +12,9 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use anyhow::{bail, Context, Result};
 use aya::maps::{HashMap as BpfHashMap, Map, MapData};
-use aya::Pod;
 use probe_common::{ConnKey, FlowEntry};
+
+use super::{Entry, Key};
 
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 /// The kernel's own "not supported" (not in libc: it never reaches
@@ -33,38 +35,25 @@ struct BatchAttr {
     flags: u64,
 }
 
-/// The kernel map's key and value, as aya wants them (`Pod` is aya's
-/// trait and `ConnKey` another crate's type, so a local wrapper).
-#[derive(Clone, Copy)]
-#[repr(transparent)]
-struct Key(ConnKey);
-// SAFETY: `ConnKey` is `repr(C)`, `Copy`, without padding or pointers.
-unsafe impl Pod for Key {}
-
-#[derive(Clone, Copy)]
-#[repr(transparent)]
-struct Value(FlowEntry);
-// SAFETY: `FlowEntry` is `repr(C)`, `Copy`, without padding or pointers.
-unsafe impl Pod for Value {}
-
-pub struct MapKeys {
+pub struct MapReader {
     fd: OwnedFd,
     /// Entries per call; grows when a hash bucket holds more (ENOSPC).
     chunk: usize,
     keys: Vec<u8>,
     values: Vec<u8>,
     /// Set once the kernel refused batches.
-    slow: Option<BpfHashMap<MapData, Key, Value>>,
+    slow: Option<BpfHashMap<MapData, Key, Entry>>,
 }
 
-impl MapKeys {
-    /// A second descriptor of `CONNS` of `ebpf`, for the resolver thread.
-    pub fn open(ebpf: &aya::Ebpf) -> Result<MapKeys> {
+impl MapReader {
+    /// A descriptor of its own of `CONNS` of `ebpf` (the resolver thread
+    /// reads through one, the run loop through another).
+    pub fn open(ebpf: &aya::Ebpf) -> Result<MapReader> {
         let fd = match ebpf.map("CONNS") {
             Some(Map::HashMap(m) | Map::LruHashMap(m)) => m.fd().as_fd().try_clone_to_owned()?,
             _ => bail!("the eBPF object has no hash map CONNS"),
         };
-        Ok(MapKeys {
+        Ok(MapReader {
             fd,
             chunk: 256,
             keys: Vec::new(),
@@ -74,15 +63,29 @@ impl MapKeys {
     }
 
     /// Every key now in the map, appended to `out`.
-    pub fn read(&mut self, out: &mut Vec<ConnKey>) -> Result<()> {
+    pub fn keys(&mut self, out: &mut Vec<ConnKey>) -> Result<()> {
+        self.read(&mut |k, _| out.push(*k))
+    }
+
+    /// Every entry now in the map, appended to `out`.
+    pub fn entries(&mut self, out: &mut Vec<(ConnKey, FlowEntry)>) -> Result<()> {
+        self.read(&mut |k, e| out.push((*k, *e)))
+    }
+
+    fn read(&mut self, each: &mut dyn FnMut(&ConnKey, &FlowEntry)) -> Result<()> {
         if let Some(m) = &self.slow {
-            for k in m.keys() {
-                out.push(k.context("reading the connection map's keys")?.0);
+            for item in m.iter() {
+                let (k, e) = item.context("reading the connection map")?;
+                each(&k.0, &e.0);
             }
             return Ok(());
         }
-        match self.batches(out) {
-            Ok(()) => Ok(()),
+        let mut batch = Vec::new();
+        match self.batches(&mut batch) {
+            Ok(()) => {
+                batch.iter().for_each(|(k, e)| each(k, e));
+                Ok(())
+            }
             Err(e)
                 if matches!(
                     e.raw_os_error(),
@@ -92,13 +95,13 @@ impl MapKeys {
                 let data = MapData::from_fd(self.fd.try_clone()?)
                     .context("opening the connection map again")?;
                 self.slow = Some(BpfHashMap::try_from(Map::HashMap(data))?);
-                self.read(out)
+                self.read(each)
             }
             Err(e) => Err(e).context("BPF_MAP_LOOKUP_BATCH on the connection map"),
         }
     }
 
-    fn batches(&mut self, out: &mut Vec<ConnKey>) -> io::Result<()> {
+    fn batches(&mut self, out: &mut Vec<(ConnKey, FlowEntry)>) -> io::Result<()> {
         let start = out.len();
         let mut token: u32 = 0;
         let mut first = true;
@@ -138,10 +141,15 @@ impl MapKeys {
             }
             let n = (attr.count as usize).min(self.chunk);
             for i in 0..n {
-                let at = i * size_of::<ConnKey>();
-                // SAFETY: the kernel wrote `n` whole keys; ConnKey is POD.
+                let k = i * size_of::<ConnKey>();
+                let v = i * size_of::<FlowEntry>();
+                // SAFETY: the kernel wrote `n` whole keys and values; both
+                // types are POD.
                 out.push(unsafe {
-                    std::ptr::read_unaligned(self.keys[at..].as_ptr().cast::<ConnKey>())
+                    (
+                        std::ptr::read_unaligned(self.keys[k..].as_ptr().cast::<ConnKey>()),
+                        std::ptr::read_unaligned(self.values[v..].as_ptr().cast::<FlowEntry>()),
+                    )
                 });
             }
             match err {

@@ -31,11 +31,13 @@
 mod common;
 
 use std::fs;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Child, Command};
 
-use common::root::{drop_in_input, enabled, sh, sh_out, wait_for, Netns};
-use common::{json_lines, repo_root};
+use common::json_lines;
+use common::root::{
+    conn_args, drop_in_input, enabled, sh, sh_out, tcpapp_exchange, wait_for, Netns,
+};
 use serde_json::Value;
 
 const VETH_A: &str = "fpa0";
@@ -106,10 +108,6 @@ const CONNS: [(u16, u64, u64); 4] = [
     (41003, 1_000_000, 1_000_000),
 ];
 
-fn tcpapp() -> PathBuf {
-    repo_root().join("fixtures/capture/tcpapp.py")
-}
-
 /// `prefix flowprobe run ARGS --format json` inside `ns`; output in
 /// `dir/TAG.json`, stderr in `dir/TAG.err`.
 fn spawn_flowprobe(ns: &str, prefix: &[&str], args: &[&str], dir: &Path, tag: &str) -> Child {
@@ -152,33 +150,7 @@ fn tc_attached(ns: &str, dev: &str) -> bool {
 }
 
 fn traffic(ns: &Netns, ca: &str, sa: &str, dir: &Path) {
-    let conn_args: Vec<String> = CONNS
-        .iter()
-        .flat_map(|(p, c, s)| ["--conn".to_owned(), format!("{p}:{c}:{s}")])
-        .collect();
-    let ready = dir.join("ready");
-    let mut server = Command::new("ip")
-        .args(["netns", "exec", &ns.b, "python3"])
-        .arg(tcpapp())
-        .args(["server", "--addr", sa, "--ready"])
-        .arg(&ready)
-        .arg("--out")
-        .arg(dir.join("server.json"))
-        .args(&conn_args)
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for("the server", || ready.exists());
-    let client = Command::new("ip")
-        .args(["netns", "exec", &ns.a, "python3"])
-        .arg(tcpapp())
-        .args(["client", "--server", sa, "--local", ca, "--out"])
-        .arg(dir.join("client.json"))
-        .args(&conn_args)
-        .status()
-        .unwrap();
-    assert!(client.success(), "tcpapp client failed");
-    assert!(server.wait().unwrap().success(), "tcpapp server failed");
+    tcpapp_exchange(&ns.a, ca, &ns.b, sa, dir, &conn_args(&CONNS));
 }
 
 /// Stops a probe with SIGINT and returns its (JSON lines, raw output,

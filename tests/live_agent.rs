@@ -25,12 +25,12 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::root::{drop_in_input, enabled, sh};
-use common::{json_lines, repo_root};
+use common::json_lines;
+use common::root::{conn_args, drop_in_input, enabled, sh, tcpapp_exchange};
 use serde_json::Value;
 
 const AGENT: &str = "127.0.0.1:9911";
@@ -234,45 +234,8 @@ fn agent_query(ns: &str, args: &[&str]) -> Vec<Value> {
     json_lines(&out)
 }
 
-fn tcpapp() -> PathBuf {
-    repo_root().join("fixtures/capture/tcpapp.py")
-}
-
 fn traffic(w: &World, dir: &Path) -> (Value, Value) {
-    let conn_args: Vec<String> = CONNS
-        .iter()
-        .flat_map(|(p, c, s)| ["--conn".to_owned(), format!("{p}:{c}:{s}")])
-        .collect();
-    let ready = dir.join("ready");
-    let mut server = Command::new("ip")
-        .args(["netns", "exec", &w.b, "python3"])
-        .arg(tcpapp())
-        .args(["server", "--addr", SERVER, "--ready"])
-        .arg(&ready)
-        .arg("--out")
-        .arg(dir.join("server.json"))
-        .args(&conn_args)
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-    let up = Instant::now() + Duration::from_secs(20);
-    while !ready.exists() {
-        if Instant::now() > up {
-            let _ = server.kill();
-            panic!("the tcpapp server did not start");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let client = Command::new("ip")
-        .args(["netns", "exec", &w.a, "python3"])
-        .arg(tcpapp())
-        .args(["client", "--server", SERVER, "--local", CLIENT, "--out"])
-        .arg(dir.join("client.json"))
-        .args(&conn_args)
-        .status()
-        .unwrap();
-    assert!(client.success(), "tcpapp client failed");
-    assert!(server.wait().unwrap().success(), "tcpapp server failed");
+    tcpapp_exchange(&w.a, CLIENT, &w.b, SERVER, dir, &conn_args(&CONNS));
     let read = |f: &str| -> Value {
         serde_json::from_str(&fs::read_to_string(dir.join(f)).unwrap()).unwrap()
     };

@@ -35,7 +35,9 @@ use std::time::{Duration, Instant};
 
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use aya::Ebpf;
-use common::root::{drop_in_input, enabled, sh, sh_out, wait_for, Netns};
+use common::root::{
+    conn_args, drop_in_input, enabled, sh, sh_out, tcpapp_exchange, wait_for, Netns,
+};
 use common::{json_lines, repo_root};
 use serde_json::Value;
 
@@ -91,10 +93,6 @@ const CONNS: [(u16, u64, u64); 4] = [
 const UDP_PORT: u16 = 41000;
 const UDP_DATAGRAMS: u64 = 30;
 
-fn tcpapp() -> PathBuf {
-    repo_root().join("fixtures/capture/tcpapp.py")
-}
-
 /// `flowprobe run` on `dev` inside `ns`; output in `dir/TAG.json`,
 /// stderr in `dir/TAG.err`.
 fn spawn_flowprobe(ns: &str, dev: &str, duration: Option<&str>, dir: &Path, tag: &str) -> Child {
@@ -121,34 +119,9 @@ fn spawn_flowprobe(ns: &str, dev: &str, duration: Option<&str>, dir: &Path, tag:
 }
 
 fn traffic(ns: &Netns, ca: &str, sa: &str, dir: &Path) {
-    let mut conn_args: Vec<String> = CONNS
-        .iter()
-        .flat_map(|(p, c, s)| ["--conn".to_owned(), format!("{p}:{c}:{s}")])
-        .collect();
-    conn_args.extend(["--udp".to_owned(), format!("{UDP_PORT}:{UDP_DATAGRAMS}")]);
-    let ready = dir.join("ready");
-    let mut server = Command::new("ip")
-        .args(["netns", "exec", &ns.b, "python3"])
-        .arg(tcpapp())
-        .args(["server", "--addr", sa, "--ready"])
-        .arg(&ready)
-        .arg("--out")
-        .arg(dir.join("server.json"))
-        .args(&conn_args)
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for("the server", || ready.exists());
-    let client = Command::new("ip")
-        .args(["netns", "exec", &ns.a, "python3"])
-        .arg(tcpapp())
-        .args(["client", "--server", sa, "--local", ca, "--out"])
-        .arg(dir.join("client.json"))
-        .args(&conn_args)
-        .status()
-        .unwrap();
-    assert!(client.success(), "tcpapp client failed");
-    assert!(server.wait().unwrap().success(), "tcpapp server failed");
+    let mut args = conn_args(&CONNS);
+    args.extend(["--udp".to_owned(), format!("{UDP_PORT}:{UDP_DATAGRAMS}")]);
+    tcpapp_exchange(&ns.a, ca, &ns.b, sa, dir, &args);
 }
 
 /// The record of the connection from client port `port` in one probe's

@@ -127,3 +127,64 @@ pub fn drop_in_input(ns: &str, ipt: &str) {
         "DROP",
     ]);
 }
+
+/// `--conn PORT:CLIENT_BYTES:SERVER_BYTES` arguments of `tcpapp.py`.
+pub fn conn_args(conns: &[(u16, u64, u64)]) -> Vec<String> {
+    conns
+        .iter()
+        .flat_map(|(p, c, s)| ["--conn".to_owned(), format!("{p}:{c}:{s}")])
+        .collect()
+}
+
+/// `fixtures/capture/tcpapp.py` with `args` (its `--conn`/`--udp`
+/// exchanges): the server at `server_addr` in `server_ns`, the client from
+/// `client_addr` in `client_ns`; each writes its own socket's `TCP_INFO`
+/// to `dir/server.json` and `dir/client.json`. Returns when both are done.
+pub fn tcpapp_exchange(
+    client_ns: &str,
+    client_addr: &str,
+    server_ns: &str,
+    server_addr: &str,
+    dir: &std::path::Path,
+    args: &[String],
+) {
+    use std::process::Stdio;
+    let app = super::repo_root().join("fixtures/capture/tcpapp.py");
+    let ready = dir.join("ready");
+    let mut server = Command::new("ip")
+        .args(["netns", "exec", server_ns, "python3"])
+        .arg(&app)
+        .args(["server", "--addr", server_addr, "--ready"])
+        .arg(&ready)
+        .arg("--out")
+        .arg(dir.join("server.json"))
+        .args(args)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let up = Instant::now() + Duration::from_secs(20);
+    while !ready.exists() {
+        if Instant::now() > up {
+            let _ = server.kill();
+            panic!("the tcpapp server did not start");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let client = Command::new("ip")
+        .args(["netns", "exec", client_ns, "python3"])
+        .arg(&app)
+        .args([
+            "client",
+            "--server",
+            server_addr,
+            "--local",
+            client_addr,
+            "--out",
+        ])
+        .arg(dir.join("client.json"))
+        .args(args)
+        .status()
+        .unwrap();
+    assert!(client.success(), "tcpapp client failed");
+    assert!(server.wait().unwrap().success(), "tcpapp server failed");
+}

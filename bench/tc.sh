@@ -19,7 +19,8 @@
 #   data, as MTU-sized frames, since XDP turns GSO off on the veth peer);
 #   `raw` attaches the probe
 #   object with tc, without the agent; `alt` attaches ALT_OBJ=PATH the same
-#   way (to compare two builds of the program in one run)
+#   way (to compare two builds of the program in one run); `alt1`, `alt2`, …
+#   attach the first, second, … of ALT_OBJS="PATH PATH …"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -115,10 +116,14 @@ run_mode() { # mode round
     MODE=$mode
     case $mode in
     none) read -r bps sent recvd < <(load) ;;
-    empty | raw | alt)
+    empty | raw | alt | alt[0-9]*)
         local obj=$BASE
         [[ $mode == raw ]] && obj=$OBJ
         [[ $mode == alt ]] && obj=${ALT_OBJ:?mode alt needs ALT_OBJ=PATH}
+        if [[ $mode == alt[0-9]* ]]; then
+            local alts=(${ALT_OBJS:?mode $mode needs ALT_OBJS="PATH PATH ..."})
+            obj=${alts[${mode#alt} - 1]:?mode $mode: ALT_OBJS has no such entry}
+        fi
         tc -n "$NS_B" qdisc add dev vb clsact
         tc -n "$NS_B" filter add dev vb ingress bpf da obj "$obj" sec classifier
         tc -n "$NS_B" filter add dev vb egress bpf da obj "$obj" sec classifier
@@ -229,7 +234,8 @@ for m in "${MODES[@]}"; do
     v=$( [[ -n $G_NONE ]] && awk -v a="$g" -v b="$G_NONE" 'BEGIN { printf "%.3f", a / b }' || echo -)
     printf '%-6s %10s %10s %12s\n' "$m" "$g" "$v" "$c"
 done
-for m in probe xdp raw alt; do
+for m in "${MODES[@]}"; do
+    [[ $m == empty || $m == none ]] && continue
     [[ " ${MODES[*]} " == *" $m "* && " ${MODES[*]} " == *" empty "* ]] || continue
     echo
     echo "$m/empty in-kernel cost per run (median of per-round ratios):"

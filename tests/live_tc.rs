@@ -656,18 +656,41 @@ fn run_explains_what_is_missing() {
     }
 }
 
-/// `ConnKey`/`FlowEntry` as aya map types (the orphan rule keeps `Pod` off
-/// the `probe_common` types).
+/// A kernel table slot as an aya map value (the orphan rule keeps `Pod`
+/// off the `probe_common` type).
 #[derive(Clone, Copy)]
 #[repr(transparent)]
-struct Key(probe_common::ConnKey);
-// SAFETY: `repr(C)`, `Copy`, no padding or pointers.
-unsafe impl aya::Pod for Key {}
-#[derive(Clone, Copy)]
-#[repr(transparent)]
-struct Entry(probe_common::FlowEntry);
-// SAFETY: as above.
-unsafe impl aya::Pod for Entry {}
+struct SlotPod(probe_common::table::Slot);
+// SAFETY: `repr(C)`, `Copy`, no pointers; padding is explicit fields.
+unsafe impl aya::Pod for SlotPod {}
+
+/// The connections in the kernel table, read slot by slot through the
+/// `bpf` system call: an independent reader beside `flowprobe`'s mmap one.
+fn table_entries(ebpf: &Ebpf) -> Vec<(probe_common::ConnKey, probe_common::FlowEntry)> {
+    use aya::maps::{Array, MapData};
+    let slots: Array<&MapData, SlotPod> = Array::try_from(ebpf.map("CONNS").unwrap()).unwrap();
+    let mut res = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out pointer.
+    assert_eq!(
+        unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut res) },
+        0
+    );
+    let tick_ns = res.tv_sec as u64 * 1_000_000_000 + res.tv_nsec as u64;
+    (0..slots.len())
+        .filter_map(|i| {
+            let s = slots.get(&i, 0).unwrap().0;
+            (s.state == probe_common::table::state::LIVE).then(|| {
+                let mut e = s.entry;
+                e.fold_late();
+                e.jiffies_to_ns(tick_ns);
+                (s.key, e)
+            })
+        })
+        .collect()
+}
 
 /// The frames of a little-endian Ethernet pcap (the fixtures' format; read
 /// here by hand because their records may claim more than the snap length,
@@ -695,8 +718,6 @@ fn pcap_frames(b: &[u8]) -> Vec<&[u8]> {
 /// tracker and orientation rule.
 #[test]
 fn fixtures_through_the_kernel_program_equal_replay() {
-    use aya::maps::{HashMap as BpfHashMap, MapData};
-
     if !enabled("live_tc") {
         return;
     }
@@ -717,14 +738,9 @@ fn fixtures_through_the_kernel_program_equal_replay() {
     for cap in caps {
         let mut ebpf = aya::Ebpf::load_file(&object).unwrap();
         let frames = push_frames(&mut ebpf, &fs::read(&cap).unwrap());
-        let map: BpfHashMap<&MapData, Key, Entry> =
-            BpfHashMap::try_from(ebpf.map("CONNS").unwrap()).unwrap();
-        let kernel: Vec<Value> = map
+        let kernel: Vec<Value> = table_entries(&ebpf)
             .iter()
-            .map(|kv| {
-                let (k, e) = kv.unwrap();
-                serde_json::to_value(flowtable::Connection::from_entry(&k.0, &e.0, 0)).unwrap()
-            })
+            .map(|(k, e)| serde_json::to_value(flowtable::Connection::from_entry(k, e, 0)).unwrap())
             .collect();
         let out = common::flowprobe(&[
             "replay",
@@ -763,11 +779,11 @@ fn fixtures_through_the_kernel_program_equal_replay() {
     }
 }
 
-/// A full connection map is counted in `CONN_STATS`, never silent: with room
-/// for one connection, the packets of the others are counted there.
+/// A full connection table is counted in `CONN_STATS`, never silent: with
+/// room for one connection, the packets of the others are counted there.
 #[test]
 fn full_connection_map_is_counted() {
-    use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
+    use aya::maps::{MapData, PerCpuArray};
 
     if !enabled("live_tc") {
         return;
@@ -775,25 +791,23 @@ fn full_connection_map_is_counted() {
     let object = repo_root().join("target/ebpf/bpfel-unknown-none/release/probe-ebpf");
     let mut ebpf = aya::EbpfLoader::new()
         .map_max_entries("CONNS", 1)
+        .map_max_entries("OCCUPIED", 1)
+        .override_global("CONNS_MASK", &0u32, true)
         .load_file(&object)
         .unwrap();
     push_frames(
         &mut ebpf,
         &fs::read(repo_root().join("fixtures/pcaps/tcp4_loss.pcap")).unwrap(),
     );
-    let conns: BpfHashMap<&MapData, Key, Entry> =
-        BpfHashMap::try_from(ebpf.map("CONNS").unwrap()).unwrap();
-    assert_eq!(conns.keys().count(), 1);
+    let conns = table_entries(&ebpf);
+    assert_eq!(conns.len(), 1);
     let stats: PerCpuArray<&MapData, u64> =
         PerCpuArray::try_from(ebpf.map("CONN_STATS").unwrap()).unwrap();
     let full: u64 = stats.get(&0, 0).unwrap().iter().sum();
     let other: u64 = stats.get(&1, 0).unwrap().iter().sum();
     let kept: u64 = conns
         .iter()
-        .map(|kv| {
-            let e = kv.unwrap().1 .0;
-            e.counters[0].packets + e.counters[1].packets
-        })
+        .map(|(_, e)| e.counters[0].packets + e.counters[1].packets)
         .sum();
     // tcp4_loss: 1124 frames, one segment each, all tracked.
     assert_eq!((kept + full, other), (1124, 0));

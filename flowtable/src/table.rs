@@ -375,7 +375,7 @@ mod tests {
                 .entry(key)
                 .or_insert_with(|| FlowEntry::new(ts, dir, &key, is_tcp.then_some(p.tcp.flags)));
             // SAFETY: a live map value, no other writer.
-            let how = unsafe { update(e, dir, 1, p, &Fixed(ts), 1, &Plain) };
+            let how = unsafe { update(e, dir, 1, &p.pkt(), &Fixed(ts), 1, &Plain) };
             assert_eq!(how, Updated::Locked);
         }
         let mut out: Vec<Connection> = map
@@ -440,7 +440,7 @@ mod tests {
         for (p, &ts) in pkts.iter().zip(&times) {
             let dir = ConnKey::of(&p.key, 0).1;
             // SAFETY: a live local, no other writer.
-            unsafe { update(&mut e, dir, 1, p, &Fixed(ts), 1, &Plain) };
+            unsafe { update(&mut e, dir, 1, &p.pkt(), &Fixed(ts), 1, &Plain) };
         }
         let kernel = Connection::from_entry(&key, &e, 0).rtt.unwrap();
         let legs = |r: &Rtt| (r.dst.handshake_us, r.src.handshake_us);

@@ -12,9 +12,12 @@
 pub mod handshake;
 pub mod parse;
 pub mod shared;
+pub mod table;
 pub mod tcp;
 pub mod wire;
 
 pub use parse::{parse_frame, LinkType, PacketBytes, ParseError, Parsed};
 pub use tcp::{Segment, TcpDir, Verdict, VerdictKind};
+#[cfg(not(target_arch = "bpf"))]
+pub use wire::CoreAtomics;
 pub use wire::{Atomics, ConnKey, DirCounters, FlowEntry, FlowKey, L4Proto, Plain};

@@ -10,13 +10,16 @@
 //! a few dozen instructions; but a virtual CPU can be descheduled by its
 //! hypervisor while it holds it. A CPU that still finds the lock taken after
 //! `spins` tries counts the packet without the tracker and says so, so that
-//! the caller can count that. Counters are added atomically on both paths, so they stay exact when
-//! the two paths meet; only the tracker's call on that packet is lost.
+//! the caller can count that, and adds its packet to the entry's `late`
+//! counters, atomically, apart from the counters the lock holder adds to
+//! with plain adds; readers fold them together ([`FlowEntry::fold_late`]).
+//! Counts stay exact when the two paths meet; only the tracker's call on
+//! that packet is lost.
 
 use crate::handshake;
-use crate::parse::Parsed;
+use crate::parse::{Parsed, TcpHeader};
 use crate::tcp::{track, Segment};
-use crate::wire::{Atomics, DirCounters, FlowEntry, L4Proto};
+use crate::wire::{Atomics, FlowEntry, L4Proto};
 
 /// The clocks an update reads: the coarse one for every packet's
 /// `last_seen`, the precise one only when a handshake time is taken
@@ -50,72 +53,128 @@ pub enum Updated {
     Contended,
 }
 
+/// What an update needs of one packet: [`Parsed`] without the addresses
+/// (the caller has found the entry already).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pkt {
+    pub is_tcp: bool,
+    /// Zeroed for UDP.
+    pub tcp: TcpHeader,
+    pub payload_len: u32,
+    pub l3_len: u32,
+}
+
+impl Parsed {
+    #[inline(always)]
+    pub fn pkt(&self) -> Pkt {
+        Pkt {
+            is_tcp: self.key.proto == L4Proto::Tcp as u8,
+            tcp: self.tcp,
+            payload_len: self.payload_len,
+            l3_len: self.l3_len,
+        }
+    }
+}
+
 /// Records one packet (or GSO super-packet of `segs` segments) travelling
-/// in direction `dir` (0 or 1, as in [`crate::ConnKey::of`]) at `now_ns`.
+/// in direction `dir` (0 or 1, as in [`crate::ConnKey::of`]): takes the
+/// entry's lock, [`update_locked`], releases it; or, when the lock stays
+/// taken for `spins` tries, [`update_contended`].
 ///
 /// # Safety
 /// `e` must point to a live `FlowEntry`, 8-byte aligned, that other writers
-/// update only through this function.
+/// update only through this module.
 #[inline(always)]
 pub unsafe fn update<A: Atomics, C: Clock>(
     e: *mut FlowEntry,
     dir: usize,
     segs: u32,
-    p: &Parsed,
+    p: &Pkt,
     clock: &C,
     spins: u32,
     a: &A,
 ) -> Updated {
-    let now_ns = clock.coarse_ns();
-    let dir = dir & 1;
-    let is_tcp = p.key.proto == L4Proto::Tcp as u8;
-    let seg = Segment {
-        hdr: p.tcp,
-        payload_len: p.payload_len,
-    };
     // SAFETY: caller's contract.
     let lock = unsafe { &raw mut (*e).lock };
     // SAFETY: as above.
     if unsafe { a.try_lock(lock, spins) } {
-        // SAFETY: we hold the entry's lock; every other writer takes it too
-        // (or is a fallback, see the module comment).
+        // SAFETY: we hold the lock.
         unsafe {
-            let e = &mut *e;
-            e.last_seen_ns = now_ns;
-            let verdict = if is_tcp {
-                e.note_syn(dir, p.tcp.flags);
-                let [t0, t1] = &mut e.tcp;
-                let (d, r) = if dir == 0 { (t0, t1) } else { (t1, t0) };
-                let v = track(&seg, d, r);
-                handshake::observe(e, dir, &p.tcp, &v, || clock.precise_ns());
-                Some(v)
-            } else {
-                None
-            };
-            // Atomic adds even under the lock: a fallback writer (below) may
-            // add to the same counters meanwhile, and a plain
-            // read-modify-write here would overwrite its add.
-            let counters = (&raw mut e.counters).cast::<DirCounters>();
-            DirCounters::record_shared(
-                counters.add(dir),
-                segs,
-                p.payload_len,
-                p.l3_len,
-                verdict.as_ref(),
-                a,
-            );
+            update_locked(e, dir, segs, p, clock);
             a.xchg_u32(lock, 0);
         }
         return Updated::Locked;
     }
-    // The lock stayed taken: count the packet, atomically, without a
-    // tracker verdict (the sequence state belongs to the lock holder).
-    // SAFETY: caller's contract; the counters are only ever added to
-    // atomically, and the timestamp is one aligned store any writer may win.
-    unsafe {
-        core::ptr::write_volatile(&raw mut (*e).last_seen_ns, now_ns);
-        let counters = (&raw mut (*e).counters).cast::<DirCounters>();
-        DirCounters::record_shared(counters.add(dir), segs, p.payload_len, p.l3_len, None, a);
-    }
+    // SAFETY: caller's contract.
+    unsafe { update_contended(e, dir, segs, p, clock, a) };
     Updated::Contended
+}
+
+/// The update itself, by the holder of the entry's lock: the tracker's
+/// verdict, the handshake, the counters.
+///
+/// # Safety
+/// As [`update`], and the caller holds `(*e).lock`.
+#[inline(always)]
+pub unsafe fn update_locked<C: Clock>(
+    e: *mut FlowEntry,
+    dir: usize,
+    segs: u32,
+    p: &Pkt,
+    clock: &C,
+) {
+    let dir = dir & 1;
+    let seg = Segment {
+        hdr: p.tcp,
+        payload_len: p.payload_len,
+    };
+    // SAFETY: we hold the entry's lock; every other writer takes it too
+    // (or is a fallback, see the module comment).
+    unsafe {
+        let e = &mut *e;
+        e.last_seen_ns = clock.coarse_ns();
+        let verdict = if p.is_tcp {
+            e.note_syn(dir, p.tcp.flags);
+            let [t0, t1] = &mut e.tcp;
+            let (d, r) = if dir == 0 { (t0, t1) } else { (t1, t0) };
+            let v = track(&seg, d, r);
+            handshake::observe(e, dir, &p.tcp, &v, || clock.precise_ns());
+            Some(v)
+        } else {
+            None
+        };
+        // Plain adds: every writer of `counters` holds the lock (a
+        // contended writer adds to `late` instead).
+        e.counters[dir].record(segs, p.payload_len, p.l3_len, verdict.as_ref());
+    }
+}
+
+/// The lock stayed taken: counts the packet, atomically, without a tracker
+/// verdict (the sequence state belongs to the lock holder).
+///
+/// # Safety
+/// As [`update`].
+#[inline(always)]
+pub unsafe fn update_contended<A: Atomics, C: Clock>(
+    e: *mut FlowEntry,
+    dir: usize,
+    segs: u32,
+    p: &Pkt,
+    clock: &C,
+    a: &A,
+) {
+    // SAFETY: caller's contract; `late` is only ever added to atomically,
+    // and the timestamp is one aligned store any writer may win.
+    unsafe {
+        core::ptr::write_volatile(&raw mut (*e).last_seen_ns, clock.coarse_ns());
+        let late = (&raw mut (*e).late)
+            .cast::<[u64; 3]>()
+            .add(dir & 1)
+            .cast::<u64>();
+        a.add_u64(late, segs as u64);
+        if p.payload_len != 0 {
+            a.add_u64(late.add(1), p.payload_len as u64);
+        }
+        a.add_u64(late.add(2), p.l3_len as u64);
+    }
 }

@@ -243,7 +243,10 @@ fn hole_open(d: &mut TcpDir, i: usize) -> bool {
 }
 
 /// Records the hole `[lo, hi)` a gap just left (above every open hole).
-#[inline(always)]
+// Not inlined, like `fill_hole`: only gaps and copies get here, and the
+// eBPF program's common path stays short (its code is fetched afresh for
+// nearly every packet at load).
+#[inline(never)]
 fn open_hole(d: &mut TcpDir, lo: u32, hi: u32) {
     let slot = match (hole_open(d, 0), hole_open(d, 1)) {
         (false, false) => 0,
@@ -268,7 +271,7 @@ fn open_hole(d: &mut TcpDir, lo: u32, hi: u32) {
 /// (first seen now). A segment that covers a hole's start or end moves that
 /// edge past it, closing the hole when nothing is left; one strictly inside
 /// leaves the hole as is.
-#[inline(always)]
+#[inline(never)]
 fn fill_hole(d: &mut TcpDir, seq: u32, len: u32) -> u32 {
     let data_end = seq.wrapping_add(len);
     let mut unseen = 0;

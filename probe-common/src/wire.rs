@@ -66,7 +66,7 @@ impl FlowKey {
 /// with 8-byte loads, not byte by byte), with the tail padding explicit and
 /// zero: the kernel hashes and compares all 48 bytes.
 #[repr(C, align(8))]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConnKey {
     pub lo: [u8; 16],
     pub hi: [u8; 16],
@@ -105,6 +105,17 @@ impl ConnKey {
             _pad2: [0; 4],
         };
         (key, if forward { 0 } else { 1 })
+    }
+}
+
+impl ConnKey {
+    /// The key whose memory is these six little-endian words (the eBPF fast
+    /// path builds keys this way: six register stores instead of byte
+    /// copies).
+    #[inline(always)]
+    pub fn from_words(w: [u64; 6]) -> ConnKey {
+        // SAFETY: 48 bytes either way; every bit pattern is a valid ConnKey.
+        unsafe { core::mem::transmute::<[u64; 6], ConnKey>(w) }
     }
 }
 
@@ -213,49 +224,6 @@ impl DirCounters {
         }
         d
     }
-
-    /// [`DirCounters::record`] on counters that other CPUs update at the
-    /// same time (a kernel map value): every field with an atomic add.
-    ///
-    /// # Safety
-    /// `c` must point to a live, 8-byte aligned `DirCounters`.
-    #[inline(always)]
-    pub unsafe fn record_shared<A: Atomics>(
-        c: *mut DirCounters,
-        segs: u32,
-        payload_len: u32,
-        l3_len: u32,
-        tcp: Option<&crate::tcp::Verdict>,
-        a: &A,
-    ) {
-        let d = DirCounters::delta(segs, payload_len, l3_len, tcp);
-        // SAFETY: field pointers of a live `DirCounters` (caller's contract).
-        unsafe {
-            // Every add is skipped when it would add 0 (pure ACKs carry no
-            // payload): an atomic add is a locked instruction, and the line
-            // is often shared with the CPU handling the other direction.
-            a.add_u64(&raw mut (*c).packets, d.packets);
-            if d.bytes != 0 {
-                a.add_u64(&raw mut (*c).bytes, d.bytes);
-            }
-            a.add_u64(&raw mut (*c).l3_bytes, d.l3_bytes);
-            if d.retransmits != 0 {
-                a.add_u64(&raw mut (*c).retransmits, d.retransmits);
-            }
-            if d.retransmitted_bytes != 0 {
-                a.add_u64(&raw mut (*c).retransmitted_bytes, d.retransmitted_bytes);
-            }
-            if d.probes != 0 {
-                a.add_u64(&raw mut (*c).probes, d.probes);
-            }
-            if d.gaps != 0 {
-                a.add_u64(&raw mut (*c).gaps, d.gaps);
-            }
-            if d.spurious != 0 {
-                a.add_u64(&raw mut (*c).spurious, d.spurious);
-            }
-        }
-    }
 }
 
 /// The atomic operations the shared-state variants need. The eBPF program
@@ -281,6 +249,23 @@ pub trait Atomics {
     /// `p` must be valid and 4-byte aligned.
     unsafe fn xchg_u32(&self, p: *mut u32, v: u32) -> u32;
 
+    /// `*p += v` (wrapping), atomically, with a full barrier. The default
+    /// loops on [`Atomics::cas_u32`]; the eBPF program overrides it with one
+    /// atomic add.
+    ///
+    /// # Safety
+    /// `p` must be valid and 4-byte aligned.
+    unsafe fn add_u32(&self, p: *mut u32, v: u32) {
+        loop {
+            // SAFETY: caller's contract.
+            let cur = unsafe { core::ptr::read_volatile(p) };
+            // SAFETY: as above.
+            if unsafe { self.cas_u32(p, cur, cur.wrapping_add(v)) } == cur {
+                return;
+            }
+        }
+    }
+
     /// Takes the lock word `*p` (0 → 1) within `spins` tries; false if it
     /// stayed taken. The eBPF program overrides it with `bpf_loop`, whose
     /// body the verifier walks once instead of once per try.
@@ -296,6 +281,45 @@ pub trait Atomics {
             }
         }
         false
+    }
+}
+
+/// [`Atomics`] over `core::sync::atomic`: userspace threads, and userspace
+/// beside the kernel on memory they share (the mmapped connection table).
+/// Not on the BPF target, whose `core` has no such atomics (the eBPF
+/// program has its own implementation).
+#[cfg(not(target_arch = "bpf"))]
+pub struct CoreAtomics;
+
+#[cfg(not(target_arch = "bpf"))]
+impl Atomics for CoreAtomics {
+    #[inline(always)]
+    unsafe fn add_u64(&self, p: *mut u64, v: u64) {
+        // SAFETY: caller's contract (valid, 8-byte aligned).
+        unsafe { core::sync::atomic::AtomicU64::from_ptr(p) }
+            .fetch_add(v, core::sync::atomic::Ordering::SeqCst);
+    }
+    #[inline(always)]
+    unsafe fn cas_u32(&self, p: *mut u32, old: u32, new: u32) -> u32 {
+        use core::sync::atomic::Ordering::SeqCst;
+        // SAFETY: caller's contract (valid, 4-byte aligned).
+        match unsafe { core::sync::atomic::AtomicU32::from_ptr(p) }
+            .compare_exchange(old, new, SeqCst, SeqCst)
+        {
+            Ok(v) | Err(v) => v,
+        }
+    }
+    #[inline(always)]
+    unsafe fn xchg_u32(&self, p: *mut u32, v: u32) -> u32 {
+        // SAFETY: as above.
+        unsafe { core::sync::atomic::AtomicU32::from_ptr(p) }
+            .swap(v, core::sync::atomic::Ordering::SeqCst)
+    }
+    #[inline(always)]
+    unsafe fn add_u32(&self, p: *mut u32, v: u32) {
+        // SAFETY: as above.
+        unsafe { core::sync::atomic::AtomicU32::from_ptr(p) }
+            .fetch_add(v, core::sync::atomic::Ordering::SeqCst);
     }
 }
 
@@ -360,36 +384,56 @@ pub fn initiator_of(dir: usize, key: &ConnKey, tcp_flags: Option<u8>) -> (usize,
     }
 }
 
-/// Value of the kernel's connection map (`CONNS`, keyed by [`ConnKey`]):
-/// everything the tc program knows about one connection. Direction index 0
-/// is `lo → hi` of the key, as in [`ConnKey::of`].
+/// Everything the tc program knows about one connection: the value of a
+/// kernel table slot ([`crate::table::Slot`]) and of the userspace flow
+/// table. Direction index 0 is `lo → hi` of the key, as in
+/// [`ConnKey::of`].
+///
+/// Field order is cache-line order in a [`crate::table::Slot`] (the entry
+/// starts 56 bytes into a 64-byte-aligned slot): the lock, handshake flags
+/// and `last_seen_ns` share the key's line, the tracker state fills the
+/// next, each direction's counters one line each, and what only new
+/// connections, handshakes and the first packet from a socket touch comes
+/// last. A packet touches three lines.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowEntry {
-    pub counters: [DirCounters; 2],
-    pub tcp: [crate::tcp::TcpDir; 2],
-    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) of the first and last packet.
-    pub first_seen_ns: u64,
-    pub last_seen_ns: u64,
+    /// 0 or 1: taken while one CPU updates the entry ([`crate::shared`]).
+    pub lock: u32,
+    /// [`crate::handshake`] state bits.
+    pub hs_flags: u8,
     /// Direction index the initiator sends in ([`initiator_of`]).
     pub initiator: u8,
     /// [`evidence`] for `initiator`.
     pub evidence: u8,
-    /// [`crate::handshake`] state bits.
-    pub hs_flags: u8,
-    pub _pad: [u8; 1],
-    /// 0 or 1: taken while one CPU updates the entry ([`crate::shared`]).
-    pub lock: u32,
-    /// Per direction: when its SYN was sent (while timed), then the
-    /// handshake sample in nanoseconds ([`crate::handshake`]).
-    pub hs_ns: [u64; 2],
+    /// Bit `d`: `sk_cookie[d]` and `sk_cgroup[d]` are set (tc only).
+    pub sk_noted: u8,
+    /// CLOCK_MONOTONIC of the last packet. In a kernel table slot: the
+    /// kernel's `jiffies` instead (one load a packet), which the reader
+    /// turns into nanoseconds with [`FlowEntry::jiffies_to_ns`] before
+    /// anything else sees the entry.
+    pub last_seen_ns: u64,
+    pub tcp: [crate::tcp::TcpDir; 2],
+    pub counters: [DirCounters; 2],
     /// Per direction: the sequence end of its SYN, which the answer must
     /// acknowledge.
     pub hs_end: [u32; 2],
+    /// When the first packet was seen (precise clock).
+    pub first_seen_ns: u64,
+    /// In a kernel table slot: `jiffies` when `first_seen_ns` was taken.
+    pub first_seen_j: u64,
+    /// Per direction: when its SYN was sent (while timed), then the
+    /// handshake sample in nanoseconds ([`crate::handshake`]).
+    pub hs_ns: [u64; 2],
     /// Per direction, when this host sent it from a local socket (tc
     /// only): the socket's cookie (0: none seen) and its cgroup v2 id.
     pub sk_cookie: [u64; 2],
     pub sk_cgroup: [u64; 2],
+    /// Per direction, packets, payload bytes and IP bytes counted without
+    /// the lock ([`crate::shared::update_contended`]), added atomically:
+    /// apart from `counters`, which the lock holder adds to with plain
+    /// adds. Readers fold them in with [`FlowEntry::fold_late`].
+    pub late: [[u64; 3]; 2],
 }
 
 impl FlowEntry {
@@ -397,13 +441,42 @@ impl FlowEntry {
     /// direction `dir`; counters empty (the caller records the packet).
     #[inline(always)]
     pub fn new(now_ns: u64, dir: usize, key: &ConnKey, tcp_flags: Option<u8>) -> FlowEntry {
+        let mut e = FlowEntry::default();
+        e.init(now_ns, dir, key, tcp_flags);
+        e
+    }
+
+    /// What [`FlowEntry::new`] sets, on an entry that is otherwise zero
+    /// (a kernel table slot, [`crate::table::locate`]).
+    #[inline(always)]
+    pub fn init(&mut self, now_ns: u64, dir: usize, key: &ConnKey, tcp_flags: Option<u8>) {
         let (initiator, evidence) = initiator_of(dir, key, tcp_flags);
-        FlowEntry {
-            first_seen_ns: now_ns,
-            last_seen_ns: now_ns,
-            initiator: initiator as u8,
-            evidence,
-            ..FlowEntry::default()
+        self.first_seen_ns = now_ns;
+        self.last_seen_ns = now_ns;
+        self.initiator = initiator as u8;
+        self.evidence = evidence;
+    }
+
+    /// A kernel table slot's `last_seen_ns` (jiffies) as CLOCK_MONOTONIC
+    /// nanoseconds: `first_seen_ns` plus the jiffies since, at `tick_ns` a
+    /// jiffy (`clock_getres(CLOCK_MONOTONIC_COARSE)`). Within a tick of the
+    /// truth, never before `first_seen_ns`.
+    pub fn jiffies_to_ns(&mut self, tick_ns: u64) {
+        let ticks = self.last_seen_ns.wrapping_sub(self.first_seen_j);
+        // A jiffy count below first_seen_j cannot happen; if it did, the
+        // first packet's time is the best answer.
+        let ticks = if (ticks as i64) < 0 { 0 } else { ticks };
+        self.last_seen_ns = self.first_seen_ns + ticks * tick_ns;
+    }
+
+    /// Adds `late` into `counters` (and clears it): what a reader of a
+    /// kernel entry does before using the counters.
+    pub fn fold_late(&mut self) {
+        for (c, l) in self.counters.iter_mut().zip(self.late.iter_mut()) {
+            c.packets += l[0];
+            c.bytes += l[1];
+            c.l3_bytes += l[2];
+            *l = [0; 3];
         }
     }
 
@@ -434,4 +507,4 @@ const _: () = assert!(core::mem::size_of::<ConnKey>() == 48);
 const _: () = assert!(core::mem::size_of::<DirCounters>() == 64);
 const _: () = assert!(core::mem::size_of::<crate::tcp::TcpDir>() == 28);
 const _: () = assert!(core::mem::offset_of!(crate::tcp::TcpDir, flags) == 8);
-const _: () = assert!(core::mem::size_of::<FlowEntry>() == 264);
+const _: () = assert!(core::mem::size_of::<FlowEntry>() == 320);

@@ -1,4 +1,4 @@
-//! `track_shared` and `record_shared` with two threads on one connection, as
+//! `shared::update` with two threads on one connection, as
 //! tc ingress does when one flow's packets are handled on two CPUs (veth,
 //! RPS, several RX queues). The totals must not depend on the interleaving.
 //!
@@ -7,37 +7,12 @@
 //! does, and x86-64 gives those loads the same meaning.
 
 use std::cell::UnsafeCell;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
 use std::sync::Barrier;
 
 use probe_common::parse::{tcp_flags as f, TcpHeader};
 use probe_common::shared::{update, Fixed, Updated};
-use probe_common::{Atomics, DirCounters, FlowEntry, FlowKey, L4Proto, Parsed};
-
-/// `Atomics` over `std::sync::atomic`, the userspace twin of the BPF one.
-struct Std;
-
-impl Atomics for Std {
-    unsafe fn add_u64(&self, p: *mut u64, v: u64) {
-        // SAFETY: caller's contract (valid, aligned, shared only atomically).
-        unsafe { AtomicU64::from_ptr(p) }.fetch_add(v, Ordering::Relaxed);
-    }
-    unsafe fn cas_u32(&self, p: *mut u32, old: u32, new: u32) -> u32 {
-        // SAFETY: as above.
-        match unsafe { AtomicU32::from_ptr(p) }.compare_exchange(
-            old,
-            new,
-            Ordering::SeqCst,
-            Ordering::SeqCst,
-        ) {
-            Ok(v) | Err(v) => v,
-        }
-    }
-    unsafe fn xchg_u32(&self, p: *mut u32, v: u32) -> u32 {
-        // SAFETY: as above.
-        unsafe { AtomicU32::from_ptr(p) }.swap(v, Ordering::SeqCst)
-    }
-}
+use probe_common::{CoreAtomics, DirCounters, FlowEntry, FlowKey, L4Proto, Parsed};
 
 /// Lock spins that never give up: a userspace thread can be preempted while
 /// it holds the lock, which a BPF program cannot.
@@ -74,12 +49,14 @@ impl Shared {
             },
         };
         // SAFETY: `self` outlives the call; writers all use `update`.
-        unsafe { update(self.0.get(), 0, 1, &p, &Fixed(0), spins, &Std) }
+        unsafe { update(self.0.get(), 0, 1, &p.pkt(), &Fixed(0), spins, &CoreAtomics) }
     }
 
     fn totals(&self) -> DirCounters {
         // SAFETY: called after the threads were joined.
-        unsafe { (*self.0.get()).counters[0] }
+        let mut e = unsafe { *self.0.get() };
+        e.fold_late();
+        e.counters[0]
     }
 }
 
@@ -99,23 +76,34 @@ fn segments(n: usize) -> Vec<(u32, u32)> {
 
 /// Runs `parts[0]` and `parts[1]` (each in order) on two threads at once,
 /// after the SYN, many times over; checks `expect` on every outcome.
-fn race(parts: [Vec<(u32, u32)>; 2], spins: u32, rounds: usize, expect: impl Fn(&DirCounters)) {
-    let want = if spins == 0 {
-        Updated::Contended
-    } else {
-        Updated::Locked
+/// `spins[i]` is thread `i`'s (0: every update contended).
+fn race(
+    parts: [Vec<(u32, u32)>; 2],
+    spins: [u32; 2],
+    rounds: usize,
+    expect: impl Fn(&DirCounters),
+) {
+    let want = |spins: u32| {
+        if spins == 0 {
+            Updated::Contended
+        } else {
+            Updated::Locked
+        }
     };
     for _ in 0..rounds {
         let shared = Shared::new();
-        assert_eq!(shared.observe(1000, 0, f::SYN, spins), want);
+        assert_eq!(shared.observe(1000, 0, f::SYN, spins[0]), want(spins[0]));
         let start = Barrier::new(2);
         std::thread::scope(|s| {
-            for part in &parts {
+            for (part, &spins) in parts.iter().zip(spins.iter()) {
                 let (shared, start) = (&shared, &start);
                 s.spawn(move || {
                     start.wait();
                     for &(seq, len) in part {
-                        assert_eq!(shared.observe(seq, len, f::PSH | f::ACK, spins), want);
+                        assert_eq!(
+                            shared.observe(seq, len, f::PSH | f::ACK, spins),
+                            want(spins)
+                        );
                     }
                 });
             }
@@ -130,7 +118,7 @@ fn two_cpus_seeing_every_segment_count_each_byte_new_once() {
     // whichever thread is ahead, each byte is new exactly once.
     let segs = segments(2000);
     let total: u64 = segs.iter().map(|&(_, l)| l as u64).sum();
-    race([segs.clone(), segs.clone()], FOREVER, 200, |c| {
+    race([segs.clone(), segs.clone()], [FOREVER; 2], 200, |c| {
         assert_eq!(c.bytes, 2 * total);
         assert_eq!(c.retransmitted_bytes, total, "{c:?}");
         assert_eq!(c.retransmits, segs.len() as u64, "{c:?}");
@@ -143,10 +131,24 @@ fn a_contended_update_still_counts_every_byte() {
     // Lock never taken (spins 0): packets and bytes exact, no verdicts.
     let segs = segments(2000);
     let total: u64 = segs.iter().map(|&(_, l)| l as u64).sum();
-    race([segs.clone(), segs.clone()], 0, 50, |c| {
+    race([segs.clone(), segs.clone()], [0; 2], 50, |c| {
         assert_eq!(c.bytes, 2 * total);
         assert_eq!(c.packets, 2 * segs.len() as u64 + 1);
         assert_eq!((c.retransmits, c.retransmitted_bytes), (0, 0));
+    });
+}
+
+#[test]
+fn a_contended_writer_beside_the_lock_holder_loses_no_count() {
+    // One thread always under the lock (plain adds to `counters`), the other
+    // never (atomic adds to `late`): folded together, every packet and byte.
+    let segs = segments(2000);
+    let total: u64 = segs.iter().map(|&(_, l)| l as u64).sum();
+    let l3: u64 = segs.iter().map(|&(_, l)| l as u64 + 40).sum();
+    race([segs.clone(), segs.clone()], [FOREVER, 0], 200, |c| {
+        assert_eq!(c.bytes, 2 * total);
+        assert_eq!(c.l3_bytes, 2 * l3 + 40);
+        assert_eq!(c.packets, 2 * segs.len() as u64 + 1);
     });
 }
 
@@ -158,7 +160,7 @@ fn two_cpus_splitting_a_flow_count_no_retransmission() {
     let total: u64 = segs.iter().map(|&(_, l)| l as u64).sum();
     let odd: Vec<_> = segs.iter().copied().step_by(2).collect();
     let even: Vec<_> = segs.iter().copied().skip(1).step_by(2).collect();
-    race([odd, even], FOREVER, 200, |c| {
+    race([odd, even], [FOREVER; 2], 200, |c| {
         assert_eq!(c.bytes, total);
         assert_eq!(
             (c.retransmits, c.retransmitted_bytes),

@@ -88,7 +88,7 @@ fn check(steps: &[Step]) -> [DirCounters; 2] {
             tcp: seg.hdr,
         };
         // SAFETY: a live local, no other writer.
-        let how = unsafe { update(&raw mut entry, step.dir, 1, &p, &Fixed(0), 1, &Plain) };
+        let how = unsafe { update(&raw mut entry, step.dir, 1, &p.pkt(), &Fixed(0), 1, &Plain) };
         assert_eq!(how, Updated::Locked);
         assert_eq!(entry.tcp, st, "step {i}: shared::update state differs");
         assert_eq!(entry.lock, 0, "step {i}: lock not released");

@@ -1,11 +1,14 @@
 //! flowprobe's tc classifier.
 //!
-//! It runs the very same `parse_frame` that userspace runs, directly on the
-//! skb's linear data (`data`/`data_end`, no copy; `bpf_skb_pull_data` only
-//! when the headers are not all linear), counts the outcome in
-//! `PARSE_STATS`, and updates the connection's entry in `CONNS` with
-//! `probe_common::shared::update`: under the entry's own lock, the very
-//! tracker and counters replay runs. Ingress and egress share one entry.
+//! The common packet (untagged Ethernet, IPv4 without options, TCP) is read
+//! with a handful of loads ([`fast_tc`]); everything else goes through the
+//! very same `parse_frame` that userspace runs, directly on the skb's
+//! linear data (`data`/`data_end`, no copy; `bpf_skb_pull_data` only when
+//! the headers are not all linear). The outcome is counted in
+//! `PARSE_STATS`, and the connection's slot in `CONNS` is found or made
+//! (`probe_common::table`) and updated under its own lock with
+//! `probe_common::shared`: the very tracker and counters replay runs.
+//! Ingress and egress share one entry.
 //!
 //! The program fails open: whatever happens, it returns `TC_ACT_OK`.
 #![no_std]
@@ -14,21 +17,23 @@
 #![allow(internal_features)]
 
 use core::ffi::c_void;
-use core::intrinsics::{atomic_cxchg, atomic_xadd, atomic_xchg, AtomicOrdering};
+use core::intrinsics::{atomic_cxchg, atomic_or, atomic_xadd, atomic_xchg, AtomicOrdering};
 
 use aya_ebpf::{
-    bindings::{xdp_action::XDP_PASS, xdp_md, BPF_NOEXIST, TC_ACT_OK},
-    btf_maps::{HashMap, PerCpuArray},
+    bindings::{__sk_buff, xdp_action::XDP_PASS, xdp_md, BPF_F_MMAPABLE, TC_ACT_OK},
+    btf_maps::{Array, PerCpuArray},
     helpers::generated::{
-        bpf_get_socket_cookie, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_loop, bpf_skb_cgroup_id,
+        bpf_get_socket_cookie, bpf_jiffies64, bpf_ktime_get_ns, bpf_loop, bpf_skb_cgroup_id,
     },
     macros::{btf_map, classifier, xdp},
     programs::{TcContext, XdpContext},
 };
 use probe_common::{
+    parse::TcpHeader,
     parse_frame,
-    shared::{update, Clock, Updated},
-    Atomics, ConnKey, FlowEntry, L4Proto, LinkType, PacketBytes, ParseError, Parsed,
+    shared::{update_contended, update_locked, Clock, Pkt},
+    table::{self, locate, Located, Slot, Slots},
+    Atomics, ConnKey, FlowEntry, LinkType, PacketBytes, ParseError, Parsed,
 };
 
 /// Bytes made linear with `bpf_skb_pull_data` when the headers are not:
@@ -44,23 +49,35 @@ const STATS_LEN: usize = ParseError::COUNT + 1;
 #[btf_map]
 static PARSE_STATS: PerCpuArray<u64, STATS_LEN> = PerCpuArray::new();
 
-/// Default capacity of `CONNS`; userspace may set another before loading.
+/// Default capacity of `CONNS` (a power of two); userspace sets its own
+/// before loading, with `CONNS_MASK` to match.
 const MAX_CONNS: usize = 65536;
 
-/// One entry per connection and interface, both directions (see
-/// `probe_common::FlowEntry`). Userspace reads and removes entries.
+/// One slot per connection and interface, both directions (see
+/// `probe_common::table`). Userspace maps it and drains entries in place.
 #[btf_map]
-static CONNS: HashMap<ConnKey, FlowEntry, MAX_CONNS> = HashMap::new();
+static CONNS: Array<Slot, MAX_CONNS, { BPF_F_MMAPABLE as usize }> = Array::new();
 
-/// Connection-map events that lose data, so that none is silent.
-/// Index 0: a new connection was not inserted because `CONNS` is full;
-/// 1: the insert failed for another reason; 2: the entry was missing right
-/// after a successful insert (removed by userspace in between); 3: the
-/// entry's lock stayed taken and the lock-free update ran instead (counts
-/// exact, reordering call best effort; see `probe_common::shared`).
+/// Bit `i` set: slot `i` of `CONNS` was taken by a connection and not
+/// drained since; so that userspace reads the few slots in use, not all.
+#[btf_map]
+static OCCUPIED: Array<u64, { MAX_CONNS / 64 }, { BPF_F_MMAPABLE as usize }> = Array::new();
+
+/// `CONNS`'s slot count − 1, and the per-run hash seed: set by userspace
+/// before loading (read-only data, so the verifier sees constants).
+#[unsafe(no_mangle)]
+static CONNS_MASK: u32 = MAX_CONNS as u32 - 1;
+#[unsafe(no_mangle)]
+static CONNS_SEED: u64 = 0;
+
+/// Connection-table events that lose data, so that none is silent.
+/// Index 0: a new connection found its probe sequence full (not counted);
+/// 1: unused (kept for the layout userspace reads); 2: the slots changed
+/// under two tries (not counted); 3: the entry's lock stayed taken and the
+/// packet was counted without the tracker (counts exact, reordering call
+/// best effort; see `probe_common::shared`).
 pub const CONN_STATS_FULL: u32 = 0;
-pub const CONN_STATS_INSERT_FAILED: u32 = 1;
-pub const CONN_STATS_LOST_ENTRY: u32 = 2;
+pub const CONN_STATS_BUSY: u32 = 2;
 pub const CONN_STATS_CONTENDED: u32 = 3;
 const CONN_STATS_LEN: usize = 4;
 
@@ -74,13 +91,6 @@ const LOCK_SPINS: u32 = 16384;
 
 #[btf_map]
 static CONN_STATS: PerCpuArray<u64, CONN_STATS_LEN> = PerCpuArray::new();
-
-/// Scratch space for a new `CONNS` value.
-#[btf_map]
-static NEW_ENTRY: PerCpuArray<FlowEntry, 1> = PerCpuArray::new();
-
-const E2BIG: i32 = 7;
-const EEXIST: i32 = 17;
 
 /// Largest header offset the parser may ask for; a bound the verifier needs
 /// for variable offsets into the packet (IPv6 extension headers).
@@ -120,20 +130,108 @@ impl PacketBytes for Linear {
 
 #[classifier]
 pub fn flowprobe_tc(ctx: TcContext) -> i32 {
+    if !fast_tc(ctx.skb.skb) {
+        slow_tc(&ctx);
+    }
+    TC_ACT_OK
+}
+
+/// Untagged Ethernet, IPv4 without options or fragments, TCP: nearly every
+/// packet, read with ten loads instead of the general parser (which
+/// `tests/live_tc.rs` holds to the same counts through
+/// `BPF_PROG_TEST_RUN`). Returns false, having done nothing, for anything
+/// else.
+///
+/// Takes the raw `__sk_buff` and loads `data`/`data_end` itself, volatile,
+/// for the reason given at [`parse_xdp`].
+#[inline(never)]
+fn fast_tc(skb: *mut __sk_buff) -> bool {
+    // SAFETY: the program's own context, valid while it runs.
+    let (data, end) = unsafe {
+        (
+            core::ptr::read_volatile(&raw const (*skb).data) as usize,
+            core::ptr::read_volatile(&raw const (*skb).data_end) as usize,
+        )
+    };
+    if data + 54 > end {
+        return false;
+    }
+    // Unaligned loads (the target allows them; x86 and arm64 do them at
+    // full speed), values in network order: compared as little-endian words.
+    // SAFETY: every offset read lies below 54, checked against data_end.
+    let rd16 = |o: usize| unsafe { core::ptr::read_unaligned((data + o) as *const u16) };
+    // SAFETY: as above.
+    let rd32 = |o: usize| unsafe { core::ptr::read_unaligned((data + o) as *const u32) };
+    // Ethertype 0x0800; version 4 with a 20-byte header.
+    if rd16(12) != 0x0008 || rd16(14) & 0xff != 0x45 {
+        return false;
+    }
+    // Neither more fragments nor an offset; protocol 6.
+    let frag_proto = rd32(20);
+    if frag_proto & 0xff3f != 0 || frag_proto >> 24 != 6 {
+        return false;
+    }
+    let tot_len = u16::from_be(rd16(16)) as u32;
+    let off_flags = rd16(46);
+    let doff = ((off_flags & 0xf0) >> 2) as u32;
+    // tot_len 0 is IPv4 BIG TCP: the general parser takes the length from
+    // the skb.
+    if tot_len < 40 || doff < 20 || doff > tot_len - 20 {
+        return false;
+    }
+    let (saddr, daddr, ports) = (rd32(26), rd32(30), rd32(34));
+    let (sport, dport) = (u16::from_be(ports as u16), u16::from_be((ports >> 16) as u16));
+    // `ConnKey::of`: the endpoint with the smaller (address, port) is lo.
+    let s = (u32::from_be(saddr) as u64) << 16 | sport as u64;
+    let d = (u32::from_be(daddr) as u64) << 16 | dport as u64;
+    let forward = s <= d;
+    let (lo, lo_port, hi, hi_port) = if forward {
+        (saddr, sport, daddr, dport)
+    } else {
+        (daddr, dport, saddr, sport)
+    };
+    // SAFETY: the program's own context.
+    let (ifindex, gso_segs) = unsafe { ((*skb).ifindex, (*skb).gso_segs) };
+    // The key as its six words: IPv4-mapped addresses (::ffff:a.b.c.d),
+    // ports, protocol 6, family 4, the interface.
+    let key = ConnKey::from_words([
+        0,
+        0xffff_0000 | (lo as u64) << 32,
+        0,
+        0xffff_0000 | (hi as u64) << 32,
+        lo_port as u64 | (hi_port as u64) << 16 | 6 << 32 | 4 << 40,
+        ifindex as u64,
+    ]);
+    let p = Pkt {
+        is_tcp: true,
+        tcp: TcpHeader {
+            seq: u32::from_be(rd32(38)),
+            ack: u32::from_be(rd32(42)),
+            flags: (off_flags >> 8) as u8,
+            window: u16::from_be(rd16(48)),
+        },
+        payload_len: tot_len - 20 - doff,
+        l3_len: tot_len,
+    };
+    bump(&PARSE_STATS, STATS_TRACKED);
+    count::<true>(&key, if forward { 0 } else { 1 }, &p, gso_segs.max(1), skb);
+    true
+}
+
+/// Every other frame: the general parser.
+#[inline(never)]
+fn slow_tc(ctx: &TcContext) {
     let mut p = core::mem::MaybeUninit::<Parsed>::uninit();
-    let idx = parse_skb(&ctx, &mut p);
+    let idx = parse_skb(ctx, &mut p);
     bump(&PARSE_STATS, idx);
     if idx == STATS_TRACKED {
         // SAFETY: the program's own `__sk_buff`, valid while it runs.
         let (ifindex, gso_segs) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).gso_segs) };
         // SAFETY: `parse_skb` wrote it when it returned STATS_TRACKED.
-        if let Some((entry, dir)) =
-            track_conn(unsafe { p.assume_init_ref() }, ifindex, gso_segs.max(1))
-        {
-            note_socket(&ctx, entry, dir);
-        }
+        let p = unsafe { p.assume_init_ref() };
+        let (key, dir) = ConnKey::of(&p.key, ifindex);
+        count::<true>(&key, dir, &p.pkt(), gso_segs.max(1), ctx.skb.skb);
     }
-    TC_ACT_OK
 }
 
 /// The local socket behind a packet this host sends (tc egress carries it;
@@ -141,23 +239,20 @@ pub fn flowprobe_tc(ctx: TcContext) -> i32 {
 /// cookie and cgroup v2 id, once per direction. Userspace joins them to a
 /// process and container even when the socket and the process were gone
 /// before it looked (`probe/src/attrib`). Two helper calls, made for the
-/// first packet with a socket only.
-#[inline(always)]
-fn note_socket(ctx: &TcContext, entry: *mut FlowEntry, dir: usize) {
+/// first packet with a socket only (the caller checks `sk_noted` and the
+/// socket); the caller holds the entry's lock.
+#[inline(never)]
+fn note_socket(skb: *mut __sk_buff, entry: *mut FlowEntry, dir: usize) {
     let dir = dir & 1;
-    // SAFETY: the program's own `__sk_buff`; `entry` a live map value.
+    // SAFETY: the program's own `__sk_buff`; `entry` a live, locked slot's.
     unsafe {
-        if (*ctx.skb.skb).__bindgen_anon_2.sk.is_null() || (*entry).sk_cookie[dir] != 0 {
-            return;
-        }
-        let cookie = bpf_get_socket_cookie(ctx.skb.skb.cast());
+        let cookie = bpf_get_socket_cookie(skb.cast());
         if cookie == 0 {
             return;
         }
-        // Written once, by whichever CPU gets here first; a racing writer
-        // writes the same socket's values.
-        core::ptr::write_volatile(&raw mut (*entry).sk_cgroup[dir], bpf_skb_cgroup_id(ctx.skb.skb));
-        core::ptr::write_volatile(&raw mut (*entry).sk_cookie[dir], cookie);
+        (*entry).sk_cgroup[dir] = bpf_skb_cgroup_id(skb);
+        (*entry).sk_cookie[dir] = cookie;
+        (*entry).sk_noted |= 1 << dir;
     }
 }
 
@@ -172,7 +267,9 @@ pub fn flowprobe_xdp(ctx: XdpContext) -> u32 {
     bump(&PARSE_STATS, idx);
     if idx == STATS_TRACKED {
         // SAFETY: `parse_xdp` wrote it when it returned STATS_TRACKED.
-        track_conn(unsafe { p.assume_init_ref() }, 0, 1);
+        let p = unsafe { p.assume_init_ref() };
+        let (key, dir) = ConnKey::of(&p.key, 0);
+        count::<false>(&key, dir, &p.pkt(), 1, core::ptr::null_mut());
     }
     XDP_PASS
 }
@@ -265,6 +362,11 @@ impl Atomics for Bpf {
         unsafe { atomic_xchg::<u32, { AtomicOrdering::SeqCst }>(p, v) }
     }
     #[inline(always)]
+    unsafe fn add_u32(&self, p: *mut u32, v: u32) {
+        // SAFETY: as above.
+        unsafe { atomic_xadd::<u32, u32, { AtomicOrdering::SeqCst }>(p, v) };
+    }
+    #[inline(always)]
     unsafe fn try_lock(&self, p: *mut u32, spins: u32) -> bool {
         // SAFETY: as above.
         if unsafe { self.cas_u32(p, 0, 1) } == 0 {
@@ -285,17 +387,19 @@ impl Atomics for Bpf {
     }
 }
 
-/// The kernel's CLOCK_MONOTONIC. The coarse clock (the last tick) costs a
-/// load; the precise one about 25 ns a packet, so it is read only for a new
-/// entry's first_seen and for handshake times; userspace keeps last_seen
-/// from lagging first_seen.
+/// The kernel's clocks: `jiffies` for every packet's `last_seen_ns` (one
+/// load: the verifier inlines `bpf_jiffies64`; `bpf_ktime_get_coarse_ns`
+/// cost about 35 ns a packet at load), CLOCK_MONOTONIC for a new entry's
+/// `first_seen_ns` and handshake times. Userspace turns the jiffies into
+/// CLOCK_MONOTONIC nanoseconds against `first_seen_j`
+/// (`probe/src/live/mapread.rs`).
 struct Ktime;
 
 impl Clock for Ktime {
     #[inline(always)]
     fn coarse_ns(&self) -> u64 {
         // SAFETY: helper without preconditions.
-        unsafe { bpf_ktime_get_coarse_ns() }
+        unsafe { bpf_jiffies64() }
     }
     #[inline(always)]
     fn precise_ns(&self) -> u64 {
@@ -323,56 +427,92 @@ extern "C" fn try_once(_index: u64, ctx: *mut c_void) -> i64 {
     0
 }
 
-// Not inlined: a separate BPF function gets its own stack frame, so the
-// parser's frame and this one need not fit into 512 bytes together.
-#[inline(never)]
-fn track_conn(p: &Parsed, ifindex: u32, segs: u32) -> Option<(*mut FlowEntry, usize)> {
-    let (key, dir) = ConnKey::of(&p.key, ifindex);
-    let dir = dir & 1;
-    let is_tcp = p.key.proto == L4Proto::Tcp as u8;
-    let entry = match CONNS.get_ptr_mut(key) {
-        Some(e) => e,
-        None => {
-            let flags = if is_tcp { Some(p.tcp.flags) } else { None };
-            // Built in a per-CPU slot: only new connections take this path,
-            // and this function's frame stays small.
-            let Some(fresh) = NEW_ENTRY.get_ptr_mut(0) else {
-                bump(&CONN_STATS, CONN_STATS_INSERT_FAILED);
-                return None;
-            };
-            // SAFETY: this CPU's slot, used only here while the program runs.
-            let fresh = unsafe {
-                *fresh = FlowEntry::new(Ktime.precise_ns(), dir, &key, flags);
-                &*fresh
-            };
-            match CONNS.insert(key, fresh, BPF_NOEXIST as u64) {
-                Ok(()) => {}
-                // Another CPU inserted it first: use theirs.
-                Err(e) if e == -EEXIST => {}
-                Err(e) if e == -E2BIG => {
-                    bump(&CONN_STATS, CONN_STATS_FULL);
-                    return None;
-                }
-                Err(_) => {
-                    bump(&CONN_STATS, CONN_STATS_INSERT_FAILED);
-                    return None;
-                }
-            }
-            match CONNS.get_ptr_mut(key) {
-                Some(e) => e,
-                None => {
-                    bump(&CONN_STATS, CONN_STATS_LOST_ENTRY);
-                    return None;
-                }
-            }
-        }
-    };
+/// `CONNS` as `probe_common::table` sees it.
+struct Table;
 
-    // SAFETY: `entry` points to a live map value, updated only by `update`.
-    if unsafe { update(entry, dir, segs, p, &Ktime, LOCK_SPINS, &Bpf) } == Updated::Contended {
-        bump(&CONN_STATS, CONN_STATS_CONTENDED);
+impl Slots for Table {
+    #[inline(always)]
+    fn slot(&self, i: u32) -> Option<*mut Slot> {
+        CONNS.get_ptr_mut(i)
     }
-    Some((entry, dir))
+    #[inline(always)]
+    fn mask(&self) -> u32 {
+        // SAFETY: a plain global; volatile so that the value userspace
+        // wrote into the object is read, not the default.
+        unsafe { core::ptr::read_volatile(&raw const CONNS_MASK) }
+    }
+}
+
+/// Records one packet of connection `key` travelling in direction `dir`:
+/// finds or makes its slot, updates it under its lock. `TC`: `skb` is the
+/// packet's `__sk_buff` (for [`note_socket`]); XDP passes null.
+///
+/// Not inlined: one copy for both parsers, and its own stack frame.
+#[inline(never)]
+fn count<const TC: bool>(key: &ConnKey, dir: usize, p: &Pkt, segs: u32, skb: *mut __sk_buff) {
+    let dir = dir & 1;
+    // SAFETY: a plain global (see `Table::mask`).
+    let seed = unsafe { core::ptr::read_volatile(&raw const CONNS_SEED) };
+    let flags = if p.is_tcp { Some(p.tcp.flags) } else { None };
+    // SAFETY: `Table` hands out `CONNS` slots, written only through
+    // `probe_common::table` and `shared` (and userspace's drain).
+    let located = unsafe {
+        locate(&Table, key, table::hash(key, seed), LOCK_SPINS, &Bpf, |e| {
+            e.init(Ktime.precise_ns(), dir, key, flags);
+            e.first_seen_j = Ktime.coarse_ns();
+        })
+    };
+    let slot = match located {
+        Located::Found(s) => s,
+        other => match unusual(other, dir, p, segs) {
+            Some(s) => s,
+            None => return,
+        },
+    };
+    // SAFETY: `locate` returned the slot with its lock held by us.
+    unsafe {
+        let e = &raw mut (*slot).entry;
+        update_locked(e, dir, segs, p, &Ktime);
+        if TC && (*e).sk_noted & (1 << dir) == 0 && !(*skb).__bindgen_anon_2.sk.is_null() {
+            note_socket(skb, e, dir);
+        }
+        Bpf.xchg_u32(&raw mut (*e).lock, 0);
+    }
+}
+
+/// Everything [`count`] meets but an existing entry: a new one (marked in
+/// `OCCUPIED`, returned for the update), a held lock, a full probe
+/// sequence. Not inlined, to keep the common path short.
+#[inline(never)]
+fn unusual(located: Located, dir: usize, p: &Pkt, segs: u32) -> Option<*mut Slot> {
+    match located {
+        Located::Found(s) => Some(s),
+        Located::New(s, idx) => {
+            if let Some(w) = OCCUPIED.get_ptr_mut(idx >> 6) {
+                // SAFETY: a live map value; userspace clears bits atomically.
+                unsafe { atomic_or::<u64, u64, { AtomicOrdering::SeqCst }>(w, 1 << (idx & 63)) };
+            }
+            Some(s)
+        }
+        Located::Contended(s) => {
+            // SAFETY: a live slot, its writer registration ours; counted
+            // atomically without its lock.
+            unsafe {
+                update_contended(&raw mut (*s).entry, dir, segs, p, &Ktime, &Bpf);
+                table::contended_done(s, &Bpf);
+            }
+            bump(&CONN_STATS, CONN_STATS_CONTENDED);
+            None
+        }
+        Located::Full => {
+            bump(&CONN_STATS, CONN_STATS_FULL);
+            None
+        }
+        Located::Busy => {
+            bump(&CONN_STATS, CONN_STATS_BUSY);
+            None
+        }
+    }
 }
 
 #[cfg(not(test))]

@@ -22,15 +22,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
+use aya::maps::{MapData, PerCpuArray};
 use aya::programs::tc::{NlOptions, TcAttachOptions};
 use aya::programs::{tc, SchedClassifier, TcAttachType};
-use aya::{Ebpf, EbpfLoader, Pod};
+use aya::{Ebpf, EbpfLoader};
 use flowtable::{sort_connections, Connection, FrameStats};
 use probe_common::ParseError;
 
 use crate::clock::{monotonic_ns, realtime_ns};
-use probe_common::{ConnKey, FlowEntry};
 
 /// The tc program, built and embedded by `build.rs`; empty when it could
 /// not be built, and then [`MISSING`] says why.
@@ -38,25 +37,10 @@ static EMBEDDED: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/
 const MISSING: &str = env!("FLOWPROBE_EBPF_MISSING");
 const PROGRAM: &str = "flowprobe_tc";
 
-/// `ConnKey` as a map key for aya (the orphan rule keeps `Pod` off the
-/// `probe_common` type itself).
-#[derive(Clone, Copy)]
-#[repr(transparent)]
-pub(crate) struct Key(pub(crate) ConnKey);
-// SAFETY: `ConnKey` is `repr(C)`, `Copy`, without padding or pointers.
-unsafe impl Pod for Key {}
-
-/// `FlowEntry` as a map value for aya, likewise.
-#[derive(Clone, Copy)]
-#[repr(transparent)]
-pub(crate) struct Entry(pub(crate) FlowEntry);
-// SAFETY: `FlowEntry` is `repr(C)`, `Copy`, without padding or pointers.
-unsafe impl Pod for Entry {}
-
 mod drain;
 pub(crate) mod links;
-pub(crate) mod mapread;
 mod stale;
+pub(crate) mod table;
 mod xdp;
 
 /// Where the program runs.
@@ -281,7 +265,7 @@ pub fn run(opts: &Options, on_snapshot: &mut dyn FnMut(&Outcome) -> Result<()>) 
         }
     }
     let mut drainer = drain::Drainer::new(opts.closed_timeout, opts.idle_timeout);
-    let mut reader = mapread::MapReader::open(&ebpf)?;
+    let mut reader = table::ConnTable::open(&ebpf)?;
     if res.is_ok() {
         res = follow(
             &mut ebpf,
@@ -318,7 +302,7 @@ fn follow(
     att: &mut Attachments,
     watcher: &mut links::Watcher,
     drainer: &mut drain::Drainer,
-    reader: &mut mapread::MapReader,
+    reader: &mut table::ConnTable,
     opts: &Options,
     on_snapshot: &mut dyn FnMut(&Outcome) -> Result<()>,
 ) -> Result<()> {
@@ -363,13 +347,7 @@ fn follow(
             }
         }
         if Instant::now() >= next_drain {
-            let mut map: BpfHashMap<&mut MapData, Key, Entry> = BpfHashMap::try_from(
-                ebpf.map_mut("CONNS")
-                    .context("the eBPF object has no map CONNS")?,
-            )?;
-            let mut entries = Vec::new();
-            reader.entries(&mut entries)?;
-            drainer.pass(&mut map, &entries, monotonic_ns())?;
+            drainer.pass(reader, monotonic_ns());
             next_drain = Instant::now() + drainer.every();
         }
         if let (Some(at), Some(every)) = (next_snapshot, opts.interval) {
@@ -388,8 +366,17 @@ fn follow(
 }
 
 fn load(object: &[u8], origin: &str, max_conns: u32, hook: Hook) -> Result<Ebpf> {
+    // The table's size is a power of two (its index is a hash masked with
+    // CONNS_MASK); OCCUPIED has a bit per slot; the seed keeps anyone from
+    // choosing 5-tuples that share a probe sequence.
+    let slots = max_conns.max(1).next_power_of_two();
+    let mask = slots - 1;
+    let seed = random_seed();
     let mut ebpf = EbpfLoader::new()
-        .map_max_entries("CONNS", max_conns)
+        .map_max_entries("CONNS", slots)
+        .map_max_entries("OCCUPIED", slots.div_ceil(64))
+        .override_global("CONNS_MASK", &mask, true)
+        .override_global("CONNS_SEED", &seed, true)
         .load(object)
         .with_context(|| format!("loading {origin}"))?;
     if hook == Hook::Xdp {
@@ -444,6 +431,18 @@ fn attach_one(ebpf: &mut Ebpf, l: &links::Link, attached: &mut Vec<Attached>) ->
     }
     attached.push(a);
     Ok(())
+}
+
+/// 64 random bits from the kernel.
+fn random_seed() -> u64 {
+    let mut b = [0u8; 8];
+    // SAFETY: `b` is a valid buffer of 8 bytes.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n != 8 {
+        // No entropy source at all: any seed still spreads keys well.
+        return monotonic_ns().wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+    u64::from_ne_bytes(b)
 }
 
 /// Whether `index` is still an interface of this namespace.
@@ -558,7 +557,7 @@ fn parse_stats(ebpf: &Ebpf) -> Result<FrameStats> {
 
 fn collect(
     ebpf: &Ebpf,
-    reader: &mut mapread::MapReader,
+    reader: &mut table::ConnTable,
     drainer: &drain::Drainer,
 ) -> Result<Outcome> {
     let mut live = Vec::new();

@@ -98,9 +98,10 @@ enum Cmd {
         /// are keyed without the interface, iface 0) [default: auto].
         #[arg(long, value_enum)]
         backend: Option<Backend>,
-        /// Capacity of the kernel's connection map (tc backend; connections
-        /// open at the same time; closed ones are moved out, see
-        /// --closed-timeout) [default: 65536].
+        /// Capacity of the kernel's connection table (tc and XDP backends;
+        /// connections open at the same time; closed ones are moved out, see
+        /// --closed-timeout), rounded up to a power of two; 384 bytes each
+        /// [default: 65536].
         #[arg(long, value_name = "N")]
         max_conns: Option<u32>,
         /// Move a TCP connection that closed (FIN both ways or RST) out of
@@ -207,6 +208,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if max_conns == 0 {
                 anyhow::bail!("--max-conns must be at least 1");
             }
+            if max_conns > 1 << 24 {
+                anyhow::bail!("--max-conns {max_conns}: at most 16777216 (6 GiB of kernel memory)");
+            }
+            // The kernel table's size is a power of two.
+            let max_conns = max_conns.next_power_of_two();
             let interval = interval.or(file.interval);
             let listen = listen.or(file.listen);
             let metrics_labels = metrics_labels.or(file.metrics_labels);

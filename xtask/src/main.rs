@@ -167,7 +167,16 @@ fn nightly_cargo(sub: &str) -> Result<Command> {
         "CARGO_ENCODED_RUSTFLAGS",
         // target-cpu v3: BPF atomics (fetch-add, compare-exchange) for the
         // shared connection state; without it bpf-linker rejects them.
-        ["-Cdebuginfo=2", "-Clink-arg=--btf", "-Ctarget-cpu=v3"].join("\x1f"),
+        [
+            "-Cdebuginfo=2",
+            "-Clink-arg=--btf",
+            "-Ctarget-cpu=v3",
+            // Unaligned packet loads as one load, not byte by byte (LLVM
+            // 22; the verifier allows them where the CPU does, as x86 and
+            // arm64 do).
+            "-Ctarget-feature=+allows-misaligned-mem-access",
+        ]
+        .join("\x1f"),
     );
     Ok(cmd)
 }

@@ -29,7 +29,7 @@ use probe_common::ConnKey;
 
 use self::host::ProcHost;
 use crate::clock::{monotonic_ns, thread_cpu_ns};
-use crate::live::mapread::MapReader;
+use crate::live::table::ConnTable;
 
 /// Between passes. A connection that opens and closes within one interval
 /// can be missed; 20 ms sees a 50 ms connection twice or more.
@@ -89,7 +89,7 @@ pub fn start(ebpf: Option<&aya::Ebpf>) -> Attribution {
         .map(Duration::from_millis)
         .unwrap_or(INTERVAL);
     let host = ProcHost::new();
-    let map = ebpf.map(MapReader::open).transpose();
+    let map = ebpf.map(ConnTable::open).transpose();
     if let Err(e) = &map {
         eprintln!("flowprobe: attribution: {e}; connections are joined at each report only");
     }

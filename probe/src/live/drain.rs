@@ -5,23 +5,21 @@
 //! A connection is drained once it has been quiet for `closed_after` after
 //! closing (FIN both ways or an RST; the wait lets late ACKs and
 //! retransmitted FINs land in the same entry), or for `idle_after` whatever
-//! its state (UDP, or TCP whose end was not seen). Its entry is read, then
-//! deleted. A packet that comes after the delete makes a new entry; if that
-//! one did not start with a SYN it is the same connection's tail, and
-//! [`Drained::connections`] adds it to the drained record (its tracker
-//! starts afresh, so a retransmission in that tail counts as new data). The
-//! one window in which counts can be lost is between the read and the
-//! delete, a few microseconds, on a connection quiet for `closed_after`.
+//! its state (UDP, or TCP whose end was not seen). Its slot is taken out of
+//! use first, then read once no CPU is updating it
+//! (`probe_common::table::drain`), so no count is lost. A packet that comes
+//! after that makes a new entry; if that one did not start with a SYN it is
+//! the same connection's tail, and [`Drainer::connections`] adds it to the
+//! drained record (its tracker starts afresh, so a retransmission in that
+//! tail counts as new data).
 
 use std::collections::HashMap;
 use std::time::Duration;
 
-use anyhow::Result;
-use aya::maps::{HashMap as BpfHashMap, MapData};
 use flowtable::Connection;
 use probe_common::{wire::evidence, ConnKey, FlowEntry};
 
-use super::{Entry, Key};
+use super::table::ConnTable;
 
 pub struct Drainer {
     pub closed_after: Duration,
@@ -45,42 +43,19 @@ impl Drainer {
         (self.closed_after / 2).clamp(Duration::from_millis(50), Duration::from_secs(1))
     }
 
-    /// One pass over the map at `now_ns` (CLOCK_MONOTONIC, the clock of the
-    /// kernel's timestamps). Returns how many entries it moved.
-    pub fn pass(
-        &mut self,
-        map: &mut BpfHashMap<&mut MapData, Key, Entry>,
-        entries: &[(ConnKey, FlowEntry)],
-        now_ns: u64,
-    ) -> Result<usize> {
+    /// One pass over the table at `now_ns` (CLOCK_MONOTONIC, the clock of
+    /// the kernel's timestamps). Returns how many entries it moved.
+    pub fn pass(&mut self, table: &mut ConnTable, now_ns: u64) -> usize {
+        let (idle, closed) = (self.idle_after, self.closed_after);
         let due = |e: &FlowEntry| {
             let quiet =
                 Duration::from_nanos(now_ns.saturating_sub(e.last_seen_ns.max(e.first_seen_ns)));
-            quiet >= self.idle_after || (e.closed() && quiet >= self.closed_after)
+            quiet >= idle || (e.closed() && quiet >= closed)
         };
-        let keys: Vec<Key> = entries
-            .iter()
-            .filter(|(_, e)| due(e))
-            .map(|(k, _)| Key(*k))
-            .collect();
-        let mut moved = 0;
-        for k in keys {
-            // Read again right before the delete: the window between the two
-            // is the only one in which an update can be lost.
-            let Ok(e) = map.get(&k, 0) else { continue };
-            if !due(&e.0) {
-                continue;
-            }
-            match map.remove(&k) {
-                Ok(()) => {
-                    self.done.push((k.0, e.0));
-                    moved += 1;
-                }
-                // Gone already (cannot happen: we are the only remover).
-                Err(_) => continue,
-            }
-        }
-        Ok(moved)
+        let moved = table.drain(due);
+        let n = moved.len();
+        self.done.extend(moved);
+        n
     }
 
     /// Every drained connection plus the map's current entries, as

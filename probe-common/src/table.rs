@@ -1,0 +1,349 @@
+//! The kernel's connection table: an array of [`Slot`]s (a BPF array map,
+//! mmapped by userspace), open addressing with up to [`PROBES`] probes at
+//! triangular offsets (+0, +1, +3, +6, …: no primary clustering, and every
+//! slot of a power-of-two table is reachable).
+//!
+//! Why not the kernel's hash map: at iperf3 load one `bpf_map_lookup_elem`
+//! on a `BPF_MAP_TYPE_HASH` with 48-byte keys cost about 120 ns of the
+//! program's run time on the reference VM, an array slot and a 48-byte
+//! compare about 3 ns (`bench/tc.sh`, `alt` builds). An array also lets
+//! userspace read every connection from memory instead of copying the map
+//! through system calls, and lays each slot out on whole cache lines.
+//!
+//! Concurrency. A slot's `state` says what it holds; its entry's lock word
+//! ([`crate::shared`]) serialises everything that writes to it:
+//! - The kernel looks a key up without the lock, takes the lock of the slot
+//!   it found and checks again (`LIVE` and the same key) before updating.
+//! - It inserts into the first `EMPTY` or `FREE` slot of the key's probe
+//!   sequence: takes that slot's lock, checks it is still not `LIVE` (or
+//!   `LIVE` with this very key: another CPU inserted it first), writes the
+//!   key and a fresh entry, then publishes `LIVE`.
+//! - Userspace drains a slot ([`drain`]): `LIVE` → `DRAINING` with a
+//!   compare-exchange, waits until the lock is free and no contended writer
+//!   ([`Located::Contended`]) is counting into it, reads the final entry,
+//!   and only then marks the slot `FREE`. A kernel CPU that takes the lock
+//!   after the first step sees `DRAINING` and inserts the connection anew;
+//!   one that took it before finishes before userspace reads. `DRAINING`
+//!   slots are neither matched nor reused, so nothing writes into a slot
+//!   while userspace reads its final state.
+//! - Lookups stop at the first `EMPTY` slot: nothing is ever inserted past
+//!   one, and slots never become `EMPTY` again (drained ones are `FREE`).
+//!
+//! One race is left, and it duplicates rather than loses: two CPUs that
+//! insert the same new key while userspace frees a slot earlier in its
+//! probe sequence can pick different free slots. Userspace adds entries
+//! with equal keys together, so counts stay exact.
+
+use crate::wire::{Atomics, ConnKey, FlowEntry};
+
+/// One connection's place in the kernel table: 384 bytes, six cache lines
+/// ([`FlowEntry`] says which fields share one).
+#[repr(C, align(64))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Slot {
+    pub key: ConnKey,
+    /// [`state`].
+    pub state: u32,
+    /// Writers counting into the entry without its lock
+    /// ([`Located::Contended`]); [`drain`] waits for them too.
+    pub writers: u32,
+    pub entry: FlowEntry,
+}
+
+const _: () = assert!(core::mem::size_of::<Slot>() == 384);
+const _: () = assert!(core::mem::offset_of!(Slot, entry) == 56);
+
+/// [`Slot::state`] values.
+pub mod state {
+    /// Never used: zero, as the array starts. Ends every probe sequence.
+    pub const EMPTY: u32 = 0;
+    /// Holds a connection.
+    pub const LIVE: u32 = 1;
+    /// Userspace is taking the connection out; not to be matched or reused.
+    pub const DRAINING: u32 = 2;
+    /// Drained: may be reused, but probe sequences go on past it.
+    pub const FREE: u32 = 3;
+}
+
+/// Slots tried per key: a new connection that finds these all taken is
+/// counted as a table-full event. A table half full turns none away
+/// (`tests/table.rs`: 4096 keys into 8192 slots under 20 seeds); `run`'s
+/// default of 65536 slots leaves that margin for 32768 connections open at
+/// once.
+pub const PROBES: u32 = 32;
+
+/// The slot index a key's probe sequence starts at (before masking), for a
+/// per-run random `seed` (so that nobody can choose 5-tuples that collide).
+#[inline(always)]
+pub fn hash(key: &ConnKey, seed: u64) -> u32 {
+    let w = words(key);
+    // Two multiply-xorshift rounds over the words folded with rotations.
+    let mut h = seed
+        ^ w[0]
+        ^ w[1].rotate_left(13)
+        ^ w[2].rotate_left(29)
+        ^ w[3].rotate_left(41)
+        ^ w[4].rotate_left(53)
+        ^ w[5].rotate_left(7);
+    h = (h ^ (h >> 31)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    h = (h ^ (h >> 29)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    (h >> 32) as u32
+}
+
+/// The key as six words (it is 48 bytes, 8-byte aligned).
+#[inline(always)]
+fn words(k: &ConnKey) -> &[u64; 6] {
+    // SAFETY: `ConnKey` is `repr(C, align(8))`, 48 bytes, no padding bytes
+    // left uninitialised (the pads are fields).
+    unsafe { &*(k as *const ConnKey).cast::<[u64; 6]>() }
+}
+
+#[inline(always)]
+fn same(a: &[u64; 6], b: &[u64; 6]) -> bool {
+    a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3] && a[4] == b[4] && a[5] == b[5]
+}
+
+/// Slot `s` holds the connection whose key is `want`.
+///
+/// # Safety
+/// `s` is a valid slot.
+#[inline(always)]
+unsafe fn holds(s: *const Slot, want: &[u64; 6]) -> bool {
+    // SAFETY: caller's contract.
+    unsafe {
+        core::ptr::read_volatile(&raw const (*s).state) == state::LIVE
+            && same(words(&(*s).key), want)
+    }
+}
+
+/// The table's memory: slot `i` for `i` within `mask`.
+pub trait Slots {
+    /// `None` only when `i` is out of range (the verifier wants the check).
+    fn slot(&self, i: u32) -> Option<*mut Slot>;
+    /// Slot count − 1 (a power of two − 1).
+    fn mask(&self) -> u32;
+}
+
+/// Where [`locate`] left a key.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Located {
+    /// An existing entry, its lock held by the caller now.
+    Found(*mut Slot),
+    /// A new entry at index `.1`, initialised, lock held.
+    New(*mut Slot, u32),
+    /// An existing entry whose lock stayed taken for `spins` tries: count
+    /// without a verdict ([`crate::shared::update_contended`]), then call
+    /// [`contended_done`]. The caller is registered in `writers`, so the
+    /// slot is not drained meanwhile.
+    Contended(*mut Slot),
+    /// All [`PROBES`] slots hold other connections.
+    Full,
+    /// The slots kept changing under us (two tries); not counted.
+    Busy,
+}
+
+/// Finds `key` (hashed to `h`), or inserts it with `init` (called on the
+/// zeroed entry, its lock held); on success the caller holds the entry's
+/// lock and must release it (`xchg_u32(&entry.lock, 0)`).
+///
+/// # Safety
+/// Every slot `t` hands out is valid, 64-byte aligned, and written only
+/// through this module and [`crate::shared`] (and userspace's [`drain`]).
+#[inline(always)]
+pub unsafe fn locate<T: Slots, A: Atomics>(
+    t: &T,
+    key: &ConnKey,
+    h: u32,
+    spins: u32,
+    a: &A,
+    init: impl Fn(&mut FlowEntry),
+) -> Located {
+    // The common case first, in few instructions: the key in its home slot,
+    // the lock free at the first try.
+    let want = words(key);
+    if let Some(s) = t.slot(h & t.mask()) {
+        // SAFETY: caller's contract; checked again under the lock.
+        unsafe {
+            if holds(s, want) {
+                let lock = &raw mut (*s).entry.lock;
+                if a.cas_u32(lock, 0, 1) == 0 {
+                    if core::ptr::read_volatile(&raw const (*s).state) == state::LIVE {
+                        return Located::Found(s);
+                    }
+                    a.xchg_u32(lock, 0);
+                }
+            }
+        }
+    }
+    // SAFETY: caller's contract.
+    unsafe { locate_slow(t, key, h, spins, a, init) }
+}
+
+/// [`locate`] in full: every probe, the lock spin, the insert. Not inlined:
+/// rare (a new connection, a collision, a held lock), and kept out of the
+/// common path's instruction stream.
+///
+/// # Safety
+/// As [`locate`].
+#[inline(never)]
+pub unsafe fn locate_slow<T: Slots, A: Atomics>(
+    t: &T,
+    key: &ConnKey,
+    h: u32,
+    spins: u32,
+    a: &A,
+    init: impl Fn(&mut FlowEntry),
+) -> Located {
+    let want = words(key);
+    let mask = t.mask();
+    let mut attempt = 0;
+    while attempt < 2 {
+        attempt += 1;
+        let mut free: Option<(*mut Slot, u32)> = None;
+        let mut hit: Option<*mut Slot> = None;
+        let (mut i, mut off) = (0, 0u32);
+        while i < PROBES {
+            let idx = h.wrapping_add(off) & mask;
+            i += 1;
+            off = off.wrapping_add(i);
+            let Some(s) = t.slot(idx) else { break };
+            // SAFETY: caller's contract; read without the lock, checked again
+            // under it.
+            let st = unsafe { core::ptr::read_volatile(&raw const (*s).state) };
+            if st == state::LIVE {
+                // SAFETY: as above.
+                if same(unsafe { words(&(*s).key) }, want) {
+                    hit = Some(s);
+                    break;
+                }
+            } else if st != state::DRAINING {
+                if free.is_none() {
+                    free = Some((s, idx));
+                }
+                if st == state::EMPTY {
+                    break;
+                }
+            }
+        }
+        let (s, idx) = match (hit, free) {
+            (Some(s), _) => (s, u32::MAX),
+            (None, Some(f)) => f,
+            (None, None) => return Located::Full,
+        };
+        // SAFETY: caller's contract.
+        let lock = unsafe { &raw mut (*s).entry.lock };
+        // SAFETY: as above.
+        if !unsafe { a.try_lock(lock, spins) } {
+            if hit.is_some() {
+                // Register as a writer, then check the slot is still this
+                // connection's: a drain that began before the registration
+                // is seen here, one that begins after it waits for us.
+                // SAFETY: caller's contract.
+                unsafe {
+                    let writers = &raw mut (*s).writers;
+                    a.add_u32(writers, 1);
+                    if holds(s, want) {
+                        return Located::Contended(s);
+                    }
+                    a.add_u32(writers, u32::MAX);
+                }
+            }
+            continue;
+        }
+        // SAFETY: we hold the slot's lock.
+        if unsafe { holds(s, want) } {
+            // Found, or another CPU inserted this very key first.
+            return Located::Found(s);
+        }
+        // SAFETY: as above.
+        let st = unsafe { core::ptr::read_volatile(&raw const (*s).state) };
+        if hit.is_some() || st == state::LIVE || st == state::DRAINING {
+            // Drained, or taken by another key, since we looked: again.
+            // SAFETY: we hold the lock.
+            unsafe { a.xchg_u32(lock, 0) };
+            continue;
+        }
+        // SAFETY: we hold the lock of a slot no one else writes (not LIVE,
+        // so not matched; locked, so not inserted into).
+        unsafe {
+            (*s).key = *key;
+            zero_entry(&raw mut (*s).entry);
+            init(&mut (*s).entry);
+            (*s).entry.lock = 1;
+            // Publish: the key and entry are written before LIVE is seen.
+            a.xchg_u32(&raw mut (*s).state, state::LIVE);
+        }
+        return Located::New(s, idx);
+    }
+    Located::Busy
+}
+
+/// Ends a [`Located::Contended`] update.
+///
+/// # Safety
+/// `s` came from that [`Located::Contended`].
+#[inline(always)]
+pub unsafe fn contended_done<A: Atomics>(s: *mut Slot, a: &A) {
+    // SAFETY: caller's contract.
+    unsafe { a.add_u32(&raw mut (*s).writers, u32::MAX) };
+}
+
+/// Zeroes everything of `e` but its first word (the lock and the bytes
+/// beside it, which `init` sets), with volatile stores: a plain loop would
+/// become a `memset` call, which the BPF target makes a byte loop.
+#[inline(always)]
+unsafe fn zero_entry(e: *mut FlowEntry) {
+    const WORDS: usize = core::mem::size_of::<FlowEntry>() / 8;
+    let w = e.cast::<u64>();
+    // SAFETY: `e` is a valid, 8-byte aligned FlowEntry (caller's contract).
+    unsafe {
+        (*e).hs_flags = 0;
+        (*e).initiator = 0;
+        (*e).evidence = 0;
+        (*e).sk_noted = 0;
+        let mut i = 1;
+        while i < WORDS {
+            core::ptr::write_volatile(w.add(i), 0);
+            i += 1;
+        }
+    }
+}
+
+/// Userspace: takes the connection out of slot `s` if it is `LIVE` and
+/// `due` says so, returning its key and final entry; the slot is `FREE`
+/// afterwards. `pause` runs while a kernel CPU holds the lock (microseconds);
+/// `release` runs right before the slot becomes `FREE` (and reusable), for
+/// the caller's own bookkeeping of occupied slots.
+///
+/// # Safety
+/// `s` is a slot of the live table, shared with the kernel.
+pub unsafe fn drain<A: Atomics>(
+    s: *mut Slot,
+    a: &A,
+    due: impl Fn(&FlowEntry) -> bool,
+    mut pause: impl FnMut(),
+    release: impl FnOnce(),
+) -> Option<(ConnKey, FlowEntry)> {
+    // SAFETY: caller's contract.
+    unsafe {
+        let st = &raw mut (*s).state;
+        if a.cas_u32(st, state::LIVE, state::DRAINING) != state::LIVE {
+            return None;
+        }
+        while core::ptr::read_volatile(&raw const (*s).entry.lock) != 0
+            || core::ptr::read_volatile(&raw const (*s).writers) != 0
+        {
+            pause();
+        }
+        let key = core::ptr::read_volatile(&raw const (*s).key);
+        let entry = core::ptr::read_volatile(&raw const (*s).entry);
+        if !due(&entry) {
+            // A packet came since the caller looked: leave it.
+            a.xchg_u32(st, state::LIVE);
+            return None;
+        }
+        release();
+        a.xchg_u32(st, state::FREE);
+        Some((key, entry))
+    }
+}

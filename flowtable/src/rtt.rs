@@ -271,6 +271,7 @@ mod tests {
     /// tracker and the timer.
     fn run(segs: &[(usize, u64, u8, u32, u32, u32)]) -> RttTimer {
         let mut dirs = [TcpDir::default(); 2];
+        let mut holes: [probe_common::tcp::Holes; 2] = Default::default();
         let mut t = RttTimer::default();
         for &(dir, us, flags, seq, ack, len) in segs {
             let seg = Segment {
@@ -284,7 +285,7 @@ mod tests {
             };
             let [d0, d1] = &mut dirs;
             let (d, r) = if dir == 0 { (d0, d1) } else { (d1, d0) };
-            let v = track(&seg, d, r);
+            let v = track(&seg, d, r, &mut holes[dir]);
             t.observe(dir, us * 1000, &seg, &v);
         }
         t

@@ -101,7 +101,7 @@ impl FlowTable {
                 hdr: p.tcp,
                 payload_len: p.payload_len,
             };
-            let v = track(&seg, d, r);
+            let v = track(&seg, d, r, &mut e.holes[dir & 1]);
             flow.rtt.observe(dir, o.ts_ns, &seg, &v);
             Some(v)
         } else {

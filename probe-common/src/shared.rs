@@ -133,19 +133,20 @@ pub unsafe fn update_locked<C: Clock>(
     unsafe {
         let e = &mut *e;
         e.last_seen_ns = clock.coarse_ns();
-        let verdict = if p.is_tcp {
+        // Plain adds: every writer of `counters` holds the lock (a
+        // contended writer adds to `late` instead). Two calls rather than
+        // one with an `Option<Verdict>`: LLVM spills the undefined payload
+        // of a `None`, which the verifier rejects as an uninitialised read.
+        if p.is_tcp {
             e.note_syn(dir, p.tcp.flags);
             let [t0, t1] = &mut e.tcp;
             let (d, r) = if dir == 0 { (t0, t1) } else { (t1, t0) };
-            let v = track(&seg, d, r);
+            let v = track(&seg, d, r, &mut e.holes[dir]);
             handshake::observe(e, dir, &p.tcp, &v, || clock.precise_ns());
-            Some(v)
+            e.counters[dir].record(segs, p.payload_len, p.l3_len, Some(&v));
         } else {
-            None
-        };
-        // Plain adds: every writer of `counters` holds the lock (a
-        // contended writer adds to `late` instead).
-        e.counters[dir].record(segs, p.payload_len, p.l3_len, verdict.as_ref());
+            e.counters[dir].record(segs, p.payload_len, p.l3_len, None);
+        }
     }
 }
 

@@ -77,16 +77,12 @@ pub const PROBES: u32 = 32;
 #[inline(always)]
 pub fn hash(key: &ConnKey, seed: u64) -> u32 {
     let w = words(key);
-    // Two multiply-xorshift rounds over the words folded with rotations.
-    let mut h = seed
-        ^ w[0]
-        ^ w[1].rotate_left(13)
-        ^ w[2].rotate_left(29)
-        ^ w[3].rotate_left(41)
-        ^ w[4].rotate_left(53)
-        ^ w[5].rotate_left(7);
-    h = (h ^ (h >> 31)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    h = (h ^ (h >> 29)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    // The words folded with rotations (so that equal words in different
+    // places do not cancel), then one multiply-xorshift: the high half of
+    // the product depends on every input bit.
+    let x = (seed ^ w[0] ^ w[1].rotate_left(17) ^ w[2].rotate_left(31) ^ w[3].rotate_left(47))
+        .wrapping_add(w[4] ^ w[5].rotate_left(23));
+    let h = (x ^ (x >> 29)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
     (h >> 32) as u32
 }
 
@@ -288,22 +284,21 @@ pub unsafe fn contended_done<A: Atomics>(s: *mut Slot, a: &A) {
     unsafe { a.add_u32(&raw mut (*s).writers, u32::MAX) };
 }
 
-/// Zeroes everything of `e` but its first word (the lock and the bytes
-/// beside it, which `init` sets), with volatile stores: a plain loop would
-/// become a `memset` call, which the BPF target makes a byte loop.
+/// Zeroes everything of `e` but the word that holds its lock (held by the
+/// caller), with volatile stores: a plain loop would become a `memset`
+/// call, which the BPF target makes a byte loop.
 #[inline(always)]
 unsafe fn zero_entry(e: *mut FlowEntry) {
     const WORDS: usize = core::mem::size_of::<FlowEntry>() / 8;
+    const LOCK_WORD: usize = core::mem::offset_of!(FlowEntry, lock) / 8;
     let w = e.cast::<u64>();
     // SAFETY: `e` is a valid, 8-byte aligned FlowEntry (caller's contract).
     unsafe {
-        (*e).hs_flags = 0;
-        (*e).initiator = 0;
-        (*e).evidence = 0;
-        (*e).sk_noted = 0;
-        let mut i = 1;
+        let mut i = 0;
         while i < WORDS {
-            core::ptr::write_volatile(w.add(i), 0);
+            if i != LOCK_WORD {
+                core::ptr::write_volatile(w.add(i), 0);
+            }
             i += 1;
         }
     }

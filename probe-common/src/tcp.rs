@@ -31,18 +31,22 @@ pub struct TcpDir {
     /// `FLAG_*` bits.
     pub flags: u8,
     pub _pad: [u8; 3],
-    /// Holes below `snd_max`: sequence space this tap has not seen, each
-    /// left by a segment that started beyond `snd_max` (a gap), as
-    /// `[lo, hi)`; hole `i` is open while `FLAG_HOLE << i` is set and its
-    /// `hi` is after both its `lo` and the peer's ACK (which proves
-    /// everything below it arrived). Data that lands inside one is seen here
-    /// for the first time, so it is new, not retransmitted: that is
-    /// reordering between the sender and this tap (veth or RPS deliver one
-    /// flow on several CPUs), or the retransmission of a loss upstream of
-    /// the tap. Hole 0 is the older (lower) one. A third gap merges the two
-    /// into hole 0, which then also covers the seen data between them.
-    pub holes: [[u32; 2]; 2],
 }
+
+/// Holes below a direction's `snd_max`: sequence space this tap has not
+/// seen, each left by a segment that started beyond `snd_max` (a gap), as
+/// `[lo, hi)`; hole `i` is open while `FLAG_HOLE << i` is set in the
+/// direction's [`TcpDir::flags`] and its `hi` is after both its `lo` and the
+/// peer's ACK (which proves everything below it arrived). Data that lands
+/// inside one is seen here for the first time, so it is new, not
+/// retransmitted: that is reordering between the sender and this tap (veth
+/// or RPS deliver one flow on several CPUs), or the retransmission of a loss
+/// upstream of the tap. Hole 0 is the older (lower) one. A third gap merges
+/// the two into hole 0, which then also covers the seen data between them.
+///
+/// Kept apart from [`TcpDir`]: only gaps and copies touch them, so that the
+/// state every segment touches fits one cache line with the lock.
+pub type Holes = [[u32; 2]; 2];
 
 impl TcpDir {
     /// `snd_max` is valid: at least one non-RST segment was seen.
@@ -53,7 +57,7 @@ impl TcpDir {
     pub const FLAG_PEER_WIN0: u8 = 4;
     /// The last segment of this direction was a 1-byte zero-window probe.
     pub const FLAG_LAST_ZWP: u8 = 8;
-    /// Hole 0 is open (see `holes`); `FLAG_HOLE << 1`: hole 1.
+    /// Hole 0 is open (see [`Holes`]); `FLAG_HOLE << 1`: hole 1.
     pub const FLAG_HOLE: u8 = 16;
     /// This direction sent a FIN.
     pub const FLAG_FIN: u8 = 32;
@@ -114,11 +118,11 @@ impl Verdict {
     }
 }
 
-/// Classifies one segment sent in direction `d`; `r` is the reverse
-/// direction of the same connection (its ACK state is updated from this
-/// segment).
+/// Classifies one segment sent in direction `d` (whose holes are `holes`);
+/// `r` is the reverse direction of the same connection (its ACK state is
+/// updated from this segment).
 #[inline(always)]
-pub fn track(seg: &Segment, d: &mut TcpDir, r: &mut TcpDir) -> Verdict {
+pub fn track(seg: &Segment, d: &mut TcpDir, r: &mut TcpDir, holes: &mut Holes) -> Verdict {
     let h = &seg.hdr;
     let syn = h.flags & tcp_flags::SYN != 0;
     let fin = h.flags & tcp_flags::FIN != 0;
@@ -189,12 +193,12 @@ pub fn track(seg: &Segment, d: &mut TcpDir, r: &mut TcpDir) -> Verdict {
             // for what of it lies in the hole.
             let overlap = d.snd_max.wrapping_sub(h.seq);
             let overlap = if overlap < len { overlap } else { len };
-            v.retransmitted_bytes = overlap - fill_hole(d, h.seq, overlap);
+            v.retransmitted_bytes = overlap - fill_hole(d, holes, h.seq, overlap);
         } else if seq_after(h.seq, d.snd_max)
             && !(d.has(TcpDir::FLAG_LAST_ZWP) && h.seq == d.snd_max.wrapping_add(1))
         {
             v.gap = true;
-            open_hole(d, d.snd_max, h.seq);
+            open_hole(d, holes, d.snd_max, h.seq);
         }
         d.snd_max = end;
         d.flags &= !TcpDir::FLAG_LAST_ZWP;
@@ -202,7 +206,7 @@ pub fn track(seg: &Segment, d: &mut TcpDir, r: &mut TcpDir) -> Verdict {
     }
 
     // At or below snd_max: seen before, but for what lies in the hole.
-    let unseen = fill_hole(d, h.seq, len);
+    let unseen = fill_hole(d, holes, h.seq, len);
     if unseen != 0 {
         let mut v = Verdict::of(VerdictKind::New);
         v.retransmitted_bytes = len - unseen;
@@ -219,8 +223,8 @@ const HOLE_FLAGS: [u8; 2] = [TcpDir::FLAG_HOLE, TcpDir::FLAG_HOLE1];
 /// Where hole `i` begins: its `lo`, or the peer's ACK if that is further
 /// (the peer received everything below its ACK).
 #[inline(always)]
-fn hole_start(d: &TcpDir, i: usize) -> u32 {
-    let lo = d.holes[i][0];
+fn hole_start(d: &TcpDir, holes: &Holes, i: usize) -> u32 {
+    let lo = holes[i][0];
     if d.has(TcpDir::FLAG_PEER_ACK) && seq_after(d.peer_ack, lo) {
         d.peer_ack
     } else {
@@ -231,11 +235,11 @@ fn hole_start(d: &TcpDir, i: usize) -> u32 {
 /// Hole `i` is open; a hole the peer's ACK has closed is forgotten, so that
 /// it cannot look open again once sequence numbers wrap.
 #[inline(always)]
-fn hole_open(d: &mut TcpDir, i: usize) -> bool {
+fn hole_open(d: &mut TcpDir, holes: &Holes, i: usize) -> bool {
     if !d.has(HOLE_FLAGS[i]) {
         return false;
     }
-    if seq_after(d.holes[i][1], hole_start(d, i)) {
+    if seq_after(holes[i][1], hole_start(d, holes, i)) {
         return true;
     }
     d.flags &= !HOLE_FLAGS[i];
@@ -247,23 +251,23 @@ fn hole_open(d: &mut TcpDir, i: usize) -> bool {
 // eBPF program's common path stays short (its code is fetched afresh for
 // nearly every packet at load).
 #[inline(never)]
-fn open_hole(d: &mut TcpDir, lo: u32, hi: u32) {
-    let slot = match (hole_open(d, 0), hole_open(d, 1)) {
+fn open_hole(d: &mut TcpDir, holes: &mut Holes, lo: u32, hi: u32) {
+    let slot = match (hole_open(d, holes, 0), hole_open(d, holes, 1)) {
         (false, false) => 0,
         (true, false) => 1,
         (false, true) => {
             // Keep hole 0 the older one.
-            d.holes[0] = d.holes[1];
+            holes[0] = holes[1];
             d.flags |= TcpDir::FLAG_HOLE;
             1
         }
         (true, true) => {
             // A third hole: the two older ones become one.
-            d.holes[0][1] = d.holes[1][1];
+            holes[0][1] = holes[1][1];
             1
         }
     };
-    d.holes[slot] = [lo, hi];
+    holes[slot] = [lo, hi];
     d.flags |= HOLE_FLAGS[slot];
 }
 
@@ -272,17 +276,17 @@ fn open_hole(d: &mut TcpDir, lo: u32, hi: u32) {
 /// edge past it, closing the hole when nothing is left; one strictly inside
 /// leaves the hole as is.
 #[inline(never)]
-fn fill_hole(d: &mut TcpDir, seq: u32, len: u32) -> u32 {
+fn fill_hole(d: &mut TcpDir, holes: &mut Holes, seq: u32, len: u32) -> u32 {
     let data_end = seq.wrapping_add(len);
     let mut unseen = 0;
     // An index, not an iterator: `d` is borrowed mutably in the body.
     #[allow(clippy::needless_range_loop)]
     for i in 0..2 {
-        if !hole_open(d, i) {
+        if !hole_open(d, holes, i) {
             continue;
         }
-        let start = hole_start(d, i);
-        let end = d.holes[i][1];
+        let start = hole_start(d, holes, i);
+        let end = holes[i][1];
         let lo = if seq_after(start, seq) { start } else { seq };
         let hi = if seq_after(data_end, end) {
             end
@@ -294,11 +298,11 @@ fn fill_hole(d: &mut TcpDir, seq: u32, len: u32) -> u32 {
         }
         unseen += hi.wrapping_sub(lo);
         if lo == start {
-            d.holes[i][0] = hi;
+            holes[i][0] = hi;
         } else if hi == end {
-            d.holes[i][1] = lo;
+            holes[i][1] = lo;
         }
-        if !seq_after(d.holes[i][1], d.holes[i][0]) {
+        if !seq_after(holes[i][1], holes[i][0]) {
             d.flags &= !HOLE_FLAGS[i];
         }
     }

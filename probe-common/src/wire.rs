@@ -184,45 +184,29 @@ impl DirCounters {
         l3_len: u32,
         tcp: Option<&crate::tcp::Verdict>,
     ) {
-        let d = DirCounters::delta(segs, payload_len, l3_len, tcp);
-        self.packets += d.packets;
-        self.bytes += d.bytes;
-        self.l3_bytes += d.l3_bytes;
-        self.retransmits += d.retransmits;
-        self.retransmitted_bytes += d.retransmitted_bytes;
-        self.probes += d.probes;
-        self.gaps += d.gaps;
-        self.spurious += d.spurious;
-    }
-
-    /// What [`DirCounters::record`] adds for one frame: the one place that
-    /// turns a verdict into counts, for plain and atomic adds alike.
-    #[inline(always)]
-    pub fn delta(
-        segs: u32,
-        payload_len: u32,
-        l3_len: u32,
-        tcp: Option<&crate::tcp::Verdict>,
-    ) -> DirCounters {
-        let mut d = DirCounters {
-            packets: segs as u64,
-            bytes: payload_len as u64,
-            l3_bytes: l3_len as u64,
-            ..DirCounters::default()
-        };
-        if let Some(v) = tcp {
-            match v.kind {
-                crate::tcp::VerdictKind::Retransmit => {
-                    d.retransmits = segs as u64;
-                    d.spurious = v.spurious as u64 * segs as u64;
+        // Only what a verdict changes is touched: in the eBPF program every
+        // instruction of this common path is fetched afresh nearly every
+        // packet.
+        self.packets += segs as u64;
+        self.bytes += payload_len as u64;
+        self.l3_bytes += l3_len as u64;
+        let Some(v) = tcp else { return };
+        match v.kind {
+            crate::tcp::VerdictKind::Retransmit => {
+                self.retransmits += segs as u64;
+                if v.spurious {
+                    self.spurious += segs as u64;
                 }
-                crate::tcp::VerdictKind::Probe => d.probes = 1,
-                _ => {}
             }
-            d.retransmitted_bytes = v.retransmitted_bytes as u64;
-            d.gaps = v.gap as u64;
+            crate::tcp::VerdictKind::Probe => self.probes += 1,
+            _ => {}
         }
-        d
+        if v.retransmitted_bytes != 0 {
+            self.retransmitted_bytes += v.retransmitted_bytes as u64;
+        }
+        if v.gap {
+            self.gaps += 1;
+        }
     }
 }
 
@@ -390,16 +374,15 @@ pub fn initiator_of(dir: usize, key: &ConnKey, tcp_flags: Option<u8>) -> (usize,
 /// [`ConnKey::of`].
 ///
 /// Field order is cache-line order in a [`crate::table::Slot`] (the entry
-/// starts 56 bytes into a 64-byte-aligned slot): the lock, handshake flags
-/// and `last_seen_ns` share the key's line, the tracker state fills the
-/// next, each direction's counters one line each, and what only new
-/// connections, handshakes and the first packet from a socket touch comes
-/// last. A packet touches three lines.
+/// starts 56 bytes into a 64-byte-aligned slot): the first 8 bytes share
+/// the key's line, which stays read-only once the handshake is over; the
+/// lock, `last_seen_ns` and the tracker state fill the next line; each
+/// direction's counters one line each; what only gaps, handshakes, new
+/// connections, the first packet from a socket and contended writers touch
+/// comes last. A packet writes two lines.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowEntry {
-    /// 0 or 1: taken while one CPU updates the entry ([`crate::shared`]).
-    pub lock: u32,
     /// [`crate::handshake`] state bits.
     pub hs_flags: u8,
     /// Direction index the initiator sends in ([`initiator_of`]).
@@ -408,13 +391,16 @@ pub struct FlowEntry {
     pub evidence: u8,
     /// Bit `d`: `sk_cookie[d]` and `sk_cgroup[d]` are set (tc only).
     pub sk_noted: u8,
+    pub _pad: u32,
+    /// 0 or 1: taken while one CPU updates the entry ([`crate::shared`]).
+    pub lock: u32,
+    pub _pad2: u32,
     /// CLOCK_MONOTONIC of the last packet. In a kernel table slot: the
     /// kernel's `jiffies` instead (one load a packet), which the reader
     /// turns into nanoseconds with [`FlowEntry::jiffies_to_ns`] before
     /// anything else sees the entry.
     pub last_seen_ns: u64,
     pub tcp: [crate::tcp::TcpDir; 2],
-    pub counters: [DirCounters; 2],
     /// Per direction: the sequence end of its SYN, which the answer must
     /// acknowledge.
     pub hs_end: [u32; 2],
@@ -422,6 +408,9 @@ pub struct FlowEntry {
     pub first_seen_ns: u64,
     /// In a kernel table slot: `jiffies` when `first_seen_ns` was taken.
     pub first_seen_j: u64,
+    pub counters: [DirCounters; 2],
+    /// Per direction, the tracker's reordering holes.
+    pub holes: [crate::tcp::Holes; 2],
     /// Per direction: when its SYN was sent (while timed), then the
     /// handshake sample in nanoseconds ([`crate::handshake`]).
     pub hs_ns: [u64; 2],
@@ -505,6 +494,10 @@ impl FlowEntry {
 // contract: no implicit padding, fixed sizes.
 const _: () = assert!(core::mem::size_of::<ConnKey>() == 48);
 const _: () = assert!(core::mem::size_of::<DirCounters>() == 64);
-const _: () = assert!(core::mem::size_of::<crate::tcp::TcpDir>() == 28);
+const _: () = assert!(core::mem::size_of::<crate::tcp::TcpDir>() == 12);
 const _: () = assert!(core::mem::offset_of!(crate::tcp::TcpDir, flags) == 8);
-const _: () = assert!(core::mem::size_of::<FlowEntry>() == 320);
+const _: () = assert!(core::mem::size_of::<FlowEntry>() == 328);
+// The cache-line plan above, as offsets in a slot (entry at 56).
+const _: () = assert!(56 + core::mem::offset_of!(FlowEntry, lock) == 64);
+const _: () = assert!(56 + core::mem::offset_of!(FlowEntry, first_seen_j) == 120);
+const _: () = assert!(56 + core::mem::offset_of!(FlowEntry, counters) == 128);

@@ -5,7 +5,7 @@
 
 use probe_common::parse::{tcp_flags as f, TcpHeader};
 use probe_common::shared::{update, Fixed, Updated};
-use probe_common::tcp::{seq_after, track, Segment, TcpDir, VerdictKind as K};
+use probe_common::tcp::{seq_after, track, Holes, Segment, TcpDir, VerdictKind as K};
 use probe_common::{DirCounters, FlowEntry, FlowKey, L4Proto, Parsed, Plain, Verdict};
 
 const A: usize = 0;
@@ -49,6 +49,7 @@ fn s(
 /// counters so callers can assert totals too.
 fn check(steps: &[Step]) -> [DirCounters; 2] {
     let mut st = [TcpDir::default(); 2];
+    let mut holes: [Holes; 2] = Default::default();
     let mut c = [DirCounters::default(); 2];
     // The kernel's variant (`shared::update` on a map value) runs beside and
     // must agree step by step.
@@ -65,7 +66,7 @@ fn check(steps: &[Step]) -> [DirCounters; 2] {
         };
         let [s0, s1] = &mut st;
         let (d, r) = if step.dir == 0 { (s0, s1) } else { (s1, s0) };
-        let v: Verdict = track(&seg, d, r);
+        let v: Verdict = track(&seg, d, r, &mut holes[step.dir]);
         assert_eq!(
             (v.kind, v.retransmitted_bytes),
             (step.kind, step.retx_bytes),

@@ -230,7 +230,7 @@ fn slow_tc(ctx: &TcContext) {
         // SAFETY: `parse_skb` wrote it when it returned STATS_TRACKED.
         let p = unsafe { p.assume_init_ref() };
         let (key, dir) = ConnKey::of(&p.key, ifindex);
-        count::<true>(&key, dir, &p.pkt(), gso_segs.max(1), ctx.skb.skb);
+        count_call::<true>(&key, dir, &p.pkt(), gso_segs.max(1), ctx.skb.skb);
     }
 }
 
@@ -269,7 +269,7 @@ pub fn flowprobe_xdp(ctx: XdpContext) -> u32 {
         // SAFETY: `parse_xdp` wrote it when it returned STATS_TRACKED.
         let p = unsafe { p.assume_init_ref() };
         let (key, dir) = ConnKey::of(&p.key, 0);
-        count::<false>(&key, dir, &p.pkt(), 1, core::ptr::null_mut());
+        count_call::<false>(&key, dir, &p.pkt(), 1, core::ptr::null_mut());
     }
     XDP_PASS
 }
@@ -447,8 +447,9 @@ impl Slots for Table {
 /// finds or makes its slot, updates it under its lock. `TC`: `skb` is the
 /// packet's `__sk_buff` (for [`note_socket`]); XDP passes null.
 ///
-/// Not inlined: one copy for both parsers, and its own stack frame.
-#[inline(never)]
+/// Inlined into the fast path (one stream of instructions for the common
+/// packet); the general parser and XDP call it through [`count_call`].
+#[inline(always)]
 fn count<const TC: bool>(key: &ConnKey, dir: usize, p: &Pkt, segs: u32, skb: *mut __sk_buff) {
     let dir = dir & 1;
     // SAFETY: a plain global (see `Table::mask`).
@@ -478,6 +479,13 @@ fn count<const TC: bool>(key: &ConnKey, dir: usize, p: &Pkt, segs: u32, skb: *mu
         }
         Bpf.xchg_u32(&raw mut (*e).lock, 0);
     }
+}
+
+/// [`count`] as a function of its own: its own stack frame, beside the
+/// general parser's.
+#[inline(never)]
+fn count_call<const TC: bool>(key: &ConnKey, dir: usize, p: &Pkt, segs: u32, skb: *mut __sk_buff) {
+    count::<TC>(key, dir, p, segs, skb)
 }
 
 /// Everything [`count`] meets but an existing entry: a new one (marked in

@@ -20,7 +20,8 @@
 #   `raw` attaches the probe
 #   object with tc, without the agent; `alt` attaches ALT_OBJ=PATH the same
 #   way (to compare two builds of the program in one run); `alt1`, `alt2`, …
-#   attach the first, second, … of ALT_OBJS="PATH PATH …"
+#   attach the first, second, … of ALT_OBJS="PATH PATH …"; `probe2` runs the
+#   agent like `probe` with PROBE2_OBJ=PATH as its eBPF object
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -132,10 +133,11 @@ run_mode() { # mode round
         read -r cnt ns < <(prog_cost "${ids[@]}")
         tc -n "$NS_B" qdisc del dev vb clsact
         ;;
-    probe | xdp)
-        local backend=tc want=2
+    probe | probe2 | xdp)
+        local backend=tc want=2 obj=$OBJ
         [[ $mode == xdp ]] && backend=xdp want=1
-        ip netns exec "$NS_B" "$FP" run --backend "$backend" --iface vb --ebpf-object "$OBJ" \
+        [[ $mode == probe2 ]] && obj=${PROBE2_OBJ:?mode probe2 needs PROBE2_OBJ=PATH}
+        ip netns exec "$NS_B" "$FP" run --backend "$backend" --iface vb --ebpf-object "$obj" \
             --format json >"$WORK/probe.json" 2>"$WORK/probe.err" &
         fp_pid=$!
         for _ in $(seq 100); do

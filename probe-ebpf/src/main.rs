@@ -191,7 +191,17 @@ fn fast_tc(skb: *mut __sk_buff) -> bool {
         (daddr, dport, saddr, sport)
     };
     // SAFETY: the program's own context.
-    let (ifindex, gso_segs) = unsafe { ((*skb).ifindex, (*skb).gso_segs) };
+    let ifindex = unsafe { (*skb).ifindex };
+    let payload_len = tot_len - 20 - doff;
+    // A segment without payload is never a GSO super-packet: its segment
+    // count (in skb_shared_info, a cache line of its own at the end of the
+    // buffer) is only read for data.
+    let segs = if payload_len == 0 {
+        1
+    } else {
+        // SAFETY: the program's own context.
+        unsafe { (*skb).gso_segs }.max(1)
+    };
     // The key as its six words: IPv4-mapped addresses (::ffff:a.b.c.d),
     // ports, protocol 6, family 4, the interface.
     let key = ConnKey::from_words([
@@ -210,11 +220,11 @@ fn fast_tc(skb: *mut __sk_buff) -> bool {
             flags: (off_flags >> 8) as u8,
             window: u16::from_be(rd16(48)),
         },
-        payload_len: tot_len - 20 - doff,
+        payload_len,
         l3_len: tot_len,
     };
     bump(&PARSE_STATS, STATS_TRACKED);
-    count::<true>(&key, if forward { 0 } else { 1 }, &p, gso_segs.max(1), skb);
+    count::<true>(&key, if forward { 0 } else { 1 }, &p, segs, skb);
     true
 }
 

@@ -84,12 +84,14 @@ pub struct Outcome {
     pub conns: Vec<Connection>,
     /// Packets the program saw: tracked, or skipped by reason.
     pub stats: FrameStats,
-    /// New connections not counted because the map was full.
+    /// Packets of new connections not counted: every slot they may take in
+    /// the table was in use.
     pub map_full: u64,
-    /// New connections not counted for another map error.
+    /// Packets of new connections not counted: their slots kept changing.
     pub insert_failed: u64,
-    /// Packets whose connection entry stayed locked by another CPU, so the
-    /// lock-free update ran: counts exact, retransmit call best effort.
+    /// Packets whose connection entry stayed locked by another CPU, so
+    /// they were counted without the tracker: counts exact, retransmit call
+    /// lost.
     pub contended: u64,
     pub hook: Hook,
     /// XDP: (interface, "native" or "generic") for every attachment.

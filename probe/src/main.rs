@@ -527,7 +527,7 @@ fn tc_summary(o: &live::Outcome, health: &str, quiet: bool) {
     }
     if o.map_full > 0 {
         eprintln!(
-            "flowprobe: {} packets of new connections were not counted: the connection map was full (raise --max-conns)",
+            "flowprobe: {} packets of new connections were not counted: the connection table was full (raise --max-conns; keep it at most half full)",
             o.map_full
         );
     }
@@ -539,7 +539,7 @@ fn tc_summary(o: &live::Outcome, health: &str, quiet: bool) {
     }
     if o.insert_failed > 0 {
         eprintln!(
-            "flowprobe: {} packets of new connections were not counted: connection map insert failed",
+            "flowprobe: {} packets of new connections were not counted: their slots in the connection table kept changing (insert retried once)",
             o.insert_failed
         );
     }

@@ -381,12 +381,12 @@ fn health(reg: &mut Registry, s: &Snapshot) {
     );
     reg.register(
         "map_full",
-        "Packets of new connections not counted: the kernel map was full",
+        "Packets of new connections not counted: every slot they may take in the kernel table was in use",
         counter(s.map_full),
     );
     reg.register(
         "map_insert_failed",
-        "Packets of new connections not counted: another map insert error",
+        "Packets of new connections not counted: their slots kept changing under two tries",
         counter(s.insert_failed),
     );
     reg.register(

@@ -5,7 +5,7 @@
 //! interleaving; and a full probe sequence must be reported, not hidden.
 
 use std::cell::UnsafeCell;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Barrier;
 
 use probe_common::shared::{update_contended, update_locked, Fixed, Pkt};
@@ -97,20 +97,26 @@ fn inserts_updates_and_drains_racing_lose_no_packet() {
     // under two tries) is reported, not counted: it may be neither drained
     // nor live, and it must be rare.
     const CONNS: u16 = 16;
+    // Writers go on for at least ROUNDS rounds and until the drainer has
+    // taken DRAINS entries (however the threads are scheduled), at most
+    // MAX_ROUNDS.
     const ROUNDS: usize = 10000;
+    const DRAINS: usize = 200;
+    const MAX_ROUNDS: usize = 2_000_000;
     let t = Table::new(64);
     let keys: Vec<ConnKey> = (0..CONNS).map(key).collect();
     let stop = AtomicBool::new(false);
+    let taken = AtomicUsize::new(0);
     let start = Barrier::new(3);
-    let (mut sent, mut refused, mut drained) = (0u64, 0u64, Vec::new());
+    let (mut sent, mut refused, mut packets, mut drained) = (0u64, 0u64, 0u64, Vec::new());
     std::thread::scope(|s| {
         let writers: Vec<_> = (0..2u32)
             .map(|w| {
-                let (t, keys, start) = (&t, &keys, &start);
+                let (t, keys, start, taken) = (&t, &keys, &start, &taken);
                 s.spawn(move || {
                     start.wait();
-                    let (mut sent, mut refused) = (0u64, 0u64);
-                    for r in 0..ROUNDS {
+                    let (mut sent, mut refused, mut r) = (0u64, 0u64, 0);
+                    while r < MAX_ROUNDS && (r < ROUNDS || taken.load(Ordering::Relaxed) < DRAINS) {
                         for (i, k) in keys.iter().enumerate() {
                             let len = 1 + ((r * 7 + i * 13) % 1000) as u32 + w;
                             // Every 5th packet of writer 1 never waits.
@@ -123,13 +129,14 @@ fn inserts_updates_and_drains_racing_lose_no_packet() {
                                 _ => sent += len as u64,
                             }
                         }
+                        r += 1;
                     }
-                    (sent, refused)
+                    (sent, refused, r)
                 })
             })
             .collect();
         let drainer = {
-            let (t, stop, start) = (&t, &stop, &start);
+            let (t, stop, start, taken) = (&t, &stop, &start, &taken);
             s.spawn(move || {
                 start.wait();
                 let mut out = Vec::new();
@@ -147,6 +154,7 @@ fn inserts_updates_and_drains_racing_lose_no_packet() {
                             )
                         } {
                             out.push(e);
+                            taken.fetch_add(1, Ordering::Relaxed);
                         }
                     }
                 }
@@ -154,9 +162,10 @@ fn inserts_updates_and_drains_racing_lose_no_packet() {
             })
         };
         for w in writers {
-            let (s, r) = w.join().unwrap();
+            let (s, r, rounds) = w.join().unwrap();
             sent += s;
             refused += r;
+            packets += rounds as u64 * CONNS as u64;
         }
         stop.store(true, Ordering::SeqCst);
         drained = drainer.join().unwrap();
@@ -175,11 +184,10 @@ fn inserts_updates_and_drains_racing_lose_no_packet() {
             .sum();
     let out: u64 = drained.iter().map(bytes).sum();
     assert!(
-        drained.len() >= 20,
+        drained.len() >= DRAINS,
         "the drainer took only {} entries",
         drained.len()
     );
-    let packets = 2 * ROUNDS as u64 * CONNS as u64;
     assert!(
         refused * 100 < packets,
         "{refused} of {packets} packets turned away"

@@ -29,6 +29,7 @@ fn main() {
     for p in [
         "probe-ebpf/src",
         "probe-ebpf/Cargo.toml",
+        "probe-ebpf/.cargo/config.toml",
         "probe-common/src",
     ] {
         println!("cargo:rerun-if-changed={}", root.join(p).display());
@@ -103,21 +104,8 @@ fn object(root: &Path) -> Result<PathBuf, String> {
             cmd.env(key, v);
         }
     }
-    // Debug info becomes BTF (needed by BTF-defined maps); target-cpu v3
-    // gives BPF atomics. Kept in step with xtask's `nightly_cargo`.
-    cmd.env(
-        "CARGO_ENCODED_RUSTFLAGS",
-        [
-            "-Cdebuginfo=2",
-            "-Clink-arg=--btf",
-            "-Ctarget-cpu=v3",
-            // Unaligned packet loads as one load, not byte by byte (LLVM
-            // 22; the verifier allows them where the CPU does, as x86 and
-            // arm64 do).
-            "-Ctarget-feature=+allows-misaligned-mem-access",
-        ]
-        .join("\x1f"),
-    );
+    // The flags (BTF, BPF atomics, unaligned loads) come from
+    // probe-ebpf/.cargo/config.toml, as for `cargo xtask build-ebpf`.
     let output = cmd
         .output()
         .map_err(|e| format!("cannot run rustup ({e}); {setup}"))?;

@@ -36,7 +36,8 @@ use std::process::{Child, Command};
 
 use common::json_lines;
 use common::root::{
-    conn_args, drop_in_input, enabled, sh, sh_out, tcpapp_exchange, wait_for, Netns,
+    conn_args, drop_in_input, enabled, record, sh, sh_out, tcpapp_exchange, veth_pair, wait_for,
+    Netns, LO_EXCHANGE,
 };
 use serde_json::Value;
 
@@ -58,31 +59,12 @@ fn setup(tag: &str, v6: bool) -> (Netns, &'static str, &'static str) {
 
 /// The veth between the namespaces, addressed and up.
 fn add_veth(ns: &Netns, v6: bool) -> (&'static str, &'static str) {
-    // Created inside A with the peer directly in B: the root namespace's
-    // interfaces are never touched.
-    sh(&[
-        "ip", "-n", &ns.a, "link", "add", VETH_A, "type", "veth", "peer", "name", VETH_B, "netns",
-        &ns.b,
-    ]);
     let (ca, sa, plen) = if v6 {
         ("fd78::1", "fd78::2", "64")
     } else {
         ("10.80.0.1", "10.80.0.2", "24")
     };
-    for (n, dev, addr) in [(&ns.a, VETH_A, ca), (&ns.b, VETH_B, sa)] {
-        let cidr = format!("{addr}/{plen}");
-        let mut add = vec!["ip", "-n", n, "addr", "add", &cidr, "dev", dev];
-        if v6 {
-            add.push("nodad");
-        }
-        sh(&add);
-        sh(&["ip", "-n", n, "link", "set", dev, "up"]);
-    }
-    wait_for("the veth to come up", || {
-        let up =
-            |n: &str, d: &str| sh_out(&["ip", "-n", n, "link", "show", d]).contains("LOWER_UP");
-        up(&ns.a, VETH_A) && up(&ns.b, VETH_B)
-    });
+    veth_pair(ns, VETH_A, VETH_B, ca, sa, plen);
     (ca, sa)
 }
 
@@ -183,21 +165,6 @@ fn kernel_drops(err: &str) -> u64 {
         .split_once("packets, ")
         .unwrap_or_else(|| panic!("no kernel counts in: {line}"));
     rest.split_whitespace().next().unwrap().parse().unwrap()
-}
-
-/// The record of the connection from client port `port`, checked for
-/// orientation.
-fn record<'a>(conns: &'a [Value], port: u16, ca: &str, sa: &str, out: &str) -> &'a Value {
-    let c = conns
-        .iter()
-        .find(|c| c["proto"] == "tcp" && c["sport"] == port)
-        .unwrap_or_else(|| panic!("no connection from port {port} in:\n{out}"));
-    assert_eq!(
-        (c["src"].as_str(), c["dst"].as_str(), c["dport"].as_u64()),
-        (Some(ca), Some(sa), Some(5001)),
-        "orientation of {c}"
-    );
-    c
 }
 
 fn truth(dir: &Path, side: &str) -> Value {
@@ -443,20 +410,6 @@ fn auto_falls_back_to_afpacket_without_bpf_capabilities() {
     }
     assert!(total_retrans > 0, "no retransmissions client->server");
 }
-
-/// 3000 bytes to 127.0.0.1:5555, 700 back, closed.
-const LO_EXCHANGE: &str = "
-import socket
-s = socket.socket(); s.bind(('127.0.0.1', 5555)); s.listen()
-c = socket.create_connection(('127.0.0.1', 5555)); a, _ = s.accept()
-c.sendall(b'x' * 3000)
-got = 0
-while got < 3000: got += len(a.recv(65536))
-a.sendall(b'y' * 700)
-got = 0
-while got < 700: got += len(c.recv(65536))
-c.close(); a.close(); s.close()
-";
 
 /// On lo, AF_PACKET sees each packet leave and come back: it counts once,
 /// with no false retransmission; `--interval` snapshots work.

@@ -28,7 +28,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::root::{enabled, sh, sh_out, wait_for, Netns};
+use common::root::{enabled, sh, sh_out, wait_for, KillOnDrop, Netns};
 use common::{json_lines, repo_root};
 use serde_json::Value;
 
@@ -103,16 +103,6 @@ impl Drop for Cgroup {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
-    }
-}
-
-/// Kills on drop.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 
@@ -216,7 +206,7 @@ fn every_end_carries_its_process_container_and_service() {
 
     let ready = dir.path().join("ready");
     let ready_s = ready.to_str().unwrap();
-    let server = Proc(spawn_app(
+    let server = KillOnDrop(spawn_app(
         &ns.b,
         ("OTEL_SERVICE_NAME", "fpa-payments"),
         "fpa-server",
@@ -233,7 +223,7 @@ fn every_end_carries_its_process_container_and_service() {
     ));
     wait_for("the server", || ready.exists());
     fs::remove_file(&ready).unwrap();
-    let cache = Proc(spawn_app(
+    let cache = KillOnDrop(spawn_app(
         &ns.a,
         ("DD_SERVICE", "fpa-cache-svc"),
         "fpa-cache",
@@ -252,7 +242,7 @@ fn every_end_carries_its_process_container_and_service() {
         .stderr(fs::File::create(&err).unwrap())
         .spawn()
         .unwrap();
-    let probe = Proc(probe);
+    let probe = KillOnDrop(probe);
     wait_for("flowprobe to attach", || {
         attached(&ns.a, "fpa0", "ingress")
             && attached(&ns.a, "fpa0", "egress")

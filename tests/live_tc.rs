@@ -36,7 +36,8 @@ use std::time::{Duration, Instant};
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use aya::Ebpf;
 use common::root::{
-    conn_args, drop_in_input, enabled, sh, sh_out, tcpapp_exchange, wait_for, Netns,
+    conn_args, drop_in_input, enabled, record, sh, sh_out, tcpapp_exchange, veth_pair, wait_for,
+    KillOnDrop, Netns, LO_EXCHANGE,
 };
 use common::{json_lines, repo_root};
 use serde_json::Value;
@@ -46,36 +47,15 @@ const VETH_B: &str = "fpl1";
 
 fn setup(tag: &str, v6: bool) -> (Netns, &'static str, &'static str) {
     let ns = Netns::create("fpl", tag);
-    // Created inside A with the peer directly in B: the root namespace's
-    // interfaces are never touched.
-    sh(&[
-        "ip", "-n", &ns.a, "link", "add", VETH_A, "type", "veth", "peer", "name", VETH_B, "netns",
-        &ns.b,
-    ]);
     let (ca, sa, plen, ipt) = if v6 {
         ("fd77::1", "fd77::2", "64", "ip6tables")
     } else {
         ("10.78.0.1", "10.78.0.2", "24", "iptables")
     };
-    for (n, dev, addr) in [(&ns.a, VETH_A, ca), (&ns.b, VETH_B, sa)] {
-        let cidr = format!("{addr}/{plen}");
-        let mut add = vec!["ip", "-n", n, "addr", "add", &cidr, "dev", dev];
-        if v6 {
-            add.push("nodad");
-        }
-        sh(&add);
-        sh(&["ip", "-n", n, "link", "set", dev, "up"]);
+    veth_pair(&ns, VETH_A, VETH_B, ca, sa, plen);
+    for n in [&ns.a, &ns.b] {
         // Every 13th large TCP packet dropped in the receiver's INPUT chain.
         drop_in_input(n, ipt);
-    }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline {
-        let up =
-            |n: &str, d: &str| sh_out(&["ip", "-n", n, "link", "show", d]).contains("LOWER_UP");
-        if up(&ns.a, VETH_A) && up(&ns.b, VETH_B) {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
     }
     (ns, ca, sa)
 }
@@ -122,21 +102,6 @@ fn traffic(ns: &Netns, ca: &str, sa: &str, dir: &Path) {
     let mut args = conn_args(&CONNS);
     args.extend(["--udp".to_owned(), format!("{UDP_PORT}:{UDP_DATAGRAMS}")]);
     tcpapp_exchange(&ns.a, ca, &ns.b, sa, dir, &args);
-}
-
-/// The record of the connection from client port `port` in one probe's
-/// output, checked for orientation.
-fn record<'a>(conns: &'a [Value], port: u16, ca: &str, sa: &str, out: &str) -> &'a Value {
-    let c = conns
-        .iter()
-        .find(|c| c["proto"] == "tcp" && c["sport"] == port)
-        .unwrap_or_else(|| panic!("no connection from port {port} in:\n{out}"));
-    assert_eq!(
-        (c["src"].as_str(), c["dst"].as_str(), c["dport"].as_u64()),
-        (Some(ca), Some(sa), Some(5001)),
-        "orientation of {c}"
-    );
-    c
 }
 
 /// Checks both probes' output against both sides' TCP_INFO.
@@ -380,7 +345,7 @@ fn follows_interfaces_that_appear_and_go() {
         .stderr(fs::File::create(dir.path().join("probe-client.err")).unwrap())
         .spawn()
         .unwrap();
-    let mut probe = scopeguard(probe);
+    let mut probe = KillOnDrop(probe);
     wait_for("flowprobe to attach to lo", || {
         ours_on(&ns.a, "lo", "ingress")
     });
@@ -510,33 +475,6 @@ fn follows_interfaces_that_appear_and_go() {
     no_filters_left(&ns.a, "lo");
 }
 
-/// 3000 bytes to 127.0.0.1:5555, 700 back, closed.
-const LO_EXCHANGE: &str = "
-import socket
-s = socket.socket(); s.bind(('127.0.0.1', 5555)); s.listen()
-c = socket.create_connection(('127.0.0.1', 5555)); a, _ = s.accept()
-c.sendall(b'x' * 3000)
-got = 0
-while got < 3000: got += len(a.recv(65536))
-a.sendall(b'y' * 700)
-got = 0
-while got < 700: got += len(c.recv(65536))
-c.close(); a.close(); s.close()
-";
-
-/// Kills the child on drop (a failed assertion must not leave a probe
-/// running).
-struct Guard(Child);
-fn scopeguard(c: Child) -> Guard {
-    Guard(c)
-}
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// After `kill -9` the filters and the clsact qdisc stay; the next start
 /// removes them and says so in one line, and leaves another program's
 /// filter and the clsact qdisc it sits in alone.
@@ -583,7 +521,7 @@ fn next_run_removes_what_a_killed_run_left() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut probe = scopeguard(probe);
+    let mut probe = KillOnDrop(probe);
     wait_for("flowprobe to attach", || {
         ["lo", "fpk0", "fpk1"]
             .iter()

@@ -146,6 +146,24 @@ fn http_get(ns: &str, url: &str) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// The handshake RTTs (µs, sorted) of the CONNS test connections, once the
+/// agent at `agent` (reached from namespace `ns`) shows every one.
+fn agent_handshakes(ns: &str, agent: &str, who: &str) -> Vec<u64> {
+    let mut rtts: Vec<u64> = Vec::new();
+    wait_for(&format!("{who} to show every handshake"), || {
+        rtts = http_get(ns, &format!("http://{agent}/connections"))
+            .map(|b| json_lines(&b))
+            .unwrap_or_default()
+            .iter()
+            .filter(|c| c["proto"] == "tcp" && c["dport"] == 5001)
+            .filter_map(|c| c["rtt"]["dst"]["handshake_us"].as_u64())
+            .collect();
+        rtts.len() == usize::from(CONNS)
+    });
+    rtts.sort_unstable();
+    rtts
+}
+
 #[test]
 fn handshake_rtt_equals_the_added_delay() {
     if !enabled("rtt_delay") {
@@ -328,18 +346,7 @@ fn handshake_rtt_equals_the_added_delay() {
     );
 
     // Live, from the agent of `run --backend afpacket`.
-    let mut live: Vec<u64> = Vec::new();
-    wait_for("the agent to show every handshake", || {
-        live = http_get(&c, &format!("http://{AGENT}/connections"))
-            .map(|b| json_lines(&b))
-            .unwrap_or_default()
-            .iter()
-            .filter(|c| c["proto"] == "tcp" && c["dport"] == 5001)
-            .filter_map(|c| c["rtt"]["dst"]["handshake_us"].as_u64())
-            .collect();
-        live.len() == usize::from(CONNS)
-    });
-    live.sort_unstable();
+    let live = agent_handshakes(&c, AGENT, "the agent");
     let live_p50 = live[live.len() / 2];
     let metrics = http_get(&c, &format!("http://{AGENT}/metrics")).unwrap();
     let hist: Vec<&str> = metrics
@@ -367,18 +374,7 @@ fn handshake_rtt_equals_the_added_delay() {
     );
 
     // Live, from the tc program's handshake times.
-    let mut tc: Vec<u64> = Vec::new();
-    wait_for("the tc agent to show every handshake", || {
-        tc = http_get(&c, &format!("http://{AGENT_TC}/connections"))
-            .map(|b| json_lines(&b))
-            .unwrap_or_default()
-            .iter()
-            .filter(|c| c["proto"] == "tcp" && c["dport"] == 5001)
-            .filter_map(|c| c["rtt"]["dst"]["handshake_us"].as_u64())
-            .collect();
-        tc.len() == usize::from(CONNS)
-    });
-    tc.sort_unstable();
+    let tc = agent_handshakes(&c, AGENT_TC, "the tc agent");
     let tc_p50 = tc[tc.len() / 2];
     eprintln!("run --backend tc: handshake RTT per connection {tc:?} µs, median {tc_p50} µs");
     assert!(

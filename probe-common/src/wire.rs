@@ -458,6 +458,17 @@ impl FlowEntry {
         self.last_seen_ns = self.first_seen_ns + ticks * tick_ns;
     }
 
+    /// Adds `o`, another entry of the same key (a later one, or a second
+    /// slot of it), to `self`: counters, and the span of both. Direction
+    /// indices agree: both are relative to the same key.
+    pub fn absorb(&mut self, o: &FlowEntry) {
+        for (c, t) in self.counters.iter_mut().zip(o.counters.iter()) {
+            c.add(t);
+        }
+        self.first_seen_ns = self.first_seen_ns.min(o.first_seen_ns);
+        self.last_seen_ns = self.last_seen_ns.max(o.last_seen_ns);
+    }
+
     /// Adds `late` into `counters` (and clears it): what a reader of a
     /// kernel entry does before using the counters.
     pub fn fold_late(&mut self) {

@@ -2,7 +2,7 @@
 //! throwaway network namespaces.
 
 use std::fs;
-use std::process::Command;
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 /// Whether the root tests of binary `name` run; `false` after printing why
@@ -188,3 +188,75 @@ pub fn tcpapp_exchange(
     assert!(client.success(), "tcpapp client failed");
     assert!(server.wait().unwrap().success(), "tcpapp server failed");
 }
+
+/// Kills the child on drop: a failed assertion must not leave a probe or an
+/// application running.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Names `a_dev` (in `ns.a`) and `b_dev` (in `ns.b`) a veth pair, gives them
+/// `ca` and `sa` in a /`plen` (IPv6 without duplicate address detection) and
+/// waits until both are up. Created inside A with the peer directly in B:
+/// the root namespace's interfaces are never touched.
+pub fn veth_pair(ns: &Netns, a_dev: &str, b_dev: &str, ca: &str, sa: &str, plen: &str) {
+    sh(&[
+        "ip", "-n", &ns.a, "link", "add", a_dev, "type", "veth", "peer", "name", b_dev, "netns",
+        &ns.b,
+    ]);
+    for (n, dev, addr) in [(&ns.a, a_dev, ca), (&ns.b, b_dev, sa)] {
+        let cidr = format!("{addr}/{plen}");
+        let mut add = vec!["ip", "-n", n, "addr", "add", &cidr, "dev", dev];
+        if addr.contains(':') {
+            add.push("nodad");
+        }
+        sh(&add);
+        sh(&["ip", "-n", n, "link", "set", dev, "up"]);
+    }
+    wait_for("the veth to come up", || {
+        let up =
+            |n: &str, d: &str| sh_out(&["ip", "-n", n, "link", "show", d]).contains("LOWER_UP");
+        up(&ns.a, a_dev) && up(&ns.b, b_dev)
+    });
+}
+
+/// The record of the TCP connection from client port `port` in one probe's
+/// output (`out`, for the failure message), checked for orientation: client
+/// `ca` to server `sa` port 5001.
+pub fn record<'a>(
+    conns: &'a [serde_json::Value],
+    port: u16,
+    ca: &str,
+    sa: &str,
+    out: &str,
+) -> &'a serde_json::Value {
+    let c = conns
+        .iter()
+        .find(|c| c["proto"] == "tcp" && c["sport"] == port)
+        .unwrap_or_else(|| panic!("no connection from port {port} in:\n{out}"));
+    assert_eq!(
+        (c["src"].as_str(), c["dst"].as_str(), c["dport"].as_u64()),
+        (Some(ca), Some(sa), Some(5001)),
+        "orientation of {c}"
+    );
+    c
+}
+
+/// Python for loopback: 3000 bytes to 127.0.0.1:5555, 700 back, closed.
+pub const LO_EXCHANGE: &str = "
+import socket
+s = socket.socket(); s.bind(('127.0.0.1', 5555)); s.listen()
+c = socket.create_connection(('127.0.0.1', 5555)); a, _ = s.accept()
+c.sendall(b'x' * 3000)
+got = 0
+while got < 3000: got += len(a.recv(65536))
+a.sendall(b'y' * 700)
+got = 0
+while got < 700: got += len(c.recv(65536))
+c.close(); a.close(); s.close()
+";

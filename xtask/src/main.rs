@@ -161,23 +161,10 @@ fn nightly_cargo(sub: &str) -> Result<Command> {
     ] {
         cmd.env_remove(key);
     }
-    // Debug info is what bpf-linker turns into BTF, which `.maps` map
-    // definitions (and libbpf-based loaders such as bpftool and tc) require.
-    cmd.env(
-        "CARGO_ENCODED_RUSTFLAGS",
-        // target-cpu v3: BPF atomics (fetch-add, compare-exchange) for the
-        // shared connection state; without it bpf-linker rejects them.
-        [
-            "-Cdebuginfo=2",
-            "-Clink-arg=--btf",
-            "-Ctarget-cpu=v3",
-            // Unaligned packet loads as one load, not byte by byte (LLVM
-            // 22; the verifier allows them where the CPU does, as x86 and
-            // arm64 do).
-            "-Ctarget-feature=+allows-misaligned-mem-access",
-        ]
-        .join("\x1f"),
-    );
+    // The flags (BTF, BPF atomics, unaligned loads) come from
+    // probe-ebpf/.cargo/config.toml, which this cargo reads from its
+    // directory; an inherited CARGO_ENCODED_RUSTFLAGS would replace them.
+    cmd.env_remove("CARGO_ENCODED_RUSTFLAGS");
     Ok(cmd)
 }
 

@@ -75,7 +75,9 @@ impl Drainer {
         let mut latest: HashMap<ConnKey, usize> = HashMap::new();
         for (k, e) in all {
             match latest.get(&k) {
-                Some(&i) if e.evidence < evidence::SYN => absorb(&mut merged[i].1, &e),
+                // A tail starts later, so the drained record keeps its
+                // first_seen.
+                Some(&i) if e.evidence < evidence::SYN => merged[i].1.absorb(&e),
                 _ => {
                     latest.insert(k, merged.len());
                     merged.push((k, e));
@@ -87,15 +89,6 @@ impl Drainer {
             .map(|(k, e)| Connection::from_entry(k, e, clock_offset_ns))
             .collect()
     }
-}
-
-/// Adds the counts of `tail`, a later entry of the same connection, to `e`.
-/// Direction indices agree: both are relative to the same key.
-fn absorb(e: &mut FlowEntry, tail: &FlowEntry) {
-    for (c, t) in e.counters.iter_mut().zip(tail.counters.iter()) {
-        c.add(t);
-    }
-    e.last_seen_ns = e.last_seen_ns.max(tail.last_seen_ns);
 }
 
 #[cfg(test)]

@@ -140,6 +140,18 @@ impl ConnTable {
             .filter(move |&i| i < self.len)
     }
 
+    /// The key in slot `i` if it holds a connection.
+    fn key(&self, i: usize) -> Option<ConnKey> {
+        let s = self.slot(i);
+        // SAFETY: a slot of the mapping; state first, with acquire (see
+        // `read`).
+        unsafe {
+            let st = AtomicU32::from_ptr(&raw mut (*s).state).load(Ordering::Acquire);
+            (st == state::LIVE || st == state::DRAINING)
+                .then(|| std::ptr::read_volatile(&raw const (*s).key))
+        }
+    }
+
     /// The key and entry in slot `i` if it holds a connection, as
     /// userspace uses them. Read without the lock: counters may be a packet
     /// apart from each other, as with any snapshot of a live map.
@@ -164,14 +176,14 @@ impl ConnTable {
         e
     }
 
-    /// Every key now in the table, appended to `out`.
+    /// Every key now in the table, once each, in `out` (replacing what it
+    /// held).
     pub fn keys(&mut self, out: &mut Vec<ConnKey>) -> Result<()> {
-        let start = out.len();
-        out.extend(self.occupied().filter_map(|i| self.read(i)).map(|(k, _)| k));
-        out[start..].sort_unstable();
-        let mut v = out.split_off(start);
-        v.dedup();
-        out.append(&mut v);
+        out.clear();
+        out.extend(self.occupied().filter_map(|i| self.key(i)));
+        // A key held by two slots (see the module comment) once.
+        out.sort_unstable();
+        out.dedup();
         Ok(())
     }
 
@@ -180,7 +192,7 @@ impl ConnTable {
         let mut at: HashMap<ConnKey, usize> = HashMap::new();
         for (k, e) in self.occupied().filter_map(|i| self.read(i)) {
             match at.get(&k) {
-                Some(&j) => merge(&mut out[j].1, &e),
+                Some(&j) => out[j].1.absorb(&e),
                 None => {
                     at.insert(k, out.len());
                     out.push((k, e));
@@ -219,13 +231,4 @@ impl ConnTable {
         }
         out
     }
-}
-
-/// Adds `o`, another entry of the same key, to `e`.
-fn merge(e: &mut FlowEntry, o: &FlowEntry) {
-    for (c, t) in e.counters.iter_mut().zip(o.counters.iter()) {
-        c.add(t);
-    }
-    e.first_seen_ns = e.first_seen_ns.min(o.first_seen_ns);
-    e.last_seen_ns = e.last_seen_ns.max(o.last_seen_ns);
 }

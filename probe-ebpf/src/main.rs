@@ -402,7 +402,7 @@ impl Atomics for Bpf {
 /// cost about 35 ns a packet at load), CLOCK_MONOTONIC for a new entry's
 /// `first_seen_ns` and handshake times. Userspace turns the jiffies into
 /// CLOCK_MONOTONIC nanoseconds against `first_seen_j`
-/// (`probe/src/live/mapread.rs`).
+/// (`probe/src/live/table.rs`).
 struct Ktime;
 
 impl Clock for Ktime {

@@ -21,7 +21,9 @@
 #   object with tc, without the agent; `alt` attaches ALT_OBJ=PATH the same
 #   way (to compare two builds of the program in one run); `alt1`, `alt2`, …
 #   attach the first, second, … of ALT_OBJS="PATH PATH …"; `probe2` runs the
-#   agent like `probe` with PROBE2_OBJ=PATH as its eBPF object
+#   agent like `probe` with PROBE2_OBJ=PATH as its eBPF object and/or
+#   PROBE2_ENV="VAR=VALUE …" in its environment (FLOWPROBE_ATTRIB=off: no
+#   attribution thread)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -136,8 +138,12 @@ run_mode() { # mode round
     probe | probe2 | xdp)
         local backend=tc want=2 obj=$OBJ
         [[ $mode == xdp ]] && backend=xdp want=1
-        [[ $mode == probe2 ]] && obj=${PROBE2_OBJ:?mode probe2 needs PROBE2_OBJ=PATH}
-        ip netns exec "$NS_B" "$FP" run --backend "$backend" --iface vb --ebpf-object "$obj" \
+        local envs=()
+        if [[ $mode == probe2 ]]; then
+            obj=${PROBE2_OBJ:-$OBJ}
+            read -ra envs <<<"${PROBE2_ENV:-}"
+        fi
+        ip netns exec "$NS_B" env "${envs[@]}" "$FP" run --backend "$backend" --iface vb --ebpf-object "$obj" \
             --format json >"$WORK/probe.json" 2>"$WORK/probe.err" &
         fp_pid=$!
         for _ in $(seq 100); do

@@ -4,7 +4,7 @@
 //!
 //! The update takes the entry's own lock word with a compare-exchange, runs
 //! the plain tracker, the very code replay runs, adds the counts, and
-//! releases the lock with an exchange. That makes each packet's decision one
+//! releases the lock ([`Atomics::unlock`]: a release store). That makes each packet's decision one
 //! indivisible step, whatever the interleaving. A BPF program cannot sleep
 //! or be preempted by another tc program on its CPU, so the lock is held for
 //! a few dozen instructions; but a virtual CPU can be descheduled by its
@@ -101,7 +101,7 @@ pub unsafe fn update<A: Atomics, C: Clock>(
         // SAFETY: we hold the lock.
         unsafe {
             update_locked(e, dir, segs, p, clock);
-            a.xchg_u32(lock, 0);
+            a.unlock(lock);
         }
         return Updated::Locked;
     }

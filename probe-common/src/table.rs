@@ -140,7 +140,7 @@ pub enum Located {
 
 /// Finds `key` (hashed to `h`), or inserts it with `init` (called on the
 /// zeroed entry, its lock held); on success the caller holds the entry's
-/// lock and must release it (`xchg_u32(&entry.lock, 0)`).
+/// lock and must release it (`Atomics::unlock(&entry.lock)`).
 ///
 /// # Safety
 /// Every slot `t` hands out is valid, 64-byte aligned, and written only
@@ -166,7 +166,7 @@ pub unsafe fn locate<T: Slots, A: Atomics>(
                     if core::ptr::read_volatile(&raw const (*s).state) == state::LIVE {
                         return Located::Found(s);
                     }
-                    a.xchg_u32(lock, 0);
+                    a.unlock(lock);
                 }
             }
         }
@@ -256,7 +256,7 @@ pub unsafe fn locate_slow<T: Slots, A: Atomics>(
         if hit.is_some() || st == state::LIVE || st == state::DRAINING {
             // Drained, or taken by another key, since we looked: again.
             // SAFETY: we hold the lock.
-            unsafe { a.xchg_u32(lock, 0) };
+            unsafe { a.unlock(lock) };
             continue;
         }
         // SAFETY: we hold the lock of a slot no one else writes (not LIVE,

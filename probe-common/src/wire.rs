@@ -233,6 +233,20 @@ pub trait Atomics {
     /// `p` must be valid and 4-byte aligned.
     unsafe fn xchg_u32(&self, p: *mut u32, v: u32) -> u32;
 
+    /// Releases the lock word `*p` (1 → 0) that [`Atomics::try_lock`] or
+    /// [`Atomics::cas_u32`] took: every load and store before it happens
+    /// before the next holder's. The default is [`Atomics::xchg_u32`], a
+    /// full barrier; a release store is enough, and much cheaper.
+    ///
+    /// # Safety
+    /// `p` must be valid and 4-byte aligned, and the lock held by the
+    /// caller.
+    #[inline(always)]
+    unsafe fn unlock(&self, p: *mut u32) {
+        // SAFETY: caller's contract.
+        unsafe { self.xchg_u32(p, 0) };
+    }
+
     /// `*p += v` (wrapping), atomically, with a full barrier. The default
     /// loops on [`Atomics::cas_u32`]; the eBPF program overrides it with one
     /// atomic add.
@@ -298,6 +312,12 @@ impl Atomics for CoreAtomics {
         // SAFETY: as above.
         unsafe { core::sync::atomic::AtomicU32::from_ptr(p) }
             .swap(v, core::sync::atomic::Ordering::SeqCst)
+    }
+    #[inline(always)]
+    unsafe fn unlock(&self, p: *mut u32) {
+        // SAFETY: as above.
+        unsafe { core::sync::atomic::AtomicU32::from_ptr(p) }
+            .store(0, core::sync::atomic::Ordering::Release);
     }
     #[inline(always)]
     unsafe fn add_u32(&self, p: *mut u32, v: u32) {

@@ -66,7 +66,7 @@ fn packet_seeded(t: &Table, k: &ConnKey, len: u32, spins: u32, seed: u64) -> Loc
         match l {
             Located::Found(s) | Located::New(s, _) => {
                 update_locked(&raw mut (*s).entry, 0, 1, &p, &Fixed(2));
-                CoreAtomics.xchg_u32(&raw mut (*s).entry.lock, 0);
+                CoreAtomics.unlock(&raw mut (*s).entry.lock);
             }
             Located::Contended(s) => {
                 // A writer that is slow here (a stalled virtual CPU) widens

@@ -367,6 +367,12 @@ fn follow(
     Ok(())
 }
 
+/// The program may release a connection's lock with a plain store: the
+/// kernel runs on this CPU architecture, and on x86 a store is never seen
+/// before the stores and loads that precede it (the kernel's own
+/// `spin_unlock` is one store there). Elsewhere it keeps the exchange.
+const UNLOCK_BY_STORE: u8 = cfg!(any(target_arch = "x86_64", target_arch = "x86")) as u8;
+
 fn load(object: &[u8], origin: &str, max_conns: u32, hook: Hook) -> Result<Ebpf> {
     // The table's size is a power of two (its index is a hash masked with
     // CONNS_MASK); OCCUPIED has a bit per slot; the seed keeps anyone from
@@ -379,6 +385,7 @@ fn load(object: &[u8], origin: &str, max_conns: u32, hook: Hook) -> Result<Ebpf>
         .map_max_entries("OCCUPIED", slots.div_ceil(64))
         .override_global("CONNS_MASK", &mask, true)
         .override_global("CONNS_SEED", &seed, true)
+        .override_global("UNLOCK_BY_STORE", &UNLOCK_BY_STORE, true)
         .load(object)
         .with_context(|| format!("loading {origin}"))?;
     if hook == Hook::Xdp {

@@ -23,7 +23,8 @@
 #   attach the first, second, … of ALT_OBJS="PATH PATH …"; `probe2` runs the
 #   agent like `probe` with PROBE2_OBJ=PATH as its eBPF object and/or
 #   PROBE2_ENV="VAR=VALUE …" in its environment (FLOWPROBE_ATTRIB=off: no
-#   attribution thread)
+#   attribution thread) and/or PROBE2_FP=PATH as the flowprobe binary (to
+#   compare with another commit's build: give both its binary and object)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -138,12 +139,13 @@ run_mode() { # mode round
     probe | probe2 | xdp)
         local backend=tc want=2 obj=$OBJ
         [[ $mode == xdp ]] && backend=xdp want=1
-        local envs=()
+        local envs=() fp=$FP
         if [[ $mode == probe2 ]]; then
             obj=${PROBE2_OBJ:-$OBJ}
+            fp=${PROBE2_FP:-$FP}
             read -ra envs <<<"${PROBE2_ENV:-}"
         fi
-        ip netns exec "$NS_B" env "${envs[@]}" "$FP" run --backend "$backend" --iface vb --ebpf-object "$obj" \
+        ip netns exec "$NS_B" env "${envs[@]}" "$fp" run --backend "$backend" --iface vb --ebpf-object "$obj" \
             --format json >"$WORK/probe.json" 2>"$WORK/probe.err" &
         fp_pid=$!
         for _ in $(seq 100); do

@@ -261,7 +261,7 @@ impl RttTimer {
 mod tests {
     use super::*;
     use probe_common::parse::TcpHeader;
-    use probe_common::tcp::{track, TcpDir};
+    use probe_common::tcp::{track, Peer, TcpDir};
 
     const SYN: u8 = tcp_flags::SYN;
     const SA: u8 = tcp_flags::SYN | tcp_flags::ACK;
@@ -285,7 +285,8 @@ mod tests {
             };
             let [d0, d1] = &mut dirs;
             let (d, r) = if dir == 0 { (d0, d1) } else { (d1, d0) };
-            let v = track(&seg, d, r, &mut holes[dir]);
+            let peer = Peer::of(r);
+            let v = track(&seg, d, &mut holes[dir], || peer);
             t.observe(dir, us * 1000, &seg, &v);
         }
         t

@@ -1,7 +1,7 @@
 //! Joins the two directions of each connection and counts them.
 
 use probe_common::parse::tcp_flags;
-use probe_common::tcp::{track, Segment};
+use probe_common::tcp::{track, Peer, Segment};
 use probe_common::{ConnKey, FlowEntry, L4Proto, Parsed};
 use rustc_hash::FxHashMap;
 
@@ -92,16 +92,16 @@ impl FlowTable {
 
         let e = &mut flow.entry;
         e.first_seen_ns = e.first_seen_ns.min(o.ts_ns);
-        e.last_seen_ns = e.last_seen_ns.max(o.ts_ns);
+        let [d0, d1] = &mut e.dir;
+        let (d, r) = if dir & 1 == 0 { (d0, d1) } else { (d1, d0) };
+        d.last_seen_ns = d.last_seen_ns.max(o.ts_ns);
 
         let verdict = if is_tcp {
-            let [d0, d1] = &mut e.tcp;
-            let (d, r) = if dir == 0 { (d0, d1) } else { (d1, d0) };
             let seg = Segment {
                 hdr: p.tcp,
                 payload_len: p.payload_len,
             };
-            let v = track(&seg, d, r, &mut e.holes[dir & 1]);
+            let v = track(&seg, &mut d.tcp, &mut d.holes, || Peer::of(&r.tcp));
             flow.rtt.observe(dir, o.ts_ns, &seg, &v);
             Some(v)
         } else {
@@ -150,7 +150,7 @@ impl Connection {
             // Live, last_seen comes from the kernel's coarse clock (the last
             // tick), which can lag the precise first_seen of a new entry.
             last_seen: e
-                .last_seen_ns
+                .last_seen_ns()
                 .max(e.first_seen_ns)
                 .wrapping_add(clock_offset_ns),
             sent: DirStats::from(&e.counters[initiator]),

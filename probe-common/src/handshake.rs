@@ -10,18 +10,49 @@ use crate::parse::{tcp_flags, TcpHeader};
 use crate::tcp::{seq_after, Verdict, VerdictKind};
 use crate::wire::FlowEntry;
 
-/// `FlowEntry::hs_flags` bits, per direction `d`: `TIMED << d` (its SYN is
-/// being timed), `DONE << d` (`hs_ns[d]` holds the sample), `SPOILED << d`.
+/// `FlowEntry::hs_flags[d]` bits, for the leg direction `d`'s SYN starts:
+/// its SYN is being timed, `hs_ns` holds the sample, or it was spoiled.
 pub const TIMED: u8 = 1;
-pub const DONE: u8 = 4;
-pub const SPOILED: u8 = 16;
+pub const DONE: u8 = 2;
+pub const SPOILED: u8 = 4;
 
 /// One TCP segment sent in direction `dir` (0 or 1) with the tracker's
 /// `verdict`; `clock` reads the precise clock (called only when a time is
 /// taken).
+///
+/// A leg's byte and time are written by its SYN's direction (start, spoil)
+/// and by the answer's (done), which hold different locks in the kernel's
+/// table; the three happen one after the other on the wire, and where a
+/// retransmitted SYN meets the answer, whichever byte lands last is a
+/// consistent outcome (spoiled, or done with its time).
+///
+/// # Safety
+/// `e` points to a live entry whose direction `dir` the caller holds.
 #[inline(always)]
-pub fn observe(
-    e: &mut FlowEntry,
+pub unsafe fn observe(
+    e: *mut FlowEntry,
+    dir: usize,
+    h: &TcpHeader,
+    verdict: &Verdict,
+    clock: impl Fn() -> u64,
+) {
+    // The common case inline: no SYN, and no leg waiting for an answer.
+    // SAFETY: caller's contract.
+    if h.flags & tcp_flags::SYN == 0 && unsafe { (*e).hs_flags[(dir & 1) ^ 1] } & TIMED == 0 {
+        return;
+    }
+    // SAFETY: caller's contract.
+    unsafe { observe_slow(e, dir, h, verdict, clock) }
+}
+
+/// [`observe`] for the few segments of a handshake: out of line, so that
+/// the common path's frame and code stay small.
+///
+/// # Safety
+/// As [`observe`].
+#[inline(never)]
+unsafe fn observe_slow(
+    e: *mut FlowEntry,
     dir: usize,
     h: &TcpHeader,
     verdict: &Verdict,
@@ -29,32 +60,38 @@ pub fn observe(
 ) {
     let dir = dir & 1;
     let back = 1 - dir;
-    let f = e.hs_flags;
-    if f & (TIMED << back) != 0
-        && h.flags & tcp_flags::ACK != 0
-        && !seq_after(e.hs_end[back], h.ack)
-    {
-        let now = clock();
-        e.hs_ns[back] = now.saturating_sub(e.hs_ns[back]).max(1);
-        e.hs_flags = (f & !(TIMED << back)) | (DONE << back);
-    }
-    if h.flags & tcp_flags::SYN == 0 {
-        return;
-    }
-    let f = e.hs_flags;
-    if verdict.kind == VerdictKind::Retransmit {
-        if f & (TIMED << dir) != 0 {
-            e.hs_flags = (f & !(TIMED << dir)) | (SPOILED << dir);
+    // SAFETY: caller's contract; each byte and time written here is one
+    // plain store (see above).
+    unsafe {
+        let flags = &raw mut (*e).hs_flags;
+        let fb = (*flags)[back];
+        if fb & TIMED != 0
+            && h.flags & tcp_flags::ACK != 0
+            && !seq_after((*e).dir[back].hs_end, h.ack)
+        {
+            let now = clock();
+            let t = &raw mut (*e).dir[back].hs_ns;
+            *t = now.saturating_sub(*t).max(1);
+            (*flags)[back] = DONE;
         }
-    } else if f & ((TIMED | DONE | SPOILED) << dir) == 0 {
-        e.hs_ns[dir] = clock();
-        e.hs_end[dir] = h.seq.wrapping_add(1);
-        e.hs_flags = f | (TIMED << dir);
+        if h.flags & tcp_flags::SYN == 0 {
+            return;
+        }
+        let f = (*flags)[dir];
+        if verdict.kind == VerdictKind::Retransmit {
+            if f & TIMED != 0 {
+                (*flags)[dir] = SPOILED;
+            }
+        } else if f == 0 {
+            (*e).dir[dir].hs_ns = clock();
+            (*e).dir[dir].hs_end = h.seq.wrapping_add(1);
+            (*flags)[dir] = TIMED;
+        }
     }
 }
 
 /// The handshake sample of direction `dir`'s leg, in nanoseconds.
 #[inline(always)]
 pub fn sample_ns(e: &FlowEntry, dir: usize) -> Option<u64> {
-    (e.hs_flags & (DONE << (dir & 1)) != 0).then_some(e.hs_ns[dir & 1])
+    (e.hs_flags[dir & 1] & DONE != 0).then_some(e.dir[dir & 1].hs_ns)
 }

@@ -2,14 +2,26 @@
 //! kernel's connection map: tc ingress and egress, and ingress on several
 //! CPUs when veth or RPS spread a flow).
 //!
-//! The update takes the entry's own lock word with a compare-exchange, runs
-//! the plain tracker, the very code replay runs, adds the counts, and
-//! releases the lock ([`Atomics::unlock`]: a release store). That makes each packet's decision one
-//! indivisible step, whatever the interleaving. A BPF program cannot sleep
-//! or be preempted by another tc program on its CPU, so the lock is held for
-//! a few dozen instructions; but a virtual CPU can be descheduled by its
-//! hypervisor while it holds it. A CPU that still finds the lock taken after
-//! `spins` tries counts the packet without the tracker and says so, so that
+//! The update takes the lock word of the packet's direction
+//! ([`crate::wire::DirState`]) with a compare-exchange, runs the plain
+//! tracker, the very code replay runs, adds the counts, and releases the
+//! lock ([`Atomics::unlock`]: a release store). That makes each packet's
+//! decision one indivisible step among the packets of its direction,
+//! whatever the interleaving. Packets of the two directions run side by
+//! side: a direction's decision reads of the other only the highest ACK
+//! and last window it sent ([`crate::tcp::Peer`], one load, rarely), which
+//! is what the other direction had sent at some moment during the update,
+//! so the outcome is that of one order of the two; and when the order
+//! matters (an ACK that covers data, a retransmission after an ACK) the
+//! wire has already fixed it. One lock per direction keeps the two CPUs
+//! that often handle a connection's data and its ACKs off each other's
+//! cache line (`bench/tc.sh`: about 6 ns a packet).
+//!
+//! A BPF program cannot sleep or be preempted by another tc program on its
+//! CPU, so the lock is held for a few dozen instructions; but a virtual CPU
+//! can be descheduled by its hypervisor while it holds it. A CPU that still
+//! finds the lock taken after `spins` tries counts the packet without the
+//! tracker and says so, so that
 //! the caller can count that, and adds its packet to the entry's `late`
 //! counters, atomically, apart from the counters the lock holder adds to
 //! with plain adds; readers fold them together ([`FlowEntry::fold_late`]).
@@ -18,8 +30,8 @@
 
 use crate::handshake;
 use crate::parse::{Parsed, TcpHeader};
-use crate::tcp::{track, Segment};
-use crate::wire::{Atomics, FlowEntry, L4Proto};
+use crate::tcp::{track, Peer, Segment};
+use crate::wire::{Atomics, DirState, FlowEntry, L4Proto};
 
 /// The clocks an update reads: the coarse one for every packet's
 /// `last_seen`, the precise one only when a handshake time is taken
@@ -78,8 +90,8 @@ impl Parsed {
 
 /// Records one packet (or GSO super-packet of `segs` segments) travelling
 /// in direction `dir` (0 or 1, as in [`crate::ConnKey::of`]): takes the
-/// entry's lock, [`update_locked`], releases it; or, when the lock stays
-/// taken for `spins` tries, [`update_contended`].
+/// direction's lock, [`update_locked`], releases it; or, when the lock
+/// stays taken for `spins` tries, [`update_contended`].
 ///
 /// # Safety
 /// `e` must point to a live `FlowEntry`, 8-byte aligned, that other writers
@@ -95,7 +107,7 @@ pub unsafe fn update<A: Atomics, C: Clock>(
     a: &A,
 ) -> Updated {
     // SAFETY: caller's contract.
-    let lock = unsafe { &raw mut (*e).lock };
+    let lock = unsafe { &raw mut (*e).dir[dir & 1].lock };
     // SAFETY: as above.
     if unsafe { a.try_lock(lock, spins) } {
         // SAFETY: we hold the lock.
@@ -110,11 +122,28 @@ pub unsafe fn update<A: Atomics, C: Clock>(
     Updated::Contended
 }
 
-/// The update itself, by the holder of the entry's lock: the tracker's
-/// verdict, the handshake, the counters.
+/// The [`Peer`] view of direction `dir`, read while its own CPU may be
+/// writing it: `ack` and `flags` in one 8-byte load, so that they belong
+/// to one moment.
 ///
 /// # Safety
-/// As [`update`], and the caller holds `(*e).lock`.
+/// `e` points to a live entry.
+#[inline(always)]
+unsafe fn read_peer(e: *const FlowEntry, dir: usize) -> Peer {
+    // SAFETY: caller's contract; `tcp` is 8-byte aligned in `DirState`
+    // (asserted in `wire`), `ack` and `flags` its first 5 bytes.
+    let b = unsafe { core::ptr::read_volatile((&raw const (*e).dir[dir & 1].tcp).cast::<u64>()) }
+        .to_ne_bytes();
+    Peer::new(u32::from_ne_bytes([b[0], b[1], b[2], b[3]]), b[4])
+}
+
+/// The update itself, by the holder of direction `dir`'s lock: the
+/// tracker's verdict, the handshake, the counters. It writes the
+/// direction's own [`DirState`] and counters, and reads the reverse
+/// direction's state only when the tracker asks ([`Peer`]).
+///
+/// # Safety
+/// As [`update`], and the caller holds `(*e).dir[dir].lock`.
 #[inline(always)]
 pub unsafe fn update_locked<C: Clock>(
     e: *mut FlowEntry,
@@ -128,25 +157,41 @@ pub unsafe fn update_locked<C: Clock>(
         hdr: p.tcp,
         payload_len: p.payload_len,
     };
-    // SAFETY: we hold the entry's lock; every other writer takes it too
-    // (or is a fallback, see the module comment).
+    // SAFETY: we hold the direction's lock; every other writer of its
+    // state and counters takes it too (or is a fallback, see the module
+    // comment). References only to what is ours: the reverse direction
+    // is written meanwhile by its own lock holder.
     unsafe {
-        let e = &mut *e;
-        e.last_seen_ns = clock.coarse_ns();
+        let s: &mut DirState = &mut (*e).dir[dir];
+        s.last_seen_ns = clock.coarse_ns();
         // Plain adds: every writer of `counters` holds the lock (a
         // contended writer adds to `late` instead). Two calls rather than
         // one with an `Option<Verdict>`: LLVM spills the undefined payload
         // of a `None`, which the verifier rejects as an uninitialised read.
         if p.is_tcp {
-            e.note_syn(dir, p.tcp.flags);
-            let [t0, t1] = &mut e.tcp;
-            let (d, r) = if dir == 0 { (t0, t1) } else { (t1, t0) };
-            let v = track(&seg, d, r, &mut e.holes[dir]);
+            note_syn(e, dir, p.tcp.flags);
+            let v = track(&seg, &mut s.tcp, &mut s.holes, move || {
+                read_peer(e, dir ^ 1)
+            });
             handshake::observe(e, dir, &p.tcp, &v, || clock.precise_ns());
-            e.counters[dir].record(segs, p.payload_len, p.l3_len, Some(&v));
+            (*e).counters[dir].record(segs, p.payload_len, p.l3_len, Some(&v));
         } else {
-            e.counters[dir].record(segs, p.payload_len, p.l3_len, None);
+            (*e).counters[dir].record(segs, p.payload_len, p.l3_len, None);
         }
+    }
+}
+
+/// [`FlowEntry::note_syn`] through a pointer: a pure SYN, rare, writes the
+/// initiator bytes of the shared first line.
+///
+/// # Safety
+/// `e` points to a live entry.
+#[inline(always)]
+unsafe fn note_syn(e: *mut FlowEntry, dir: usize, tcp_flags: u8) {
+    use crate::parse::tcp_flags as f;
+    if tcp_flags & (f::SYN | f::ACK) == f::SYN {
+        // SAFETY: caller's contract; two byte stores.
+        unsafe { (*e).note_syn(dir, tcp_flags) };
     }
 }
 
@@ -167,7 +212,7 @@ pub unsafe fn update_contended<A: Atomics, C: Clock>(
     // SAFETY: caller's contract; `late` is only ever added to atomically,
     // and the timestamp is one aligned store any writer may win.
     unsafe {
-        core::ptr::write_volatile(&raw mut (*e).last_seen_ns, clock.coarse_ns());
+        core::ptr::write_volatile(&raw mut (*e).dir[dir & 1].last_seen_ns, clock.coarse_ns());
         let late = (&raw mut (*e).late)
             .cast::<[u64; 3]>()
             .add(dir & 1)

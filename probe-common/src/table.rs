@@ -10,16 +10,20 @@
 //! userspace read every connection from memory instead of copying the map
 //! through system calls, and lays each slot out on whole cache lines.
 //!
-//! Concurrency. A slot's `state` says what it holds; its entry's lock word
-//! ([`crate::shared`]) serialises everything that writes to it:
-//! - The kernel looks a key up without the lock, takes the lock of the slot
-//!   it found and checks again (`LIVE` and the same key) before updating.
+//! Concurrency. A slot's `state` says what it holds; its entry's two lock
+//! words, one per direction ([`crate::shared`]), serialise what writes to
+//! it:
+//! - The kernel looks a key up without a lock, takes the lock of the
+//!   packet's direction in the slot it found and checks again (`LIVE` and
+//!   the same key) before updating.
 //! - It inserts into the first `EMPTY` or `FREE` slot of the key's probe
-//!   sequence: takes that slot's lock, checks it is still not `LIVE` (or
+//!   sequence: takes both of that slot's locks, direction 0's first (so two
+//!   inserters cannot each hold one), checks it is still not `LIVE` (or
 //!   `LIVE` with this very key: another CPU inserted it first), writes the
-//!   key and a fresh entry, then publishes `LIVE`.
+//!   key and a fresh entry, publishes `LIVE`, and keeps only its
+//!   direction's lock.
 //! - Userspace drains a slot ([`drain`]): `LIVE` → `DRAINING` with a
-//!   compare-exchange, waits until the lock is free and no contended writer
+//!   compare-exchange, waits until both locks are free and no contended writer
 //!   ([`Located::Contended`]) is counting into it, reads the final entry,
 //!   and only then marks the slot `FREE`. A kernel CPU that takes the lock
 //!   after the first step sees `DRAINING` and inserts the connection anew;
@@ -36,7 +40,7 @@
 
 use crate::wire::{Atomics, ConnKey, FlowEntry};
 
-/// One connection's place in the kernel table: 384 bytes, six cache lines
+/// One connection's place in the kernel table: 448 bytes, seven cache lines
 /// ([`FlowEntry`] says which fields share one).
 #[repr(C, align(64))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -50,7 +54,7 @@ pub struct Slot {
     pub entry: FlowEntry,
 }
 
-const _: () = assert!(core::mem::size_of::<Slot>() == 384);
+const _: () = assert!(core::mem::size_of::<Slot>() == 448);
 const _: () = assert!(core::mem::offset_of!(Slot, entry) == 56);
 
 /// [`Slot::state`] values.
@@ -123,9 +127,10 @@ pub trait Slots {
 /// Where [`locate`] left a key.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Located {
-    /// An existing entry, its lock held by the caller now.
+    /// An existing entry, the lock of the caller's direction held by the
+    /// caller now.
     Found(*mut Slot),
-    /// A new entry at index `.1`, initialised, lock held.
+    /// A new entry at index `.1`, initialised, that lock held.
     New(*mut Slot, u32),
     /// An existing entry whose lock stayed taken for `spins` tries: count
     /// without a verdict ([`crate::shared::update_contended`]), then call
@@ -138,9 +143,10 @@ pub enum Located {
     Busy,
 }
 
-/// Finds `key` (hashed to `h`), or inserts it with `init` (called on the
-/// zeroed entry, its lock held); on success the caller holds the entry's
-/// lock and must release it (`Atomics::unlock(&entry.lock)`).
+/// Finds `key` (hashed to `h`) for a packet in direction `dir`, or
+/// inserts it with `init` (called on the zeroed entry, its locks held); on
+/// success the caller holds that direction's lock and must release it
+/// (`Atomics::unlock(&entry.dir[dir].lock)`).
 ///
 /// # Safety
 /// Every slot `t` hands out is valid, 64-byte aligned, and written only
@@ -150,6 +156,7 @@ pub unsafe fn locate<T: Slots, A: Atomics>(
     t: &T,
     key: &ConnKey,
     h: u32,
+    dir: usize,
     spins: u32,
     a: &A,
     init: impl Fn(&mut FlowEntry),
@@ -161,7 +168,7 @@ pub unsafe fn locate<T: Slots, A: Atomics>(
         // SAFETY: caller's contract; checked again under the lock.
         unsafe {
             if holds(s, want) {
-                let lock = &raw mut (*s).entry.lock;
+                let lock = &raw mut (*s).entry.dir[dir & 1].lock;
                 if a.cas_u32(lock, 0, 1) == 0 {
                     if core::ptr::read_volatile(&raw const (*s).state) == state::LIVE {
                         return Located::Found(s);
@@ -172,7 +179,7 @@ pub unsafe fn locate<T: Slots, A: Atomics>(
         }
     }
     // SAFETY: caller's contract.
-    unsafe { locate_slow(t, key, h, spins, a, init) }
+    unsafe { locate_slow(t, key, h, dir, spins, a, init) }
 }
 
 /// [`locate`] in full: every probe, the lock spin, the insert. Not inlined:
@@ -186,10 +193,12 @@ pub unsafe fn locate_slow<T: Slots, A: Atomics>(
     t: &T,
     key: &ConnKey,
     h: u32,
+    dir: usize,
     spins: u32,
     a: &A,
     init: impl Fn(&mut FlowEntry),
 ) -> Located {
+    let dir = dir & 1;
     let want = words(key);
     let mask = t.mask();
     let mut attempt = 0;
@@ -226,11 +235,11 @@ pub unsafe fn locate_slow<T: Slots, A: Atomics>(
             (None, Some(f)) => f,
             (None, None) => return Located::Full,
         };
-        // SAFETY: caller's contract.
-        let lock = unsafe { &raw mut (*s).entry.lock };
-        // SAFETY: as above.
-        if !unsafe { a.try_lock(lock, spins) } {
-            if hit.is_some() {
+        if hit.is_some() {
+            // SAFETY: caller's contract.
+            let lock = unsafe { &raw mut (*s).entry.dir[dir].lock };
+            // SAFETY: as above.
+            if !unsafe { a.try_lock(lock, spins) } {
                 // Register as a writer, then check the slot is still this
                 // connection's: a drain that began before the registration
                 // is seen here, one that begins after it waits for us.
@@ -243,31 +252,64 @@ pub unsafe fn locate_slow<T: Slots, A: Atomics>(
                     }
                     a.add_u32(writers, u32::MAX);
                 }
+                continue;
             }
-            continue;
-        }
-        // SAFETY: we hold the slot's lock.
-        if unsafe { holds(s, want) } {
-            // Found, or another CPU inserted this very key first.
-            return Located::Found(s);
-        }
-        // SAFETY: as above.
-        let st = unsafe { core::ptr::read_volatile(&raw const (*s).state) };
-        if hit.is_some() || st == state::LIVE || st == state::DRAINING {
-            // Drained, or taken by another key, since we looked: again.
+            // SAFETY: we hold the lock.
+            if unsafe { holds(s, want) } {
+                return Located::Found(s);
+            }
+            // Drained since we looked: again.
             // SAFETY: we hold the lock.
             unsafe { a.unlock(lock) };
             continue;
         }
-        // SAFETY: we hold the lock of a slot no one else writes (not LIVE,
-        // so not matched; locked, so not inserted into).
+        // Insert: both locks, direction 0's first, as every inserter takes
+        // them (so that two cannot each hold one).
+        // SAFETY: caller's contract.
+        let (l0, l1) = unsafe {
+            (
+                &raw mut (*s).entry.dir[0].lock,
+                &raw mut (*s).entry.dir[1].lock,
+            )
+        };
+        // SAFETY: as above.
+        if !unsafe { a.try_lock(l0, spins) } {
+            continue;
+        }
+        // SAFETY: as above.
+        if !unsafe { a.try_lock(l1, spins) } {
+            // SAFETY: we hold it.
+            unsafe { a.unlock(l0) };
+            continue;
+        }
+        let other = if dir == 0 { l1 } else { l0 };
+        // SAFETY: we hold both locks.
+        if unsafe { holds(s, want) } {
+            // Another CPU inserted this very key first.
+            // SAFETY: we hold it.
+            unsafe { a.unlock(other) };
+            return Located::Found(s);
+        }
+        // SAFETY: as above.
+        let st = unsafe { core::ptr::read_volatile(&raw const (*s).state) };
+        if st == state::LIVE || st == state::DRAINING {
+            // Taken by another key since we looked: again.
+            // SAFETY: we hold them.
+            unsafe {
+                a.unlock(l1);
+                a.unlock(l0);
+            }
+            continue;
+        }
+        // SAFETY: we hold both locks of a slot no one else writes (not
+        // LIVE, so not matched; locked, so not inserted into).
         unsafe {
             (*s).key = *key;
             zero_entry(&raw mut (*s).entry);
             init(&mut (*s).entry);
-            (*s).entry.lock = 1;
             // Publish: the key and entry are written before LIVE is seen.
             a.xchg_u32(&raw mut (*s).state, state::LIVE);
+            a.unlock(other);
         }
         return Located::New(s, idx);
     }
@@ -284,19 +326,22 @@ pub unsafe fn contended_done<A: Atomics>(s: *mut Slot, a: &A) {
     unsafe { a.add_u32(&raw mut (*s).writers, u32::MAX) };
 }
 
-/// Zeroes everything of `e` but the word that holds its lock (held by the
-/// caller), with volatile stores: a plain loop would become a `memset`
+/// Zeroes everything of `e` but the words that hold its locks (held by
+/// the caller), with volatile stores: a plain loop would become a `memset`
 /// call, which the BPF target makes a byte loop.
 #[inline(always)]
 unsafe fn zero_entry(e: *mut FlowEntry) {
     const WORDS: usize = core::mem::size_of::<FlowEntry>() / 8;
-    const LOCK_WORD: usize = core::mem::offset_of!(FlowEntry, lock) / 8;
+    const LOCK_WORD: [usize; 2] = [
+        core::mem::offset_of!(FlowEntry, dir) / 8,
+        (core::mem::offset_of!(FlowEntry, dir) + core::mem::size_of::<crate::wire::DirState>()) / 8,
+    ];
     let w = e.cast::<u64>();
     // SAFETY: `e` is a valid, 8-byte aligned FlowEntry (caller's contract).
     unsafe {
         let mut i = 0;
         while i < WORDS {
-            if i != LOCK_WORD {
+            if i != LOCK_WORD[0] && i != LOCK_WORD[1] {
                 core::ptr::write_volatile(w.add(i), 0);
             }
             i += 1;
@@ -306,7 +351,7 @@ unsafe fn zero_entry(e: *mut FlowEntry) {
 
 /// Userspace: takes the connection out of slot `s` if it is `LIVE` and
 /// `due` says so, returning its key and final entry; the slot is `FREE`
-/// afterwards. `pause` runs while a kernel CPU holds the lock (microseconds);
+/// afterwards. `pause` runs while a kernel CPU holds a lock (microseconds);
 /// `release` runs right before the slot becomes `FREE` (and reusable), for
 /// the caller's own bookkeeping of occupied slots.
 ///
@@ -325,7 +370,8 @@ pub unsafe fn drain<A: Atomics>(
         if a.cas_u32(st, state::LIVE, state::DRAINING) != state::LIVE {
             return None;
         }
-        while core::ptr::read_volatile(&raw const (*s).entry.lock) != 0
+        while core::ptr::read_volatile(&raw const (*s).entry.dir[0].lock) != 0
+            || core::ptr::read_volatile(&raw const (*s).entry.dir[1].lock) != 0
             || core::ptr::read_volatile(&raw const (*s).writers) != 0
         {
             pause();

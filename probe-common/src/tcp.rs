@@ -19,18 +19,63 @@ pub const fn seq_after(a: u32, b: u32) -> bool {
     (a.wrapping_sub(b) as i32) > 0
 }
 
-/// Sequence state of one direction, plus what the other direction told us
-/// about it (its ACKs and window).
+/// Sequence state of one direction, and what its own segments told the
+/// other direction (the highest ACK and the last window it sent).
+///
+/// A direction's segments write only their own `TcpDir` (and [`Holes`]):
+/// in the kernel's table each direction has its own lock and cache line,
+/// so that the data of one direction and the ACKs of the other, often
+/// handled on two CPUs, do not pass one line back and forth. What the
+/// reverse direction sent is read ([`Peer`]) only where a decision needs
+/// it, none of them on the common path.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TcpDir {
-    /// Highest sequence end seen (`seq + len + SYN + FIN`).
-    pub snd_max: u32,
-    /// Highest ACK the peer sent for this direction's data.
-    pub peer_ack: u32,
+    /// Highest ACK this direction sent (valid with `FLAG_ACK_SENT`): how
+    /// much of the reverse direction's data the peer has.
+    pub ack: u32,
     /// `FLAG_*` bits.
     pub flags: u8,
     pub _pad: [u8; 3],
+    /// Highest sequence end seen (`seq + len + SYN + FIN`).
+    pub snd_max: u32,
+}
+
+/// What the tracker of one direction reads of the reverse direction's
+/// [`TcpDir`]: the ACK and the window it sent. One word (`ack` in the low
+/// half, `flags` above), so that it passes to the tracker's out-of-line
+/// helpers in one register (a BPF function takes at most five).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Peer(u64);
+
+impl Peer {
+    #[inline(always)]
+    pub fn new(ack: u32, flags: u8) -> Peer {
+        Peer((flags as u64) << 32 | ack as u64)
+    }
+
+    /// The reverse direction's state as the tracker sees it.
+    #[inline(always)]
+    pub fn of(r: &TcpDir) -> Peer {
+        Peer::new(r.ack, r.flags)
+    }
+
+    #[inline(always)]
+    fn flags(self) -> u8 {
+        (self.0 >> 32) as u8
+    }
+
+    /// The highest ACK the peer sent for this direction's data.
+    #[inline(always)]
+    fn ack(self) -> Option<u32> {
+        (self.flags() & TcpDir::FLAG_ACK_SENT != 0).then_some(self.0 as u32)
+    }
+
+    /// The peer's last segment advertised a zero window.
+    #[inline(always)]
+    fn win0(self) -> bool {
+        self.flags() & TcpDir::FLAG_WIN0_SENT != 0
+    }
 }
 
 /// Holes below a direction's `snd_max`: sequence space this tap has not
@@ -44,17 +89,16 @@ pub struct TcpDir {
 /// upstream of the tap. Hole 0 is the older (lower) one. A third gap merges
 /// the two into hole 0, which then also covers the seen data between them.
 ///
-/// Kept apart from [`TcpDir`]: only gaps and copies touch them, so that the
-/// state every segment touches fits one cache line with the lock.
+/// Only gaps and copies touch them (and read the [`Peer`]).
 pub type Holes = [[u32; 2]; 2];
 
 impl TcpDir {
     /// `snd_max` is valid: at least one non-RST segment was seen.
     pub const FLAG_INIT: u8 = 1;
-    /// `peer_ack` is valid.
-    pub const FLAG_PEER_ACK: u8 = 2;
-    /// The peer's last segment advertised a zero window to this direction.
-    pub const FLAG_PEER_WIN0: u8 = 4;
+    /// This direction sent an ACK: `ack` is valid.
+    pub const FLAG_ACK_SENT: u8 = 2;
+    /// This direction's last segment with an ACK advertised a zero window.
+    pub const FLAG_WIN0_SENT: u8 = 4;
     /// The last segment of this direction was a 1-byte zero-window probe.
     pub const FLAG_LAST_ZWP: u8 = 8;
     /// Hole 0 is open (see [`Holes`]); `FLAG_HOLE << 1`: hole 1.
@@ -119,24 +163,24 @@ impl Verdict {
 }
 
 /// Classifies one segment sent in direction `d` (whose holes are `holes`);
-/// `r` is the reverse direction of the same connection (its ACK state is
-/// updated from this segment).
+/// `peer` reads the reverse direction of the same connection, called only
+/// for the rare decisions that need its ACK or window.
 #[inline(always)]
-pub fn track(seg: &Segment, d: &mut TcpDir, r: &mut TcpDir, holes: &mut Holes) -> Verdict {
+pub fn track(seg: &Segment, d: &mut TcpDir, holes: &mut Holes, peer: impl Fn() -> Peer) -> Verdict {
     let h = &seg.hdr;
     let syn = h.flags & tcp_flags::SYN != 0;
     let fin = h.flags & tcp_flags::FIN != 0;
 
     if h.flags & tcp_flags::ACK != 0 {
-        if !r.has(TcpDir::FLAG_PEER_ACK) || seq_after(h.ack, r.peer_ack) {
-            r.peer_ack = h.ack;
-            r.flags |= TcpDir::FLAG_PEER_ACK;
+        if !d.has(TcpDir::FLAG_ACK_SENT) || seq_after(h.ack, d.ack) {
+            d.ack = h.ack;
+            d.flags |= TcpDir::FLAG_ACK_SENT;
         }
-        // The window in d's segment is what d offers to r.
+        // The window in d's segment is what d offers to the reverse direction.
         if h.window == 0 {
-            r.flags |= TcpDir::FLAG_PEER_WIN0;
+            d.flags |= TcpDir::FLAG_WIN0_SENT;
         } else {
-            r.flags &= !TcpDir::FLAG_PEER_WIN0;
+            d.flags &= !TcpDir::FLAG_WIN0_SENT;
         }
     }
     if h.flags & tcp_flags::RST != 0 {
@@ -172,15 +216,12 @@ pub fn track(seg: &Segment, d: &mut TcpDir, r: &mut TcpDir, holes: &mut Holes) -
     if len == 1 && !syn && !fin {
         // BSD 1-byte keepalive: the last byte again once everything is acked.
         // Before that, the same segment is a genuine 1-byte retransmission.
-        if h.seq == d.snd_max.wrapping_sub(1)
-            && d.has(TcpDir::FLAG_PEER_ACK)
-            && d.peer_ack == d.snd_max
-        {
+        if h.seq == d.snd_max.wrapping_sub(1) && peer().ack() == Some(d.snd_max) {
             return Verdict::of(VerdictKind::Probe);
         }
         // 1-byte zero-window probe at snd_max: does not advance, since the
         // receiver may drop the byte and it will be sent again.
-        if h.seq == d.snd_max && d.has(TcpDir::FLAG_PEER_WIN0) {
+        if h.seq == d.snd_max && peer().win0() {
             d.flags |= TcpDir::FLAG_LAST_ZWP;
             return Verdict::of(VerdictKind::Probe);
         }
@@ -193,12 +234,12 @@ pub fn track(seg: &Segment, d: &mut TcpDir, r: &mut TcpDir, holes: &mut Holes) -
             // for what of it lies in the hole.
             let overlap = d.snd_max.wrapping_sub(h.seq);
             let overlap = if overlap < len { overlap } else { len };
-            v.retransmitted_bytes = overlap - fill_hole(d, holes, h.seq, overlap);
+            v.retransmitted_bytes = overlap - fill_hole(d, holes, h.seq, overlap, peer());
         } else if seq_after(h.seq, d.snd_max)
             && !(d.has(TcpDir::FLAG_LAST_ZWP) && h.seq == d.snd_max.wrapping_add(1))
         {
             v.gap = true;
-            open_hole(d, holes, d.snd_max, h.seq);
+            open_hole(d, holes, d.snd_max, h.seq, peer());
         }
         d.snd_max = end;
         d.flags &= !TcpDir::FLAG_LAST_ZWP;
@@ -206,7 +247,8 @@ pub fn track(seg: &Segment, d: &mut TcpDir, r: &mut TcpDir, holes: &mut Holes) -
     }
 
     // At or below snd_max: seen before, but for what lies in the hole.
-    let unseen = fill_hole(d, holes, h.seq, len);
+    let peer = peer();
+    let unseen = fill_hole(d, holes, h.seq, len, peer);
     if unseen != 0 {
         let mut v = Verdict::of(VerdictKind::New);
         v.retransmitted_bytes = len - unseen;
@@ -214,7 +256,7 @@ pub fn track(seg: &Segment, d: &mut TcpDir, r: &mut TcpDir, holes: &mut Holes) -
     }
     let mut v = Verdict::of(VerdictKind::Retransmit);
     v.retransmitted_bytes = len;
-    v.spurious = d.has(TcpDir::FLAG_PEER_ACK) && !seq_after(end, d.peer_ack);
+    v.spurious = peer.ack().is_some_and(|a| !seq_after(end, a));
     v
 }
 
@@ -223,23 +265,22 @@ const HOLE_FLAGS: [u8; 2] = [TcpDir::FLAG_HOLE, TcpDir::FLAG_HOLE1];
 /// Where hole `i` begins: its `lo`, or the peer's ACK if that is further
 /// (the peer received everything below its ACK).
 #[inline(always)]
-fn hole_start(d: &TcpDir, holes: &Holes, i: usize) -> u32 {
+fn hole_start(holes: &Holes, i: usize, peer: Peer) -> u32 {
     let lo = holes[i][0];
-    if d.has(TcpDir::FLAG_PEER_ACK) && seq_after(d.peer_ack, lo) {
-        d.peer_ack
-    } else {
-        lo
+    match peer.ack() {
+        Some(a) if seq_after(a, lo) => a,
+        _ => lo,
     }
 }
 
 /// Hole `i` is open; a hole the peer's ACK has closed is forgotten, so that
 /// it cannot look open again once sequence numbers wrap.
 #[inline(always)]
-fn hole_open(d: &mut TcpDir, holes: &Holes, i: usize) -> bool {
+fn hole_open(d: &mut TcpDir, holes: &Holes, i: usize, peer: Peer) -> bool {
     if !d.has(HOLE_FLAGS[i]) {
         return false;
     }
-    if seq_after(holes[i][1], hole_start(d, holes, i)) {
+    if seq_after(holes[i][1], hole_start(holes, i, peer)) {
         return true;
     }
     d.flags &= !HOLE_FLAGS[i];
@@ -251,8 +292,8 @@ fn hole_open(d: &mut TcpDir, holes: &Holes, i: usize) -> bool {
 // eBPF program's common path stays short (its code is fetched afresh for
 // nearly every packet at load).
 #[inline(never)]
-fn open_hole(d: &mut TcpDir, holes: &mut Holes, lo: u32, hi: u32) {
-    let slot = match (hole_open(d, holes, 0), hole_open(d, holes, 1)) {
+fn open_hole(d: &mut TcpDir, holes: &mut Holes, lo: u32, hi: u32, peer: Peer) {
+    let slot = match (hole_open(d, holes, 0, peer), hole_open(d, holes, 1, peer)) {
         (false, false) => 0,
         (true, false) => 1,
         (false, true) => {
@@ -276,16 +317,16 @@ fn open_hole(d: &mut TcpDir, holes: &mut Holes, lo: u32, hi: u32) {
 /// edge past it, closing the hole when nothing is left; one strictly inside
 /// leaves the hole as is.
 #[inline(never)]
-fn fill_hole(d: &mut TcpDir, holes: &mut Holes, seq: u32, len: u32) -> u32 {
+fn fill_hole(d: &mut TcpDir, holes: &mut Holes, seq: u32, len: u32, peer: Peer) -> u32 {
     let data_end = seq.wrapping_add(len);
     let mut unseen = 0;
     // An index, not an iterator: `d` is borrowed mutably in the body.
     #[allow(clippy::needless_range_loop)]
     for i in 0..2 {
-        if !hole_open(d, holes, i) {
+        if !hole_open(d, holes, i, peer) {
             continue;
         }
-        let start = hole_start(d, holes, i);
+        let start = hole_start(holes, i, peer);
         let end = holes[i][1];
         let lo = if seq_after(start, seq) { start } else { seq };
         let hi = if seq_after(data_end, end) {

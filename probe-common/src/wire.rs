@@ -388,6 +388,40 @@ pub fn initiator_of(dir: usize, key: &ConnKey, tcp_flags: Option<u8>) -> (usize,
     }
 }
 
+/// One direction's own state in a [`FlowEntry`]: everything a packet of
+/// that direction writes but its counters, on one cache line of its own in
+/// a kernel table slot. Only the direction's own packets write it (under
+/// its `lock`), but for the reverse direction's handshake answer
+/// (`hs_ns`), so that two CPUs that handle the two directions of one
+/// connection each write their own line.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DirState {
+    /// 0 or 1: taken while one CPU updates this direction
+    /// ([`crate::shared`]). Alone in its 8-byte word, which a new slot's
+    /// zeroing skips ([`crate::table`]).
+    pub lock: u32,
+    pub _pad: u32,
+    /// The tracker's state; 8-byte aligned, so that the reverse direction
+    /// reads its `ack` and `flags` in one load ([`crate::shared`]).
+    pub tcp: crate::tcp::TcpDir,
+    pub _pad2: u32,
+    /// CLOCK_MONOTONIC of this direction's last packet (0: none yet). In a
+    /// kernel table slot: the kernel's `jiffies` instead (one load a
+    /// packet), which the reader turns into nanoseconds with
+    /// [`FlowEntry::jiffies_to_ns`] before anything else sees the entry.
+    pub last_seen_ns: u64,
+    /// The tracker's reordering holes.
+    pub holes: crate::tcp::Holes,
+    /// The sequence end of this direction's SYN, which the answer must
+    /// acknowledge.
+    pub hs_end: u32,
+    pub _pad3: u32,
+    /// When this direction's SYN was sent (while timed), then the
+    /// handshake sample in nanoseconds ([`crate::handshake`]).
+    pub hs_ns: u64,
+}
+
 /// Everything the tc program knows about one connection: the value of a
 /// kernel table slot ([`crate::table::Slot`]) and of the userspace flow
 /// table. Direction index 0 is `lo → hi` of the key, as in
@@ -395,45 +429,30 @@ pub fn initiator_of(dir: usize, key: &ConnKey, tcp_flags: Option<u8>) -> (usize,
 ///
 /// Field order is cache-line order in a [`crate::table::Slot`] (the entry
 /// starts 56 bytes into a 64-byte-aligned slot): the first 8 bytes share
-/// the key's line, which stays read-only once the handshake is over; the
-/// lock, `last_seen_ns` and the tracker state fill the next line; each
-/// direction's counters one line each; what only gaps, handshakes, new
-/// connections, the first packet from a socket and contended writers touch
-/// comes last. A packet writes two lines.
+/// the key's line, which stays read-only once the handshake is over; then
+/// each direction's [`DirState`] and each direction's counters, a line
+/// each; what only new connections, the first packet from a socket and
+/// contended writers touch comes last. A packet writes two lines, both its
+/// direction's own.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowEntry {
-    /// [`crate::handshake`] state bits.
-    pub hs_flags: u8,
+    /// [`crate::handshake`] state of each direction's leg, a byte each
+    /// (the two directions' packets write them under different locks).
+    pub hs_flags: [u8; 2],
     /// Direction index the initiator sends in ([`initiator_of`]).
     pub initiator: u8,
     /// [`evidence`] for `initiator`.
     pub evidence: u8,
-    /// Bit `d`: `sk_cookie[d]` and `sk_cgroup[d]` are set (tc only).
-    pub sk_noted: u8,
-    pub _pad: u32,
-    /// 0 or 1: taken while one CPU updates the entry ([`crate::shared`]).
-    pub lock: u32,
-    pub _pad2: u32,
-    /// CLOCK_MONOTONIC of the last packet. In a kernel table slot: the
-    /// kernel's `jiffies` instead (one load a packet), which the reader
-    /// turns into nanoseconds with [`FlowEntry::jiffies_to_ns`] before
-    /// anything else sees the entry.
-    pub last_seen_ns: u64,
-    pub tcp: [crate::tcp::TcpDir; 2],
-    /// Per direction: the sequence end of its SYN, which the answer must
-    /// acknowledge.
-    pub hs_end: [u32; 2],
+    /// Non-zero: `sk_cookie[d]` and `sk_cgroup[d]` are set (tc only).
+    pub sk_noted: [u8; 2],
+    pub _pad: [u8; 2],
+    pub dir: [DirState; 2],
+    pub counters: [DirCounters; 2],
     /// When the first packet was seen (precise clock).
     pub first_seen_ns: u64,
     /// In a kernel table slot: `jiffies` when `first_seen_ns` was taken.
     pub first_seen_j: u64,
-    pub counters: [DirCounters; 2],
-    /// Per direction, the tracker's reordering holes.
-    pub holes: [crate::tcp::Holes; 2],
-    /// Per direction: when its SYN was sent (while timed), then the
-    /// handshake sample in nanoseconds ([`crate::handshake`]).
-    pub hs_ns: [u64; 2],
     /// Per direction, when this host sent it from a local socket (tc
     /// only): the socket's cookie (0: none seen) and its cgroup v2 id.
     pub sk_cookie: [u64; 2],
@@ -461,9 +480,15 @@ impl FlowEntry {
     pub fn init(&mut self, now_ns: u64, dir: usize, key: &ConnKey, tcp_flags: Option<u8>) {
         let (initiator, evidence) = initiator_of(dir, key, tcp_flags);
         self.first_seen_ns = now_ns;
-        self.last_seen_ns = now_ns;
+        self.dir[dir & 1].last_seen_ns = now_ns;
         self.initiator = initiator as u8;
         self.evidence = evidence;
+    }
+
+    /// When the last packet either way was seen.
+    #[inline(always)]
+    pub fn last_seen_ns(&self) -> u64 {
+        self.dir[0].last_seen_ns.max(self.dir[1].last_seen_ns)
     }
 
     /// A kernel table slot's `last_seen_ns` (jiffies) as CLOCK_MONOTONIC
@@ -471,11 +496,17 @@ impl FlowEntry {
     /// jiffy (`clock_getres(CLOCK_MONOTONIC_COARSE)`). Within a tick of the
     /// truth, never before `first_seen_ns`.
     pub fn jiffies_to_ns(&mut self, tick_ns: u64) {
-        let ticks = self.last_seen_ns.wrapping_sub(self.first_seen_j);
-        // A jiffy count below first_seen_j cannot happen; if it did, the
-        // first packet's time is the best answer.
-        let ticks = if (ticks as i64) < 0 { 0 } else { ticks };
-        self.last_seen_ns = self.first_seen_ns + ticks * tick_ns;
+        for d in &mut self.dir {
+            if d.last_seen_ns == 0 {
+                // No packet this way yet.
+                continue;
+            }
+            let ticks = d.last_seen_ns.wrapping_sub(self.first_seen_j);
+            // A jiffy count below first_seen_j cannot happen; if it did,
+            // the first packet's time is the best answer.
+            let ticks = if (ticks as i64) < 0 { 0 } else { ticks };
+            d.last_seen_ns = self.first_seen_ns + ticks * tick_ns;
+        }
     }
 
     /// Adds `o`, another entry of the same key (a later one, or a second
@@ -486,7 +517,9 @@ impl FlowEntry {
             c.add(t);
         }
         self.first_seen_ns = self.first_seen_ns.min(o.first_seen_ns);
-        self.last_seen_ns = self.last_seen_ns.max(o.last_seen_ns);
+        for (d, t) in self.dir.iter_mut().zip(o.dir.iter()) {
+            d.last_seen_ns = d.last_seen_ns.max(t.last_seen_ns);
+        }
     }
 
     /// Adds `late` into `counters` (and clears it): what a reader of a
@@ -505,8 +538,8 @@ impl FlowEntry {
     #[inline(always)]
     pub fn closed(&self) -> bool {
         use crate::tcp::TcpDir;
-        let f = self.tcp[0].flags | self.tcp[1].flags;
-        f & TcpDir::FLAG_RST != 0 || self.tcp[0].flags & self.tcp[1].flags & TcpDir::FLAG_FIN != 0
+        let (f0, f1) = (self.dir[0].tcp.flags, self.dir[1].tcp.flags);
+        (f0 | f1) & TcpDir::FLAG_RST != 0 || f0 & f1 & TcpDir::FLAG_FIN != 0
     }
 
     /// A pure SYN (no ACK) sent in direction `dir` names the initiator
@@ -526,9 +559,11 @@ impl FlowEntry {
 const _: () = assert!(core::mem::size_of::<ConnKey>() == 48);
 const _: () = assert!(core::mem::size_of::<DirCounters>() == 64);
 const _: () = assert!(core::mem::size_of::<crate::tcp::TcpDir>() == 12);
-const _: () = assert!(core::mem::offset_of!(crate::tcp::TcpDir, flags) == 8);
-const _: () = assert!(core::mem::size_of::<FlowEntry>() == 328);
+const _: () = assert!(core::mem::offset_of!(crate::tcp::TcpDir, flags) == 4);
+const _: () = assert!(core::mem::size_of::<DirState>() == 64);
+const _: () = assert!(core::mem::offset_of!(DirState, tcp) == 8);
+const _: () = assert!(core::mem::size_of::<FlowEntry>() == 360);
 // The cache-line plan above, as offsets in a slot (entry at 56).
-const _: () = assert!(56 + core::mem::offset_of!(FlowEntry, lock) == 64);
-const _: () = assert!(56 + core::mem::offset_of!(FlowEntry, first_seen_j) == 120);
-const _: () = assert!(56 + core::mem::offset_of!(FlowEntry, counters) == 128);
+const _: () = assert!(56 + core::mem::offset_of!(FlowEntry, dir) == 64);
+const _: () = assert!(56 + core::mem::offset_of!(FlowEntry, counters) == 192);
+const _: () = assert!(56 + core::mem::offset_of!(FlowEntry, first_seen_ns) == 320);

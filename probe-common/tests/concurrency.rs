@@ -8,6 +8,7 @@
 
 use std::cell::UnsafeCell;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Barrier;
 
 use probe_common::parse::{tcp_flags as f, TcpHeader};
@@ -32,6 +33,19 @@ impl Shared {
     /// One segment from A (direction 0), as the eBPF program handles it;
     /// `spins` 0 makes every update a contended one.
     fn observe(&self, seq: u32, len: u32, flags: u8, spins: u32) -> Updated {
+        self.observe_dir(0, seq, 1, len, flags, spins)
+    }
+
+    /// One segment in direction `dir`, acknowledging `ack`.
+    fn observe_dir(
+        &self,
+        dir: usize,
+        seq: u32,
+        ack: u32,
+        len: u32,
+        flags: u8,
+        spins: u32,
+    ) -> Updated {
         let p = Parsed {
             key: FlowKey {
                 proto: L4Proto::Tcp as u8,
@@ -43,20 +57,34 @@ impl Shared {
             l3_offset: 0,
             tcp: TcpHeader {
                 seq,
-                ack: 1,
+                ack,
                 flags,
                 window: 1000,
             },
         };
         // SAFETY: `self` outlives the call; writers all use `update`.
-        unsafe { update(self.0.get(), 0, 1, &p.pkt(), &Fixed(0), spins, &CoreAtomics) }
+        unsafe {
+            update(
+                self.0.get(),
+                dir,
+                1,
+                &p.pkt(),
+                &Fixed(0),
+                spins,
+                &CoreAtomics,
+            )
+        }
     }
 
     fn totals(&self) -> DirCounters {
+        self.totals_of(0)
+    }
+
+    fn totals_of(&self, dir: usize) -> DirCounters {
         // SAFETY: called after the threads were joined.
         let mut e = unsafe { *self.0.get() };
         e.fold_late();
-        e.counters[0]
+        e.counters[dir]
     }
 }
 
@@ -168,4 +196,82 @@ fn two_cpus_splitting_a_flow_count_no_retransmission() {
             "reordering across CPUs counted as retransmission: {c:?}"
         );
     });
+}
+
+#[test]
+fn acks_racing_the_data_they_acknowledge_never_make_reordering_a_retransmission() {
+    // Data in direction 0 split over two threads (odd and even segments,
+    // so holes open and fill), while a third thread sends direction 1's
+    // ACKs, each covering only data both data threads have recorded (as
+    // on the wire: the receiver acknowledges what it got). The directions
+    // take different locks, and the data's tracker reads the ACK
+    // (`tcp::Peer`) while the ACK thread may be writing it: whatever the
+    // interleaving, no byte may count as retransmitted, and both
+    // directions' counts are exact.
+    let segs = segments(2000);
+    let total: u64 = segs.iter().map(|&(_, l)| l as u64).sum();
+    let parts: [Vec<(u32, u32)>; 2] = [
+        segs.iter().copied().step_by(2).collect(),
+        segs.iter().copied().skip(1).step_by(2).collect(),
+    ];
+    for _ in 0..100 {
+        let shared = Shared::new();
+        assert_eq!(shared.observe(1000, 0, f::SYN, FOREVER), Updated::Locked);
+        // How many of its segments each data thread has recorded.
+        let done = [AtomicUsize::new(0), AtomicUsize::new(0)];
+        let start = Barrier::new(3);
+        let acks = std::thread::scope(|s| {
+            for (t, part) in parts.iter().enumerate() {
+                let (shared, start, done) = (&shared, &start, &done);
+                s.spawn(move || {
+                    start.wait();
+                    for (i, &(seq, len)) in part.iter().enumerate() {
+                        let how = shared.observe(seq, len, f::PSH | f::ACK, FOREVER);
+                        assert_eq!(how, Updated::Locked);
+                        done[t].store(i + 1, Ordering::Release);
+                    }
+                });
+            }
+            let (shared, start, done, segs) = (&shared, &start, &done, &segs);
+            s.spawn(move || {
+                start.wait();
+                let mut acks = 0u64;
+                loop {
+                    // Segments 0..n all recorded: even ones by thread 0,
+                    // odd ones by thread 1.
+                    let (e, o) = (
+                        done[0].load(Ordering::Acquire),
+                        done[1].load(Ordering::Acquire),
+                    );
+                    let n = (2 * e).min(2 * o + 1).min(segs.len());
+                    let ack = match n {
+                        0 => 1001,
+                        n => segs[n - 1].0.wrapping_add(segs[n - 1].1),
+                    };
+                    let how = shared.observe_dir(1, 5000, ack, 0, f::ACK, FOREVER);
+                    assert_eq!(how, Updated::Locked);
+                    acks += 1;
+                    if n == segs.len() {
+                        return acks;
+                    }
+                }
+            })
+            .join()
+            .unwrap()
+        });
+        let (data, back) = (shared.totals_of(0), shared.totals_of(1));
+        assert_eq!(data.bytes, total, "{data:?}");
+        assert_eq!(data.packets, segs.len() as u64 + 1, "{data:?}");
+        assert_eq!(
+            (data.retransmits, data.retransmitted_bytes, data.spurious),
+            (0, 0, 0),
+            "reordering with racing ACKs counted as retransmission: {data:?}"
+        );
+        assert_eq!(back.packets, acks, "{back:?}");
+        assert_eq!(
+            (back.retransmits, back.probes, back.bytes),
+            (0, 0, 0),
+            "{back:?}"
+        );
+    }
 }

@@ -45,13 +45,13 @@ fn key(n: u16) -> ConnKey {
     ConnKey::of(&k, 1).0
 }
 
-/// One UDP datagram of `len` bytes on connection `k`, as the eBPF program
-/// counts it; `spins` 0 never waits for a held lock.
-fn packet(t: &Table, k: &ConnKey, len: u32, spins: u32) -> Located {
-    packet_seeded(t, k, len, spins, 7)
+/// One UDP datagram of `len` bytes on connection `k` in direction `dir`,
+/// as the eBPF program counts it; `spins` 0 never waits for a held lock.
+fn packet(t: &Table, k: &ConnKey, dir: usize, len: u32, spins: u32) -> Located {
+    packet_seeded(t, k, dir, len, spins, 7)
 }
 
-fn packet_seeded(t: &Table, k: &ConnKey, len: u32, spins: u32, seed: u64) -> Located {
+fn packet_seeded(t: &Table, k: &ConnKey, dir: usize, len: u32, spins: u32, seed: u64) -> Located {
     let p = Pkt {
         is_tcp: false,
         tcp: Default::default(),
@@ -60,13 +60,13 @@ fn packet_seeded(t: &Table, k: &ConnKey, len: u32, spins: u32, seed: u64) -> Loc
     };
     // SAFETY: `t`'s slots are only touched through these functions.
     unsafe {
-        let l = locate(t, k, table::hash(k, seed), spins, &CoreAtomics, |e| {
-            e.init(1, 0, k, None)
+        let l = locate(t, k, table::hash(k, seed), dir, spins, &CoreAtomics, |e| {
+            e.init(1, dir, k, None)
         });
         match l {
             Located::Found(s) | Located::New(s, _) => {
-                update_locked(&raw mut (*s).entry, 0, 1, &p, &Fixed(2));
-                CoreAtomics.unlock(&raw mut (*s).entry.lock);
+                update_locked(&raw mut (*s).entry, dir, 1, &p, &Fixed(2));
+                CoreAtomics.unlock(&raw mut (*s).entry.dir[dir].lock);
             }
             Located::Contended(s) => {
                 // A writer that is slow here (a stalled virtual CPU) widens
@@ -74,7 +74,7 @@ fn packet_seeded(t: &Table, k: &ConnKey, len: u32, spins: u32, seed: u64) -> Loc
                 for _ in 0..500 {
                     std::hint::spin_loop();
                 }
-                update_contended(&raw mut (*s).entry, 0, 1, &p, &Fixed(2), &CoreAtomics);
+                update_contended(&raw mut (*s).entry, dir, 1, &p, &Fixed(2), &CoreAtomics);
                 table::contended_done(s, &CoreAtomics);
             }
             Located::Full | Located::Busy => {}
@@ -86,12 +86,13 @@ fn packet_seeded(t: &Table, k: &ConnKey, len: u32, spins: u32, seed: u64) -> Loc
 fn bytes(e: &FlowEntry) -> u64 {
     let mut e = *e;
     e.fold_late();
-    e.counters[0].bytes
+    e.counters[0].bytes + e.counters[1].bytes
 }
 
 #[test]
 fn inserts_updates_and_drains_racing_lose_no_packet() {
-    // 16 connections over a 64-slot table, two writers, one drainer that
+    // 16 connections over a 64-slot table, two writers (one per direction,
+    // each with its own lock, both inserting), one drainer that
     // takes out whatever it finds (as if every connection were due). A
     // packet the table turns away (full probe sequence, or slots changing
     // under two tries) is reported, not counted: it may be neither drained
@@ -121,7 +122,7 @@ fn inserts_updates_and_drains_racing_lose_no_packet() {
                             let len = 1 + ((r * 7 + i * 13) % 1000) as u32 + w;
                             // Every 5th packet of writer 1 never waits.
                             let spins = if w == 1 && r % 5 == 0 { 0 } else { 1 << 20 };
-                            match packet(t, k, len, spins) {
+                            match packet(t, k, w as usize, len, spins) {
                                 // Without spins a new entry cannot be made
                                 // (its slot's lock is never tried): by design.
                                 Located::Full | Located::Busy if spins == 0 => {}
@@ -203,16 +204,16 @@ fn inserts_updates_and_drains_racing_lose_no_packet() {
 fn a_full_probe_sequence_is_reported() {
     // One slot: the first connection takes it, a second finds no room.
     let t = Table::new(1);
-    assert!(matches!(packet(&t, &key(1), 10, 1), Located::New(_, 0)));
-    assert!(matches!(packet(&t, &key(1), 10, 1), Located::Found(_)));
-    assert_eq!(packet(&t, &key(2), 10, 1), Located::Full);
+    assert!(matches!(packet(&t, &key(1), 0, 10, 1), Located::New(_, 0)));
+    assert!(matches!(packet(&t, &key(1), 1, 10, 1), Located::Found(_)));
+    assert_eq!(packet(&t, &key(2), 0, 10, 1), Located::Full);
     // Drained, the slot is free for the next connection; the first one's
     // final count leaves with it.
     let s = t.slot(0).unwrap();
     // SAFETY: no other thread.
     let (k, e) = unsafe { table::drain(s, &CoreAtomics, |_| true, || {}, || {}) }.unwrap();
     assert_eq!((k, bytes(&e)), (key(1), 20));
-    assert!(matches!(packet(&t, &key(2), 10, 1), Located::New(_, 0)));
+    assert!(matches!(packet(&t, &key(2), 1, 10, 1), Located::New(_, 0)));
 }
 
 #[test]
@@ -222,7 +223,14 @@ fn keys_spread_over_the_table() {
     for seed in 0..20u64 {
         let t = Table::new(8192);
         for n in 0..4096 {
-            let l = packet_seeded(&t, &key(n), 1, 1, seed.wrapping_mul(0x1234_5678_9abc_def1));
+            let l = packet_seeded(
+                &t,
+                &key(n),
+                0,
+                1,
+                1,
+                seed.wrapping_mul(0x1234_5678_9abc_def1),
+            );
             assert!(
                 matches!(l, Located::New(..)),
                 "seed {seed}, key {n}: {l:?} (PROBES = {PROBES})"

@@ -5,7 +5,7 @@
 
 use probe_common::parse::{tcp_flags as f, TcpHeader};
 use probe_common::shared::{update, Fixed, Updated};
-use probe_common::tcp::{seq_after, track, Holes, Segment, TcpDir, VerdictKind as K};
+use probe_common::tcp::{seq_after, track, Holes, Peer, Segment, TcpDir, VerdictKind as K};
 use probe_common::{DirCounters, FlowEntry, FlowKey, L4Proto, Parsed, Plain, Verdict};
 
 const A: usize = 0;
@@ -66,7 +66,8 @@ fn check(steps: &[Step]) -> [DirCounters; 2] {
         };
         let [s0, s1] = &mut st;
         let (d, r) = if step.dir == 0 { (s0, s1) } else { (s1, s0) };
-        let v: Verdict = track(&seg, d, r, &mut holes[step.dir]);
+        let peer = Peer::of(r);
+        let v: Verdict = track(&seg, d, &mut holes[step.dir], || peer);
         assert_eq!(
             (v.kind, v.retransmitted_bytes),
             (step.kind, step.retx_bytes),
@@ -91,8 +92,21 @@ fn check(steps: &[Step]) -> [DirCounters; 2] {
         // SAFETY: a live local, no other writer.
         let how = unsafe { update(&raw mut entry, step.dir, 1, &p.pkt(), &Fixed(0), 1, &Plain) };
         assert_eq!(how, Updated::Locked);
-        assert_eq!(entry.tcp, st, "step {i}: shared::update state differs");
-        assert_eq!(entry.lock, 0, "step {i}: lock not released");
+        assert_eq!(
+            [entry.dir[0].tcp, entry.dir[1].tcp],
+            st,
+            "step {i}: shared::update state differs"
+        );
+        assert_eq!(
+            [entry.dir[0].holes, entry.dir[1].holes],
+            holes,
+            "step {i}: shared::update holes differ"
+        );
+        assert_eq!(
+            [entry.dir[0].lock, entry.dir[1].lock],
+            [0, 0],
+            "step {i}: lock not released"
+        );
     }
     assert_eq!(entry.counters, c, "shared::update counts differ");
     c

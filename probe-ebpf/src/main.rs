@@ -256,6 +256,7 @@ fn slow_tc(ctx: &TcContext) {
     }
 }
 
+
 /// The local socket behind a packet this host sends (tc egress carries it;
 /// ingress before the socket lookup and forwarded packets do not): its
 /// cookie and cgroup v2 id, once per direction. Userspace joins them to a
@@ -274,7 +275,7 @@ fn note_socket(skb: *mut __sk_buff, entry: *mut FlowEntry, dir: usize) {
         }
         (*entry).sk_cgroup[dir] = bpf_skb_cgroup_id(skb);
         (*entry).sk_cookie[dir] = cookie;
-        (*entry).sk_noted |= 1 << dir;
+        (*entry).sk_noted[dir] = 1;
     }
 }
 
@@ -502,7 +503,7 @@ fn count<const TC: bool>(key: &ConnKey, dir: usize, p: &Pkt, segs: u32, skb: *mu
     // SAFETY: `Table` hands out `CONNS` slots, written only through
     // `probe_common::table` and `shared` (and userspace's drain).
     let located = unsafe {
-        locate(&Table, key, table::hash(key, seed), LOCK_SPINS, &Bpf, |e| {
+        locate(&Table, key, table::hash(key, seed), dir, LOCK_SPINS, &Bpf, |e| {
             e.init(Ktime.precise_ns(), dir, key, flags);
             e.first_seen_j = Ktime.coarse_ns();
         })
@@ -518,10 +519,10 @@ fn count<const TC: bool>(key: &ConnKey, dir: usize, p: &Pkt, segs: u32, skb: *mu
     unsafe {
         let e = &raw mut (*slot).entry;
         update_locked(e, dir, segs, p, &Ktime);
-        if TC && (*e).sk_noted & (1 << dir) == 0 && !(*skb).__bindgen_anon_2.sk.is_null() {
+        if TC && (*e).sk_noted[dir & 1] == 0 && !(*skb).__bindgen_anon_2.sk.is_null() {
             note_socket(skb, e, dir);
         }
-        Bpf.unlock(&raw mut (*e).lock);
+        Bpf.unlock(&raw mut (*e).dir[dir & 1].lock);
     }
 }
 

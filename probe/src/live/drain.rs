@@ -49,7 +49,7 @@ impl Drainer {
         let (idle, closed) = (self.idle_after, self.closed_after);
         let due = |e: &FlowEntry| {
             let quiet =
-                Duration::from_nanos(now_ns.saturating_sub(e.last_seen_ns.max(e.first_seen_ns)));
+                Duration::from_nanos(now_ns.saturating_sub(e.last_seen_ns().max(e.first_seen_ns)));
             quiet >= idle || (e.closed() && quiet >= closed)
         };
         let moved = table.drain(due);
@@ -113,7 +113,7 @@ mod tests {
     fn entry(first: u64, flags: u8, bytes: u64) -> FlowEntry {
         let k = key();
         let mut e = FlowEntry::new(first, 1, &k, Some(flags));
-        e.last_seen_ns = first + 10;
+        e.dir[1].last_seen_ns = first + 10;
         e.counters[1].bytes = bytes;
         e.counters[1].packets = 1;
         e

@@ -37,7 +37,7 @@ use std::process::{Child, Command};
 use common::json_lines;
 use common::root::{
     conn_args, drop_in_input, enabled, record, sh, sh_out, tcpapp_exchange, veth_pair, wait_for,
-    Netns, LO_EXCHANGE,
+    KillOnDrop, Netns, LO_EXCHANGE,
 };
 use serde_json::Value;
 
@@ -92,18 +92,20 @@ const CONNS: [(u16, u64, u64); 4] = [
 
 /// `prefix flowprobe run ARGS --format json` inside `ns`; output in
 /// `dir/TAG.json`, stderr in `dir/TAG.err`.
-fn spawn_flowprobe(ns: &str, prefix: &[&str], args: &[&str], dir: &Path, tag: &str) -> Child {
-    Command::new("ip")
-        .args(["netns", "exec", ns])
-        .args(prefix)
-        .arg(env!("CARGO_BIN_EXE_flowprobe"))
-        .arg("run")
-        .args(args)
-        .args(["--format", "json"])
-        .stdout(fs::File::create(dir.join(format!("{tag}.json"))).unwrap())
-        .stderr(fs::File::create(dir.join(format!("{tag}.err"))).unwrap())
-        .spawn()
-        .unwrap()
+fn spawn_flowprobe(ns: &str, prefix: &[&str], args: &[&str], dir: &Path, tag: &str) -> KillOnDrop {
+    KillOnDrop(
+        Command::new("ip")
+            .args(["netns", "exec", ns])
+            .args(prefix)
+            .arg(env!("CARGO_BIN_EXE_flowprobe"))
+            .arg("run")
+            .args(args)
+            .args(["--format", "json"])
+            .stdout(fs::File::create(dir.join(format!("{tag}.json"))).unwrap())
+            .stderr(fs::File::create(dir.join(format!("{tag}.err"))).unwrap())
+            .spawn()
+            .unwrap(),
+    )
 }
 
 /// Waits until the ring sockets of one afpacket run in `ns` are bound

@@ -489,13 +489,15 @@ fn a_client_gone_before_any_pass_is_named_by_its_cgroup() {
          while c.recv(65536): pass\n",
         ready.display()
     );
-    let mut server = Command::new("ip")
-        .args(["netns", "exec", &ns.b, "python3", "-c", &server])
-        .spawn()
-        .unwrap();
+    let mut server = KillOnDrop(
+        Command::new("ip")
+            .args(["netns", "exec", &ns.b, "python3", "-c", &server])
+            .spawn()
+            .unwrap(),
+    );
     wait_for("the server", || ready.exists());
     let netns = format!("--net=/run/netns/{}", ns.a);
-    let mut probe = Command::new("nsenter")
+    let probe = Command::new("nsenter")
         .args([
             &netns,
             env!("CARGO_BIN_EXE_flowprobe"),
@@ -509,6 +511,7 @@ fn a_client_gone_before_any_pass_is_named_by_its_cgroup() {
         .stderr(fs::File::create(dir.path().join("out.err")).unwrap())
         .spawn()
         .unwrap();
+    let mut probe = KillOnDrop(probe);
     wait_for("flowprobe to attach", || attached(&ns.a, "fpc0", "egress"));
     // The client moves itself into the container's cgroup, then runs.
     let client = format!(

@@ -75,7 +75,13 @@ const UDP_DATAGRAMS: u64 = 30;
 
 /// `flowprobe run` on `dev` inside `ns`; output in `dir/TAG.json`,
 /// stderr in `dir/TAG.err`.
-fn spawn_flowprobe(ns: &str, dev: &str, duration: Option<&str>, dir: &Path, tag: &str) -> Child {
+fn spawn_flowprobe(
+    ns: &str,
+    dev: &str,
+    duration: Option<&str>,
+    dir: &Path,
+    tag: &str,
+) -> KillOnDrop {
     let mut args = vec![
         "netns",
         "exec",
@@ -90,12 +96,14 @@ fn spawn_flowprobe(ns: &str, dev: &str, duration: Option<&str>, dir: &Path, tag:
     if let Some(d) = duration {
         args.extend(["--duration", d]);
     }
-    Command::new("ip")
-        .args(&args)
-        .stdout(fs::File::create(dir.join(format!("{tag}.json"))).unwrap())
-        .stderr(fs::File::create(dir.join(format!("{tag}.err"))).unwrap())
-        .spawn()
-        .unwrap()
+    KillOnDrop(
+        Command::new("ip")
+            .args(&args)
+            .stdout(fs::File::create(dir.join(format!("{tag}.json"))).unwrap())
+            .stderr(fs::File::create(dir.join(format!("{tag}.err"))).unwrap())
+            .spawn()
+            .unwrap(),
+    )
 }
 
 fn traffic(ns: &Netns, ca: &str, sa: &str, dir: &Path) {
@@ -787,7 +795,7 @@ fn closed_connections_are_drained_and_lose_nothing() {
     const N: usize = 120;
     let dir = tempfile::tempdir().unwrap();
     let (ns, ca, sa) = setup("drain", false);
-    let mut probe = Command::new("ip")
+    let probe = Command::new("ip")
         .args([
             "netns",
             "exec",
@@ -801,6 +809,7 @@ fn closed_connections_are_drained_and_lose_nothing() {
         .stderr(fs::File::create(dir.path().join("probe.err")).unwrap())
         .spawn()
         .unwrap();
+    let mut probe = KillOnDrop(probe);
     wait_for("flowprobe to attach", || attached(&ns.a, VETH_A));
 
     let ready = dir.path().join("ready");
@@ -814,10 +823,12 @@ fn closed_connections_are_drained_and_lose_nothing() {
          \x20   c.close()\n",
         ready.display()
     );
-    let mut server = Command::new("ip")
-        .args(["netns", "exec", &ns.b, "python3", "-c", &server])
-        .spawn()
-        .unwrap();
+    let mut server = KillOnDrop(
+        Command::new("ip")
+            .args(["netns", "exec", &ns.b, "python3", "-c", &server])
+            .spawn()
+            .unwrap(),
+    );
     wait_for("the server", || ready.exists());
     // Each client writes 3000 + 37 i bytes, waits for the server's FIN,
     // closes; about 40 connections a second.
@@ -928,13 +939,14 @@ fn xdp_on_a_gateway_counts_both_directions() {
     for n in [&ns.a, &ns.b] {
         drop_in_input(n, "iptables");
     }
-    let mut probe = Command::new("ip")
+    let probe = Command::new("ip")
         .args(["netns", "exec", g, env!("CARGO_BIN_EXE_flowprobe"), "run"])
         .args(["--backend", "xdp", "--format", "json"])
         .stdout(fs::File::create(dir.path().join("gw.json")).unwrap())
         .stderr(fs::File::create(dir.path().join("gw.err")).unwrap())
         .spawn()
         .unwrap();
+    let mut probe = KillOnDrop(probe);
     let xdp_on = |dev: &str| sh_out(&["ip", "-n", g, "link", "show", dev]).contains("xdp");
     wait_for("XDP on both gateway interfaces", || {
         xdp_on("g0") && xdp_on("g1")

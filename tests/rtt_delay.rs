@@ -24,7 +24,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::root::{enabled, sh, wait_for};
+use common::root::{enabled, sh, wait_for, KillOnDrop};
 use common::{json_lines, repo_root};
 
 const DELAY_MS: u64 = 100;
@@ -271,7 +271,7 @@ fn handshake_rtt_equals_the_added_delay() {
         .collect();
     let app = repo_root().join("fixtures/capture/tcpapp.py");
     let sready = d.join("server.ready");
-    let mut server = Command::new("ip")
+    let server = Command::new("ip")
         .args(["netns", "exec", &s, "python3"])
         .arg(&app)
         .args(["server", "--addr", SERVER, "--ready"])
@@ -282,6 +282,7 @@ fn handshake_rtt_equals_the_added_delay() {
         .stdin(Stdio::null())
         .spawn()
         .unwrap();
+    let mut server = KillOnDrop(server);
     wait_for("the server", || sready.exists());
     let client = Command::new("ip")
         .args(["netns", "exec", &c, "python3"])

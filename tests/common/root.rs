@@ -151,17 +151,19 @@ pub fn tcpapp_exchange(
     use std::process::Stdio;
     let app = super::repo_root().join("fixtures/capture/tcpapp.py");
     let ready = dir.join("ready");
-    let mut server = Command::new("ip")
-        .args(["netns", "exec", server_ns, "python3"])
-        .arg(&app)
-        .args(["server", "--addr", server_addr, "--ready"])
-        .arg(&ready)
-        .arg("--out")
-        .arg(dir.join("server.json"))
-        .args(args)
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut server = KillOnDrop(
+        Command::new("ip")
+            .args(["netns", "exec", server_ns, "python3"])
+            .arg(&app)
+            .args(["server", "--addr", server_addr, "--ready"])
+            .arg(&ready)
+            .arg("--out")
+            .arg(dir.join("server.json"))
+            .args(args)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let up = Instant::now() + Duration::from_secs(20);
     while !ready.exists() {
         if Instant::now() > up {
@@ -197,6 +199,19 @@ impl Drop for KillOnDrop {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
     }
 }
 

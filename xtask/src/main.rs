@@ -3,6 +3,7 @@
 //! ```text
 //! cargo xtask build-ebpf [--release]   build probe-ebpf for bpfel-unknown-none; prints the object path
 //! cargo xtask check-ebpf [--release]   build, then load it into the kernel (bpftool) to run the verifier
+//!                                       (XTASK_VERIFIER_LOG=1: with the verifier's log and statistics)
 //! cargo xtask clippy-ebpf              clippy -D warnings on probe-ebpf for the BPF target
 //! cargo xtask smoke-ebpf [--release]   build, then scripts/ebpf-netns-smoke.sh (veth in throwaway netns)
 //! ```
@@ -216,31 +217,37 @@ fn clippy_ebpf() -> Result<()> {
 /// Loads every program of the object with bpftool (which runs the verifier
 /// on each: the tc classifier and the XDP program, typed by their ELF
 /// sections), then unpins them.
+///
+/// Without a log first: the verbose log (`bpftool -d`) of this object is
+/// over half a gigabyte and takes minutes to write, against two seconds for
+/// the load alone. Only a failed load, or `XTASK_VERIFIER_LOG=1` (for the
+/// verifier's statistics: instructions processed, stack depth, time), loads
+/// again with it, into `<object>.verifier.log`.
 fn check_ebpf(obj: &Path) -> Result<()> {
     which("bpftool").context("bpftool not found (Debian package `bpftool`)")?;
     ensure_bpffs()?;
-    let pin = PathBuf::from(format!("{BPFFS}/flowprobe-check-{}", std::process::id()));
-    let log_path = obj.with_extension("verifier.log");
-    let mut cmd = Command::new("bpftool");
-    // -d: libbpf debug output, which includes the verifier log and its
-    // statistics even when the load succeeds.
-    cmd.args(["-d", "prog", "loadall"]).arg(obj).arg(&pin);
-    eprintln!("xtask: {}", show(&cmd));
-    let out = cmd.output().context("running bpftool")?;
-    let mut log = out.stdout;
-    log.extend_from_slice(&out.stderr);
-    fs::write(&log_path, &log).with_context(|| format!("writing {}", log_path.display()))?;
-    let log = String::from_utf8_lossy(&log);
-    let loaded = out.status.success() && pin.exists();
-    if pin.exists() {
-        fs::remove_dir_all(&pin).with_context(|| format!("removing pins {}", pin.display()))?;
+    let want_log = std::env::var_os("XTASK_VERIFIER_LOG").is_some_and(|v| v == "1");
+    if !want_log {
+        let (loaded, sizes) = load_all(obj, false)?;
+        if loaded.success {
+            for line in sizes {
+                eprintln!("xtask: verifier: {line}");
+            }
+            eprintln!("xtask: verifier accepted {}", obj.display());
+            return Ok(());
+        }
+        eprintln!("xtask: the kernel rejected it; loading again with the verifier log");
     }
-    if !loaded {
+    let (loaded, _) = load_all(obj, true)?;
+    let log_path = obj.with_extension("verifier.log");
+    fs::write(&log_path, &loaded.log).with_context(|| format!("writing {}", log_path.display()))?;
+    let log = String::from_utf8_lossy(&loaded.log);
+    if !loaded.success {
         eprintln!("{}", verifier_excerpt(&log));
         bail!(
             "the kernel rejected {} ({}); full log: {}",
             obj.display(),
-            out.status,
+            loaded.status,
             log_path.display()
         );
     }
@@ -257,6 +264,68 @@ fn check_ebpf(obj: &Path) -> Result<()> {
         log_path.display()
     );
     Ok(())
+}
+
+/// What one `bpftool prog loadall` did.
+struct Loaded {
+    success: bool,
+    status: std::process::ExitStatus,
+    /// bpftool's output (with `-d`: libbpf's debug output and the verifier
+    /// log).
+    log: Vec<u8>,
+}
+
+/// `bpftool [-d] prog loadall OBJ PIN`, then each loaded program's sizes
+/// (`bpftool prog show`), then the pins removed.
+fn load_all(obj: &Path, debug: bool) -> Result<(Loaded, Vec<String>)> {
+    let pin = PathBuf::from(format!("{BPFFS}/flowprobe-check-{}", std::process::id()));
+    let mut cmd = Command::new("bpftool");
+    if debug {
+        // libbpf debug output, which includes the verifier log and its
+        // statistics even when the load succeeds.
+        cmd.arg("-d");
+    }
+    cmd.args(["prog", "loadall"]).arg(obj).arg(&pin);
+    eprintln!("xtask: {}", show(&cmd));
+    let out = cmd.output().context("running bpftool")?;
+    let mut log = out.stdout;
+    log.extend_from_slice(&out.stderr);
+    let success = out.status.success() && pin.exists();
+    let mut sizes = Vec::new();
+    if pin.exists() {
+        let mut progs: Vec<PathBuf> = fs::read_dir(&pin)
+            .with_context(|| format!("reading {}", pin.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .collect();
+        progs.sort();
+        for p in progs {
+            let shown = Command::new("bpftool")
+                .args(["prog", "show", "pinned"])
+                .arg(&p)
+                .output()
+                .context("running bpftool prog show")?;
+            let text = String::from_utf8_lossy(&shown.stdout);
+            // "… xlated 35136B  jited 19976B  memlock …"
+            let size: Vec<&str> = text
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .windows(2)
+                .filter(|w| w[0] == "xlated" || w[0] == "jited")
+                .flat_map(|w| [w[0], w[1]])
+                .collect();
+            let name = p.file_name().map(|n| n.to_string_lossy().into_owned());
+            sizes.push(format!("{}: {}", name.unwrap_or_default(), size.join(" ")));
+        }
+        fs::remove_dir_all(&pin).with_context(|| format!("removing pins {}", pin.display()))?;
+    }
+    Ok((
+        Loaded {
+            success,
+            status: out.status,
+            log,
+        },
+        sizes,
+    ))
 }
 
 /// The part of a failed load a person needs: the kernel's verifier log, or

@@ -80,9 +80,10 @@ impl Peer {
 
 /// Holes below a direction's `snd_max`: sequence space this tap has not
 /// seen, each left by a segment that started beyond `snd_max` (a gap), as
-/// `[lo, hi)`; hole `i` is open while `FLAG_HOLE << i` is set in the
-/// direction's [`TcpDir::flags`] and its `hi` is after both its `lo` and the
-/// peer's ACK (which proves everything below it arrived). Data that lands
+/// `[lo, hi)`; hole `i` is open while its flag (`FLAG_HOLE`, `FLAG_HOLE1`)
+/// is set in the direction's [`TcpDir::flags`] and its `hi` is after both
+/// its `lo` and the peer's ACK (which proves everything below it arrived).
+/// Data that lands
 /// inside one is seen here for the first time, so it is new, not
 /// retransmitted: that is reordering between the sender and this tap (veth
 /// or RPS deliver one flow on several CPUs), or the retransmission of a loss
@@ -101,7 +102,7 @@ impl TcpDir {
     pub const FLAG_WIN0_SENT: u8 = 4;
     /// The last segment of this direction was a 1-byte zero-window probe.
     pub const FLAG_LAST_ZWP: u8 = 8;
-    /// Hole 0 is open (see [`Holes`]); `FLAG_HOLE << 1`: hole 1.
+    /// Hole 0 is open (see [`Holes`]).
     pub const FLAG_HOLE: u8 = 16;
     /// This direction sent a FIN.
     pub const FLAG_FIN: u8 = 32;

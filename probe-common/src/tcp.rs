@@ -288,12 +288,40 @@ fn hole_open(d: &mut TcpDir, holes: &Holes, i: usize, peer: Peer) -> bool {
     false
 }
 
+/// TCP's largest window (a 65535-byte field scaled by at most 2^14): no
+/// segment further than this below `snd_max` can still be in flight.
+const MAX_WINDOW: u32 = 1 << 30;
+
+/// Trims the holes to the last [`MAX_WINDOW`] below `snd_max`, and forgets
+/// one wholly below it. Without the peer's ACKs (a tap that sees one
+/// direction, such as XDP on one interface) nothing else ever closes a
+/// hole that was only partly filled, and a merge can stretch one over the
+/// whole stream: once it spans 2^31 bytes, the wrapping comparisons call it
+/// empty, and forgetting it took the fresh gaps merged into it along
+/// (their first copies then counted as retransmissions). Distances are
+/// taken down from `snd_max`, unsigned, so a hole is recognised as stale
+/// for up to 4 GiB of data without any gap or fill.
+fn forget_stale(d: &mut TcpDir, holes: &mut Holes) {
+    let floor = d.snd_max.wrapping_sub(MAX_WINDOW);
+    for (h, flag) in holes.iter_mut().zip(HOLE_FLAGS) {
+        if d.flags & flag == 0 {
+            continue;
+        }
+        if d.snd_max.wrapping_sub(h[1]) > MAX_WINDOW {
+            d.flags &= !flag;
+        } else if d.snd_max.wrapping_sub(h[0]) > MAX_WINDOW {
+            h[0] = floor;
+        }
+    }
+}
+
 /// Records the hole `[lo, hi)` a gap just left (above every open hole).
 // Not inlined, like `fill_hole`: only gaps and copies get here, and the
 // eBPF program's common path stays short (its code is fetched afresh for
 // nearly every packet at load).
 #[inline(never)]
 fn open_hole(d: &mut TcpDir, holes: &mut Holes, lo: u32, hi: u32, peer: Peer) {
+    forget_stale(d, holes);
     let slot = match (hole_open(d, holes, 0, peer), hole_open(d, holes, 1, peer)) {
         (false, false) => 0,
         (true, false) => 1,
@@ -319,6 +347,7 @@ fn open_hole(d: &mut TcpDir, holes: &mut Holes, lo: u32, hi: u32, peer: Peer) {
 /// leaves the hole as is.
 #[inline(never)]
 fn fill_hole(d: &mut TcpDir, holes: &mut Holes, seq: u32, len: u32, peer: Peer) -> u32 {
+    forget_stale(d, holes);
     let data_end = seq.wrapping_add(len);
     let mut unseen = 0;
     // An index, not an iterator: `d` is borrowed mutably in the body.

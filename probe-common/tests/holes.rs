@@ -113,3 +113,55 @@ fn first_copies_behind_drops_are_new_in_any_order() {
         }
     }
 }
+
+#[test]
+fn a_hole_never_filled_does_not_swallow_later_gaps_as_the_stream_wraps() {
+    // One segment lost for good near the start (a tap that missed it, and
+    // whose retransmission it missed too), then, all through 5 GB of
+    // 1 MB segments, two losses at a time retransmitted a little later: the
+    // third gap merges into the old hole, which grows with the stream.
+    // Without the peer's ACKs nothing closes it; every first copy must
+    // still be new once the stream has gone past 2^31 and 2^32 bytes.
+    const BIG: u32 = 1_000_000;
+    let mut tap = Tap {
+        d: TcpDir::default(),
+        holes: Holes::default(),
+        seen: HashSet::new(),
+        log: Vec::new(),
+    };
+    let see = |tap: &mut Tap, i: u32| {
+        let seg = Segment {
+            hdr: TcpHeader {
+                seq: 7u32.wrapping_add(i.wrapping_mul(BIG)),
+                ack: 1,
+                flags: f::ACK,
+                window: 100,
+            },
+            payload_len: BIG,
+        };
+        let v = track(&seg, &mut tap.d, &mut tap.holes, Peer::default);
+        tap.log
+            .push(format!("{i}: {:?} holes {:?}", v.kind, tap.holes));
+        assert!(
+            v.kind == K::New && v.retransmitted_bytes == 0,
+            "the only copy of {i} was {v:?}\n{}",
+            tap.log[tap.log.len().saturating_sub(20)..].join("\n")
+        );
+    };
+    let mut late = Vec::new();
+    for i in 0..5000u32 {
+        if i == 1 {
+            continue;
+        }
+        if i % 50 == 10 || i % 50 == 12 {
+            late.push(i);
+            continue;
+        }
+        see(&mut tap, i);
+        if i % 50 == 15 {
+            for j in late.drain(..) {
+                see(&mut tap, j);
+            }
+        }
+    }
+}

@@ -21,10 +21,10 @@
 //! CPU, so the lock is held for a few dozen instructions; but a virtual CPU
 //! can be descheduled by its hypervisor while it holds it. A CPU that still
 //! finds the lock taken after `spins` tries counts the packet without the
-//! tracker and says so, so that
-//! the caller can count that, and adds its packet to the entry's `late`
-//! counters, atomically, apart from the counters the lock holder adds to
-//! with plain adds; readers fold them together ([`FlowEntry::fold_late`]).
+//! tracker and says so, so that the caller can count that, and adds its
+//! packet to the entry's `late` counters, atomically, apart from the
+//! counters the lock holder adds to with plain adds; readers fold them
+//! together ([`FlowEntry::fold_late`]).
 //! Counts stay exact when the two paths meet; only the tracker's call on
 //! that packet is lost.
 

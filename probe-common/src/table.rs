@@ -230,12 +230,7 @@ pub unsafe fn locate_slow<T: Slots, A: Atomics>(
                 }
             }
         }
-        let (s, idx) = match (hit, free) {
-            (Some(s), _) => (s, u32::MAX),
-            (None, Some(f)) => f,
-            (None, None) => return Located::Full,
-        };
-        if hit.is_some() {
+        if let Some(s) = hit {
             // SAFETY: caller's contract.
             let lock = unsafe { &raw mut (*s).entry.dir[dir].lock };
             // SAFETY: as above.
@@ -263,6 +258,9 @@ pub unsafe fn locate_slow<T: Slots, A: Atomics>(
             unsafe { a.unlock(lock) };
             continue;
         }
+        let Some((s, idx)) = free else {
+            return Located::Full;
+        };
         // Insert: both locks, direction 0's first, as every inserter takes
         // them (so that two cannot each hold one).
         // SAFETY: caller's contract.

@@ -10,6 +10,7 @@ mod config;
 mod export;
 mod ingest;
 mod live;
+mod mmap;
 mod output;
 mod query;
 mod replay;

@@ -7,12 +7,13 @@
 //! beyond the kernel's (snap-length-cut) copy into the ring.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use anyhow::{bail, Context, Result};
 
 use super::filter;
+use crate::mmap::Mapping;
 
 /// Bytes kept of each frame: every header the parser reads (Ethernet, two
 /// VLAN tags, IPv6 with a few extension headers, TCP with options) and
@@ -111,8 +112,7 @@ impl KernelStats {
 /// A bound socket and its mapped ring.
 pub struct Ring {
     fd: OwnedFd,
-    map: *mut u8,
-    map_len: usize,
+    map: Mapping,
     blocks: u32,
     /// Each frame is preceded by a `virtio_net_hdr`.
     vnet: bool,
@@ -243,25 +243,11 @@ impl Ring {
         };
         setsockopt(&fd, libc::SOL_PACKET, libc::PACKET_RX_RING, &req)
             .context("setting up the PACKET_RX_RING")?;
-        let map_len = BLOCK_SIZE as usize * blocks as usize;
-        // SAFETY: maps the ring the kernel just allocated for this fd.
-        let map = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                map_len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        if map == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error()).context("mapping the AF_PACKET ring");
-        }
+        let map = Mapping::shared(fd.as_fd(), BLOCK_SIZE as usize * blocks as usize)
+            .context("mapping the AF_PACKET ring")?;
         let ring = Ring {
             fd,
-            map: map.cast(),
-            map_len,
+            map,
             blocks,
             vnet,
         };
@@ -363,7 +349,7 @@ impl Ring {
 
     fn block(&self, i: u32) -> *mut u8 {
         // SAFETY: `i < self.blocks`, so the offset is inside the mapping.
-        unsafe { self.map.add(i as usize * BLOCK_SIZE as usize) }
+        unsafe { self.map.as_ptr().add(i as usize * BLOCK_SIZE as usize) }
     }
 
     /// Calls `f` with every frame of every block the kernel has handed
@@ -463,13 +449,6 @@ fn set_filter_on(fd: &OwnedFd, ifindexes: Option<&[u32]>) -> Result<()> {
     };
     setsockopt(fd, libc::SOL_SOCKET, libc::SO_ATTACH_FILTER, &fprog)
         .context("attaching the snap-length/interface filter to the AF_PACKET socket")
-}
-
-impl Drop for Ring {
-    fn drop(&mut self) {
-        // SAFETY: our own mapping; no frame reference outlives `drain`.
-        unsafe { libc::munmap(self.map.cast(), self.map_len) };
-    }
 }
 
 #[cfg(test)]

@@ -10,15 +10,15 @@
 //! race, see `probe_common::table`) added together.
 
 use std::collections::HashMap;
-use std::io;
-use std::os::fd::{AsFd, AsRawFd};
-use std::ptr::NonNull;
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use anyhow::{bail, Context, Result};
 use aya::maps::{Map, MapData};
 use probe_common::table::{self, state, Slot};
 use probe_common::{ConnKey, CoreAtomics, FlowEntry};
+
+use crate::mmap::Mapping;
 
 /// `CONNS` and `OCCUPIED` of a loaded object, mapped.
 pub struct ConnTable {
@@ -31,42 +31,6 @@ pub struct ConnTable {
 // SAFETY: the mappings are shared memory that the kernel writes too; every
 // access goes through atomics or volatile reads, from whichever thread.
 unsafe impl Send for ConnTable {}
-
-struct Mapping {
-    ptr: NonNull<u8>,
-    bytes: usize,
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: mapped by `Mapping::of` with this length, unmapped once.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.bytes) };
-    }
-}
-
-impl Mapping {
-    fn of(map: &MapData, bytes: usize) -> io::Result<Mapping> {
-        // SAFETY: a fresh shared mapping of a BPF_F_MMAPABLE array map's
-        // values; the kernel checks the length against the map.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                map.fd().as_fd().as_raw_fd(),
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(Mapping {
-            ptr: NonNull::new(p.cast()).expect("mmap returned NULL"),
-            bytes,
-        })
-    }
-}
 
 fn array_data<'a>(ebpf: &'a aya::Ebpf, name: &str) -> Result<(&'a MapData, usize)> {
     match ebpf.map(name) {
@@ -99,10 +63,10 @@ impl ConnTable {
         if words * 64 < len {
             bail!("the eBPF object's OCCUPIED has {words} words for {len} slots");
         }
-        let slots = Mapping::of(conns, len * size_of::<Slot>())
+        let slots = Mapping::shared(conns.fd().as_fd(), len * size_of::<Slot>())
             .context("mapping the connection table (CONNS)")?;
-        let bits =
-            Mapping::of(occupied, words * 8).context("mapping the slot bitmap (OCCUPIED)")?;
+        let bits = Mapping::shared(occupied.fd().as_fd(), words * 8)
+            .context("mapping the slot bitmap (OCCUPIED)")?;
         Ok(ConnTable {
             slots,
             bits,
@@ -114,12 +78,12 @@ impl ConnTable {
     fn slot(&self, i: usize) -> *mut Slot {
         debug_assert!(i < self.len);
         // SAFETY: `i` is below the slot count the mapping holds.
-        unsafe { self.slots.ptr.as_ptr().cast::<Slot>().add(i) }
+        unsafe { self.slots.as_ptr().cast::<Slot>().add(i) }
     }
 
     fn word(&self, w: usize) -> &AtomicU64 {
         // SAFETY: `w` < len / 64 (rounded up), inside the mapping; aligned.
-        unsafe { AtomicU64::from_ptr(self.bits.ptr.as_ptr().cast::<u64>().add(w)) }
+        unsafe { AtomicU64::from_ptr(self.bits.as_ptr().cast::<u64>().add(w)) }
     }
 
     /// Indices of the slots the program filled and userspace has not

@@ -92,3 +92,74 @@ impl QueryFlags {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use flowtable::query::origin;
+
+    use super::*;
+    use crate::export::agent::{self, tests::conns};
+    use crate::export::print::{self as output, Format};
+
+    /// `flowprobe query`'s flags, sent as parameters, parse on the agent
+    /// to the query they parse to here.
+    #[test]
+    fn query_flags_survive_the_trip() {
+        use clap::Parser;
+
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            q: QueryFlags,
+        }
+        let shared = agent::Latest::default();
+        let addr = agent::start(
+            "127.0.0.1:0".parse().unwrap(),
+            shared.clone(),
+            agent::MetricLabels::default(),
+        )
+        .unwrap();
+        shared.publish(agent::Snapshot {
+            conns: conns(),
+            ..agent::Snapshot::default()
+        });
+        let c = conns();
+        for args in [
+            &[
+                "--src",
+                "ip/24",
+                "--dst",
+                "ip,port",
+                "--where",
+                "dst.port in (80, 443)",
+            ][..],
+            &[
+                "--dst",
+                "port",
+                "--sort",
+                "retransmits",
+                "--top",
+                "1",
+                "--raw-ports",
+            ],
+            &[
+                "--src",
+                "ip",
+                "--where",
+                "src.ip in 10.0.0.0/8",
+                "--where",
+                "dst.port!=443",
+            ],
+            &["--window", "1..3", "--dst", "ip"],
+            &[],
+        ] {
+            let flags = Cli::try_parse_from([&["t"][..], args].concat()).unwrap().q;
+            let path = format!("/query?{}", flags.params());
+            let local = flags.spec().unwrap().run(&c, origin(&c));
+            let mut want = Vec::new();
+            output::write_query(&mut want, Format::Json, &local).unwrap();
+            let got = agent::client::get(addr, &path).unwrap();
+            assert_eq!(got, want, "{args:?} as {path}");
+        }
+    }
+}

@@ -1,9 +1,11 @@
-//! Process attribution for `flowprobe run`: a resolver pass every
-//! [`INTERVAL`] on a thread of its own, so that a connection is joined to
-//! its process while its socket still exists, and once more at every
-//! report ([`tag`]). Each pass reads the keys of the kernel's connection
-//! map (a second descriptor of the same map) and looks up the sockets of
-//! keys it has not settled yet; every [`DUMP_EVERY`] it also dumps all
+//! Enrichment, the stage after the sources: each end of a connection joined
+//! to the process, container and service that own its socket. A resolver
+//! pass runs every [`INTERVAL`] on a thread of its own, so that a
+//! connection is joined to its process while its socket still exists, and
+//! once more at every report ([`Attribution::tag`]). Each pass reads the
+//! keys the source holds now (a [`KeyFeed`] the run loop got from the
+//! source: for eBPF, a second mapping of the kernel's table) and looks up
+//! the sockets of keys it has not settled yet; every [`DUMP_EVERY`] it also dumps all
 //! sockets (a walk of the kernel's whole socket hash table per namespace,
 //! too costly to do every pass). The join itself lives in [`flowtable::attrib`]; this
 //! module is the operating system side ([`host::ProcHost`]).
@@ -28,8 +30,8 @@ use flowtable::Connection;
 use probe_common::ConnKey;
 
 use self::host::ProcHost;
-use crate::clock::{monotonic_ns, thread_cpu_ns};
-use crate::live::table::ConnTable;
+use crate::os::clock::{monotonic_ns, thread_cpu_ns};
+use crate::sources::KeyFeed;
 
 /// Between passes. A connection that opens and closes within one interval
 /// can be missed; 20 ms sees a 50 ms connection twice or more.
@@ -47,7 +49,7 @@ pub const DUMP_EVERY: Duration = Duration::from_secs(10);
 /// connection shorter than this may go unattributed.
 pub const DUMP_EVERY_WITHOUT_MAP: Duration = Duration::from_secs(1);
 
-struct Shared {
+struct State {
     resolver: Mutex<Resolver<ProcHost>>,
     cgroups: Mutex<cgroupid::CgroupIds>,
     stop: AtomicBool,
@@ -58,9 +60,6 @@ struct Shared {
     started: Instant,
 }
 
-/// The attribution that [`tag`] uses while a run runs.
-static CURRENT: Mutex<Option<Arc<Shared>>> = Mutex::new(None);
-
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding it leaves plain data behind; keep going.
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -68,15 +67,15 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// Running attribution; stops (and reports its cost when asked) on drop.
 pub struct Attribution {
-    shared: Option<Arc<Shared>>,
+    shared: Option<Arc<State>>,
     thread: Option<JoinHandle<()>>,
 }
 
-/// Starts the resolver thread, unless `FLOWPROBE_ATTRIB=off`. With the tc
-/// or XDP program (`ebpf`) it follows the connection map `CONNS` for new
-/// connections; without (the AF_PACKET backend) it dumps every socket each
+/// Starts the resolver thread, unless `FLOWPROBE_ATTRIB=off`. With a key
+/// feed (the eBPF source) it follows the source's connections as they
+/// appear; without (AF_PACKET) it dumps every socket each
 /// [`DUMP_EVERY_WITHOUT_MAP`] and looks up what each report holds.
-pub fn start(ebpf: Option<&aya::Ebpf>) -> Attribution {
+pub fn start(feed: Option<KeyFeed>) -> Attribution {
     if std::env::var("FLOWPROBE_ATTRIB").as_deref() == Ok("off") {
         return Attribution {
             shared: None,
@@ -89,12 +88,8 @@ pub fn start(ebpf: Option<&aya::Ebpf>) -> Attribution {
         .map(Duration::from_millis)
         .unwrap_or(INTERVAL);
     let host = ProcHost::new();
-    let map = ebpf.map(ConnTable::open).transpose();
-    if let Err(e) = &map {
-        eprintln!("flowprobe: attribution: {e}; connections are joined at each report only");
-    }
-    let mut map = map.ok().flatten();
-    let dump_every = if map.is_some() {
+    let mut feed = feed;
+    let dump_every = if feed.is_some() {
         DUMP_EVERY
     } else {
         DUMP_EVERY_WITHOUT_MAP
@@ -104,7 +99,7 @@ pub fn start(ebpf: Option<&aya::Ebpf>) -> Attribution {
         dumps_every_ns: dump_every.as_nanos() as u64,
         ..Options::default()
     };
-    let shared = Arc::new(Shared {
+    let shared = Arc::new(State {
         resolver: Mutex::new(Resolver::new(host, opts)),
         cgroups: Mutex::new(cgroupid::CgroupIds::default()),
         stop: AtomicBool::new(false),
@@ -113,7 +108,6 @@ pub fn start(ebpf: Option<&aya::Ebpf>) -> Attribution {
         totals: Mutex::new(PassStats::default()),
         started: Instant::now(),
     });
-    *lock(&CURRENT) = Some(shared.clone());
     let s = shared.clone();
     let thread = std::thread::Builder::new()
         .name("attrib".to_owned())
@@ -123,10 +117,10 @@ pub fn start(ebpf: Option<&aya::Ebpf>) -> Attribution {
                 let t0 = thread_cpu_ns();
                 keys.clear();
                 seen.clear();
-                if let Some(m) = &mut map {
-                    if let Err(e) = m.keys(&mut keys) {
+                if let Some(f) = &mut feed {
+                    if let Err(e) = f(&mut keys) {
                         eprintln!("flowprobe: attribution: {e:#}; joining at each report only");
-                        map = None;
+                        feed = None;
                     }
                 }
                 seen.extend(keys.iter().filter_map(key_ends).flatten());
@@ -145,7 +139,7 @@ pub fn start(ebpf: Option<&aya::Ebpf>) -> Attribution {
 }
 
 /// One resolver pass, timed in thread CPU time; failures said once each.
-fn pass(s: &Shared, r: &mut Resolver<ProcHost>, seen: &[Tuple]) {
+fn pass(s: &State, r: &mut Resolver<ProcHost>, seen: &[Tuple]) {
     let t0 = thread_cpu_ns();
     let st = r.refresh(monotonic_ns(), seen);
     s.cpu_ns
@@ -166,31 +160,33 @@ fn pass(s: &Shared, r: &mut Resolver<ProcHost>, seen: &[Tuple]) {
     }
 }
 
-/// Fills `src_tags` / `dst_tags` of `conns` after one more pass (a
-/// connection that started since the last pass is caught now, if its socket
-/// still exists). Does nothing when attribution is not running.
-pub fn tag(conns: &mut [Connection]) {
-    let Some(s) = lock(&CURRENT).clone() else {
-        return;
-    };
-    let seen: Vec<Tuple> = conns
-        .iter()
-        .filter_map(|c| {
-            let p = Proto::from_name(c.proto)?;
-            Some(Tuple::ends(
-                p,
-                (c.src, c.sport).into(),
-                (c.dst, c.dport).into(),
-            ))
-        })
-        .flatten()
-        .collect();
-    let mut r = lock(&s.resolver);
-    pass(&s, &mut r, &seen);
-    r.tag(conns);
-    // Ends the resolver found no process for: their container from the
-    // cgroup id the tc program saw on the socket.
-    lock(&s.cgroups).tag(conns);
+impl Attribution {
+    /// Fills `src_tags` / `dst_tags` of `conns` after one more pass (a
+    /// connection that started since the last pass is caught now, if its socket
+    /// still exists). Does nothing when attribution is off.
+    pub fn tag(&self, conns: &mut [Connection]) {
+        let Some(s) = &self.shared else {
+            return;
+        };
+        let seen: Vec<Tuple> = conns
+            .iter()
+            .filter_map(|c| {
+                let p = Proto::from_name(c.proto)?;
+                Some(Tuple::ends(
+                    p,
+                    (c.src, c.sport).into(),
+                    (c.dst, c.dport).into(),
+                ))
+            })
+            .flatten()
+            .collect();
+        let mut r = lock(&s.resolver);
+        pass(s, &mut r, &seen);
+        r.tag(conns);
+        // Ends the resolver found no process for: their container from the
+        // cgroup id the tc program saw on the socket.
+        lock(&s.cgroups).tag(conns);
+    }
 }
 
 /// Both ends' 5-tuples of a map key (addresses as `conn.rs` renders them).
@@ -222,7 +218,6 @@ impl Drop for Attribution {
             t.thread().unpark();
             let _ = t.join();
         }
-        *lock(&CURRENT) = None;
         if let Some(w) = &lock(&s.resolver).host().warning {
             eprintln!("flowprobe: attribution: {w}");
         }

@@ -132,6 +132,20 @@ fn at(ns: u64) -> String {
     rfc3339(UNIX_EPOCH + Duration::from_nanos(ns))
 }
 
+/// `--export-jsonl PATH`: appended to (a restart does not lose what an
+/// earlier run wrote); `-` is stdout.
+pub fn sink(path: &str) -> anyhow::Result<Box<dyn Write>> {
+    if path == "-" {
+        return Ok(Box::new(io::stdout()));
+    }
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| anyhow::anyhow!("--export-jsonl {path}: {e}"))?;
+    Ok(Box::new(io::BufWriter::new(f)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

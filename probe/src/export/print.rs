@@ -7,9 +7,10 @@ use std::net::IpAddr;
 use flowtable::query::QueryResult;
 use flowtable::{Connection, DirStats, FrameStats, Percentiles};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
     /// Aligned columns for people.
+    #[default]
     Table,
     /// One JSON object per connection per line (the stable contract).
     Json,

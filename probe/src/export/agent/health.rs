@@ -4,9 +4,10 @@
 use serde::Serialize;
 
 use super::Snapshot;
+use crate::sources::Health;
 
 #[derive(Serialize)]
-struct Health<'a> {
+struct Json<'a> {
     backend: &'a str,
     connections: usize,
     /// tc and xdp: where the program is attached and how.
@@ -52,42 +53,47 @@ struct Rings {
 
 /// The JSON text of `s`'s health.
 pub fn encode(s: &Snapshot) -> String {
-    let ebpf = s.ebpf();
-    let h = Health {
-        backend: s.backend,
+    let ebpf = match &s.health {
+        Some(Health::Ebpf(h)) => Some(h),
+        _ => None,
+    };
+    let h = Json {
+        backend: s.health.as_ref().map_or("", Health::backend),
         connections: s.conns.len(),
-        interfaces: s
-            .attached
-            .iter()
-            .map(|i| Interface {
-                iface: i,
-                mode: s
-                    .xdp_modes
+        interfaces: ebpf
+            .map(|h| {
+                h.attached
                     .iter()
-                    .find(|(x, _)| x == i)
-                    .map_or("clsact", |(_, m)| m),
+                    .map(|(iface, mode)| Interface {
+                        iface,
+                        mode: mode.name(),
+                    })
+                    .collect()
             })
-            .collect(),
-        map: ebpf.then_some(Map {
-            entries: s.in_map,
-            capacity: s.capacity,
-            full: s.map_full,
-            insert_failed: s.insert_failed,
-            contended: s.contended,
+            .unwrap_or_default(),
+        map: ebpf.map(|h| Map {
+            entries: h.table.entries,
+            capacity: h.table.capacity,
+            full: h.table.full,
+            insert_failed: h.table.insert_failed,
+            contended: h.table.contended,
         }),
-        packets: ebpf.then(|| Packets {
-            tracked: s.stats.tracked,
-            skipped: s
+        packets: ebpf.map(|h| Packets {
+            tracked: h.stats.tracked,
+            skipped: h
                 .stats
                 .skipped_by_reason()
                 .map(|(r, n)| (r.name(), n))
                 .collect(),
         }),
-        rings: s.rings.map(|[packets, drops, freezes]| Rings {
-            packets,
-            drops,
-            freezes,
-        }),
+        rings: match &s.health {
+            Some(Health::Afpacket(a)) => Some(Rings {
+                packets: a.kernel.packets,
+                drops: a.kernel.drops,
+                freezes: a.kernel.freeze_q,
+            }),
+            _ => None,
+        },
     };
     let mut text = serde_json::to_string(&h).expect("plain data serialises");
     text.push('\n');
@@ -96,18 +102,31 @@ pub fn encode(s: &Snapshot) -> String {
 
 #[cfg(test)]
 mod tests {
+    use flowtable::FrameStats;
+
     use super::*;
+    use crate::sources::afpacket::KernelStats;
+    use crate::sources::{AfpacketHealth, AttachMode, EbpfHealth, Hook, TableHealth};
 
     #[test]
     fn tc_and_afpacket_say_what_they_have() {
         let tc = Snapshot {
-            backend: "xdp",
-            attached: vec!["g0".to_owned(), "lo".to_owned()],
-            xdp_modes: vec![("g0".to_owned(), "native"), ("lo".to_owned(), "generic")],
-            in_map: 3,
-            capacity: 64,
-            map_full: 2,
-            ..Snapshot::default()
+            conns: Vec::new(),
+            health: Some(Health::Ebpf(EbpfHealth {
+                hook: Hook::Xdp,
+                attached: vec![
+                    ("g0".to_owned(), AttachMode::XdpNative),
+                    ("lo".to_owned(), AttachMode::XdpGeneric),
+                ],
+                xdp_modes: Vec::new(),
+                stats: FrameStats::default(),
+                table: TableHealth {
+                    entries: 3,
+                    capacity: 64,
+                    full: 2,
+                    ..TableHealth::default()
+                },
+            })),
         };
         assert_eq!(
             encode(&tc),
@@ -116,9 +135,15 @@ mod tests {
              \"insert_failed\":0,\"contended\":0},\"packets\":{\"tracked\":0,\"skipped\":{}}}\n"
         );
         let af = Snapshot {
-            backend: "afpacket",
-            rings: Some([100, 2, 1]),
-            ..Snapshot::default()
+            conns: Vec::new(),
+            health: Some(Health::Afpacket(AfpacketHealth {
+                kernel: KernelStats {
+                    packets: 100,
+                    drops: 2,
+                    freeze_q: 1,
+                },
+                ..AfpacketHealth::default()
+            })),
         };
         assert_eq!(
             encode(&af),

@@ -15,12 +15,12 @@ use hyper_util::rt::TokioIo;
 
 use super::health;
 use super::metrics::{self, MetricLabels};
-use super::Shared;
-use crate::output::{self, Format};
+use super::Latest;
+use crate::export::print::{self as output, Format};
 
 pub async fn serve(
     listener: TcpListener,
-    shared: Shared,
+    shared: Latest,
     labels: MetricLabels,
 ) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::from_std(listener).context("listening")?;
@@ -60,7 +60,7 @@ fn error(status: StatusCode, msg: impl Into<String>) -> Response<Full<Bytes>> {
     text(status, "text/plain; charset=utf-8", msg)
 }
 
-fn route(req: &Request<Incoming>, shared: &Shared, labels: &MetricLabels) -> Response<Full<Bytes>> {
+fn route(req: &Request<Incoming>, shared: &Latest, labels: &MetricLabels) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return error(StatusCode::METHOD_NOT_ALLOWED, "only GET");
     }
@@ -68,7 +68,7 @@ fn route(req: &Request<Incoming>, shared: &Shared, labels: &MetricLabels) -> Res
         "/metrics" => text(
             StatusCode::OK,
             metrics::CONTENT_TYPE,
-            metrics::encode(&shared.latest(), labels),
+            metrics::encode(&shared.get(), labels),
         ),
         "/query" => match query(req.uri().query().unwrap_or(""), shared) {
             Ok((format, body)) => {
@@ -83,11 +83,11 @@ fn route(req: &Request<Incoming>, shared: &Shared, labels: &MetricLabels) -> Res
         "/health" => text(
             StatusCode::OK,
             "application/json",
-            health::encode(&shared.latest()),
+            health::encode(&shared.get()),
         ),
         "/connections" => {
             let mut body = Vec::new();
-            match output::write(&mut body, Format::Json, &shared.latest().conns) {
+            match output::write(&mut body, Format::Json, &shared.get().conns) {
                 Ok(()) => text(StatusCode::OK, "application/x-ndjson", body),
                 Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
             }
@@ -106,7 +106,7 @@ fn route(req: &Request<Incoming>, shared: &Shared, labels: &MetricLabels) -> Res
 
 /// `/query?src=..&dst=..&where=..&sort=..&top=..&window=..&raw_ports=1&format=json|table`:
 /// the flags of `flowprobe replay`, one parameter each (`where` repeated).
-fn query(raw: &str, shared: &Shared) -> Result<(Format, Vec<u8>), String> {
+fn query(raw: &str, shared: &Latest) -> Result<(Format, Vec<u8>), String> {
     let mut a = QueryArgs::default();
     let mut format = Format::Json;
     for pair in raw.split('&').filter(|p| !p.is_empty()) {
@@ -140,7 +140,7 @@ fn query(raw: &str, shared: &Shared) -> Result<(Format, Vec<u8>), String> {
         }
     }
     let spec = QuerySpec::parse(&a).map_err(|e| e.to_string())?;
-    let snap = shared.latest();
+    let snap = shared.get();
     let result = spec.run(&snap.conns, origin(&snap.conns));
     let mut body = Vec::new();
     output::write_query(&mut body, format, &result).map_err(|e| e.to_string())?;

@@ -23,6 +23,7 @@ use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::{Registry, Unit};
 
 use super::Snapshot;
+use crate::sources::Health;
 
 /// The group-by of the per-group series: keys of each end.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -304,56 +305,51 @@ fn groups(reg: &mut Registry, conns: &[Connection], labels: &MetricLabels) {
 
 /// Health of the agent itself.
 fn health(reg: &mut Registry, s: &Snapshot) {
-    if !s.backend.is_empty() {
-        reg.register(
-            "backend",
-            "1 for the capture backend in use (tc, xdp or afpacket)",
-            Series(vec![(
-                vec![("backend".to_owned(), s.backend.to_owned())],
-                gauge(1),
-            )]),
-        );
-    }
-    if let Some([packets, drops, freezes]) = s.rings {
-        reg.register(
-            "ring_packets",
-            "Packets the kernel offered the AF_PACKET rings (PACKET_STATISTICS), dropped ones included",
-            counter(packets),
-        );
-        reg.register(
-            "ring_drops",
-            "Packets the kernel dropped because an AF_PACKET ring was full: not counted",
-            counter(drops),
-        );
-        reg.register(
-            "ring_freezes",
-            "Times an AF_PACKET ring was full and the kernel froze its queue",
-            counter(freezes),
-        );
-    }
-    // The rest describes the eBPF program and its maps.
-    if !s.ebpf() {
-        return;
-    }
+    let Some(h) = &s.health else { return };
+    reg.register(
+        "backend",
+        "1 for the capture backend in use (tc, xdp or afpacket)",
+        Series(vec![(
+            vec![("backend".to_owned(), h.backend().to_owned())],
+            gauge(1),
+        )]),
+    );
+    let h = match h {
+        Health::Afpacket(a) => {
+            let k = &a.kernel;
+            reg.register(
+                "ring_packets",
+                "Packets the kernel offered the AF_PACKET rings (PACKET_STATISTICS), dropped ones included",
+                counter(k.packets),
+            );
+            reg.register(
+                "ring_drops",
+                "Packets the kernel dropped because an AF_PACKET ring was full: not counted",
+                counter(k.drops),
+            );
+            reg.register(
+                "ring_freezes",
+                "Times an AF_PACKET ring was full and the kernel froze its queue",
+                counter(k.freeze_q),
+            );
+            return;
+        }
+        // The rest describes the eBPF program and its maps.
+        Health::Ebpf(h) => h,
+    };
     reg.register(
         "attached_interfaces",
         "Interfaces the eBPF program (tc or xdp) is attached to",
-        ConstGauge::new(s.attached.len() as i64),
+        ConstGauge::new(h.attached.len() as i64),
     );
-    let ifaces = s
+    let ifaces = h
         .attached
         .iter()
-        .map(|i| {
-            // tc: clsact; XDP: the mode the driver took.
-            let mode = s
-                .xdp_modes
-                .iter()
-                .find(|(x, _)| x == i)
-                .map_or("clsact", |(_, m)| *m);
+        .map(|(iface, mode)| {
             (
                 vec![
-                    ("iface".to_owned(), i.clone()),
-                    ("mode".to_owned(), mode.to_owned()),
+                    ("iface".to_owned(), iface.clone()),
+                    ("mode".to_owned(), mode.name().to_owned()),
                 ],
                 gauge(1),
             )
@@ -364,15 +360,16 @@ fn health(reg: &mut Registry, s: &Snapshot) {
         "1 for each interface the eBPF program is attached to; mode: clsact (tc), native or generic (xdp)",
         Series(ifaces),
     );
+    let t = &h.table;
     reg.register(
         "table_connections",
         "Connections in the kernel's map now (closed and idle ones are moved out)",
-        gauge(s.in_map as u64),
+        gauge(t.entries as u64),
     );
     reg.register(
         "table_capacity",
         "Capacity of the kernel's connection map (--max-conns)",
-        gauge(u64::from(s.capacity)),
+        gauge(u64::from(t.capacity)),
     );
     reg.register(
         "tracked_connections",
@@ -382,29 +379,29 @@ fn health(reg: &mut Registry, s: &Snapshot) {
     reg.register(
         "map_full",
         "Packets of new connections not counted: every slot they may take in the kernel table was in use",
-        counter(s.map_full),
+        counter(t.full),
     );
     reg.register(
         "map_insert_failed",
         "Packets of new connections not counted: their slots kept changing under two tries",
-        counter(s.insert_failed),
+        counter(t.insert_failed),
     );
     reg.register(
         "map_contended",
         "Packets whose entry stayed locked by another CPU: counted, without the retransmit check",
-        counter(s.contended),
+        counter(t.contended),
     );
     reg.register(
         "packets_tracked",
         "Packets that updated a connection",
-        counter(s.stats.tracked),
+        counter(h.stats.tracked),
     );
     let skipped = ParseError::ALL
         .iter()
         .map(|&e| {
             (
                 vec![("reason".to_owned(), e.name().to_owned())],
-                counter(s.stats.skipped(e)),
+                counter(h.stats.skipped(e)),
             )
         })
         .collect();
@@ -436,6 +433,8 @@ mod tests {
     use flowtable::DirStats;
 
     use super::*;
+    use crate::sources::afpacket::KernelStats;
+    use crate::sources::{AfpacketHealth, AttachMode, EbpfHealth, Hook, TableHealth};
 
     fn conn(
         src_service: &str,
@@ -488,17 +487,23 @@ mod tests {
                 conn("web", Some("db"), 5432, (5, 500, 0, 0), (5, 600)),
                 conn("web", None, 443, (3, 300, 0, 0), (2, 200)),
             ],
-            stats,
-            map_full: 1,
-            insert_failed: 0,
-            contended: 3,
-            attached: vec!["veth0".to_owned(), "eth1".to_owned()],
-            // As an XDP run would say it; the golden shows both modes.
-            xdp_modes: vec![("eth1".to_owned(), "native")],
-            rings: None,
-            in_map: 2,
-            capacity: 1024,
-            backend: "tc",
+            health: Some(Health::Ebpf(EbpfHealth {
+                hook: Hook::Tc,
+                // One as an XDP run would say it; the golden shows both modes.
+                attached: vec![
+                    ("veth0".to_owned(), AttachMode::Clsact),
+                    ("eth1".to_owned(), AttachMode::XdpNative),
+                ],
+                xdp_modes: Vec::new(),
+                stats,
+                table: TableHealth {
+                    entries: 2,
+                    capacity: 1024,
+                    full: 1,
+                    insert_failed: 0,
+                    contended: 3,
+                },
+            })),
         }
     }
 
@@ -525,13 +530,19 @@ mod tests {
         let mut table = flowtable::FlowTable::new();
         let mut stats = flowtable::FrameStats::default();
         let files = [root.join("fixtures/pcaps/tcp4_loss.pcap")];
-        crate::replay::replay(&files, &mut table, &mut stats).unwrap();
+        crate::sources::file::replay(&files, &mut table, &mut stats).unwrap();
         let s = Snapshot {
             conns: table.connections(),
-            stats,
-            capacity: 65536,
-            backend: "tc",
-            ..Snapshot::default()
+            health: Some(Health::Ebpf(EbpfHealth {
+                hook: Hook::Tc,
+                attached: Vec::new(),
+                xdp_modes: Vec::new(),
+                stats,
+                table: TableHealth {
+                    capacity: 65536,
+                    ..TableHealth::default()
+                },
+            })),
         };
         let labels: MetricLabels = "src.ip/24,dst.port".parse().unwrap();
         let got = encode(&s, &labels);
@@ -569,8 +580,14 @@ mod tests {
     #[test]
     fn afpacket_has_no_kernel_map_series() {
         let s = Snapshot {
-            backend: "afpacket",
-            rings: Some([1200, 7, 1]),
+            health: Some(Health::Afpacket(AfpacketHealth {
+                kernel: KernelStats {
+                    packets: 1200,
+                    drops: 7,
+                    freeze_q: 1,
+                },
+                ..AfpacketHealth::default()
+            })),
             ..snapshot()
         };
         let text = encode(&s, &MetricLabels::default());

@@ -3,7 +3,7 @@
 //! connections) and `/connections`, and the client `flowprobe query` uses.
 //!
 //! The run loop owns the kernel maps; it hands a [`Snapshot`] to
-//! [`Shared::publish`] at each tick, and the server, on its own thread with
+//! [`Latest::publish`] at each tick, and the server, on its own thread with
 //! a current-thread tokio runtime, answers every request from the latest
 //! one. So a scrape never touches the kernel and never blocks the loop for
 //! longer than swapping an `Arc`.
@@ -17,51 +17,40 @@ use std::net::{SocketAddr, TcpListener};
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
-use flowtable::{Connection, FrameStats};
+use flowtable::Connection;
+
+use crate::sources::{Health, Reading};
 
 pub use metrics::MetricLabels;
 
-/// What the run loop saw at one tick.
+/// What the run loop saw at one tick; before the first, nothing.
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
     /// Every connection so far, those moved out of the kernel map included.
     pub conns: Vec<Connection>,
-    pub stats: FrameStats,
-    pub map_full: u64,
-    pub insert_failed: u64,
-    pub contended: u64,
-    /// Interfaces the program is attached to.
-    pub attached: Vec<String>,
-    /// XDP: (interface, "native" or "generic") of every attachment.
-    pub xdp_modes: Vec<(String, &'static str)>,
-    /// AF_PACKET: the kernel's ring counters (packets, drops, queue
-    /// freezes), summed over the rings.
-    pub rings: Option<[u64; 3]>,
-    /// Entries in the kernel map now, and its capacity.
-    pub in_map: usize,
-    pub capacity: u32,
-    /// `tc`, `xdp` (the kernel map and its counters above are real) or
-    /// `afpacket` (only `conns` is).
-    pub backend: &'static str,
+    /// What the source says about itself; `None` until the first tick.
+    pub health: Option<Health>,
 }
 
-impl Snapshot {
-    /// Whether the kernel's maps and counters are in this snapshot.
-    pub fn ebpf(&self) -> bool {
-        matches!(self.backend, "tc" | "xdp")
+impl From<Reading> for Snapshot {
+    fn from(r: Reading) -> Snapshot {
+        Snapshot {
+            conns: r.conns,
+            health: Some(r.health),
+        }
     }
 }
 
 /// The latest snapshot, shared between the run loop and the server.
 #[derive(Clone, Default)]
-pub struct Shared(Arc<Mutex<Arc<Snapshot>>>);
+pub struct Latest(Arc<Mutex<Arc<Snapshot>>>);
 
-impl Shared {
+impl Latest {
     pub fn publish(&self, s: Snapshot) {
         *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(s);
     }
 
-    pub fn latest(&self) -> Arc<Snapshot> {
+    pub fn get(&self) -> Arc<Snapshot> {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
@@ -83,7 +72,7 @@ pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
 
 /// Binds `addr` now, so that a port in use fails `flowprobe run` at start,
 /// and serves on a background thread until the process exits.
-pub fn start(addr: SocketAddr, shared: Shared, labels: MetricLabels) -> anyhow::Result<SocketAddr> {
+pub fn start(addr: SocketAddr, shared: Latest, labels: MetricLabels) -> anyhow::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).map_err(|e| {
         if e.kind() == std::io::ErrorKind::AddrInUse {
             anyhow::anyhow!("--listen {addr}: the port is in use (another flowprobe?)")
@@ -109,16 +98,17 @@ pub fn start(addr: SocketAddr, shared: Shared, labels: MetricLabels) -> anyhow::
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::net::IpAddr;
 
     use flowtable::query::{origin, QueryArgs, QuerySpec};
     use flowtable::DirStats;
 
     use super::*;
-    use crate::output::{self, Format};
+    use crate::export::print::{self as output, Format};
 
-    fn conns() -> Vec<Connection> {
+    /// Five connections to two services from two clients.
+    pub(crate) fn conns() -> Vec<Connection> {
         (0..5u8)
             .map(|i| Connection {
                 proto: "tcp",
@@ -149,7 +139,7 @@ mod tests {
     /// A served snapshot answers as the same query run here.
     #[test]
     fn query_over_http_equals_the_local_query() {
-        let shared = Shared::default();
+        let shared = Latest::default();
         let addr = start(
             "127.0.0.1:0".parse().unwrap(),
             shared.clone(),
@@ -158,8 +148,6 @@ mod tests {
         .unwrap();
         shared.publish(Snapshot {
             conns: conns(),
-            capacity: 16,
-            backend: "tc",
             ..Snapshot::default()
         });
         let args = QueryArgs {
@@ -188,7 +176,7 @@ mod tests {
         let metrics = client::get(addr, "/metrics").unwrap();
         assert_eq!(
             String::from_utf8(metrics).unwrap(),
-            metrics::encode(&shared.latest(), &MetricLabels::default())
+            metrics::encode(&shared.get(), &MetricLabels::default())
         );
 
         let err = client::get(addr, "/query?sort=speed")
@@ -204,73 +192,11 @@ mod tests {
         assert!(err.contains("unknown parameter `color`"), "{err}");
 
         // The port is taken now: a second agent says so in one line.
-        let err = start(addr, Shared::default(), MetricLabels::default()).unwrap_err();
+        let err = start(addr, Latest::default(), MetricLabels::default()).unwrap_err();
         assert_eq!(
             err.to_string(),
             format!("--listen {addr}: the port is in use (another flowprobe?)")
         );
-    }
-
-    /// `flowprobe query`'s flags, sent as parameters, parse on the agent
-    /// to the query they parse to here.
-    #[test]
-    fn query_flags_survive_the_trip() {
-        use clap::Parser;
-
-        #[derive(Parser)]
-        struct Cli {
-            #[command(flatten)]
-            q: crate::query::QueryFlags,
-        }
-        let shared = Shared::default();
-        let addr = start(
-            "127.0.0.1:0".parse().unwrap(),
-            shared.clone(),
-            MetricLabels::default(),
-        )
-        .unwrap();
-        shared.publish(Snapshot {
-            conns: conns(),
-            ..Snapshot::default()
-        });
-        let c = conns();
-        for args in [
-            &[
-                "--src",
-                "ip/24",
-                "--dst",
-                "ip,port",
-                "--where",
-                "dst.port in (80, 443)",
-            ][..],
-            &[
-                "--dst",
-                "port",
-                "--sort",
-                "retransmits",
-                "--top",
-                "1",
-                "--raw-ports",
-            ],
-            &[
-                "--src",
-                "ip",
-                "--where",
-                "src.ip in 10.0.0.0/8",
-                "--where",
-                "dst.port!=443",
-            ],
-            &["--window", "1..3", "--dst", "ip"],
-            &[],
-        ] {
-            let flags = Cli::try_parse_from([&["t"][..], args].concat()).unwrap().q;
-            let path = format!("/query?{}", flags.params());
-            let local = flags.spec().unwrap().run(&c, origin(&c));
-            let mut want = Vec::new();
-            output::write_query(&mut want, Format::Json, &local).unwrap();
-            let got = client::get(addr, &path).unwrap();
-            assert_eq!(got, want, "{args:?} as {path}");
-        }
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! rings and keeps each connection on one ([`merge`] says why that holds
 //! and what happens when it does not). One thread per ring reads frames in
 //! place and feeds them through the same parser as replay
-//! ([`crate::ingest`]) into its own [`FlowTable`]; snapshots and the final
+//! ([`crate::sources::ingest`]) into its own [`FlowTable`]; snapshots and the final
 //! output merge the tables. `--iface` is a filter in the kernel ([`filter`]).
 //!
 //! Where it looks: AF_PACKET's taps are where tcpdump's are. On ingress,
@@ -16,7 +16,7 @@
 //! segmentation when the device does TSO/GSO (veth, most NICs), so it sees
 //! the same super-packets as tc egress. tc counts such a packet as its
 //! `gso_segs`; here the virtio-net header's `gso_size` gives the same number
-//! ([`crate::ingest::Captured::gso_size`]), so `packets` and `retransmits`
+//! ([`crate::sources::ingest::Captured::gso_size`]), so `packets` and `retransmits`
 //! (segments) equal tc's, and bytes are exact either way (lengths come from
 //! the IP header or `tp_len`, not from the cut copy).
 
@@ -26,35 +26,18 @@ mod ring;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
-use flowtable::{Connection, FlowTable, FrameStats};
+use anyhow::{anyhow, bail, Result};
+use flowtable::{FlowTable, FrameStats};
 
-use crate::live::{self, links};
 pub use ring::KernelStats;
 use ring::{Cursor, Frame, Ring};
 
-pub struct Options {
-    /// Only these interfaces; empty: every interface.
-    pub ifaces: Vec<String>,
-    pub duration: Option<Duration>,
-    /// Call `on_snapshot` with every connection this often while running.
-    pub interval: Option<Duration>,
-}
-
-/// What a run saw, for the summary line.
-pub struct Outcome {
-    pub conns: Vec<Connection>,
-    /// Frames read from the rings, and why those not counted were not.
-    pub frames: FrameStats,
-    /// The kernel's `PACKET_STATISTICS`, summed over the rings.
-    pub kernel: KernelStats,
-    pub rings: usize,
-    /// Records of connections that were split across rings and merged.
-    pub split: u64,
-}
+use crate::os::links::{Event, Link};
+use crate::sources::{AfpacketHealth, Health, KeyFeed, Links, Reading, Source};
 
 /// One ring's table.
 #[derive(Default)]
@@ -63,14 +46,23 @@ struct Shard {
     frames: FrameStats,
 }
 
-pub fn run(
-    opts: &Options,
-    on_snapshot: &mut dyn FnMut(&[Connection], &KernelStats) -> Result<()>,
-) -> Result<Outcome> {
-    let mut named = Named::new(&opts.ifaces)?;
+/// The rings and their reader threads.
+pub struct AfpacketSource {
+    rings: Arc<[Ring]>,
+    shards: Arc<[Mutex<Shard>]>,
+    /// Set to stop the readers; a reader that fails sets it too.
+    done: Arc<AtomicBool>,
+    workers: Vec<JoinHandle<Result<()>>>,
+    named: Named,
+    kernel: KernelStats,
+    /// The kernel's counters are 32-bit: read often enough not to wrap.
+    next_stats: Instant,
+}
 
+/// Opens one ring per CPU in one fanout group; `only`: the interfaces
+/// named with --iface (empty: every interface).
+pub fn open(only: &[String]) -> Result<AfpacketSource> {
     let n = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let only = named.indexes();
     let blocks = ring::blocks_per_ring(n);
     let rings = (0..n)
         .map(|_| Ring::open(blocks))
@@ -79,103 +71,143 @@ pub fn run(
     for r in &rings[1..] {
         r.join_fanout(Some(group))?;
     }
-    // Only now that every ring is in the group: before, a ring could get a
-    // packet that another also got through the group.
-    for r in &rings {
-        r.set_filter(only.as_deref())?;
-    }
-    live::install_signal_handlers()?;
-    // Joins connections to processes while it runs; `collect` tags them.
-    let _attrib = crate::attrib::start(None);
-
     let shards: Vec<Mutex<Shard>> = rings.iter().map(|_| Mutex::default()).collect();
-    let done = AtomicBool::new(false);
-    let mut kernel = KernelStats::default();
-    std::thread::scope(|s| -> Result<()> {
-        let workers: Vec<_> = rings
+    Ok(AfpacketSource {
+        rings: rings.into(),
+        shards: shards.into(),
+        done: Arc::new(AtomicBool::new(false)),
+        workers: Vec::new(),
+        named: Named::new(only),
+        kernel: KernelStats::default(),
+        next_stats: Instant::now() + Duration::from_secs(1),
+    })
+}
+
+impl AfpacketSource {
+    fn set_filters(&self) -> Result<()> {
+        let only = self.named.indexes();
+        for r in self.rings.iter() {
+            r.set_filter(only.as_deref())?;
+        }
+        Ok(())
+    }
+
+    fn add_kernel_stats(&mut self) -> Result<()> {
+        for r in self.rings.iter() {
+            self.kernel.add(&r.stats()?);
+        }
+        Ok(())
+    }
+
+    /// Waits for the readers (they stop once `done` is set); the first
+    /// reader's error.
+    fn join(&mut self) -> Result<()> {
+        let mut first_err = None;
+        for w in std::mem::take(&mut self.workers) {
+            let r = w
+                .join()
+                .map_err(|_| anyhow!("an AF_PACKET reader thread panicked"))
+                .and_then(|r| r);
+            if let Err(e) = r {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    fn reading(&self) -> Result<Reading> {
+        let per_ring = self
+            .shards
             .iter()
-            .zip(&shards)
-            .map(|(r, sh)| {
-                let done = &done;
-                s.spawn(move || {
-                    let res = read_ring(r, sh, done);
+            .map(|sh| Ok(lock(sh)?.table.connections()))
+            .collect::<Result<Vec<_>>>()?;
+        let (conns, split) = merge::merge(per_ring);
+        let mut frames = FrameStats::default();
+        for sh in self.shards.iter() {
+            frames.merge(&lock(sh)?.frames);
+        }
+        Ok(Reading {
+            conns,
+            health: Health::Afpacket(AfpacketHealth {
+                rings: self.rings.len(),
+                kernel: self.kernel,
+                frames,
+                split,
+            }),
+        })
+    }
+}
+
+impl Source for AfpacketSource {
+    fn start(&mut self, links: &[Link]) -> Result<()> {
+        self.named.resync(links);
+        // Only now that every ring is in the group: before, a ring could get
+        // a packet that another also got through the group.
+        self.set_filters()?;
+        for i in 0..self.rings.len() {
+            let (rings, shards, done) =
+                (self.rings.clone(), self.shards.clone(), self.done.clone());
+            let w = std::thread::Builder::new()
+                .name(format!("afpacket-{i}"))
+                .spawn(move || {
+                    let res = read_ring(&rings[i], &shards[i], &done);
                     if res.is_err() {
                         // Stop the run rather than count on with one ring fewer.
                         done.store(true, Ordering::Release);
                     }
                     res
-                })
-            })
-            .collect();
-        let res = follow(
-            &rings,
-            &shards,
-            &done,
-            &mut named,
-            &mut kernel,
-            opts,
-            on_snapshot,
-        );
-        done.store(true, Ordering::Release);
-        for w in workers {
-            w.join()
-                .map_err(|_| anyhow!("an AF_PACKET reader thread panicked"))??;
+                })?;
+            self.workers.push(w);
         }
-        res
-    })?;
-    add_kernel_stats(&rings, &mut kernel)?;
-    let (conns, split) = collect(&shards)?;
-    let mut frames = FrameStats::default();
-    for sh in &shards {
-        frames.merge(&lock(sh)?.frames);
+        Ok(())
     }
-    Ok(Outcome {
-        conns,
-        frames,
-        kernel,
-        rings: rings.len(),
-        split,
-    })
-}
 
-/// Until --duration or a signal: follows the named interfaces, reads the
-/// kernel counters, prints snapshots.
-fn follow(
-    rings: &[Ring],
-    shards: &[Mutex<Shard>],
-    failed: &AtomicBool,
-    named: &mut Named,
-    kernel: &mut KernelStats,
-    opts: &Options,
-    on_snapshot: &mut dyn FnMut(&[Connection], &KernelStats) -> Result<()>,
-) -> Result<()> {
-    let start = Instant::now();
-    let mut next_snapshot = opts.interval.map(|i| start + i);
-    // The kernel's counters are 32-bit: read them often enough not to wrap.
-    let mut next_stats = start + Duration::from_secs(1);
-    while !live::STOP.load(Ordering::SeqCst) && !failed.load(Ordering::Acquire) {
-        if opts.duration.is_some_and(|d| start.elapsed() >= d) {
-            break;
-        }
-        if let Some(now) = named.follow()? {
-            for r in rings {
-                r.set_filter(Some(&now))?;
+    fn links(&mut self, change: Links<'_>) -> Result<()> {
+        let before = self.named.indexes();
+        match change {
+            Links::Events(events) => {
+                for ev in events {
+                    match ev {
+                        Event::New(l) => self.named.new_link(l),
+                        Event::Del(l) => self.named.del_link(l),
+                    }
+                }
             }
+            Links::Resync(now) => self.named.resync(now),
         }
-        let now = Instant::now();
-        if now >= next_stats {
-            add_kernel_stats(rings, kernel)?;
-            next_stats = now + Duration::from_secs(1);
+        if self.named.indexes() != before {
+            self.set_filters()?;
         }
-        if let (Some(at), Some(every)) = (next_snapshot, opts.interval) {
-            if now >= at {
-                on_snapshot(&collect(shards)?.0, kernel)?;
-                next_snapshot = Some(at + every);
-            }
-        }
-        std::thread::sleep(Duration::from_millis(50));
+        Ok(())
     }
-    Ok(())
+
+    fn poll(&mut self) -> Result<()> {
+        if self.done.load(Ordering::Acquire) {
+            // A reader failed: its error ends the run.
+            self.join()?;
+            bail!("an AF_PACKET reader stopped");
+        }
+        if Instant::now() >= self.next_stats {
+            self.add_kernel_stats()?;
+            self.next_stats = Instant::now() + Duration::from_secs(1);
+        }
+        Ok(())
+    }
+
+    fn read(&mut self) -> Result<Reading> {
+        self.reading()
+    }
+
+    fn finish(mut self: Box<Self>) -> Result<Reading> {
+        self.done.store(true, Ordering::Release);
+        self.join()?;
+        self.add_kernel_stats()?;
+        self.reading()
+    }
+
+    fn key_feed(&self) -> Option<KeyFeed> {
+        None
+    }
 }
 
 /// One ring's thread: waits for blocks and counts their frames, until
@@ -213,10 +245,10 @@ fn observe(sh: &mut Shard, f: &Frame) {
     if f.hatype == libc::ARPHRD_LOOPBACK && f.pkttype == libc::PACKET_OUTGOING {
         return;
     }
-    crate::ingest::captured(
+    crate::sources::ingest::captured(
         &mut sh.table,
         &mut sh.frames,
-        &crate::ingest::Captured {
+        &crate::sources::ingest::Captured {
             ts_ns: f.ts_ns,
             iface: f.ifindex,
             link: f.link(),
@@ -232,90 +264,30 @@ fn lock(m: &Mutex<Shard>) -> Result<std::sync::MutexGuard<'_, Shard>> {
         .map_err(|_| anyhow!("an AF_PACKET reader thread panicked"))
 }
 
-fn collect(shards: &[Mutex<Shard>]) -> Result<(Vec<Connection>, u64)> {
-    let per_ring = shards
-        .iter()
-        .map(|sh| Ok(lock(sh)?.table.connections()))
-        .collect::<Result<Vec<_>>>()?;
-    let (mut conns, split) = merge::merge(per_ring);
-    crate::attrib::tag(&mut conns);
-    Ok((conns, split))
-}
-
-fn add_kernel_stats(rings: &[Ring], total: &mut KernelStats) -> Result<()> {
-    for r in rings {
-        total.add(&r.stats()?);
-    }
-    Ok(())
-}
-
-/// The interfaces named with --iface, their current indexes, and the link
-/// events that change them (a named interface created again has a new
-/// index).
+/// The interfaces named with --iface and their current indexes (a named
+/// interface created again has a new index).
 struct Named {
     /// Empty: every interface.
     names: Vec<String>,
     index: BTreeMap<String, u32>,
-    /// Only with names: without, the rings are bound to every interface.
-    watcher: Option<links::Watcher>,
 }
 
 impl Named {
-    /// Every name must be an interface now.
-    fn new(names: &[String]) -> Result<Named> {
-        // Subscribe before the dump, so that no link change falls between.
-        let watcher = if names.is_empty() {
-            None
-        } else {
-            Some(links::Watcher::subscribe()?)
-        };
-        let mut n = Named {
+    fn new(names: &[String]) -> Named {
+        Named {
             names: names.to_vec(),
             index: BTreeMap::new(),
-            watcher,
-        };
-        let all = links::dump()?;
-        for name in names {
-            if !all.iter().any(|l| &l.name == name) {
-                bail!("no interface {name} in this network namespace");
-            }
         }
-        for l in &all {
-            n.new_link(l);
-        }
-        Ok(n)
     }
 
-    /// Applies the link events since the last call; the new index list
-    /// when it changed.
-    fn follow(&mut self) -> Result<Option<Vec<u32>>> {
-        let Some(w) = &mut self.watcher else {
-            return Ok(None);
-        };
-        let before: Vec<u32> = self.index.values().copied().collect();
-        match w.poll() {
-            Ok(events) => {
-                for ev in events {
-                    match ev {
-                        links::Event::New(l) => self.new_link(&l),
-                        links::Event::Del(l) => self.del_link(&l),
-                    }
-                }
-            }
-            Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
-                // Events were lost: start over from a fresh dump.
-                self.index.clear();
-                for l in links::dump()? {
-                    self.new_link(&l);
-                }
-            }
-            Err(e) => return Err(e).context("reading rtnetlink link events"),
+    fn resync(&mut self, links: &[Link]) {
+        self.index.clear();
+        for l in links {
+            self.new_link(l);
         }
-        let now: Vec<u32> = self.index.values().copied().collect();
-        Ok((now != before).then_some(now))
     }
 
-    fn new_link(&mut self, l: &links::Link) {
+    fn new_link(&mut self, l: &Link) {
         if self.names.contains(&l.name) {
             self.index.insert(l.name.clone(), l.index);
         }
@@ -324,7 +296,7 @@ impl Named {
             .retain(|name, &mut i| i != l.index || *name == l.name);
     }
 
-    fn del_link(&mut self, l: &links::Link) {
+    fn del_link(&mut self, l: &Link) {
         self.index.retain(|_, &mut i| i != l.index);
     }
 

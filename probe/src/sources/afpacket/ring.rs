@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use anyhow::{bail, Context, Result};
 
 use super::filter;
-use crate::mmap::Mapping;
+use crate::os::mmap::Mapping;
 
 /// Bytes kept of each frame: every header the parser reads (Ethernet, two
 /// VLAN tags, IPv6 with a few extension headers, TCP with options) and

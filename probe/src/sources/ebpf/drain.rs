@@ -19,7 +19,7 @@ use std::time::Duration;
 use flowtable::Connection;
 use probe_common::{wire::evidence, ConnKey, FlowEntry};
 
-use super::table::ConnTable;
+use super::kernel_table::KernelTable;
 
 pub struct Drainer {
     pub closed_after: Duration,
@@ -45,7 +45,7 @@ impl Drainer {
 
     /// One pass over the table at `now_ns` (CLOCK_MONOTONIC, the clock of
     /// the kernel's timestamps). Returns how many entries it moved.
-    pub fn pass(&mut self, table: &mut ConnTable, now_ns: u64) -> usize {
+    pub fn pass(&mut self, table: &mut KernelTable, now_ns: u64) -> usize {
         let (idle, closed) = (self.idle_after, self.closed_after);
         let due = |e: &FlowEntry| {
             let quiet =

@@ -18,10 +18,10 @@ use aya::maps::{Map, MapData};
 use probe_common::table::{self, state, Slot};
 use probe_common::{ConnKey, CoreAtomics, FlowEntry};
 
-use crate::mmap::Mapping;
+use crate::os::mmap::Mapping;
 
 /// `CONNS` and `OCCUPIED` of a loaded object, mapped.
-pub struct ConnTable {
+pub struct KernelTable {
     slots: Mapping,
     bits: Mapping,
     len: usize,
@@ -30,7 +30,7 @@ pub struct ConnTable {
 
 // SAFETY: the mappings are shared memory that the kernel writes too; every
 // access goes through atomics or volatile reads, from whichever thread.
-unsafe impl Send for ConnTable {}
+unsafe impl Send for KernelTable {}
 
 fn array_data<'a>(ebpf: &'a aya::Ebpf, name: &str) -> Result<(&'a MapData, usize)> {
     match ebpf.map(name) {
@@ -54,10 +54,10 @@ pub fn tick_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-impl ConnTable {
+impl KernelTable {
     /// Maps `CONNS` and `OCCUPIED` of `ebpf` (each caller its own mapping:
     /// the resolver thread and the run loop).
-    pub fn open(ebpf: &aya::Ebpf) -> Result<ConnTable> {
+    pub fn open(ebpf: &aya::Ebpf) -> Result<KernelTable> {
         let (conns, len) = array_data(ebpf, "CONNS")?;
         let (occupied, words) = array_data(ebpf, "OCCUPIED")?;
         if words * 64 < len {
@@ -67,7 +67,7 @@ impl ConnTable {
             .context("mapping the connection table (CONNS)")?;
         let bits = Mapping::shared(occupied.fd().as_fd(), words * 8)
             .context("mapping the slot bitmap (OCCUPIED)")?;
-        Ok(ConnTable {
+        Ok(KernelTable {
             slots,
             bits,
             len,

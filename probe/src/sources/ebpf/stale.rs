@@ -22,7 +22,7 @@ use std::process::Command;
 use anyhow::{Context, Result};
 use aya::programs::{tc, TcAttachType};
 
-use super::links::Link;
+use crate::os::links::Link;
 
 const DIR: &str = "/run/flowprobe";
 

@@ -17,6 +17,8 @@ use aya::programs::xdp::XdpLinkId;
 use aya::programs::{Xdp, XdpMode};
 use aya::Ebpf;
 
+use crate::sources::AttachMode;
+
 pub const PROGRAM: &str = "flowprobe_xdp";
 
 fn program(ebpf: &mut Ebpf) -> Result<&mut Xdp> {
@@ -33,13 +35,13 @@ pub fn load(ebpf: &mut Ebpf) -> Result<()> {
 }
 
 /// Attaches to `iface`, native if the driver can, else generic; returns the
-/// link and the mode's name.
-pub fn attach(ebpf: &mut Ebpf, iface: &str) -> Result<(XdpLinkId, &'static str)> {
+/// link and its mode.
+pub fn attach(ebpf: &mut Ebpf, iface: &str) -> Result<(XdpLinkId, AttachMode)> {
     let prog = program(ebpf)?;
     match prog.attach(iface, XdpMode::Driver) {
-        Ok(id) => Ok((id, "native")),
+        Ok(id) => Ok((id, AttachMode::XdpNative)),
         Err(native) => match prog.attach(iface, XdpMode::Skb) {
-            Ok(id) => Ok((id, "generic")),
+            Ok(id) => Ok((id, AttachMode::XdpGeneric)),
             Err(e) => Err(e)
                 .with_context(|| format!("attaching XDP to {iface} (native: {native}; generic)")),
         },

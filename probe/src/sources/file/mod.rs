@@ -1,5 +1,7 @@
-//! `flowprobe replay`: capture files through the same parser and tracker
-//! as live capture.
+//! The file source of `flowprobe replay`: pcap and pcapng files ([`pcap`])
+//! through the same parser and tracker as live capture.
+
+pub mod pcap;
 
 use std::fs::File;
 use std::io::IsTerminal;
@@ -9,8 +11,8 @@ use anyhow::Context;
 use flowtable::{FlowTable, FrameStats};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::capture::file::{read_frames, ReadError};
-use crate::ingest;
+use self::pcap::{read_frames, ReadError};
+use crate::sources::ingest;
 
 /// Files at least this large get a progress bar (when stderr is a terminal).
 const PROGRESS_MIN_BYTES: u64 = 64 << 20;

@@ -1,0 +1,72 @@
+//! The command line: `flowprobe replay | run | query` (`clap`). The flags of
+//! `run` live with the settings they feed ([`crate::settings::RunFlags`]).
+
+pub mod query_flags;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use self::query_flags::QueryFlags;
+use crate::export::print::Format;
+use crate::settings::RunFlags;
+
+#[derive(Parser)]
+#[command(name = "flowprobe", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// Count connections in pcap/pcapng files, as the live probe would.
+    ///
+    /// Reads Ethernet (with VLAN/QinQ tags), Linux cooked v1/v2, raw IP and
+    /// BSD loopback captures; pcapng files may mix interfaces and link types.
+    /// Prints one row (or JSON object) per connection, oriented from the side
+    /// that opened it. Frames that carry no TCP/UDP connection are counted by
+    /// reason on stderr.
+    Replay {
+        /// Capture files, read in order into one table.
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+        /// Do not print the summary line on stderr.
+        #[arg(short, long)]
+        quiet: bool,
+        #[command(flatten)]
+        query: QueryFlags,
+    },
+    /// Count connections on live interfaces: the tc eBPF program, XDP, or
+    /// AF_PACKET rings (--backend).
+    ///
+    /// Needs root (AF_PACKET alone: CAP_NET_RAW). The tc backend attaches to
+    /// clsact ingress and egress of every interface of the current network
+    /// namespace that is up (lo included), and of every interface that comes
+    /// up later (adding the clsact qdisc where there is none); --iface limits
+    /// it to the named ones. Counts until --duration has passed or
+    /// SIGINT/SIGTERM arrives, detaches, removes only what it added, and
+    /// prints every connection seen, each end tagged with the process,
+    /// container and service that own its socket. At start it removes the
+    /// filters a killed run left in the namespace. With --listen it serves
+    /// /metrics (Prometheus) and /query (for `flowprobe query`).
+    Run {
+        #[command(flatten)]
+        flags: RunFlags,
+    },
+    /// Query a running `flowprobe run --listen`: the query flags of
+    /// `replay`, answered from the agent's live connections.
+    Query {
+        /// The agent: ADDR:PORT, or PORT alone for 127.0.0.1:PORT.
+        #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:9911")]
+        agent: String,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+        #[command(flatten)]
+        query: QueryFlags,
+    },
+}

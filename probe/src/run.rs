@@ -1,0 +1,139 @@
+//! `flowprobe run`: the pipeline, in one place.
+//!
+//! ```text
+//! source (tc | xdp | afpacket) ──read──▶ enrich ──▶ sinks (agent, export, printer)
+//!     ▲ link events (rtnetlink)
+//! ```
+//!
+//! It opens the sinks (so that a port in use fails before anything is
+//! loaded), picks the source (`auto`: eBPF, else AF_PACKET with the reason
+//! said), starts enrichment with the source's key feed, then until
+//! `--duration` or SIGINT/SIGTERM: hands link events to the source, lets it
+//! do its periodic work, and at every tick reads it, tags the reading and
+//! gives it to the sinks. At the end the source stops (detaches) and its
+//! final reading goes the same way.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use flowtable::sort_connections;
+
+use crate::enrich::{self, Attribution};
+use crate::export::{SinkOptions, Sinks};
+use crate::os::links::{self, Watcher};
+use crate::os::signals::Stop;
+use crate::settings::{Backend, RunSettings};
+use crate::sources::{afpacket, ebpf, Hook, Links, Reading, Source, Unavailable};
+
+/// How often the loop looks at link events, the stop flag and the clock.
+const POLL: Duration = Duration::from_millis(50);
+
+pub fn run(s: RunSettings) -> Result<()> {
+    let stop = Stop::on_signals()?;
+    let mut sinks = Sinks::open(SinkOptions {
+        listen: s.listen.clone(),
+        export_jsonl: s.export_jsonl.as_deref(),
+        print_snapshots: s.interval.is_some(),
+        format: s.format,
+        quiet: s.quiet,
+    })?;
+    // Subscribe before the dump, so that no link change falls between.
+    let mut watcher = Watcher::subscribe()?;
+    let all = links::dump()?;
+    for name in &s.ifaces {
+        if !all.iter().any(|l| &l.name == name) {
+            bail!("no interface {name} in this network namespace");
+        }
+    }
+    let mut source = open_source(&s)?;
+    let enrich = enrich::start(source.key_feed());
+    let counted = source.start(&all).and_then(|()| {
+        follow(
+            source.as_mut(),
+            &mut watcher,
+            &enrich,
+            &mut sinks,
+            &s,
+            &stop,
+        )
+    });
+    let last = source.finish();
+    counted?;
+    let last = tagged(last?, &enrich);
+    sinks.finish(&last)
+}
+
+/// The source the settings ask for; `auto` falls back to AF_PACKET when eBPF
+/// is [`Unavailable`] here, saying why in one line.
+fn open_source(s: &RunSettings) -> Result<Box<dyn Source>> {
+    let ebpf = |hook| -> Result<Box<dyn Source>> {
+        Ok(Box::new(ebpf::open(&ebpf::Options {
+            hook,
+            only: s.ifaces.clone(),
+            object: s.ebpf_object.clone(),
+            capacity: s.capacity,
+            closed_timeout: s.closed_timeout,
+            idle_timeout: s.idle_timeout,
+        })?))
+    };
+    let afpacket = || -> Result<Box<dyn Source>> { Ok(Box::new(afpacket::open(&s.ifaces)?)) };
+    match s.backend {
+        Backend::Tc => ebpf(Hook::Tc),
+        Backend::Xdp => ebpf(Hook::Xdp),
+        Backend::Afpacket => afpacket(),
+        Backend::Auto => ebpf(Hook::Tc).or_else(|e| match e.downcast_ref::<Unavailable>() {
+            Some(why) => {
+                // One line, however long the kernel's reason.
+                let why = why.to_string();
+                let why = why.lines().next().unwrap_or_default();
+                eprintln!("flowprobe: cannot use eBPF ({why}); counting with AF_PACKET instead");
+                afpacket()
+            }
+            None => Err(e),
+        }),
+    }
+}
+
+/// Until --duration or a signal: link events to the source, its periodic
+/// work, and at each tick a reading through enrichment to the sinks.
+fn follow(
+    source: &mut dyn Source,
+    watcher: &mut Watcher,
+    enrich: &Attribution,
+    sinks: &mut Sinks,
+    s: &RunSettings,
+    stop: &Stop,
+) -> Result<()> {
+    let start = Instant::now();
+    let every = sinks.want_ticks().then(|| s.tick());
+    let mut next_tick = every.map(|e| start + e);
+    while !stop.requested() {
+        if s.duration.is_some_and(|d| start.elapsed() >= d) {
+            break;
+        }
+        match watcher.poll() {
+            Ok(events) if events.is_empty() => {}
+            Ok(events) => source.links(Links::Events(&events))?,
+            Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                // Events were lost: start over from a fresh dump.
+                source.links(Links::Resync(&links::dump()?))?;
+            }
+            Err(e) => return Err(e).context("reading rtnetlink link events"),
+        }
+        source.poll()?;
+        if let (Some(at), Some(every)) = (next_tick, every) {
+            if Instant::now() >= at {
+                sinks.tick(&tagged(source.read()?, enrich))?;
+                next_tick = Some(at + every);
+            }
+        }
+        std::thread::sleep(POLL);
+    }
+    Ok(())
+}
+
+fn tagged(mut r: Reading, enrich: &Attribution) -> Reading {
+    enrich.tag(&mut r.conns);
+    sort_connections(&mut r.conns);
+    r
+}

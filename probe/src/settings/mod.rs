@@ -1,0 +1,382 @@
+//! The settings of `flowprobe run`: the flags ([`RunFlags`]) over the config
+//! file ([`file::RunConfig`]) over the defaults, merged and checked once into
+//! [`RunSettings`]. An error names where the value came from: the flag, or
+//! the file's field.
+
+pub mod file;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Result;
+use serde::Deserialize;
+
+use crate::export::agent::{parse_listen, MetricLabels};
+use crate::export::print::Format;
+
+/// The kernel table's default capacity (connections open at once).
+pub const DEFAULT_MAX_CONNS: u32 = 65536;
+/// The largest capacity: 2^24 slots.
+pub const MAX_MAX_CONNS: u32 = 1 << 24;
+pub const DEFAULT_CLOSED_TIMEOUT_S: f64 = 2.0;
+pub const DEFAULT_IDLE_TIMEOUT_S: f64 = 300.0;
+/// The agent's and the export's period when `--interval` is not given.
+pub const DEFAULT_TICK: Duration = Duration::from_secs(1);
+/// Bytes of kernel memory per slot of the connection table.
+pub const SLOT_BYTES: usize = size_of::<probe_common::table::Slot>();
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    Auto,
+    Tc,
+    Afpacket,
+    Xdp,
+}
+
+fn max_conns_help() -> String {
+    format!(
+        "Capacity of the kernel's connection table (tc and XDP backends; \
+         connections open at the same time; closed ones are moved out, see \
+         --closed-timeout), rounded up to a power of two; {SLOT_BYTES} bytes \
+         each [default: {DEFAULT_MAX_CONNS}]"
+    )
+}
+
+fn closed_timeout_help() -> String {
+    format!(
+        "Move a TCP connection that closed (FIN both ways or RST) out of the \
+         kernel map this long after its last packet. It is still reported \
+         [default: {DEFAULT_CLOSED_TIMEOUT_S}]"
+    )
+}
+
+fn idle_timeout_help() -> String {
+    format!(
+        "Move any connection without a packet for this long out of the kernel \
+         map (UDP, or TCP whose end was not seen). A later packet adds to the \
+         same record [default: {DEFAULT_IDLE_TIMEOUT_S}]"
+    )
+}
+
+/// The flags of `flowprobe run`.
+#[derive(clap::Args, Debug, Default)]
+pub struct RunFlags {
+    /// Only this interface (repeat for several; default: every
+    /// interface that is up, and those that come up while running).
+    #[arg(short, long = "iface", value_name = "IFACE")]
+    pub ifaces: Vec<String>,
+    /// Stop after this many seconds (default: at SIGINT/SIGTERM).
+    #[arg(short, long, value_name = "SECS")]
+    pub duration: Option<f64>,
+    /// Print every connection so far this often while running (JSON:
+    /// each line with a "snapshot" number; table: a "# snapshot N"
+    /// line before each table). It is also the period of
+    /// --export-jsonl and of the agent's updates (default for those: 1).
+    #[arg(long, value_name = "SECS")]
+    pub interval: Option<f64>,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+    /// Load this eBPF object instead of the one built into flowprobe
+    /// (for example target/ebpf/bpfel-unknown-none/release/probe-ebpf
+    /// from `cargo xtask build-ebpf --release`).
+    #[arg(long, value_name = "PATH")]
+    pub ebpf_object: Option<PathBuf>,
+    /// tc: the eBPF program; afpacket: memory-mapped AF_PACKET rings
+    /// (needs only CAP_NET_RAW; same counts, in userspace); auto: tc,
+    /// or afpacket (saying why) when the eBPF program cannot be loaded;
+    /// xdp: the eBPF program at XDP, received packets only (for
+    /// gateways, where every forwarded packet is received; connections
+    /// are keyed without the interface, iface 0) [default: auto].
+    #[arg(long, value_enum)]
+    pub backend: Option<Backend>,
+    #[arg(long, value_name = "N", help = max_conns_help())]
+    pub max_conns: Option<u32>,
+    #[arg(long, value_name = "SECS", help = closed_timeout_help())]
+    pub closed_timeout: Option<f64>,
+    #[arg(long, value_name = "SECS", help = idle_timeout_help())]
+    pub idle_timeout: Option<f64>,
+    /// Do not print the summary line on stderr.
+    #[arg(short, long)]
+    pub quiet: bool,
+    /// Read settings from this TOML file (docs/run-and-backends.md);
+    /// flags given here win over it.
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Serve /metrics, /query, /connections and /health over HTTP here:
+    /// ADDR:PORT, or PORT alone for 127.0.0.1:PORT.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub listen: Option<String>,
+    /// Labels of the per-group metrics: src.KEY and dst.KEY tag keys,
+    /// comma-separated, e.g. src.service,dst.service,dst.port
+    /// [default: src.service,dst.service].
+    #[arg(long, value_name = "LABELS")]
+    pub metrics_labels: Option<String>,
+    /// At each --interval, append one JSON line per connection whose
+    /// counters changed, with the change, to PATH (`-`: stdout).
+    #[arg(long, value_name = "PATH")]
+    pub export_jsonl: Option<String>,
+}
+
+/// Everything `flowprobe run` needs, checked.
+#[derive(Debug)]
+pub struct RunSettings {
+    pub backend: Backend,
+    /// Only these interfaces; empty: every interface that is up.
+    pub ifaces: Vec<String>,
+    pub ebpf_object: Option<PathBuf>,
+    /// Slots of the kernel table: a power of two.
+    pub capacity: u32,
+    pub closed_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub duration: Option<Duration>,
+    /// `--interval`: print snapshots this often.
+    pub interval: Option<Duration>,
+    pub listen: Option<(SocketAddr, MetricLabels)>,
+    pub export_jsonl: Option<String>,
+    pub format: Format,
+    pub quiet: bool,
+}
+
+impl RunSettings {
+    /// How often the sources are read while running: `--interval`, else
+    /// [`DEFAULT_TICK`] when a sink wants ticks.
+    pub fn tick(&self) -> Duration {
+        self.interval.unwrap_or(DEFAULT_TICK)
+    }
+}
+
+/// Where a value came from.
+#[derive(Clone, Copy)]
+enum From {
+    Flag(&'static str),
+    Field(&'static str),
+}
+
+impl fmt::Display for From {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            From::Flag(name) => write!(f, "{name}"),
+            From::Field(name) => write!(f, "config field `{name}`"),
+        }
+    }
+}
+
+/// The flag's value, else the file's.
+fn pick<T>(
+    flag: Option<T>,
+    file: Option<T>,
+    names: (&'static str, &'static str),
+) -> Option<(T, From)> {
+    match (flag, file) {
+        (Some(v), _) => Some((v, From::Flag(names.0))),
+        (None, Some(v)) => Some((v, From::Field(names.1))),
+        (None, None) => None,
+    }
+}
+
+fn seconds(v: Option<(f64, From)>, min: f64) -> Result<Option<Duration>, String> {
+    match v {
+        Some((s, from)) if !(s.is_finite() && s >= min) => Err(if min > 0.0 {
+            format!("{from}: must be at least {min} seconds")
+        } else {
+            format!("{from}: must be a non-negative number of seconds")
+        }),
+        Some((s, _)) => Ok(Some(Duration::from_secs_f64(s))),
+        None => Ok(None),
+    }
+}
+
+impl RunFlags {
+    /// Reads `--config` if given, merges, checks.
+    pub fn settings(self) -> Result<RunSettings> {
+        let file = match &self.config {
+            Some(p) => file::RunConfig::load(p)?,
+            None => file::RunConfig::default(),
+        };
+        self.merge(file).map_err(|e| anyhow::anyhow!(e))
+    }
+
+    fn merge(self, file: file::RunConfig) -> Result<RunSettings, String> {
+        let ifaces = match pick(
+            (!self.ifaces.is_empty()).then_some(self.ifaces),
+            file.interfaces,
+            ("--iface", "interfaces"),
+        ) {
+            Some((ifaces, from)) => {
+                if ifaces
+                    .iter()
+                    .any(|i| i.is_empty() || i.len() >= libc::IF_NAMESIZE)
+                {
+                    return Err(format!("{from}: an interface name has 1 to 15 characters"));
+                }
+                ifaces
+            }
+            None => Vec::new(),
+        };
+        let capacity = match pick(self.max_conns, file.max_conns, ("--max-conns", "max_conns")) {
+            Some((0, from)) => return Err(format!("{from}: must be at least 1")),
+            Some((n, from)) if n > MAX_MAX_CONNS => {
+                return Err(format!(
+                    "{from}: {n} is more than {MAX_MAX_CONNS} ({} GiB of kernel memory)",
+                    (u64::from(MAX_MAX_CONNS) * SLOT_BYTES as u64) >> 30
+                ))
+            }
+            Some((n, _)) => n,
+            None => DEFAULT_MAX_CONNS,
+        }
+        // The kernel table's size is a power of two.
+        .next_power_of_two();
+        let closed_timeout = seconds(
+            pick(
+                self.closed_timeout,
+                file.closed_timeout,
+                ("--closed-timeout", "closed_timeout"),
+            ),
+            0.0,
+        )?
+        .unwrap_or(Duration::from_secs_f64(DEFAULT_CLOSED_TIMEOUT_S));
+        let idle_timeout = seconds(
+            pick(
+                self.idle_timeout,
+                file.idle_timeout,
+                ("--idle-timeout", "idle_timeout"),
+            ),
+            0.0,
+        )?
+        .unwrap_or(Duration::from_secs_f64(DEFAULT_IDLE_TIMEOUT_S));
+        let duration = seconds(self.duration.map(|d| (d, From::Flag("--duration"))), 0.0)?;
+        let interval = seconds(
+            pick(self.interval, file.interval, ("--interval", "interval")),
+            0.01,
+        )?;
+        let labels = match pick(
+            self.metrics_labels,
+            file.metrics_labels,
+            ("--metrics-labels", "metrics_labels"),
+        ) {
+            Some((m, from)) => m.parse().map_err(|e| format!("{from}: {e}"))?,
+            None => MetricLabels::default(),
+        };
+        let listen = match pick(self.listen, file.listen, ("--listen", "listen")) {
+            Some((l, from)) => Some((
+                parse_listen(&l).map_err(|e| format!("{from}: {e}"))?,
+                labels,
+            )),
+            None => None,
+        };
+        let export_jsonl = match pick(
+            self.export_jsonl,
+            file.export.and_then(|e| e.jsonl),
+            ("--export-jsonl", "export.jsonl"),
+        ) {
+            Some((p, from)) if p.is_empty() => {
+                return Err(format!("{from}: a path, or \"-\" for stdout"))
+            }
+            Some((p, _)) => Some(p),
+            None => None,
+        };
+        Ok(RunSettings {
+            backend: self.backend.or(file.backend).unwrap_or(Backend::Auto),
+            ifaces,
+            ebpf_object: self.ebpf_object.or(file.ebpf_object),
+            capacity,
+            closed_timeout,
+            idle_timeout,
+            duration,
+            interval,
+            listen,
+            export_jsonl,
+            format: self.format,
+            quiet: self.quiet,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(text: &str) -> file::RunConfig {
+        file::RunConfig::parse(text).unwrap()
+    }
+
+    #[test]
+    fn a_flag_wins_over_the_file() {
+        let f = file("max_conns = 1000\nbackend = \"xdp\"\ninterval = 5\ninterfaces = [\"eth0\"]");
+        let s = RunFlags {
+            max_conns: Some(3000),
+            ..RunFlags::default()
+        }
+        .merge(f)
+        .unwrap();
+        assert_eq!(s.capacity, 4096, "a power of two");
+        assert_eq!(s.backend, Backend::Xdp);
+        assert_eq!(s.interval, Some(Duration::from_secs(5)));
+        assert_eq!(s.ifaces, ["eth0"]);
+        assert_eq!(s.closed_timeout, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn errors_name_the_flag_or_the_field() {
+        for (text, flags, want) in [
+            ("max_conns = 0", RunFlags::default(), "config field `max_conns`: must be at least 1"),
+            (
+                "",
+                RunFlags {
+                    max_conns: Some(0),
+                    ..RunFlags::default()
+                },
+                "--max-conns: must be at least 1",
+            ),
+            (
+                "max_conns = 16777217",
+                RunFlags::default(),
+                "config field `max_conns`: 16777217 is more than 16777216 (7 GiB of kernel memory)",
+            ),
+            (
+                "idle_timeout = -3.0",
+                RunFlags::default(),
+                "config field `idle_timeout`: must be a non-negative number of seconds",
+            ),
+            (
+                "interval = 0.001",
+                RunFlags::default(),
+                "config field `interval`: must be at least 0.01 seconds",
+            ),
+            (
+                "",
+                RunFlags {
+                    duration: Some(f64::NAN),
+                    ..RunFlags::default()
+                },
+                "--duration: must be a non-negative number of seconds",
+            ),
+            (
+                "listen = \"localhost\"",
+                RunFlags::default(),
+                "config field `listen`: `localhost` is not ADDR:PORT or PORT (e.g. 127.0.0.1:9911, [::1]:9911)",
+            ),
+            (
+                "metrics_labels = \"service\"",
+                RunFlags::default(),
+                "config field `metrics_labels`: metrics label `service`: expected src.KEY or dst.KEY (e.g. dst.port)",
+            ),
+            (
+                "[export]\njsonl = \"\"",
+                RunFlags::default(),
+                "config field `export.jsonl`: a path, or \"-\" for stdout",
+            ),
+            (
+                "interfaces = [\"a-very-long-interface-name\"]",
+                RunFlags::default(),
+                "config field `interfaces`: an interface name has 1 to 15 characters",
+            ),
+        ] {
+            assert_eq!(flags.merge(file(text)).unwrap_err(), want, "{text}");
+        }
+    }
+}

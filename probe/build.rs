@@ -51,6 +51,15 @@ fn main() {
         Err(why) => {
             println!("cargo:warning=flowprobe is built without its eBPF program: {why}");
             fs::write(&embedded, b"").expect("writing OUT_DIR");
+            if env::var_os("FLOWPROBE_NO_EBPF").is_none_or(|v| v != "1") {
+                // A path that never exists: cargo then runs this script at
+                // every build until the program builds, so that installing
+                // the toolchain and building again is enough.
+                println!(
+                    "cargo:rerun-if-changed={}",
+                    out.join("retried-until-the-ebpf-program-builds").display()
+                );
+            }
             why
         }
     };

@@ -205,7 +205,7 @@ impl<H: Host> Resolver<H> {
             self.inode_pid.retain(|i, _| live_inodes.contains(i));
             self.orphans.retain(|i, _| live_inodes.contains(i));
         }
-        self.look_up(&namespaces, seen, &mut st);
+        self.find_sockets(&namespaces, seen, &mut st);
         st.namespaces = namespaces.len();
         // Unless a search for a new process listed them afresh meanwhile.
         if !self.listed_now || self.namespaces.is_empty() {
@@ -240,7 +240,7 @@ impl<H: Host> Resolver<H> {
 
     /// Looks up each 5-tuple of `seen` not settled yet in every namespace,
     /// then finds the owners of what turned up.
-    fn look_up(&mut self, namespaces: &[Netns], seen: &[Tuple], st: &mut PassStats) {
+    fn find_sockets(&mut self, namespaces: &[Netns], seen: &[Tuple], st: &mut PassStats) {
         let mut pending: Vec<Vec<(Tuple, u64)>> = vec![Vec::new(); namespaces.len()];
         for t in seen {
             if self.looked_up.contains(t) {
@@ -532,7 +532,7 @@ impl<H: Host> Resolver<H> {
     ) -> BTreeMap<String, String> {
         let mut tags = BTreeMap::new();
         let t = Tuple::new(proto, local, remote);
-        let Some(s) = self.lookup(&t) else {
+        let Some(s) = self.sighting(&t) else {
             let ip = t.local.ip();
             let why = if ip.is_loopback() || self.local_ips.contains(&ip) {
                 NO_SOCKET
@@ -575,7 +575,7 @@ impl<H: Host> Resolver<H> {
     /// local address without a peer (an unconnected UDP server, a TCP
     /// listener whose accepted socket no pass saw), also bound to the
     /// wildcard address or, for IPv4, to `::` (dual-stack).
-    fn lookup(&self, t: &Tuple) -> Option<&Sighting> {
+    fn sighting(&self, t: &Tuple) -> Option<&Sighting> {
         let exact = self.pick(self.sockets.get(t), |_| true);
         if let Some(s) = exact.filter(|s| s.owner.is_some()) {
             return Some(s);

@@ -82,10 +82,13 @@ prog_ids() {
         tc -n "$NS_B" filter show dev vb "$dir" | grep -o ' id [0-9]*' | awk '{print $2}'
     done
 }
-# "run_cnt run_time_ns" summed over the given prog ids.
+# "run_cnt run_time_ns" summed over the given prog ids, each id once:
+# flowprobe attaches one program to both hooks, so its id is listed twice,
+# and its run_cnt already counts the runs of both (tc, which loads an
+# object once per hook, gives two ids).
 prog_cost() {
-    local cnt=0 ns=0 c t
-    for id in "$@"; do
+    local cnt=0 ns=0 c t id
+    for id in $(printf '%s\n' "$@" | sort -un); do
         read -r c t < <(bpftool prog show id "$id" -j | jq -r '"\(.run_cnt // 0) \(.run_time_ns // 0)"')
         cnt=$((cnt + c)) ns=$((ns + t))
     done

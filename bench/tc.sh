@@ -151,7 +151,9 @@ run_mode() { # mode round
         ip netns exec "$NS_B" env "${envs[@]}" "$fp" run --backend "$backend" --iface vb --ebpf-object "$obj" \
             --format json >"$WORK/probe.json" 2>"$WORK/probe.err" &
         fp_pid=$!
-        for _ in $(seq 100); do
+        # Up to 30 s: loading the program (the verifier) took 5-10 s here
+        # while other builds ran.
+        for _ in $(seq 600); do
             if [[ $mode == xdp ]]; then
                 mapfile -t ids < <(ip -n "$NS_B" -d link show vb | grep -o 'prog/xdp id [0-9]*' | awk '{print $3}')
             else
@@ -233,7 +235,7 @@ for r in $(seq "$ROUNDS"); do
     log "round $r/$ROUNDS done"
 done
 
-median() { sort -g | awk '{ a[NR] = $1 } END { if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
+median() { sort -g | awk '{ a[NR] = $1 } END { if (!NR) exit; if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 col() { awk -v m="$1" -v c="$2" '$1 == m { print $c }' "$RESULTS"; }
 echo
 echo "per-round results (mode round Gbit/s ns/run runs):"

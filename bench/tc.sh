@@ -82,10 +82,13 @@ prog_ids() {
         tc -n "$NS_B" filter show dev vb "$dir" | grep -o ' id [0-9]*' | awk '{print $2}'
     done
 }
-# "run_cnt run_time_ns" summed over the given prog ids.
+# "run_cnt run_time_ns" summed over the given prog ids, each id once:
+# flowprobe attaches one program to both hooks, so its id is listed twice,
+# and its run_cnt already counts the runs of both (tc, which loads an
+# object once per hook, gives two ids).
 prog_cost() {
-    local cnt=0 ns=0 c t
-    for id in "$@"; do
+    local cnt=0 ns=0 c t id
+    for id in $(printf '%s\n' "$@" | sort -un); do
         read -r c t < <(bpftool prog show id "$id" -j | jq -r '"\(.run_cnt // 0) \(.run_time_ns // 0)"')
         cnt=$((cnt + c)) ns=$((ns + t))
     done
@@ -148,7 +151,9 @@ run_mode() { # mode round
         ip netns exec "$NS_B" env "${envs[@]}" "$fp" run --backend "$backend" --iface vb --ebpf-object "$obj" \
             --format json >"$WORK/probe.json" 2>"$WORK/probe.err" &
         fp_pid=$!
-        for _ in $(seq 100); do
+        # Up to 30 s: loading the program (the verifier) took 5-10 s here
+        # while other builds ran.
+        for _ in $(seq 600); do
             if [[ $mode == xdp ]]; then
                 mapfile -t ids < <(ip -n "$NS_B" -d link show vb | grep -o 'prog/xdp id [0-9]*' | awk '{print $3}')
             else
@@ -230,7 +235,7 @@ for r in $(seq "$ROUNDS"); do
     log "round $r/$ROUNDS done"
 done
 
-median() { sort -g | awk '{ a[NR] = $1 } END { if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
+median() { sort -g | awk '{ a[NR] = $1 } END { if (!NR) exit; if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 col() { awk -v m="$1" -v c="$2" '$1 == m { print $c }' "$RESULTS"; }
 echo
 echo "per-round results (mode round Gbit/s ns/run runs):"

@@ -219,8 +219,8 @@ pub fn sort_connections(conns: &mut [Connection]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use probe_common::key::v4_mapped;
     use probe_common::parse::TcpHeader;
-    use probe_common::wire::v4_mapped;
     use probe_common::FlowKey;
 
     const C: [u8; 4] = [10, 0, 0, 1];

@@ -38,7 +38,9 @@
 //! probe sequence can pick different free slots. Userspace adds entries
 //! with equal keys together, so counts stay exact.
 
-use crate::wire::{Atomics, ConnKey, FlowEntry};
+use crate::atomics::Atomics;
+use crate::entry::{DirState, FlowEntry};
+use crate::key::ConnKey;
 
 /// One connection's place in the kernel table: 448 bytes, seven cache lines
 /// ([`FlowEntry`] says which fields share one).
@@ -332,7 +334,7 @@ unsafe fn zero_entry(e: *mut FlowEntry) {
     const WORDS: usize = core::mem::size_of::<FlowEntry>() / 8;
     const LOCK_WORD: [usize; 2] = [
         core::mem::offset_of!(FlowEntry, dir) / 8,
-        (core::mem::offset_of!(FlowEntry, dir) + core::mem::size_of::<crate::wire::DirState>()) / 8,
+        (core::mem::offset_of!(FlowEntry, dir) + core::mem::size_of::<DirState>()) / 8,
     ];
     let w = e.cast::<u64>();
     // SAFETY: `e` is a valid, 8-byte aligned FlowEntry (caller's contract).

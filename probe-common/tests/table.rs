@@ -34,8 +34,8 @@ impl Slots for Table {
 
 fn key(n: u16) -> ConnKey {
     let k = FlowKey {
-        src: probe_common::wire::v4_mapped([10, 0, 0, 1]),
-        dst: probe_common::wire::v4_mapped([10, 0, 0, 2]),
+        src: probe_common::key::v4_mapped([10, 0, 0, 1]),
+        dst: probe_common::key::v4_mapped([10, 0, 0, 2]),
         sport: 20000 + n,
         dport: 80,
         proto: 17,

@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use flowtable::Connection;
-use probe_common::{wire::evidence, ConnKey, FlowEntry};
+use probe_common::{initiator::evidence, ConnKey, FlowEntry};
 
 use super::table::ConnTable;
 
@@ -99,8 +99,8 @@ mod tests {
 
     fn key() -> ConnKey {
         let k = FlowKey {
-            src: probe_common::wire::v4_mapped([10, 0, 0, 1]),
-            dst: probe_common::wire::v4_mapped([10, 0, 0, 2]),
+            src: probe_common::key::v4_mapped([10, 0, 0, 1]),
+            dst: probe_common::key::v4_mapped([10, 0, 0, 2]),
             sport: 40000,
             dport: 80,
             proto: L4Proto::Tcp as u8,

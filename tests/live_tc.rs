@@ -606,7 +606,7 @@ fn run_explains_what_is_missing() {
 /// off the `probe_common` type).
 #[derive(Clone, Copy)]
 #[repr(transparent)]
-struct SlotPod(probe_common::table::Slot);
+struct SlotPod(probe_common::slots::Slot);
 // SAFETY: `repr(C)`, `Copy`, no pointers; padding is explicit fields.
 unsafe impl aya::Pod for SlotPod {}
 
@@ -628,7 +628,7 @@ fn table_entries(ebpf: &Ebpf) -> Vec<(probe_common::ConnKey, probe_common::FlowE
     (0..slots.len())
         .filter_map(|i| {
             let s = slots.get(&i, 0).unwrap().0;
-            (s.state == probe_common::table::state::LIVE).then(|| {
+            (s.state == probe_common::slots::state::LIVE).then(|| {
                 let mut e = s.entry;
                 e.fold_late();
                 e.jiffies_to_ns(tick_ns);

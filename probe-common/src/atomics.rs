@@ -15,13 +15,13 @@ pub trait Atomics {
     unsafe fn add_u64(&self, p: *mut u64, v: u64);
     /// If `*p == old` then `*p = new`, atomically; returns the value `*p`
     /// had before (so the swap happened iff it equals `old`). A full
-    /// barrier (it takes [`crate::shared`]'s lock).
+    /// barrier (it takes [`crate::update`]'s lock).
     ///
     /// # Safety
     /// `p` must be valid and 4-byte aligned.
     unsafe fn cas_u32(&self, p: *mut u32, old: u32, new: u32) -> u32;
     /// `*p = v`, atomically, returning the old value; a full barrier (it
-    /// releases [`crate::shared`]'s lock, so no store may move past it).
+    /// releases [`crate::update`]'s lock, so no store may move past it).
     ///
     /// # Safety
     /// `p` must be valid and 4-byte aligned.

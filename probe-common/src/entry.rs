@@ -88,12 +88,12 @@ impl DirCounters {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DirState {
     /// 0 or 1: taken while one CPU updates this direction
-    /// ([`crate::shared`]). Alone in its 8-byte word, which a new slot's
-    /// zeroing skips ([`crate::table`]).
+    /// ([`crate::update`]). Alone in its 8-byte word, which a new slot's
+    /// zeroing skips ([`crate::slots`]).
     pub lock: u32,
     pub _pad: u32,
     /// The tracker's state; 8-byte aligned, so that the reverse direction
-    /// reads its `ack` and `flags` in one load ([`crate::shared`]).
+    /// reads its `ack` and `flags` in one load ([`crate::update`]).
     pub tcp: TcpDir,
     pub _pad2: u32,
     /// CLOCK_MONOTONIC of this direction's last packet (0: none yet). In a
@@ -113,11 +113,11 @@ pub struct DirState {
 }
 
 /// Everything the tc program knows about one connection: the value of a
-/// kernel table slot ([`crate::table::Slot`]) and of the userspace flow
+/// kernel table slot ([`crate::slots::Slot`]) and of the userspace flow
 /// table. Direction index 0 is `lo → hi` of the key, as in
 /// [`ConnKey::of`].
 ///
-/// Field order is cache-line order in a [`crate::table::Slot`] (the entry
+/// Field order is cache-line order in a [`crate::slots::Slot`] (the entry
 /// starts 56 bytes into a 64-byte-aligned slot): the first 8 bytes share
 /// the key's line, which stays read-only once the handshake is over; then
 /// each direction's [`DirState`] and each direction's counters, a line
@@ -148,7 +148,7 @@ pub struct FlowEntry {
     pub sk_cookie: [u64; 2],
     pub sk_cgroup: [u64; 2],
     /// Per direction, packets, payload bytes and IP bytes counted without
-    /// the lock ([`crate::shared::update_contended`]), added atomically:
+    /// the lock ([`crate::update::update_contended`]), added atomically:
     /// apart from `counters`, which the lock holder adds to with plain
     /// adds. Readers fold them in with [`FlowEntry::fold_late`].
     pub late: [[u64; 3]; 2],
@@ -165,7 +165,7 @@ impl FlowEntry {
     }
 
     /// What [`FlowEntry::new`] sets, on an entry that is otherwise zero
-    /// (a kernel table slot, [`crate::table::locate`]).
+    /// (a kernel table slot, [`crate::slots::locate`]).
     #[inline(always)]
     pub fn init(&mut self, now_ns: u64, dir: usize, key: &ConnKey, tcp_flags: Option<u8>) {
         let (initiator, evidence) = initiator_of(dir, key, tcp_flags);

@@ -11,8 +11,8 @@
 //! Modules, each using only those listed before it: [`key`] and
 //! [`atomics`] (nothing), [`parse`] (`key`), [`tcp`] (`parse`),
 //! [`initiator`] (`key`, `parse`), [`entry`] (`key`, `parse`, `tcp`,
-//! `initiator`), [`handshake`] (`parse`, `tcp`, `entry`), [`shared`] and
-//! [`table`] (those and `atomics`).
+//! `initiator`), [`handshake`] (`parse`, `tcp`, `entry`), [`update`] and
+//! [`slots`] (those and `atomics`).
 #![no_std]
 
 pub mod atomics;
@@ -21,9 +21,9 @@ pub mod handshake;
 pub mod initiator;
 pub mod key;
 pub mod parse;
-pub mod shared;
-pub mod table;
+pub mod slots;
 pub mod tcp;
+pub mod update;
 
 #[cfg(not(target_arch = "bpf"))]
 pub use atomics::CoreAtomics;

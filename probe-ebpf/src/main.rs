@@ -6,8 +6,8 @@
 //! linear data (`data`/`data_end`, no copy; `bpf_skb_pull_data` only when
 //! the headers are not all linear). The outcome is counted in
 //! `PARSE_STATS`, and the connection's slot in `CONNS` is found or made
-//! (`probe_common::table`) and updated under its own lock with
-//! `probe_common::shared`: the very tracker and counters replay runs.
+//! (`probe_common::slots`) and updated under its own lock with
+//! `probe_common::update`: the very tracker and counters replay runs.
 //! Ingress and egress share one entry.
 //!
 //! The program fails open: whatever happens, it returns `TC_ACT_OK`.
@@ -34,8 +34,8 @@ use aya_ebpf::{
 use probe_common::{
     parse::TcpHeader,
     parse_frame,
-    shared::{update_contended, update_locked, Clock, Pkt},
-    table::{self, locate, Located, Slot, Slots},
+    slots::{self, locate, Located, Slot, Slots},
+    update::{update_contended, update_locked, Clock, Pkt},
     Atomics, ConnKey, FlowEntry, LinkType, PacketBytes, ParseError, Parsed,
 };
 
@@ -57,7 +57,7 @@ static PARSE_STATS: PerCpuArray<u64, STATS_LEN> = PerCpuArray::new();
 const MAX_CONNS: usize = 65536;
 
 /// One slot per connection and interface, both directions (see
-/// `probe_common::table`). Userspace maps it and drains entries in place.
+/// `probe_common::slots`). Userspace maps it and drains entries in place.
 #[btf_map]
 static CONNS: Array<Slot, MAX_CONNS, { BPF_F_MMAPABLE as usize }> = Array::new();
 
@@ -87,7 +87,7 @@ static UNLOCK_BY_STORE: u8 = 0;
 /// 1: unused (kept for the layout userspace reads); 2: the slots changed
 /// under two tries (not counted); 3: the entry's lock stayed taken and the
 /// packet was counted without the tracker (counts exact, reordering call
-/// best effort; see `probe_common::shared`).
+/// best effort; see `probe_common::update`).
 pub const CONN_STATS_FULL: u32 = 0;
 pub const CONN_STATS_BUSY: u32 = 2;
 pub const CONN_STATS_CONTENDED: u32 = 3;
@@ -472,7 +472,7 @@ extern "C" fn try_once(_index: u64, ctx: *mut c_void) -> i64 {
     0
 }
 
-/// `CONNS` as `probe_common::table` sees it.
+/// `CONNS` as `probe_common::slots` sees it.
 struct Table;
 
 impl Slots for Table {
@@ -501,9 +501,9 @@ fn count<const TC: bool>(key: &ConnKey, dir: usize, p: &Pkt, segs: u32, skb: *mu
     let seed = unsafe { core::ptr::read_volatile(&raw const CONNS_SEED) };
     let flags = if p.is_tcp { Some(p.tcp.flags) } else { None };
     // SAFETY: `Table` hands out `CONNS` slots, written only through
-    // `probe_common::table` and `shared` (and userspace's drain).
+    // `probe_common::slots` and `update` (and userspace's drain).
     let located = unsafe {
-        locate(&Table, key, table::hash(key, seed), dir, LOCK_SPINS, &Bpf, |e| {
+        locate(&Table, key, slots::hash(key, seed), dir, LOCK_SPINS, &Bpf, |e| {
             e.init(Ktime.precise_ns(), dir, key, flags);
             e.first_seen_j = Ktime.coarse_ns();
         })
@@ -552,7 +552,7 @@ fn unusual(located: Located, dir: usize, p: &Pkt, segs: u32) -> Option<*mut Slot
             // atomically without its lock.
             unsafe {
                 update_contended(&raw mut (*s).entry, dir, segs, p, &Ktime, &Bpf);
-                table::contended_done(s, &Bpf);
+                slots::contended_done(s, &Bpf);
             }
             bump(&CONN_STATS, CONN_STATS_CONTENDED);
             None

@@ -7,7 +7,7 @@
 //! retransmitted FINs land in the same entry), or for `idle_after` whatever
 //! its state (UDP, or TCP whose end was not seen). Its slot is taken out of
 //! use first, then read once no CPU is updating it
-//! (`probe_common::table::drain`), so no count is lost. A packet that comes
+//! (`probe_common::slots::drain`), so no count is lost. A packet that comes
 //! after that makes a new entry; if that one did not start with a SYN it is
 //! the same connection's tail, and [`Drainer::connections`] adds it to the
 //! drained record (its tracker starts afresh, so a retransmission in that

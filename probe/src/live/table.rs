@@ -1,5 +1,5 @@
 //! The kernel's connection table (`CONNS`, an mmapable BPF array of
-//! `probe_common::table::Slot`s) read and drained in place, through a
+//! `probe_common::slots::Slot`s) read and drained in place, through a
 //! shared mapping: no system call per entry or per batch. `OCCUPIED`, a
 //! bitmap the program sets when it fills a slot, says which of the (by
 //! default 65536) slots to look at.
@@ -7,7 +7,7 @@
 //! Every entry leaves here in userspace's terms: contended counts folded in
 //! (`FlowEntry::fold_late`), `last_seen_ns` turned from jiffies into
 //! CLOCK_MONOTONIC nanoseconds, and two entries of one key (a rare insert
-//! race, see `probe_common::table`) added together.
+//! race, see `probe_common::slots`) added together.
 
 use std::collections::HashMap;
 use std::os::fd::AsFd;
@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use anyhow::{bail, Context, Result};
 use aya::maps::{Map, MapData};
-use probe_common::table::{self, state, Slot};
+use probe_common::slots::{self, state, Slot};
 use probe_common::{ConnKey, CoreAtomics, FlowEntry};
 
 use crate::mmap::Mapping;
@@ -167,7 +167,7 @@ impl ConnTable {
     }
 
     /// Takes every connection for which `due` holds out of the table, each
-    /// with its final counts (see `probe_common::table::drain`).
+    /// with its final counts (see `probe_common::slots::drain`).
     pub fn drain(&mut self, due: impl Fn(&FlowEntry) -> bool) -> Vec<(ConnKey, FlowEntry)> {
         let candidates: Vec<usize> = self
             .occupied()
@@ -179,7 +179,7 @@ impl ConnTable {
             let bit = 1u64 << (i % 64);
             // SAFETY: a slot of the live table, shared with the kernel.
             let taken = unsafe {
-                table::drain(
+                slots::drain(
                     self.slot(i),
                     &CoreAtomics,
                     |e| due(&self.userspace(*e)),

@@ -11,7 +11,7 @@
 //! through system calls, and lays each slot out on whole cache lines.
 //!
 //! Concurrency. A slot's `state` says what it holds; its entry's two lock
-//! words, one per direction ([`crate::shared`]), serialise what writes to
+//! words, one per direction ([`crate::update`]), serialise what writes to
 //! it:
 //! - The kernel looks a key up without a lock, takes the lock of the
 //!   packet's direction in the slot it found and checks again (`LIVE` and
@@ -73,7 +73,7 @@ pub mod state {
 
 /// Slots tried per key: a new connection that finds these all taken is
 /// counted as a table-full event. A table half full turns none away
-/// (`tests/table.rs`: 4096 keys into 8192 slots under 20 seeds); `run`'s
+/// (`tests/slots.rs`: 4096 keys into 8192 slots under 20 seeds); `run`'s
 /// default of 65536 slots leaves that margin for 32768 connections open at
 /// once.
 pub const PROBES: u32 = 32;
@@ -135,7 +135,7 @@ pub enum Located {
     /// A new entry at index `.1`, initialised, that lock held.
     New(*mut Slot, u32),
     /// An existing entry whose lock stayed taken for `spins` tries: count
-    /// without a verdict ([`crate::shared::update_contended`]), then call
+    /// without a verdict ([`crate::update::update_contended`]), then call
     /// [`contended_done`]. The caller is registered in `writers`, so the
     /// slot is not drained meanwhile.
     Contended(*mut Slot),
@@ -152,7 +152,7 @@ pub enum Located {
 ///
 /// # Safety
 /// Every slot `t` hands out is valid, 64-byte aligned, and written only
-/// through this module and [`crate::shared`] (and userspace's [`drain`]).
+/// through this module and [`crate::update`] (and userspace's [`drain`]).
 #[inline(always)]
 pub unsafe fn locate<T: Slots, A: Atomics>(
     t: &T,

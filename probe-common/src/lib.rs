@@ -12,10 +12,12 @@
 //! [`atomics`] (nothing), [`parse`] (`key`), [`tcp`] (`parse`),
 //! [`initiator`] (`key`, `parse`), [`entry`] (`key`, `parse`, `tcp`,
 //! `initiator`), [`handshake`] (`parse`, `tcp`, `entry`), [`update`] and
-//! [`slots`] (those and `atomics`).
+//! [`slots`] (those and `atomics`), [`contract`] (`parse`; the names and
+//! layouts the eBPF object and its loaders share).
 #![no_std]
 
 pub mod atomics;
+pub mod contract;
 pub mod entry;
 pub mod handshake;
 pub mod initiator;

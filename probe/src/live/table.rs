@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use anyhow::{bail, Context, Result};
 use aya::maps::{Map, MapData};
+use probe_common::contract;
 use probe_common::slots::{self, state, Slot};
 use probe_common::{ConnKey, CoreAtomics, FlowEntry};
 
@@ -58,8 +59,8 @@ impl ConnTable {
     /// Maps `CONNS` and `OCCUPIED` of `ebpf` (each caller its own mapping:
     /// the resolver thread and the run loop).
     pub fn open(ebpf: &aya::Ebpf) -> Result<ConnTable> {
-        let (conns, len) = array_data(ebpf, "CONNS")?;
-        let (occupied, words) = array_data(ebpf, "OCCUPIED")?;
+        let (conns, len) = array_data(ebpf, contract::CONNS)?;
+        let (occupied, words) = array_data(ebpf, contract::OCCUPIED)?;
         if words * 64 < len {
             bail!("the eBPF object's OCCUPIED has {words} words for {len} slots");
         }

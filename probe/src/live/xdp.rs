@@ -17,7 +17,7 @@ use aya::programs::xdp::XdpLinkId;
 use aya::programs::{Xdp, XdpMode};
 use aya::Ebpf;
 
-pub const PROGRAM: &str = "flowprobe_xdp";
+pub const PROGRAM: &str = probe_common::contract::XDP_PROGRAM;
 
 fn program(ebpf: &mut Ebpf) -> Result<&mut Xdp> {
     Ok(ebpf

@@ -30,9 +30,9 @@ pub struct DirCounters {
     /// Segments that started beyond the highest sequence seen: data lost
     /// upstream of the capture point, or reordered.
     pub gaps: u64,
-    /// Retransmitted segments whose data had already been acknowledged when
-    /// the retransmission was seen.
-    pub spurious: u64,
+    /// Unused: keeps each direction's counters on a cache line of their
+    /// own in a kernel table slot ([`FlowEntry`]).
+    pub _pad: u64,
 }
 
 impl DirCounters {
@@ -45,7 +45,6 @@ impl DirCounters {
         self.retransmitted_bytes += o.retransmitted_bytes;
         self.probes += o.probes;
         self.gaps += o.gaps;
-        self.spurious += o.spurious;
     }
 
     /// Adds one frame or GSO super-packet of `segs` wire segments. `tcp` is
@@ -60,12 +59,7 @@ impl DirCounters {
         self.l3_bytes += l3_len as u64;
         let Some(v) = tcp else { return };
         match v.kind {
-            VerdictKind::Retransmit => {
-                self.retransmits += segs as u64;
-                if v.spurious {
-                    self.spurious += segs as u64;
-                }
-            }
+            VerdictKind::Retransmit => self.retransmits += segs as u64,
             VerdictKind::Probe => self.probes += 1,
             _ => {}
         }

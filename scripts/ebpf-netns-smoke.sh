@@ -22,13 +22,24 @@ NS_A=fp-smoke-a-$$
 NS_B=fp-smoke-b-$$
 V4_A=10.231.0.1 V4_B=10.231.0.2
 V6_A=fd00:231::1 V6_B=fd00:231::2
-# PARSE_STATS index -> name: 0 is "tracked", then probe_common::ParseError in
-# declaration order (ParseError as u32 + 1). Keep in sync with parse.rs.
-NAMES=(tracked not_ip other_l4 ip_fragment ipv6_no_transport too_many_headers
-       truncated_l2 truncated_l3 truncated_l4 bad_l3 bad_l4)
 
 log() { printf 'smoke: %s\n' "$*" >&2; }
 die() { log "FAIL: $*"; exit 1; }
+
+# PARSE_STATS index -> name, from probe_common::contract through xtask:
+# `cargo xtask smoke-ebpf` passes its own binary as FLOWPROBE_XTASK; run by
+# hand, the script asks cargo.
+if [[ -n ${FLOWPROBE_XTASK:-} ]]; then
+    CONTRACT=$("$FLOWPROBE_XTASK" contract parse-stats) || die "$FLOWPROBE_XTASK contract failed"
+else
+    CONTRACT=$(cd "$(dirname "$0")/.." && cargo xtask contract parse-stats) ||
+        die "cargo xtask contract failed (or set FLOWPROBE_XTASK to the xtask binary)"
+fi
+NAMES=()
+while read -r idx name; do
+    NAMES[idx]=$name
+done <<<"$CONTRACT"
+[[ ${NAMES[0]:-} == tracked ]] || die "xtask contract parse-stats gave no index 0 (tracked)"
 
 [[ $(id -u) -eq 0 ]] || die "must run as root (network namespaces, tc, bpftool)"
 for t in ip tc bpftool jq awk; do

@@ -130,7 +130,7 @@ fn tc_attached(ns: &str, dev: &str) -> bool {
     sh_out(&[
         "ip", "netns", "exec", ns, "tc", "filter", "show", "dev", dev, "egress",
     ])
-    .contains("flowprobe_tc")
+    .contains(probe_common::contract::TC_PROGRAM)
 }
 
 fn traffic(ns: &Netns, ca: &str, sa: &str, dir: &Path) {

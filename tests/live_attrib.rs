@@ -145,7 +145,7 @@ fn attached(ns: &str, dev: &str, hook: &str) -> bool {
         "ip", "netns", "exec", ns, "tc", "filter", "show", "dev", dev, hook,
     ])
     .split_whitespace()
-    .any(|w| w == "flowprobe_tc")
+    .any(|w| w == probe_common::contract::TC_PROGRAM)
 }
 
 struct Expect<'a> {

@@ -40,6 +40,7 @@ use common::root::{
     KillOnDrop, Netns, LO_EXCHANGE,
 };
 use common::{json_lines, repo_root};
+use probe_common::contract::{self, ConnStat};
 use serde_json::Value;
 
 const VETH_A: &str = "fpl0";
@@ -319,7 +320,7 @@ fn ours_on(ns: &str, dev: &str, hook: &str) -> bool {
         "ip", "netns", "exec", ns, "tc", "filter", "show", "dev", dev, hook,
     ])
     .split_whitespace()
-    .any(|w| w == "flowprobe_tc")
+    .any(|w| w == contract::TC_PROGRAM)
 }
 
 fn ifindex(ns: &str, dev: &str) -> u64 {
@@ -606,7 +607,7 @@ fn run_explains_what_is_missing() {
 /// off the `probe_common` type).
 #[derive(Clone, Copy)]
 #[repr(transparent)]
-struct SlotPod(probe_common::table::Slot);
+struct SlotPod(probe_common::slots::Slot);
 // SAFETY: `repr(C)`, `Copy`, no pointers; padding is explicit fields.
 unsafe impl aya::Pod for SlotPod {}
 
@@ -614,7 +615,8 @@ unsafe impl aya::Pod for SlotPod {}
 /// `bpf` system call: an independent reader beside `flowprobe`'s mmap one.
 fn table_entries(ebpf: &Ebpf) -> Vec<(probe_common::ConnKey, probe_common::FlowEntry)> {
     use aya::maps::{Array, MapData};
-    let slots: Array<&MapData, SlotPod> = Array::try_from(ebpf.map("CONNS").unwrap()).unwrap();
+    let slots: Array<&MapData, SlotPod> =
+        Array::try_from(ebpf.map(contract::CONNS).unwrap()).unwrap();
     let mut res = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -628,7 +630,7 @@ fn table_entries(ebpf: &Ebpf) -> Vec<(probe_common::ConnKey, probe_common::FlowE
     (0..slots.len())
         .filter_map(|i| {
             let s = slots.get(&i, 0).unwrap().0;
-            (s.state == probe_common::table::state::LIVE).then(|| {
+            (s.state == probe_common::slots::state::LIVE).then(|| {
                 let mut e = s.entry;
                 e.fold_late();
                 e.jiffies_to_ns(tick_ns);
@@ -736,9 +738,9 @@ fn full_connection_map_is_counted() {
     }
     let object = repo_root().join("target/ebpf/bpfel-unknown-none/release/probe-ebpf");
     let mut ebpf = aya::EbpfLoader::new()
-        .map_max_entries("CONNS", 1)
-        .map_max_entries("OCCUPIED", 1)
-        .override_global("CONNS_MASK", &0u32, true)
+        .map_max_entries(contract::CONNS, 1)
+        .map_max_entries(contract::OCCUPIED, 1)
+        .override_global(contract::CONNS_MASK, &0u32, true)
         .load_file(&object)
         .unwrap();
     push_frames(
@@ -748,9 +750,10 @@ fn full_connection_map_is_counted() {
     let conns = table_entries(&ebpf);
     assert_eq!(conns.len(), 1);
     let stats: PerCpuArray<&MapData, u64> =
-        PerCpuArray::try_from(ebpf.map("CONN_STATS").unwrap()).unwrap();
-    let full: u64 = stats.get(&0, 0).unwrap().iter().sum();
-    let other: u64 = stats.get(&1, 0).unwrap().iter().sum();
+        PerCpuArray::try_from(ebpf.map(contract::CONN_STATS).unwrap()).unwrap();
+    let count = |s: ConnStat| -> u64 { stats.get(&s.index(), 0).unwrap().iter().sum() };
+    let full = count(ConnStat::Full);
+    let other = count(ConnStat::InsertFailed) + count(ConnStat::Contended);
     let kept: u64 = conns
         .iter()
         .map(|(_, e)| e.counters[0].packets + e.counters[1].packets)
@@ -764,7 +767,7 @@ fn full_connection_map_is_counted() {
 /// with `BPF_PROG_TEST_RUN`; returns the number of frames.
 fn push_frames(ebpf: &mut Ebpf, cap: &[u8]) -> usize {
     let prog: &mut SchedClassifier = ebpf
-        .program_mut("flowprobe_tc")
+        .program_mut(contract::TC_PROGRAM)
         .unwrap()
         .try_into()
         .unwrap();

@@ -219,8 +219,8 @@ pub fn sort_connections(conns: &mut [Connection]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use probe_common::key::v4_mapped;
     use probe_common::parse::TcpHeader;
-    use probe_common::wire::v4_mapped;
     use probe_common::FlowKey;
 
     const C: [u8; 4] = [10, 0, 0, 1];
@@ -361,10 +361,10 @@ mod tests {
     }
 
     /// What the kernel program does per packet (probe-ebpf `track_conn`):
-    /// `FlowEntry::new` for a new key, then `shared::update`, with plain
+    /// `FlowEntry::new` for a new key, then `update::update`, with plain
     /// memory instead of BPF atomics.
     fn kernel_like(pkts: &[Parsed]) -> Vec<Connection> {
-        use probe_common::shared::{update, Fixed, Updated};
+        use probe_common::update::{update, Fixed, Updated};
         use probe_common::Plain;
         let mut map: FxHashMap<ConnKey, FlowEntry> = FxHashMap::default();
         for (i, p) in pkts.iter().enumerate() {
@@ -413,7 +413,7 @@ mod tests {
 
     #[test]
     fn kernel_handshake_rtt_equals_the_tables() {
-        use probe_common::shared::{update, Fixed};
+        use probe_common::update::{update, Fixed};
         use probe_common::Plain;
         let syn = pkt(C, 40000, S, 80, 6, SYN, 100, 0);
         let mut sa = pkt(S, 80, C, 40000, 6, SA, 900, 0);

@@ -6,9 +6,9 @@
 //! leg (the answer could be to either copy). Data RTTs stay with the
 //! userspace flow table, which sees every packet's time.
 
+use crate::entry::FlowEntry;
 use crate::parse::{tcp_flags, TcpHeader};
 use crate::tcp::{seq_after, Verdict, VerdictKind};
-use crate::wire::FlowEntry;
 
 /// `FlowEntry::hs_flags[d]` bits, for the leg direction `d`'s SYN starts:
 /// its SYN is being timed, `hs_ns` holds the sample, or it was spoiled.

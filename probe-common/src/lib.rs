@@ -7,17 +7,30 @@
 //!   Every load from packet bytes goes through [`parse::PacketBytes::load`],
 //!   which returns `Option`.
 //! - No clock and no OS: time, interface and segment counts are passed in.
+//!
+//! Modules, each using only those listed before it: [`key`] and
+//! [`atomics`] (nothing), [`parse`] (`key`), [`tcp`] (`parse`),
+//! [`initiator`] (`key`, `parse`), [`entry`] (`key`, `parse`, `tcp`,
+//! `initiator`), [`handshake`] (`parse`, `tcp`, `entry`), [`update`] and
+//! [`slots`] (those and `atomics`), [`contract`] (`parse`; the names and
+//! layouts the eBPF object and its loaders share).
 #![no_std]
 
+pub mod atomics;
+pub mod contract;
+pub mod entry;
 pub mod handshake;
+pub mod initiator;
+pub mod key;
 pub mod parse;
-pub mod shared;
-pub mod table;
+pub mod slots;
 pub mod tcp;
-pub mod wire;
+pub mod update;
 
+#[cfg(not(target_arch = "bpf"))]
+pub use atomics::CoreAtomics;
+pub use atomics::{Atomics, Plain};
+pub use entry::{DirCounters, FlowEntry};
+pub use key::{ConnKey, FlowKey, L4Proto};
 pub use parse::{parse_frame, LinkType, PacketBytes, ParseError, Parsed};
 pub use tcp::{Segment, TcpDir, Verdict, VerdictKind};
-#[cfg(not(target_arch = "bpf"))]
-pub use wire::CoreAtomics;
-pub use wire::{Atomics, ConnKey, DirCounters, FlowEntry, FlowKey, L4Proto, Plain};

@@ -8,7 +8,7 @@
 //! short frames, and captures cut frames at the snap length. Only the headers
 //! themselves must be present in the captured bytes.
 
-use crate::wire::{v4_mapped, FlowKey};
+use crate::key::{v4_mapped, FlowKey};
 
 /// Random access to the bytes of one frame.
 ///

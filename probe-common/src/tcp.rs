@@ -148,8 +148,6 @@ pub struct Verdict {
     pub retransmitted_bytes: u32,
     /// The segment starts beyond `snd_max`: a hole upstream of the tap.
     pub gap: bool,
-    /// A retransmission of data the peer had already acknowledged.
-    pub spurious: bool,
 }
 
 impl Verdict {
@@ -158,7 +156,6 @@ impl Verdict {
             kind,
             retransmitted_bytes: 0,
             gap: false,
-            spurious: false,
         }
     }
 }
@@ -248,8 +245,7 @@ pub fn track(seg: &Segment, d: &mut TcpDir, holes: &mut Holes, peer: impl Fn() -
     }
 
     // At or below snd_max: seen before, but for what lies in the hole.
-    let peer = peer();
-    let unseen = fill_hole(d, holes, h.seq, len, peer);
+    let unseen = fill_hole(d, holes, h.seq, len, peer());
     if unseen != 0 {
         let mut v = Verdict::of(VerdictKind::New);
         v.retransmitted_bytes = len - unseen;
@@ -257,7 +253,6 @@ pub fn track(seg: &Segment, d: &mut TcpDir, holes: &mut Holes, peer: impl Fn() -
     }
     let mut v = Verdict::of(VerdictKind::Retransmit);
     v.retransmitted_bytes = len;
-    v.spurious = peer.ack().is_some_and(|a| !seq_after(end, a));
     v
 }
 

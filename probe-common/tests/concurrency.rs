@@ -1,4 +1,4 @@
-//! `shared::update` with two threads on one connection, as
+//! `update::update` with two threads on one connection, as
 //! tc ingress does when one flow's packets are handled on two CPUs (veth,
 //! RPS, several RX queues). The totals must not depend on the interleaving.
 //!
@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Barrier;
 
 use probe_common::parse::{tcp_flags as f, TcpHeader};
-use probe_common::shared::{update, Fixed, Updated};
+use probe_common::update::{update, Fixed, Updated};
 use probe_common::{CoreAtomics, DirCounters, FlowEntry, FlowKey, L4Proto, Parsed};
 
 /// Lock spins that never give up: a userspace thread can be preempted while
@@ -22,7 +22,7 @@ const FOREVER: u32 = u32::MAX;
 /// One connection's map value, shared by the threads.
 struct Shared(UnsafeCell<FlowEntry>);
 
-// SAFETY: every concurrent write goes through `shared::update`.
+// SAFETY: every concurrent write goes through `update::update`.
 unsafe impl Sync for Shared {}
 
 impl Shared {
@@ -263,8 +263,8 @@ fn acks_racing_the_data_they_acknowledge_never_make_reordering_a_retransmission(
         assert_eq!(data.bytes, total, "{data:?}");
         assert_eq!(data.packets, segs.len() as u64 + 1, "{data:?}");
         assert_eq!(
-            (data.retransmits, data.retransmitted_bytes, data.spurious),
-            (0, 0, 0),
+            (data.retransmits, data.retransmitted_bytes),
+            (0, 0),
             "reordering with racing ACKs counted as retransmission: {data:?}"
         );
         assert_eq!(back.packets, acks, "{back:?}");

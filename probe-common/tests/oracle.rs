@@ -3,9 +3,9 @@
 //! arbitrary bytes our parser never panics.
 
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
+use probe_common::key::v4_mapped;
 use probe_common::parse::LinkType;
 use probe_common::parse_frame;
-use probe_common::wire::v4_mapped;
 use proptest::prelude::*;
 
 #[derive(Debug, Clone)]

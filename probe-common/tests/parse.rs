@@ -2,7 +2,7 @@
 //! parser's own code), so every expected value is visible in the test.
 
 use probe_common::parse::{tcp_flags, LinkType, ParseError, Parsed};
-use probe_common::{parse_frame, wire::v4_mapped};
+use probe_common::{key::v4_mapped, parse_frame};
 
 const MAC: [u8; 12] = [2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2];
 const A4: [u8; 4] = [10, 77, 0, 1];

@@ -8,11 +8,21 @@
 #![no_main]
 
 use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
+use probe_common::contract;
 
 #[classifier]
 pub fn flowprobe_tc_baseline(_ctx: TcContext) -> i32 {
     TC_ACT_OK
 }
+
+// Named as the contract says (see `named!` in main.rs).
+const _: () = {
+    let _ = flowprobe_tc_baseline;
+    assert!(contract::same_name(
+        stringify!(flowprobe_tc_baseline),
+        contract::BASELINE_PROGRAM
+    ));
+};
 
 #[cfg(not(test))]
 #[panic_handler]

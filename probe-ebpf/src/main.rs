@@ -6,8 +6,8 @@
 //! linear data (`data`/`data_end`, no copy; `bpf_skb_pull_data` only when
 //! the headers are not all linear). The outcome is counted in
 //! `PARSE_STATS`, and the connection's slot in `CONNS` is found or made
-//! (`probe_common::table`) and updated under its own lock with
-//! `probe_common::shared`: the very tracker and counters replay runs.
+//! (`probe_common::slots`) and updated under its own lock with
+//! `probe_common::update`: the very tracker and counters replay runs.
 //! Ingress and egress share one entry.
 //!
 //! The program fails open: whatever happens, it returns `TC_ACT_OK`.
@@ -32,10 +32,11 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use probe_common::{
+    contract::{self, ConnStat, PARSE_STATS_LEN, PARSE_TRACKED},
     parse::TcpHeader,
     parse_frame,
-    shared::{update_contended, update_locked, Clock, Pkt},
-    table::{self, locate, Located, Slot, Slots},
+    slots::{self, locate, Located, Slot, Slots},
+    update::{update_contended, update_locked, Clock, Pkt},
     Atomics, ConnKey, FlowEntry, LinkType, PacketBytes, ParseError, Parsed,
 };
 
@@ -44,20 +45,17 @@ use probe_common::{
 /// the tracker reads.
 const SNAP: usize = 128;
 
-/// Index 0: frames that parsed to a TCP/UDP flow ("tracked");
-/// index `e as u32 + 1`: frames rejected with [`ParseError`] `e`.
-pub const STATS_TRACKED: u32 = 0;
-const STATS_LEN: usize = ParseError::COUNT + 1;
-
+/// Frames by parse outcome: [`PARSE_TRACKED`], or skipped for a
+/// [`ParseError`] (`contract::parse_skipped`).
 #[btf_map]
-static PARSE_STATS: PerCpuArray<u64, STATS_LEN> = PerCpuArray::new();
+static PARSE_STATS: PerCpuArray<u64, PARSE_STATS_LEN> = PerCpuArray::new();
 
 /// Default capacity of `CONNS` (a power of two); userspace sets its own
 /// before loading, with `CONNS_MASK` to match.
 const MAX_CONNS: usize = 65536;
 
 /// One slot per connection and interface, both directions (see
-/// `probe_common::table`). Userspace maps it and drains entries in place.
+/// `probe_common::slots`). Userspace maps it and drains entries in place.
 #[btf_map]
 static CONNS: Array<Slot, MAX_CONNS, { BPF_F_MMAPABLE as usize }> = Array::new();
 
@@ -82,17 +80,6 @@ static CONNS_SEED: u64 = 0;
 #[unsafe(no_mangle)]
 static UNLOCK_BY_STORE: u8 = 0;
 
-/// Connection-table events that lose data, so that none is silent.
-/// Index 0: a new connection found its probe sequence full (not counted);
-/// 1: unused (kept for the layout userspace reads); 2: the slots changed
-/// under two tries (not counted); 3: the entry's lock stayed taken and the
-/// packet was counted without the tracker (counts exact, reordering call
-/// best effort; see `probe_common::shared`).
-pub const CONN_STATS_FULL: u32 = 0;
-pub const CONN_STATS_BUSY: u32 = 2;
-pub const CONN_STATS_CONTENDED: u32 = 3;
-const CONN_STATS_LEN: usize = 4;
-
 /// Tries for an entry's lock before counting the packet without a verdict.
 /// The holder is a tc program on another CPU, done within a few hundred
 /// nanoseconds unless the hypervisor stops its virtual CPU: on a 2-vCPU VM
@@ -101,8 +88,37 @@ const CONN_STATS_LEN: usize = 4;
 /// the holder is stalled) did not in 20 s.
 const LOCK_SPINS: u32 = 16384;
 
+/// Connection-table events that lose data or the tracker's verdict, so
+/// that none is silent: indexed by [`ConnStat`].
 #[btf_map]
-static CONN_STATS: PerCpuArray<u64, CONN_STATS_LEN> = PerCpuArray::new();
+static CONN_STATS: PerCpuArray<u64, { contract::CONN_STATS_LEN }> = PerCpuArray::new();
+
+/// `$item` (a map, a global or a program) is the one the contract names
+/// `$name`: aya names maps after their identifiers, which a constant
+/// cannot give.
+macro_rules! named {
+    (static $item:ident, $name:expr) => {
+        const _: () = {
+            let _ = &raw const $item;
+            assert!(contract::same_name(stringify!($item), $name));
+        };
+    };
+    (fn $item:ident, $name:expr) => {
+        const _: () = {
+            let _ = $item;
+            assert!(contract::same_name(stringify!($item), $name));
+        };
+    };
+}
+named!(static CONNS, contract::CONNS);
+named!(static OCCUPIED, contract::OCCUPIED);
+named!(static PARSE_STATS, contract::PARSE_STATS);
+named!(static CONN_STATS, contract::CONN_STATS);
+named!(static CONNS_MASK, contract::CONNS_MASK);
+named!(static CONNS_SEED, contract::CONNS_SEED);
+named!(static UNLOCK_BY_STORE, contract::UNLOCK_BY_STORE);
+named!(fn flowprobe_tc, contract::TC_PROGRAM);
+named!(fn flowprobe_xdp, contract::XDP_PROGRAM);
 
 /// Largest header offset the parser may ask for; a bound the verifier needs
 /// for variable offsets into the packet (IPv6 extension headers).
@@ -235,7 +251,7 @@ fn fast_tc(skb: *mut __sk_buff) -> bool {
         payload_len,
         l3_len: tot_len,
     };
-    bump(&PARSE_STATS, STATS_TRACKED);
+    bump(&PARSE_STATS, PARSE_TRACKED);
     count::<true>(&key, if forward { 0 } else { 1 }, &p, segs, skb);
     true
 }
@@ -246,10 +262,10 @@ fn slow_tc(ctx: &TcContext) {
     let mut p = core::mem::MaybeUninit::<Parsed>::uninit();
     let idx = parse_skb(ctx, &mut p);
     bump(&PARSE_STATS, idx);
-    if idx == STATS_TRACKED {
+    if idx == PARSE_TRACKED {
         // SAFETY: the program's own `__sk_buff`, valid while it runs.
         let (ifindex, gso_segs) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).gso_segs) };
-        // SAFETY: `parse_skb` wrote it when it returned STATS_TRACKED.
+        // SAFETY: `parse_skb` wrote it when it returned PARSE_TRACKED.
         let p = unsafe { p.assume_init_ref() };
         let (key, dir) = ConnKey::of(&p.key, ifindex);
         count_call::<true>(&key, dir, &p.pkt(), gso_segs.max(1), ctx.skb.skb);
@@ -288,8 +304,8 @@ pub fn flowprobe_xdp(ctx: XdpContext) -> u32 {
     let mut p = core::mem::MaybeUninit::<Parsed>::uninit();
     let idx = parse_xdp(ctx.ctx, &mut p);
     bump(&PARSE_STATS, idx);
-    if idx == STATS_TRACKED {
-        // SAFETY: `parse_xdp` wrote it when it returned STATS_TRACKED.
+    if idx == PARSE_TRACKED {
+        // SAFETY: `parse_xdp` wrote it when it returned PARSE_TRACKED.
         let p = unsafe { p.assume_init_ref() };
         let (key, dir) = ConnKey::of(&p.key, 0);
         count_call::<false>(&key, dir, &p.pkt(), 1, core::ptr::null_mut());
@@ -317,14 +333,14 @@ fn parse_xdp(ctx: *mut xdp_md, out: &mut core::mem::MaybeUninit<Parsed>) -> u32 
     match parse_frame(&Linear { data, end }, LinkType::Ethernet, len) {
         Ok(p) => {
             out.write(p);
-            STATS_TRACKED
+            PARSE_TRACKED
         }
-        Err(e) => e as u32 + 1,
+        Err(e) => contract::parse_skipped(e),
     }
 }
 
 /// Parses the skb's headers in place into `out`; returns the `PARSE_STATS`
-/// index of the outcome (`out` is written only for [`STATS_TRACKED`]).
+/// index of the outcome (`out` is written only for [`PARSE_TRACKED`]).
 ///
 /// Not inlined: the parser's frame and the connection update's frame need
 /// not fit into the 512-byte BPF stack together.
@@ -347,9 +363,9 @@ fn parse_skb(ctx: &TcContext, out: &mut core::mem::MaybeUninit<Parsed>) -> u32 {
     match parsed {
         Ok(p) => {
             out.write(p);
-            STATS_TRACKED
+            PARSE_TRACKED
         }
-        Err(e) => e as u32 + 1,
+        Err(e) => contract::parse_skipped(e),
     }
 }
 
@@ -472,7 +488,7 @@ extern "C" fn try_once(_index: u64, ctx: *mut c_void) -> i64 {
     0
 }
 
-/// `CONNS` as `probe_common::table` sees it.
+/// `CONNS` as `probe_common::slots` sees it.
 struct Table;
 
 impl Slots for Table {
@@ -501,9 +517,9 @@ fn count<const TC: bool>(key: &ConnKey, dir: usize, p: &Pkt, segs: u32, skb: *mu
     let seed = unsafe { core::ptr::read_volatile(&raw const CONNS_SEED) };
     let flags = if p.is_tcp { Some(p.tcp.flags) } else { None };
     // SAFETY: `Table` hands out `CONNS` slots, written only through
-    // `probe_common::table` and `shared` (and userspace's drain).
+    // `probe_common::slots` and `update` (and userspace's drain).
     let located = unsafe {
-        locate(&Table, key, table::hash(key, seed), dir, LOCK_SPINS, &Bpf, |e| {
+        locate(&Table, key, slots::hash(key, seed), dir, LOCK_SPINS, &Bpf, |e| {
             e.init(Ktime.precise_ns(), dir, key, flags);
             e.first_seen_j = Ktime.coarse_ns();
         })
@@ -552,17 +568,17 @@ fn unusual(located: Located, dir: usize, p: &Pkt, segs: u32) -> Option<*mut Slot
             // atomically without its lock.
             unsafe {
                 update_contended(&raw mut (*s).entry, dir, segs, p, &Ktime, &Bpf);
-                table::contended_done(s, &Bpf);
+                slots::contended_done(s, &Bpf);
             }
-            bump(&CONN_STATS, CONN_STATS_CONTENDED);
+            bump(&CONN_STATS, ConnStat::Contended.index());
             None
         }
         Located::Full => {
-            bump(&CONN_STATS, CONN_STATS_FULL);
+            bump(&CONN_STATS, ConnStat::Full.index());
             None
         }
         Located::Busy => {
-            bump(&CONN_STATS, CONN_STATS_BUSY);
+            bump(&CONN_STATS, ConnStat::InsertFailed.index());
             None
         }
     }

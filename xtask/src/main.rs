@@ -6,7 +6,11 @@
 //!                                       (XTASK_VERIFIER_LOG=1: with the verifier's log and statistics)
 //! cargo xtask clippy-ebpf              clippy -D warnings on probe-ebpf for the BPF target
 //! cargo xtask smoke-ebpf [--release]   build, then scripts/ebpf-netns-smoke.sh (veth in throwaway netns)
+//! cargo xtask contract [SECTION]       the kernel/userspace contract (probe_common::contract) as text
 //! ```
+//!
+//! Every build checks that the object has each map, program and global
+//! `probe_common::contract` names.
 //!
 //! The eBPF crate is built by a nested nightly cargo (`rustup run nightly
 //! cargo …`, toolchain overridable with `FLOWPROBE_EBPF_TOOLCHAIN`) with
@@ -22,6 +26,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
+use probe_common::contract::{self, ConnStat};
 
 const TARGET: &str = "bpfel-unknown-none";
 /// The classifier `bpftool`/`tc` load; the object is named after the bin.
@@ -41,6 +46,9 @@ commands:
   clippy-ebpf             cargo clippy for probe-ebpf on the BPF target with -D warnings
   smoke-ebpf [--release]  build-ebpf, then scripts/ebpf-netns-smoke.sh: attach to a veth in throwaway
                           network namespaces, send traffic, check PARSE_STATS, measure ns/packet (root)
+  contract [SECTION]      print probe_common::contract, one item a line: `SECTION NAME` for maps,
+                          programs, baseline-program and globals, `SECTION INDEX NAME` for parse-stats
+                          and conn-stats; with SECTION, only that section's lines, without its name
 ";
 
 fn main() -> ExitCode {
@@ -60,9 +68,13 @@ fn run() -> Result<()> {
         bail!("no command given");
     };
     let mut release = false;
+    let mut section = None;
     for a in args {
         match a.as_str() {
             "--release" => release = true,
+            s if cmd == "contract" && section.is_none() && !s.starts_with('-') => {
+                section = Some(a.clone())
+            }
             "-h" | "--help" => {
                 print!("{USAGE}");
                 return Ok(());
@@ -89,6 +101,7 @@ fn run() -> Result<()> {
             let objs = build_ebpf(profile)?;
             smoke_ebpf(&objs)?;
         }
+        "contract" => print_contract(section.as_deref())?,
         "-h" | "--help" | "help" => print!("{USAGE}"),
         other => bail!("unknown command {other:?}\n{USAGE}"),
     }
@@ -196,11 +209,167 @@ fn build_ebpf(profile: Profile) -> Result<EbpfObjects> {
             bail!("build succeeded but {} is missing", p.display());
         }
     }
+    check_contract(&objs)?;
     eprintln!(
         "xtask: eBPF object {} (tc section \"{EBPF_SECTION}\")",
         objs.program.display()
     );
     Ok(objs)
+}
+
+/// The contract's sections, each line its items: `NAME`, or `INDEX NAME`
+/// for the statistics arrays.
+fn contract_sections() -> Vec<(&'static str, Vec<String>)> {
+    let names = |n: &[&str]| n.iter().map(|n| n.to_string()).collect();
+    let parse_stats = (0..contract::PARSE_STATS_LEN as u32)
+        .map(|i| format!("{i} {}", contract::parse_stat_name(i).unwrap_or("?")))
+        .collect();
+    let conn_stats = ConnStat::ALL
+        .iter()
+        .map(|s| format!("{} {}", s.index(), s.name()))
+        .collect();
+    vec![
+        ("maps", names(&contract::MAPS)),
+        ("programs", names(&contract::PROGRAMS)),
+        ("baseline-program", names(&[contract::BASELINE_PROGRAM])),
+        ("globals", names(&contract::GLOBALS)),
+        ("parse-stats", parse_stats),
+        ("conn-stats", conn_stats),
+    ]
+}
+
+/// `cargo xtask contract [SECTION]`: for scripts, which take the names
+/// from here rather than keep a copy.
+fn print_contract(section: Option<&str>) -> Result<()> {
+    let sections = contract_sections();
+    match section {
+        None => {
+            for (name, lines) in &sections {
+                for l in lines {
+                    println!("{name} {l}");
+                }
+            }
+        }
+        Some(want) => {
+            let Some((_, lines)) = sections.iter().find(|(name, _)| *name == want) else {
+                let known: Vec<&str> = sections.iter().map(|(n, _)| *n).collect();
+                bail!(
+                    "no contract section {want:?} (sections: {})",
+                    known.join(", ")
+                );
+            };
+            for l in lines {
+                println!("{l}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What a name of the contract is in an object, as the loader finds it.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Item {
+    /// A symbol in `.maps`.
+    Map,
+    /// A function symbol in a section of its own (not `.text`).
+    Program,
+    /// A data symbol in read-only data (which the loader may override).
+    Global,
+}
+
+impl Item {
+    fn as_str(self) -> &'static str {
+        match self {
+            Item::Map => "map",
+            Item::Program => "program",
+            Item::Global => "global",
+        }
+    }
+}
+
+/// The contract's items of an object's symbol table.
+fn object_items(path: &Path) -> Result<Vec<(Item, String)>> {
+    use object::{Object, ObjectSection, ObjectSymbol, SymbolKind};
+    let data = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let file = object::File::parse(&*data)
+        .with_context(|| format!("parsing {} as ELF", path.display()))?;
+    let mut items = Vec::new();
+    for sym in file.symbols() {
+        if !sym.is_global() || sym.is_undefined() {
+            continue;
+        }
+        let (Ok(name), Some(idx)) = (sym.name(), sym.section_index()) else {
+            continue;
+        };
+        let Ok(section) = file
+            .section_by_index(idx)
+            .and_then(|s| s.name().map(str::to_owned))
+        else {
+            continue;
+        };
+        let item = match sym.kind() {
+            SymbolKind::Data if section == ".maps" => Item::Map,
+            SymbolKind::Data if section.starts_with(".rodata") => Item::Global,
+            SymbolKind::Text if section != ".text" => Item::Program,
+            _ => continue,
+        };
+        items.push((item, name.to_owned()));
+    }
+    Ok(items)
+}
+
+/// Fails unless the built objects hold every map, program and global
+/// `probe_common::contract` names, each of the kind the loader expects:
+/// what userspace would otherwise find missing only when it loads them.
+fn check_contract(objs: &EbpfObjects) -> Result<()> {
+    let wanted = [
+        (&objs.program, Item::Map, &contract::MAPS[..]),
+        (&objs.program, Item::Program, &contract::PROGRAMS[..]),
+        (&objs.program, Item::Global, &contract::GLOBALS[..]),
+        (
+            &objs.baseline,
+            Item::Program,
+            &[contract::BASELINE_PROGRAM][..],
+        ),
+    ];
+    let mut problems = Vec::new();
+    for (path, item, names) in wanted {
+        let have = object_items(path)?;
+        for name in names {
+            if !have.contains(&(item, name.to_string())) {
+                let found: Vec<&str> = have
+                    .iter()
+                    .filter(|(i, _)| *i == item)
+                    .map(|(_, n)| n.as_str())
+                    .collect();
+                problems.push(format!(
+                    "{} has no {} {name} (its {}s: {})",
+                    path.display(),
+                    item.as_str(),
+                    item.as_str(),
+                    if found.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        found.join(", ")
+                    }
+                ));
+            }
+        }
+    }
+    if !problems.is_empty() {
+        bail!(
+            "the eBPF object does not match probe_common::contract \
+             (probe-common/src/contract.rs and probe-ebpf must name the same items):\n  {}",
+            problems.join("\n  ")
+        );
+    }
+    eprintln!(
+        "xtask: contract: the objects have its {} maps, {} programs and {} globals",
+        contract::MAPS.len(),
+        contract::PROGRAMS.len() + 1,
+        contract::GLOBALS.len()
+    );
+    Ok(())
 }
 
 fn clippy_ebpf() -> Result<()> {
@@ -365,6 +534,12 @@ fn smoke_ebpf(objs: &EbpfObjects) -> Result<()> {
     let script = root_dir().join("scripts").join("ebpf-netns-smoke.sh");
     let mut cmd = Command::new("bash");
     cmd.arg(&script).arg(&objs.program).arg(&objs.baseline);
+    // The script names PARSE_STATS indices with `$FLOWPROBE_XTASK contract
+    // parse-stats`: this very binary, without a nested cargo.
+    cmd.env(
+        "FLOWPROBE_XTASK",
+        env::current_exe().context("finding the xtask binary")?,
+    );
     eprintln!("xtask: {}", show(&cmd));
     let status = cmd
         .status()

@@ -25,7 +25,7 @@ pub const DEFAULT_IDLE_TIMEOUT_S: f64 = 300.0;
 /// The agent's and the export's period when `--interval` is not given.
 pub const DEFAULT_TICK: Duration = Duration::from_secs(1);
 /// Bytes of kernel memory per slot of the connection table.
-pub const SLOT_BYTES: usize = size_of::<probe_common::table::Slot>();
+pub const SLOT_BYTES: usize = size_of::<probe_common::slots::Slot>();
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]

@@ -7,7 +7,7 @@
 //! retransmitted FINs land in the same entry), or for `idle_after` whatever
 //! its state (UDP, or TCP whose end was not seen). Its slot is taken out of
 //! use first, then read once no CPU is updating it
-//! (`probe_common::table::drain`), so no count is lost. A packet that comes
+//! (`probe_common::slots::drain`), so no count is lost. A packet that comes
 //! after that makes a new entry; if that one did not start with a SYN it is
 //! the same connection's tail, and [`Drainer::connections`] adds it to the
 //! drained record (its tracker starts afresh, so a retransmission in that
@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use flowtable::Connection;
-use probe_common::{wire::evidence, ConnKey, FlowEntry};
+use probe_common::{initiator::evidence, ConnKey, FlowEntry};
 
 use super::kernel_table::KernelTable;
 
@@ -99,8 +99,8 @@ mod tests {
 
     fn key() -> ConnKey {
         let k = FlowKey {
-            src: probe_common::wire::v4_mapped([10, 0, 0, 1]),
-            dst: probe_common::wire::v4_mapped([10, 0, 0, 2]),
+            src: probe_common::key::v4_mapped([10, 0, 0, 1]),
+            dst: probe_common::key::v4_mapped([10, 0, 0, 2]),
             sport: 40000,
             dport: 80,
             proto: L4Proto::Tcp as u8,

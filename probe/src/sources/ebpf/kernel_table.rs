@@ -1,5 +1,5 @@
 //! The kernel's connection table (`CONNS`, an mmapable BPF array of
-//! `probe_common::table::Slot`s) read and drained in place, through a
+//! `probe_common::slots::Slot`s) read and drained in place, through a
 //! shared mapping: no system call per entry or per batch. `OCCUPIED`, a
 //! bitmap the program sets when it fills a slot, says which of the (by
 //! default 65536) slots to look at.
@@ -7,7 +7,7 @@
 //! Every entry leaves here in userspace's terms: contended counts folded in
 //! (`FlowEntry::fold_late`), `last_seen_ns` turned from jiffies into
 //! CLOCK_MONOTONIC nanoseconds, and two entries of one key (a rare insert
-//! race, see `probe_common::table`) added together.
+//! race, see `probe_common::slots`) added together.
 
 use std::collections::HashMap;
 use std::os::fd::AsFd;
@@ -15,7 +15,8 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use anyhow::{bail, Context, Result};
 use aya::maps::{Map, MapData};
-use probe_common::table::{self, state, Slot};
+use probe_common::contract;
+use probe_common::slots::{self, state, Slot};
 use probe_common::{ConnKey, CoreAtomics, FlowEntry};
 
 use crate::os::mmap::Mapping;
@@ -58,8 +59,8 @@ impl KernelTable {
     /// Maps `CONNS` and `OCCUPIED` of `ebpf` (each caller its own mapping:
     /// the resolver thread and the run loop).
     pub fn open(ebpf: &aya::Ebpf) -> Result<KernelTable> {
-        let (conns, len) = array_data(ebpf, "CONNS")?;
-        let (occupied, words) = array_data(ebpf, "OCCUPIED")?;
+        let (conns, len) = array_data(ebpf, contract::CONNS)?;
+        let (occupied, words) = array_data(ebpf, contract::OCCUPIED)?;
         if words * 64 < len {
             bail!("the eBPF object's OCCUPIED has {words} words for {len} slots");
         }
@@ -167,7 +168,7 @@ impl KernelTable {
     }
 
     /// Takes every connection for which `due` holds out of the table, each
-    /// with its final counts (see `probe_common::table::drain`).
+    /// with its final counts (see `probe_common::slots::drain`).
     pub fn drain(&mut self, due: impl Fn(&FlowEntry) -> bool) -> Vec<(ConnKey, FlowEntry)> {
         let candidates: Vec<usize> = self
             .occupied()
@@ -179,7 +180,7 @@ impl KernelTable {
             let bit = 1u64 << (i % 64);
             // SAFETY: a slot of the live table, shared with the kernel.
             let taken = unsafe {
-                table::drain(
+                slots::drain(
                     self.slot(i),
                     &CoreAtomics,
                     |e| due(&self.userspace(*e)),

@@ -22,6 +22,7 @@ use anyhow::{Context, Result};
 use aya::programs::SchedClassifier;
 use aya::{Ebpf, EbpfLoader};
 use flowtable::sort_connections;
+use probe_common::contract;
 
 use self::attach::Attachments;
 use self::drain::Drainer;
@@ -34,7 +35,7 @@ use crate::sources::{EbpfHealth, Health, Hook, KeyFeed, Links, Reading, Source, 
 /// be built, and then [`MISSING`] says why.
 static EMBEDDED: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/probe-ebpf.o"));
 const MISSING: &str = env!("FLOWPROBE_EBPF_MISSING");
-const PROGRAM: &str = "flowprobe_tc";
+const PROGRAM: &str = contract::TC_PROGRAM;
 
 pub struct Options {
     pub hook: Hook,
@@ -180,11 +181,11 @@ fn load(object: &[u8], origin: &str, max_conns: u32, hook: Hook) -> Result<Ebpf>
     let mask = slots - 1;
     let seed = random_seed();
     let mut ebpf = EbpfLoader::new()
-        .map_max_entries("CONNS", slots)
-        .map_max_entries("OCCUPIED", slots.div_ceil(64))
-        .override_global("CONNS_MASK", &mask, true)
-        .override_global("CONNS_SEED", &seed, true)
-        .override_global("UNLOCK_BY_STORE", &UNLOCK_BY_STORE, true)
+        .map_max_entries(contract::CONNS, slots)
+        .map_max_entries(contract::OCCUPIED, slots.div_ceil(64))
+        .override_global(contract::CONNS_MASK, &mask, true)
+        .override_global(contract::CONNS_SEED, &seed, true)
+        .override_global(contract::UNLOCK_BY_STORE, &UNLOCK_BY_STORE, true)
         .load(object)
         .with_context(|| format!("loading {origin}"))?;
     if hook == Hook::Xdp {

@@ -5,6 +5,7 @@ use anyhow::{Context, Result};
 use aya::maps::{MapData, PerCpuArray};
 use aya::Ebpf;
 use flowtable::FrameStats;
+use probe_common::contract::{self, ConnStat};
 use probe_common::ParseError;
 
 use crate::sources::TableHealth;
@@ -17,17 +18,22 @@ fn per_cpu_sum(ebpf: &Ebpf, map: &str, idx: u32) -> Result<u64> {
     Ok(m.get(&idx, 0)?.iter().sum())
 }
 
-/// `PARSE_STATS`: index 0 tracked, `e as u32 + 1` skipped for `e`.
+/// `PARSE_STATS`: tracked, and skipped by reason.
 pub fn frames(ebpf: &Ebpf) -> Result<FrameStats> {
     let mut s = FrameStats {
-        tracked: per_cpu_sum(ebpf, "PARSE_STATS", 0)?,
+        tracked: per_cpu_sum(ebpf, contract::PARSE_STATS, contract::PARSE_TRACKED)?,
         ..FrameStats::default()
     };
     for e in ParseError::ALL {
-        s.skipped[e as usize] = per_cpu_sum(ebpf, "PARSE_STATS", e as u32 + 1)?;
+        s.skipped[e as usize] =
+            per_cpu_sum(ebpf, contract::PARSE_STATS, contract::parse_skipped(e))?;
     }
     s.frames = s.tracked + s.skipped.iter().sum::<u64>();
     Ok(s)
+}
+
+fn conn_stat(ebpf: &Ebpf, s: ConnStat) -> Result<u64> {
+    per_cpu_sum(ebpf, contract::CONN_STATS, s.index())
 }
 
 /// `CONN_STATS` and the table's fill.
@@ -35,8 +41,8 @@ pub fn table(ebpf: &Ebpf, entries: usize, capacity: u32) -> Result<TableHealth> 
     Ok(TableHealth {
         entries,
         capacity,
-        full: per_cpu_sum(ebpf, "CONN_STATS", 0)?,
-        insert_failed: per_cpu_sum(ebpf, "CONN_STATS", 1)? + per_cpu_sum(ebpf, "CONN_STATS", 2)?,
-        contended: per_cpu_sum(ebpf, "CONN_STATS", 3)?,
+        full: conn_stat(ebpf, ConnStat::Full)?,
+        insert_failed: conn_stat(ebpf, ConnStat::InsertFailed)?,
+        contended: conn_stat(ebpf, ConnStat::Contended)?,
     })
 }

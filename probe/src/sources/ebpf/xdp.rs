@@ -19,7 +19,7 @@ use aya::Ebpf;
 
 use crate::sources::AttachMode;
 
-pub const PROGRAM: &str = "flowprobe_xdp";
+const PROGRAM: &str = probe_common::contract::XDP_PROGRAM;
 
 fn program(ebpf: &mut Ebpf) -> Result<&mut Xdp> {
     Ok(ebpf

@@ -11,7 +11,7 @@
 //! through system calls, and lays each slot out on whole cache lines.
 //!
 //! Concurrency. A slot's `state` says what it holds; its entry's two lock
-//! words, one per direction ([`crate::shared`]), serialise what writes to
+//! words, one per direction ([`crate::update`]), serialise what writes to
 //! it:
 //! - The kernel looks a key up without a lock, takes the lock of the
 //!   packet's direction in the slot it found and checks again (`LIVE` and
@@ -38,7 +38,9 @@
 //! probe sequence can pick different free slots. Userspace adds entries
 //! with equal keys together, so counts stay exact.
 
-use crate::wire::{Atomics, ConnKey, FlowEntry};
+use crate::atomics::Atomics;
+use crate::entry::{DirState, FlowEntry};
+use crate::key::ConnKey;
 
 /// One connection's place in the kernel table: 448 bytes, seven cache lines
 /// ([`FlowEntry`] says which fields share one).
@@ -71,7 +73,7 @@ pub mod state {
 
 /// Slots tried per key: a new connection that finds these all taken is
 /// counted as a table-full event. A table half full turns none away
-/// (`tests/table.rs`: 4096 keys into 8192 slots under 20 seeds); `run`'s
+/// (`tests/slots.rs`: 4096 keys into 8192 slots under 20 seeds); `run`'s
 /// default of 65536 slots leaves that margin for 32768 connections open at
 /// once.
 pub const PROBES: u32 = 32;
@@ -133,7 +135,7 @@ pub enum Located {
     /// A new entry at index `.1`, initialised, that lock held.
     New(*mut Slot, u32),
     /// An existing entry whose lock stayed taken for `spins` tries: count
-    /// without a verdict ([`crate::shared::update_contended`]), then call
+    /// without a verdict ([`crate::update::update_contended`]), then call
     /// [`contended_done`]. The caller is registered in `writers`, so the
     /// slot is not drained meanwhile.
     Contended(*mut Slot),
@@ -150,7 +152,7 @@ pub enum Located {
 ///
 /// # Safety
 /// Every slot `t` hands out is valid, 64-byte aligned, and written only
-/// through this module and [`crate::shared`] (and userspace's [`drain`]).
+/// through this module and [`crate::update`] (and userspace's [`drain`]).
 #[inline(always)]
 pub unsafe fn locate<T: Slots, A: Atomics>(
     t: &T,
@@ -332,7 +334,7 @@ unsafe fn zero_entry(e: *mut FlowEntry) {
     const WORDS: usize = core::mem::size_of::<FlowEntry>() / 8;
     const LOCK_WORD: [usize; 2] = [
         core::mem::offset_of!(FlowEntry, dir) / 8,
-        (core::mem::offset_of!(FlowEntry, dir) + core::mem::size_of::<crate::wire::DirState>()) / 8,
+        (core::mem::offset_of!(FlowEntry, dir) + core::mem::size_of::<DirState>()) / 8,
     ];
     let w = e.cast::<u64>();
     // SAFETY: `e` is a valid, 8-byte aligned FlowEntry (caller's contract).

@@ -1,4 +1,4 @@
-//! `table::locate` and `table::drain` with threads on one small table: two
+//! `slots::locate` and `slots::drain` with threads on one small table: two
 //! "CPUs" insert and update connections while a third, like `flowprobe
 //! run`, drains them. Every packet must end up counted exactly once, in a
 //! drained record or in a slot still live at the end, whatever the
@@ -8,12 +8,12 @@ use std::cell::UnsafeCell;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Barrier;
 
-use probe_common::shared::{update_contended, update_locked, Fixed, Pkt};
-use probe_common::table::{self, locate, state, Located, Slot, Slots, PROBES};
+use probe_common::slots::{self, locate, state, Located, Slot, Slots, PROBES};
+use probe_common::update::{update_contended, update_locked, Fixed, Pkt};
 use probe_common::{Atomics, ConnKey, CoreAtomics, FlowEntry, FlowKey};
 
 struct Table(Vec<UnsafeCell<Slot>>);
-// SAFETY: every access goes through `table` and `shared`, as in the kernel.
+// SAFETY: every access goes through `slots` and `update`, as in the kernel.
 unsafe impl Sync for Table {}
 
 impl Table {
@@ -34,8 +34,8 @@ impl Slots for Table {
 
 fn key(n: u16) -> ConnKey {
     let k = FlowKey {
-        src: probe_common::wire::v4_mapped([10, 0, 0, 1]),
-        dst: probe_common::wire::v4_mapped([10, 0, 0, 2]),
+        src: probe_common::key::v4_mapped([10, 0, 0, 1]),
+        dst: probe_common::key::v4_mapped([10, 0, 0, 2]),
         sport: 20000 + n,
         dport: 80,
         proto: 17,
@@ -60,7 +60,7 @@ fn packet_seeded(t: &Table, k: &ConnKey, dir: usize, len: u32, spins: u32, seed:
     };
     // SAFETY: `t`'s slots are only touched through these functions.
     unsafe {
-        let l = locate(t, k, table::hash(k, seed), dir, spins, &CoreAtomics, |e| {
+        let l = locate(t, k, slots::hash(k, seed), dir, spins, &CoreAtomics, |e| {
             e.init(1, dir, k, None)
         });
         match l {
@@ -75,7 +75,7 @@ fn packet_seeded(t: &Table, k: &ConnKey, dir: usize, len: u32, spins: u32, seed:
                     std::hint::spin_loop();
                 }
                 update_contended(&raw mut (*s).entry, dir, 1, &p, &Fixed(2), &CoreAtomics);
-                table::contended_done(s, &CoreAtomics);
+                slots::contended_done(s, &CoreAtomics);
             }
             Located::Full | Located::Busy => {}
         }
@@ -144,9 +144,9 @@ fn inserts_updates_and_drains_racing_lose_no_packet() {
                 while !stop.load(Ordering::SeqCst) {
                     for c in &t.0 {
                         // SAFETY: the slot is shared with the writers only
-                        // through `table`'s protocol.
+                        // through `slots`'s protocol.
                         if let Some((_, e)) = unsafe {
-                            table::drain(
+                            slots::drain(
                                 c.get(),
                                 &CoreAtomics,
                                 |_| true,
@@ -211,7 +211,7 @@ fn a_full_probe_sequence_is_reported() {
     // final count leaves with it.
     let s = t.slot(0).unwrap();
     // SAFETY: no other thread.
-    let (k, e) = unsafe { table::drain(s, &CoreAtomics, |_| true, || {}, || {}) }.unwrap();
+    let (k, e) = unsafe { slots::drain(s, &CoreAtomics, |_| true, || {}, || {}) }.unwrap();
     assert_eq!((k, bytes(&e)), (key(1), 20));
     assert!(matches!(packet(&t, &key(2), 1, 10, 1), Located::New(_, 0)));
 }

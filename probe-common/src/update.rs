@@ -3,7 +3,7 @@
 //! CPUs when veth or RPS spread a flow).
 //!
 //! The update takes the lock word of the packet's direction
-//! ([`crate::wire::DirState`]) with a compare-exchange, runs the plain
+//! ([`DirState`]) with a compare-exchange, runs the plain
 //! tracker, the very code replay runs, adds the counts, and releases the
 //! lock ([`Atomics::unlock`]: a release store). That makes each packet's
 //! decision one indivisible step among the packets of its direction,
@@ -28,10 +28,12 @@
 //! Counts stay exact when the two paths meet; only the tracker's call on
 //! that packet is lost.
 
+use crate::atomics::Atomics;
+use crate::entry::{DirState, FlowEntry};
 use crate::handshake;
+use crate::key::L4Proto;
 use crate::parse::{Parsed, TcpHeader};
 use crate::tcp::{track, Peer, Segment};
-use crate::wire::{Atomics, DirState, FlowEntry, L4Proto};
 
 /// The clocks an update reads: the coarse one for every packet's
 /// `last_seen`, the precise one only when a handshake time is taken
@@ -131,7 +133,7 @@ pub unsafe fn update<A: Atomics, C: Clock>(
 #[inline(always)]
 unsafe fn read_peer(e: *const FlowEntry, dir: usize) -> Peer {
     // SAFETY: caller's contract; `tcp` is 8-byte aligned in `DirState`
-    // (asserted in `wire`), `ack` and `flags` its first 5 bytes.
+    // (asserted in `entry`), `ack` and `flags` its first 5 bytes.
     let b = unsafe { core::ptr::read_volatile((&raw const (*e).dir[dir & 1].tcp).cast::<u64>()) }
         .to_ne_bytes();
     Peer::new(u32::from_ne_bytes([b[0], b[1], b[2], b[3]]), b[4])

@@ -182,7 +182,7 @@ run_mode() { # mode round
 # the server read and what the client wrote: with -t, iperf3 closes the
 # sockets at the end of the test and what is still in the client's send
 # buffer then never reaches the wire, so neither figure is the exact truth
-# (tests/live_tc.rs holds bytes to TCP_INFO exactly). Mismatches are listed,
+# (tests/live_tc/counts.rs holds bytes to TCP_INFO exactly). Mismatches are listed,
 # not fatal, so that the figures still print; the exit status is 1 if there
 # was any.
 MISMATCH=$WORK/mismatch

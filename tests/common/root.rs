@@ -442,6 +442,36 @@ pub fn record<'a>(
     c
 }
 
+/// `python3 -c CODE` in namespace `ns` (`ip netns exec`, which execs it).
+pub fn python(ns: &str, code: &str) -> Command {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns, "python3", "-c", code]);
+    cmd
+}
+
+/// Runs [`python`] to its end; it must succeed (`what` names it).
+pub fn python_ok(ns: &str, code: &str, what: &str) {
+    let st = python(ns, code).status().unwrap();
+    assert!(st.success(), "{what} failed");
+}
+
+/// Checks the record of [`LO_EXCHANGE`]: from 127.0.0.1, 3000 bytes sent,
+/// 700 received, no retransmission.
+pub fn check_lo_exchange(r: &serde_json::Value) {
+    let got = [
+        &r["src"],
+        &r["sent"]["bytes"],
+        &r["received"]["bytes"],
+        &r["sent"]["retransmits"],
+        &r["received"]["retransmits"],
+    ];
+    assert_eq!(
+        got.map(ToString::to_string),
+        ["\"127.0.0.1\"", "3000", "700", "0", "0"],
+        "loopback {r}"
+    );
+}
+
 /// Python for loopback: 3000 bytes to 127.0.0.1:5555, 700 back, closed.
 pub const LO_EXCHANGE: &str = "
 import socket

@@ -1,11 +1,9 @@
 //! UDP connections that the fanout splits across rings are merged whole.
 
-use std::process::Command;
-
 use serde_json::Value;
 
 use super::{add_veth, n, outcome, spawn_run, wait_for_rings, VETH_B};
-use crate::common::root::{enabled, Netns};
+use crate::common::root::{enabled, python_ok, Netns};
 
 /// From 12 source ports, 5 small and 5 fragmented (4000-byte) UDP
 /// datagrams each to one port.
@@ -45,11 +43,7 @@ fn udp_connections_split_by_fragments_are_merged() {
         "frag",
     );
     wait_for_rings(&ns.b, 1);
-    let st = Command::new("ip")
-        .args(["netns", "exec", &ns.a, "python3", "-c", UDP_FRAGMENTS])
-        .status()
-        .unwrap();
-    assert!(st.success(), "the UDP sender failed");
+    python_ok(&ns.a, UDP_FRAGMENTS, "the UDP sender");
     // Ends by itself after --duration.
     let (conns, out, _) = outcome(&mut p, dir, "frag");
     let udp: Vec<&Value> = conns.iter().filter(|c| c["dport"] == 5002).collect();

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use super::container_id;
 use crate::common::json_lines;
-use crate::common::root::{enabled, tc_attached, veth_pair, wait_for, KillOnDrop, Netns};
+use crate::common::root::{enabled, python, tc_attached, veth_pair, wait_for, KillOnDrop, Netns};
 
 /// A client that connects, writes and exits between two resolver passes
 /// (the pass interval is set to a minute) has no process left to find; the
@@ -56,12 +56,7 @@ fn a_client_gone_before_any_pass_is_named_by_its_cgroup() {
          while c.recv(65536): pass\n",
         ready.display()
     );
-    let mut server = KillOnDrop(
-        Command::new("ip")
-            .args(["netns", "exec", &ns.b, "python3", "-c", &server])
-            .spawn()
-            .unwrap(),
-    );
+    let mut server = KillOnDrop(python(&ns.b, &server).spawn().unwrap());
     wait_for("the server", || ready.exists());
     let netns = format!("--net=/run/netns/{}", ns.a);
     let probe = Command::new("nsenter")

@@ -1,14 +1,15 @@
 //! Closed connections are drained from the kernel map while `run` runs.
 
 use std::fs;
-use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
 
 use super::{setup, VETH_A};
 use crate::common::json_lines;
-use crate::common::root::{enabled, spawn_flowprobe, tc_attached, wait_for, KillOnDrop};
+use crate::common::root::{
+    enabled, python, python_ok, spawn_flowprobe, tc_attached, wait_for, KillOnDrop,
+};
 
 /// Closed connections leave the kernel map while `run` runs, so a map much
 /// smaller than the number of connections loses none: 120 short
@@ -54,12 +55,7 @@ fn closed_connections_are_drained_and_lose_nothing() {
          \x20   c.close()\n",
         ready.display()
     );
-    let mut server = KillOnDrop(
-        Command::new("ip")
-            .args(["netns", "exec", &ns.b, "python3", "-c", &server])
-            .spawn()
-            .unwrap(),
-    );
+    let mut server = KillOnDrop(python(&ns.b, &server).spawn().unwrap());
     wait_for("the server", || ready.exists());
     // Each client writes 3000 + 37 i bytes, waits for the server's FIN,
     // closes; about 40 connections a second.
@@ -73,11 +69,7 @@ fn closed_connections_are_drained_and_lose_nothing() {
          \x20   c.close()\n\
          \x20   time.sleep(0.02)\n"
     );
-    let st = Command::new("ip")
-        .args(["netns", "exec", &ns.a, "python3", "-c", &client])
-        .status()
-        .unwrap();
-    assert!(st.success(), "client failed");
+    python_ok(&ns.a, &client, "client");
     assert!(server.wait().unwrap().success(), "server failed");
     std::thread::sleep(Duration::from_millis(300));
     // SAFETY: signalling our own child.

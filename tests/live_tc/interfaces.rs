@@ -1,7 +1,6 @@
 //! Without `--iface`, `run` follows interfaces that appear and go.
 
 use std::fs;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -9,8 +8,8 @@ use serde_json::Value;
 use super::{no_filters_left, traffic, CONNS, VETH_A, VETH_B};
 use crate::common::json_lines;
 use crate::common::root::{
-    addr_up, enabled, ifindex, link_up, record, sh, spawn_flowprobe, tc_attached, truth, veth,
-    wait_for, Netns, LO_EXCHANGE,
+    addr_up, check_lo_exchange, enabled, ifindex, link_up, python_ok, record, sh, spawn_flowprobe,
+    tc_attached, truth, veth, wait_for, Netns, LO_EXCHANGE,
 };
 
 /// Interface churn, without --iface: a veth created while `run` runs is
@@ -44,12 +43,7 @@ fn follows_interfaces_that_appear_and_go() {
     });
     // Loopback: one hook (ingress) only, else every packet counts twice.
     assert!(!tc_attached(&ns.a, "lo", "egress"), "attached to lo egress");
-    let lo = Command::new("ip")
-        .args(["netns", "exec", &ns.a, "python3", "-c"])
-        .arg(LO_EXCHANGE)
-        .status()
-        .unwrap();
-    assert!(lo.success(), "the loopback exchange failed");
+    python_ok(&ns.a, LO_EXCHANGE, "the loopback exchange");
 
     // One that comes and goes again.
     veth(&ns.a, "fpd0", &ns.a, "fpd1");
@@ -118,23 +112,7 @@ fn follows_interfaces_that_appear_and_go() {
         .iter()
         .find(|c| c["dport"] == 5555)
         .unwrap_or_else(|| panic!("no loopback connection in:\n{out}"));
-    assert_eq!(
-        [
-            &r["src"],
-            &r["sent"]["bytes"],
-            &r["received"]["bytes"],
-            &r["sent"]["retransmits"],
-            &r["received"]["retransmits"],
-        ],
-        [
-            &Value::from("127.0.0.1"),
-            &Value::from(3000),
-            &Value::from(700),
-            &Value::from(0),
-            &Value::from(0),
-        ],
-        "loopback {r}"
-    );
+    check_lo_exchange(r);
     no_filters_left(&ns.a, VETH_A);
     no_filters_left(&ns.a, "lo");
 }

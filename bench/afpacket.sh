@@ -30,6 +30,8 @@ OFFLOADS=${OFFLOADS:-on}
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(cd "$here/.." && pwd)
+# shellcheck source=../scripts/lib/netns.sh
+. "$root/scripts/lib/netns.sh"
 fp="$root/target/release/flowprobe"
 
 die() { echo "afpacket.sh: $*" >&2; exit 2; }
@@ -53,32 +55,22 @@ cleanup() {
         kill "$server_pid" 2>/dev/null || true
         wait "$server_pid" 2>/dev/null || true
     fi
-    ip netns del "$A" 2>/dev/null || true
-    ip netns del "$B" 2>/dev/null || true
+    netns_cleanup
     rm -rf "$work"
 }
 trap cleanup EXIT
 
-ip netns add "$A"
-ip netns add "$B"
-ip -n "$A" link set lo up
-ip -n "$B" link set lo up
-# Created inside A with the peer directly in B: the root namespace's
-# interfaces are never touched. Offloads stay on (the default).
-ip -n "$A" link add fpb0 type veth peer name fpb1 netns "$B"
-ip -n "$A" addr add 10.81.0.1/24 dev fpb0
-ip -n "$B" addr add 10.81.0.2/24 dev fpb1
-ip -n "$A" link set fpb0 up
-ip -n "$B" link set fpb1 up
+netns_add "$A" "$B"
+# Offloads stay on (the default).
+netns_veth "$A" fpb0 "$B" fpb1
+netns_addr_up "$A" fpb0 10.81.0.1/24
+netns_addr_up "$B" fpb1 10.81.0.2/24
 if [[ $OFFLOADS == off ]]; then
     command -v ethtool >/dev/null || die "OFFLOADS=off needs ethtool"
     ip netns exec "$A" ethtool -K fpb0 tso off gso off gro off >/dev/null
     ip netns exec "$B" ethtool -K fpb1 tso off gso off gro off >/dev/null
 fi
-for _ in $(seq 100); do
-    ip -n "$B" link show fpb1 | grep -q LOWER_UP && break
-    sleep 0.05
-done
+netns_wait_carrier "$B" fpb1 || true
 
 ip netns exec "$B" iperf3 -s -B 10.81.0.2 >"$work/server.log" 2>&1 &
 server_pid=$!

@@ -35,23 +35,19 @@ cargo build --release --quiet -p flowprobe
 FP=target/release/flowprobe
 WORK=$(mktemp -d /tmp/flowprobe-abench.XXXXXX)
 SERVER=
+# shellcheck source=../scripts/lib/netns.sh
+. scripts/lib/netns.sh
 cleanup() {
     [[ -n $SERVER ]] && kill "$SERVER" 2>/dev/null || true
-    for ns in "$NS_A" "$NS_B"; do
-        ino=$(stat -L -c %i "/run/netns/$ns" 2>/dev/null || true)
-        [[ -n $ino ]] && rm -f "/run/flowprobe/netns-$ino.lock" "/run/flowprobe/netns-$ino.clsact"
-        ip netns del "$ns" 2>/dev/null || true
-    done
+    netns_cleanup
     rm -rf "$WORK"
 }
 trap cleanup EXIT
 
-for ns in "$NS_A" "$NS_B"; do ip netns add "$ns"; ip -n "$ns" link set lo up; done
-ip -n "$NS_A" link add fab0 type veth peer name fab1 netns "$NS_B"
-ip -n "$NS_A" addr add 10.233.0.1/24 dev fab0
-ip -n "$NS_B" addr add 10.233.0.2/24 dev fab1
-ip -n "$NS_A" link set fab0 up
-ip -n "$NS_B" link set fab1 up
+netns_add "$NS_A" "$NS_B"
+netns_veth "$NS_A" fab0 "$NS_B" fab1
+netns_addr_up "$NS_A" fab0 10.233.0.1/24
+netns_addr_up "$NS_B" fab1 10.233.0.2/24
 # Rounds leave 10000s of client sockets in TIME_WAIT (60 s): without these
 # the client's port search slows down and later rounds miss the rate.
 ip netns exec "$NS_A" sysctl -qw net.ipv4.ip_local_port_range="10000 65000" net.ipv4.tcp_tw_reuse=1

@@ -52,24 +52,20 @@ BASE=target/ebpf/bpfel-unknown-none/release/tc-baseline
 WORK=$(mktemp -d /tmp/flowprobe-bench.XXXXXX)
 OLD_STATS=$(sysctl -n kernel.bpf_stats_enabled)
 SERVER=
+# shellcheck source=../scripts/lib/netns.sh
+. scripts/lib/netns.sh
 cleanup() {
     [[ -n $SERVER ]] && kill "$SERVER" 2>/dev/null || true
-    ip netns del "$NS_A" 2>/dev/null || true
-    ip netns del "$NS_B" 2>/dev/null || true
+    netns_cleanup
     sysctl -q -w kernel.bpf_stats_enabled="$OLD_STATS" >/dev/null || true
     rm -rf "$WORK"
 }
 trap cleanup EXIT
 
-ip netns add "$NS_A"
-ip netns add "$NS_B"
-ip -n "$NS_A" link add va type veth peer name vb netns "$NS_B"
-for spec in "$NS_A va $V4_A" "$NS_B vb $V4_B"; do
-    read -r ns dev v4 <<<"$spec"
-    ip -n "$ns" link set lo up
-    ip -n "$ns" addr add "$v4/24" dev "$dev"
-    ip -n "$ns" link set "$dev" up
-done
+netns_add "$NS_A" "$NS_B"
+netns_veth "$NS_A" va "$NS_B" vb
+netns_addr_up "$NS_A" va "$V4_A/24"
+netns_addr_up "$NS_B" vb "$V4_B/24"
 sysctl -q -w kernel.bpf_stats_enabled=1
 
 ip netns exec "$NS_B" iperf3 -s -B "$V4_B" >/dev/null 2>&1 &
@@ -187,7 +183,7 @@ run_mode() { # mode round
 # the server read and what the client wrote: with -t, iperf3 closes the
 # sockets at the end of the test and what is still in the client's send
 # buffer then never reaches the wire, so neither figure is the exact truth
-# (tests/live_tc.rs holds bytes to TCP_INFO exactly). Mismatches are listed,
+# (tests/live_tc/counts.rs holds bytes to TCP_INFO exactly). Mismatches are listed,
 # not fatal, so that the figures still print; the exit status is 1 if there
 # was any.
 MISMATCH=$WORK/mismatch

@@ -47,27 +47,22 @@ for t in ip tc bpftool jq awk; do
 done
 [[ -f $OBJ ]] || die "no such object: $OBJ"
 
+# shellcheck source=lib/netns.sh
+. "$(dirname "$0")/lib/netns.sh"
 OLD_STATS=$(sysctl -n kernel.bpf_stats_enabled)
 IPERF_PID=
 cleanup() {
     [[ -n $IPERF_PID ]] && kill "$IPERF_PID" 2>/dev/null || true
-    ip netns del "$NS_A" 2>/dev/null || true
-    ip netns del "$NS_B" 2>/dev/null || true
+    netns_cleanup
     sysctl -q -w kernel.bpf_stats_enabled="$OLD_STATS" >/dev/null || true
 }
 trap cleanup EXIT
 
 log "creating netns $NS_A and $NS_B joined by veth va<->vb"
-ip netns add "$NS_A"
-ip netns add "$NS_B"
-ip -n "$NS_A" link add va type veth peer name vb netns "$NS_B"
-for spec in "$NS_A va $V4_A $V6_A" "$NS_B vb $V4_B $V6_B"; do
-    read -r ns dev v4 v6 <<<"$spec"
-    ip -n "$ns" link set lo up
-    ip -n "$ns" addr add "$v4/24" dev "$dev"
-    ip -n "$ns" addr add "$v6/64" dev "$dev" nodad
-    ip -n "$ns" link set "$dev" up
-done
+netns_add "$NS_A" "$NS_B"
+netns_veth "$NS_A" va "$NS_B" vb
+netns_addr_up "$NS_A" va "$V4_A/24" "$V6_A/64"
+netns_addr_up "$NS_B" vb "$V4_B/24" "$V6_B/64"
 
 attach() { # ns dev obj
     tc -n "$1" qdisc add dev "$2" clsact

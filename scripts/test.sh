@@ -9,13 +9,13 @@
 #               test, replay of every format, golden files, kernel truth, tshark
 #   4. root     eBPF: the verifier accepts the program (bpftool load) and it
 #               counts in a veth pair between two fresh network namespaces;
-#               `flowprobe run` there equals each socket's TCP_INFO (tests/live_tc.rs),
+#               `flowprobe run` there equals each socket's TCP_INFO (tests/live_tc/),
 #               with the AF_PACKET backend too, and falls back to it without
-#               CAP_BPF (tests/live_afpacket.rs);
+#               CAP_BPF (tests/live_afpacket/);
 #               a real Prometheus scraping `run --listen` (tests/live_agent.rs);
 #               handshake RTT against a known added delay (tests/rtt_delay.rs);
 #               each end joined to its process, container and service
-#               (tests/live_attrib.rs);
+#               (tests/live_attrib/);
 #               replay of freshly captured kernel traffic (iptables loss in the
 #               receiver's INPUT) equals each socket's TCP_INFO
 #
@@ -60,7 +60,7 @@ cargo test --workspace --locked
 # A flowprobe built without the eBPF toolchain: replay works, and run
 # --backend tc says in one line what is missing (before needing root). (The
 # default, auto, would count with AF_PACKET instead, here in the root
-# namespace; tests/live_afpacket.rs checks that fallback in a namespace.)
+# namespace; tests/live_afpacket/fallback.rs checks that fallback in a namespace.)
 FLOWPROBE_NO_EBPF=1 CARGO_TARGET_DIR=target/no-ebpf cargo build --locked -q -p flowprobe
 target/no-ebpf/debug/flowprobe replay --quiet fixtures/pcaps/tcp4_clean.pcap >/dev/null
 if msg=$(target/no-ebpf/debug/flowprobe run --backend tc --duration 0 2>&1); then
@@ -97,7 +97,7 @@ FLOWPROBE_LIVE_TESTS=1 cargo test --locked -p flowprobe --test live_agent
 # the agent of `run --backend afpacket`.
 FLOWPROBE_LIVE_TESTS=1 cargo test --locked -p flowprobe --test rtt_delay
 # Process attribution: processes in two namespaces and made-up container
-# cgroups, 500 short-lived connections (tests/live_attrib.rs).
+# cgroups, 500 short-lived connections (tests/live_attrib/).
 FLOWPROBE_LIVE_TESTS=1 cargo test --locked -p flowprobe --test live_attrib -- --nocapture
 
 fresh=$(mktemp -d /tmp/flowprobe-capture.XXXXXX)

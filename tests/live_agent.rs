@@ -1,7 +1,7 @@
 //! `flowprobe run --listen` scraped by a real Prometheus server (root).
 //!
 //! Two fresh network namespaces joined by a veth, with loss in each
-//! receiver's INPUT chain (as in tests/live_tc.rs) so that there are real
+//! receiver's INPUT chain (as in tests/live_tc/) so that there are real
 //! retransmissions. In the client's namespace: `flowprobe run --iface <veth>
 //! --config FILE` (the file sets `--listen 127.0.0.1:9911`, the metric
 //! labels and `--export-jsonl`; a flag overrides it), and Debian's `prometheus`
@@ -26,11 +26,14 @@ mod common;
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use common::json_lines;
-use common::root::{conn_args, drop_in_input, enabled, sh, tcpapp_exchange};
+use common::root::{
+    conn_args, drop_in_input, enabled, http_get, tcpapp_exchange, truth, veth_pair,
+    wait_for_within, Netns, Procs,
+};
 use serde_json::Value;
 
 const AGENT: &str = "127.0.0.1:9911";
@@ -47,129 +50,16 @@ const CONNS: [(u16, u64, u64); 3] = [
     (41002, 200_000, 800_000),
 ];
 
-fn sh_out(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-/// Everything the test started, undone on drop (also when it panics):
-/// processes first (SIGTERM, then SIGKILL), then the namespaces.
-struct World {
-    a: String,
-    b: String,
-    children: Vec<(String, Child)>,
-}
-
-impl World {
-    fn new() -> World {
-        let id = std::process::id();
-        let w = World {
-            a: format!("fpag-a-{id}"),
-            b: format!("fpag-b-{id}"),
-            children: Vec::new(),
-        };
-        for n in [&w.a, &w.b] {
-            sh(&["ip", "netns", "add", n]);
-            sh(&["ip", "-n", n, "link", "set", "lo", "up"]);
-        }
-        sh(&[
-            "ip", "-n", &w.a, "link", "add", VETH_A, "type", "veth", "peer", "name", VETH_B,
-            "netns", &w.b,
-        ]);
-        for (n, dev, addr) in [(&w.a, VETH_A, CLIENT), (&w.b, VETH_B, SERVER)] {
-            sh(&[
-                "ip",
-                "-n",
-                n,
-                "addr",
-                "add",
-                &format!("{addr}/24"),
-                "dev",
-                dev,
-            ]);
-            sh(&["ip", "-n", n, "link", "set", dev, "up"]);
-            // Every 13th large TCP packet dropped after tc ingress: the
-            // senders retransmit for real.
-            drop_in_input(n, "iptables");
-        }
-        w
+/// The namespaces (client A, server B) joined by a veth, every 13th large
+/// TCP packet dropped in each receiver's INPUT chain (after tc ingress: the
+/// senders retransmit for real).
+fn namespaces() -> Netns {
+    let ns = Netns::create("fpag", "prom");
+    veth_pair(&ns, VETH_A, VETH_B, CLIENT, SERVER, "24");
+    for n in [&ns.a, &ns.b] {
+        drop_in_input(n, "iptables");
     }
-
-    fn spawn(&mut self, name: &str, ns: &str, cmd: &[&str], log: &Path) {
-        let child = Command::new("ip")
-            .args(["netns", "exec", ns])
-            .args(cmd)
-            .stdin(Stdio::null())
-            .stdout(fs::File::create(log.with_extension("out")).unwrap())
-            .stderr(fs::File::create(log.with_extension("err")).unwrap())
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
-        self.children.push((name.to_owned(), child));
-    }
-
-    /// SIGTERM to `name`, and its exit status.
-    fn stop(&mut self, name: &str) -> std::process::ExitStatus {
-        let i = self.children.iter().position(|(n, _)| n == name).unwrap();
-        let (_, mut c) = self.children.remove(i);
-        // SAFETY: signalling a child we started.
-        unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(s) = c.try_wait().unwrap() {
-                return s;
-            }
-            if Instant::now() > deadline {
-                let _ = c.kill();
-                return c.wait().unwrap();
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for World {
-    fn drop(&mut self) {
-        let names: Vec<String> = self.children.iter().map(|(n, _)| n.clone()).collect();
-        for n in names {
-            let _ = self.stop(&n);
-        }
-        for ns in [&self.a, &self.b] {
-            if let Ok(m) = fs::metadata(format!("/run/netns/{ns}")) {
-                use std::os::unix::fs::MetadataExt;
-                for ext in ["lock", "clsact"] {
-                    let _ = fs::remove_file(format!("/run/flowprobe/netns-{}.{ext}", m.ino()));
-                }
-            }
-            let _ = Command::new("ip").args(["netns", "del", ns]).output();
-        }
-    }
-}
-
-fn wait_for(what: &str, secs: u64, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !ok() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// GET from inside namespace `ns` (the servers listen on its loopback).
-fn http_get(ns: &str, url: &str) -> Option<String> {
-    let (ok, out, _) = sh_out(&[
-        "ip",
-        "netns",
-        "exec",
-        ns,
-        "python3",
-        "-c",
-        "import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())",
-        url,
-    ]);
-    ok.then_some(out)
+    ns
 }
 
 /// A PromQL instant query: each series' labels and value.
@@ -229,17 +119,18 @@ fn agent_query(ns: &str, args: &[&str]) -> Vec<Value> {
         "json",
     ];
     cmd.extend(args);
-    let (ok, out, err) = sh_out(&cmd);
-    assert!(ok, "flowprobe query failed: {err}");
-    json_lines(&out)
+    let out = Command::new(cmd[0]).args(&cmd[1..]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "flowprobe query failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    json_lines(&String::from_utf8_lossy(&out.stdout))
 }
 
-fn traffic(w: &World, dir: &Path) -> (Value, Value) {
-    tcpapp_exchange(&w.a, CLIENT, &w.b, SERVER, dir, &conn_args(&CONNS));
-    let read = |f: &str| -> Value {
-        serde_json::from_str(&fs::read_to_string(dir.join(f)).unwrap()).unwrap()
-    };
-    (read("client.json"), read("server.json"))
+fn traffic(ns: &Netns, dir: &Path) -> (Value, Value) {
+    tcpapp_exchange(&ns.a, CLIENT, &ns.b, SERVER, dir, &conn_args(&CONNS));
+    (truth(dir, "client"), truth(dir, "server"))
 }
 
 #[test]
@@ -253,7 +144,8 @@ fn prometheus_scrape_equals_agent_query_and_app_bytes() {
     );
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let mut w = World::new();
+    let ns = namespaces();
+    let mut procs = Procs::default();
 
     // The listener, labels and export come from the config file; the
     // command line's --max-conns wins over the file's.
@@ -268,8 +160,8 @@ fn prometheus_scrape_equals_agent_query_and_app_bytes() {
         ),
     )
     .unwrap();
-    let ns_a = w.a.clone();
-    w.spawn(
+    let ns_a = ns.a.clone();
+    procs.spawn(
         "flowprobe",
         &ns_a,
         &[
@@ -289,7 +181,7 @@ fn prometheus_scrape_equals_agent_query_and_app_bytes() {
         ],
         &d.join("flowprobe"),
     );
-    wait_for("the agent's /metrics", 30, || {
+    wait_for_within("the agent's /metrics", Duration::from_secs(30), || {
         http_get(&ns_a, &format!("http://{AGENT}/metrics"))
             .is_some_and(|m| m.contains("flowprobe_attached_interfaces 1"))
     });
@@ -305,17 +197,19 @@ fn prometheus_scrape_equals_agent_query_and_app_bytes() {
     let config = format!("--config.file={}", d.join("prometheus.yml").display());
     let data = format!("--storage.tsdb.path={}", d.join("data").display());
     let listen = format!("--web.listen-address={PROMETHEUS}");
-    w.spawn(
+    procs.spawn(
         "prometheus",
         &ns_a,
         &["/usr/bin/prometheus", &config, &data, &listen],
         &d.join("prometheus"),
     );
-    wait_for("prometheus to scrape the agent", 60, || {
-        single(&ns_a, "up{job=\"flowprobe\"}") == Some(1)
-    });
+    wait_for_within(
+        "prometheus to scrape the agent",
+        Duration::from_secs(60),
+        || single(&ns_a, "up{job=\"flowprobe\"}") == Some(1),
+    );
 
-    let (client, server) = traffic(&w, d);
+    let (client, server) = traffic(&ns, d);
 
     // The truth: what the applications wrote, what the kernel retransmitted.
     let n = |v: &Value| v.as_u64().unwrap();
@@ -341,12 +235,16 @@ fn prometheus_scrape_equals_agent_query_and_app_bytes() {
         assert!(rows.len() <= 1, "one service pair: {rows:?}");
         rows.first().cloned()
     };
-    wait_for("the agent to see every byte", 30, || {
-        agent_row().is_some_and(|r| {
-            n(&r["sent"]["bytes"]) - n(&r["sent"]["retransmitted_bytes"]) == written.0
-                && n(&r["received"]["bytes"]) == bytes_sent.1
-        })
-    });
+    wait_for_within(
+        "the agent to see every byte",
+        Duration::from_secs(30),
+        || {
+            agent_row().is_some_and(|r| {
+                n(&r["sent"]["bytes"]) - n(&r["sent"]["retransmitted_bytes"]) == written.0
+                    && n(&r["received"]["bytes"]) == bytes_sent.1
+            })
+        },
+    );
     let row = agent_row().unwrap();
     let want = [
         ("flowprobe_sent_bytes_total", n(&row["sent"]["bytes"])),
@@ -367,11 +265,15 @@ fn prometheus_scrape_equals_agent_query_and_app_bytes() {
     ];
     // Prometheus has the final numbers once its latest scrape is newer
     // than the agent's last change.
-    wait_for("prometheus to scrape the final numbers", 30, || {
-        want.iter().all(|(m, v)| {
-            single(&ns_a, &format!("sum by (src_service, dst_service) ({m})")) == Some(*v)
-        })
-    });
+    wait_for_within(
+        "prometheus to scrape the final numbers",
+        Duration::from_secs(30),
+        || {
+            want.iter().all(|(m, v)| {
+                single(&ns_a, &format!("sum by (src_service, dst_service) ({m})")) == Some(*v)
+            })
+        },
+    );
     for (m, v) in want {
         eprintln!("PromQL sum by (src_service, dst_service) ({m}) = {v} = agent /query");
     }
@@ -436,9 +338,9 @@ fn prometheus_scrape_equals_agent_query_and_app_bytes() {
     // Monotonic across drains: once the closed connections have left the
     // kernel map (--closed-timeout, 2 s), Prometheus has seen no counter
     // go down and the sums are unchanged.
-    wait_for(
+    wait_for_within(
         "the closed connections to be drained and scraped",
-        30,
+        Duration::from_secs(30),
         || {
             single(&ns_a, "flowprobe_table_connections") == Some(0)
                 && single(&ns_a, "flowprobe_tracked_connections") == Some(CONNS.len() as u64)
@@ -466,7 +368,7 @@ fn prometheus_scrape_equals_agent_query_and_app_bytes() {
     eprintln!("after the drain: table_connections 0, no counter reset, sums unchanged");
 
     // The export: each connection's delta lines sum to its final record.
-    let status = w.stop("flowprobe");
+    let status = procs.stop("flowprobe", libc::SIGTERM);
     let err = fs::read_to_string(d.join("flowprobe.err")).unwrap();
     assert!(status.success(), "flowprobe run: {status}: {err}");
     // The final records: the lines after the last snapshot, without its number.

@@ -2,8 +2,8 @@
 //! truth computed here, independently of flowtable's query engine.
 //!
 //! - Golden files: `fixtures/pcaps/NAME.query.expected` holds the JSON rows
-//!   of every query in [`QUERIES`] (regenerate with
-//!   `UPDATE_GOLDEN=1 cargo test -p flowprobe --test query_golden` and
+//!   of every query in [`QUERIES`] (`expect-test` goldens; regenerate with
+//!   `UPDATE_EXPECT=1 cargo test -p flowprobe --test query_golden` and
 //!   review the diff). Every golden is also checked by the oracle below, so
 //!   none records a number nobody verified.
 //! - Oracle: the per-connection JSON of the same file (itself checked
@@ -502,7 +502,6 @@ fn check_bandwidth(
 
 #[test]
 fn queries_match_golden_files_and_the_oracle() {
-    let update = std::env::var_os("UPDATE_GOLDEN").is_some();
     let mut failures = Vec::new();
     let mut checked = 0;
     // Always the shipped fixtures: the goldens belong to them.
@@ -525,18 +524,12 @@ fn queries_match_golden_files_and_the_oracle() {
             text.push_str(&out);
         }
         let golden = cap.with_extension("query.expected");
-        if update {
-            fs::write(&golden, &text).unwrap();
-        } else {
-            let want = fs::read_to_string(&golden)
-                .unwrap_or_else(|_| panic!("{} has no {}", cap.display(), golden.display()));
-            if want != text {
-                failures.push(format!(
-                    "{}: differs from {}:\n{text}",
-                    cap.display(),
-                    golden.display()
-                ));
-            }
+        if !common::golden(&golden, &text) {
+            failures.push(format!(
+                "{}: differs from {} (diff above)",
+                cap.display(),
+                golden.display()
+            ));
         }
     }
     assert!(checked > 0, "no fixtures");

@@ -1,9 +1,10 @@
 //! Golden replay tests over `fixtures/pcaps/`.
 //!
-//! For every `NAME.pcap`/`NAME.pcapng` with a `NAME.expected.json`, the JSON
-//! output of `flowprobe replay` must equal it byte for byte. Regenerate the
-//! expected files with `UPDATE_GOLDEN=1 cargo test --test replay_golden`
-//! and review the diff.
+//! For every `NAME.pcap`/`NAME.pcapng`, the JSON output of `flowprobe
+//! replay` must equal `NAME.expected.json` byte for byte (an `expect-test`
+//! golden, one per capture). Regenerate the expected files with
+//! `UPDATE_EXPECT=1 cargo test -p flowprobe --test replay_golden` and review
+//! the diff.
 //!
 //! Where a capture of real kernel traffic has a `NAME.truth.json` (recorded
 //! from each socket's TCP_INFO by `fixtures/capture/capture.sh`), the output
@@ -18,7 +19,7 @@ mod common;
 
 use std::fs;
 
-use common::{captures, flowprobe, json_lines, stderr, stdout};
+use common::{captures, flowprobe, golden, json_lines, stderr, stdout};
 use serde_json::Value;
 
 fn replay(p: &std::path::Path) -> String {
@@ -31,25 +32,16 @@ fn replay(p: &std::path::Path) -> String {
 fn replay_matches_golden_files() {
     let caps = captures();
     assert!(!caps.is_empty(), "no fixtures found");
-    let update = std::env::var_os("UPDATE_GOLDEN").is_some();
-    let mut failures = Vec::new();
-    for cap in caps {
-        let expected = cap.with_extension("expected.json");
-        let got = replay(&cap);
-        if update {
-            fs::write(&expected, &got).unwrap();
-            continue;
-        }
-        let want = fs::read_to_string(&expected)
-            .unwrap_or_else(|_| panic!("{} has no {}", cap.display(), expected.display()));
-        if got != want {
-            failures.push(format!(
-                "{}:\n--- want\n{want}--- got\n{got}",
-                cap.display()
-            ));
-        }
-    }
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    let failures: Vec<String> = caps
+        .iter()
+        .filter(|cap| !golden(&cap.with_extension("expected.json"), &replay(cap)))
+        .map(|cap| cap.display().to_string())
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "differ from their goldens (diffs above): {}",
+        failures.join(", ")
+    );
 }
 
 /// The connection in `conns` between two endpoints, oriented as given.

@@ -20,11 +20,10 @@
 mod common;
 
 use std::fs;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
-use common::root::{enabled, sh, wait_for, KillOnDrop};
+use common::root::{
+    addr, enabled, http_get, link_up, sh, tcpapp_exchange, veth, wait_for, Namespace, Netns, Procs,
+};
 use common::{json_lines, repo_root};
 
 const DELAY_MS: u64 = 100;
@@ -38,112 +37,26 @@ const AGENT: &str = "127.0.0.1:9911";
 /// The tc backend's agent, beside the AF_PACKET one.
 const AGENT_TC: &str = "127.0.0.1:9912";
 
-/// The namespaces and the processes in them, undone on drop (also on a
-/// panic): SIGTERM, then SIGKILL, then the namespaces.
-struct World {
-    ns: [String; 3],
-    children: Vec<Child>,
-}
-
-impl World {
-    fn new() -> World {
-        let id = std::process::id();
-        let w = World {
-            ns: ["c", "m", "s"].map(|r| format!("fprt-{r}-{id}")),
-            children: Vec::new(),
-        };
-        for n in &w.ns {
-            sh(&["ip", "netns", "add", n]);
-            sh(&["ip", "-n", n, "link", "set", "lo", "up"]);
-        }
-        let [c, m, s] = &w.ns;
+/// Client and server namespaces (`ns.a`, `ns.b`) and the bridge's between
+/// them, joined by two veths (`rc0`—`rm0`, `rs0`—`rm1`), offloads off.
+fn namespaces() -> (Netns, Namespace) {
+    let ns = Netns::create("fprt", "cs");
+    let bridge = Namespace::create("fprt", "m");
+    let (c, s, m) = (&ns.a, &ns.b, &bridge.name);
+    veth(c, "rc0", m, "rm0");
+    veth(s, "rs0", m, "rm1");
+    addr(c, "rc0", &format!("{CLIENT}/24"));
+    addr(s, "rs0", &format!("{SERVER}/24"));
+    for (n, dev) in [(c, "rc0"), (m, "rm0"), (m, "rm1"), (s, "rs0")] {
+        // The bridge sends frames on as it read them: no merged
+        // super-packets, no checksum left to the hardware.
         sh(&[
-            "ip", "-n", c, "link", "add", "rc0", "type", "veth", "peer", "name", "rm0", "netns", m,
+            "ip", "netns", "exec", n, "ethtool", "-K", dev, "tx", "off", "rx", "off", "tso", "off",
+            "gso", "off", "gro", "off",
         ]);
-        sh(&[
-            "ip", "-n", s, "link", "add", "rs0", "type", "veth", "peer", "name", "rm1", "netns", m,
-        ]);
-        sh(&[
-            "ip",
-            "-n",
-            c,
-            "addr",
-            "add",
-            &format!("{CLIENT}/24"),
-            "dev",
-            "rc0",
-        ]);
-        sh(&[
-            "ip",
-            "-n",
-            s,
-            "addr",
-            "add",
-            &format!("{SERVER}/24"),
-            "dev",
-            "rs0",
-        ]);
-        for (n, dev) in [(c, "rc0"), (m, "rm0"), (m, "rm1"), (s, "rs0")] {
-            // The bridge sends frames on as it read them: no merged
-            // super-packets, no checksum left to the hardware.
-            sh(&[
-                "ip", "netns", "exec", n, "ethtool", "-K", dev, "tx", "off", "rx", "off", "tso",
-                "off", "gso", "off", "gro", "off",
-            ]);
-            sh(&["ip", "-n", n, "link", "set", dev, "up"]);
-        }
-        w
+        link_up(n, dev);
     }
-
-    fn spawn(&mut self, ns: &str, cmd: &[&str], log: &Path) {
-        let c = Command::new("ip")
-            .args(["netns", "exec", ns])
-            .args(cmd)
-            .stdin(Stdio::null())
-            .stdout(fs::File::create(log.with_extension("out")).unwrap())
-            .stderr(fs::File::create(log.with_extension("err")).unwrap())
-            .spawn()
-            .unwrap_or_else(|e| panic!("{}: {e}", cmd.join(" ")));
-        self.children.push(c);
-    }
-}
-
-fn stop(c: &mut Child, sig: libc::c_int) {
-    // SAFETY: signalling a child we started.
-    unsafe { libc::kill(c.id() as libc::pid_t, sig) };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while c.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = c.kill();
-            let _ = c.wait();
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-impl Drop for World {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            stop(c, libc::SIGTERM);
-        }
-        for n in &self.ns {
-            let _ = Command::new("ip").args(["netns", "del", n]).output();
-        }
-    }
-}
-
-/// GET from inside namespace `ns` (the agent listens on its loopback).
-fn http_get(ns: &str, url: &str) -> Option<String> {
-    let out = Command::new("ip")
-        .args(["netns", "exec", ns, "python3", "-c"])
-        .arg("import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())")
-        .arg(url)
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    (ns, bridge)
 }
 
 /// The handshake RTTs (µs, sorted) of the CONNS test connections, once the
@@ -171,12 +84,14 @@ fn handshake_rtt_equals_the_added_delay() {
     }
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let mut w = World::new();
-    let [c, m, s] = w.ns.clone();
+    let (ns, bridge) = namespaces();
+    let mut procs = Procs::default();
+    let (c, m, s) = (ns.a.clone(), bridge.name.clone(), ns.b.clone());
 
     let ready = d.join("bridge.ready");
     let bridge = repo_root().join("fixtures/delay/delaybridge.py");
-    w.spawn(
+    procs.spawn(
+        "bridge",
         &m,
         &[
             "python3",
@@ -198,7 +113,8 @@ fn handshake_rtt_equals_the_added_delay() {
 
     // The AF_PACKET backend times segments live (the tc program does not):
     // its agent's /connections must show the same handshakes.
-    w.spawn(
+    procs.spawn(
+        "flowprobe-afpacket",
         &c,
         &[
             env!("CARGO_BIN_EXE_flowprobe"),
@@ -222,7 +138,8 @@ fn handshake_rtt_equals_the_added_delay() {
     });
     // The tc program times the handshake in the kernel (SYN → SYN/ACK, the
     // precise clock read for those packets only).
-    w.spawn(
+    procs.spawn(
+        "flowprobe-tc",
         &c,
         &[
             env!("CARGO_BIN_EXE_flowprobe"),
@@ -246,7 +163,8 @@ fn handshake_rtt_equals_the_added_delay() {
     });
 
     let pcap = d.join("client.pcap");
-    w.spawn(
+    procs.spawn(
+        "tcpdump",
         &c,
         &[
             "tcpdump",
@@ -269,34 +187,9 @@ fn handshake_rtt_equals_the_added_delay() {
     let conns: Vec<String> = (0..CONNS)
         .flat_map(|i| ["--conn".to_owned(), format!("{}:20000:5000", 42000 + i)])
         .collect();
-    let app = repo_root().join("fixtures/capture/tcpapp.py");
-    let sready = d.join("server.ready");
-    let server = Command::new("ip")
-        .args(["netns", "exec", &s, "python3"])
-        .arg(&app)
-        .args(["server", "--addr", SERVER, "--ready"])
-        .arg(&sready)
-        .arg("--out")
-        .arg(d.join("server.json"))
-        .args(&conns)
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut server = KillOnDrop(server);
-    wait_for("the server", || sready.exists());
-    let client = Command::new("ip")
-        .args(["netns", "exec", &c, "python3"])
-        .arg(&app)
-        .args(["client", "--server", SERVER, "--local", CLIENT, "--out"])
-        .arg(d.join("client.json"))
-        .args(&conns)
-        .status()
-        .unwrap();
-    assert!(client.success(), "tcpapp client failed");
-    assert!(server.wait().unwrap().success(), "tcpapp server failed");
+    tcpapp_exchange(&c, CLIENT, &s, SERVER, d, &conns);
     // SIGINT: tcpdump writes what it has and exits.
-    let mut tcpdump = w.children.pop().unwrap();
-    stop(&mut tcpdump, libc::SIGINT);
+    procs.stop("tcpdump", libc::SIGINT);
 
     let out = common::flowprobe(&[
         "replay",

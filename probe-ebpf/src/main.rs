@@ -166,7 +166,7 @@ pub fn flowprobe_tc(ctx: TcContext) -> i32 {
 
 /// Untagged Ethernet, IPv4 without options or fragments, TCP: nearly every
 /// packet, read with ten loads instead of the general parser (which
-/// `tests/live_tc.rs` holds to the same counts through
+/// `tests/live_tc/test_run.rs` holds to the same counts through
 /// `BPF_PROG_TEST_RUN`). Returns false, having done nothing, for anything
 /// else.
 ///

@@ -37,6 +37,15 @@ pub fn json_lines(s: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// Checks `got` against the golden file `path`, an `expect-test` file
+/// (`UPDATE_EXPECT=1` rewrites it with `got`, byte for byte). Returns
+/// `false` after printing the diff, so that a data-driven test reports
+/// every golden that differs, not only the first.
+pub fn golden(path: &Path, got: &str) -> bool {
+    let file = expect_test::expect_file![path];
+    std::panic::catch_unwind(|| file.assert_eq(got)).is_ok()
+}
+
 /// The captures under test, sorted: `fixtures/pcaps`, or the directory in
 /// `FLOWPROBE_FIXTURES` (the root tier points it at fresh captures).
 pub fn captures() -> Vec<PathBuf> {

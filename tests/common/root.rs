@@ -2,7 +2,8 @@
 //! throwaway network namespaces.
 
 use std::fs;
-use std::process::{Child, Command};
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 /// Whether the root tests of binary `name` run; `false` after printing why
@@ -49,22 +50,47 @@ pub fn sh_out(args: &[&str]) -> String {
 }
 
 /// Polls `ok` every 50 ms for up to 20 s.
-pub fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
+pub fn wait_for(what: &str, ok: impl FnMut() -> bool) {
+    wait_for_within(what, Duration::from_secs(20), ok);
+}
+
+/// Polls `ok` every 50 ms for up to `timeout`.
+pub fn wait_for_within(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
     while !ok() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(50));
     }
 }
 
-/// Two fresh network namespaces, deleted on drop.
+/// A fresh network namespace, `lo` up, deleted on drop.
+pub struct Namespace {
+    pub name: String,
+}
+
+impl Namespace {
+    /// Named `prefix-tag-PID`.
+    pub fn create(prefix: &str, tag: &str) -> Namespace {
+        let name = format!("{prefix}-{tag}-{}", std::process::id());
+        netns_add(&name);
+        Namespace { name }
+    }
+}
+
+impl Drop for Namespace {
+    fn drop(&mut self) {
+        netns_del(&self.name);
+    }
+}
+
+/// Two fresh network namespaces, `lo` up in each, deleted on drop.
 pub struct Netns {
     pub a: String,
     pub b: String,
 }
 
 impl Netns {
-    /// Named after `tag` and this process (`prefix-tag-a-PID`), lo up.
+    /// Named after `tag` and this process (`prefix-tag-a-PID`).
     pub fn create(prefix: &str, tag: &str) -> Netns {
         let id = std::process::id();
         let ns = Netns {
@@ -72,8 +98,7 @@ impl Netns {
             b: format!("{prefix}-{tag}-b-{id}"),
         };
         for n in [&ns.a, &ns.b] {
-            sh(&["ip", "netns", "add", n]);
-            sh(&["ip", "-n", n, "link", "set", "lo", "up"]);
+            netns_add(n);
         }
         ns
     }
@@ -82,17 +107,100 @@ impl Netns {
 impl Drop for Netns {
     fn drop(&mut self) {
         for ns in [&self.a, &self.b] {
-            // flowprobe's lock and clsact files for this namespace (see
-            // probe/src/live/stale.rs): named after the namespace's inode.
-            if let Ok(m) = fs::metadata(format!("/run/netns/{ns}")) {
-                use std::os::unix::fs::MetadataExt;
-                for ext in ["lock", "clsact"] {
-                    let _ = fs::remove_file(format!("/run/flowprobe/netns-{}.{ext}", m.ino()));
-                }
-            }
-            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+            netns_del(ns);
         }
     }
+}
+
+fn netns_add(name: &str) {
+    sh(&["ip", "netns", "add", name]);
+    sh(&["ip", "-n", name, "link", "set", "lo", "up"]);
+}
+
+/// Deletes a namespace and flowprobe's lock and clsact files for it (see
+/// probe/src/live/stale.rs: named after the namespace's inode).
+fn netns_del(name: &str) {
+    if let Some(ino) = netns_inode(name) {
+        for ext in ["lock", "clsact"] {
+            let _ = fs::remove_file(format!("/run/flowprobe/netns-{ino}.{ext}"));
+        }
+    }
+    let _ = Command::new("ip").args(["netns", "del", name]).output();
+}
+
+/// A named namespace's identity (the inode flowprobe tags as `netns`).
+pub fn netns_inode(name: &str) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata(format!("/run/netns/{name}"))
+        .ok()
+        .map(|m| m.ino())
+}
+
+/// A veth pair: `dev` in namespace `ns`, its peer `peer` in `peer_ns`
+/// (created inside `ns` with the peer directly in `peer_ns`: the root
+/// namespace's interfaces are never touched). Both down, no address.
+pub fn veth(ns: &str, dev: &str, peer_ns: &str, peer: &str) {
+    let mut cmd = vec![
+        "ip", "-n", ns, "link", "add", dev, "type", "veth", "peer", "name", peer,
+    ];
+    if peer_ns != ns {
+        cmd.extend(["netns", peer_ns]);
+    }
+    sh(&cmd);
+}
+
+/// Gives `dev` in `ns` the address `cidr` (IPv6 without duplicate address
+/// detection).
+pub fn addr(ns: &str, dev: &str, cidr: &str) {
+    let mut add = vec!["ip", "-n", ns, "addr", "add", cidr, "dev", dev];
+    if cidr.contains(':') {
+        add.push("nodad");
+    }
+    sh(&add);
+}
+
+/// [`addr`], then brings `dev` up.
+pub fn addr_up(ns: &str, dev: &str, cidr: &str) {
+    addr(ns, dev, cidr);
+    link_up(ns, dev);
+}
+
+pub fn link_up(ns: &str, dev: &str) {
+    sh(&["ip", "-n", ns, "link", "set", dev, "up"]);
+}
+
+/// Whether `dev` in `ns` has a carrier.
+pub fn lower_up(ns: &str, dev: &str) -> bool {
+    sh_out(&["ip", "-n", ns, "link", "show", dev]).contains("LOWER_UP")
+}
+
+/// The interface index of `dev` in `ns`.
+pub fn ifindex(ns: &str, dev: &str) -> u32 {
+    let out = sh_out(&["ip", "-n", ns, "-o", "link", "show", dev]);
+    out.split(':').next().unwrap().trim().parse().unwrap()
+}
+
+/// Whether flowprobe's tc program is attached to `dev`'s `hook` (`ingress`
+/// or `egress`) in `ns`.
+pub fn tc_attached(ns: &str, dev: &str, hook: &str) -> bool {
+    sh_out(&[
+        "ip", "netns", "exec", ns, "tc", "filter", "show", "dev", dev, hook,
+    ])
+    .split_whitespace()
+    .any(|w| w == probe_common::contract::TC_PROGRAM)
+}
+
+/// GET from inside namespace `ns` (the servers listen on its loopback).
+pub fn http_get(ns: &str, url: &str) -> Option<String> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "python3", "-c"])
+        .arg("import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())")
+        .arg(url)
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Drops every 13th TCP packet of 500 bytes or more in the INPUT chain of
@@ -145,10 +253,9 @@ pub fn tcpapp_exchange(
     client_addr: &str,
     server_ns: &str,
     server_addr: &str,
-    dir: &std::path::Path,
+    dir: &Path,
     args: &[String],
 ) {
-    use std::process::Stdio;
     let app = super::repo_root().join("fixtures/capture/tcpapp.py");
     let ready = dir.join("ready");
     let mut server = KillOnDrop(
@@ -215,28 +322,101 @@ impl std::ops::DerefMut for KillOnDrop {
     }
 }
 
+/// Stops `c`: `sig`, then SIGKILL if it has not exited within `timeout`;
+/// its exit status.
+pub fn stop(c: &mut Child, sig: libc::c_int, timeout: Duration) -> ExitStatus {
+    // SAFETY: signalling a child we started.
+    unsafe { libc::kill(c.id() as libc::pid_t, sig) };
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(s) = c.try_wait().unwrap() {
+            return s;
+        }
+        if Instant::now() > deadline {
+            let _ = c.kill();
+            return c.wait().unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Named processes started in namespaces; on drop (also when a test
+/// panics) each gets SIGTERM, then SIGKILL after 20 s. Declared after the
+/// namespaces they run in, it drops first.
+#[derive(Default)]
+pub struct Procs(Vec<(String, Child)>);
+
+impl Procs {
+    /// `cmd` in namespace `ns` (`ip netns exec`, which execs it: the
+    /// child's pid is the command's), stdin closed, stdout in `log.out`,
+    /// stderr in `log.err`.
+    pub fn spawn(&mut self, name: &str, ns: &str, cmd: &[&str], log: &Path) {
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns])
+            .args(cmd)
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(log.with_extension("out")).unwrap())
+            .stderr(fs::File::create(log.with_extension("err")).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {name} ({}): {e}", cmd.join(" ")));
+        self.0.push((name.to_owned(), child));
+    }
+
+    /// Stops `name` with `sig` (SIGKILL after 20 s); its exit status.
+    pub fn stop(&mut self, name: &str, sig: libc::c_int) -> ExitStatus {
+        let i = self.0.iter().position(|(n, _)| n == name).unwrap();
+        let (_, mut c) = self.0.remove(i);
+        stop(&mut c, sig, Duration::from_secs(20))
+    }
+}
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for (_, c) in &mut self.0 {
+            stop(c, libc::SIGTERM, Duration::from_secs(20));
+        }
+    }
+}
+
+/// `flowprobe ARGS` in namespace `ns` (`ip netns exec`, which execs it:
+/// the child's pid is flowprobe's), behind the command `prefix` (such as
+/// `setpriv …`, which execs it too); stdout in `dir/TAG.json`, stderr in
+/// `dir/TAG.err`.
+pub fn spawn_flowprobe(
+    ns: &str,
+    prefix: &[&str],
+    args: &[&str],
+    dir: &Path,
+    tag: &str,
+) -> KillOnDrop {
+    KillOnDrop(
+        Command::new("ip")
+            .args(["netns", "exec", ns])
+            .args(prefix)
+            .arg(env!("CARGO_BIN_EXE_flowprobe"))
+            .args(args)
+            .stdout(fs::File::create(dir.join(format!("{tag}.json"))).unwrap())
+            .stderr(fs::File::create(dir.join(format!("{tag}.err"))).unwrap())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// What `tcpapp_exchange` recorded for `side` (`client` or `server`): each
+/// socket's `TCP_INFO` and the bytes written.
+pub fn truth(dir: &Path, side: &str) -> serde_json::Value {
+    serde_json::from_str(&fs::read_to_string(dir.join(format!("{side}.json"))).unwrap()).unwrap()
+}
+
 /// Names `a_dev` (in `ns.a`) and `b_dev` (in `ns.b`) a veth pair, gives them
 /// `ca` and `sa` in a /`plen` (IPv6 without duplicate address detection) and
-/// waits until both are up. Created inside A with the peer directly in B:
-/// the root namespace's interfaces are never touched.
+/// waits until both are up.
 pub fn veth_pair(ns: &Netns, a_dev: &str, b_dev: &str, ca: &str, sa: &str, plen: &str) {
-    sh(&[
-        "ip", "-n", &ns.a, "link", "add", a_dev, "type", "veth", "peer", "name", b_dev, "netns",
-        &ns.b,
-    ]);
-    for (n, dev, addr) in [(&ns.a, a_dev, ca), (&ns.b, b_dev, sa)] {
-        let cidr = format!("{addr}/{plen}");
-        let mut add = vec!["ip", "-n", n, "addr", "add", &cidr, "dev", dev];
-        if addr.contains(':') {
-            add.push("nodad");
-        }
-        sh(&add);
-        sh(&["ip", "-n", n, "link", "set", dev, "up"]);
-    }
+    veth(&ns.a, a_dev, &ns.b, b_dev);
+    addr_up(&ns.a, a_dev, &format!("{ca}/{plen}"));
+    addr_up(&ns.b, b_dev, &format!("{sa}/{plen}"));
     wait_for("the veth to come up", || {
-        let up =
-            |n: &str, d: &str| sh_out(&["ip", "-n", n, "link", "show", d]).contains("LOWER_UP");
-        up(&ns.a, a_dev) && up(&ns.b, b_dev)
+        lower_up(&ns.a, a_dev) && lower_up(&ns.b, b_dev)
     });
 }
 
@@ -260,6 +440,36 @@ pub fn record<'a>(
         "orientation of {c}"
     );
     c
+}
+
+/// `python3 -c CODE` in namespace `ns` (`ip netns exec`, which execs it).
+pub fn python(ns: &str, code: &str) -> Command {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns, "python3", "-c", code]);
+    cmd
+}
+
+/// Runs [`python`] to its end; it must succeed (`what` names it).
+pub fn python_ok(ns: &str, code: &str, what: &str) {
+    let st = python(ns, code).status().unwrap();
+    assert!(st.success(), "{what} failed");
+}
+
+/// Checks the record of [`LO_EXCHANGE`]: from 127.0.0.1, 3000 bytes sent,
+/// 700 received, no retransmission.
+pub fn check_lo_exchange(r: &serde_json::Value) {
+    let got = [
+        &r["src"],
+        &r["sent"]["bytes"],
+        &r["received"]["bytes"],
+        &r["sent"]["retransmits"],
+        &r["received"]["retransmits"],
+    ];
+    assert_eq!(
+        got.map(ToString::to_string),
+        ["\"127.0.0.1\"", "3000", "700", "0", "0"],
+        "loopback {r}"
+    );
 }
 
 /// Python for loopback: 3000 bytes to 127.0.0.1:5555, 700 back, closed.

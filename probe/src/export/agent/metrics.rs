@@ -436,6 +436,19 @@ mod tests {
     use crate::sources::afpacket::KernelStats;
     use crate::sources::{AfpacketHealth, AttachMode, EbpfHealth, Hook, TableHealth};
 
+    /// A golden file under `fixtures/goldens/` (an `expect-test` file:
+    /// `UPDATE_EXPECT=1 cargo test -p flowprobe` rewrites it). The path is
+    /// absolute, so it does not depend on where this source file sits.
+    macro_rules! golden {
+        ($name:literal) => {
+            expect_test::expect_file![concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../fixtures/goldens/",
+                $name
+            )]
+        };
+    }
+
     fn conn(
         src_service: &str,
         dst_service: Option<&str>,
@@ -511,16 +524,7 @@ mod tests {
     fn exposition_golden() {
         let labels: MetricLabels = "src.service,dst.service,dst.port".parse().unwrap();
         let got = encode(&snapshot(), &labels);
-        let want = include_str!("metrics.golden.txt");
-        if got != want && std::env::var_os("FLOWPROBE_BLESS").is_some() {
-            std::fs::write(
-                concat!(env!("CARGO_MANIFEST_DIR"), "/src/agent/metrics.golden.txt"),
-                &got,
-            )
-            .unwrap();
-            return;
-        }
-        assert_eq!(got, want, "FLOWPROBE_BLESS=1 rewrites the golden file");
+        golden!("metrics.golden.txt").assert_eq(&got);
     }
 
     /// A real capture through the flow table: RTT histograms included.
@@ -546,19 +550,7 @@ mod tests {
         };
         let labels: MetricLabels = "src.ip/24,dst.port".parse().unwrap();
         let got = encode(&s, &labels);
-        let want = include_str!("metrics.capture.golden.txt");
-        if got != want && std::env::var_os("FLOWPROBE_BLESS").is_some() {
-            std::fs::write(
-                concat!(
-                    env!("CARGO_MANIFEST_DIR"),
-                    "/src/agent/metrics.capture.golden.txt"
-                ),
-                &got,
-            )
-            .unwrap();
-            return;
-        }
-        assert_eq!(got, want, "FLOWPROBE_BLESS=1 rewrites the golden file");
+        golden!("metrics.capture.golden.txt").assert_eq(&got);
     }
 
     #[test]

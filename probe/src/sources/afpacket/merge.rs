@@ -14,7 +14,7 @@
 //! is added up here, direction by direction; the count of such merges is
 //! reported so a test can assert it is zero for TCP. (Measured on 2 rings:
 //! of 12 UDP 5-tuples each sending fragmented and unfragmented datagrams,
-//! 6 to 8 were split; `tests/live_afpacket.rs` checks their merged counts.)
+//! 6 to 8 were split; `tests/live_afpacket/fragments.rs` checks their merged counts.)
 
 use std::collections::HashMap;
 use std::net::IpAddr;

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""Stand-in for a containerised service, for tests/live_attrib.rs.
+"""Stand-in for a containerised service, for tests/live_attrib/processes.rs.
 
-    live_attrib_app.py NAME CGROUP_PROCS server --tcp ADDR:PORT [--udp ADDR:PORT] --ready FILE
-    live_attrib_app.py NAME CGROUP_PROCS client --server IP [--loop ADDR:PORT]
+    app.py NAME CGROUP_PROCS server --tcp ADDR:PORT [--udp ADDR:PORT] --ready FILE
+    app.py NAME CGROUP_PROCS client --server IP [--loop ADDR:PORT]
         [--long N] [--udp N] [--short N] [--short-ms MS] [--parallel P] --out FILE
 
 First it moves itself into the cgroup (writes its pid to CGROUP_PROCS) and

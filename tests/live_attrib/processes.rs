@@ -1,4 +1,4 @@
-//! Process attribution of `flowprobe run` (root): every connection's ends
+//! Every connection's ends
 //! carry the pid, process name, container, pod and service of the
 //! processes that own their sockets, across network namespaces.
 //!
@@ -17,53 +17,26 @@
 //!   [`SHORT_MIN`].
 //!
 //! `flowprobe run` runs in namespace A only: the server's end is found by
-//! searching every namespace of the host. Runs with
-//! `FLOWPROBE_LIVE_TESTS=1` (the root tier of scripts/test.sh).
-
-mod common;
+//! searching every namespace of the host.
 
 use std::fs;
-use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::root::{enabled, sh, sh_out, wait_for, KillOnDrop, Netns};
-use common::{json_lines, repo_root};
 use serde_json::Value;
+
+use super::container_id;
+use crate::common::root::{
+    enabled, netns_inode, sh_out, tc_attached, veth_pair, wait_for, KillOnDrop, Netns,
+};
+use crate::common::{json_lines, repo_root};
 
 /// Short-lived connections whose both ends must be attributed. A pass runs
 /// every 20 ms and a 50 ms connection is looked up from the moment its
 /// first packet is in the kernel map, so all should be; the margin is for a
 /// pass delayed by more than the connection's life on 2 shared vCPUs.
 const SHORT_MIN: f64 = 0.98;
-
-/// Two namespaces (the shared helper) joined by a veth, 10.81.0.1 in A
-/// and 10.81.0.2 in B.
-fn create_netns() -> Netns {
-    let ns = Netns::create("fpa", "attrib");
-    sh(&[
-        "ip", "-n", &ns.a, "link", "add", "fpa0", "type", "veth", "peer", "name", "fpa1", "netns",
-        &ns.b,
-    ]);
-    for (n, dev, cidr) in [
-        (&ns.a, "fpa0", "10.81.0.1/24"),
-        (&ns.b, "fpa1", "10.81.0.2/24"),
-    ] {
-        sh(&["ip", "-n", n, "addr", "add", cidr, "dev", dev]);
-        sh(&["ip", "-n", n, "link", "set", dev, "up"]);
-    }
-    wait_for("the veth", || {
-        sh_out(&["ip", "-n", &ns.a, "link", "show", "fpa0"]).contains("LOWER_UP")
-            && sh_out(&["ip", "-n", &ns.b, "link", "show", "fpa1"]).contains("LOWER_UP")
-    });
-    ns
-}
-
-/// A namespace's identity as flowprobe tags it (`netns`).
-fn netns_inode(name: &str) -> u64 {
-    fs::metadata(format!("/run/netns/{name}")).unwrap().ino()
-}
 
 /// A cgroup directory tree made for the test; removed (leaf first) on drop,
 /// after the processes in it are gone.
@@ -106,24 +79,11 @@ impl Drop for Cgroup {
     }
 }
 
-/// 64 hex digits, unique per test run and role.
-fn container_id(role: u8) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
-    format!(
-        "{:016x}{nanos:016x}{:016x}{role:016x}",
-        std::process::id(),
-        0xf10f_u64
-    )
-}
-
 fn app() -> PathBuf {
-    repo_root().join("tests/live_attrib_app.py")
+    repo_root().join("tests/live_attrib/app.py")
 }
 
-/// `live_attrib_app.py NAME PROCS ARGS…` in namespace `ns`, with `env`.
+/// `app.py NAME PROCS ARGS…` in namespace `ns`, with `env`.
 fn spawn_app(ns: &str, env: (&str, &str), name: &str, cg: &Cgroup, args: &[&str]) -> Child {
     // nsenter, not `ip netns exec`: that one mounts a fresh /sys, without
     // the cgroup hierarchies the app must write to.
@@ -138,14 +98,6 @@ fn spawn_app(ns: &str, env: (&str, &str), name: &str, cg: &Cgroup, args: &[&str]
         .stdin(Stdio::null())
         .spawn()
         .unwrap()
-}
-
-fn attached(ns: &str, dev: &str, hook: &str) -> bool {
-    sh_out(&[
-        "ip", "netns", "exec", ns, "tc", "filter", "show", "dev", dev, hook,
-    ])
-    .split_whitespace()
-    .any(|w| w == probe_common::contract::TC_PROGRAM)
 }
 
 struct Expect<'a> {
@@ -186,8 +138,9 @@ fn every_end_carries_its_process_container_and_service() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let ns = create_netns();
-    let (ns_a, ns_b) = (netns_inode(&ns.a), netns_inode(&ns.b));
+    let ns = Netns::create("fpa", "attrib");
+    veth_pair(&ns, "fpa0", "fpa1", "10.81.0.1", "10.81.0.2", "24");
+    let (ns_a, ns_b) = (netns_inode(&ns.a).unwrap(), netns_inode(&ns.b).unwrap());
     let id = std::process::id();
     let (client_id, server_id, cache_id) = (container_id(1), container_id(2), container_id(3));
     let pod = format!("{:08x}-7e57-4a11-8b0b-{:012x}", id, 0xf10f_u64);
@@ -244,9 +197,9 @@ fn every_end_carries_its_process_container_and_service() {
         .unwrap();
     let probe = KillOnDrop(probe);
     wait_for("flowprobe to attach", || {
-        attached(&ns.a, "fpa0", "ingress")
-            && attached(&ns.a, "fpa0", "egress")
-            && attached(&ns.a, "lo", "ingress")
+        tc_attached(&ns.a, "fpa0", "ingress")
+            && tc_attached(&ns.a, "fpa0", "egress")
+            && tc_attached(&ns.a, "lo", "ingress")
     });
 
     let ports_file = dir.path().join("client.json");
@@ -431,121 +384,4 @@ fn every_end_carries_its_process_container_and_service() {
     drop(cg_cache);
     drop(cg_server);
     drop(cg_client);
-}
-
-/// A client that connects, writes and exits between two resolver passes
-/// (the pass interval is set to a minute) has no process left to find; the
-/// tc program took its socket's cgroup v2 id from the packets it sent, and
-/// that names its container. Runs `flowprobe` with `nsenter --net`, which
-/// keeps the cgroup2 mount (`ip netns exec` mounts a /sys without it).
-#[test]
-fn a_client_gone_before_any_pass_is_named_by_its_cgroup() {
-    if !enabled("live_attrib") {
-        return;
-    }
-    let Some(unified) = fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .find_map(|l| {
-            let (pre, post) = l.split_once(" - ")?;
-            (post.split_whitespace().next()? == "cgroup2")
-                .then(|| pre.split_whitespace().nth(4).map(str::to_owned))?
-        })
-    else {
-        panic!("no cgroup2 mount on this host: the cgroup id cannot name a container");
-    };
-    let dir = tempfile::tempdir().unwrap();
-    let ns = Netns::create("fpc", "cgid");
-    sh(&[
-        "ip", "-n", &ns.a, "link", "add", "fpc0", "type", "veth", "peer", "name", "fpc1", "netns",
-        &ns.b,
-    ]);
-    for (n, dev, cidr) in [
-        (&ns.a, "fpc0", "10.81.0.1/24"),
-        (&ns.b, "fpc1", "10.81.0.2/24"),
-    ] {
-        sh(&["ip", "-n", n, "addr", "add", cidr, "dev", dev]);
-        sh(&["ip", "-n", n, "link", "set", dev, "up"]);
-    }
-    let id = container_id(9);
-    let parent = PathBuf::from(&unified).join(format!("flowprobe-test-{}", std::process::id()));
-    let cg = parent.join(format!("docker-{id}.scope"));
-    fs::create_dir_all(&cg).unwrap();
-    struct Rm(PathBuf, PathBuf);
-    impl Drop for Rm {
-        fn drop(&mut self) {
-            let _ = fs::remove_dir(&self.0);
-            let _ = fs::remove_dir(&self.1);
-        }
-    }
-    let _rm = Rm(cg.clone(), parent);
-
-    let ready = dir.path().join("ready");
-    let server = format!(
-        "import socket\n\
-         s = socket.create_server(('10.81.0.2', 7100))\n\
-         open('{}', 'w').close()\n\
-         c, _ = s.accept()\n\
-         while c.recv(65536): pass\n",
-        ready.display()
-    );
-    let mut server = KillOnDrop(
-        Command::new("ip")
-            .args(["netns", "exec", &ns.b, "python3", "-c", &server])
-            .spawn()
-            .unwrap(),
-    );
-    wait_for("the server", || ready.exists());
-    let netns = format!("--net=/run/netns/{}", ns.a);
-    let probe = Command::new("nsenter")
-        .args([
-            &netns,
-            env!("CARGO_BIN_EXE_flowprobe"),
-            "run",
-            "--backend",
-            "tc",
-        ])
-        .args(["--iface", "fpc0", "--format", "json"])
-        .env("FLOWPROBE_ATTRIB_INTERVAL_MS", "60000")
-        .stdout(fs::File::create(dir.path().join("out.json")).unwrap())
-        .stderr(fs::File::create(dir.path().join("out.err")).unwrap())
-        .spawn()
-        .unwrap();
-    let mut probe = KillOnDrop(probe);
-    wait_for("flowprobe to attach", || attached(&ns.a, "fpc0", "egress"));
-    // The client moves itself into the container's cgroup, then runs.
-    let client = format!(
-        "echo $$ > {}/cgroup.procs && exec ip netns exec {} python3 -c \"\
-import socket
-c = socket.create_connection(('10.81.0.2', 7100)); c.sendall(b'x' * 5000); c.close()\"",
-        cg.display(),
-        ns.a
-    );
-    assert!(Command::new("sh")
-        .args(["-c", &client])
-        .status()
-        .unwrap()
-        .success());
-    assert!(server.wait().unwrap().success());
-    std::thread::sleep(Duration::from_millis(300));
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(probe.id() as i32, libc::SIGINT) };
-    assert!(probe.wait().unwrap().success());
-
-    let out = fs::read_to_string(dir.path().join("out.json")).unwrap();
-    let conns = json_lines(&out);
-    let c = conns
-        .iter()
-        .find(|c| c["proto"] == "tcp" && c["dport"] == 7100)
-        .unwrap_or_else(|| panic!("no connection to port 7100:\n{out}"));
-    let t = &c["src_tags"];
-    assert_eq!(
-        t["unattributed"], "no_process",
-        "the resolver was to miss it: {t}"
-    );
-    assert_eq!(t["container"], id.as_str(), "{t}");
-    assert_eq!(t["runtime"], "docker", "{t}");
-    let ino = fs::metadata(&cg).unwrap().ino();
-    assert_eq!(t["cgroup_id"], ino.to_string(), "{t}");
-    assert_eq!(c["sent"]["bytes"], 5000);
 }

@@ -1,0 +1,115 @@
+//! A client that is gone before any resolver pass is named by its cgroup.
+
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use super::container_id;
+use crate::common::json_lines;
+use crate::common::root::{enabled, python, tc_attached, veth_pair, wait_for, KillOnDrop, Netns};
+
+/// A client that connects, writes and exits between two resolver passes
+/// (the pass interval is set to a minute) has no process left to find; the
+/// tc program took its socket's cgroup v2 id from the packets it sent, and
+/// that names its container. Runs `flowprobe` with `nsenter --net`, which
+/// keeps the cgroup2 mount (`ip netns exec` mounts a /sys without it).
+#[test]
+fn a_client_gone_before_any_pass_is_named_by_its_cgroup() {
+    if !enabled("live_attrib") {
+        return;
+    }
+    let Some(unified) = fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            (post.split_whitespace().next()? == "cgroup2")
+                .then(|| pre.split_whitespace().nth(4).map(str::to_owned))?
+        })
+    else {
+        panic!("no cgroup2 mount on this host: the cgroup id cannot name a container");
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let ns = Netns::create("fpc", "cgid");
+    veth_pair(&ns, "fpc0", "fpc1", "10.81.0.1", "10.81.0.2", "24");
+    let id = container_id(9);
+    let parent = PathBuf::from(&unified).join(format!("flowprobe-test-{}", std::process::id()));
+    let cg = parent.join(format!("docker-{id}.scope"));
+    fs::create_dir_all(&cg).unwrap();
+    struct Rm(PathBuf, PathBuf);
+    impl Drop for Rm {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir(&self.0);
+            let _ = fs::remove_dir(&self.1);
+        }
+    }
+    let _rm = Rm(cg.clone(), parent);
+
+    let ready = dir.path().join("ready");
+    let server = format!(
+        "import socket\n\
+         s = socket.create_server(('10.81.0.2', 7100))\n\
+         open('{}', 'w').close()\n\
+         c, _ = s.accept()\n\
+         while c.recv(65536): pass\n",
+        ready.display()
+    );
+    let mut server = KillOnDrop(python(&ns.b, &server).spawn().unwrap());
+    wait_for("the server", || ready.exists());
+    let netns = format!("--net=/run/netns/{}", ns.a);
+    let probe = Command::new("nsenter")
+        .args([
+            &netns,
+            env!("CARGO_BIN_EXE_flowprobe"),
+            "run",
+            "--backend",
+            "tc",
+        ])
+        .args(["--iface", "fpc0", "--format", "json"])
+        .env("FLOWPROBE_ATTRIB_INTERVAL_MS", "60000")
+        .stdout(fs::File::create(dir.path().join("out.json")).unwrap())
+        .stderr(fs::File::create(dir.path().join("out.err")).unwrap())
+        .spawn()
+        .unwrap();
+    let mut probe = KillOnDrop(probe);
+    wait_for("flowprobe to attach", || {
+        tc_attached(&ns.a, "fpc0", "egress")
+    });
+    // The client moves itself into the container's cgroup, then runs.
+    let client = format!(
+        "echo $$ > {}/cgroup.procs && exec ip netns exec {} python3 -c \"\
+import socket
+c = socket.create_connection(('10.81.0.2', 7100)); c.sendall(b'x' * 5000); c.close()\"",
+        cg.display(),
+        ns.a
+    );
+    assert!(Command::new("sh")
+        .args(["-c", &client])
+        .status()
+        .unwrap()
+        .success());
+    assert!(server.wait().unwrap().success());
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(probe.id() as i32, libc::SIGINT) };
+    assert!(probe.wait().unwrap().success());
+
+    let out = fs::read_to_string(dir.path().join("out.json")).unwrap();
+    let conns = json_lines(&out);
+    let c = conns
+        .iter()
+        .find(|c| c["proto"] == "tcp" && c["dport"] == 7100)
+        .unwrap_or_else(|| panic!("no connection to port 7100:\n{out}"));
+    let t = &c["src_tags"];
+    assert_eq!(
+        t["unattributed"], "no_process",
+        "the resolver was to miss it: {t}"
+    );
+    assert_eq!(t["container"], id.as_str(), "{t}");
+    assert_eq!(t["runtime"], "docker", "{t}");
+    let ino = fs::metadata(&cg).unwrap().ino();
+    assert_eq!(t["cgroup_id"], ino.to_string(), "{t}");
+    assert_eq!(c["sent"]["bytes"], 5000);
+}

@@ -1,0 +1,28 @@
+//! Process attribution of `flowprobe run` (root), one module per topic:
+//!
+//! - `processes`: every connection's ends carry the pid, process name,
+//!   container, pod and service of the processes that own their sockets,
+//!   across network namespaces, also for 500 short-lived connections.
+//! - `cgroup_id`: a client gone before any resolver pass is named by the
+//!   cgroup id the tc program took from its socket.
+//!
+//! Runs with `FLOWPROBE_LIVE_TESTS=1` (the root tier of scripts/test.sh).
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod cgroup_id;
+mod processes;
+
+/// 64 hex digits, unique per test run and role.
+fn container_id(role: u8) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    format!(
+        "{:016x}{nanos:016x}{:016x}{role:016x}",
+        std::process::id(),
+        0xf10f_u64
+    )
+}

@@ -1,0 +1,131 @@
+//! `flowprobe run` with the kernel program on live interfaces (root), one
+//! module per topic:
+//!
+//! - `counts`: two fresh network namespaces joined by a veth, offloads left
+//!   on (so the tc program sees GSO super-packets). Loss is induced in each
+//!   receiver's INPUT chain (`iptables -m statistic`), downstream of the
+//!   probe and of the sender's transmit path, so the kernel counts real
+//!   retransmissions. `flowprobe run --iface <veth>` runs inside each
+//!   namespace while `fixtures/capture/tcpapp.py` drives several TCP
+//!   connections in parallel and records every socket's `TCP_INFO`, beside
+//!   a UDP echo. For every connection and both directions, at the sending
+//!   side's probe and at the receiving side's: `bytes −
+//!   retransmitted_bytes` = bytes the application wrote, `retransmits` =
+//!   `tcpi_total_retrans`, `retransmitted_bytes` = `tcpi_bytes_retrans`,
+//!   `bytes` = `tcpi_bytes_sent`; the retransmits each side sent = its
+//!   namespace's `RetransSegs` delta; UDP datagrams and bytes once each
+//!   way; IPv4 and IPv6.
+//! - `interfaces`: without `--iface` a veth created while `run` runs is
+//!   attached within a second and its traffic counted, with nothing of ours
+//!   left after exit.
+//! - `stale_filters`: the next start after a `kill -9` removes what the
+//!   killed run left, and only that.
+//! - `missing`: without the program, `run --backend tc` says what is
+//!   missing in one line.
+//! - `test_run`: the fixture captures pushed through the loaded program with
+//!   `BPF_PROG_TEST_RUN` equal `flowprobe replay` of them.
+//! - `full_map`: a full connection table is counted, never silent.
+//! - `drain`: closed connections drained from a map much smaller than their
+//!   number.
+//! - `xdp_gateway`: `--backend xdp` on a forwarding gateway namespace between
+//!   client and server namespaces.
+//!
+//! Runs only with `FLOWPROBE_LIVE_TESTS=1` (the root tier of
+//! `scripts/test.sh` sets it after building the eBPF object); otherwise it
+//! is skipped with a message. Set but not root: skipped, or a failure when
+//! `CI=true`.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod counts;
+mod drain;
+mod full_map;
+mod interfaces;
+mod missing;
+mod stale_filters;
+mod test_run;
+mod xdp_gateway;
+
+use std::path::{Path, PathBuf};
+
+use common::repo_root;
+use common::root::{
+    conn_args, drop_in_input, sh_out, spawn_flowprobe, tcpapp_exchange, veth_pair, KillOnDrop,
+    Netns,
+};
+
+const VETH_A: &str = "fpl0";
+const VETH_B: &str = "fpl1";
+
+/// The namespaces, a veth between them (client `ca` in A, server `sa` in
+/// B), and every 13th large TCP packet dropped in each receiver's INPUT
+/// chain. Returns the client's and the server's address.
+fn setup(tag: &str, v6: bool) -> (Netns, &'static str, &'static str) {
+    let ns = Netns::create("fpl", tag);
+    let (ca, sa, plen, ipt) = if v6 {
+        ("fd77::1", "fd77::2", "64", "ip6tables")
+    } else {
+        ("10.78.0.1", "10.78.0.2", "24", "iptables")
+    };
+    veth_pair(&ns, VETH_A, VETH_B, ca, sa, plen);
+    for n in [&ns.a, &ns.b] {
+        // Every 13th large TCP packet dropped in the receiver's INPUT chain.
+        drop_in_input(n, ipt);
+    }
+    (ns, ca, sa)
+}
+
+/// (client port, client writes, server writes): several in parallel.
+const CONNS: [(u16, u64, u64); 4] = [
+    (40000, 600_000, 200_000),
+    (40001, 2_000_000, 50_000),
+    (40002, 100_000, 900_000),
+    (40003, 1_000_000, 1_000_000),
+];
+
+/// One UDP exchange beside them: the client sends this many datagrams
+/// (1 to 1400 bytes) from this port and the server echoes each.
+const UDP_PORT: u16 = 41000;
+const UDP_DATAGRAMS: u64 = 30;
+
+/// `flowprobe run` on `dev` inside `ns`; output in `dir/TAG.json`,
+/// stderr in `dir/TAG.err`.
+fn spawn_probe(ns: &str, dev: &str, duration: Option<&str>, dir: &Path, tag: &str) -> KillOnDrop {
+    let mut args = vec!["run", "--iface", dev, "--format", "json"];
+    if let Some(d) = duration {
+        args.extend(["--duration", d]);
+    }
+    spawn_flowprobe(ns, &[], &args, dir, tag)
+}
+
+/// The four TCP connections of `CONNS` and the UDP exchange, client in
+/// `ns.a`; the sockets' truth in `dir`.
+fn traffic(ns: &Netns, ca: &str, sa: &str, dir: &Path) {
+    let mut args = conn_args(&CONNS);
+    args.extend(["--udp".to_owned(), format!("{UDP_PORT}:{UDP_DATAGRAMS}")]);
+    tcpapp_exchange(&ns.a, ca, &ns.b, sa, dir, &args);
+}
+
+/// None of our filters and no clsact qdisc we added are left on `dev`.
+fn no_filters_left(ns: &str, dev: &str) {
+    for hook in ["ingress", "egress"] {
+        let f = sh_out(&[
+            "ip", "netns", "exec", ns, "tc", "filter", "show", "dev", dev, hook,
+        ]);
+        assert!(f.trim().is_empty(), "filters left on {dev} {hook}: {f}");
+    }
+    let q = sh_out(&["ip", "netns", "exec", ns, "tc", "qdisc", "show", "dev", dev]);
+    assert!(
+        !q.contains("clsact"),
+        "the clsact qdisc we added is left: {q}"
+    );
+}
+
+/// An object `cargo xtask build-ebpf --release` built: `probe-ebpf` or
+/// `tc-baseline`.
+fn ebpf_object(name: &str) -> PathBuf {
+    repo_root()
+        .join("target/ebpf/bpfel-unknown-none/release")
+        .join(name)
+}

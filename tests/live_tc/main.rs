@@ -29,6 +29,10 @@
 //!   number.
 //! - `xdp_gateway`: `--backend xdp` on a forwarding gateway namespace between
 //!   client and server namespaces.
+//! - `churn`: 3000 short connections from 1000 ports, each port reused
+//!   before the connection that used it last has left the kernel table:
+//!   every one in the final output and the export once, with its bytes
+//!   (`tests/common/churn.rs`).
 //!
 //! Runs only with `FLOWPROBE_LIVE_TESTS=1` (the root tier of
 //! `scripts/test.sh` sets it after building the eBPF object); otherwise it
@@ -38,6 +42,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod churn;
 mod counts;
 mod drain;
 mod full_map;

@@ -32,11 +32,14 @@
 //!   while userspace reads its final state.
 //! - Lookups stop at the first `EMPTY` slot: nothing is ever inserted past
 //!   one, and slots never become `EMPTY` again (drained ones are `FREE`).
-//! - A pure SYN (SYN without ACK) on the key of a connection that is over
-//!   (FIN each way or an RST) or whose start was never seen (no SYN: it
-//!   began before the program, or it is a late packet of a connection
-//!   userspace had drained already) opens a new connection on that
-//!   5-tuple. Clients reuse ports (after `TIME_WAIT`, or a second after
+//! - A pure SYN (SYN without ACK) that is not a retransmission of the
+//!   SYN the key's connection began with (another sequence number), or
+//!   that comes after that connection is over (FIN each way or an RST), or
+//!   on a connection whose start was never seen (no SYN: it began before
+//!   the program, or it is a late packet of a connection userspace had
+//!   drained already), opens a new connection on that 5-tuple (see
+//!   `over`: the sequence number covers an end the table missed, such as
+//!   a FIN counted without the tracker, `update_contended`). Clients reuse ports (after `TIME_WAIT`, or a second after
 //!   the close with `tcp_tw_reuse`): at 1000 connections a second, often
 //!   before the old entry is drained. The kernel marks the old slot
 //!   `ENDED` (`LIVE` → `ENDED`, a compare-exchange, so a drain that began
@@ -85,7 +88,7 @@ pub mod state {
     /// Drained: may be reused, but probe sequences go on past it.
     pub const FREE: u32 = 3;
     /// Holds a connection that is over and whose 5-tuple a new connection
-    /// took ([`super::locate`] with `syn`): not matched, not reused;
+    /// took ([`super::locate`] with a `syn`): not matched, not reused;
     /// userspace drains it at once ([`super::drain`]).
     pub const ENDED: u32 = 4;
 }
@@ -137,6 +140,32 @@ unsafe fn holds(s: *const Slot, want: &[u64; 6]) -> bool {
     }
 }
 
+/// [`same`], reading `b` from memory at each call: for [`locate_slow`],
+/// which then keeps no copy of the key in its stack frame (the deepest
+/// call chain of the tc program is at the verifier's 512-byte limit).
+///
+/// # Safety
+/// `b` is valid for reads.
+#[inline(always)]
+unsafe fn same_reread(a: &[u64; 6], b: *const [u64; 6]) -> bool {
+    // SAFETY: caller's contract.
+    let w = |i: usize| unsafe { core::ptr::read_volatile(b.cast::<u64>().add(i)) };
+    a[0] == w(0) && a[1] == w(1) && a[2] == w(2) && a[3] == w(3) && a[4] == w(4) && a[5] == w(5)
+}
+
+/// [`holds`] with [`same_reread`].
+///
+/// # Safety
+/// `s` is a valid slot, `want` valid for reads.
+#[inline(always)]
+unsafe fn holds_reread(s: *const Slot, want: *const [u64; 6]) -> bool {
+    // SAFETY: caller's contract.
+    unsafe {
+        core::ptr::read_volatile(&raw const (*s).state) == state::LIVE
+            && same_reread(words(&(*s).key), want)
+    }
+}
+
 /// The table's memory: slot `i` for `i` within `mask`.
 pub trait Slots {
     /// `None` only when `i` is out of range (the verifier wants the check).
@@ -168,8 +197,9 @@ pub enum Located {
 /// inserts it with `init` (called on the zeroed entry, its locks held); on
 /// success the caller holds that direction's lock and must release it
 /// (`Atomics::unlock(&entry.dir[dir].lock)`). `syn`: the packet is a pure
-/// SYN (SYN without ACK), which starts a new entry when the key's entry
-/// holds a connection that is [`over`] (the module comment).
+/// SYN (SYN without ACK) with this sequence number, which starts a new
+/// entry when the key's entry holds a connection that is [`over`] for it
+/// (the module comment).
 ///
 /// # Safety
 /// Every slot `t` hands out is valid, 64-byte aligned, and written only
@@ -181,7 +211,7 @@ pub unsafe fn locate<T: Slots, A: Atomics>(
     key: &ConnKey,
     h: u32,
     dir: usize,
-    syn: bool,
+    syn: Option<u32>,
     spins: u32,
     a: &A,
     init: impl Fn(&mut FlowEntry),
@@ -189,7 +219,7 @@ pub unsafe fn locate<T: Slots, A: Atomics>(
     // The common case first, in few instructions: the key in its home slot,
     // the lock free at the first try, not a SYN.
     let want = words(key);
-    if !syn {
+    if syn.is_none() {
         if let Some(s) = t.slot(h & t.mask()) {
             // SAFETY: caller's contract; checked again under the lock.
             unsafe {
@@ -205,35 +235,48 @@ pub unsafe fn locate<T: Slots, A: Atomics>(
             }
         }
     }
+    let way = match syn {
+        Some(seq) => (seq as u64) << 32 | 2 | (dir & 1) as u64,
+        None => (dir & 1) as u64,
+    };
     // SAFETY: caller's contract.
-    unsafe { locate_slow(t, key, h, dir & 1 | (syn as usize) << 1, spins, a, init) }
+    unsafe { locate_slow(t, key, h, way, spins, a, init) }
 }
 
-/// The connection in slot `s` is over ([`TcpDir::closed`]), or its start
-/// was never seen (its [`evidence`] is less than a SYN): a pure SYN on its
-/// key opens a new connection. Read without a lock: the bits it reads stay
-/// set once set.
+/// For a pure SYN with sequence number `seq` in direction `dir`, the
+/// connection in slot `s` is over: it closed ([`TcpDir::closed`]), its
+/// start was never seen (its [`evidence`] is less than a SYN), or it began
+/// with another SYN from that side (not a retransmission: another
+/// sequence number; [`crate::handshake`] keeps its end). The SYN then
+/// opens a new connection. Read without a lock: the flags stay set once
+/// set, and the SYN's end is written once, by its own direction.
+///
+/// Not inlined: rare (a SYN on a key in use), and out of `locate_slow`'s
+/// stack frame.
 ///
 /// # Safety
 /// `s` is a valid slot.
-#[inline(always)]
-unsafe fn over(s: *const Slot) -> bool {
-    // SAFETY: caller's contract; single-byte loads.
+#[inline(never)]
+unsafe fn over(s: *const Slot, dir: usize, seq: u32) -> bool {
+    // SAFETY: caller's contract; plain loads of single fields.
     unsafe {
         let e = &raw const (*s).entry;
+        let d = &raw const (*e).dir[dir & 1];
         core::ptr::read_volatile(&raw const (*e).evidence) < evidence::SYN
             || TcpDir::closed(
                 core::ptr::read_volatile(&raw const (*e).dir[0].tcp.flags),
                 core::ptr::read_volatile(&raw const (*e).dir[1].tcp.flags),
             )
+            || core::ptr::read_volatile(&raw const (*e).hs_flags[dir & 1]) != 0
+                && core::ptr::read_volatile(&raw const (*d).hs_end) != seq.wrapping_add(1)
     }
 }
 
 /// [`locate`] in full: every probe, the lock spin, the insert. Not inlined:
 /// rare (a new connection, a collision, a held lock, a SYN), and kept out
 /// of the common path's instruction stream. `way`: the direction in bit 0,
-/// bit 1 set for a pure SYN (one argument: a BPF function takes at most
-/// five).
+/// bit 1 set for a pure SYN, whose sequence number is the high half (one
+/// argument: a BPF function takes at most five).
 ///
 /// # Safety
 /// As [`locate`].
@@ -242,13 +285,13 @@ unsafe fn locate_slow<T: Slots, A: Atomics>(
     t: &T,
     key: &ConnKey,
     h: u32,
-    way: usize,
+    way: u64,
     spins: u32,
     a: &A,
     init: impl Fn(&mut FlowEntry),
 ) -> Located {
-    let (dir, syn) = (way & 1, way & 2 != 0);
-    let want = words(key);
+    let dir = (way & 1) as usize;
+    let want: *const [u64; 6] = words(key);
     let mask = t.mask();
     let mut attempt = 0;
     while attempt < 2 {
@@ -268,17 +311,9 @@ unsafe fn locate_slow<T: Slots, A: Atomics>(
             let st = unsafe { core::ptr::read_volatile(&raw const (*s).state) };
             if st == state::LIVE {
                 // SAFETY: as above.
-                if same(unsafe { words(&(*s).key) }, want) {
-                    // SAFETY: as above.
-                    if !syn || !unsafe { over(s) } {
-                        hit = s;
-                        break;
-                    }
-                    // A new connection on this 5-tuple: the old one is set
-                    // aside whole (a drain that began first wins), and the
-                    // probe goes on for a slot for the new one.
-                    // SAFETY: as above.
-                    unsafe { a.cas_u32(&raw mut (*s).state, state::LIVE, state::ENDED) };
+                if unsafe { same_reread(words(&(*s).key), want) } {
+                    hit = s;
+                    break;
                 }
             } else if st == state::EMPTY || st == state::FREE {
                 if free.is_null() {
@@ -291,6 +326,16 @@ unsafe fn locate_slow<T: Slots, A: Atomics>(
         }
         if !hit.is_null() {
             let s = hit;
+            // Out of the probe loop: the verifier walks this once.
+            // SAFETY: caller's contract.
+            if way & 2 != 0 && unsafe { over(s, dir, (way >> 32) as u32) } {
+                // A new connection on this 5-tuple: the old one is set
+                // aside whole (a drain that began first wins), and the
+                // next try finds a slot for the new one.
+                // SAFETY: as above.
+                unsafe { a.cas_u32(&raw mut (*s).state, state::LIVE, state::ENDED) };
+                continue;
+            }
             // SAFETY: caller's contract.
             let lock = unsafe { &raw mut (*s).entry.dir[dir].lock };
             // SAFETY: as above.
@@ -302,7 +347,7 @@ unsafe fn locate_slow<T: Slots, A: Atomics>(
                 unsafe {
                     let writers = &raw mut (*s).writers;
                     a.add_u32(writers, 1);
-                    if holds(s, want) {
+                    if holds_reread(s, want) {
                         return Located::Contended(s);
                     }
                     a.add_u32(writers, u32::MAX);
@@ -310,7 +355,7 @@ unsafe fn locate_slow<T: Slots, A: Atomics>(
                 continue;
             }
             // SAFETY: we hold the lock.
-            if unsafe { holds(s, want) } {
+            if unsafe { holds_reread(s, want) } {
                 return Located::Found(s);
             }
             // Drained since we looked: again.
@@ -343,7 +388,7 @@ unsafe fn locate_slow<T: Slots, A: Atomics>(
         }
         let other = if dir == 0 { l1 } else { l0 };
         // SAFETY: we hold both locks.
-        if unsafe { holds(s, want) } {
+        if unsafe { holds_reread(s, want) } {
             // Another CPU inserted this very key first.
             // SAFETY: we hold it.
             unsafe { a.unlock(other) };

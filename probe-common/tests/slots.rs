@@ -66,7 +66,7 @@ fn packet_seeded(t: &Table, k: &ConnKey, dir: usize, len: u32, spins: u32, seed:
             k,
             slots::hash(k, seed),
             dir,
-            false,
+            None,
             spins,
             &CoreAtomics,
             |e| e.init(1, dir, k, None),
@@ -276,7 +276,7 @@ fn segment(t: &Table, k: &ConnKey, dir: usize, flags: u8, seq: u32, len: u32) ->
         payload_len: len,
         l3_len: len + 40,
     };
-    let syn = flags & (f::SYN | f::ACK) == f::SYN;
+    let syn = (flags & (f::SYN | f::ACK) == f::SYN).then_some(seq);
     // SAFETY: `t`'s slots are only touched through these functions.
     unsafe {
         let l = locate(
@@ -367,6 +367,30 @@ fn a_syn_after_the_close_starts_a_new_entry_and_ends_the_old() {
         segment(&t, &k, 1, f::SYN | f::ACK, 90_000, 0),
         Located::Found(_)
     ));
+}
+
+#[test]
+fn a_syn_with_another_sequence_number_starts_a_new_entry() {
+    use probe_common::parse::tcp_flags as f;
+    let t = Table::new(64);
+    let k = tcp_key(1);
+    // A connection whose end the table missed (say, its FINs were counted
+    // without the tracker): a retransmission of its SYN is the same
+    // connection, a SYN with another sequence number a new one.
+    segment(&t, &k, 0, f::SYN, 1000, 0);
+    segment(&t, &k, 1, f::SYN | f::ACK, 50, 0);
+    segment(&t, &k, 0, f::ACK, 1001, 300);
+    assert!(matches!(
+        segment(&t, &k, 0, f::SYN, 1000, 0),
+        Located::Found(_)
+    ));
+    assert!(matches!(
+        segment(&t, &k, 0, f::SYN, 900_000, 0),
+        Located::New(..)
+    ));
+    let mut st = states(&t);
+    st.sort();
+    assert_eq!(st, [state::LIVE, state::ENDED]);
 }
 
 #[test]

@@ -517,7 +517,8 @@ fn count<const TC: bool>(key: &ConnKey, dir: usize, p: &Pkt, segs: u32, skb: *mu
     let seed = unsafe { core::ptr::read_volatile(&raw const CONNS_SEED) };
     let flags = if p.is_tcp { Some(p.tcp.flags) } else { None };
     // A pure SYN may open a new connection on a 5-tuple used before.
-    let syn = p.is_tcp && p.tcp.flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN;
+    let syn = (p.is_tcp && p.tcp.flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN)
+        .then_some(p.tcp.seq);
     // SAFETY: `Table` hands out `CONNS` slots, written only through
     // `probe_common::slots` and `update` (and userspace's drain).
     let located = unsafe {

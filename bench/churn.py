@@ -24,6 +24,7 @@ first_seen), for the TCP connections to DPORT. Prints one JSON object
 """
 import asyncio
 import json
+import resource
 import sys
 import time
 from collections import Counter
@@ -46,6 +47,7 @@ async def serve(a, ready):
         await w.drain()
         w.close()
 
+    more_files()
     host, port = addr(a)
     srv = await asyncio.start_server(handle, host, port, backlog=4096, reuse_address=True)
     open(ready, "w").close()
@@ -53,7 +55,14 @@ async def serve(a, ready):
         await srv.serve_forever()
 
 
+def more_files():
+    """A stall of the machine leaves thousands of connections open at once."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 async def churn(a, rate, n, out):
+    more_files()
     host, port = addr(a)
     loop = asyncio.get_running_loop()
     made, failed, late = [], [0], [0.0]

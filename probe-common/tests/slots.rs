@@ -33,17 +33,23 @@ impl Slots for Table {
     }
 }
 
-fn key(n: u16) -> ConnKey {
+/// Connection `n` of protocol `proto` between two hosts.
+fn key_of(n: u16, proto: u8) -> ConnKey {
     let k = FlowKey {
         src: probe_common::key::v4_mapped([10, 0, 0, 1]),
         dst: probe_common::key::v4_mapped([10, 0, 0, 2]),
         sport: 20000 + n,
         dport: 80,
-        proto: 17,
+        proto,
         family: 4,
         _pad: [0; 2],
     };
     ConnKey::of(&k, 1).0
+}
+
+/// A UDP key.
+fn key(n: u16) -> ConnKey {
+    key_of(n, 17)
 }
 
 /// One UDP datagram of `len` bytes on connection `k` in direction `dir`,
@@ -247,18 +253,9 @@ fn keys_spread_over_the_table() {
     }
 }
 
-/// A TCP key (`key` is UDP).
+/// A TCP key.
 fn tcp_key(n: u16) -> ConnKey {
-    let k = FlowKey {
-        src: probe_common::key::v4_mapped([10, 0, 0, 1]),
-        dst: probe_common::key::v4_mapped([10, 0, 0, 2]),
-        sport: 20000 + n,
-        dport: 80,
-        proto: 6,
-        family: 4,
-        _pad: [0; 2],
-    };
-    ConnKey::of(&k, 1).0
+    key_of(n, 6)
 }
 
 /// One TCP segment as the eBPF program counts it: `flags`, `len` payload
@@ -321,12 +318,16 @@ fn short_connection(t: &Table, k: &ConnKey, isn: u32, len: u32) {
     }
 }
 
+/// The states of the slots in use, sorted.
 fn states(t: &Table) -> Vec<u32> {
-    // SAFETY: no other thread.
-    t.0.iter()
-        .map(|c| unsafe { (*c.get()).state })
-        .filter(|&s| s != state::EMPTY)
-        .collect()
+    let mut v: Vec<u32> =
+        t.0.iter()
+            // SAFETY: no other thread.
+            .map(|c| unsafe { (*c.get()).state })
+            .filter(|&s| s != state::EMPTY)
+            .collect();
+    v.sort();
+    v
 }
 
 #[test]
@@ -347,9 +348,7 @@ fn a_syn_after_the_close_starts_a_new_entry_and_ends_the_old() {
         segment(&t, &k, 0, f::SYN, 90_000, 0),
         Located::New(..)
     ));
-    let mut st = states(&t);
-    st.sort();
-    assert_eq!(st, [state::LIVE, state::LIVE, state::ENDED]);
+    assert_eq!(states(&t), [state::LIVE, state::LIVE, state::ENDED]);
     // The ENDED slot leaves whatever `due` says, with the first
     // connection's counts only; the new one stays.
     let mut out = Vec::new();
@@ -388,9 +387,7 @@ fn a_syn_with_another_sequence_number_starts_a_new_entry() {
         segment(&t, &k, 0, f::SYN, 900_000, 0),
         Located::New(..)
     ));
-    let mut st = states(&t);
-    st.sort();
-    assert_eq!(st, [state::LIVE, state::ENDED]);
+    assert_eq!(states(&t), [state::LIVE, state::ENDED]);
 }
 
 #[test]
@@ -404,9 +401,7 @@ fn a_syn_on_a_tail_starts_a_new_entry() {
         segment(&t, &k, 0, f::SYN, 90_000, 0),
         Located::New(..)
     ));
-    let mut st = states(&t);
-    st.sort();
-    assert_eq!(st, [state::LIVE, state::ENDED]);
+    assert_eq!(states(&t), [state::LIVE, state::ENDED]);
 }
 
 #[test]

@@ -15,6 +15,9 @@
 //!   `bytes` = `tcpi_bytes_sent`; the retransmits each side sent = its
 //!   namespace's `RetransSegs` delta; UDP datagrams and bytes once each
 //!   way; IPv4 and IPv6.
+//! - `bridge`: a container host (a bridge, two containers on veths): a
+//!   connection whose packets cross two interfaces of the host comes out
+//!   once, each direction counted once and exactly.
 //! - `interfaces`: without `--iface` a veth created while `run` runs is
 //!   attached within a second and its traffic counted, with nothing of ours
 //!   left after exit.
@@ -38,6 +41,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod bridge;
 mod counts;
 mod drain;
 mod full_map;

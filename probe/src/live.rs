@@ -17,7 +17,6 @@
 //! start ([`stale`]).
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -507,24 +506,10 @@ fn detach_all(ebpf: &mut Ebpf, attached: Vec<Attached>) -> Result<()> {
                 );
                 continue;
             }
-            let out = Command::new("tc")
-                .args(["qdisc", "del", "dev", &a.iface, "clsact"])
-                .output();
-            match out {
-                Ok(o) if o.status.success() => {}
-                Ok(o) => {
-                    let msg = format!(
-                        "removing the clsact qdisc we added to {}: {}",
-                        a.iface,
-                        String::from_utf8_lossy(&o.stderr).trim()
-                    );
-                    eprintln!("flowprobe: {msg}");
-                    first_err.get_or_insert_with(|| anyhow::anyhow!(msg));
-                }
-                Err(e) => {
-                    eprintln!("flowprobe: running tc to remove the clsact qdisc: {e}");
-                    first_err.get_or_insert_with(|| anyhow::anyhow!("running tc: {e}"));
-                }
+            if let Err(e) = crate::tc_netlink::clsact_del(a.index) {
+                let msg = format!("removing the clsact qdisc we added to {}: {e}", a.iface);
+                eprintln!("flowprobe: {msg}");
+                first_err.get_or_insert_with(|| anyhow::anyhow!(msg));
             }
         }
     }

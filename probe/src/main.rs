@@ -14,6 +14,7 @@ mod mmap;
 mod output;
 mod query;
 mod replay;
+mod tc_netlink;
 
 use std::io::{self, Write};
 use std::net::SocketAddr;

@@ -19,7 +19,8 @@
 //! `BPF_PROG_TEST_RUN` equal `flowprobe replay` of them; without `--iface`
 //! a veth created while `run` runs is attached within a second and its
 //! traffic counted, with nothing of ours left after exit; the next start
-//! after a `kill -9` removes what the killed run left, and only that.
+//! after a `kill -9` removes what the killed run left, and only that; the
+//! rtnetlink clsact helpers the run uses instead of `tc` agree with `tc`.
 //!
 //! Runs only with `FLOWPROBE_LIVE_TESTS=1` (the root tier of
 //! `scripts/test.sh` sets it after building the eBPF object); otherwise it
@@ -27,8 +28,14 @@
 //! `CI=true`.
 
 mod common;
+// `flowprobe run`'s clsact helpers, compiled into this test as they are (the
+// binary has no library); the binary does not use everything the test does.
+#[allow(dead_code)]
+#[path = "../probe/src/tc_netlink.rs"]
+mod tc_netlink;
 
 use std::fs;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -573,6 +580,119 @@ fn next_run_removes_what_a_killed_run_left() {
     );
     let q = sh_out(&[&exec[..], &["tc", "qdisc", "show", "dev", "fpk1"]].concat());
     assert!(q.contains("clsact"), "the other clsact is gone: {q}");
+}
+
+/// Runs `f` on a thread that joins network namespace `ns` first.
+fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
+    let file = fs::File::open(format!("/run/netns/{ns}")).unwrap();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: setns(2) on a valid descriptor; only this thread, which
+            // ends after `f`.
+            let r = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(r, 0, "setns {ns}: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .unwrap()
+    })
+}
+
+/// probe/src/tc_netlink.rs against the tc binary on a veth in a fresh
+/// namespace: an empty clsact reads empty, one with a bpf filter does not
+/// (and lists it), `clsact_del` removes the qdisc, and it refuses an
+/// `ingress` qdisc (same handle) and a missing one in one line.
+#[test]
+fn clsact_over_netlink_agrees_with_tc() {
+    use tc_netlink::{clsact_del, clsact_is_empty, filters_on, Hook};
+    if !enabled("live_tc") {
+        return;
+    }
+    let ns = Netns::create("fpl", "nltc");
+    sh(&[
+        "ip", "-n", &ns.a, "link", "add", "fpt0", "type", "veth", "peer", "name", "fpt1",
+    ]);
+    sh(&["ip", "-n", &ns.a, "link", "set", "fpt0", "up"]);
+    let index = ifindex(&ns.a, "fpt0") as u32;
+    let tc = |args: &[&str]| sh(&[&["ip", "netns", "exec", &ns.a, "tc"][..], args].concat());
+    let qdiscs = || {
+        sh_out(&[
+            "ip", "netns", "exec", &ns.a, "tc", "qdisc", "show", "dev", "fpt0",
+        ])
+    };
+
+    tc(&["qdisc", "add", "dev", "fpt0", "clsact"]);
+    assert!(in_netns(&ns.a, || clsact_is_empty(index).unwrap()));
+
+    let baseline = repo_root().join("target/ebpf/bpfel-unknown-none/release/tc-baseline");
+    tc(&[
+        "filter",
+        "add",
+        "dev",
+        "fpt0",
+        "egress",
+        "prio",
+        "7",
+        "bpf",
+        "da",
+        "obj",
+        baseline.to_str().unwrap(),
+        "sec",
+        "classifier",
+    ]);
+    let (empty, ingress, egress) = in_netns(&ns.a, || {
+        (
+            clsact_is_empty(index).unwrap(),
+            filters_on(index, Hook::Ingress).unwrap(),
+            filters_on(index, Hook::Egress).unwrap(),
+        )
+    });
+    assert!(!empty);
+    assert!(ingress.is_empty(), "{ingress:?}");
+    // ETH_P_ALL: `protocol all`, tc's default.
+    assert!(
+        egress
+            .iter()
+            .any(
+                |f| (f.kind.as_str(), f.priority, f.protocol, f.chain) == ("bpf", 7, 3, 0)
+                    && f.handle != 0
+            ),
+        "{egress:?}"
+    );
+
+    in_netns(&ns.a, || clsact_del(index)).unwrap();
+    let q = qdiscs();
+    assert!(!q.contains("clsact"), "clsact still there: {q}");
+
+    // Refused as `tc qdisc del` is refused, in one line: no clsact any more
+    // (the ingress queue stays, with handle 0), and an `ingress` qdisc,
+    // which has the same handle.
+    let refused = |what: &str| {
+        let ours = in_netns(&ns.a, || clsact_del(index))
+            .unwrap_err()
+            .to_string();
+        let out = Command::new("ip")
+            .args([
+                "netns", "exec", &ns.a, "tc", "qdisc", "del", "dev", "fpt0", "clsact",
+            ])
+            .output()
+            .unwrap();
+        let theirs = String::from_utf8_lossy(&out.stderr);
+        eprintln!("{what}: {ours} (tc: {})", theirs.trim());
+        let text = theirs
+            .trim()
+            .trim_start_matches("Error: ")
+            .trim_end_matches('.');
+        assert!(
+            !out.status.success() && !ours.contains('\n') && ours.starts_with(text),
+            "{what}: {ours} vs tc's {theirs}"
+        );
+    };
+    refused("no clsact");
+    tc(&["qdisc", "add", "dev", "fpt0", "ingress"]);
+    refused("an ingress qdisc");
+    let q = qdiscs();
+    assert!(q.contains("ingress"), "the ingress qdisc is gone: {q}");
 }
 
 /// Runs everywhere: without root, or with an object that is not there,

@@ -490,6 +490,43 @@ fn follows_interfaces_that_appear_and_go() {
     no_filters_left(&ns.a, "lo");
 }
 
+/// A veth pair with both ends in namespace `ns`, up.
+fn veth_in(ns: &str, a: &str, b: &str) {
+    sh(&[
+        "ip", "-n", ns, "link", "add", a, "type", "veth", "peer", "name", b,
+    ]);
+    for d in [a, b] {
+        sh(&["ip", "-n", ns, "link", "set", d, "up"]);
+    }
+}
+
+/// Someone else's filter on `dev`'s clsact `hook`: the empty tc-baseline
+/// program, loaded by tc, so named after the file.
+fn baseline_filter(ns: &str, dev: &str, hook: &str, prio: &str) {
+    let baseline = repo_root().join("target/ebpf/bpfel-unknown-none/release/tc-baseline");
+    let obj = baseline.to_str().unwrap();
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        ns,
+        "tc",
+        "filter",
+        "add",
+        "dev",
+        dev,
+        hook,
+        "prio",
+        prio,
+        "bpf",
+        "da",
+        "obj",
+        obj,
+        "sec",
+        "classifier",
+    ]);
+}
+
 /// After `kill -9` the filters and the clsact qdisc stay; the next start
 /// removes them and says so in one line, and leaves another program's
 /// filter and the clsact qdisc it sits in alone.
@@ -499,36 +536,11 @@ fn next_run_removes_what_a_killed_run_left() {
         return;
     }
     let ns = Netns::create("fpl", "kill");
-    sh(&[
-        "ip", "-n", &ns.a, "link", "add", "fpk0", "type", "veth", "peer", "name", "fpk1",
-    ]);
-    sh(&["ip", "-n", &ns.a, "link", "set", "fpk0", "up"]);
-    sh(&["ip", "-n", &ns.a, "link", "set", "fpk1", "up"]);
-    // Someone else's clsact and filter on fpk1 (the empty tc-baseline
-    // program, loaded by tc, so named after the file): they must survive.
-    let baseline = repo_root().join("target/ebpf/bpfel-unknown-none/release/tc-baseline");
+    veth_in(&ns.a, "fpk0", "fpk1");
+    // Someone else's clsact and filter on fpk1: they must survive.
     let exec = ["ip", "netns", "exec", &ns.a];
     sh(&[&exec[..], &["tc", "qdisc", "add", "dev", "fpk1", "clsact"]].concat());
-    sh(&[
-        &exec[..],
-        &[
-            "tc",
-            "filter",
-            "add",
-            "dev",
-            "fpk1",
-            "ingress",
-            "prio",
-            "1",
-            "bpf",
-            "da",
-            "obj",
-            baseline.to_str().unwrap(),
-            "sec",
-            "classifier",
-        ],
-    ]
-    .concat());
+    baseline_filter(&ns.a, "fpk1", "ingress", "1");
     let probe = Command::new("ip")
         .args(["netns", "exec", &ns.a, env!("CARGO_BIN_EXE_flowprobe")])
         .args(["run", "--format", "json"])
@@ -609,10 +621,7 @@ fn clsact_over_netlink_agrees_with_tc() {
         return;
     }
     let ns = Netns::create("fpl", "nltc");
-    sh(&[
-        "ip", "-n", &ns.a, "link", "add", "fpt0", "type", "veth", "peer", "name", "fpt1",
-    ]);
-    sh(&["ip", "-n", &ns.a, "link", "set", "fpt0", "up"]);
+    veth_in(&ns.a, "fpt0", "fpt1");
     let index = ifindex(&ns.a, "fpt0") as u32;
     let tc = |args: &[&str]| sh(&[&["ip", "netns", "exec", &ns.a, "tc"][..], args].concat());
     let qdiscs = || {
@@ -624,22 +633,7 @@ fn clsact_over_netlink_agrees_with_tc() {
     tc(&["qdisc", "add", "dev", "fpt0", "clsact"]);
     assert!(in_netns(&ns.a, || clsact_is_empty(index).unwrap()));
 
-    let baseline = repo_root().join("target/ebpf/bpfel-unknown-none/release/tc-baseline");
-    tc(&[
-        "filter",
-        "add",
-        "dev",
-        "fpt0",
-        "egress",
-        "prio",
-        "7",
-        "bpf",
-        "da",
-        "obj",
-        baseline.to_str().unwrap(),
-        "sec",
-        "classifier",
-    ]);
+    baseline_filter(&ns.a, "fpt0", "egress", "7");
     let (empty, ingress, egress) = in_netns(&ns.a, || {
         (
             clsact_is_empty(index).unwrap(),

@@ -643,6 +643,14 @@ fn clsact_over_netlink_agrees_with_tc() {
     });
     assert!(!empty);
     assert!(ingress.is_empty(), "{ingress:?}");
+    // One entry a line of `tc filter show`: the priority's (handle 0),
+    // then the filter's.
+    let shown = sh_out(&[
+        "ip", "netns", "exec", &ns.a, "tc", "filter", "show", "dev", "fpt0", "egress",
+    ]);
+    let lines = shown.lines().filter(|l| l.starts_with("filter")).count();
+    assert_eq!(egress.len(), lines, "{egress:?} vs tc's\n{shown}");
+    assert_eq!(egress[0].handle, 0, "{egress:?}");
     // ETH_P_ALL: `protocol all`, tc's default.
     assert!(
         egress

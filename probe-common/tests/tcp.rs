@@ -94,13 +94,34 @@ fn check(steps: &[Step]) -> [DirCounters; 2] {
             tcp: seg.hdr,
         };
         // SAFETY: a live local, no other writer.
-        let how = unsafe { update(&raw mut entry, step.dir, 1, &p.pkt(), 0, &Fixed(0), 1, &Plain) };
+        let how = unsafe {
+            update(
+                &raw mut entry,
+                step.dir,
+                1,
+                &p.pkt(),
+                0,
+                &Fixed(0),
+                1,
+                &Plain,
+            )
+        };
         assert_eq!(how, Updated::Locked);
         let (first, then) = if step.dir == 0 { (2, 3) } else { (3, 2) };
         for (at, want) in [(first, Updated::Locked), (then, Updated::Elsewhere)] {
             // SAFETY: as above.
-            let how =
-                unsafe { update(&raw mut host, step.dir, 1, &p.pkt(), at, &Fixed(0), 1, &Plain) };
+            let how = unsafe {
+                update(
+                    &raw mut host,
+                    step.dir,
+                    1,
+                    &p.pkt(),
+                    at,
+                    &Fixed(0),
+                    1,
+                    &Plain,
+                )
+            };
             assert_eq!(how, want, "step {i} seen at {at}");
         }
         assert_eq!(

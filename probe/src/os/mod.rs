@@ -1,7 +1,8 @@
 //! Operating-system helpers any stage may use: clocks, shared mappings,
-//! rtnetlink links, signals. Nothing here knows about connections.
+//! rtnetlink links and clsact qdiscs, signals. Nothing here knows about connections.
 
 pub mod clock;
+pub mod clsact;
 pub mod links;
 pub mod mmap;
 pub mod signals;

@@ -485,3 +485,21 @@ got = 0
 while got < 700: got += len(c.recv(65536))
 c.close(); a.close(); s.close()
 ";
+
+/// Waits until the ring sockets of one afpacket run in `ns` are bound
+/// (`/proc/net/packet`: protocol 0003 = ETH_P_ALL, running).
+pub fn wait_for_rings(ns: &str, runs: usize) {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    wait_for("the AF_PACKET rings", || {
+        let t = sh_out(&["ip", "netns", "exec", ns, "cat", "/proc/net/packet"]);
+        let bound = t
+            .lines()
+            .skip(1)
+            .filter(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f.get(3) == Some(&"0003") && f.get(5) == Some(&"1")
+            })
+            .count();
+        bound >= cpus * runs
+    });
+}

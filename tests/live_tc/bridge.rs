@@ -16,7 +16,7 @@ use super::CONNS;
 use crate::common::json_lines;
 use crate::common::root::{
     addr_up, conn_args, drop_in_input, enabled, link_up, lower_up, sh, spawn_flowprobe,
-    tc_attached, tcpapp_exchange, truth, veth, wait_for, Namespace,
+    tc_attached, tcpapp_exchange, truth, veth, wait_for, wait_for_rings, Namespace,
 };
 
 const BRIDGE: &str = "fpbr0";
@@ -83,11 +83,25 @@ fn a_bridged_connection_is_counted_once() {
     if !enabled("live_tc") {
         return;
     }
+    bridged("tc");
+}
+
+/// The AF_PACKET backend sees the same copies (one per interface) and
+/// follows the same rule.
+#[test]
+fn a_bridged_connection_is_counted_once_by_afpacket() {
+    if !enabled("live_tc") {
+        return;
+    }
+    bridged("afpacket");
+}
+
+fn bridged(backend: &str) {
     let dir = tempfile::tempdir().unwrap();
     let (host, c1, c2) = (
-        Namespace::create("fpbr", "host"),
-        Namespace::create("fpbr", "c1"),
-        Namespace::create("fpbr", "c2"),
+        Namespace::create("fpbr", &format!("{backend}-host")),
+        Namespace::create("fpbr", &format!("{backend}-c1")),
+        Namespace::create("fpbr", &format!("{backend}-c2")),
     );
     let h = host.name.as_str();
     sh(&["ip", "-n", h, "link", "add", BRIDGE, "type", "bridge"]);
@@ -106,12 +120,17 @@ fn a_bridged_connection_is_counted_once() {
         lower_up(h, "fpbp1") && lower_up(h, "fpbp2")
     });
 
-    let mut probe = spawn_flowprobe(h, &[], &["run", "--format", "json"], dir.path(), "probe");
-    wait_for("flowprobe to attach to the bridge and its ports", || {
-        ["fpbp1", "fpbp2", BRIDGE]
-            .iter()
-            .all(|d| tc_attached(h, d, "egress"))
-    });
+    let args = ["run", "--format", "json", "--backend", backend];
+    let mut probe = spawn_flowprobe(h, &[], &args, dir.path(), "probe");
+    if backend == "tc" {
+        wait_for("flowprobe to attach to the bridge and its ports", || {
+            ["fpbp1", "fpbp2", BRIDGE]
+                .iter()
+                .all(|d| tc_attached(h, d, "egress"))
+        });
+    } else {
+        wait_for_rings(h, 1);
+    }
 
     // Container to container (bridged), with a UDP exchange beside.
     let c2c = dir.path().join("c2c");
@@ -128,7 +147,7 @@ fn a_bridged_connection_is_counted_once() {
     let st = probe.wait().unwrap();
     let err = fs::read_to_string(dir.path().join("probe.err")).unwrap();
     assert!(st.success(), "flowprobe run failed: {err}");
-    eprintln!("flowprobe: {err}");
+    eprintln!("{err}");
     let raw = fs::read_to_string(dir.path().join("probe.json")).unwrap();
     let out = json_lines(&raw);
 

@@ -86,10 +86,13 @@ cargo xtask check-ebpf --release
 cargo xtask smoke-ebpf --release
 # `flowprobe run` on a veth in new namespaces against TCP_INFO; it uses the
 # object check-ebpf just built (the unit tier skips it without this variable).
-FLOWPROBE_LIVE_TESTS=1 cargo test --locked -p flowprobe --test live_tc
+# Two tests at a time: each loads the program (about 4 s of verifier time
+# on a 2-vCPU VM), and more at once only makes every load, and so every
+# wait for an attach, longer.
+FLOWPROBE_LIVE_TESTS=1 cargo test --locked -p flowprobe --test live_tc -- --test-threads=2
 # `flowprobe run --backend afpacket` beside the tc backend, both against
 # TCP_INFO; the fallback to AF_PACKET without CAP_BPF (setpriv, util-linux).
-FLOWPROBE_LIVE_TESTS=1 cargo test --locked -p flowprobe --test live_afpacket
+FLOWPROBE_LIVE_TESTS=1 cargo test --locked -p flowprobe --test live_afpacket -- --test-threads=2
 # `flowprobe run --listen` scraped by Debian's prometheus in a new namespace:
 # PromQL sums = the agent's /query = the bytes the applications wrote.
 FLOWPROBE_LIVE_TESTS=1 cargo test --locked -p flowprobe --test live_agent

@@ -29,15 +29,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 tier() { printf '\n=== %s\n' "$*"; }
+K8S_VENV=$PWD/target/venv-k8s
 is_root() { [ "$(id -u)" = 0 ]; }
 ci() { [ "${CI:-}" = true ]; }
 
 if [ "${FLOWPROBE_SKIP_SETUP:-}" != 1 ]; then
     tier "setup"
     if is_root; then
-        # systemd (systemd-analyze), man-db and python3-yaml: tests/service.rs.
+        # systemd (systemd-analyze), man-db, python3-yaml and python3-venv:
+        # tests/service.rs.
         pkgs=(tcpdump tshark iptables iproute2 ethtool bpftool iperf3 jq softflowd python3 iputils-ping prometheus
-              systemd man-db python3-yaml)
+              systemd man-db python3-yaml python3-venv)
         missing=()
         for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
         if [ ${#missing[@]} -gt 0 ]; then
@@ -47,6 +49,12 @@ if [ "${FLOWPROBE_SKIP_SETUP:-}" != 1 ]; then
             apt-get install -y -qq "${missing[@]}" >/dev/null
         fi
         bash scripts/setup-ebpf-toolchain.sh
+        # The Kubernetes schemas (bundled in the package) that
+        # tests/service.rs checks the DaemonSet against.
+        if [ ! -x "$K8S_VENV/bin/kubernetes-validate" ]; then
+            /usr/bin/python3 -m venv "$K8S_VENV"
+            "$K8S_VENV/bin/pip" install -q kubernetes-validate==1.37.0
+        fi
     elif ci; then
         echo "FAIL: CI=true but not root: cannot install packages or run the root tier" >&2
         exit 1
@@ -61,6 +69,7 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo xtask clippy-ebpf
 
 tier "unit and replay tests"
+if [ -d "$K8S_VENV/bin" ]; then export PATH="$K8S_VENV/bin:$PATH"; fi
 cargo test --workspace --locked
 
 # A flowprobe built without the eBPF toolchain: replay works, and run

@@ -7,10 +7,14 @@
 //!   bounding and ambient sets as the DaemonSet and docs/service.md;
 //! - the DaemonSet parses as YAML (Debian's python3-yaml) and has what
 //!   docs/service.md says: host network and PIDs, the capabilities and no
-//!   privileged mode, probes on /health, resource requests, the mounts;
+//!   privileged mode, probes on /health, resource requests, the mounts; it
+//!   validates strictly against the Kubernetes schemas of 1.30 (the first
+//!   with `appArmorProfile`) and of the latest release `kubernetes-validate`
+//!   bundles (the PyPI package, which scripts/test.sh installs in a venv);
 //! - bash completes commands and flags with `flowprobe completions bash`.
 //!
-//! A tool that is missing (systemd-analyze, python3-yaml) skips its check
+//! A tool that is missing (systemd-analyze, python3-yaml,
+//! kubernetes-validate) skips its check
 //! with a message; with `CI=true` that is a failure (scripts/test.sh
 //! installs both).
 
@@ -234,6 +238,33 @@ fn the_daemonset_has_what_the_docs_say() {
             .find(|m| m["name"] == v["name"])
             .unwrap_or_else(|| panic!("volume {dir} not mounted"));
         assert_eq!(m["mountPath"], dir);
+    }
+}
+
+#[test]
+fn the_daemonset_validates_against_the_kubernetes_schemas() {
+    let tool = "kubernetes-validate";
+    if !have(tool, Command::new(tool).arg("--version")) {
+        return;
+    }
+    let file = repo_root().join("dist/kubernetes/flowprobe-daemonset.yaml");
+    for version in [Some("1.30.0"), None] {
+        let mut cmd = Command::new(tool);
+        cmd.arg("--strict");
+        if let Some(v) = version {
+            cmd.args(["-k", v]);
+        }
+        let out = cmd.arg(&file).output().unwrap();
+        let text = format!(
+            "{}{}",
+            common::stdout(&out),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success() && text.contains(" passed "),
+            "{tool} {version:?}: {text}"
+        );
+        eprintln!("{}", text.trim());
     }
 }
 

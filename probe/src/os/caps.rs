@@ -4,7 +4,6 @@
 //! unit's `AmbientCapabilities`, a container's `capabilities.add`) are told
 //! the same thing: which capability is missing.
 
-use std::fmt;
 use std::io;
 
 /// A capability, by its number in `linux/capability.h`.
@@ -14,36 +13,18 @@ pub struct Cap {
     pub name: &'static str,
 }
 
-pub const NET_ADMIN: Cap = Cap {
-    bit: 12,
-    name: "CAP_NET_ADMIN",
-};
-pub const DAC_READ_SEARCH: Cap = Cap {
-    bit: 2,
-    name: "CAP_DAC_READ_SEARCH",
-};
-pub const SYS_PTRACE: Cap = Cap {
-    bit: 19,
-    name: "CAP_SYS_PTRACE",
-};
-pub const SYS_ADMIN: Cap = Cap {
-    bit: 21,
-    name: "CAP_SYS_ADMIN",
-};
-pub const PERFMON: Cap = Cap {
-    bit: 38,
-    name: "CAP_PERFMON",
-};
-pub const BPF: Cap = Cap {
-    bit: 39,
-    name: "CAP_BPF",
-};
-
-impl fmt::Display for Cap {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name)
+impl Cap {
+    const fn new(bit: u32, name: &'static str) -> Cap {
+        Cap { bit, name }
     }
 }
+
+pub const DAC_READ_SEARCH: Cap = Cap::new(2, "CAP_DAC_READ_SEARCH");
+pub const NET_ADMIN: Cap = Cap::new(12, "CAP_NET_ADMIN");
+pub const SYS_PTRACE: Cap = Cap::new(19, "CAP_SYS_PTRACE");
+pub const SYS_ADMIN: Cap = Cap::new(21, "CAP_SYS_ADMIN");
+pub const PERFMON: Cap = Cap::new(38, "CAP_PERFMON");
+pub const BPF: Cap = Cap::new(39, "CAP_BPF");
 
 /// A set of capabilities as the kernel writes it: one bit per number.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -65,7 +65,7 @@ fn packet_seeded(t: &Table, k: &ConnKey, dir: usize, len: u32, spins: u32, seed:
         });
         match l {
             Located::Found(s) | Located::New(s, _) => {
-                update_locked(&raw mut (*s).entry, dir, 1, &p, &Fixed(2));
+                update_locked(&raw mut (*s).entry, dir, 1, &p, 0, &Fixed(2));
                 CoreAtomics.unlock(&raw mut (*s).entry.dir[dir].lock);
             }
             Located::Contended(s) => {
@@ -74,7 +74,7 @@ fn packet_seeded(t: &Table, k: &ConnKey, dir: usize, len: u32, spins: u32, seed:
                 for _ in 0..500 {
                     std::hint::spin_loop();
                 }
-                update_contended(&raw mut (*s).entry, dir, 1, &p, &Fixed(2), &CoreAtomics);
+                update_contended(&raw mut (*s).entry, dir, 1, &p, 0, &Fixed(2), &CoreAtomics);
                 slots::contended_done(s, &CoreAtomics);
             }
             Located::Full | Located::Busy => {}

@@ -81,11 +81,16 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             files,
             format,
             quiet,
+            per_interface,
             query,
         } => {
             // Parse the query before reading gigabytes, so a typo fails fast.
             let spec = query.given().then(|| query.spec()).transpose()?;
-            let mut table = FlowTable::new();
+            let mut table = if per_interface {
+                FlowTable::per_interface()
+            } else {
+                FlowTable::new()
+            };
             let mut stats = FrameStats::default();
             let outcomes = sources::file::replay(&files, &mut table, &mut stats)?;
             let conns = table.connections();

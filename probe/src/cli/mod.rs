@@ -40,6 +40,11 @@ pub enum Cmd {
         /// Do not print the summary line on stderr.
         #[arg(short, long)]
         quiet: bool,
+        /// Count a connection once per interface it was captured on (a
+        /// pcapng file may hold several), instead of once: by default each
+        /// direction is counted on the first interface that saw it.
+        #[arg(long)]
+        per_interface: bool,
         #[command(flatten)]
         query: QueryFlags,
     },

@@ -63,6 +63,20 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             io::stdout().lock().write_all(&body)?;
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Completions { shell } => {
+            cli::generate::completions(shell, &mut io::stdout().lock())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Man { dir: None } => {
+            cli::generate::man(&mut io::stdout().lock())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Man { dir: Some(dir) } => {
+            for page in cli::generate::man_pages(&dir)? {
+                println!("{}", page.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Replay {
             files,
             format,

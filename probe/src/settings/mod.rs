@@ -314,6 +314,34 @@ mod tests {
         file::RunConfig::parse(text).unwrap()
     }
 
+    /// dist/flowprobe.toml, the service's config, is what the unit promises:
+    /// the tc backend and the agent on loopback.
+    #[test]
+    fn the_service_config_reads() {
+        let text = include_str!("../../../dist/flowprobe.toml");
+        let s = RunFlags::default().merge(file(text)).unwrap();
+        assert_eq!(s.backend, Backend::Tc);
+        let (addr, _) = s.listen.unwrap();
+        assert_eq!(addr.to_string(), "127.0.0.1:9911");
+        assert!(addr.ip().is_loopback());
+        // The commented-out fields are valid too.
+        let uncommented: String = text
+            .lines()
+            .map(|l| {
+                l.strip_prefix("# ")
+                    .filter(|l| l.contains(" = ") || l.starts_with('['))
+                    .unwrap_or(l)
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let all = file(&uncommented);
+        assert!(
+            all.interfaces.is_some() && all.export.is_some(),
+            "{uncommented}"
+        );
+        RunFlags::default().merge(all).unwrap();
+    }
+
     #[test]
     fn a_flag_wins_over_the_file() {
         let f = file("max_conns = 1000\nbackend = \"xdp\"\ninterval = 5\ninterfaces = [\"eth0\"]");

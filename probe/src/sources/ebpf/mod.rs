@@ -27,6 +27,7 @@ use probe_common::contract;
 use self::attach::Attachments;
 use self::drain::Drainer;
 use self::kernel_table::KernelTable;
+use crate::os::caps::{self, CapSet};
 use crate::os::clock::{monotonic_ns, realtime_ns};
 use crate::os::links::{Event, Link};
 use crate::sources::{EbpfHealth, Health, Hook, KeyFeed, Links, Reading, Source, Unavailable};
@@ -65,9 +66,12 @@ pub struct EbpfSource {
 
 /// Loads the program and maps its table; attaches nothing yet.
 pub fn open(opts: &Options) -> Result<EbpfSource> {
-    // SAFETY: no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Err(Unavailable::NotRoot.into());
+    // Capabilities, not the uid: root without CAP_BPF cannot load it, and a
+    // service user with the capabilities (docs/service.md) can.
+    let have = CapSet::effective().context("reading our capabilities")?;
+    let missing = caps::missing_for_ebpf(have);
+    if !missing.is_empty() {
+        return Err(Unavailable::MissingCaps(caps::names(&missing)).into());
     }
     let (bytes, origin) = match &opts.object {
         Some(path) => (

@@ -249,8 +249,7 @@ impl FlowEntry {
     /// way, or a FIN each way (TCP only; UDP never closes).
     #[inline(always)]
     pub fn closed(&self) -> bool {
-        let (f0, f1) = (self.dir[0].tcp.flags, self.dir[1].tcp.flags);
-        (f0 | f1) & TcpDir::FLAG_RST != 0 || f0 & f1 & TcpDir::FLAG_FIN != 0
+        TcpDir::closed(self.dir[0].tcp.flags, self.dir[1].tcp.flags)
     }
 
     /// A pure SYN (no ACK) sent in direction `dir` names the initiator

@@ -32,6 +32,22 @@
 //!   while userspace reads its final state.
 //! - Lookups stop at the first `EMPTY` slot: nothing is ever inserted past
 //!   one, and slots never become `EMPTY` again (drained ones are `FREE`).
+//! - A pure SYN (SYN without ACK) that is not a retransmission of the
+//!   SYN the key's connection began with (another sequence number), or
+//!   that comes after that connection is over (FIN each way or an RST), or
+//!   on a connection whose start was never seen (no SYN: it began before
+//!   the program, or it is a late packet of a connection userspace had
+//!   drained already), opens a new connection on that 5-tuple (see
+//!   `over`: the sequence number covers an end the table missed, such as
+//!   a FIN counted without the tracker, `update_contended`). Clients reuse ports (after `TIME_WAIT`, or a second after
+//!   the close with `tcp_tw_reuse`): at 1000 connections a second, often
+//!   before the old entry is drained. The kernel marks the old slot
+//!   `ENDED` (`LIVE` → `ENDED`, a compare-exchange, so a drain that began
+//!   first wins) and inserts a new entry for the SYN. `ENDED` slots are neither matched nor
+//!   reused; userspace drains them at its next pass, whatever their age,
+//!   as two records of one key. A CPU that found the old slot before it
+//!   was ended and takes its lock after sees it is no longer `LIVE` and
+//!   looks again, as after a drain.
 //!
 //! One race is left, and it duplicates rather than loses: two CPUs that
 //! insert the same new key while userspace frees a slot earlier in its
@@ -40,7 +56,9 @@
 
 use crate::atomics::Atomics;
 use crate::entry::{DirState, FlowEntry};
+use crate::initiator::evidence;
 use crate::key::ConnKey;
+use crate::tcp::TcpDir;
 
 /// One connection's place in the kernel table: 448 bytes, seven cache lines
 /// ([`FlowEntry`] says which fields share one).
@@ -69,6 +87,10 @@ pub mod state {
     pub const DRAINING: u32 = 2;
     /// Drained: may be reused, but probe sequences go on past it.
     pub const FREE: u32 = 3;
+    /// Holds a connection that is over and whose 5-tuple a new connection
+    /// took ([`super::locate`] with a `syn`): not matched, not reused;
+    /// userspace drains it at once ([`super::drain`]).
+    pub const ENDED: u32 = 4;
 }
 
 /// Slots tried per key: a new connection that finds these all taken is
@@ -118,6 +140,32 @@ unsafe fn holds(s: *const Slot, want: &[u64; 6]) -> bool {
     }
 }
 
+/// [`same`], reading `b` from memory at each call: for [`locate_slow`],
+/// which then keeps no copy of the key in its stack frame (the deepest
+/// call chain of the tc program is at the verifier's 512-byte limit).
+///
+/// # Safety
+/// `b` is valid for reads.
+#[inline(always)]
+unsafe fn same_reread(a: &[u64; 6], b: *const [u64; 6]) -> bool {
+    // SAFETY: caller's contract.
+    let w = |i: usize| unsafe { core::ptr::read_volatile(b.cast::<u64>().add(i)) };
+    a[0] == w(0) && a[1] == w(1) && a[2] == w(2) && a[3] == w(3) && a[4] == w(4) && a[5] == w(5)
+}
+
+/// [`holds`] with [`same_reread`].
+///
+/// # Safety
+/// `s` is a valid slot, `want` valid for reads.
+#[inline(always)]
+unsafe fn holds_reread(s: *const Slot, want: *const [u64; 6]) -> bool {
+    // SAFETY: caller's contract.
+    unsafe {
+        core::ptr::read_volatile(&raw const (*s).state) == state::LIVE
+            && same_reread(words(&(*s).key), want)
+    }
+}
+
 /// The table's memory: slot `i` for `i` within `mask`.
 pub trait Slots {
     /// `None` only when `i` is out of range (the verifier wants the check).
@@ -148,66 +196,110 @@ pub enum Located {
 /// Finds `key` (hashed to `h`) for a packet in direction `dir`, or
 /// inserts it with `init` (called on the zeroed entry, its locks held); on
 /// success the caller holds that direction's lock and must release it
-/// (`Atomics::unlock(&entry.dir[dir].lock)`).
+/// (`Atomics::unlock(&entry.dir[dir].lock)`). `syn`: the packet is a pure
+/// SYN (SYN without ACK) with this sequence number, which starts a new
+/// entry when the key's entry holds a connection that is [`over`] for it
+/// (the module comment).
 ///
 /// # Safety
 /// Every slot `t` hands out is valid, 64-byte aligned, and written only
 /// through this module and [`crate::update`] (and userspace's [`drain`]).
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 pub unsafe fn locate<T: Slots, A: Atomics>(
     t: &T,
     key: &ConnKey,
     h: u32,
     dir: usize,
+    syn: Option<u32>,
     spins: u32,
     a: &A,
     init: impl Fn(&mut FlowEntry),
 ) -> Located {
     // The common case first, in few instructions: the key in its home slot,
-    // the lock free at the first try.
+    // the lock free at the first try, not a SYN.
     let want = words(key);
-    if let Some(s) = t.slot(h & t.mask()) {
-        // SAFETY: caller's contract; checked again under the lock.
-        unsafe {
-            if holds(s, want) {
-                let lock = &raw mut (*s).entry.dir[dir & 1].lock;
-                if a.cas_u32(lock, 0, 1) == 0 {
-                    if core::ptr::read_volatile(&raw const (*s).state) == state::LIVE {
-                        return Located::Found(s);
+    if syn.is_none() {
+        if let Some(s) = t.slot(h & t.mask()) {
+            // SAFETY: caller's contract; checked again under the lock.
+            unsafe {
+                if holds(s, want) {
+                    let lock = &raw mut (*s).entry.dir[dir & 1].lock;
+                    if a.cas_u32(lock, 0, 1) == 0 {
+                        if core::ptr::read_volatile(&raw const (*s).state) == state::LIVE {
+                            return Located::Found(s);
+                        }
+                        a.unlock(lock);
                     }
-                    a.unlock(lock);
                 }
             }
         }
     }
+    let way = match syn {
+        Some(seq) => (seq as u64) << 32 | 2 | (dir & 1) as u64,
+        None => (dir & 1) as u64,
+    };
     // SAFETY: caller's contract.
-    unsafe { locate_slow(t, key, h, dir, spins, a, init) }
+    unsafe { locate_slow(t, key, h, way, spins, a, init) }
+}
+
+/// For a pure SYN with sequence number `seq` in direction `dir`, the
+/// connection in slot `s` is over: it closed ([`TcpDir::closed`]), its
+/// start was never seen (its [`evidence`] is less than a SYN), or it began
+/// with another SYN from that side (not a retransmission: another
+/// sequence number; [`crate::handshake`] keeps its end). The SYN then
+/// opens a new connection. Read without a lock: the flags stay set once
+/// set, and the SYN's end is written once, by its own direction.
+///
+/// Not inlined: rare (a SYN on a key in use), and out of `locate_slow`'s
+/// stack frame.
+///
+/// # Safety
+/// `s` is a valid slot.
+#[inline(never)]
+unsafe fn over(s: *const Slot, dir: usize, seq: u32) -> bool {
+    // SAFETY: caller's contract; plain loads of single fields.
+    unsafe {
+        let e = &raw const (*s).entry;
+        let d = &raw const (*e).dir[dir & 1];
+        core::ptr::read_volatile(&raw const (*e).evidence) < evidence::SYN
+            || TcpDir::closed(
+                core::ptr::read_volatile(&raw const (*e).dir[0].tcp.flags),
+                core::ptr::read_volatile(&raw const (*e).dir[1].tcp.flags),
+            )
+            || core::ptr::read_volatile(&raw const (*e).hs_flags[dir & 1]) != 0
+                && core::ptr::read_volatile(&raw const (*d).hs_end) != seq.wrapping_add(1)
+    }
 }
 
 /// [`locate`] in full: every probe, the lock spin, the insert. Not inlined:
-/// rare (a new connection, a collision, a held lock), and kept out of the
-/// common path's instruction stream.
+/// rare (a new connection, a collision, a held lock, a SYN), and kept out
+/// of the common path's instruction stream. `way`: the direction in bit 0,
+/// bit 1 set for a pure SYN, whose sequence number is the high half (one
+/// argument: a BPF function takes at most five).
 ///
 /// # Safety
 /// As [`locate`].
 #[inline(never)]
-pub unsafe fn locate_slow<T: Slots, A: Atomics>(
+unsafe fn locate_slow<T: Slots, A: Atomics>(
     t: &T,
     key: &ConnKey,
     h: u32,
-    dir: usize,
+    way: u64,
     spins: u32,
     a: &A,
     init: impl Fn(&mut FlowEntry),
 ) -> Located {
-    let dir = dir & 1;
-    let want = words(key);
+    let dir = (way & 1) as usize;
+    let want: *const [u64; 6] = words(key);
     let mask = t.mask();
     let mut attempt = 0;
     while attempt < 2 {
         attempt += 1;
-        let mut free: Option<(*mut Slot, u32)> = None;
-        let mut hit: Option<*mut Slot> = None;
+        // Null for none (an `Option` here leaves an undefined payload that
+        // LLVM spills, which the verifier rejects as an uninitialised read).
+        let (mut free, mut free_idx): (*mut Slot, u32) = (core::ptr::null_mut(), 0);
+        let mut hit: *mut Slot = core::ptr::null_mut();
         let (mut i, mut off) = (0, 0u32);
         while i < PROBES {
             let idx = h.wrapping_add(off) & mask;
@@ -219,20 +311,31 @@ pub unsafe fn locate_slow<T: Slots, A: Atomics>(
             let st = unsafe { core::ptr::read_volatile(&raw const (*s).state) };
             if st == state::LIVE {
                 // SAFETY: as above.
-                if same(unsafe { words(&(*s).key) }, want) {
-                    hit = Some(s);
+                if unsafe { same_reread(words(&(*s).key), want) } {
+                    hit = s;
                     break;
                 }
-            } else if st != state::DRAINING {
-                if free.is_none() {
-                    free = Some((s, idx));
+            } else if st == state::EMPTY || st == state::FREE {
+                if free.is_null() {
+                    (free, free_idx) = (s, idx);
                 }
                 if st == state::EMPTY {
                     break;
                 }
             }
         }
-        if let Some(s) = hit {
+        if !hit.is_null() {
+            let s = hit;
+            // Out of the probe loop: the verifier walks this once.
+            // SAFETY: caller's contract.
+            if way & 2 != 0 && unsafe { over(s, dir, (way >> 32) as u32) } {
+                // A new connection on this 5-tuple: the old one is set
+                // aside whole (a drain that began first wins), and the
+                // next try finds a slot for the new one.
+                // SAFETY: as above.
+                unsafe { a.cas_u32(&raw mut (*s).state, state::LIVE, state::ENDED) };
+                continue;
+            }
             // SAFETY: caller's contract.
             let lock = unsafe { &raw mut (*s).entry.dir[dir].lock };
             // SAFETY: as above.
@@ -244,7 +347,7 @@ pub unsafe fn locate_slow<T: Slots, A: Atomics>(
                 unsafe {
                     let writers = &raw mut (*s).writers;
                     a.add_u32(writers, 1);
-                    if holds(s, want) {
+                    if holds_reread(s, want) {
                         return Located::Contended(s);
                     }
                     a.add_u32(writers, u32::MAX);
@@ -252,7 +355,7 @@ pub unsafe fn locate_slow<T: Slots, A: Atomics>(
                 continue;
             }
             // SAFETY: we hold the lock.
-            if unsafe { holds(s, want) } {
+            if unsafe { holds_reread(s, want) } {
                 return Located::Found(s);
             }
             // Drained since we looked: again.
@@ -260,9 +363,10 @@ pub unsafe fn locate_slow<T: Slots, A: Atomics>(
             unsafe { a.unlock(lock) };
             continue;
         }
-        let Some((s, idx)) = free else {
+        if free.is_null() {
             return Located::Full;
-        };
+        }
+        let (s, idx) = (free, free_idx);
         // Insert: both locks, direction 0's first, as every inserter takes
         // them (so that two cannot each hold one).
         // SAFETY: caller's contract.
@@ -284,7 +388,7 @@ pub unsafe fn locate_slow<T: Slots, A: Atomics>(
         }
         let other = if dir == 0 { l1 } else { l0 };
         // SAFETY: we hold both locks.
-        if unsafe { holds(s, want) } {
+        if unsafe { holds_reread(s, want) } {
             // Another CPU inserted this very key first.
             // SAFETY: we hold it.
             unsafe { a.unlock(other) };
@@ -292,7 +396,7 @@ pub unsafe fn locate_slow<T: Slots, A: Atomics>(
         }
         // SAFETY: as above.
         let st = unsafe { core::ptr::read_volatile(&raw const (*s).state) };
-        if st == state::LIVE || st == state::DRAINING {
+        if st != state::EMPTY && st != state::FREE {
             // Taken by another key since we looked: again.
             // SAFETY: we hold them.
             unsafe {
@@ -350,8 +454,9 @@ unsafe fn zero_entry(e: *mut FlowEntry) {
 }
 
 /// Userspace: takes the connection out of slot `s` if it is `LIVE` and
-/// `due` says so, returning its key and final entry; the slot is `FREE`
-/// afterwards. `pause` runs while a kernel CPU holds a lock (microseconds);
+/// `due` says so, or `ENDED` (whatever `due` says: nothing adds to it any
+/// more), returning its key, final entry and whether it was `ENDED`; the
+/// slot is `FREE` afterwards. `pause` runs while a kernel CPU holds a lock (microseconds);
 /// `release` runs right before the slot becomes `FREE` (and reusable), for
 /// the caller's own bookkeeping of occupied slots.
 ///
@@ -363,13 +468,20 @@ pub unsafe fn drain<A: Atomics>(
     due: impl Fn(&FlowEntry) -> bool,
     mut pause: impl FnMut(),
     release: impl FnOnce(),
-) -> Option<(ConnKey, FlowEntry)> {
+) -> Option<(ConnKey, FlowEntry, bool)> {
     // SAFETY: caller's contract.
     unsafe {
         let st = &raw mut (*s).state;
-        if a.cas_u32(st, state::LIVE, state::DRAINING) != state::LIVE {
-            return None;
-        }
+        let ended = match a.cas_u32(st, state::LIVE, state::DRAINING) {
+            state::LIVE => false,
+            state::ENDED => {
+                if a.cas_u32(st, state::ENDED, state::DRAINING) != state::ENDED {
+                    return None;
+                }
+                true
+            }
+            _ => return None,
+        };
         while core::ptr::read_volatile(&raw const (*s).entry.dir[0].lock) != 0
             || core::ptr::read_volatile(&raw const (*s).entry.dir[1].lock) != 0
             || core::ptr::read_volatile(&raw const (*s).writers) != 0
@@ -378,13 +490,13 @@ pub unsafe fn drain<A: Atomics>(
         }
         let key = core::ptr::read_volatile(&raw const (*s).key);
         let entry = core::ptr::read_volatile(&raw const (*s).entry);
-        if !due(&entry) {
+        if !ended && !due(&entry) {
             // A packet came since the caller looked: leave it.
             a.xchg_u32(st, state::LIVE);
             return None;
         }
         release();
         a.xchg_u32(st, state::FREE);
-        Some((key, entry))
+        Some((key, entry, ended))
     }
 }

@@ -111,6 +111,15 @@ impl TcpDir {
     /// Hole 1 is open.
     pub const FLAG_HOLE1: u8 = 128;
 
+    /// The two directions' `flags` say the connection is over and its
+    /// 5-tuple free again: an RST either way, or a FIN each way. Both bits
+    /// stay set once set, so a read that races the update of either
+    /// direction can only be late, never wrong.
+    #[inline(always)]
+    pub const fn closed(f0: u8, f1: u8) -> bool {
+        (f0 | f1) & TcpDir::FLAG_RST != 0 || f0 & f1 & TcpDir::FLAG_FIN != 0
+    }
+
     #[inline(always)]
     fn has(&self, f: u8) -> bool {
         self.flags & f != 0

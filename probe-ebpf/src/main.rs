@@ -33,7 +33,7 @@ use aya_ebpf::{
 };
 use probe_common::{
     contract::{self, ConnStat, PARSE_STATS_LEN, PARSE_TRACKED},
-    parse::TcpHeader,
+    parse::{tcp_flags, TcpHeader},
     parse_frame,
     slots::{self, locate, Located, Slot, Slots},
     update::{update_contended, update_locked, Clock, Pkt},
@@ -542,10 +542,14 @@ fn count<const TC: bool>(key: &ConnKey, seen: Seen, p: &Pkt, seen_at: u32, skb: 
     // SAFETY: a plain global (see `Table::mask`).
     let seed = unsafe { core::ptr::read_volatile(&raw const CONNS_SEED) };
     let flags = if p.is_tcp { Some(p.tcp.flags) } else { None };
+    // A pure SYN may open a new connection on a 5-tuple used before.
+    let syn = (p.is_tcp && p.tcp.flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN)
+        .then_some(p.tcp.seq);
     // SAFETY: `Table` hands out `CONNS` slots, written only through
     // `probe_common::slots` and `update` (and userspace's drain).
     let located = unsafe {
-        locate(&Table, key, slots::hash(key, seed), dir, LOCK_SPINS, &Bpf, |e| {
+        let h = slots::hash(key, seed);
+        locate(&Table, key, h, dir, syn, LOCK_SPINS, &Bpf, |e| {
             e.init(Ktime.precise_ns(), dir, key, flags);
             e.first_seen_j = Ktime.coarse_ns();
         })

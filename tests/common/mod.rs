@@ -1,6 +1,7 @@
 //! Helpers shared by the end-to-end tests.
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub mod churn;
 pub mod root;
 
 use std::fs;

@@ -26,6 +26,7 @@
 //! - `reattach`: `--iface` follows a named interface created again.
 //! - `fragments`: UDP connections that the fanout splits across rings
 //!   (first fragments hash by address only) are merged whole.
+//! - `churn`: as `live_tc`'s, with AF_PACKET (`tests/common/churn.rs`).
 //!
 //! Runs only with `FLOWPROBE_LIVE_TESTS=1` (the root tier of
 //! `scripts/test.sh`, after building the eBPF object); otherwise skipped
@@ -34,6 +35,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod churn;
 mod fallback;
 mod fragments;
 mod loopback;

@@ -34,6 +34,10 @@
 //!   number.
 //! - `xdp_gateway`: `--backend xdp` on a forwarding gateway namespace between
 //!   client and server namespaces.
+//! - `churn`: 3000 short connections from 1000 ports, each port reused
+//!   before the connection that used it last has left the kernel table:
+//!   every one in the final output and the export once, with its bytes
+//!   (`tests/common/churn.rs`).
 //!
 //! Runs only with `FLOWPROBE_LIVE_TESTS=1` (the root tier of
 //! `scripts/test.sh` sets it after building the eBPF object); otherwise it
@@ -44,6 +48,7 @@
 mod common;
 
 mod bridge;
+mod churn;
 // `flowprobe run`'s clsact helpers, compiled into this test as they are (the
 // binary has no library); the binary does not use everything the test does.
 #[allow(dead_code)]

@@ -2,8 +2,16 @@
 //! connection whose counters changed since the previous interval, with the
 //! change (README, "JSON-lines export"). Summing a connection's lines gives
 //! its totals, because the last lines are written after the final read.
+//!
+//! An interval's lines are written at once, and only a write that succeeded
+//! counts as written: when the file cannot be written (disk full, gone
+//! read-only), what was written of the interval is cut off again and the
+//! next interval's lines carry the change since the last written one, so a
+//! file that can be written again loses nothing. [`Export`] counts the
+//! intervals that could not be written (`/health`, `/metrics`).
 
 use std::collections::HashMap;
+use std::fs::File;
 use std::io::{self, Write};
 use std::net::IpAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -74,32 +82,39 @@ fn sub(now: &DirStats, before: &DirStats) -> DirStats {
 }
 
 impl Deltas {
-    /// Writes the lines of this interval, read at `now`.
+    /// Writes the lines of this interval, read at `now`, with one
+    /// `write_all` of them all; the counters they were taken against move
+    /// on only if it succeeds. An interval that could not be written still
+    /// takes its number: a gap in `interval` says so. Returns how many
+    /// lines it wrote (0: no change, nothing written).
     pub fn write(
         &mut self,
         out: &mut impl Write,
         conns: &[Connection],
         now: SystemTime,
-    ) -> io::Result<()> {
+    ) -> io::Result<usize> {
         self.interval += 1;
         let time = rfc3339(now);
+        let mut buf = Vec::new();
+        // The counters of each connection written, to keep once written:
+        // (key, index among the key's records or None for a new one, what
+        // to keep).
+        let mut written: Vec<(Key, Option<usize>, Prev)> = Vec::new();
         for c in conns {
-            let records = self.prev.entry(key(c)).or_default();
-            let i = match records
-                .iter()
-                .position(|r| r.0.abs_diff(c.first_seen) < SAME_RECORD_NS)
-            {
-                Some(i) => i,
-                None => {
-                    records.push((c.first_seen, DirStats::default(), DirStats::default()));
-                    records.len() - 1
-                }
+            let k = key(c);
+            let found = self.prev.get(&k).and_then(|records| {
+                records
+                    .iter()
+                    .position(|r| r.0.abs_diff(c.first_seen) < SAME_RECORD_NS)
+            });
+            let before = match found {
+                Some(i) => self.prev[&k][i],
+                None => (c.first_seen, DirStats::default(), DirStats::default()),
             };
-            let before = records[i];
-            records[i] = (c.first_seen, c.sent, c.received);
             if (c.sent, c.received) == (before.1, before.2) {
                 continue;
             }
+            written.push((k, found, (c.first_seen, c.sent, c.received)));
             let line = Line {
                 interval: self.interval,
                 time: time.clone(),
@@ -116,10 +131,145 @@ impl Deltas {
                 src_tags: &c.src_tags,
                 dst_tags: &c.dst_tags,
             };
-            serde_json::to_writer(&mut *out, &line)?;
-            out.write_all(b"\n")?;
+            serde_json::to_writer(&mut buf, &line)?;
+            buf.push(b'\n');
         }
-        out.flush()
+        if written.is_empty() {
+            return Ok(0);
+        }
+        out.write_all(&buf)?;
+        out.flush()?;
+        let n = written.len();
+        for (k, found, now) in written {
+            let records = self.prev.entry(k).or_default();
+            match found {
+                Some(i) => records[i] = now,
+                None => records.push(now),
+            }
+        }
+        Ok(n)
+    }
+}
+
+/// Where the lines go: a file (appended to) or stdout.
+enum Out {
+    File(File),
+    Stdout,
+}
+
+impl Write for Out {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        match self {
+            Out::File(f) => f.write(b),
+            Out::Stdout => io::stdout().lock().write(b),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Out::File(f) => f.flush(),
+            Out::Stdout => io::stdout().lock().flush(),
+        }
+    }
+}
+
+/// `--export-jsonl PATH`: the deltas, where they go, and how writing them
+/// fared.
+pub struct Export {
+    path: String,
+    deltas: Deltas,
+    out: Out,
+    status: ExportStatus,
+}
+
+/// How writing the export fared, for `/health` (as this JSON) and
+/// `/metrics`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ExportStatus {
+    /// Intervals whose lines could not be written (each one's change went
+    /// with the next interval written).
+    pub failed_writes: u64,
+    /// The last write failed: changes are waiting for the next one.
+    pub behind: bool,
+    /// Why the last failed write failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+/// What [`Export::write`] has to say on stderr, if anything.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Said {
+    Nothing,
+    /// The first failure after writes that worked.
+    Failing(String),
+    /// Written again after this many intervals that were not.
+    Recovered(u64),
+}
+
+impl Export {
+    /// `--export-jsonl PATH`: appended to (a restart does not lose what an
+    /// earlier run wrote); `-` is stdout.
+    pub fn open(path: &str) -> anyhow::Result<Export> {
+        let out = if path == "-" {
+            Out::Stdout
+        } else {
+            Out::File(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|e| anyhow::anyhow!("--export-jsonl {path}: {e}"))?,
+            )
+        };
+        Ok(Export {
+            path: path.to_owned(),
+            deltas: Deltas::default(),
+            out,
+            status: ExportStatus::default(),
+        })
+    }
+
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    pub fn status(&self) -> &ExportStatus {
+        &self.status
+    }
+
+    /// Writes this interval's lines (see [`Deltas::write`]); a failure is
+    /// counted, and what it wrote of the lines is cut off the file again.
+    pub fn write(&mut self, conns: &[Connection], now: SystemTime) -> Said {
+        let len = match &self.out {
+            Out::File(f) => f.metadata().ok().map(|m| m.len()),
+            Out::Stdout => None,
+        };
+        match self.deltas.write(&mut self.out, conns, now) {
+            // Nothing to write proves nothing.
+            Ok(0) => Said::Nothing,
+            Ok(_) => {
+                let was = std::mem::take(&mut self.status.behind);
+                if was {
+                    Said::Recovered(self.status.failed_writes)
+                } else {
+                    Said::Nothing
+                }
+            }
+            Err(e) => {
+                if let (Out::File(f), Some(len)) = (&self.out, len) {
+                    // Best effort: a half-written line would spoil the file.
+                    let _ = f.set_len(len);
+                }
+                self.status.failed_writes += 1;
+                let e = e.to_string();
+                self.status.last_error = Some(e.clone());
+                if std::mem::replace(&mut self.status.behind, true) {
+                    Said::Nothing
+                } else {
+                    Said::Failing(e)
+                }
+            }
+        }
     }
 }
 
@@ -130,20 +280,6 @@ fn rfc3339(t: SystemTime) -> String {
 
 fn at(ns: u64) -> String {
     rfc3339(UNIX_EPOCH + Duration::from_nanos(ns))
-}
-
-/// `--export-jsonl PATH`: appended to (a restart does not lose what an
-/// earlier run wrote); `-` is stdout.
-pub fn sink(path: &str) -> anyhow::Result<Box<dyn Write>> {
-    if path == "-" {
-        return Ok(Box::new(io::stdout()));
-    }
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(|e| anyhow::anyhow!("--export-jsonl {path}: {e}"))?;
-    Ok(Box::new(io::BufWriter::new(f)))
 }
 
 #[cfg(test)]
@@ -233,6 +369,80 @@ mod tests {
         let l = lines(&mut d, &[jittered, reused]);
         assert_eq!(l.len(), 1);
         assert_eq!(l[0]["sent"]["bytes"], 300);
+    }
+
+    /// Fails every write while `full`.
+    struct Disk {
+        full: bool,
+        text: Vec<u8>,
+    }
+
+    impl Write for Disk {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            if self.full {
+                return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+            }
+            self.text.extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn an_interval_not_written_goes_with_the_next_one_written() {
+        let mut d = Deltas::default();
+        let mut disk = Disk {
+            full: false,
+            text: Vec::new(),
+        };
+        let t = UNIX_EPOCH + Duration::from_secs(1_700_000_002);
+        d.write(&mut disk, &[conn(40000, 100, 10)], t).unwrap();
+        disk.full = true;
+        assert!(d.write(&mut disk, &[conn(40000, 250, 20)], t).is_err());
+        assert!(d.write(&mut disk, &[conn(40000, 400, 30)], t).is_err());
+        disk.full = false;
+        d.write(&mut disk, &[conn(40000, 450, 30), conn(40001, 5, 0)], t)
+            .unwrap();
+        let lines: Vec<serde_json::Value> = String::from_utf8(disk.text)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let got: Vec<(u64, u64, u64, u64)> = lines
+            .iter()
+            .map(|l| {
+                let n = |v: &serde_json::Value| v.as_u64().unwrap();
+                (
+                    n(&l["interval"]),
+                    n(&l["sport"]),
+                    n(&l["sent"]["bytes"]),
+                    n(&l["received"]["bytes"]),
+                )
+            })
+            .collect();
+        // Intervals 2 and 3 are missing; 4 carries their change.
+        assert_eq!(
+            got,
+            [(1, 40000, 100, 10), (4, 40000, 350, 20), (4, 40001, 5, 0)]
+        );
+    }
+
+    #[test]
+    fn a_full_disk_is_counted_and_said_once() {
+        let mut e = Export::open("/dev/full").unwrap();
+        let t = UNIX_EPOCH + Duration::from_secs(1_700_000_002);
+        assert!(matches!(
+            e.write(&[conn(40000, 100, 10)], t),
+            Said::Failing(_)
+        ));
+        assert_eq!(e.write(&[conn(40000, 200, 10)], t), Said::Nothing);
+        let s = e.status();
+        assert_eq!((s.failed_writes, s.behind), (2, true));
+        assert!(s.last_error.as_deref().unwrap().contains("No space left"));
+        // Nothing to write is no write: still behind.
+        assert_eq!(e.write(&[], t), Said::Nothing);
     }
 
     #[test]

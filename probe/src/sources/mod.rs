@@ -180,6 +180,15 @@ impl Health {
         }
     }
 
+    /// Everything [`Health::losses`] speaks of, added up: it grows when
+    /// something more was lost.
+    pub fn loss_count(&self) -> u64 {
+        match self {
+            Health::Ebpf(h) => h.table.full + h.table.insert_failed + h.table.contended,
+            Health::Afpacket(h) => h.kernel.drops,
+        }
+    }
+
     /// What was lost, one line each: said on stderr even with `--quiet`.
     pub fn losses(&self, quiet: bool) -> Vec<String> {
         let mut out = Vec::new();

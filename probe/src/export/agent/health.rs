@@ -4,6 +4,7 @@
 use serde::Serialize;
 
 use super::Snapshot;
+use crate::export::jsonl::ExportStatus;
 use crate::sources::Health;
 
 #[derive(Serialize)]
@@ -20,6 +21,9 @@ struct Json<'a> {
     /// afpacket: the kernel's ring counters.
     #[serde(skip_serializing_if = "Option::is_none")]
     rings: Option<Rings>,
+    /// `--export-jsonl`: intervals that could not be written.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    export: Option<&'a ExportStatus>,
 }
 
 #[derive(Serialize)]
@@ -97,6 +101,7 @@ pub fn encode(s: &Snapshot) -> String {
             }),
             _ => None,
         },
+        export: s.export.as_ref(),
     };
     let mut text = serde_json::to_string(&h).expect("plain data serialises");
     text.push('\n');
@@ -112,8 +117,9 @@ mod tests {
     use crate::sources::{AfpacketHealth, AttachMode, EbpfHealth, Hook, TableHealth};
 
     #[test]
-    fn tc_and_afpacket_say_what_they_have() {
+    fn tc_and_afpacket_and_the_export_say_what_they_have() {
         let tc = Snapshot {
+            export: None,
             conns: Vec::new(),
             health: Some(Health::Ebpf(EbpfHealth {
                 hook: Hook::Xdp,
@@ -138,6 +144,11 @@ mod tests {
              \"insert_failed\":0,\"contended\":0},\"packets\":{\"tracked\":0,\"duplicate\":0,\"skipped\":{}}}\n"
         );
         let af = Snapshot {
+            export: Some(ExportStatus {
+                failed_writes: 3,
+                behind: true,
+                last_error: Some("No space left on device (os error 28)".to_owned()),
+            }),
             conns: Vec::new(),
             health: Some(Health::Afpacket(AfpacketHealth {
                 kernel: KernelStats {
@@ -150,7 +161,8 @@ mod tests {
         };
         assert_eq!(
             encode(&af),
-            "{\"backend\":\"afpacket\",\"connections\":0,\"rings\":{\"packets\":100,\"drops\":2,\"freezes\":1}}\n"
+            "{\"backend\":\"afpacket\",\"connections\":0,\"rings\":{\"packets\":100,\"drops\":2,\"freezes\":1},\
+             \"export\":{\"failed_writes\":3,\"behind\":true,\"last_error\":\"No space left on device (os error 28)\"}}\n"
         );
     }
 }

@@ -303,6 +303,21 @@ fn groups(reg: &mut Registry, conns: &[Connection], labels: &MetricLabels) {
     );
 }
 
+/// `--export-jsonl`: how writing it fares.
+fn export(reg: &mut Registry, s: &Snapshot) {
+    let Some(e) = &s.export else { return };
+    reg.register(
+        "export_failed_writes",
+        "Intervals whose --export-jsonl lines could not be written; each one's change went with the next interval written",
+        counter(e.failed_writes),
+    );
+    reg.register(
+        "export_behind",
+        "1 when the last --export-jsonl write failed: changes are waiting for the next",
+        gauge(u64::from(e.behind)),
+    );
+}
+
 /// Health of the agent itself.
 fn health(reg: &mut Registry, s: &Snapshot) {
     let Some(h) = &s.health else { return };
@@ -422,6 +437,7 @@ pub fn encode(s: &Snapshot, labels: &MetricLabels) -> String {
     let mut reg = Registry::with_prefix("flowprobe");
     groups(&mut reg, &s.conns, labels);
     health(&mut reg, s);
+    export(&mut reg, s);
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, &reg)
         .expect("writing to a String cannot fail");
@@ -500,6 +516,7 @@ mod tests {
         stats.skip(ParseError::NotIp);
         stats.skip(ParseError::NotIp);
         Snapshot {
+            export: None,
             conns: vec![
                 conn("web", Some("db"), 5432, (10, 1000, 1, 100), (8, 4000)),
                 conn("web", Some("db"), 5432, (5, 500, 0, 0), (5, 600)),
@@ -541,6 +558,7 @@ mod tests {
         let files = [root.join("fixtures/pcaps/tcp4_loss.pcap")];
         crate::sources::file::replay(&files, &mut table, &mut stats).unwrap();
         let s = Snapshot {
+            export: None,
             conns: table.connections(),
             health: Some(Health::Ebpf(EbpfHealth {
                 hook: Hook::Tc,
@@ -577,6 +595,11 @@ mod tests {
     #[test]
     fn afpacket_has_no_kernel_map_series() {
         let s = Snapshot {
+            export: Some(crate::export::jsonl::ExportStatus {
+                failed_writes: 2,
+                behind: true,
+                last_error: None,
+            }),
             health: Some(Health::Afpacket(AfpacketHealth {
                 kernel: KernelStats {
                     packets: 1200,
@@ -594,6 +617,8 @@ mod tests {
             "flowprobe_ring_packets_total 1200\n",
             "flowprobe_ring_drops_total 7\n",
             "flowprobe_ring_freezes_total 1\n",
+            "flowprobe_export_failed_writes_total 2\n",
+            "flowprobe_export_behind 1\n",
         ] {
             assert!(text.contains(line), "{line}{text}");
         }

@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::Context;
 use flowtable::Connection;
 
+use super::jsonl::ExportStatus;
 use crate::sources::{Health, Reading};
 
 pub use metrics::MetricLabels;
@@ -30,6 +31,8 @@ pub struct Snapshot {
     pub conns: Vec<Connection>,
     /// What the source says about itself; `None` until the first tick.
     pub health: Option<Health>,
+    /// `--export-jsonl`: how writing it fares.
+    pub export: Option<ExportStatus>,
 }
 
 impl From<Reading> for Snapshot {
@@ -37,6 +40,7 @@ impl From<Reading> for Snapshot {
         Snapshot {
             conns: r.conns,
             health: Some(r.health),
+            export: None,
         }
     }
 }

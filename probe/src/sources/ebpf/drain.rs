@@ -9,9 +9,12 @@
 //! use first, then read once no CPU is updating it
 //! (`probe_common::slots::drain`), so no count is lost. A packet that comes
 //! after that makes a new entry; if that one did not start with a SYN it is
-//! the same connection's tail, and [`Drainer::connections`] adds it to the
-//! drained record (its tracker starts afresh, so a retransmission in that
-//! tail counts as new data).
+//! the same connection's tail, added to the drained record when it is
+//! drained in turn, and meanwhile in [`Drainer::connections`] (its tracker
+//! starts afresh, so a retransmission in that tail counts as new data).
+//! A SYN on the 5-tuple of a connection that is over, or of such a tail,
+//! opens a new connection: the kernel sets the old entry aside (`ENDED`)
+//! and the next pass drains it, whatever its age, before the new one.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -24,8 +27,20 @@ use super::kernel_table::KernelTable;
 pub struct Drainer {
     pub closed_after: Duration,
     pub idle_after: Duration,
-    /// Drained entries in the order they were drained.
+    /// Drained connections in the order they were drained, each with the
+    /// tails drained after it added in.
     done: Vec<(ConnKey, FlowEntry)>,
+    /// The index in `done` of each key's latest record: what a tail
+    /// continues.
+    latest: HashMap<ConnKey, usize>,
+}
+
+/// `e`, a later entry of a key, continues that key's latest record rather
+/// than starting a connection of its own: it did not start with a SYN (a
+/// SYN on a 5-tuple whose connection is over makes the kernel start a new
+/// entry, `probe_common::slots`).
+fn is_tail(e: &FlowEntry) -> bool {
+    e.evidence < evidence::SYN
 }
 
 impl Drainer {
@@ -34,6 +49,7 @@ impl Drainer {
             closed_after,
             idle_after,
             done: Vec::new(),
+            latest: HashMap::new(),
         }
     }
 
@@ -52,40 +68,64 @@ impl Drainer {
                 Duration::from_nanos(now_ns.saturating_sub(e.last_seen_ns().max(e.first_seen_ns)));
             quiet >= idle || (e.closed() && quiet >= closed)
         };
-        let moved = table.drain(due);
+        let mut moved = Vec::new();
+        table.drain(due, &mut moved);
         let n = moved.len();
-        self.done.extend(moved);
+        self.keep(moved);
         n
     }
 
-    /// Every drained connection plus the map's current entries, as
-    /// connections; a map entry that continues a drained one (same key, not
-    /// opened by a SYN) is added to it.
+    /// Keeps entries drained in one pass (in the order they began, so that
+    /// a tail follows what it continues): a tail is added to its key's
+    /// latest record, anything else is a record of its own.
+    fn keep(&mut self, moved: Vec<(ConnKey, FlowEntry)>) {
+        for (k, e) in moved {
+            match self.latest.get(&k) {
+                // A tail starts later, so the drained record keeps its
+                // first_seen.
+                Some(&i) if is_tail(&e) => self.done[i].1.absorb(&e),
+                _ => {
+                    self.latest.insert(k, self.done.len());
+                    self.done.push((k, e));
+                }
+            }
+        }
+    }
+
+    /// Every drained connection plus the map's current entries (`live`,
+    /// in the order they began, as [`KernelTable::entries`] gives them), as
+    /// connections; a map entry that continues a drained one (same key,
+    /// not opened by a SYN) is added to it.
     pub fn connections(
         &self,
         live: impl Iterator<Item = (ConnKey, FlowEntry)>,
         clock_offset_ns: u64,
     ) -> Vec<Connection> {
-        let mut all: Vec<(ConnKey, FlowEntry)> = self.done.clone();
+        // Drained records that a live tail adds to, by index in `done`.
+        let mut grown: HashMap<usize, FlowEntry> = HashMap::new();
+        let mut own: Vec<(ConnKey, FlowEntry)> = Vec::new();
+        // The latest record of a key among `own`.
+        let mut latest_own: HashMap<ConnKey, usize> = HashMap::new();
         for (k, e) in live {
-            all.push((k, e));
-        }
-        let mut merged: Vec<(ConnKey, FlowEntry)> = Vec::with_capacity(all.len());
-        // Index of the latest record per key, to find what a tail continues.
-        let mut latest: HashMap<ConnKey, usize> = HashMap::new();
-        for (k, e) in all {
-            match latest.get(&k) {
-                // A tail starts later, so the drained record keeps its
-                // first_seen.
-                Some(&i) if e.evidence < evidence::SYN => merged[i].1.absorb(&e),
-                _ => {
-                    latest.insert(k, merged.len());
-                    merged.push((k, e));
+            if is_tail(&e) {
+                if let Some(&j) = latest_own.get(&k) {
+                    own[j].1.absorb(&e);
+                    continue;
+                }
+                if let Some(&i) = self.latest.get(&k) {
+                    grown.entry(i).or_insert(self.done[i].1).absorb(&e);
+                    continue;
                 }
             }
+            latest_own.insert(k, own.len());
+            own.push((k, e));
         }
-        merged
+        let done = self
+            .done
             .iter()
+            .enumerate()
+            .map(|(i, (k, e))| (k, grown.get(&i).unwrap_or(e)));
+        done.chain(own.iter().map(|(k, e)| (k, e)))
             .map(|(k, e)| Connection::from_entry(k, e, clock_offset_ns))
             .collect()
     }
@@ -121,8 +161,51 @@ mod tests {
 
     fn drainer_with(done: Vec<(ConnKey, FlowEntry)>) -> Drainer {
         let mut d = Drainer::new(Duration::from_secs(2), Duration::from_secs(300));
-        d.done = done;
+        d.keep(done);
         d
+    }
+
+    fn bytes(conns: &[Connection]) -> Vec<(u64, u64)> {
+        conns.iter().map(|c| (c.first_seen, c.sent.bytes)).collect()
+    }
+
+    #[test]
+    fn reused_5_tuples_drained_and_live_stay_apart_and_tails_find_theirs() {
+        let k = key();
+        // Drained in one pass: a connection, its tail, the next connection
+        // on the 5-tuple (which the kernel started at its SYN), its tail.
+        let mut d = drainer_with(vec![
+            (k, entry(1000, tcp_flags::SYN, 500)),
+            (k, entry(3000, tcp_flags::ACK, 1)),
+            (k, entry(4000, tcp_flags::SYN, 40)),
+            (k, entry(6000, tcp_flags::ACK, 2)),
+        ]);
+        assert_eq!(
+            bytes(&d.connections(std::iter::empty(), 0)),
+            [(1000, 501), (4000, 42)]
+        );
+        // A later pass: a tail of the second.
+        d.keep(vec![(k, entry(7000, tcp_flags::FIN | tcp_flags::ACK, 3))]);
+        // In the map: a third connection the kernel ended when a fourth's
+        // SYN came, a tail of the third, and the fourth.
+        let live = [
+            (k, entry(8000, tcp_flags::SYN, 70)),
+            (k, entry(8500, tcp_flags::ACK, 4)),
+            (k, entry(9000, tcp_flags::SYN, 90)),
+        ];
+        assert_eq!(
+            bytes(&d.connections(live.into_iter(), 0)),
+            [(1000, 501), (4000, 45), (8000, 74), (9000, 90)]
+        );
+        // Read again, nothing changed: the same records.
+        let live = [
+            (k, entry(9000, tcp_flags::SYN, 90)),
+            (k, entry(9500, tcp_flags::ACK, 5)),
+        ];
+        assert_eq!(
+            bytes(&d.connections(live.into_iter(), 0)),
+            [(1000, 501), (4000, 45), (9000, 95)]
+        );
     }
 
     #[test]

@@ -6,8 +6,11 @@
 //!
 //! Every entry leaves here in userspace's terms: contended counts folded in
 //! (`FlowEntry::fold_late`), `last_seen_ns` turned from jiffies into
-//! CLOCK_MONOTONIC nanoseconds, and two entries of one key (a rare insert
-//! race, see `probe_common::slots`) added together.
+//! CLOCK_MONOTONIC nanoseconds, and two live entries of one key (a rare
+//! insert race, see `probe_common::slots`) added together. An `ENDED` slot
+//! holds an earlier connection on the 5-tuple of a live one (the kernel set
+//! it aside when a new SYN came): a record of its own, drained at the next
+//! pass whatever its age.
 
 use std::collections::HashMap;
 use std::os::fd::AsFd;
@@ -105,34 +108,38 @@ impl KernelTable {
             .filter(move |&i| i < self.len)
     }
 
+    /// Slot `i`'s state, read first with acquire: the key and entry read
+    /// after it are the published ones.
+    fn state(&self, i: usize) -> u32 {
+        // SAFETY: a slot of the mapping.
+        unsafe { AtomicU32::from_ptr(&raw mut (*self.slot(i)).state).load(Ordering::Acquire) }
+    }
+
     /// The key in slot `i` if it holds a connection.
     fn key(&self, i: usize) -> Option<ConnKey> {
         let s = self.slot(i);
-        // SAFETY: a slot of the mapping; state first, with acquire (see
-        // `read`).
-        unsafe {
-            let st = AtomicU32::from_ptr(&raw mut (*s).state).load(Ordering::Acquire);
-            (st == state::LIVE || st == state::DRAINING)
-                .then(|| std::ptr::read_volatile(&raw const (*s).key))
-        }
+        // SAFETY: a slot of the mapping, its state read first (see `state`).
+        holds(self.state(i)).then(|| unsafe { std::ptr::read_volatile(&raw const (*s).key) })
     }
 
     /// The key and entry in slot `i` if it holds a connection, as
-    /// userspace uses them. Read without the lock: counters may be a packet
-    /// apart from each other, as with any snapshot of a live map.
-    fn read(&self, i: usize) -> Option<(ConnKey, FlowEntry)> {
+    /// userspace uses them, and whether the kernel ended it (`ENDED`).
+    /// Read without the lock: counters may be a packet apart from each
+    /// other, as with any snapshot of a live map.
+    fn read(&self, i: usize) -> Option<(ConnKey, FlowEntry, bool)> {
         let s = self.slot(i);
-        // SAFETY: a slot of the mapping; the state is read first, with
-        // acquire, so the key and entry read after it are the published ones.
-        unsafe {
-            let st = AtomicU32::from_ptr(&raw mut (*s).state).load(Ordering::Acquire);
-            if st != state::LIVE && st != state::DRAINING {
-                return None;
-            }
-            let key = std::ptr::read_volatile(&raw const (*s).key);
-            let entry = std::ptr::read_volatile(&raw const (*s).entry);
-            Some((key, self.userspace(entry)))
+        let st = self.state(i);
+        if !holds(st) {
+            return None;
         }
+        // SAFETY: a slot of the mapping, its state read first (see `state`).
+        let (key, entry) = unsafe {
+            (
+                std::ptr::read_volatile(&raw const (*s).key),
+                std::ptr::read_volatile(&raw const (*s).entry),
+            )
+        };
+        Some((key, self.userspace(entry), st == state::ENDED))
     }
 
     fn userspace(&self, mut e: FlowEntry) -> FlowEntry {
@@ -152,34 +159,27 @@ impl KernelTable {
         Ok(())
     }
 
-    /// Every connection now in the table, appended to `out` (one per key).
+    /// Every connection now in the table, appended to `out` (see
+    /// [`records`]).
     pub fn entries(&mut self, out: &mut Vec<(ConnKey, FlowEntry)>) -> Result<()> {
-        let mut at: HashMap<ConnKey, usize> = HashMap::new();
-        for (k, e) in self.occupied().filter_map(|i| self.read(i)) {
-            match at.get(&k) {
-                Some(&j) => out[j].1.absorb(&e),
-                None => {
-                    at.insert(k, out.len());
-                    out.push((k, e));
-                }
-            }
-        }
+        records(self.occupied().filter_map(|i| self.read(i)), out);
         Ok(())
     }
 
-    /// Takes every connection for which `due` holds out of the table, each
-    /// with its final counts (see `probe_common::slots::drain`).
-    pub fn drain(&mut self, due: impl Fn(&FlowEntry) -> bool) -> Vec<(ConnKey, FlowEntry)> {
+    /// Takes every connection for which `due` holds, and every `ENDED` one,
+    /// out of the table, each with its final counts (see
+    /// `probe_common::slots::drain`), appended to `out` (see [`records`]).
+    pub fn drain(&mut self, due: impl Fn(&FlowEntry) -> bool, out: &mut Vec<(ConnKey, FlowEntry)>) {
         let candidates: Vec<usize> = self
             .occupied()
-            .filter(|&i| self.read(i).is_some_and(|(_, e)| due(&e)))
+            .filter(|&i| self.read(i).is_some_and(|(_, e, ended)| ended || due(&e)))
             .collect();
-        let mut out = Vec::new();
+        let mut taken = Vec::new();
         for i in candidates {
             let word = self.word(i / 64);
             let bit = 1u64 << (i % 64);
             // SAFETY: a slot of the live table, shared with the kernel.
-            let taken = unsafe {
+            let got = unsafe {
                 slots::drain(
                     self.slot(i),
                     &CoreAtomics,
@@ -190,10 +190,94 @@ impl KernelTable {
                     },
                 )
             };
-            if let Some((k, e)) = taken {
-                out.push((k, self.userspace(e)));
+            if let Some((k, e, ended)) = got {
+                taken.push((k, self.userspace(e), ended));
             }
         }
-        out
+        records(taken.into_iter(), out);
+    }
+}
+
+/// A slot in this state holds a connection.
+fn holds(st: u32) -> bool {
+    st == state::LIVE || st == state::DRAINING || st == state::ENDED
+}
+
+/// Entries read or drained from slots as connection records, appended to
+/// `out` in the order they began (`first_seen_ns`): the live entries of
+/// one key (two slots of one connection, a rare insert race) added
+/// together; an `ENDED` one (the bool) is an earlier connection on its
+/// 5-tuple, a record of its own.
+fn records(
+    slots: impl Iterator<Item = (ConnKey, FlowEntry, bool)>,
+    out: &mut Vec<(ConnKey, FlowEntry)>,
+) {
+    let start = out.len();
+    let mut at: HashMap<ConnKey, usize> = HashMap::new();
+    for (k, e, ended) in slots {
+        if !ended {
+            if let Some(&j) = at.get(&k) {
+                out[j].1.absorb(&e);
+                continue;
+            }
+            at.insert(k, out.len());
+        }
+        out.push((k, e));
+    }
+    out[start..].sort_by_key(|(_, e)| e.first_seen_ns);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use probe_common::{FlowKey, L4Proto};
+
+    fn key(port: u16) -> ConnKey {
+        let k = FlowKey {
+            src: probe_common::key::v4_mapped([10, 0, 0, 1]),
+            dst: probe_common::key::v4_mapped([10, 0, 0, 2]),
+            sport: port,
+            dport: 80,
+            proto: L4Proto::Tcp as u8,
+            family: 4,
+            _pad: [0; 2],
+        };
+        ConnKey::of(&k, 3).0
+    }
+
+    fn entry(first: u64, bytes: u64) -> FlowEntry {
+        let mut e = FlowEntry::new(first, 0, &key(1), None);
+        e.counters[0].bytes = bytes;
+        e
+    }
+
+    #[test]
+    fn live_slots_of_a_key_add_up_and_ended_ones_stay_apart_in_time_order() {
+        let (a, b) = (key(1), key(2));
+        let slots = [
+            (a, entry(50, 5), false),
+            (b, entry(10, 1), true),
+            (a, entry(20, 2), true),
+            (b, entry(30, 3), false),
+            // A second live slot of `a` (the insert race).
+            (a, entry(60, 7), false),
+        ];
+        let mut out = vec![(b, entry(1, 100))];
+        records(slots.into_iter(), &mut out);
+        let got: Vec<(u16, u64, u64)> = out
+            .iter()
+            .map(|(k, e)| {
+                (
+                    k.hi_port.min(k.lo_port),
+                    e.first_seen_ns,
+                    e.counters[0].bytes,
+                )
+            })
+            .collect();
+        // What `out` held first stays first.
+        assert_eq!(
+            got,
+            [(2, 1, 100), (2, 10, 1), (1, 20, 2), (2, 30, 3), (1, 50, 12)]
+        );
     }
 }

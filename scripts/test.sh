@@ -2,11 +2,13 @@
 # Every test flowprobe has, in tiers. Run as root on a fresh Debian machine of
 # the project's kind; it installs what the tiers need.
 #
-#   1. setup    apt packages (tshark, tcpdump, iptables, ...) and the eBPF
+#   1. setup    apt packages (tshark, tcpdump, iptables, systemd's tools, ...) and the eBPF
 #               toolchain (nightly rust-src, bpf-linker against nightly's libLLVM)
 #   2. lint     cargo fmt --check, clippy -D warnings (workspace and eBPF crate)
 #   3. unit     cargo test: parser, tracker, etherparse differential property
-#               test, replay of every format, golden files, kernel truth, tshark
+#               test, replay of every format, golden files, kernel truth, tshark;
+#               the service files (tests/service.rs: systemd-analyze verify,
+#               the DaemonSet's YAML, completions)
 #   4. root     eBPF: the verifier accepts the program (bpftool load) and it
 #               counts in a veth pair between two fresh network namespaces;
 #               `flowprobe run` there equals each socket's TCP_INFO (tests/live_tc/),
@@ -16,6 +18,8 @@
 #               handshake RTT against a known added delay (tests/rtt_delay.rs);
 #               each end joined to its process, container and service
 #               (tests/live_attrib/);
+#               `run` with exactly the service's capabilities, and with one
+#               fewer (tests/live_caps.rs);
 #               replay of freshly captured kernel traffic (iptables loss in the
 #               receiver's INPUT) equals each socket's TCP_INFO
 #
@@ -25,13 +29,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 tier() { printf '\n=== %s\n' "$*"; }
+K8S_VENV=$PWD/target/venv-k8s
 is_root() { [ "$(id -u)" = 0 ]; }
 ci() { [ "${CI:-}" = true ]; }
 
 if [ "${FLOWPROBE_SKIP_SETUP:-}" != 1 ]; then
     tier "setup"
     if is_root; then
-        pkgs=(tcpdump tshark iptables iproute2 ethtool bpftool iperf3 jq softflowd python3 iputils-ping prometheus)
+        # systemd (systemd-analyze), man-db, python3-yaml and python3-venv:
+        # tests/service.rs.
+        pkgs=(tcpdump tshark iptables iproute2 ethtool bpftool iperf3 jq softflowd python3 iputils-ping prometheus
+              systemd man-db python3-yaml python3-venv)
         missing=()
         for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
         if [ ${#missing[@]} -gt 0 ]; then
@@ -41,6 +49,12 @@ if [ "${FLOWPROBE_SKIP_SETUP:-}" != 1 ]; then
             apt-get install -y -qq "${missing[@]}" >/dev/null
         fi
         bash scripts/setup-ebpf-toolchain.sh
+        # The Kubernetes schemas (bundled in the package) that
+        # tests/service.rs checks the DaemonSet against.
+        if [ ! -x "$K8S_VENV/bin/kubernetes-validate" ]; then
+            /usr/bin/python3 -m venv "$K8S_VENV"
+            "$K8S_VENV/bin/pip" install -q kubernetes-validate==1.37.0
+        fi
     elif ci; then
         echo "FAIL: CI=true but not root: cannot install packages or run the root tier" >&2
         exit 1
@@ -55,6 +69,7 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo xtask clippy-ebpf
 
 tier "unit and replay tests"
+if [ -d "$K8S_VENV/bin" ]; then export PATH="$K8S_VENV/bin:$PATH"; fi
 cargo test --workspace --locked
 
 # A flowprobe built without the eBPF toolchain: replay works, and run
@@ -86,10 +101,13 @@ cargo xtask check-ebpf --release
 cargo xtask smoke-ebpf --release
 # `flowprobe run` on a veth in new namespaces against TCP_INFO; it uses the
 # object check-ebpf just built (the unit tier skips it without this variable).
-FLOWPROBE_LIVE_TESTS=1 cargo test --locked -p flowprobe --test live_tc
+# Two tests at a time: each loads the program (about 4 s of verifier time
+# on a 2-vCPU VM), and more at once only makes every load, and so every
+# wait for an attach, longer.
+FLOWPROBE_LIVE_TESTS=1 cargo test --locked -p flowprobe --test live_tc -- --test-threads=2
 # `flowprobe run --backend afpacket` beside the tc backend, both against
 # TCP_INFO; the fallback to AF_PACKET without CAP_BPF (setpriv, util-linux).
-FLOWPROBE_LIVE_TESTS=1 cargo test --locked -p flowprobe --test live_afpacket
+FLOWPROBE_LIVE_TESTS=1 cargo test --locked -p flowprobe --test live_afpacket -- --test-threads=2
 # `flowprobe run --listen` scraped by Debian's prometheus in a new namespace:
 # PromQL sums = the agent's /query = the bytes the applications wrote.
 FLOWPROBE_LIVE_TESTS=1 cargo test --locked -p flowprobe --test live_agent
@@ -99,6 +117,9 @@ FLOWPROBE_LIVE_TESTS=1 cargo test --locked -p flowprobe --test rtt_delay
 # Process attribution: processes in two namespaces and made-up container
 # cgroups, 500 short-lived connections (tests/live_attrib/).
 FLOWPROBE_LIVE_TESTS=1 cargo test --locked -p flowprobe --test live_attrib -- --nocapture
+# The service's capability set (dist/systemd/flowprobe.service) under
+# setpriv: everything the unit promises, and what one fewer breaks.
+FLOWPROBE_LIVE_TESTS=1 cargo test --locked -p flowprobe --test live_caps -- --nocapture
 
 fresh=$(mktemp -d /tmp/flowprobe-capture.XXXXXX)
 trap 'rm -rf "$fresh"' EXIT

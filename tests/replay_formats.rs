@@ -142,9 +142,18 @@ fn write_pcapng(path: &Path, ifaces: &[(DataLink, Option<u8>)], frames: &[(u32, 
 }
 
 fn replay_json(path: &Path) -> Vec<Value> {
-    let out = flowprobe(&["replay", "--format", "json", path.to_str().unwrap()]);
+    replay_json_with(path, &[]).0
+}
+
+/// The connections of `flowprobe replay --format json ARGS PATH`, and its
+/// summary line.
+fn replay_json_with(path: &Path, args: &[&str]) -> (Vec<Value>, String) {
+    let mut all = vec!["replay", "--format", "json"];
+    all.extend(args);
+    all.push(path.to_str().unwrap());
+    let out = flowprobe(&all);
     assert!(out.status.success(), "{}", stderr(&out));
-    json_lines(&stdout(&out))
+    (json_lines(&stdout(&out)), stderr(&out))
 }
 
 fn without_iface(mut v: Vec<Value>) -> Vec<Value> {
@@ -237,7 +246,9 @@ fn every_format_and_link_type_gives_the_same_connections() {
     }
 
     // Two interfaces with different link types and resolutions: the same
-    // connection seen on both is two rows, one per interface.
+    // connection seen on both is one row, counted on the interface that saw
+    // each direction first; with --per-interface, two rows, one per
+    // interface.
     let p = dir.path().join("two_ifaces.pcapng");
     let mut frames: Vec<_> = conv.iter().map(|(t, ip)| (0, *t, sll2(ip))).collect();
     frames.extend(conv.iter().map(|(t, ip)| (1, *t, ethernet(ip))));
@@ -246,7 +257,14 @@ fn every_format_and_link_type_gives_the_same_connections() {
         &[(DataLink::LINUX_SLL2, Some(9)), (DataLink::ETHERNET, None)],
         &frames,
     );
-    let got = replay_json(&p);
+    let (once, summary) = replay_json_with(&p, &[]);
+    assert_eq!(once, reference, "counted once, on interface 0");
+    let copies = conv.len();
+    assert!(
+        summary.contains(&format!(", {copies} seen again on another interface")),
+        "{summary}"
+    );
+    let (got, _) = replay_json_with(&p, &["--per-interface"]);
     assert_eq!(got.len(), 4);
     let ifaces: Vec<u64> = got.iter().map(|c| c["iface"].as_u64().unwrap()).collect();
     assert_eq!(ifaces, [0, 1, 0, 1]);

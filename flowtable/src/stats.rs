@@ -5,8 +5,12 @@ use probe_common::ParseError;
 pub struct FrameStats {
     /// Frames read from the source.
     pub frames: u64,
-    /// Frames that updated a connection.
+    /// Frames that parsed to a TCP/UDP connection.
     pub tracked: u64,
+    /// Of those, frames not counted again: the same packet, seen before at
+    /// another interface of the host, where its direction is counted
+    /// (`probe_common::entry::DirState::claim`).
+    pub duplicate: u64,
     /// Frames on interfaces whose link type flowprobe does not parse.
     pub unsupported_link: u64,
     /// Frames that did not, by [`ParseError`] (indexed by its discriminant).
@@ -33,6 +37,7 @@ impl FrameStats {
     pub fn merge(&mut self, o: &FrameStats) {
         self.frames += o.frames;
         self.tracked += o.tracked;
+        self.duplicate += o.duplicate;
         self.unsupported_link += o.unsupported_link;
         for (a, b) in self.skipped.iter_mut().zip(o.skipped.iter()) {
             *a += b;

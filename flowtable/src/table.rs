@@ -45,17 +45,31 @@ impl Flow {
     }
 }
 
-/// Connections keyed by 5-tuple and interface, both directions in one entry.
+/// Connections keyed by 5-tuple, both directions in one entry: one record
+/// per connection however many interfaces its packets cross, each direction
+/// counted at the first interface that saw it (as the kernel does, see
+/// `DirState::claim`); or, [`FlowTable::per_interface`], one record per
+/// connection and interface.
 #[derive(Default)]
 pub struct FlowTable {
     live: FxHashMap<ConnKey, Flow>,
     /// Connections whose 5-tuple was reused by a later connection.
     ended: Vec<(ConnKey, Flow)>,
+    per_iface: bool,
 }
 
 impl FlowTable {
     pub fn new() -> FlowTable {
         FlowTable::default()
+    }
+
+    /// A table that keys connections per interface too: each interface
+    /// counts what it sees (`--per-interface`).
+    pub fn per_interface() -> FlowTable {
+        FlowTable {
+            per_iface: true,
+            ..FlowTable::default()
+        }
     }
 
     /// Number of distinct connections seen so far.
@@ -67,17 +81,28 @@ impl FlowTable {
         self.len() == 0
     }
 
-    pub fn observe(&mut self, o: &Observation) {
+    /// Counts one frame; false when it was not counted because its
+    /// direction is counted at another interface (a copy of a packet seen
+    /// there first).
+    pub fn observe(&mut self, o: &Observation) -> bool {
         let p = o.parsed;
-        let (key, dir) = ConnKey::of(&p.key, o.iface);
+        let (key_iface, seen_at) = if self.per_iface {
+            (o.iface, 0)
+        } else {
+            (0, o.iface.wrapping_add(1))
+        };
+        let (key, dir) = ConnKey::of(&p.key, key_iface);
         let is_tcp = p.key.proto == L4Proto::Tcp as u8;
         let pure_syn = is_tcp && p.tcp.flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN;
 
         let flow = match self.live.entry(key) {
             std::collections::hash_map::Entry::Occupied(e) => {
                 let f = e.into_mut();
-                if pure_syn && f.entry.closed() {
-                    // Same 5-tuple, new connection (port reuse after close).
+                let claim = f.entry.dir[dir & 1].seen_at;
+                if pure_syn && f.entry.closed() && (claim == 0 || claim == seen_at) {
+                    // Same 5-tuple, new connection (port reuse after close);
+                    // a SYN at another interface than the one counting its
+                    // direction is a copy of the old one's.
                     let old = core::mem::replace(f, Flow::new(o.ts_ns, dir, &key, p));
                     self.ended.push((key, old));
                 } else if is_tcp {
@@ -91,10 +116,13 @@ impl FlowTable {
         };
 
         let e = &mut flow.entry;
-        e.first_seen_ns = e.first_seen_ns.min(o.ts_ns);
         let [d0, d1] = &mut e.dir;
         let (d, r) = if dir & 1 == 0 { (d0, d1) } else { (d1, d0) };
+        if !d.claim(seen_at) {
+            return false;
+        }
         d.last_seen_ns = d.last_seen_ns.max(o.ts_ns);
+        e.first_seen_ns = e.first_seen_ns.min(o.ts_ns);
 
         let verdict = if is_tcp {
             let seg = Segment {
@@ -108,6 +136,7 @@ impl FlowTable {
             None
         };
         e.counters[dir].record(o.segs, p.payload_len, p.l3_len, verdict.as_ref());
+        true
     }
 
     /// Every connection seen, oriented from its initiator, in a stable order:
@@ -145,7 +174,7 @@ impl Connection {
             sport,
             dst,
             dport,
-            iface: k.iface,
+            iface: iface(k, e, initiator),
             first_seen: e.first_seen_ns.wrapping_add(clock_offset_ns),
             // Live, last_seen comes from the kernel's coarse clock (the last
             // tick), which can lag the precise first_seen of a new entry.
@@ -214,6 +243,21 @@ pub fn sort_connections(conns: &mut [Connection]) {
                 b.iface,
             ))
     });
+}
+
+/// Where a connection was counted: the key's interface with keys per
+/// interface, else the interface that claimed the initiator's direction
+/// (the responder's, if the initiator's was never seen).
+fn iface(k: &ConnKey, e: &FlowEntry, initiator: usize) -> u32 {
+    let at = match e.dir[initiator].seen_at {
+        0 => e.dir[1 - initiator].seen_at,
+        at => at,
+    };
+    if at == 0 {
+        k.iface
+    } else {
+        at - 1
+    }
 }
 
 #[cfg(test)]
@@ -375,7 +419,7 @@ mod tests {
                 .entry(key)
                 .or_insert_with(|| FlowEntry::new(ts, dir, &key, is_tcp.then_some(p.tcp.flags)));
             // SAFETY: a live map value, no other writer.
-            let how = unsafe { update(e, dir, 1, &p.pkt(), &Fixed(ts), 1, &Plain) };
+            let how = unsafe { update(e, dir, 1, &p.pkt(), 0, &Fixed(ts), 1, &Plain) };
             assert_eq!(how, Updated::Locked);
         }
         let mut out: Vec<Connection> = map
@@ -440,7 +484,7 @@ mod tests {
         for (p, &ts) in pkts.iter().zip(&times) {
             let dir = ConnKey::of(&p.key, 0).1;
             // SAFETY: a live local, no other writer.
-            unsafe { update(&mut e, dir, 1, &p.pkt(), &Fixed(ts), 1, &Plain) };
+            unsafe { update(&mut e, dir, 1, &p.pkt(), 0, &Fixed(ts), 1, &Plain) };
         }
         let kernel = Connection::from_entry(&key, &e, 0).rtt.unwrap();
         let legs = |r: &Rtt| (r.dst.handshake_us, r.src.handshake_us);

@@ -44,8 +44,13 @@ pub const CONNS_SEED: &str = "CONNS_SEED";
 /// `u8`: 1 releases a lock with a plain store (where the CPU keeps stores
 /// in order), 0 with an atomic exchange.
 pub const UNLOCK_BY_STORE: &str = "UNLOCK_BY_STORE";
+/// Non-zero: connections are keyed per interface (`--per-interface`), each
+/// interface counting what it sees; zero: one record per connection on the
+/// host, each direction counted at the first interface that sees it
+/// ([`crate::entry::DirState::claim`]).
+pub const PER_IFACE: &str = "PER_IFACE";
 /// Every global the loader overrides (read-only data of the object).
-pub const GLOBALS: [&str; 3] = [CONNS_MASK, CONNS_SEED, UNLOCK_BY_STORE];
+pub const GLOBALS: [&str; 4] = [CONNS_MASK, CONNS_SEED, UNLOCK_BY_STORE, PER_IFACE];
 
 /// [`PARSE_STATS`] index of frames that parsed to a TCP/UDP flow.
 pub const PARSE_TRACKED: u32 = 0;
@@ -93,11 +98,19 @@ pub enum ConnStat {
     /// The entry's lock stayed taken: the packet was counted, without the
     /// tracker's verdict ([`crate::update::update_contended`]).
     Contended = 2,
+    /// A packet of a direction already counted at another interface of
+    /// this host: the same packet, seen again on its way (not a loss).
+    Duplicate = 3,
 }
 
 impl ConnStat {
     /// Every index, in order.
-    pub const ALL: [ConnStat; 3] = [ConnStat::Full, ConnStat::InsertFailed, ConnStat::Contended];
+    pub const ALL: [ConnStat; 4] = [
+        ConnStat::Full,
+        ConnStat::InsertFailed,
+        ConnStat::Contended,
+        ConnStat::Duplicate,
+    ];
 
     /// Its index in [`CONN_STATS`].
     #[inline(always)]
@@ -111,6 +124,7 @@ impl ConnStat {
             ConnStat::Full => "full",
             ConnStat::InsertFailed => "insert_failed",
             ConnStat::Contended => "contended",
+            ConnStat::Duplicate => "duplicate",
         }
     }
 }

@@ -89,7 +89,10 @@ pub struct DirState {
     /// The tracker's state; 8-byte aligned, so that the reverse direction
     /// reads its `ack` and `flags` in one load ([`crate::update`]).
     pub tcp: TcpDir,
-    pub _pad2: u32,
+    /// Where this direction is counted: the interface index + 1 of the
+    /// first packet that counted for it (0: none yet, or keys per
+    /// interface). See [`DirState::claim`].
+    pub seen_at: u32,
     /// CLOCK_MONOTONIC of this direction's last packet (0: none yet). In a
     /// kernel table slot: the kernel's `jiffies` instead (one load a
     /// packet), which the reader turns into nanoseconds with
@@ -104,6 +107,31 @@ pub struct DirState {
     /// When this direction's SYN was sent (while timed), then the
     /// handshake sample in nanoseconds ([`crate::handshake`]).
     pub hs_ns: u64,
+}
+
+impl DirState {
+    /// Whether a packet of this direction seen at `at` (interface index +
+    /// 1) counts, claiming the direction for `at` if nothing has yet.
+    ///
+    /// On a host the same packet may cross several interfaces (a
+    /// container's veth, then the bridge port of the other container, then
+    /// an uplink): the connection is one, and each direction is counted
+    /// once, at the first interface that saw it, which is the one nearest
+    /// its sender and so keeps retransmits exact (a segment lost between
+    /// two interfaces was still sent, and its retransmission is seen first
+    /// where the original was). `at == 0` (keys per interface, each
+    /// interface its own entry) always counts and claims nothing.
+    #[inline(always)]
+    pub fn claim(&mut self, at: u32) -> bool {
+        if self.seen_at == at {
+            return true;
+        }
+        if self.seen_at == 0 {
+            self.seen_at = at;
+            return true;
+        }
+        false
+    }
 }
 
 /// Everything the tc program knows about one connection: the value of a

@@ -62,6 +62,9 @@ impl Clock for Fixed {
 pub enum Updated {
     /// Under the entry's lock: exact.
     Locked,
+    /// Not counted: the direction is counted at another interface of this
+    /// host, which saw the same packet first ([`DirState::claim`]).
+    Elsewhere,
     /// The lock stayed taken: packets and bytes counted, but not the
     /// tracker's verdict (a retransmission counts as new data).
     Contended,
@@ -91,19 +94,26 @@ impl Parsed {
 }
 
 /// Records one packet (or GSO super-packet of `segs` segments) travelling
-/// in direction `dir` (0 or 1, as in [`crate::ConnKey::of`]): takes the
-/// direction's lock, [`update_locked`], releases it; or, when the lock
-/// stays taken for `spins` tries, [`update_contended`].
+/// in direction `dir` (0 or 1, as in [`crate::ConnKey::of`]), seen at
+/// `seen_at` (interface index + 1, or 0 with keys per interface: see
+/// [`DirState::claim`]): takes the direction's lock, [`update_locked`],
+/// releases it; or, when the lock stays taken for `spins` tries,
+/// [`update_contended`].
 ///
 /// # Safety
 /// `e` must point to a live `FlowEntry`, 8-byte aligned, that other writers
 /// update only through this module.
 #[inline(always)]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the packet's parts as the kernel's callers hold them"
+)]
 pub unsafe fn update<A: Atomics, C: Clock>(
     e: *mut FlowEntry,
     dir: usize,
     segs: u32,
     p: &Pkt,
+    seen_at: u32,
     clock: &C,
     spins: u32,
     a: &A,
@@ -113,15 +123,23 @@ pub unsafe fn update<A: Atomics, C: Clock>(
     // SAFETY: as above.
     if unsafe { a.try_lock(lock, spins) } {
         // SAFETY: we hold the lock.
-        unsafe {
-            update_locked(e, dir, segs, p, clock);
+        let counted = unsafe {
+            let counted = update_locked(e, dir, segs, p, seen_at, clock);
             a.unlock(lock);
-        }
-        return Updated::Locked;
+            counted
+        };
+        return if counted {
+            Updated::Locked
+        } else {
+            Updated::Elsewhere
+        };
     }
     // SAFETY: caller's contract.
-    unsafe { update_contended(e, dir, segs, p, clock, a) };
-    Updated::Contended
+    if unsafe { update_contended(e, dir, segs, p, seen_at, clock, a) } {
+        Updated::Contended
+    } else {
+        Updated::Elsewhere
+    }
 }
 
 /// The [`Peer`] view of direction `dir`, read while its own CPU may be
@@ -142,7 +160,9 @@ unsafe fn read_peer(e: *const FlowEntry, dir: usize) -> Peer {
 /// The update itself, by the holder of direction `dir`'s lock: the
 /// tracker's verdict, the handshake, the counters. It writes the
 /// direction's own [`DirState`] and counters, and reads the reverse
-/// direction's state only when the tracker asks ([`Peer`]).
+/// direction's state only when the tracker asks ([`Peer`]). False, having
+/// changed nothing, when the direction is counted at another interface
+/// ([`DirState::claim`]).
 ///
 /// # Safety
 /// As [`update`], and the caller holds `(*e).dir[dir].lock`.
@@ -152,8 +172,9 @@ pub unsafe fn update_locked<C: Clock>(
     dir: usize,
     segs: u32,
     p: &Pkt,
+    seen_at: u32,
     clock: &C,
-) {
+) -> bool {
     let dir = dir & 1;
     let seg = Segment {
         hdr: p.tcp,
@@ -165,6 +186,9 @@ pub unsafe fn update_locked<C: Clock>(
     // is written meanwhile by its own lock holder.
     unsafe {
         let s: &mut DirState = &mut (*e).dir[dir];
+        if !s.claim(seen_at) {
+            return false;
+        }
         s.last_seen_ns = clock.coarse_ns();
         // Plain adds: every writer of `counters` holds the lock (a
         // contended writer adds to `late` instead). Two calls rather than
@@ -181,6 +205,7 @@ pub unsafe fn update_locked<C: Clock>(
             (*e).counters[dir].record(segs, p.payload_len, p.l3_len, None);
         }
     }
+    true
 }
 
 /// [`FlowEntry::note_syn`] through a pointer: a pure SYN, rare, writes the
@@ -198,7 +223,9 @@ unsafe fn note_syn(e: *mut FlowEntry, dir: usize, tcp_flags: u8) {
 }
 
 /// The lock stayed taken: counts the packet, atomically, without a tracker
-/// verdict (the sequence state belongs to the lock holder).
+/// verdict (the sequence state belongs to the lock holder). False, having
+/// changed nothing, when another interface has claimed the direction (the
+/// claim is written once, under the lock, before the first count).
 ///
 /// # Safety
 /// As [`update`].
@@ -208,9 +235,15 @@ pub unsafe fn update_contended<A: Atomics, C: Clock>(
     dir: usize,
     segs: u32,
     p: &Pkt,
+    seen_at: u32,
     clock: &C,
     a: &A,
-) {
+) -> bool {
+    // SAFETY: caller's contract; an aligned u32 read.
+    let claimed = unsafe { core::ptr::read_volatile(&raw const (*e).dir[dir & 1].seen_at) };
+    if claimed != 0 && claimed != seen_at {
+        return false;
+    }
     // SAFETY: caller's contract; `late` is only ever added to atomically,
     // and the timestamp is one aligned store any writer may win.
     unsafe {
@@ -225,4 +258,5 @@ pub unsafe fn update_contended<A: Atomics, C: Clock>(
         }
         a.add_u64(late.add(2), p.l3_len as u64);
     }
+    true
 }

@@ -69,6 +69,7 @@ impl Shared {
                 dir,
                 1,
                 &p.pkt(),
+                0,
                 &Fixed(0),
                 spins,
                 &CoreAtomics,

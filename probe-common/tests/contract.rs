@@ -31,7 +31,7 @@ fn conn_stats_have_no_hole() {
         (0..contract::CONN_STATS_LEN as u32).collect::<Vec<_>>()
     );
     let names: Vec<&str> = ConnStat::ALL.iter().map(|s| s.name()).collect();
-    assert_eq!(names, ["full", "insert_failed", "contended"]);
+    assert_eq!(names, ["full", "insert_failed", "contended", "duplicate"]);
 }
 
 #[test]

@@ -79,7 +79,7 @@ fn packet_seeded(t: &Table, k: &ConnKey, dir: usize, len: u32, spins: u32, seed:
         );
         match l {
             Located::Found(s) | Located::New(s, _) => {
-                update_locked(&raw mut (*s).entry, dir, 1, &p, &Fixed(2));
+                update_locked(&raw mut (*s).entry, dir, 1, &p, 0, &Fixed(2));
                 CoreAtomics.unlock(&raw mut (*s).entry.dir[dir].lock);
             }
             Located::Contended(s) => {
@@ -88,7 +88,7 @@ fn packet_seeded(t: &Table, k: &ConnKey, dir: usize, len: u32, spins: u32, seed:
                 for _ in 0..500 {
                     std::hint::spin_loop();
                 }
-                update_contended(&raw mut (*s).entry, dir, 1, &p, &Fixed(2), &CoreAtomics);
+                update_contended(&raw mut (*s).entry, dir, 1, &p, 0, &Fixed(2), &CoreAtomics);
                 slots::contended_done(s, &CoreAtomics);
             }
             Located::Full | Located::Busy => {}
@@ -287,7 +287,7 @@ fn segment(t: &Table, k: &ConnKey, dir: usize, flags: u8, seq: u32, len: u32) ->
             |e| e.init(1, dir, k, Some(flags)),
         );
         if let Located::Found(s) | Located::New(s, _) = l {
-            update_locked(&raw mut (*s).entry, dir, 1, &p, &Fixed(2));
+            update_locked(&raw mut (*s).entry, dir, 1, &p, 0, &Fixed(2));
             CoreAtomics.unlock(&raw mut (*s).entry.dir[dir].lock);
         }
         l

@@ -54,6 +54,10 @@ fn check(steps: &[Step]) -> [DirCounters; 2] {
     // The kernel's variant (`update::update` on a map value) runs beside and
     // must agree step by step.
     let mut entry = FlowEntry::default();
+    // And the same packets on a host where each crosses two interfaces, its
+    // sender's first (interface 1 for direction 0, 2 for direction 1), then
+    // the other: counted once each, as on one interface.
+    let mut host = FlowEntry::default();
     for (i, step) in steps.iter().enumerate() {
         let seg = Segment {
             hdr: TcpHeader {
@@ -90,8 +94,36 @@ fn check(steps: &[Step]) -> [DirCounters; 2] {
             tcp: seg.hdr,
         };
         // SAFETY: a live local, no other writer.
-        let how = unsafe { update(&raw mut entry, step.dir, 1, &p.pkt(), &Fixed(0), 1, &Plain) };
+        let how = unsafe {
+            update(
+                &raw mut entry,
+                step.dir,
+                1,
+                &p.pkt(),
+                0,
+                &Fixed(0),
+                1,
+                &Plain,
+            )
+        };
         assert_eq!(how, Updated::Locked);
+        let (first, then) = if step.dir == 0 { (2, 3) } else { (3, 2) };
+        for (at, want) in [(first, Updated::Locked), (then, Updated::Elsewhere)] {
+            // SAFETY: as above.
+            let how = unsafe {
+                update(
+                    &raw mut host,
+                    step.dir,
+                    1,
+                    &p.pkt(),
+                    at,
+                    &Fixed(0),
+                    1,
+                    &Plain,
+                )
+            };
+            assert_eq!(how, want, "step {i} seen at {at}");
+        }
         assert_eq!(
             [entry.dir[0].tcp, entry.dir[1].tcp],
             st,
@@ -109,6 +141,10 @@ fn check(steps: &[Step]) -> [DirCounters; 2] {
         );
     }
     assert_eq!(entry.counters, c, "update::update counts differ");
+    assert_eq!(
+        host.counters, c,
+        "a packet seen at two interfaces counted twice"
+    );
     c
 }
 

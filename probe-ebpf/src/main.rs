@@ -80,6 +80,26 @@ static CONNS_SEED: u64 = 0;
 #[unsafe(no_mangle)]
 static UNLOCK_BY_STORE: u8 = 0;
 
+/// 1: connections are keyed per interface (`--per-interface`); 0 (the
+/// default): one entry per connection on the host, each direction counted
+/// at the first interface that sees it (`DirState::claim`), so that a
+/// packet crossing a container's veth, a bridge port and an uplink counts
+/// once.
+#[unsafe(no_mangle)]
+static PER_IFACE: u8 = 0;
+
+/// The interface word of a key and the `seen_at` of a packet seen at
+/// `ifindex` ([`PER_IFACE`]).
+#[inline(always)]
+fn scope(ifindex: u32) -> (u32, u32) {
+    // SAFETY: a plain global (see `Table::mask`).
+    if unsafe { core::ptr::read_volatile(&raw const PER_IFACE) } != 0 {
+        (ifindex, 0)
+    } else {
+        (0, ifindex.wrapping_add(1))
+    }
+}
+
 /// Tries for an entry's lock before counting the packet without a verdict.
 /// The holder is a tc program on another CPU, done within a few hundred
 /// nanoseconds unless the hypervisor stops its virtual CPU: on a 2-vCPU VM
@@ -117,6 +137,7 @@ named!(static CONN_STATS, contract::CONN_STATS);
 named!(static CONNS_MASK, contract::CONNS_MASK);
 named!(static CONNS_SEED, contract::CONNS_SEED);
 named!(static UNLOCK_BY_STORE, contract::UNLOCK_BY_STORE);
+named!(static PER_IFACE, contract::PER_IFACE);
 named!(fn flowprobe_tc, contract::TC_PROGRAM);
 named!(fn flowprobe_xdp, contract::XDP_PROGRAM);
 
@@ -219,7 +240,7 @@ fn fast_tc(skb: *mut __sk_buff) -> bool {
         (daddr, dport, saddr, sport)
     };
     // SAFETY: the program's own context.
-    let ifindex = unsafe { (*skb).ifindex };
+    let (key_iface, seen_at) = scope(unsafe { (*skb).ifindex });
     let payload_len = tot_len - 20 - doff;
     // A segment without payload is never a GSO super-packet: its segment
     // count (in skb_shared_info, a cache line of its own at the end of the
@@ -238,7 +259,7 @@ fn fast_tc(skb: *mut __sk_buff) -> bool {
         0,
         0xffff_0000 | (hi as u64) << 32,
         lo_port as u64 | (hi_port as u64) << 16 | 6 << 32 | 4 << 40,
-        ifindex as u64,
+        key_iface as u64,
     ]);
     let p = Pkt {
         is_tcp: true,
@@ -252,7 +273,7 @@ fn fast_tc(skb: *mut __sk_buff) -> bool {
         l3_len: tot_len,
     };
     bump(&PARSE_STATS, PARSE_TRACKED);
-    count::<true>(&key, if forward { 0 } else { 1 }, &p, segs, skb);
+    count::<true>(&key, Seen::new(if forward { 0 } else { 1 }, segs), &p, seen_at, skb);
     true
 }
 
@@ -267,8 +288,9 @@ fn slow_tc(ctx: &TcContext) {
         let (ifindex, gso_segs) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).gso_segs) };
         // SAFETY: `parse_skb` wrote it when it returned PARSE_TRACKED.
         let p = unsafe { p.assume_init_ref() };
-        let (key, dir) = ConnKey::of(&p.key, ifindex);
-        count_call::<true>(&key, dir, &p.pkt(), gso_segs.max(1), ctx.skb.skb);
+        let (key_iface, seen_at) = scope(ifindex);
+        let (key, dir) = ConnKey::of(&p.key, key_iface);
+        count_call::<true>(&key, Seen::new(dir, gso_segs.max(1)), &p.pkt(), seen_at, ctx.skb.skb);
     }
 }
 
@@ -307,8 +329,12 @@ pub fn flowprobe_xdp(ctx: XdpContext) -> u32 {
     if idx == PARSE_TRACKED {
         // SAFETY: `parse_xdp` wrote it when it returned PARSE_TRACKED.
         let p = unsafe { p.assume_init_ref() };
+        // The key has interface 0 whatever PER_IFACE says: the two
+        // directions of a forwarded connection enter on two interfaces.
+        // SAFETY: the program's own context.
+        let (_, seen_at) = scope(unsafe { (*ctx.ctx).ingress_ifindex });
         let (key, dir) = ConnKey::of(&p.key, 0);
-        count_call::<false>(&key, dir, &p.pkt(), 1, core::ptr::null_mut());
+        count_call::<false>(&key, Seen::new(dir, 1), &p.pkt(), seen_at, core::ptr::null_mut());
     }
     XDP_PASS
 }
@@ -511,8 +537,8 @@ impl Slots for Table {
 /// Inlined into the fast path (one stream of instructions for the common
 /// packet); the general parser and XDP call it through [`count_call`].
 #[inline(always)]
-fn count<const TC: bool>(key: &ConnKey, dir: usize, p: &Pkt, segs: u32, skb: *mut __sk_buff) {
-    let dir = dir & 1;
+fn count<const TC: bool>(key: &ConnKey, seen: Seen, p: &Pkt, seen_at: u32, skb: *mut __sk_buff) {
+    let (dir, segs) = (seen.dir(), seen.segs());
     // SAFETY: a plain global (see `Table::mask`).
     let seed = unsafe { core::ptr::read_volatile(&raw const CONNS_SEED) };
     let flags = if p.is_tcp { Some(p.tcp.flags) } else { None };
@@ -530,34 +556,66 @@ fn count<const TC: bool>(key: &ConnKey, dir: usize, p: &Pkt, segs: u32, skb: *mu
     };
     let slot = match located {
         Located::Found(s) => s,
-        other => match unusual(other, dir, p, segs) {
+        other => match unusual(other, seen, p, seen_at) {
             Some(s) => s,
             None => return,
         },
     };
     // SAFETY: `locate` returned the slot with its lock held by us.
-    unsafe {
+    let counted = unsafe {
         let e = &raw mut (*slot).entry;
-        update_locked(e, dir, segs, p, &Ktime);
-        if TC && (*e).sk_noted[dir & 1] == 0 && !(*skb).__bindgen_anon_2.sk.is_null() {
+        let counted = update_locked(e, dir, segs, p, seen_at, &Ktime);
+        if counted && TC && (*e).sk_noted[dir & 1] == 0 && !(*skb).__bindgen_anon_2.sk.is_null()
+        {
             note_socket(skb, e, dir);
         }
         Bpf.unlock(&raw mut (*e).dir[dir & 1].lock);
+        counted
+    };
+    if !counted {
+        bump(&CONN_STATS, ConnStat::Duplicate.index());
     }
 }
 
 /// [`count`] as a function of its own: its own stack frame, beside the
 /// general parser's.
 #[inline(never)]
-fn count_call<const TC: bool>(key: &ConnKey, dir: usize, p: &Pkt, segs: u32, skb: *mut __sk_buff) {
-    count::<TC>(key, dir, p, segs, skb)
+fn count_call<const TC: bool>(
+    key: &ConnKey,
+    seen: Seen,
+    p: &Pkt,
+    seen_at: u32,
+    skb: *mut __sk_buff,
+) {
+    count::<TC>(key, seen, p, seen_at, skb)
+}
+
+/// A packet's direction and segment count in one argument: a BPF function
+/// takes five arguments at most.
+#[derive(Clone, Copy)]
+struct Seen(u64);
+
+impl Seen {
+    #[inline(always)]
+    fn new(dir: usize, segs: u32) -> Seen {
+        Seen((segs as u64) << 1 | (dir & 1) as u64)
+    }
+    #[inline(always)]
+    fn dir(self) -> usize {
+        (self.0 & 1) as usize
+    }
+    #[inline(always)]
+    fn segs(self) -> u32 {
+        (self.0 >> 1) as u32
+    }
 }
 
 /// Everything [`count`] meets but an existing entry: a new one (marked in
 /// `OCCUPIED`, returned for the update), a held lock, a full probe
 /// sequence. Not inlined, to keep the common path short.
 #[inline(never)]
-fn unusual(located: Located, dir: usize, p: &Pkt, segs: u32) -> Option<*mut Slot> {
+fn unusual(located: Located, seen: Seen, p: &Pkt, seen_at: u32) -> Option<*mut Slot> {
+    let (dir, segs) = (seen.dir(), seen.segs());
     match located {
         Located::Found(s) => Some(s),
         Located::New(s, idx) => {
@@ -570,11 +628,17 @@ fn unusual(located: Located, dir: usize, p: &Pkt, segs: u32) -> Option<*mut Slot
         Located::Contended(s) => {
             // SAFETY: a live slot, its writer registration ours; counted
             // atomically without its lock.
-            unsafe {
-                update_contended(&raw mut (*s).entry, dir, segs, p, &Ktime, &Bpf);
+            let counted = unsafe {
+                let counted = update_contended(&raw mut (*s).entry, dir, segs, p, seen_at, &Ktime, &Bpf);
                 slots::contended_done(s, &Bpf);
-            }
-            bump(&CONN_STATS, ConnStat::Contended.index());
+                counted
+            };
+            let stat = if counted {
+                ConnStat::Contended
+            } else {
+                ConnStat::Duplicate
+            };
+            bump(&CONN_STATS, stat.index());
             None
         }
         Located::Full => {

@@ -63,15 +63,34 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             io::stdout().lock().write_all(&body)?;
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Completions { shell } => {
+            cli::generate::completions(shell, &mut io::stdout().lock())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Man { dir: None } => {
+            cli::generate::man(&mut io::stdout().lock())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Man { dir: Some(dir) } => {
+            for page in cli::generate::man_pages(&dir)? {
+                println!("{}", page.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Replay {
             files,
             format,
             quiet,
+            per_interface,
             query,
         } => {
             // Parse the query before reading gigabytes, so a typo fails fast.
             let spec = query.given().then(|| query.spec()).transpose()?;
-            let mut table = FlowTable::new();
+            let mut table = if per_interface {
+                FlowTable::per_interface()
+            } else {
+                FlowTable::new()
+            };
             let mut stats = FrameStats::default();
             let outcomes = sources::file::replay(&files, &mut table, &mut stats)?;
             let conns = table.connections();

@@ -72,11 +72,13 @@ fn open_source(s: &RunSettings) -> Result<Box<dyn Source>> {
             only: s.ifaces.clone(),
             object: s.ebpf_object.clone(),
             capacity: s.capacity,
+            per_iface: s.per_interface,
             closed_timeout: s.closed_timeout,
             idle_timeout: s.idle_timeout,
         })?))
     };
-    let afpacket = || -> Result<Box<dyn Source>> { Ok(Box::new(afpacket::open(&s.ifaces)?)) };
+    let afpacket =
+        || -> Result<Box<dyn Source>> { Ok(Box::new(afpacket::open(&s.ifaces, s.per_interface)?)) };
     match s.backend {
         Backend::Tc => ebpf(Hook::Tc),
         Backend::Xdp => ebpf(Hook::Xdp),

@@ -66,3 +66,21 @@ pub fn captures() -> Vec<PathBuf> {
     v.sort();
     v
 }
+
+/// The values of every `KEY=` line of the systemd unit
+/// `dist/systemd/flowprobe.service`, split on whitespace.
+pub fn unit_values(key: &str) -> Vec<String> {
+    let unit = fs::read_to_string(repo_root().join("dist/systemd/flowprobe.service")).unwrap();
+    unit.lines()
+        .filter_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+        .flat_map(|v| v.split_whitespace().map(str::to_owned))
+        .collect()
+}
+
+/// The capabilities the service runs with: the unit's
+/// `AmbientCapabilities=` (`CAP_BPF`, ...), which tests/service.rs checks
+/// against its bounding set, the DaemonSet and docs/service.md, and with
+/// which tests/live_caps.rs runs flowprobe.
+pub fn service_caps() -> Vec<String> {
+    unit_values("AmbientCapabilities")
+}

@@ -51,7 +51,7 @@ pub fn sh_out(args: &[&str]) -> String {
 
 /// Polls `ok` every 50 ms for up to 20 s.
 pub fn wait_for(what: &str, ok: impl FnMut() -> bool) {
-    wait_for_within(what, Duration::from_secs(20), ok);
+    wait_for_within(what, Duration::from_secs(60), ok);
 }
 
 /// Polls `ok` every 50 ms for up to `timeout`.
@@ -271,7 +271,7 @@ pub fn tcpapp_exchange(
             .spawn()
             .unwrap(),
     );
-    let up = Instant::now() + Duration::from_secs(20);
+    let up = Instant::now() + Duration::from_secs(60);
     while !ready.exists() {
         if Instant::now() > up {
             let _ = server.kill();
@@ -366,14 +366,14 @@ impl Procs {
     pub fn stop(&mut self, name: &str, sig: libc::c_int) -> ExitStatus {
         let i = self.0.iter().position(|(n, _)| n == name).unwrap();
         let (_, mut c) = self.0.remove(i);
-        stop(&mut c, sig, Duration::from_secs(20))
+        stop(&mut c, sig, Duration::from_secs(60))
     }
 }
 
 impl Drop for Procs {
     fn drop(&mut self) {
         for (_, c) in &mut self.0 {
-            stop(c, libc::SIGTERM, Duration::from_secs(20));
+            stop(c, libc::SIGTERM, Duration::from_secs(60));
         }
     }
 }
@@ -485,3 +485,21 @@ got = 0
 while got < 700: got += len(c.recv(65536))
 c.close(); a.close(); s.close()
 ";
+
+/// Waits until the ring sockets of one afpacket run in `ns` are bound
+/// (`/proc/net/packet`: protocol 0003 = ETH_P_ALL, running).
+pub fn wait_for_rings(ns: &str, runs: usize) {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    wait_for("the AF_PACKET rings", || {
+        let t = sh_out(&["ip", "netns", "exec", ns, "cat", "/proc/net/packet"]);
+        let bound = t
+            .lines()
+            .skip(1)
+            .filter(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f.get(3) == Some(&"0003") && f.get(5) == Some(&"1")
+            })
+            .count();
+        bound >= cpus * runs
+    });
+}

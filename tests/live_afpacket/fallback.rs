@@ -43,17 +43,27 @@ fn auto_falls_back_to_afpacket_without_bpf_capabilities() {
     traffic(&ns, ca, sa, dir);
     let (conns, out, err) = finish(&mut p, dir, "auto");
     let lines: Vec<&str> = err.lines().collect();
-    assert_eq!(lines.len(), 2, "one fallback line and the summary: {err}");
+    assert_eq!(
+        lines.len(),
+        3,
+        "one fallback line, what attribution lacks, and the summary: {err}"
+    );
     assert!(
         lines[0].starts_with("flowprobe: cannot use eBPF (")
+            && lines[0].contains("missing: CAP_BPF and CAP_PERFMON")
             && lines[0].ends_with("); counting with AF_PACKET instead"),
         "fallback line: {}",
         lines[0]
     );
     assert!(
-        lines[1].contains("(backend afpacket,"),
-        "summary: {}",
+        lines[1].starts_with("flowprobe: attribution is partial: without CAP_SYS_ADMIN"),
+        "attribution line: {}",
         lines[1]
+    );
+    assert!(
+        lines[2].contains("(backend afpacket,"),
+        "summary: {}",
+        lines[2]
     );
     assert_eq!(kernel_drops(&err), 0);
     assert!(

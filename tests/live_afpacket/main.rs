@@ -47,9 +47,9 @@ use std::path::Path;
 use std::process::Child;
 
 use common::json_lines;
+pub use common::root::wait_for_rings;
 use common::root::{
-    conn_args, drop_in_input, sh, sh_out, spawn_flowprobe, tcpapp_exchange, veth_pair, wait_for,
-    KillOnDrop, Netns,
+    conn_args, drop_in_input, sh, spawn_flowprobe, tcpapp_exchange, veth_pair, KillOnDrop, Netns,
 };
 use serde_json::Value;
 
@@ -95,24 +95,6 @@ fn spawn_run(ns: &str, prefix: &[&str], args: &[&str], dir: &Path, tag: &str) ->
     run.extend(args);
     run.extend(["--format", "json"]);
     spawn_flowprobe(ns, prefix, &run, dir, tag)
-}
-
-/// Waits until the ring sockets of one afpacket run in `ns` are bound
-/// (`/proc/net/packet`: protocol 0003 = ETH_P_ALL, running).
-fn wait_for_rings(ns: &str, runs: usize) {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    wait_for("the AF_PACKET rings", || {
-        let t = sh_out(&["ip", "netns", "exec", ns, "cat", "/proc/net/packet"]);
-        let bound = t
-            .lines()
-            .skip(1)
-            .filter(|l| {
-                let f: Vec<&str> = l.split_whitespace().collect();
-                f.get(3) == Some(&"0003") && f.get(5) == Some(&"1")
-            })
-            .count();
-        bound >= cpus * runs
-    });
 }
 
 fn traffic(ns: &Netns, ca: &str, sa: &str, dir: &Path) {

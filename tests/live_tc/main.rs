@@ -15,6 +15,11 @@
 //!   `bytes` = `tcpi_bytes_sent`; the retransmits each side sent = its
 //!   namespace's `RetransSegs` delta; UDP datagrams and bytes once each
 //!   way; IPv4 and IPv6.
+//! - `bridge`: a container host (a bridge, two containers on veths): a
+//!   connection whose packets cross two interfaces of the host comes out
+//!   once, each direction counted once and exactly.
+//! - `clsact_netlink`: the rtnetlink clsact helpers the run uses instead of
+//!   `tc` agree with `tc`.
 //! - `interfaces`: without `--iface` a veth created while `run` runs is
 //!   attached within a second and its traffic counted, with nothing of ours
 //!   left after exit.
@@ -42,7 +47,14 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod bridge;
 mod churn;
+// `flowprobe run`'s clsact helpers, compiled into this test as they are (the
+// binary has no library); the binary does not use everything the test does.
+#[allow(dead_code)]
+#[path = "../../probe/src/os/clsact.rs"]
+mod clsact;
+mod clsact_netlink;
 mod counts;
 mod drain;
 mod full_map;
@@ -133,4 +145,30 @@ fn ebpf_object(name: &str) -> PathBuf {
     repo_root()
         .join("target/ebpf/bpfel-unknown-none/release")
         .join(name)
+}
+
+/// Someone else's filter on `dev`'s clsact `hook` in `ns`: the empty
+/// tc-baseline program, loaded by tc, so named after the file.
+fn baseline_filter(ns: &str, dev: &str, hook: &str, prio: &str) {
+    let obj = ebpf_object("tc-baseline");
+    common::root::sh(&[
+        "ip",
+        "netns",
+        "exec",
+        ns,
+        "tc",
+        "filter",
+        "add",
+        "dev",
+        dev,
+        hook,
+        "prio",
+        prio,
+        "bpf",
+        "da",
+        "obj",
+        obj.to_str().unwrap(),
+        "sec",
+        "classifier",
+    ]);
 }

@@ -3,7 +3,7 @@
 
 use std::process::{Command, Stdio};
 
-use super::{ebpf_object, no_filters_left};
+use super::no_filters_left;
 use crate::common::root::{
     enabled, link_up, sh, sh_out, tc_attached, veth, wait_for, KillOnDrop, Netns,
 };
@@ -20,31 +20,10 @@ fn next_run_removes_what_a_killed_run_left() {
     veth(&ns.a, "fpk0", &ns.a, "fpk1");
     link_up(&ns.a, "fpk0");
     link_up(&ns.a, "fpk1");
-    // Someone else's clsact and filter on fpk1 (the empty tc-baseline
-    // program, loaded by tc, so named after the file): they must survive.
-    let baseline = ebpf_object("tc-baseline");
+    // Someone else's clsact and filter on fpk1: they must survive.
     let exec = ["ip", "netns", "exec", &ns.a];
     sh(&[&exec[..], &["tc", "qdisc", "add", "dev", "fpk1", "clsact"]].concat());
-    sh(&[
-        &exec[..],
-        &[
-            "tc",
-            "filter",
-            "add",
-            "dev",
-            "fpk1",
-            "ingress",
-            "prio",
-            "1",
-            "bpf",
-            "da",
-            "obj",
-            baseline.to_str().unwrap(),
-            "sec",
-            "classifier",
-        ],
-    ]
-    .concat());
+    super::baseline_filter(&ns.a, "fpk1", "ingress", "1");
     let probe = Command::new("ip")
         .args(["netns", "exec", &ns.a, env!("CARGO_BIN_EXE_flowprobe")])
         .args(["run", "--format", "json"])

@@ -7,8 +7,8 @@ use serde_json::Value;
 use super::{traffic, CONNS, UDP_DATAGRAMS, UDP_PORT, VETH_A, VETH_B};
 use crate::common::json_lines;
 use crate::common::root::{
-    addr_up, drop_in_input, enabled, record, sh, sh_out, spawn_flowprobe, truth, veth, wait_for,
-    Namespace, Netns,
+    addr_up, drop_in_input, enabled, ifindex, record, sh, sh_out, spawn_flowprobe, truth, veth,
+    wait_for, Namespace, Netns,
 };
 
 /// `--backend xdp` on a gateway: client and server in their own namespaces,
@@ -16,7 +16,8 @@ use crate::common::root::{
 /// (behind the gateway). XDP on the gateway's two interfaces receives every
 /// packet of both directions once, and keys them without the interface, so
 /// each connection is one record whose both directions equal the sending
-/// sockets' TCP_INFO; UDP too.
+/// sockets' TCP_INFO; UDP too. Its `iface` is where the initiator's
+/// direction entered: the client's side of the gateway.
 #[test]
 fn xdp_on_a_gateway_counts_both_directions() {
     if !enabled("live_tc") {
@@ -96,11 +97,12 @@ fn xdp_on_a_gateway_counts_both_directions() {
     let n = |v: &Value| v.as_u64().unwrap();
     let mut failures = Vec::new();
     let mut retrans = 0;
+    let client_side = ifindex(g, "g0");
     for (port, c_bytes, s_bytes) in CONNS {
         let r = record(&conns, port, ca, sa, &out);
         assert_eq!(
-            r["iface"], 0,
-            "XDP keys connections without the interface: {r}"
+            r["iface"], client_side,
+            "one record, counted where the client's packets enter: {r}"
         );
         let (ct, st) = (
             &client["tcp"][port.to_string()],

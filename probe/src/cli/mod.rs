@@ -1,6 +1,9 @@
 //! The command line: `flowprobe replay | run | query` (`clap`). The flags of
 //! `run` live with the settings they feed ([`crate::settings::RunFlags`]).
+//! Shell completions and man pages are made from this definition
+//! ([`generate`]: the hidden `completions` and `man` commands).
 
+pub mod generate;
 pub mod query_flags;
 
 use std::path::PathBuf;
@@ -37,17 +40,23 @@ pub enum Cmd {
         /// Do not print the summary line on stderr.
         #[arg(short, long)]
         quiet: bool,
+        /// Count a connection once per interface it was captured on (a
+        /// pcapng file may hold several), instead of once: by default each
+        /// direction is counted on the first interface that saw it.
+        #[arg(long)]
+        per_interface: bool,
         #[command(flatten)]
         query: QueryFlags,
     },
     /// Count connections on live interfaces: the tc eBPF program, XDP, or
     /// AF_PACKET rings (--backend).
     ///
-    /// Needs root (AF_PACKET alone: CAP_NET_RAW). The tc backend attaches to
-    /// clsact ingress and egress of every interface of the current network
-    /// namespace that is up (lo included), and of every interface that comes
-    /// up later (adding the clsact qdisc where there is none); --iface limits
-    /// it to the named ones. Counts until --duration has passed or
+    /// Needs root, or CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN (AF_PACKET
+    /// alone: CAP_NET_RAW; attribution: docs/service.md). The tc backend
+    /// attaches to clsact ingress and egress of every interface of the
+    /// current network namespace that is up (lo included), and of every
+    /// interface that comes up later (adding the clsact qdisc where there is
+    /// none); --iface limits it to the named ones. Counts until --duration has passed or
     /// SIGINT/SIGTERM arrives, detaches, removes only what it added, and
     /// prints every connection seen, each end tagged with the process,
     /// container and service that own its socket. At start it removes the
@@ -68,5 +77,19 @@ pub enum Cmd {
         format: Format,
         #[command(flatten)]
         query: QueryFlags,
+    },
+    /// Print the completion script for SHELL (for packaging:
+    /// docs/service.md).
+    #[command(hide = true)]
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page flowprobe(1); with --dir, write it and one page
+    /// per command (flowprobe-run(1), ...) into DIR.
+    #[command(hide = true)]
+    Man {
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
     },
 }

@@ -30,6 +30,7 @@ use flowtable::Connection;
 use probe_common::ConnKey;
 
 use self::host::ProcHost;
+use crate::os::caps::{self, CapSet};
 use crate::os::clock::{monotonic_ns, thread_cpu_ns};
 use crate::sources::KeyFeed;
 
@@ -94,6 +95,9 @@ pub fn start(feed: Option<KeyFeed>) -> Attribution {
     } else {
         DUMP_EVERY_WITHOUT_MAP
     };
+    if let Some(line) = partial(CapSet::effective().ok(), dump_every) {
+        eprintln!("flowprobe: {line}");
+    }
     let opts = Options {
         own_netns: host.own_netns(),
         dumps_every_ns: dump_every.as_nanos() as u64,
@@ -136,6 +140,38 @@ pub fn start(feed: Option<KeyFeed>) -> Attribution {
         shared: Some(shared),
         thread,
     }
+}
+
+/// What attribution cannot do with the capabilities `have` (unknown: all
+/// of them, for lack of a better guess), in one line; `None` when it lacks
+/// nothing. Said once at start: the denials themselves are only counted.
+fn partial(have: Option<CapSet>, dump_every: Duration) -> Option<String> {
+    let lacks = |c: &[caps::Cap]| -> Vec<caps::Cap> {
+        c.iter()
+            .copied()
+            .filter(|&c| !have.is_some_and(|h| h.has(c)))
+            .collect()
+    };
+    let mut parts = Vec::new();
+    let procs = lacks(&[caps::SYS_PTRACE, caps::DAC_READ_SEARCH]);
+    if !procs.is_empty() {
+        parts.push(format!(
+            "without {} the sockets of other users' processes are not joined to them",
+            caps::names(&procs)
+        ));
+    }
+    if !lacks(&[caps::SYS_ADMIN]).is_empty() {
+        parts.push(format!(
+            "without CAP_SYS_ADMIN sockets in other network namespaces are seen only by the dumps every {} s",
+            dump_every.as_secs()
+        ));
+    }
+    (!parts.is_empty()).then(|| {
+        format!(
+            "attribution is partial: {} (docs/service.md)",
+            parts.join("; ")
+        )
+    })
 }
 
 /// One resolver pass, timed in thread CPU time; failures said once each.
@@ -241,5 +277,30 @@ impl Drop for Attribution {
                 lock(&s.resolver).denied,
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn says_what_partial_attribution_lacks() {
+        let set = |c: &[caps::Cap]| Some(CapSet(c.iter().map(|c| 1 << c.bit).sum()));
+        let all = [caps::SYS_PTRACE, caps::DAC_READ_SEARCH, caps::SYS_ADMIN];
+        assert_eq!(partial(set(&all), DUMP_EVERY), None);
+        assert_eq!(
+            partial(set(&all[..2]), DUMP_EVERY).unwrap(),
+            "attribution is partial: without CAP_SYS_ADMIN sockets in other network namespaces are seen only by the dumps every 10 s (docs/service.md)"
+        );
+        let none = partial(None, DUMP_EVERY_WITHOUT_MAP).unwrap();
+        assert!(
+            none.contains("without CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH the sockets")
+                && none.contains("CAP_SYS_ADMIN sockets in other network namespaces are seen only by the dumps every 1 s"),
+            "{none}"
+        );
+        assert!(partial(set(&all[1..]), DUMP_EVERY)
+            .unwrap()
+            .contains("without CAP_SYS_PTRACE the"));
     }
 }

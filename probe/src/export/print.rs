@@ -279,6 +279,12 @@ pub fn summary(conns: usize, s: &FrameStats) -> String {
         if s.frames == 1 { "" } else { "s" },
         s.tracked
     );
+    if s.duplicate > 0 {
+        line.push_str(&format!(
+            ", {} seen again on another interface",
+            s.duplicate
+        ));
+    }
     let mut skipped: Vec<String> = s
         .skipped_by_reason()
         .map(|(r, n)| format!("{n} {}", r.name()))

@@ -1,7 +1,10 @@
-//! Operating-system helpers any stage may use: clocks, shared mappings,
-//! rtnetlink links, signals. Nothing here knows about connections.
+//! Operating-system helpers any stage may use: capabilities, clocks, shared
+//! mappings, rtnetlink links and clsact qdiscs, signals. Nothing here knows
+//! about connections.
 
+pub mod caps;
 pub mod clock;
+pub mod clsact;
 pub mod links;
 pub mod mmap;
 pub mod signals;

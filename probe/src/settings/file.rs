@@ -17,6 +17,8 @@ pub struct RunConfig {
     /// As --backend.
     pub backend: Option<Backend>,
     pub ebpf_object: Option<PathBuf>,
+    /// As --per-interface.
+    pub per_interface: Option<bool>,
     pub max_conns: Option<u32>,
     pub closed_timeout: Option<f64>,
     pub idle_timeout: Option<f64>,
@@ -140,7 +142,7 @@ mod tests {
             ),
             (
                 "interfaces = [\"eth0\"]\nmax_con = 5",
-                "line 2: unknown field `max_con`, expected one of `interfaces`, `backend`, `ebpf_object`, `max_conns`, `closed_timeout`, `idle_timeout`, `interval`, `listen`, `metrics_labels`, `export`",
+                "line 2: unknown field `max_con`, expected one of `interfaces`, `backend`, `ebpf_object`, `per_interface`, `max_conns`, `closed_timeout`, `idle_timeout`, `interval`, `listen`, `metrics_labels`, `export`",
             ),
             (
                 "[export]\nfile = \"x\"",

@@ -93,6 +93,13 @@ pub struct RunFlags {
     /// are keyed without the interface, iface 0) [default: auto].
     #[arg(long, value_enum)]
     pub backend: Option<Backend>,
+    /// Count a connection once per interface it crosses, keyed by
+    /// interface (as tcpdump -i IFACE would see it), instead of once per
+    /// host: by default each direction is counted at the first interface
+    /// that sees it, so a packet that crosses a container's veth, a bridge
+    /// and an uplink counts once.
+    #[arg(long)]
+    pub per_interface: bool,
     #[arg(long, value_name = "N", help = max_conns_help())]
     pub max_conns: Option<u32>,
     #[arg(long, value_name = "SECS", help = closed_timeout_help())]
@@ -128,6 +135,8 @@ pub struct RunSettings {
     /// Only these interfaces; empty: every interface that is up.
     pub ifaces: Vec<String>,
     pub ebpf_object: Option<PathBuf>,
+    /// One record per connection and interface instead of per host.
+    pub per_interface: bool,
     /// Slots of the kernel table: a power of two.
     pub capacity: u32,
     pub closed_timeout: Duration,
@@ -283,6 +292,7 @@ impl RunFlags {
             backend: self.backend.or(file.backend).unwrap_or(Backend::Auto),
             ifaces,
             ebpf_object: self.ebpf_object.or(file.ebpf_object),
+            per_interface: self.per_interface || file.per_interface.unwrap_or(false),
             capacity,
             closed_timeout,
             idle_timeout,
@@ -302,6 +312,34 @@ mod tests {
 
     fn file(text: &str) -> file::RunConfig {
         file::RunConfig::parse(text).unwrap()
+    }
+
+    /// dist/flowprobe.toml, the service's config, is what the unit promises:
+    /// the tc backend and the agent on loopback.
+    #[test]
+    fn the_service_config_reads() {
+        let text = include_str!("../../../dist/flowprobe.toml");
+        let s = RunFlags::default().merge(file(text)).unwrap();
+        assert_eq!(s.backend, Backend::Tc);
+        let (addr, _) = s.listen.unwrap();
+        assert_eq!(addr.to_string(), "127.0.0.1:9911");
+        assert!(addr.ip().is_loopback());
+        // The commented-out fields are valid too.
+        let uncommented: String = text
+            .lines()
+            .map(|l| {
+                l.strip_prefix("# ")
+                    .filter(|l| l.contains(" = ") || l.starts_with('['))
+                    .unwrap_or(l)
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let all = file(&uncommented);
+        assert!(
+            all.interfaces.is_some() && all.export.is_some(),
+            "{uncommented}"
+        );
+        RunFlags::default().merge(all).unwrap();
     }
 
     #[test]

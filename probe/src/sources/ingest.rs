@@ -52,12 +52,15 @@ pub fn captured(table: &mut FlowTable, stats: &mut FrameStats, c: &Captured) {
     match parse_frame(c.data, link, c.wire_len) {
         Ok(parsed) => {
             stats.tracked += 1;
-            table.observe(&Observation {
+            let counted = table.observe(&Observation {
                 ts_ns: c.ts_ns,
                 iface: c.iface,
                 segs: segs(parsed.payload_len, c.gso_size),
                 parsed: &parsed,
             });
+            if !counted {
+                stats.duplicate += 1;
+            }
         }
         Err(why) => stats.skip(why),
     }

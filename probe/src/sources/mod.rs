@@ -229,8 +229,9 @@ impl Health {
 /// interface): `--backend auto` then tries the next one.
 #[derive(Debug, thiserror::Error)]
 pub enum Unavailable {
-    #[error("`flowprobe run` needs root (CAP_BPF and CAP_NET_ADMIN) to load the eBPF program and attach it to interfaces; run it with sudo")]
-    NotRoot,
+    /// The capabilities it lacks, named (`CAP_BPF and CAP_PERFMON`).
+    #[error("`flowprobe run` needs root, or CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN, to load the eBPF program and attach it to interfaces; missing: {0} (sudo, or docs/service.md)")]
+    MissingCaps(String),
     #[error("this flowprobe has no eBPF program for live capture: {0} (or pass --ebpf-object; replay works without it)")]
     NoProgram(&'static str),
     #[error("reading {path}: {error}")]

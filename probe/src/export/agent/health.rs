@@ -45,6 +45,8 @@ struct Map {
 #[derive(Serialize)]
 struct Packets {
     tracked: u64,
+    /// Copies of packets already counted at another interface.
+    duplicate: u64,
     skipped: std::collections::BTreeMap<&'static str, u64>,
 }
 
@@ -84,6 +86,7 @@ pub fn encode(s: &Snapshot) -> String {
         }),
         packets: ebpf.map(|h| Packets {
             tracked: h.stats.tracked,
+            duplicate: h.stats.duplicate,
             skipped: h
                 .stats
                 .skipped_by_reason()
@@ -138,7 +141,7 @@ mod tests {
             encode(&tc),
             "{\"backend\":\"xdp\",\"connections\":0,\"interfaces\":[{\"iface\":\"g0\",\"mode\":\"native\"},\
              {\"iface\":\"lo\",\"mode\":\"generic\"}],\"map\":{\"entries\":3,\"capacity\":64,\"full\":2,\
-             \"insert_failed\":0,\"contended\":0},\"packets\":{\"tracked\":0,\"skipped\":{}}}\n"
+             \"insert_failed\":0,\"contended\":0},\"packets\":{\"tracked\":0,\"duplicate\":0,\"skipped\":{}}}\n"
         );
         let af = Snapshot {
             export: Some(ExportStatus {

@@ -408,8 +408,13 @@ fn health(reg: &mut Registry, s: &Snapshot) {
     );
     reg.register(
         "packets_tracked",
-        "Packets that updated a connection",
+        "Packets that parsed to a TCP/UDP connection",
         counter(h.stats.tracked),
+    );
+    reg.register(
+        "packets_duplicate",
+        "Of those, copies not counted again: the packet was counted at another interface of this host first",
+        counter(h.stats.duplicate),
     );
     let skipped = ParseError::ALL
         .iter()

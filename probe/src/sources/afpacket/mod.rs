@@ -60,8 +60,9 @@ pub struct AfpacketSource {
 }
 
 /// Opens one ring per CPU in one fanout group; `only`: the interfaces
-/// named with --iface (empty: every interface).
-pub fn open(only: &[String]) -> Result<AfpacketSource> {
+/// named with --iface (empty: every interface); `per_iface`: key
+/// connections per interface (`--per-interface`).
+pub fn open(only: &[String], per_iface: bool) -> Result<AfpacketSource> {
     let n = std::thread::available_parallelism().map_or(1, |n| n.get());
     let blocks = ring::blocks_per_ring(n);
     let rings = (0..n)
@@ -71,7 +72,21 @@ pub fn open(only: &[String]) -> Result<AfpacketSource> {
     for r in &rings[1..] {
         r.join_fanout(Some(group))?;
     }
-    let shards: Vec<Mutex<Shard>> = rings.iter().map(|_| Mutex::default()).collect();
+    // The fanout hash is the flow's, so every copy of a connection's
+    // packets, whatever the interface, reaches the same ring's table.
+    let shards: Vec<Mutex<Shard>> = rings
+        .iter()
+        .map(|_| {
+            Mutex::new(Shard {
+                table: if per_iface {
+                    FlowTable::per_interface()
+                } else {
+                    FlowTable::new()
+                },
+                frames: FrameStats::default(),
+            })
+        })
+        .collect();
     Ok(AfpacketSource {
         rings: rings.into(),
         shards: shards.into(),

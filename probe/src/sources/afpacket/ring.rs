@@ -208,7 +208,7 @@ impl Ring {
         if raw < 0 {
             let e = io::Error::last_os_error();
             if e.raw_os_error() == Some(libc::EPERM) {
-                bail!("AF_PACKET sockets need CAP_NET_RAW: run flowprobe as root");
+                bail!("AF_PACKET sockets need CAP_NET_RAW: run flowprobe as root, or give it CAP_NET_RAW (docs/service.md)");
             }
             return Err(e).context("opening an AF_PACKET socket");
         }

@@ -7,14 +7,13 @@
 //! attached; one that is deleted or leaves the namespace is forgotten (its
 //! filters and qdisc went with it). Only what this run added is removed.
 
-use std::process::Command;
-
 use anyhow::{bail, Context, Result};
 use aya::programs::tc::{NlOptions, TcAttachOptions};
 use aya::programs::{tc, SchedClassifier, TcAttachType};
 use aya::Ebpf;
 
 use super::{stale, xdp, PROGRAM};
+use crate::os::clsact;
 use crate::os::links::Link;
 use crate::sources::{AttachMode, Hook};
 
@@ -275,31 +274,19 @@ fn detach_all(ebpf: &mut Ebpf, attached: Vec<Attached>) -> Result<()> {
             }
         }
         if a.created_clsact && exists(a.index) {
-            if !stale::clsact_is_empty(&a.iface) {
+            // Unknown (netlink failed) counts as not empty: never remove a
+            // qdisc that may hold someone else's filters.
+            if !clsact::clsact_is_empty(a.index).unwrap_or(false) {
                 eprintln!(
                     "flowprobe: left the clsact qdisc we added on {}: others added filters to it",
                     a.iface
                 );
                 continue;
             }
-            let out = Command::new("tc")
-                .args(["qdisc", "del", "dev", &a.iface, "clsact"])
-                .output();
-            match out {
-                Ok(o) if o.status.success() => {}
-                Ok(o) => {
-                    let msg = format!(
-                        "removing the clsact qdisc we added to {}: {}",
-                        a.iface,
-                        String::from_utf8_lossy(&o.stderr).trim()
-                    );
-                    eprintln!("flowprobe: {msg}");
-                    first_err.get_or_insert_with(|| anyhow::anyhow!(msg));
-                }
-                Err(e) => {
-                    eprintln!("flowprobe: running tc to remove the clsact qdisc: {e}");
-                    first_err.get_or_insert_with(|| anyhow::anyhow!("running tc: {e}"));
-                }
+            if let Err(e) = clsact::clsact_del(a.index) {
+                let msg = format!("removing the clsact qdisc we added to {}: {e}", a.iface);
+                eprintln!("flowprobe: {msg}");
+                first_err.get_or_insert_with(|| anyhow::anyhow!(msg));
             }
         }
     }

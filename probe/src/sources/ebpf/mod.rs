@@ -27,6 +27,7 @@ use probe_common::contract;
 use self::attach::Attachments;
 use self::drain::Drainer;
 use self::kernel_table::KernelTable;
+use crate::os::caps::{self, CapSet};
 use crate::os::clock::{monotonic_ns, realtime_ns};
 use crate::os::links::{Event, Link};
 use crate::sources::{EbpfHealth, Health, Hook, KeyFeed, Links, Reading, Source, Unavailable};
@@ -44,6 +45,9 @@ pub struct Options {
     pub object: Option<PathBuf>,
     /// Slots of the kernel table (a power of two).
     pub capacity: u32,
+    /// Key connections per interface (`--per-interface`) instead of one
+    /// record per connection on the host.
+    pub per_iface: bool,
     /// Move a closed connection out of the kernel table this long after its
     /// last packet; any connection after `idle_timeout` ([`drain`]).
     pub closed_timeout: Duration,
@@ -62,9 +66,12 @@ pub struct EbpfSource {
 
 /// Loads the program and maps its table; attaches nothing yet.
 pub fn open(opts: &Options) -> Result<EbpfSource> {
-    // SAFETY: no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Err(Unavailable::NotRoot.into());
+    // Capabilities, not the uid: root without CAP_BPF cannot load it, and a
+    // service user with the capabilities (docs/service.md) can.
+    let have = CapSet::effective().context("reading our capabilities")?;
+    let missing = caps::missing_for_ebpf(have);
+    if !missing.is_empty() {
+        return Err(Unavailable::MissingCaps(caps::names(&missing)).into());
     }
     let (bytes, origin) = match &opts.object {
         Some(path) => (
@@ -77,8 +84,7 @@ pub fn open(opts: &Options) -> Result<EbpfSource> {
         None if EMBEDDED.is_empty() => return Err(Unavailable::NoProgram(MISSING).into()),
         None => (EMBEDDED.to_vec(), "the embedded eBPF program".to_owned()),
     };
-    let ebpf = load(&bytes, &origin, opts.capacity, opts.hook)
-        .map_err(|e| Unavailable::Refused(format!("{e:#}")))?;
+    let ebpf = load(&bytes, &origin, opts).map_err(|e| Unavailable::Refused(format!("{e:#}")))?;
     let table = KernelTable::open(&ebpf)?;
     let drainer = Drainer::new(opts.closed_timeout, opts.idle_timeout);
     let next_drain = Instant::now() + drainer.every();
@@ -173,11 +179,11 @@ impl Source for EbpfSource {
 /// `spin_unlock` is one store there). Elsewhere it keeps the exchange.
 const UNLOCK_BY_STORE: u8 = cfg!(any(target_arch = "x86_64", target_arch = "x86")) as u8;
 
-fn load(object: &[u8], origin: &str, max_conns: u32, hook: Hook) -> Result<Ebpf> {
+fn load(object: &[u8], origin: &str, opts: &Options) -> Result<Ebpf> {
     // The table's size is a power of two (its index is a hash masked with
     // CONNS_MASK); OCCUPIED has a bit per slot; the seed keeps anyone from
     // choosing 5-tuples that share a probe sequence.
-    let slots = max_conns.max(1).next_power_of_two();
+    let slots = opts.capacity.max(1).next_power_of_two();
     let mask = slots - 1;
     let seed = random_seed();
     let mut ebpf = EbpfLoader::new()
@@ -186,9 +192,10 @@ fn load(object: &[u8], origin: &str, max_conns: u32, hook: Hook) -> Result<Ebpf>
         .override_global(contract::CONNS_MASK, &mask, true)
         .override_global(contract::CONNS_SEED, &seed, true)
         .override_global(contract::UNLOCK_BY_STORE, &UNLOCK_BY_STORE, true)
+        .override_global(contract::PER_IFACE, &u8::from(opts.per_iface), true)
         .load(object)
         .with_context(|| format!("loading {origin}"))?;
-    if hook == Hook::Xdp {
+    if opts.hook == Hook::Xdp {
         xdp::load(&mut ebpf)?;
         return Ok(ebpf);
     }

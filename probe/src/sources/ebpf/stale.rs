@@ -17,11 +17,11 @@ use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
-use std::process::Command;
 
 use anyhow::{Context, Result};
 use aya::programs::{tc, TcAttachType};
 
+use crate::os::clsact;
 use crate::os::links::Link;
 
 const DIR: &str = "/run/flowprobe";
@@ -79,14 +79,14 @@ impl NetnsLock {
         let recorded = fs::read_to_string(&self.clsact_path).unwrap_or_default();
         let mut qdiscs = Vec::new();
         for name in recorded.lines() {
-            if links.iter().any(|l| l.name == name) && clsact_is_empty(name) {
-                let ok = Command::new("tc")
-                    .args(["qdisc", "del", "dev", name, "clsact"])
-                    .output()
-                    .is_ok_and(|o| o.status.success());
-                if ok {
-                    qdiscs.push(name.to_owned());
-                }
+            let Some(l) = links.iter().find(|l| l.name == name) else {
+                continue;
+            };
+            // Someone else may have put filters in it since; a failed dump
+            // counts as not empty.
+            let empty = clsact::clsact_is_empty(l.index).unwrap_or(false);
+            if empty && clsact::clsact_del(l.index).is_ok() {
+                qdiscs.push(name.to_owned());
             }
         }
         let _ = fs::remove_file(&self.clsact_path);
@@ -129,14 +129,4 @@ impl Drop for NetnsLock {
     fn drop(&mut self) {
         let _ = fs::remove_file(&self.clsact_path);
     }
-}
-
-/// No filter at all on either clsact hook of `dev`.
-pub fn clsact_is_empty(dev: &str) -> bool {
-    ["ingress", "egress"].iter().all(|hook| {
-        Command::new("tc")
-            .args(["filter", "show", "dev", dev, hook])
-            .output()
-            .is_ok_and(|o| o.status.success() && o.stdout.iter().all(u8::is_ascii_whitespace))
-    })
 }

@@ -29,6 +29,7 @@ pub fn frames(ebpf: &Ebpf) -> Result<FrameStats> {
             per_cpu_sum(ebpf, contract::PARSE_STATS, contract::parse_skipped(e))?;
     }
     s.frames = s.tracked + s.skipped.iter().sum::<u64>();
+    s.duplicate = conn_stat(ebpf, ConnStat::Duplicate)?;
     Ok(s)
 }
 

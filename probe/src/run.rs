@@ -36,6 +36,8 @@ pub fn run(s: RunSettings) -> Result<()> {
         print_snapshots: s.interval.is_some(),
         format: s.format,
         quiet: s.quiet,
+        rollups: s.rollups,
+        list_max: s.list_max,
     })?;
     // Subscribe before the dump, so that no link change falls between.
     let mut watcher = Watcher::subscribe()?;
@@ -75,10 +77,21 @@ fn open_source(s: &RunSettings) -> Result<Box<dyn Source>> {
             per_iface: s.per_interface,
             closed_timeout: s.closed_timeout,
             idle_timeout: s.idle_timeout,
+            keep_ended: s.keep_ended,
         })?))
     };
-    let afpacket =
-        || -> Result<Box<dyn Source>> { Ok(Box::new(afpacket::open(&s.ifaces, s.per_interface)?)) };
+    let retire = afpacket::Retire {
+        closed: s.closed_timeout,
+        idle: s.idle_timeout,
+        keep_ended: s.keep_ended,
+    };
+    let afpacket = || -> Result<Box<dyn Source>> {
+        Ok(Box::new(afpacket::open(
+            &s.ifaces,
+            s.per_interface,
+            retire,
+        )?))
+    };
     match s.backend {
         Backend::Tc => ebpf(Hook::Tc),
         Backend::Xdp => ebpf(Hook::Xdp),
@@ -107,7 +120,9 @@ fn follow(
     stop: &Stop,
 ) -> Result<()> {
     let start = Instant::now();
-    let every = sinks.want_ticks().then(|| s.tick());
+    // Every run reads at each tick, sinks or not: what ended is retired
+    // from the source into the bounded history as it goes.
+    let every = Some(s.tick());
     let mut next_tick = every.map(|e| start + e);
     while !stop.requested() {
         if s.duration.is_some_and(|d| start.elapsed() >= d) {
@@ -136,6 +151,7 @@ fn follow(
 
 fn tagged(mut r: Reading, enrich: &Attribution) -> Reading {
     enrich.tag(&mut r.conns);
+    enrich.tag(&mut r.retired);
     sort_connections(&mut r.conns);
     r
 }

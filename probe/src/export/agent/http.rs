@@ -16,6 +16,7 @@ use hyper_util::rt::TokioIo;
 use super::health;
 use super::metrics::{self, MetricLabels};
 use super::Latest;
+use crate::export::history::lock;
 use crate::export::print::{self as output, Format};
 
 pub async fn serve(
@@ -104,7 +105,7 @@ fn route(req: &Request<Incoming>, shared: &Latest, labels: &MetricLabels) -> Res
     }
 }
 
-/// `/query?src=..&dst=..&where=..&sort=..&top=..&window=..&raw_ports=1&format=json|table`:
+/// `/query?src=..&dst=..&where=..&sort=..&top=..&window=..&last=..&raw_ports=1&format=json|table`:
 /// the flags of `flowprobe replay`, one parameter each (`where` repeated).
 fn query(raw: &str, shared: &Latest) -> Result<(Format, Vec<u8>), String> {
     let mut a = QueryArgs::default();
@@ -124,6 +125,7 @@ fn query(raw: &str, shared: &Latest) -> Result<(Format, Vec<u8>), String> {
                 )
             }
             "window" => a.window = Some(v),
+            "last" => a.last = Some(v),
             "raw_ports" => a.raw_ports = matches!(v.as_str(), "" | "1" | "true"),
             "format" => {
                 format = match v.as_str() {
@@ -134,14 +136,20 @@ fn query(raw: &str, shared: &Latest) -> Result<(Format, Vec<u8>), String> {
             }
             _ => {
                 return Err(format!(
-                "unknown parameter `{k}` (src, dst, where, sort, top, window, raw_ports, format)"
+                "unknown parameter `{k}` (src, dst, where, sort, top, window, last, raw_ports, format)"
             ))
             }
         }
     }
     let spec = QuerySpec::parse(&a).map_err(|e| e.to_string())?;
     let snap = shared.get();
-    let result = spec.run(&snap.conns, origin(&snap.conns));
+    let result = match (spec.last, &snap.rollups) {
+        (None, _) => spec.run(&snap.conns, origin(&snap.conns)),
+        (Some(last), Some(r)) => lock(r).query(&spec, last),
+        (Some(_), None) => {
+            return Err("last: no rollups yet (the agent has not read its source)".to_owned())
+        }
+    };
     let mut body = Vec::new();
     output::write_query(&mut body, format, &result).map_err(|e| e.to_string())?;
     Ok((format, body))

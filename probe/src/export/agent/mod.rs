@@ -19,30 +19,31 @@ use std::sync::{Arc, Mutex};
 use anyhow::Context;
 use flowtable::Connection;
 
+use flowtable::query::QueryResult;
+use flowtable::rollup::Rollups;
+
+use super::history::Bounds;
 use super::jsonl::ExportStatus;
-use crate::sources::{Health, Reading};
+use crate::sources::Health;
 
 pub use metrics::MetricLabels;
 
 /// What the run loop saw at one tick; before the first, nothing.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct Snapshot {
-    /// Every connection so far, those moved out of the kernel map included.
+    /// The connections the source lists: open ones and those that ended
+    /// less than `--keep-ended` ago.
     pub conns: Vec<Connection>,
     /// What the source says about itself; `None` until the first tick.
     pub health: Option<Health>,
     /// `--export-jsonl`: how writing it fares.
     pub export: Option<ExportStatus>,
-}
-
-impl From<Reading> for Snapshot {
-    fn from(r: Reading) -> Snapshot {
-        Snapshot {
-            conns: r.conns,
-            health: Some(r.health),
-            export: None,
-        }
-    }
+    /// The interval rollups `/query?last=` answers from (the run loop
+    /// updates them in place).
+    pub rollups: Option<Arc<Mutex<Rollups>>>,
+    /// `/metrics`' group sums of connections no longer listed.
+    pub retired_totals: Option<Arc<QueryResult>>,
+    pub bounds: Bounds,
 }
 
 /// The latest snapshot, shared between the run loop and the server.
@@ -200,6 +201,48 @@ pub(crate) mod tests {
         assert_eq!(
             err.to_string(),
             format!("--listen {addr}: the port is in use (another flowprobe?)")
+        );
+    }
+
+    /// `last=` is answered from the rollups, as the same query run on them
+    /// here; a bad duration is a 400 naming the parameter.
+    #[test]
+    fn last_is_answered_from_the_rollups() {
+        use flowtable::rollup::{RollupSettings, Rollups};
+        let shared = Latest::default();
+        let addr = start(
+            "127.0.0.1:0".parse().unwrap(),
+            shared.clone(),
+            MetricLabels::default(),
+        )
+        .unwrap();
+        let mut r = Rollups::new(RollupSettings::default());
+        r.update(6_000_000_000, &conns(), &[]);
+        let args = QueryArgs {
+            dst: Some("port".to_owned()),
+            last: Some("1m".to_owned()),
+            ..QueryArgs::default()
+        };
+        let spec = QuerySpec::parse(&args).unwrap();
+        let local = r.query(&spec, spec.last.unwrap());
+        assert_eq!(local.rows.len(), 2);
+        let mut want = Vec::new();
+        output::write_query(&mut want, Format::Json, &local).unwrap();
+        shared.publish(Snapshot {
+            rollups: Some(Arc::new(Mutex::new(r))),
+            ..Snapshot::default()
+        });
+        let got = client::get(addr, "/query?dst=port&last=1m").unwrap();
+        assert_eq!(
+            String::from_utf8(got).unwrap(),
+            String::from_utf8(want).unwrap()
+        );
+        let err = client::get(addr, "/query?last=soon")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("400") && err.contains("--last \"soon\""),
+            "{err}"
         );
     }
 

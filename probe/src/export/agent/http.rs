@@ -86,13 +86,25 @@ fn route(req: &Request<Incoming>, shared: &Latest, labels: &MetricLabels) -> Res
             "application/json",
             health::encode(&shared.get()),
         ),
-        "/connections" => {
-            let mut body = Vec::new();
-            match output::write(&mut body, Format::Json, &shared.get().conns) {
-                Ok(()) => text(StatusCode::OK, "application/x-ndjson", body),
-                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        "/connections" => match page(req.uri().query().unwrap_or("")) {
+            Ok((offset, limit)) => {
+                let snap = shared.get();
+                let total = snap.conns.len();
+                let from = offset.min(total);
+                let to = from.saturating_add(limit).min(total);
+                let mut body = Vec::new();
+                match output::write(&mut body, Format::Json, &snap.conns[from..to]) {
+                    Ok(()) => {
+                        let mut r = text(StatusCode::OK, "application/x-ndjson", body);
+                        let h = hyper::header::HeaderValue::from(total);
+                        r.headers_mut().insert("x-total-count", h);
+                        r
+                    }
+                    Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+                }
             }
-        }
+            Err(msg) => error(StatusCode::BAD_REQUEST, msg),
+        },
         "/" => text(
             StatusCode::OK,
             "text/plain; charset=utf-8",
@@ -153,6 +165,25 @@ fn query(raw: &str, shared: &Latest) -> Result<(Format, Vec<u8>), String> {
     let mut body = Vec::new();
     output::write_query(&mut body, format, &result).map_err(|e| e.to_string())?;
     Ok((format, body))
+}
+
+/// `/connections?offset=N&limit=M`: a page of the listing, in its order
+/// (first seen first); `X-Total-Count` gives its length. Default: all.
+fn page(raw: &str) -> Result<(usize, usize), String> {
+    let (mut offset, mut limit) = (0, usize::MAX);
+    for pair in raw.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let n = || {
+            v.parse::<usize>()
+                .map_err(|_| format!("{k}: `{v}` is not a number"))
+        };
+        match k {
+            "offset" => offset = n()?,
+            "limit" => limit = n()?,
+            _ => return Err(format!("unknown parameter `{k}` (offset, limit)")),
+        }
+    }
+    Ok((offset, limit))
 }
 
 /// Percent-decoding of a query component (`+` is a space, as browsers and

@@ -184,6 +184,16 @@ pub(crate) mod tests {
             metrics::encode(&shared.get(), &MetricLabels::default())
         );
 
+        // /connections pages.
+        let page = client::get(addr, "/connections?offset=1&limit=2").unwrap();
+        let mut want = Vec::new();
+        output::write(&mut want, Format::Json, &conns()[1..3]).unwrap();
+        assert_eq!(page, want);
+        let all = client::get(addr, "/connections").unwrap();
+        assert_eq!(String::from_utf8(all).unwrap().lines().count(), 5);
+        let err = client::get(addr, "/connections?limit=x").unwrap_err().to_string();
+        assert!(err.contains("400") && err.contains("limit"), "{err}");
+
         let err = client::get(addr, "/query?sort=speed")
             .unwrap_err()
             .to_string();

@@ -22,6 +22,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::{Registry, Unit};
 
+use super::http::ServerStats;
 use super::Snapshot;
 use crate::sources::Health;
 
@@ -308,6 +309,36 @@ fn groups(reg: &mut Registry, s: &Snapshot, labels: &MetricLabels) {
     );
 }
 
+/// The agent's HTTP server: its clients and what it refused.
+fn server(reg: &mut Registry, h: &ServerStats) {
+    let get = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    reg.register(
+        "http_clients",
+        "Connections to the agent's HTTP server open now",
+        gauge(get(&h.clients)),
+    );
+    reg.register(
+        "http_clients_max",
+        "The bound of those; one more is answered 503",
+        gauge(super::http::LIMITS.clients as u64),
+    );
+    reg.register(
+        "http_refused",
+        "Connections answered 503: the server had its most clients",
+        counter(get(&h.refused)),
+    );
+    reg.register(
+        "http_timed_out",
+        "Connections closed because the request's head took over 10 s or the connection over 60 s",
+        counter(get(&h.timed_out)),
+    );
+    reg.register(
+        "http_malformed",
+        "Connections closed on a malformed request or a head over 16 KiB",
+        counter(get(&h.malformed)),
+    );
+}
+
 /// What the run keeps beyond the listing, and what its bounds folded.
 fn bounds(reg: &mut Registry, s: &Snapshot) {
     let b = &s.bounds;
@@ -521,12 +552,25 @@ fn health(reg: &mut Registry, s: &Snapshot) {
 }
 
 /// The OpenMetrics text of `s` (Prometheus scrapes it as such).
+#[cfg(test)]
 pub fn encode(s: &Snapshot, labels: &MetricLabels) -> String {
+    encode_with(s, labels, None)
+}
+
+/// [`encode`] with the server's own counters, as `/metrics` serves it.
+pub fn encode_served(s: &Snapshot, labels: &MetricLabels, http: &ServerStats) -> String {
+    encode_with(s, labels, Some(http))
+}
+
+fn encode_with(s: &Snapshot, labels: &MetricLabels, http: Option<&ServerStats>) -> String {
     let mut reg = Registry::with_prefix("flowprobe");
     groups(&mut reg, s, labels);
     health(&mut reg, s);
     export(&mut reg, s);
     bounds(&mut reg, s);
+    if let Some(h) = http {
+        server(&mut reg, h);
+    }
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, &reg)
         .expect("writing to a String cannot fail");

@@ -48,7 +48,12 @@ pub fn run(s: RunSettings) -> Result<()> {
         }
     }
     let mut source = open_source(&s)?;
-    let enrich = enrich::start(source.key_feed());
+    // A socket is remembered until its connection is retired, at the most
+    // for as long as an idle connection can stay listed.
+    let enrich = enrich::start(
+        source.key_feed(),
+        s.idle_timeout + s.keep_ended + Duration::from_secs(60),
+    );
     let counted = source.start(&all).and_then(|()| {
         follow(
             source.as_mut(),
@@ -151,7 +156,7 @@ fn follow(
 
 fn tagged(mut r: Reading, enrich: &Attribution) -> Reading {
     enrich.tag(&mut r.conns);
-    enrich.tag(&mut r.retired);
+    enrich.tag_and_forget(&mut r.retired);
     sort_connections(&mut r.conns);
     r
 }

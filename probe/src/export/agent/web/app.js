@@ -51,17 +51,18 @@
   // a page: middle click, or without this file).
   document.addEventListener("click", function (ev) {
     if (ev.button !== 0 || ev.ctrlKey || ev.metaKey || ev.shiftKey) return;
-    var tr = ev.target.closest("tr[data-drill]");
+    var tr = ev.target.closest("#rows tr.drill");
     if (!tr || ev.target.closest("a:not(.drill)")) return;
     ev.preventDefault();
-    var url = tr.getAttribute("data-drill");
+    var url = tr.querySelector("a.drill").getAttribute("href");
     fetchPage(url).then(function (doc) {
-      var table = doc.getElementById("rows");
-      var err = doc.getElementById("error");
+      var shown = document.importNode(doc.getElementById("rows") || doc.getElementById("error") || doc.createElement("p"), true);
+      shown.removeAttribute("id");
+      shown.classList.add("connections");
       var open = document.createElement("a");
       open.href = url;
       open.textContent = "open as a page";
-      panelBody.replaceChildren(open, document.importNode(table || err || doc.createElement("p"), true));
+      panelBody.replaceChildren(open, shown);
       panel.hidden = false;
     }).catch(function (e) { say("connections failed: " + e); });
   });

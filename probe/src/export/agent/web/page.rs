@@ -226,12 +226,11 @@ fn table(o: &mut String, p: &Params, r: &QueryResult) {
 
 fn row(o: &mut String, p: &Params, r: &QueryResult, v: &RowView) {
     let drill = p.drill(r, v.row).map(|q| p.url_with(&q, View::Table, None));
-    match &drill {
-        Some(url) => {
-            let _ = write!(o, "<tr data-drill=\"{}\">", html(url));
-        }
-        None => o.push_str("<tr class=\"other\">"),
-    }
+    o.push_str(if drill.is_some() {
+        "<tr class=\"drill\">"
+    } else {
+        "<tr class=\"other\">"
+    });
     for (side, keys, vals) in [
         ("src", &r.src_keys, &v.row.src),
         ("dst", &r.dst_keys, &v.row.dst),

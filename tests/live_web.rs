@@ -145,6 +145,30 @@ struct Browser {
 }
 
 impl Browser {
+    /// A new headless chromium session, with `extra` arguments.
+    fn start(ns: &str, profile: &Path, extra: &[&str]) -> Browser {
+        let mut args = vec![
+            "--headless=new".to_owned(),
+            "--no-sandbox".to_owned(),
+            "--disable-gpu".to_owned(),
+            "--disable-dev-shm-usage".to_owned(),
+            "--window-size=1400,1000".to_owned(),
+            format!("--user-data-dir={}", profile.display()),
+        ];
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        let caps = json!({"capabilities": {"alwaysMatch": {
+            "browserName": "chrome",
+            "goog:chromeOptions": { "binary": "/usr/bin/chromium", "args": args }
+        }}});
+        let (status, body) = http(ns, DRIVER, "POST", "/session", Some(&caps));
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(status, 200, "{v}");
+        Browser {
+            ns: ns.to_owned(),
+            session: v["value"]["sessionId"].as_str().unwrap().to_owned(),
+        }
+    }
+
     fn call(&self, method: &str, what: &str, body: Option<Value>) -> Value {
         let path = format!("/session/{}{what}", self.session);
         let (status, out) = http(&self.ns, DRIVER, method, &path, body.as_ref());
@@ -185,14 +209,15 @@ impl Browser {
             .to_owned()
     }
 
-    /// Replaces an input's text with `text` and presses Enter.
+    /// Replaces an input's text with `text` (`\u{e007}` at its end is
+    /// Enter, which submits the form).
     fn type_in(&self, css: &str, text: &str) {
         let el = self.element(css);
         self.call("POST", &format!("/element/{el}/clear"), Some(json!({})));
         self.call(
             "POST",
             &format!("/element/{el}/value"),
-            Some(json!({ "text": format!("{text}\u{e007}") })),
+            Some(json!({ "text": text })),
         );
     }
 
@@ -455,26 +480,7 @@ fn the_page_in_chromium_shows_what_query_returns() {
     wait_for_within("chromedriver", Duration::from_secs(30), || {
         try_connect(a, DRIVER).is_ok() && http(a, DRIVER, "GET", "/status", None).0 == 200
     });
-    let profile = d.join("profile");
-    let (status, body) = http(
-        a,
-        DRIVER,
-        "POST",
-        "/session",
-        Some(&json!({"capabilities": {"alwaysMatch": {
-        "browserName": "chrome",
-        "goog:chromeOptions": {
-            "binary": "/usr/bin/chromium",
-            "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                     "--window-size=1400,1000", format!("--user-data-dir={}", profile.display())]
-        }}}})),
-    );
-    let v: Value = serde_json::from_slice(&body).unwrap();
-    assert_eq!(status, 200, "{v}");
-    let b = Browser {
-        ns: a.to_owned(),
-        session: v["value"]["sessionId"].as_str().unwrap().to_owned(),
-    };
+    let b = Browser::start(a, &d.join("profile"), &[]);
     let origin = format!("http://{AGENT}");
 
     // 1. The table equals /query; a screenshot.
@@ -486,7 +492,7 @@ fn the_page_in_chromium_shows_what_query_returns() {
 
     // 2. Group-by and filter typed in: new rows, new URL.
     b.type_in("#in-src", "ip,port");
-    b.type_in("#in-dst", "port");
+    b.type_in("#in-dst", "port\u{e007}");
     b.wait(
         "the group-by in the URL",
         "return location.search.includes('src=ip%2Cport')",
@@ -495,7 +501,7 @@ fn the_page_in_chromium_shows_what_query_returns() {
     assert!(url.contains("dst=port"), "{url}");
     let by_port = table_equals_query(&b, a, "src=ip,port&dst=port");
     assert_eq!(by_port, 3);
-    b.type_in("#in-where", "dst.port = 5001");
+    b.type_in("#in-where", "dst.port = 5001\u{e007}");
     b.wait(
         "the filter in the URL",
         "return location.search.includes('where=dst.port')",
@@ -580,7 +586,7 @@ fn the_page_in_chromium_shows_what_query_returns() {
     let bench = format!("{all}&where=dst.port%3D7001");
     let page = format!("{origin}/?{bench}");
     let mut figures = Vec::new();
-    for _ in 0..3 {
+    for _ in 0..5 {
         b.go(&page);
         let t = b.js(
             "const n = performance.getEntriesByType('navigation')[0];\
@@ -592,11 +598,15 @@ fn the_page_in_chromium_shows_what_query_returns() {
     }
     for t in &figures {
         assert_eq!(t["rows"], json!(1000), "{t}");
-        assert!(
-            t["load"].as_f64().unwrap() < 1000.0,
-            "first render over 1 s: {t}"
-        );
     }
+    // The median of five loads: the machine's two cores are shared with
+    // whatever else runs (builds), which a single load would measure.
+    let mut loads: Vec<f64> = figures
+        .iter()
+        .map(|t| t["load"].as_f64().unwrap())
+        .collect();
+    loads.sort_by(f64::total_cmp);
+    assert!(loads[2] < 1000.0, "first render over 1 s: {figures:?}");
     let size: usize = ["/app.js", "/app.css"]
         .iter()
         .map(|p| agent(a, p).len())
@@ -605,5 +615,35 @@ fn the_page_in_chromium_shows_what_query_returns() {
     fs::write(out.join("bench.json"), format!("{report:#}\n")).unwrap();
     eprintln!("live_web: 1000 rows: {report}");
 
+    b.call("DELETE", "", None);
+
+    // 7. Without JavaScript: the same table, the map, the form as a GET.
+    let b = Browser::start(
+        a,
+        &d.join("profile-nojs"),
+        &["--blink-settings=scriptEnabled=false"],
+    );
+    b.go(&format!("{origin}/?src=ip&dst=ip,port"));
+    assert_eq!(
+        b.js("return typeof window.flowprobeRendered"),
+        json!("undefined")
+    );
+    table_equals_query(&b, a, "src=ip&dst=ip,port");
+    b.type_in("#in-where", "dst.port = 7000\u{e007}");
+    b.wait(
+        "the filter in the URL",
+        "return location.search.includes('where=dst.port')",
+    );
+    assert_eq!(
+        table_equals_query(&b, a, "src=ip&dst=ip,port&where=dst.port%3D7000"),
+        1
+    );
+    b.go(&format!("{origin}/?view=map&src=ip&dst=ip,port"));
+    b.wait(
+        "the map without JavaScript",
+        "const m = document.getElementById('map'); return !!(m && m.contentDocument && m.contentDocument.querySelectorAll('path.edge').length === 3)",
+    );
+    b.only_agent_requests();
+    b.screenshot(&out.join("nojs-map.png"));
     b.call("DELETE", "", None);
 }

@@ -21,7 +21,7 @@ use hyper::header::{CACHE_CONTROL, CONTENT_DISPOSITION, CONTENT_TYPE};
 use hyper::{Response, StatusCode};
 use serde_json::Value;
 
-use super::http::{decode, encode, run_query};
+use super::http::{decode, run_query};
 use super::Latest;
 
 const APP_JS: &str = include_str!("app.js");
@@ -304,6 +304,23 @@ fn join<'a>(pairs: impl Iterator<Item = (&'a str, &'a str)>) -> String {
         .map(|(k, v)| format!("{}={}", encode(k), encode(v)))
         .collect::<Vec<_>>()
         .join("&")
+}
+
+/// Percent-encoding of a URL query component as the page writes it: as
+/// [`super::http::encode`] (whose `decode` reads it), but a space is `+`
+/// and `,:/=()*` stay: shorter links in every row.
+fn encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~,:/=()*".contains(&b) {
+            out.push(b as char);
+        } else if b == b' ' {
+            out.push('+');
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// A row's cells, as `/query` serialises them.

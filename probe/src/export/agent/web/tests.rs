@@ -152,7 +152,7 @@ fn the_table_shows_the_numbers_of_query() {
     assert_eq!(r.rows[0].sent.bytes, 900);
     assert!(page.contains("data-c=\"sent\" data-v=\"900\">900 B</td>"));
     // Sorting is a link to the same query with `sort`.
-    assert!(page.contains("href=\"/?src=ip&amp;dst=port&amp;sort=sent_bytes%3Adesc\""));
+    assert!(page.contains("href=\"/?src=ip&amp;dst=port&amp;sort=sent_bytes:desc\""));
 }
 
 #[test]
@@ -163,7 +163,7 @@ fn drill_down_selects_the_rows_connections() {
     let url = p.url_with(&q, View::Table, None);
     assert_eq!(
         url,
-        "/?where=dst.port%20in%20%2880%2C%20443%29&where=src.ip%20%3D%20%2210.0.0.1%22%20and%20dst.port%20%3D%20%2280%22&src=ip%2Cport&dst=ip%2Cport&raw_ports=1"
+        "/?where=dst.port+in+(80,+443)&where=src.ip+=+%2210.0.0.1%22+and+dst.port+=+%2280%22&src=ip,port&dst=ip,port&raw_ports=1"
     );
     let (_, drilled) = run(&c, &url[2..]);
     assert_eq!(drilled.rows.len(), 3);

@@ -301,39 +301,72 @@ fn shown(s: &str) -> String {
 }
 
 /// The table shown equals `/query` with the same parameters: order, tag
-/// values and every number.
+/// values and every number. A late packet (a FIN's ACK) may move a row's
+/// last packet between the page and `/query`: then the page is loaded
+/// again, three times at most.
 fn table_equals_query(b: &Browser, ns: &str, params: &str) -> usize {
+    let mut tries = 0;
+    loop {
+        match table_matches(b, ns, params) {
+            Ok(n) => return n,
+            Err(e) if tries < 3 => {
+                eprintln!("live_web: {params}: {e}; loading the page again");
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(500));
+                b.go(&b.url());
+            }
+            Err(e) => panic!("{params}: {e}"),
+        }
+    }
+}
+
+fn table_matches(b: &Browser, ns: &str, params: &str) -> Result<usize, String> {
+    macro_rules! same {
+        ($got:expr, $want:expr) => {
+            if $got != $want {
+                return Err(format!(
+                    "{} = {:?}, /query has {:?}",
+                    stringify!($got),
+                    $got,
+                    $want
+                ));
+            }
+        };
+    }
     let want = query(ns, params);
     let got = b.rows();
-    assert_eq!(got.len(), want.len(), "{params}: {got:?}\n{want:?}");
+    same!(got.len(), want.len());
     for (g, w) in got.iter().zip(&want) {
         for side in ["src", "dst"] {
             for (k, v) in w[side].as_object().unwrap() {
-                let text = g["tags"][format!("{side}.{k}")].as_str().unwrap();
+                let text = g["tags"][format!("{side}.{k}")].as_str().unwrap_or("");
                 match v.as_str() {
-                    Some(v) => assert_eq!(text, shown(v), "{params}"),
-                    None => assert!(text == "(unknown)" || text == "(other)", "{text}"),
+                    Some(v) => same!(text, shown(v)),
+                    None => {
+                        if text != "(unknown)" && text != "(other)" {
+                            return Err(format!("{side}.{k} = {text:?} for null"));
+                        }
+                    }
                 }
             }
         }
         let n = |v: &Value| v.as_u64().unwrap();
-        let num = |c: &str| g["v"][c].as_str().unwrap().to_owned();
-        assert_eq!(num("conns"), w["conns"].to_string());
-        assert_eq!(num("sent"), w["sent"]["bytes"].to_string());
-        assert_eq!(num("received"), w["received"]["bytes"].to_string());
-        assert_eq!(
+        let num = |c: &str| g["v"][c].as_str().unwrap_or("").to_owned();
+        same!(num("conns"), w["conns"].to_string());
+        same!(num("sent"), w["sent"]["bytes"].to_string());
+        same!(num("received"), w["received"]["bytes"].to_string());
+        same!(
             num("throughput").parse::<f64>().ok(),
-            w["bandwidth_bytes_per_s"].as_f64(),
-            "{params}"
+            w["bandwidth_bytes_per_s"].as_f64()
         );
-        assert_eq!(
+        same!(
             num("retransmits"),
             (n(&w["sent"]["retransmits"]) + n(&w["received"]["retransmits"])).to_string()
         );
-        assert_eq!(num("RTT p50"), w["rtt_dst"]["p50_us"].to_string());
-        assert_eq!(num("RTT p99"), w["rtt_dst"]["p99_us"].to_string());
+        same!(num("RTT p50"), w["rtt_dst"]["p50_us"].to_string());
+        same!(num("RTT p99"), w["rtt_dst"]["p99_us"].to_string());
     }
-    want.len()
+    Ok(want.len())
 }
 
 fn artifacts() -> PathBuf {
@@ -611,7 +644,8 @@ fn the_page_in_chromium_shows_what_query_returns() {
         .iter()
         .map(|p| agent(a, p).len())
         .sum();
-    let report = json!({"runs": figures, "assets_bytes": size});
+    let small = agent(a, "/?src=ip&dst=ip,port").len();
+    let report = json!({"runs": figures, "assets_bytes": size, "three_row_page_bytes": small});
     fs::write(out.join("bench.json"), format!("{report:#}\n")).unwrap();
     eprintln!("live_web: 1000 rows: {report}");
 

@@ -282,7 +282,7 @@ fn row(o: &mut String, p: &Params, r: &QueryResult, v: &RowView) {
         };
         let _ = write!(
             o,
-            "<td class=\"num\" data-c=\"{}\" data-v=\"{}\">{}</td>",
+            "<td data-c=\"{}\" data-v=\"{}\">{}</td>",
             html(name),
             html(&exact),
             html(&text)

@@ -555,11 +555,46 @@ fn the_page_in_chromium_shows_what_query_returns() {
         "the connections panel",
         "return !document.getElementById('panel').hidden && document.querySelectorAll('#panel-body table tbody tr').length === 2",
     );
-    // Pause stops the refresh.
+    b.only_agent_requests();
+
+    // The downloads: the rows of the same query.
+    let href = |id: &str| {
+        b.js(&format!(
+            "return document.getElementById('{id}').getAttribute('href')"
+        ))
+        .as_str()
+        .unwrap()
+        .to_owned()
+    };
+    let rows = query(a, "src=ip,port&dst=port&where=dst.port%3D5001");
+    let json_rows = common::json_lines(&agent(a, &href("dl-json")));
+    assert_eq!(json_rows, rows);
+    let csv = agent(a, &href("dl-csv"));
+    assert_eq!(csv.lines().count(), rows.len() + 1, "{csv}");
+    assert!(
+        csv.starts_with("src.ip,src.port,dst.port,other,conns,"),
+        "{csv}"
+    );
+
+    // Auto-refresh replaces the data (a mark set on it goes away); after
+    // pause it stays.
+    b.go(&format!("{origin}/?src=ip&dst=ip,port&refresh=1"));
+    let mark = "document.getElementById('summary').dataset.mark = 'x'";
+    b.js(mark);
+    b.wait(
+        "a refresh",
+        "return document.getElementById('summary').dataset.mark === undefined",
+    );
     b.js("document.getElementById('pause').click()");
     assert_eq!(
         b.js("return document.getElementById('pause').textContent"),
         json!("resume")
+    );
+    b.js(mark);
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(
+        b.js("return document.getElementById('summary').dataset.mark"),
+        json!("x")
     );
     b.only_agent_requests();
 

@@ -34,6 +34,9 @@ const COLUMNS: &[(&str, Option<Metric>, Cell)] = &[
     ("RTT p99", Some(Metric::RttP99), Cell::Rtt("p99_us")),
 ];
 
+/// The time range input: the `/query` parameter it sets, and its hint.
+const RANGE: (&str, &str) = ("window", "START..END s (e.g. 60..)");
+
 /// The whole page for `p`, with the query's result or its error.
 pub fn render(p: &Params, result: Result<&QueryResult, &str>) -> String {
     let mut o = String::with_capacity(64 * 1024);
@@ -124,9 +127,9 @@ fn form(o: &mut String, p: &Params) {
     input(
         o,
         "time range",
-        "window",
-        p.get("window").unwrap_or(""),
-        "START..END s (e.g. 60..)",
+        RANGE.0,
+        p.get(RANGE.0).unwrap_or(""),
+        RANGE.1,
     );
     for key in ["sort", "top", "raw_ports"] {
         if let Some(v) = p.get(key) {

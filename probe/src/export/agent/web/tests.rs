@@ -151,6 +151,26 @@ fn the_table_shows_the_numbers_of_query() {
     // The first row: 10.0.0.1 → 80, connections 0, 2, 4: 100+300+500 sent.
     assert_eq!(r.rows[0].sent.bytes, 900);
     assert!(page.contains("data-c=\"sent\" data-v=\"900\">900 B</td>"));
+    // The CSV: every number of the JSON row, as the JSON writes it.
+    let csv = csv(&r);
+    let mut lines = csv.lines();
+    let head: Vec<&str> = lines.next().unwrap().split(',').collect();
+    assert_eq!(&head[..3], ["src.ip", "dst.port", "other"]);
+    for (line, row) in lines.zip(&r.rows) {
+        let json = serde_json::to_value(row.json(&r)).unwrap();
+        let cells: Vec<&str> = line.split(',').collect();
+        assert_eq!(cells.len(), head.len());
+        for (name, cell) in head.iter().zip(&cells).skip(3) {
+            let v = name.split('.').fold(&json, |v, k| &v[k]);
+            let want = match v {
+                serde_json::Value::Null => String::new(),
+                serde_json::Value::String(s) => s.clone(),
+                n => n.to_string(),
+            };
+            assert_eq!(*cell, want, "{name}");
+        }
+        assert_eq!(cells[0], json["src"]["ip"].as_str().unwrap());
+    }
     // Sorting is a link to the same query with `sort`.
     assert!(page.contains("href=\"/?src=ip&amp;dst=port&amp;sort=sent_bytes:desc\""));
 }

@@ -34,6 +34,10 @@ pub struct QueryFlags {
     /// packet (either may be left out: 2.5.., ..10); bandwidth is over it.
     #[arg(long, value_name = "START..END", allow_hyphen_values = true)]
     window: Option<String>,
+    /// Agent only: what the last DURATION (30s, 5m, 1h) added, from the
+    /// agent's interval rollups; bandwidth is the rate over it.
+    #[arg(long, value_name = "DURATION")]
+    last: Option<String>,
     /// Group initiator ports as they are instead of as `ephemeral`.
     #[arg(long)]
     raw_ports: bool,
@@ -47,6 +51,7 @@ impl QueryFlags {
             || self.sort.is_some()
             || self.top.is_some()
             || self.window.is_some()
+            || self.last.is_some()
             || self.raw_ports
     }
 
@@ -74,6 +79,9 @@ impl QueryFlags {
         if let Some(v) = &self.window {
             add("window", v);
         }
+        if let Some(v) = &self.last {
+            add("last", v);
+        }
         if self.raw_ports {
             add("raw_ports", "1");
         }
@@ -88,6 +96,7 @@ impl QueryFlags {
             sort: self.sort,
             top: self.top,
             window: self.window,
+            last: self.last,
             raw_ports: self.raw_ports,
         })
     }

@@ -34,8 +34,9 @@ const COLUMNS: &[(&str, Option<Metric>, Cell)] = &[
     ("RTT p99", Some(Metric::RttP99), Cell::Rtt("p99_us")),
 ];
 
-/// The time range input: the `/query` parameter it sets, and its hint.
-const RANGE: (&str, &str) = ("window", "START..END s (e.g. 60..)");
+/// The time range input: the `/query` parameter it sets (`last`: back
+/// from now, over the agent's rollups), and its hint.
+const RANGE: (&str, &str) = ("last", "e.g. 5m (empty: since start)");
 
 /// The whole page for `p`, with the query's result or its error.
 pub fn render(p: &Params, result: Result<&QueryResult, &str>) -> String {
@@ -131,7 +132,7 @@ fn form(o: &mut String, p: &Params) {
         p.get(RANGE.0).unwrap_or(""),
         RANGE.1,
     );
-    for key in ["sort", "top", "raw_ports"] {
+    for key in ["sort", "top", "raw_ports", "window"] {
         if let Some(v) = p.get(key) {
             let _ = writeln!(
                 o,

@@ -356,9 +356,11 @@ fn table_matches(b: &Browser, ns: &str, params: &str) -> Result<usize, String> {
         same!(num("conns"), w["conns"].to_string());
         same!(num("sent"), w["sent"]["bytes"].to_string());
         same!(num("received"), w["received"]["bytes"].to_string());
+        // Both through serde_json's float parser (within one ulp of
+        // exact, so Rust's `parse` may differ from it).
         same!(
-            num("throughput").parse::<f64>().ok(),
-            w["bandwidth_bytes_per_s"].as_f64()
+            serde_json::from_str::<Value>(&num("throughput")).ok(),
+            Some(w["bandwidth_bytes_per_s"].clone())
         );
         same!(
             num("retransmits"),

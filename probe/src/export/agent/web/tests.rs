@@ -6,7 +6,7 @@ use flowtable::Connection;
 
 use super::*;
 use crate::export::agent::tests::conns;
-use crate::export::agent::{start, MetricLabels, Snapshot};
+use crate::export::agent::{client, start, MetricLabels, Snapshot};
 
 /// A golden file under `fixtures/goldens/` (`UPDATE_EXPECT=1` rewrites it).
 macro_rules! golden {
@@ -284,6 +284,12 @@ fn served_by_the_agent() {
         MetricLabels::default(),
     )
     .unwrap();
+    // Before the first reading: an empty table and an empty map.
+    let empty = client::get(addr, "/map.svg").unwrap();
+    let (edges, _) = parse_svg(std::str::from_utf8(&empty).unwrap());
+    assert_eq!(edges, 0);
+    let page = String::from_utf8(client::get(addr, "/").unwrap()).unwrap();
+    assert!(page.contains("0 rows, 0 connections"), "{page}");
     shared.publish(Snapshot {
         conns: hostile_conns(),
         ..Snapshot::default()

@@ -186,7 +186,7 @@ fn route(
         },
         p => error(
             StatusCode::NOT_FOUND,
-            format!("no {p} here: /metrics, /query, /connections, /health"),
+            format!("no {p} here: /, /metrics, /query, /connections, /health"),
         ),
     }
 }

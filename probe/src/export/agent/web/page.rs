@@ -242,6 +242,11 @@ fn row(o: &mut String, p: &Params, r: &QueryResult, v: &RowView) {
         for (k, val) in keys.iter().zip(vals) {
             let key = html(&format!("{side}.{k}"));
             match val {
+                // A long value is cut by the style sheet: whole on hover.
+                Some(s) if s.chars().count() > 40 => {
+                    let s = html(s);
+                    let _ = write!(o, "<td data-k=\"{key}\" title=\"{s}\">{s}</td>");
+                }
                 Some(s) => {
                     let _ = write!(o, "<td data-k=\"{key}\">{}</td>", html(s));
                 }

@@ -5,13 +5,14 @@
 
 pub mod file;
 
+pub use file::Backend;
+
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Result;
-use serde::Deserialize;
 
 use crate::export::agent::{parse_listen, MetricLabels};
 use crate::export::print::Format;
@@ -33,15 +34,6 @@ pub const DEFAULT_ROLLUP_KEEP_S: f64 = 600.0;
 pub const DEFAULT_ROLLUP_TOP: usize = 200;
 /// Bytes of kernel memory per slot of the connection table.
 pub const SLOT_BYTES: usize = size_of::<probe_common::slots::Slot>();
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Backend {
-    Auto,
-    Tc,
-    Afpacket,
-    Xdp,
-}
 
 fn max_conns_help() -> String {
     format!(

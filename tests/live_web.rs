@@ -304,24 +304,31 @@ fn shown(s: &str) -> String {
 /// values and every number. A late packet (a FIN's ACK) may move a row's
 /// last packet between the page and `/query`, and with `last` the span
 /// ends at the agent's latest reading (every 0.2 s here): then the page is
-/// loaded again, eight times at most.
+/// loaded again between two `/query` answers and must equal one of them
+/// (five times at most).
 fn table_equals_query(b: &Browser, ns: &str, params: &str) -> usize {
+    let mut answers = vec![query(ns, params)];
     let mut tries = 0;
     loop {
-        match table_matches(b, ns, params) {
-            Ok(n) => return n,
-            Err(e) if tries < 8 => {
-                eprintln!("live_web: {params}: {e}; loading the page again");
-                tries += 1;
-                std::thread::sleep(Duration::from_millis(100));
-                b.go(&b.url());
+        let got = b.rows();
+        let mut err = String::new();
+        for want in &answers {
+            match table_matches(&got, want) {
+                Ok(n) => return n,
+                Err(e) => err = e,
             }
-            Err(e) => panic!("{params}: {e}"),
         }
+        assert!(tries < 5, "{params}: {err}");
+        eprintln!("live_web: {params}: {err}; loading the page again");
+        tries += 1;
+        let url = b.url();
+        answers = vec![query(ns, params)];
+        b.go(&url);
+        answers.push(query(ns, params));
     }
 }
 
-fn table_matches(b: &Browser, ns: &str, params: &str) -> Result<usize, String> {
+fn table_matches(got: &[Value], want: &[Value]) -> Result<usize, String> {
     macro_rules! same {
         ($got:expr, $want:expr) => {
             if $got != $want {
@@ -334,10 +341,8 @@ fn table_matches(b: &Browser, ns: &str, params: &str) -> Result<usize, String> {
             }
         };
     }
-    let want = query(ns, params);
-    let got = b.rows();
     same!(got.len(), want.len());
-    for (g, w) in got.iter().zip(&want) {
+    for (g, w) in got.iter().zip(want) {
         for side in ["src", "dst"] {
             for (k, v) in w[side].as_object().unwrap() {
                 let text = g["tags"][format!("{side}.{k}")].as_str().unwrap_or("");

@@ -315,8 +315,10 @@ fn edge(
     let (x1, y1) = pos[a];
     let (x2, y2) = pos[b];
     let d = if a == b {
-        // A loop outside the circle.
-        let (ux, uy) = unit(x1 - CX, y1 - CY, (0.0, -1.0));
+        // A loop along the circle, clockwise of the node: its label is
+        // outside, where the loop would cover it.
+        let (ox, oy) = unit(x1 - CX, y1 - CY, (0.0, -1.0));
+        let (ux, uy) = (-oy, ox);
         let rot = |deg: f64, len: f64| {
             let t = deg * PI / 180.0;
             (

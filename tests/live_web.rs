@@ -262,6 +262,22 @@ impl Browser {
     }
 }
 
+/// Ends the session, so that chromedriver closes chromium also when an
+/// assertion failed (chromedriver stopped by a signal leaves it running).
+impl Drop for Browser {
+    fn drop(&mut self) {
+        if let Ok(mut s) = try_connect(&self.ns, DRIVER) {
+            let _ = write!(
+                s,
+                "DELETE /session/{} HTTP/1.1\r\nHost: {DRIVER}\r\nContent-Length: 0\r\n\r\n",
+                self.session
+            );
+            let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+            let _ = s.read(&mut [0u8; 4096]);
+        }
+    }
+}
+
 fn base64(s: &str) -> Vec<u8> {
     let val = |c: u8| match c {
         b'A'..=b'Z' => c - b'A',
@@ -704,7 +720,7 @@ fn the_page_in_chromium_shows_what_query_returns() {
     fs::write(out.join("bench.json"), format!("{report:#}\n")).unwrap();
     eprintln!("live_web: 1000 rows: {report}");
 
-    b.call("DELETE", "", None);
+    drop(b);
 
     // 7. Without JavaScript: the same table, the map, the form as a GET.
     let b = Browser::start(
@@ -734,5 +750,5 @@ fn the_page_in_chromium_shows_what_query_returns() {
     );
     b.only_agent_requests();
     b.screenshot(&out.join("nojs-map.png"));
-    b.call("DELETE", "", None);
+    drop(b);
 }

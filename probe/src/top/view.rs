@@ -1,0 +1,495 @@
+//! The view state of `top` and what each key does to it. Input handling
+//! only: drawing is [`super::render`], fetching is the loop's.
+
+use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
+
+use super::model::{Answer, Data, Row};
+use crate::cli::query_flags::QueryFlags;
+
+/// The sortable columns, in screen order: (header, `--sort` metric).
+/// The renderer shows the same headers; a column without a metric of the
+/// query engine (`RETX%`, `SECONDS`) is not a sort key.
+pub const SORTS: &[(&str, &str)] = &[
+    ("CONNS", "conns"),
+    ("SENT_BYTES", "sent_bytes"),
+    ("RECV_BYTES", "received_bytes"),
+    ("BANDWIDTH", "bandwidth"),
+    ("S_RETX", "sent_retransmits"),
+    ("R_RETX", "received_retransmits"),
+    ("RTT_P50_US", "rtt_p50"),
+    ("RTT_P99_US", "rtt_p99"),
+    ("SENT_PKTS", "sent_packets"),
+    ("RECV_PKTS", "received_packets"),
+];
+
+/// A line being edited.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Line {
+    pub text: String,
+    /// Cursor, in characters.
+    pub cursor: usize,
+}
+
+impl Line {
+    pub fn new(text: &str) -> Line {
+        Line {
+            text: text.to_owned(),
+            cursor: text.chars().count(),
+        }
+    }
+
+    fn byte(&self, c: usize) -> usize {
+        self.text
+            .char_indices()
+            .nth(c)
+            .map_or(self.text.len(), |(i, _)| i)
+    }
+
+    /// Edits the line; `false` for a key that is not an edit.
+    fn key(&mut self, k: KeyEvent) -> bool {
+        let n = self.text.chars().count();
+        match k.code {
+            KeyCode::Char('u') if k.modifiers.contains(KeyModifiers::CONTROL) => {
+                self.text.clear();
+                self.cursor = 0;
+            }
+            KeyCode::Char(c) if !k.modifiers.contains(KeyModifiers::CONTROL) => {
+                let at = self.byte(self.cursor);
+                self.text.insert(at, c);
+                self.cursor += 1;
+            }
+            KeyCode::Backspace if self.cursor > 0 => {
+                self.cursor -= 1;
+                let at = self.byte(self.cursor);
+                self.text.remove(at);
+            }
+            KeyCode::Delete if self.cursor < n => {
+                let at = self.byte(self.cursor);
+                self.text.remove(at);
+            }
+            KeyCode::Left => self.cursor = self.cursor.saturating_sub(1),
+            KeyCode::Right => self.cursor = (self.cursor + 1).min(n),
+            KeyCode::Home => self.cursor = 0,
+            KeyCode::End => self.cursor = n,
+            _ => return false,
+        }
+        true
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Mode {
+    #[default]
+    Table,
+    Help,
+    /// `/`: the filter, all `--where` clauses joined with `and`.
+    Filter(Line),
+    /// `g`: the group-by keys of both ends; `dst_field` is the one edited.
+    Group {
+        src: Line,
+        dst: Line,
+        dst_field: bool,
+    },
+    /// `e`: the file to write the rows to (`.csv`: CSV, else JSON lines).
+    Export(Line),
+}
+
+/// A message under the header: an error (a bad filter, a failed export) or
+/// what a key did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Message {
+    pub error: bool,
+    pub text: String,
+}
+
+/// Replay controls (ignored against an agent).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Play {
+    Step,
+    Faster,
+    Slower,
+    /// Seek by this fraction of the capture's length.
+    Seek(f64),
+    Start,
+    End,
+}
+
+/// What the loop must do after a key.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Effect {
+    None,
+    /// The query changed: ask again now.
+    Query,
+    Quit,
+    Export(String),
+    Play(Play),
+}
+
+/// Everything about the screen that is not data.
+#[derive(Clone, Debug, Default)]
+pub struct View {
+    /// The active query.
+    pub flags: QueryFlags,
+    /// Drill-down history: the queries (and selected rows) to go back to.
+    pub back: Vec<(QueryFlags, usize)>,
+    pub selected: usize,
+    /// First row shown.
+    pub offset: usize,
+    /// Rows that fit on the screen (set by the renderer's caller).
+    pub page: usize,
+    pub paused: bool,
+    /// Freeze order: the row keys in the order they had when frozen.
+    pub frozen: Option<Vec<Vec<Option<String>>>>,
+    pub mode: Mode,
+    pub message: Option<Message>,
+}
+
+impl View {
+    pub fn new(flags: QueryFlags) -> View {
+        View {
+            flags,
+            page: 10,
+            ..View::default()
+        }
+    }
+
+    fn say(&mut self, error: bool, text: impl Into<String>) {
+        self.message = Some(Message {
+            error,
+            text: text.into(),
+        });
+    }
+
+    /// The current sort as (index into [`SORTS`], descending).
+    pub fn sort(&self) -> (Option<usize>, bool) {
+        let s = self.flags.sort().unwrap_or("bytes");
+        let (m, desc) = match s.strip_suffix(":asc") {
+            Some(m) => (m, false),
+            None => (s.strip_suffix(":desc").unwrap_or(s), true),
+        };
+        (SORTS.iter().position(|(_, x)| *x == m), desc)
+    }
+
+    fn set_sort(&mut self, i: usize, desc: bool) {
+        let m = SORTS[i].1;
+        self.flags.set_sort(Some(if desc {
+            m.to_owned()
+        } else {
+            format!("{m}:asc")
+        }));
+    }
+
+    /// Handles one key; `data` is what is on the screen (for Enter and the
+    /// row count).
+    pub fn key(&mut self, k: KeyEvent, data: &Data) -> Effect {
+        if k.code == KeyCode::Char('c') && k.modifiers.contains(KeyModifiers::CONTROL) {
+            return Effect::Quit;
+        }
+        match std::mem::take(&mut self.mode) {
+            Mode::Table => self.table_key(k, data),
+            Mode::Help => Effect::None,
+            Mode::Filter(mut line) => match k.code {
+                KeyCode::Esc => Effect::None,
+                KeyCode::Enter => {
+                    let text = line.text.trim().to_owned();
+                    let mut flags = self.flags.clone();
+                    flags.set_wheres(if text.is_empty() {
+                        Vec::new()
+                    } else {
+                        vec![text]
+                    });
+                    match flags.clone().spec() {
+                        Ok(_) => self.requery(flags),
+                        Err(e) => {
+                            if let flowtable::query::QueryError::Filter(f) = &e {
+                                // The parser's column is 1-based, in characters
+                                // of the trimmed text.
+                                let lead =
+                                    line.text.chars().take_while(|c| c.is_whitespace()).count();
+                                line.cursor = (lead + f.column - 1).min(line.text.chars().count());
+                            }
+                            self.say(true, e.to_string());
+                            self.mode = Mode::Filter(line);
+                            Effect::None
+                        }
+                    }
+                }
+                _ => {
+                    line.key(k);
+                    self.mode = Mode::Filter(line);
+                    Effect::None
+                }
+            },
+            Mode::Group {
+                mut src,
+                mut dst,
+                dst_field,
+            } => match k.code {
+                KeyCode::Esc => Effect::None,
+                KeyCode::Tab | KeyCode::BackTab => {
+                    self.mode = Mode::Group {
+                        src,
+                        dst,
+                        dst_field: !dst_field,
+                    };
+                    Effect::None
+                }
+                KeyCode::Enter => {
+                    let mut flags = self.flags.clone();
+                    flags.set_group(
+                        Some(src.text.trim().to_owned()),
+                        Some(dst.text.trim().to_owned()),
+                    );
+                    match flags.clone().spec() {
+                        Ok(_) => self.requery(flags),
+                        Err(e) => {
+                            self.say(true, e.to_string());
+                            self.mode = Mode::Group {
+                                src,
+                                dst,
+                                dst_field,
+                            };
+                            Effect::None
+                        }
+                    }
+                }
+                _ => {
+                    if dst_field {
+                        dst.key(k);
+                    } else {
+                        src.key(k);
+                    }
+                    self.mode = Mode::Group {
+                        src,
+                        dst,
+                        dst_field,
+                    };
+                    Effect::None
+                }
+            },
+            Mode::Export(mut line) => match k.code {
+                KeyCode::Esc => Effect::None,
+                KeyCode::Enter if !line.text.trim().is_empty() => {
+                    Effect::Export(line.text.trim().to_owned())
+                }
+                _ => {
+                    line.key(k);
+                    self.mode = Mode::Export(line);
+                    Effect::None
+                }
+            },
+        }
+    }
+
+    /// A new query: rows start at the top again.
+    fn requery(&mut self, flags: QueryFlags) -> Effect {
+        self.flags = flags;
+        self.selected = 0;
+        self.offset = 0;
+        self.frozen = None;
+        self.message = None;
+        Effect::Query
+    }
+
+    fn table_key(&mut self, k: KeyEvent, data: &Data) -> Effect {
+        let n = data.answer.rows.len();
+        let page = self.page.max(1);
+        match k.code {
+            KeyCode::Char('q') => return Effect::Quit,
+            KeyCode::Char('?') | KeyCode::F(1) => self.mode = Mode::Help,
+            KeyCode::Char('/') => {
+                self.mode = Mode::Filter(Line::new(&self.flags.wheres().join(" and ")));
+            }
+            KeyCode::Char('g') => {
+                let (s, d) = match self.flags.clone().spec() {
+                    Ok(q) => (join(&q.src), join(&q.dst)),
+                    Err(_) => Default::default(),
+                };
+                self.mode = Mode::Group {
+                    src: Line::new(&s),
+                    dst: Line::new(&d),
+                    dst_field: false,
+                };
+            }
+            KeyCode::Char('e') => self.mode = Mode::Export(Line::new("flowprobe-top.jsonl")),
+            KeyCode::Char('s') | KeyCode::Char('S') | KeyCode::Char('>') | KeyCode::Char('<') => {
+                let fwd = matches!(k.code, KeyCode::Char('s') | KeyCode::Char('>'));
+                let (i, desc) = self.sort();
+                let next = match (i, fwd) {
+                    (None, true) => 0,
+                    (None, false) => SORTS.len() - 1,
+                    (Some(i), true) => (i + 1) % SORTS.len(),
+                    (Some(i), false) => (i + SORTS.len() - 1) % SORTS.len(),
+                };
+                let mut v = self.clone_flags();
+                v.set_sort(next, desc);
+                return self.requery(v.flags);
+            }
+            KeyCode::Char('r') => {
+                let (i, desc) = self.sort();
+                let mut v = self.clone_flags();
+                match i {
+                    Some(i) => v.set_sort(i, !desc),
+                    // `bytes`, the default, has no column of its own.
+                    None => v
+                        .flags
+                        .set_sort(Some(if desc { "bytes:asc" } else { "bytes" }.to_owned())),
+                }
+                return self.requery(v.flags);
+            }
+            KeyCode::Char('p') | KeyCode::Char(' ') => {
+                self.paused = !self.paused;
+            }
+            KeyCode::Char('f') => {
+                self.frozen = match self.frozen {
+                    Some(_) => None,
+                    None => Some(
+                        data.answer
+                            .rows
+                            .iter()
+                            .map(|r| data.answer.cells(r))
+                            .collect(),
+                    ),
+                };
+            }
+            KeyCode::Down | KeyCode::Char('j') => {
+                self.selected = (self.selected + 1).min(n.saturating_sub(1))
+            }
+            KeyCode::Up | KeyCode::Char('k') => self.selected = self.selected.saturating_sub(1),
+            KeyCode::PageDown => self.selected = (self.selected + page).min(n.saturating_sub(1)),
+            KeyCode::PageUp => self.selected = self.selected.saturating_sub(page),
+            KeyCode::Home => self.selected = 0,
+            KeyCode::End => self.selected = n.saturating_sub(1),
+            KeyCode::Enter => return self.drill(data),
+            KeyCode::Esc | KeyCode::Backspace => {
+                if let Some((flags, sel)) = self.back.pop() {
+                    let e = self.requery(flags);
+                    self.selected = sel;
+                    return e;
+                }
+            }
+            KeyCode::Char('.') => return Effect::Play(Play::Step),
+            KeyCode::Char('+') | KeyCode::Char('=') => return Effect::Play(Play::Faster),
+            KeyCode::Char('-') => return Effect::Play(Play::Slower),
+            KeyCode::Char('[') => return Effect::Play(Play::Seek(-0.05)),
+            KeyCode::Char(']') => return Effect::Play(Play::Seek(0.05)),
+            KeyCode::Char('{') => return Effect::Play(Play::Start),
+            KeyCode::Char('}') => return Effect::Play(Play::End),
+            _ => {}
+        }
+        self.scroll();
+        Effect::None
+    }
+
+    fn clone_flags(&self) -> View {
+        View {
+            flags: self.flags.clone(),
+            ..View::default()
+        }
+    }
+
+    /// Keeps the selection on the screen.
+    pub fn scroll(&mut self) {
+        let page = self.page.max(1);
+        if self.selected < self.offset {
+            self.offset = self.selected;
+        } else if self.selected >= self.offset + page {
+            self.offset = self.selected + 1 - page;
+        }
+    }
+
+    /// Enter: the selected row's connections, as a query whose filter is
+    /// the row's tag values, one row per connection (both ends' address
+    /// and port, ports as they are).
+    fn drill(&mut self, data: &Data) -> Effect {
+        let rows = ordered(&data.answer, self.frozen.as_deref());
+        let Some(row) = rows.get(self.selected) else {
+            return Effect::None;
+        };
+        if row.other {
+            self.say(
+                false,
+                "the (other) row sums the rows after --top: nothing to drill into",
+            );
+            return Effect::None;
+        }
+        let mut wheres = self.flags.wheres().to_vec();
+        let mut loose = Vec::new();
+        let q = &data.answer;
+        for (side, keys, vals) in [
+            ("src", &q.src_keys, &row.src),
+            ("dst", &q.dst_keys, &row.dst),
+        ] {
+            for k in keys {
+                let v = vals.get(k).cloned().flatten();
+                match drill_clause(side, k, v.as_deref()) {
+                    Some(c) => wheres.push(c),
+                    None => loose.push(format!("{side}.{k}")),
+                }
+            }
+        }
+        let mut flags = self.flags.clone();
+        flags.set_wheres(wheres);
+        flags.set_group(Some("ip,port".to_owned()), Some("ip,port".to_owned()));
+        flags.set_raw_ports(true);
+        flags.set_top(None);
+        self.back.push((self.flags.clone(), self.selected));
+        let e = self.requery(flags);
+        if !loose.is_empty() {
+            self.say(
+                false,
+                format!(
+                    "{} = ephemeral is no filter: connections from every port (Esc: back)",
+                    loose.join(", ")
+                ),
+            );
+        }
+        e
+    }
+}
+
+fn join(keys: &[flowtable::query::TagKey]) -> String {
+    keys.iter()
+        .map(|k| k.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The `--where` clause that selects a row's value of `side.key`; `None`
+/// for the initiator's `ephemeral` port group, which the filter cannot
+/// say (ports compare raw). An end without the tag compares as "".
+pub fn drill_clause(side: &str, key: &str, value: Option<&str>) -> Option<String> {
+    let quote = |v: &str| format!("\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\""));
+    if key.starts_with("ip/") {
+        // The value is the network itself.
+        return Some(match value {
+            Some(v) => format!("{side}.ip in {v}"),
+            None => format!("{side}.{key} = \"\""),
+        });
+    }
+    match (key, value) {
+        ("port", Some(flowtable::query::EPHEMERAL)) => None,
+        (_, v) => Some(format!("{side}.{key} = {}", quote(v.unwrap_or("")))),
+    }
+}
+
+/// The rows in the order shown: the query's, or with the order frozen,
+/// the rows known when it was frozen first, in that order, then new ones.
+pub fn ordered<'a>(a: &'a Answer, frozen: Option<&[Vec<Option<String>>]>) -> Vec<&'a Row> {
+    let mut rows: Vec<&Row> = a.rows.iter().collect();
+    if let Some(order) = frozen {
+        let rank = |r: &Row| {
+            let cells = a.cells(r);
+            // The `other` row stays last.
+            if r.other {
+                return usize::MAX;
+            }
+            order
+                .iter()
+                .position(|k| *k == cells)
+                .unwrap_or(order.len())
+        };
+        rows.sort_by_key(|r| rank(r));
+    }
+    rows
+}

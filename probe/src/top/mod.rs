@@ -14,6 +14,9 @@ pub mod render;
 pub mod replay;
 pub mod view;
 
+#[cfg(test)]
+mod tests;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::mpsc;
@@ -57,6 +60,34 @@ pub fn answer(flags: &QueryFlags, conns: &[Connection]) -> Result<(Answer, Optio
     let rows = run(flags)?;
     let totals = run(&flags.totals())?.rows.into_iter().next();
     Ok((rows, totals))
+}
+
+/// What a replay of `files` shows before the first frame.
+fn replay_data(files: &[PathBuf], p: &Player) -> Data {
+    let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+    Data {
+        source: format!("replay {}", names.join(" ")),
+        command: ["flowprobe", "replay"]
+            .map(String::from)
+            .into_iter()
+            .chain(names)
+            .collect(),
+        error: (!p.warnings.is_empty()).then(|| p.warnings.join("; ")),
+        ..Data::default()
+    }
+}
+
+/// The query over what the replay has played so far.
+fn refresh_replay(data: &mut Data, p: &Player, flags: &QueryFlags) {
+    data.playback = Some(p.playback());
+    data.health = p.health();
+    match answer(flags, &p.connections()) {
+        Ok((a, t)) => {
+            data.answer = a;
+            data.totals = t;
+        }
+        Err(e) => data.error = Some(e),
+    }
 }
 
 /// One round of questions to the agent: the rows, the totals, `/health`.
@@ -167,15 +198,7 @@ fn event_loop(
                 stale = true;
             }
             if stale {
-                data.playback = Some(p.playback());
-                data.health = p.health();
-                match answer(&view.flags, &p.connections()) {
-                    Ok((a, t)) => {
-                        data.answer = a;
-                        data.totals = t;
-                    }
-                    Err(e) => data.error = Some(e),
-                }
+                refresh_replay(&mut data, p, &view.flags);
                 stale = false;
             }
         }

@@ -229,10 +229,9 @@ pub fn draw(f: &mut Frame, data: &Data, view: &View) {
 
     // 1: what is shown.
     let mut title = format!("flowprobe top · {}", text(&data.source));
-    if !h.backend.is_empty() {
-        let _ = write!(title, " · backend {}", text(&h.backend));
+    if !h.backend.is_empty() && data.playback.is_none() {
+        let _ = write!(title, " · {}", text(&h.backend));
     }
-    let _ = write!(title, " · {} connections", h.connections);
     if !h.interfaces.is_empty() {
         let ifaces: Vec<String> = h
             .interfaces
@@ -249,7 +248,7 @@ pub fn draw(f: &mut Frame, data: &Data, view: &View) {
     // 2: the totals of the selection, as /query sums them.
     lines.push(Line::from(match &data.totals {
         Some(t) => format!(
-            "total {} conns · sent {} B · recv {} B · {} · retx {}/{} · rtt p50 {} p99 {} µs",
+            "total {} conns  sent {}  recv {}  {}  retx {}/{}  rtt {}/{} µs",
             t.conns,
             t.sent.bytes,
             t.received.bytes,
@@ -263,7 +262,7 @@ pub fn draw(f: &mut Frame, data: &Data, view: &View) {
     }));
 
     // 3: capture health; any loss stands out.
-    let mut spans = vec![Span::raw("capture:")];
+    let mut spans = vec![Span::raw(format!("{} connections ·", h.connections))];
     let item = |spans: &mut Vec<Span>, label: &str, n: u64| {
         let s = format!(" {label} {n}");
         spans.push(if n > 0 {
@@ -298,6 +297,19 @@ pub fn draw(f: &mut Frame, data: &Data, view: &View) {
     if let Some(e) = &h.export {
         item(&mut spans, "export failed", e.failed_writes);
     }
+    if let Some(p) = &data.playback {
+        let state = if p.done {
+            "end"
+        } else if view.paused {
+            "paused"
+        } else {
+            "playing"
+        };
+        spans.push(Span::raw(format!(
+            " · {state} {:.3}/{:.3} s ×{} · {}/{} frames",
+            p.at_s, p.length_s, p.speed, p.frame, p.frames
+        )));
+    }
     lines.push(Line::from(spans));
 
     // 4: the query as a command that prints the same rows.
@@ -308,21 +320,21 @@ pub fn draw(f: &mut Frame, data: &Data, view: &View) {
         dim(),
     )));
 
-    // 5: playback, state, message.
+    // 5: a message first (a bad filter, what a key did), then the state.
     let mut status = Vec::new();
-    if let Some(p) = &data.playback {
-        let state = if p.done {
-            "end"
-        } else if view.paused {
-            "paused"
+    if let Some(e) = &data.error {
+        status.push(Span::styled(text(e), bad()));
+        status.push(Span::raw(" "));
+    } else if let Some(m) = &view.message {
+        let s = text(&m.text);
+        status.push(if m.error {
+            Span::styled(s, bad())
         } else {
-            "playing"
-        };
-        status.push(Span::raw(format!(
-            "replay {state} {:.3}/{:.3} s ×{} frame {}/{} ",
-            p.at_s, p.length_s, p.speed, p.frame, p.frames
-        )));
-    } else if view.paused {
+            Span::raw(s)
+        });
+        status.push(Span::raw(" "));
+    }
+    if view.paused && data.playback.is_none() {
         status.push(Span::styled("paused ", bad()));
     }
     let (sort_i, desc) = view.sort();
@@ -338,16 +350,6 @@ pub fn draw(f: &mut Frame, data: &Data, view: &View) {
             "drill-down {} (Esc: back) ",
             view.back.len()
         )));
-    }
-    if let Some(e) = &data.error {
-        status.push(Span::styled(text(e), bad()));
-    } else if let Some(m) = &view.message {
-        let s = text(&m.text);
-        status.push(if m.error {
-            Span::styled(s, bad())
-        } else {
-            Span::raw(s)
-        });
     }
     lines.push(Line::from(status));
 
@@ -433,9 +435,16 @@ pub fn draw(f: &mut Frame, data: &Data, view: &View) {
     let (foot_line, cursor) = match &view.mode {
         Mode::Filter(l) => edit_line("filter (Enter apply, Esc cancel): ", l, area.width),
         Mode::Export(l) => edit_line("export rows to (.csv or .jsonl): ", l, area.width),
-        Mode::Group { src, dst, dst_field } => {
+        Mode::Group {
+            src,
+            dst,
+            dst_field,
+        } => {
             let (p, l) = if *dst_field {
-                (format!("group src: {} dst (Tab, Enter, Esc): ", text(&src.text)), dst)
+                (
+                    format!("group src: {} dst (Tab, Enter, Esc): ", text(&src.text)),
+                    dst,
+                )
             } else {
                 ("group src (Tab: dst, Enter, Esc): ".to_owned(), src)
             };
@@ -444,7 +453,7 @@ pub fn draw(f: &mut Frame, data: &Data, view: &View) {
         _ => (
             Line::from(Span::styled(
                 fit(
-                    "q quit  ? help  / filter  g group  s/S/r sort  Enter drill  Esc back  f freeze  p pause  e export",
+                    "?:help q:quit /:filter g:group s/r:sort Enter:drill f:freeze p:pause e:export",
                     usize::from(area.width),
                 ),
                 dim(),

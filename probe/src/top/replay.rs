@@ -84,11 +84,17 @@ impl Player {
         })
     }
 
+    /// Before the first frame.
+    fn reset(&mut self) {
+        self.table = FlowTable::new();
+        self.stats = FrameStats::default();
+        self.pos = 0;
+        self.clock = self.first;
+    }
+
     fn feed_to(&mut self, clock: u64) {
         if clock < self.clock {
-            self.table = FlowTable::new();
-            self.stats = FrameStats::default();
-            self.pos = 0;
+            self.reset();
         }
         self.clock = clock.clamp(self.first, self.last);
         while let Some(f) = self.frames.get(self.pos) {
@@ -135,8 +141,7 @@ impl Player {
     }
 
     pub fn start(&mut self) {
-        self.clock = self.last;
-        self.feed_to(self.first);
+        self.reset();
     }
 
     pub fn end(&mut self) {

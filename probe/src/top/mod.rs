@@ -154,14 +154,7 @@ pub fn run(
         Target::Replay(files) => {
             let mut p = Player::open(files)?;
             p.speed = speed;
-            let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
-            data.source = format!("replay {}", names.join(" "));
-            data.command = ["flowprobe", "replay"]
-                .map(String::from)
-                .into_iter()
-                .chain(names)
-                .collect();
-            data.error = (!p.warnings.is_empty()).then(|| p.warnings.join("; "));
+            data = replay_data(files, &p);
             player = Some(p);
         }
     }
@@ -209,6 +202,7 @@ fn event_loop(
                 if f != view.flags {
                     continue;
                 }
+                data.pending = false;
                 match r {
                     Ok((a, t, h)) => {
                         data.answer = a;
@@ -229,7 +223,7 @@ fn event_loop(
         }
 
         let size = terminal.size()?;
-        view.page = render::page_size(size.height);
+        view.page = render::page_size(&data, &view, size.width, size.height);
         view.selected = view.selected.min(data.answer.rows.len().saturating_sub(1));
         view.scroll();
         terminal.draw(|f| render::draw(f, &data, &view))?;
@@ -246,7 +240,20 @@ fn event_loop(
         match view.key(k, &data) {
             Effect::None => {}
             Effect::Quit => return Ok(()),
-            Effect::Query => stale = true,
+            Effect::Query => {
+                stale = true;
+                if agent.is_some() {
+                    // Until the answer comes: this query's columns, no rows.
+                    let (src_keys, dst_keys) = keys(&view.flags).unwrap_or_default();
+                    data.answer = Answer {
+                        src_keys,
+                        dst_keys,
+                        ..Answer::default()
+                    };
+                    data.totals = None;
+                    data.pending = true;
+                }
+            }
             Effect::Export(path) => {
                 let rows: Vec<usize> = view::ordered(&data.answer, view.frozen.as_deref())
                     .iter()

@@ -175,4 +175,7 @@ pub struct Data {
     pub playback: Option<Playback>,
     /// The last fetch failed (the rows are the last good ones).
     pub error: Option<String>,
+    /// The query changed and its answer has not come yet: no rows are
+    /// shown meanwhile, so rows never stand under another query's command.
+    pub pending: bool,
 }

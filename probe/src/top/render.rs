@@ -21,14 +21,52 @@ use super::model::{Data, Row};
 use super::view::{self, Mode, View, SORTS};
 use crate::export::print::rate;
 
-/// Lines above the table (title, totals, capture health, command, status)
-/// and its header; one below (keys or the editor).
-const ABOVE: u16 = 6;
+/// Lines above the table besides the command (title, totals, capture
+/// health, status, the table's header); one below (keys or the editor).
+const ABOVE: u16 = 5;
 const BELOW: u16 = 1;
+/// The command wraps over at most this many lines.
+const COMMAND_LINES: usize = 4;
 
-/// Table rows that fit in a terminal of `height` lines.
-pub fn page_size(height: u16) -> usize {
-    usize::from(height.saturating_sub(ABOVE + BELOW)).max(1)
+/// Table rows that fit in a terminal of `width` × `height`.
+pub fn page_size(data: &Data, view: &View, width: u16, height: u16) -> usize {
+    let cmd = command_lines(data, view, width).len() as u16;
+    usize::from(height.saturating_sub(ABOVE + cmd + BELOW)).max(1)
+}
+
+/// The active query as the command that prints the same rows, `$ ` first,
+/// wrapped at blanks into lines of `width` (continuations indented by two
+/// blanks), so that it can be read whole, and copied.
+pub fn command_lines(data: &Data, view: &View, cols: u16) -> Vec<String> {
+    let mut cmd = data.command.clone();
+    cmd.extend(view.flags.args());
+    let full = format!("$ {}", text(&shell(&cmd)));
+    let w = usize::from(cols).max(8);
+    let mut lines: Vec<String> = Vec::new();
+    let mut cur = String::new();
+    for word in full.split(' ') {
+        let indent = if lines.is_empty() { 0 } else { 2 };
+        if !cur.is_empty() && indent + width(&cur) + 1 + width(word) > w {
+            lines.push(std::mem::take(&mut cur));
+        }
+        if !cur.is_empty() {
+            cur.push(' ');
+        }
+        cur.push_str(word);
+    }
+    lines.push(cur);
+    let n = lines.len();
+    let mut out: Vec<String> = lines
+        .into_iter()
+        .enumerate()
+        .map(|(i, l)| if i == 0 { l } else { format!("  {l}") })
+        .take(COMMAND_LINES)
+        .collect();
+    if n > COMMAND_LINES {
+        let last = out.last_mut().expect("at least one line");
+        *last = fit(&format!("{last} …"), w.saturating_sub(1)) + "…";
+    }
+    out
 }
 
 /// `s` with every control character (C0, DEL, C1), the bidirectional and
@@ -313,12 +351,9 @@ pub fn draw(f: &mut Frame, data: &Data, view: &View) {
     lines.push(Line::from(spans));
 
     // 4: the query as a command that prints the same rows.
-    let mut cmd = data.command.clone();
-    cmd.extend(view.flags.args());
-    lines.push(Line::from(Span::styled(
-        format!("$ {}", text(&shell(&cmd))),
-        dim(),
-    )));
+    for l in command_lines(data, view, area.width) {
+        lines.push(Line::from(Span::styled(l, dim())));
+    }
 
     // 5: a message first (a bad filter, what a key did), then the state.
     let mut status = Vec::new();
@@ -405,8 +440,10 @@ pub fn draw(f: &mut Frame, data: &Data, view: &View) {
         header,
         Style::default().add_modifier(Modifier::UNDERLINED),
     )));
-    let page = page_size(area.height);
-    if rows.is_empty() {
+    let page = page_size(data, view, area.width, area.height);
+    if data.pending {
+        lines.push(Line::from(Span::styled("(asking…)", dim())));
+    } else if rows.is_empty() {
         lines.push(Line::from(Span::styled("(no rows)", dim())));
     }
     for i in view.offset..(view.offset + page).min(rows.len()) {

@@ -40,7 +40,7 @@ fn root() -> PathBuf {
 fn screen(data: &Data, view: &View, w: u16, h: u16) -> String {
     let mut t = Terminal::new(TestBackend::new(w, h)).unwrap();
     let mut v = view.clone();
-    v.page = render::page_size(h);
+    v.page = render::page_size(data, view, w, h);
     t.draw(|f| render::draw(f, data, &v)).unwrap();
     let buf = t.backend().buffer();
     let mut out = String::new();
@@ -357,7 +357,7 @@ fn keys_change_the_query() {
     assert_eq!(v.key(key(KeyCode::Enter), &data), Effect::Query);
     assert_eq!(
         shell(&v.flags.args()),
-        "--src ip,port --dst ip,port --where 'src.ip = \"10.77.0.1\"' --where 'dst.port = \"5001\"' --raw-ports"
+        "--src ip,port --dst ip,port --where 'src.ip = 10.77.0.1 and dst.port = 5001' --raw-ports"
     );
     let drilled = played(&files, &v.flags);
     assert_eq!(drilled.answer.rows.len(), 3);
@@ -404,11 +404,15 @@ fn drill_clauses() {
     assert_eq!(drill_clause("src", "port", Some("ephemeral")), None);
     assert_eq!(
         drill_clause("dst", "port", Some("80")).unwrap(),
-        "dst.port = \"80\""
+        "dst.port = 80"
     );
     assert_eq!(
         drill_clause("dst", "service", None).unwrap(),
         "dst.service = \"\""
+    );
+    assert_eq!(
+        drill_clause("dst", "service", Some("and")).unwrap(),
+        "dst.service = \"and\""
     );
     let c = drill_clause("src", "process", Some("a\"b\\c")).unwrap();
     assert_eq!(c, r#"src.process = "a\"b\\c""#);
@@ -468,7 +472,7 @@ fn hostile_values_are_text() {
     ]));
     for (w, h) in [(80, 24), (160, 40)] {
         let mut t = Terminal::new(TestBackend::new(w, h)).unwrap();
-        view.page = render::page_size(h);
+        view.page = render::page_size(&data, &view, w, h);
         t.draw(|f| render::draw(f, &data, &view)).unwrap();
         for c in t.backend().buffer().content() {
             for ch in c.symbol().chars() {

@@ -413,7 +413,7 @@ impl View {
             );
             return Effect::None;
         }
-        let mut wheres = self.flags.wheres().to_vec();
+        let mut clauses = Vec::new();
         let mut loose = Vec::new();
         let q = &data.answer;
         for (side, keys, vals) in [
@@ -423,10 +423,14 @@ impl View {
             for k in keys {
                 let v = vals.get(k).cloned().flatten();
                 match drill_clause(side, k, v.as_deref()) {
-                    Some(c) => wheres.push(c),
+                    Some(c) => clauses.push(c),
                     None => loose.push(format!("{side}.{k}")),
                 }
             }
+        }
+        let mut wheres = self.flags.wheres().to_vec();
+        if !clauses.is_empty() {
+            wheres.push(clauses.join(" and "));
         }
         let mut flags = self.flags.clone();
         flags.set_wheres(wheres);
@@ -459,7 +463,19 @@ fn join(keys: &[flowtable::query::TagKey]) -> String {
 /// for the initiator's `ephemeral` port group, which the filter cannot
 /// say (ports compare raw). An end without the tag compares as "".
 pub fn drill_clause(side: &str, key: &str, value: Option<&str>) -> Option<String> {
-    let quote = |v: &str| format!("\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\""));
+    let quote = |v: &str| {
+        let word = !v.is_empty()
+            && v.chars()
+                .all(|c| c.is_ascii_alphanumeric() || ".:-_/".contains(c))
+            && !["and", "in", "not"]
+                .iter()
+                .any(|k| v.eq_ignore_ascii_case(k));
+        if word {
+            v.to_owned()
+        } else {
+            format!("\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\""))
+        }
+    };
     if key.starts_with("ip/") {
         // The value is the network itself.
         return Some(match value {

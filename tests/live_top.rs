@@ -248,6 +248,21 @@ fn settle(t: &Tmux, ns: &str, want: &[&str], rows: Option<usize>) -> (String, St
     (last.0, last.1)
 }
 
+/// `q`: the pane's process exits 0 (tmux has its status once it has
+/// reaped it, which may be after the pane's terminal closed), and the
+/// terminal is back on its main screen.
+fn quit(t: &Tmux) {
+    t.keys(&["q"]);
+    wait_for_within("top to quit", Duration::from_secs(10), || {
+        t.display("#{pane_dead}") == "1"
+            && !(t.display("#{pane_dead_status}").is_empty()
+                && t.display("#{pane_dead_signal}").is_empty())
+    });
+    assert_eq!(t.display("#{pane_dead_signal}"), "");
+    assert_eq!(t.display("#{pane_dead_status}"), "0");
+    assert_eq!(t.display("#{alternate_on}"), "0");
+}
+
 fn namespaces(tag: &str) -> Netns {
     let ns = Netns::create("fptp", tag);
     veth_pair(&ns, VETH_A, VETH_B, CLIENT, SERVER, "24");
@@ -400,12 +415,7 @@ fn top_shows_what_query_prints() {
     settle(&t, &ns.a, &["--sort sent_bytes:asc"], Some(2));
 
     // q: the process exits 0 and the terminal is back on its main screen.
-    t.keys(&["q"]);
-    wait_for_within("top to quit", Duration::from_secs(10), || {
-        t.display("#{pane_dead}") == "1"
-    });
-    assert_eq!(t.display("#{pane_dead_status}"), "0");
-    assert_eq!(t.display("#{alternate_on}"), "0");
+    quit(&t);
     drop(procs);
 }
 
@@ -492,10 +502,6 @@ fn hostile_tags_are_text() {
     });
     eprintln!("{}", t.screen());
     assert_eq!(t.display("#{pane_title}"), title);
-    t.keys(&["q"]);
-    wait_for_within("top to quit", Duration::from_secs(10), || {
-        t.display("#{pane_dead}") == "1"
-    });
-    assert_eq!(t.display("#{pane_dead_status}"), "0");
+    quit(&t);
     drop(procs);
 }

@@ -17,6 +17,7 @@ pub mod view;
 #[cfg(test)]
 mod tests;
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::mpsc;
@@ -158,7 +159,14 @@ pub fn run(
             player = Some(p);
         }
     }
-    let mut terminal = ratatui::init();
+    if !std::io::stdout().is_terminal() || !std::io::stdin().is_terminal() {
+        anyhow::bail!(
+            "top draws on a terminal: run it in one (`flowprobe query` prints the same rows)"
+        );
+    }
+    // Raw mode and the alternate screen; ratatui's panic hook restores
+    // both before a panic's message is printed.
+    let mut terminal = ratatui::try_init()?;
     let result = event_loop(
         &mut terminal,
         data,
@@ -214,7 +222,8 @@ fn event_loop(
                 }
             }
             let due = asked.is_none_or(|t| t.elapsed() >= refresh) && !view.paused;
-            if (stale || due) && (!in_flight || stale) {
+            // A changed query goes at once; a refresh waits for the last answer.
+            if stale || (due && !in_flight) {
                 tx.send(view.flags.clone())?;
                 in_flight = true;
                 asked = Some(Instant::now());

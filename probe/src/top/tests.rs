@@ -561,3 +561,45 @@ fn shell_quoting() {
         .to_vec();
     assert_eq!(shell(&a), r#"--where 'a = '\''b'\''' --src ip/24 ''"#);
 }
+
+/// A command longer than the screen wraps at blanks, each line within the
+/// width, and reads back whole.
+#[test]
+fn long_commands_wrap() {
+    let f = flags(&[
+        "--src",
+        "ip,port",
+        "--dst",
+        "ip,port",
+        "--where",
+        "src.ip in 10.0.0.0/8 and dst.port in (80, 443, 8080) and dst.service ~ \"web*\"",
+        "--sort",
+        "retransmits",
+    ]);
+    let data = Data {
+        command: ["flowprobe", "query", "--agent", "127.0.0.1:9911"]
+            .map(String::from)
+            .to_vec(),
+        ..Data::default()
+    };
+    let view = View::new(f.clone());
+    let lines = render::command_lines(&data, &view, 60);
+    assert!(lines.len() > 1, "{lines:?}");
+    for l in &lines {
+        assert!(l.chars().count() <= 60, "{l}");
+    }
+    let mut joined = lines[0].clone();
+    for l in &lines[1..] {
+        joined.push(' ');
+        joined.push_str(l.strip_prefix("  ").unwrap());
+    }
+    let mut want = data.command.clone();
+    want.extend(f.args());
+    assert_eq!(joined, format!("$ {}", shell(&want)));
+    // On the screen, and the table below it.
+    let s = screen(&data, &view, 60, 24);
+    for l in &lines {
+        assert!(s.contains(l.as_str()), "{l}\n{s}");
+    }
+    assert!(s.contains("(no rows)"), "{s}");
+}

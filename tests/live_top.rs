@@ -388,6 +388,9 @@ fn top_shows_what_query_prints() {
             .contains("expected `and` between conditions at column 17 (`or`)")
     });
     t.keys(&["Escape"]);
+    wait_for_within("the editor to close", Duration::from_secs(10), || {
+        t.screen().contains("?:help q:quit")
+    });
 
     // Sort: the next columns (conns, then sent bytes), then reversed.
     t.keys(&["s", "s"]);

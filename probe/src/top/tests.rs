@@ -320,6 +320,13 @@ fn keys_change_the_query() {
         s.contains("expected `and` between conditions at column 17"),
         "{s}"
     );
+    // Esc then `s` typed fast arrive as Alt-s: cancel, then sort.
+    let mut w = v.clone();
+    assert_eq!(
+        w.key(KeyEvent::new(KeyCode::Char('s'), KeyModifiers::ALT), &data),
+        Effect::Query
+    );
+    assert_eq!((w.mode, w.flags.sort()), (Mode::Table, Some("conns")));
     v.key(
         KeyEvent::new(KeyCode::Char('u'), KeyModifiers::CONTROL),
         &data,

@@ -185,6 +185,19 @@ impl View {
         if k.code == KeyCode::Char('c') && k.modifiers.contains(KeyModifiers::CONTROL) {
             return Effect::Quit;
         }
+        // A terminal sends Esc as the byte that also starts Alt-key
+        // sequences: Esc and a key typed right after it arrive as Alt-key.
+        // In an editor that is Esc (cancel), then the key.
+        if k.modifiers.contains(KeyModifiers::ALT)
+            && matches!(
+                self.mode,
+                Mode::Filter(_) | Mode::Group { .. } | Mode::Export(_)
+            )
+        {
+            self.mode = Mode::Table;
+            let plain = KeyEvent::new(k.code, k.modifiers - KeyModifiers::ALT);
+            return self.table_key(plain, data);
+        }
         match std::mem::take(&mut self.mode) {
             Mode::Table => self.table_key(k, data),
             Mode::Help => Effect::None,

@@ -300,7 +300,22 @@ pub fn draw(f: &mut Frame, data: &Data, view: &View) {
     }));
 
     // 3: capture health; any loss stands out.
-    let mut spans = vec![Span::raw(format!("{} connections ·", h.connections))];
+    let mut spans = Vec::new();
+    // A replay says first where it is.
+    if let Some(p) = &data.playback {
+        let state = if p.done {
+            "end"
+        } else if view.paused {
+            "paused"
+        } else {
+            "playing"
+        };
+        spans.push(Span::raw(format!(
+            "{state} {:.3}/{:.3} s ×{} frame {}/{} · ",
+            p.at_s, p.length_s, p.speed, p.frame, p.frames
+        )));
+    }
+    spans.push(Span::raw(format!("{} connections ·", h.connections)));
     let item = |spans: &mut Vec<Span>, label: &str, n: u64| {
         let s = format!(" {label} {n}");
         spans.push(if n > 0 {
@@ -334,19 +349,6 @@ pub fn draw(f: &mut Frame, data: &Data, view: &View) {
     }
     if let Some(e) = &h.export {
         item(&mut spans, "export failed", e.failed_writes);
-    }
-    if let Some(p) = &data.playback {
-        let state = if p.done {
-            "end"
-        } else if view.paused {
-            "paused"
-        } else {
-            "playing"
-        };
-        spans.push(Span::raw(format!(
-            " · {state} {:.3}/{:.3} s ×{} · {}/{} frames",
-            p.at_s, p.length_s, p.speed, p.frame, p.frames
-        )));
     }
     lines.push(Line::from(spans));
 

@@ -151,6 +151,7 @@ pub fn run(
                 .map(String::from)
                 .to_vec();
             agent = Some(asker(*addr));
+            data.pending = true;
         }
         Target::Replay(files) => {
             let mut p = Player::open(files)?;

@@ -167,8 +167,12 @@ pub fn run(
     }
     // Raw mode and the alternate screen; ratatui's panic hook restores
     // both before a panic's message is printed.
+    // SIGTERM (and SIGINT, which raw mode only delivers from elsewhere)
+    // end the loop like `q`, so the terminal is restored.
+    let stop = crate::os::signals::Stop::on_signals()?;
     let mut terminal = ratatui::try_init()?;
     let result = event_loop(
+        &stop,
         &mut terminal,
         data,
         View::new(flags),
@@ -181,6 +185,7 @@ pub fn run(
 }
 
 fn event_loop(
+    stop: &crate::os::signals::Stop,
     terminal: &mut ratatui::DefaultTerminal,
     mut data: Data,
     mut view: View,
@@ -192,7 +197,7 @@ fn event_loop(
     let mut in_flight = false;
     let mut stale = true;
     let mut last_tick = Instant::now();
-    loop {
+    while !stop.requested() {
         let now = Instant::now();
         if let Some(p) = &mut player {
             if !view.paused && !p.done() {
@@ -291,4 +296,5 @@ fn event_loop(
             }
         }
     }
+    Ok(())
 }

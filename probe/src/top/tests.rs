@@ -280,6 +280,50 @@ fn agent_answers_are_the_local_query() {
     let t = t.unwrap();
     assert_eq!((t.conns, t.sent.bytes), (5, 1500));
     assert_eq!(a.rows.len(), 2);
+
+    // `/health` of a tc agent that lost packets: the header says where it
+    // is attached, the table's fill and each refusal as /health counts it.
+    use crate::sources::{AttachMode, EbpfHealth, Health as SourceHealth, Hook, TableHealth};
+    shared.publish(agent::Snapshot {
+        conns: conns.clone(),
+        health: Some(SourceHealth::Ebpf(EbpfHealth {
+            hook: Hook::Tc,
+            attached: vec![("eth0".to_owned(), AttachMode::Clsact)],
+            xdp_modes: Vec::new(),
+            stats: FrameStats::default(),
+            table: TableHealth {
+                entries: 5,
+                capacity: 64,
+                full: 7,
+                insert_failed: 0,
+                contended: 2,
+            },
+        })),
+        export: None,
+    });
+    let (answer, totals, health) = ask(addr, &f).unwrap();
+    let data = Data {
+        source: format!("agent {addr}"),
+        command: vec!["flowprobe".into(), "query".into()],
+        answer,
+        totals,
+        health,
+        ..Data::default()
+    };
+    let s = screen(&data, &View::new(f), 100, 12);
+    let lines: Vec<&str> = s.lines().collect();
+    assert_eq!(
+        lines[0],
+        format!("flowprobe top · agent {addr} · tc · eth0(clsact)")
+    );
+    assert_eq!(
+        lines[1],
+        "total 5 conns  sent 1500  recv 5000  1.08 kB/s  retx 0/0  rtt -/- µs"
+    );
+    assert_eq!(
+        lines[2],
+        "5 connections · table 5/64 (7.8%) full 7 insert_failed 0 contended 2 tracked 0 skipped 0"
+    );
 }
 
 fn key(c: KeyCode) -> KeyEvent {

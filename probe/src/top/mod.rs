@@ -196,6 +196,7 @@ fn event_loop(
     let mut asked: Option<Instant> = None;
     let mut in_flight = false;
     let mut stale = true;
+    let mut shown = view.flags.clone();
     let mut last_tick = Instant::now();
     while !stop.requested() {
         let now = Instant::now();
@@ -255,20 +256,8 @@ fn event_loop(
         match view.key(k, &data) {
             Effect::None => {}
             Effect::Quit => return Ok(()),
-            Effect::Query => {
-                stale = true;
-                if agent.is_some() {
-                    // Until the answer comes: this query's columns, no rows.
-                    let (src_keys, dst_keys) = keys(&view.flags).unwrap_or_default();
-                    data.answer = Answer {
-                        src_keys,
-                        dst_keys,
-                        ..Answer::default()
-                    };
-                    data.totals = None;
-                    data.pending = true;
-                }
-            }
+            // Seen below, by comparing the query.
+            Effect::Query => {}
             Effect::Export(path) => {
                 let rows: Vec<usize> = view::ordered(&data.answer, view.frozen.as_deref())
                     .iter()
@@ -293,6 +282,22 @@ fn event_loop(
                     }
                     stale = true;
                 }
+            }
+        }
+        if view.flags != shown {
+            // A new query: until its answer comes, its columns and no rows
+            // (a replay answers at once, above).
+            shown = view.flags.clone();
+            stale = true;
+            if agent.is_some() {
+                let (src_keys, dst_keys) = keys(&view.flags).unwrap_or_default();
+                data.answer = Answer {
+                    src_keys,
+                    dst_keys,
+                    ..Answer::default()
+                };
+                data.totals = None;
+                data.pending = true;
             }
         }
     }

@@ -426,6 +426,17 @@ fn keys_change_the_query() {
     assert_eq!(o.key(key(KeyCode::Enter), &data), Effect::None);
     assert_eq!(v.key(key(KeyCode::Esc), &drilled), Effect::Query);
     assert_eq!(v.flags, f);
+    // Esc then q typed fast (Alt-q): back, then quit.
+    v.key(key(KeyCode::Enter), &data);
+    assert_ne!(v.flags, f);
+    assert_eq!(
+        v.key(
+            KeyEvent::new(KeyCode::Char('q'), KeyModifiers::ALT),
+            &drilled
+        ),
+        Effect::Quit
+    );
+    assert_eq!(v.flags, f);
 
     // Freeze: the order stays when the sort changes underneath.
     let f = flags(&["--src", "ip", "--dst", "port"]);

@@ -187,16 +187,14 @@ impl View {
         }
         // A terminal sends Esc as the byte that also starts Alt-key
         // sequences: Esc and a key typed right after it arrive as Alt-key.
-        // In an editor that is Esc (cancel), then the key.
-        if k.modifiers.contains(KeyModifiers::ALT)
-            && matches!(
-                self.mode,
-                Mode::Filter(_) | Mode::Group { .. } | Mode::Export(_)
-            )
-        {
-            self.mode = Mode::Table;
+        // No key here is an Alt-key, so it is Esc, then the key.
+        if k.modifiers.contains(KeyModifiers::ALT) {
+            let esc = self.key(KeyEvent::new(KeyCode::Esc, KeyModifiers::NONE), data);
             let plain = KeyEvent::new(k.code, k.modifiers - KeyModifiers::ALT);
-            return self.table_key(plain, data);
+            return match self.key(plain, data) {
+                Effect::None => esc,
+                e => e,
+            };
         }
         match std::mem::take(&mut self.mode) {
             Mode::Table => self.table_key(k, data),

@@ -259,7 +259,7 @@ fn event_loop(
             // Seen below, by comparing the query.
             Effect::Query => {}
             Effect::Export(path) => {
-                let rows: Vec<usize> = view::ordered(&data.answer, view.frozen.as_deref())
+                let rows: Vec<usize> = view::ordered(&data.answer, &view)
                     .iter()
                     .filter_map(|r| data.answer.rows.iter().position(|x| std::ptr::eq(x, *r)))
                     .collect();

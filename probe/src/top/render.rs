@@ -18,7 +18,7 @@ use ratatui::Frame;
 use unicode_width::{UnicodeWidthChar, UnicodeWidthStr};
 
 use super::model::{Data, Row};
-use super::view::{self, Mode, View, SORTS};
+use super::view::{self, Local, Mode, View, COLUMNS};
 use crate::export::print::rate;
 
 /// Lines above the table besides the command (title, totals, capture
@@ -129,6 +129,7 @@ struct Col {
 /// --format table` names them, `RETX%` besides).
 fn metric_cols(rows: &[&Row]) -> Vec<Col> {
     type Cell = fn(&Row) -> String;
+    // In the order of view::COLUMNS (a test checks it).
     let defs: [(&str, u8, Cell); 12] = [
         ("CONNS", 1, |r| r.conns.to_string()),
         ("SENT_BYTES", 1, |r| r.sent.bytes.to_string()),
@@ -156,15 +157,16 @@ fn metric_cols(rows: &[&Row]) -> Vec<Col> {
 }
 
 /// Retransmitted payload bytes as a share of all payload bytes, both
-/// directions, in percent (one decimal; `-` without bytes).
-pub fn retx_pct(r: &Row) -> String {
+/// directions, in percent; none without bytes.
+pub fn retx_ratio(r: &Row) -> Option<f64> {
     let bytes = r.sent.bytes + r.received.bytes;
     let retx = r.sent.retransmitted_bytes + r.received.retransmitted_bytes;
-    if bytes == 0 {
-        "-".to_owned()
-    } else {
-        format!("{:.1}", retx as f64 * 100.0 / bytes as f64)
-    }
+    (bytes > 0).then(|| retx as f64 * 100.0 / bytes as f64)
+}
+
+/// [`retx_ratio`] with one decimal, `-` without bytes.
+pub fn retx_pct(r: &Row) -> String {
+    retx_ratio(r).map_or_else(|| "-".to_owned(), |p| format!("{p:.1}"))
 }
 
 fn width(s: &str) -> usize {
@@ -375,7 +377,14 @@ pub fn draw(f: &mut Frame, data: &Data, view: &View) {
         status.push(Span::styled("paused ", bad()));
     }
     let (sort_i, desc) = view.sort();
-    if sort_i.is_none() {
+    if view.local.is_some() {
+        // The rows the query gave, in another order than its own.
+        let s = view.flags.sort().unwrap_or("bytes");
+        status.push(Span::raw(format!(
+            "ordered on screen (query: sort {}) ",
+            text(s)
+        )));
+    } else if sort_i.is_none() {
         let s = view.flags.sort().unwrap_or("bytes");
         status.push(Span::raw(format!("sort {} ", text(s))));
     }
@@ -392,7 +401,7 @@ pub fn draw(f: &mut Frame, data: &Data, view: &View) {
 
     // The table.
     let a = &data.answer;
-    let rows = view::ordered(a, view.frozen.as_deref());
+    let rows = view::ordered(a, view);
     let mut cols: Vec<Col> = a
         .src_keys
         .iter()
@@ -417,16 +426,28 @@ pub fn draw(f: &mut Frame, data: &Data, view: &View) {
                 .collect(),
         })
         .collect();
-    let mut metrics = metric_cols(&rows);
-    if let Some(i) = sort_i {
-        let head = SORTS[i].0;
-        if let Some(c) = metrics.iter_mut().find(|c| c.head == head) {
-            c.head.push(if desc { '▼' } else { '▲' });
-            // The sort column stays as long as any does.
-            c.drop = 0;
-        }
+    cols.extend(metric_cols(&rows));
+    // The column the rows are ordered by carries the direction.
+    let marked = match view.local {
+        Some((Local::Tag(i), d)) => Some((i, d)),
+        Some((Local::Column(h), d)) => cols
+            .iter()
+            .position(|c| !c.tag && c.head == h)
+            .map(|i| (i, d)),
+        None => sort_i.and_then(|i| {
+            let tags = cols.iter().filter(|c| c.tag).count();
+            cols.iter()
+                .position(|c| !c.tag && c.head == COLUMNS[i].0)
+                .filter(|p| *p >= tags)
+                .map(|p| (p, desc))
+        }),
+    };
+    if let Some(c) = marked.and_then(|(i, d)| cols.get_mut(i).map(|c| (c, d))) {
+        let (c, d) = c;
+        c.head.push(if d { '▼' } else { '▲' });
+        // The sort column stays as long as any does.
+        c.drop = 0;
     }
-    cols.extend(metrics);
     let (cols, widths) = fit_columns(cols, usize::from(area.width));
     let line_of = |cells: Vec<String>| -> String {
         cells

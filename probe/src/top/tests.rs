@@ -447,7 +447,7 @@ fn keys_change_the_query() {
         &files,
         &flags(&["--src", "ip", "--dst", "port", "--sort", "bytes:asc"]),
     );
-    let order: Vec<u64> = view::ordered(&asc.answer, v.frozen.as_deref())
+    let order: Vec<u64> = view::ordered(&asc.answer, &v)
         .iter()
         .map(|r| r.conns)
         .collect();
@@ -664,4 +664,70 @@ fn long_commands_wrap() {
         assert!(s.contains(l.as_str()), "{l}\n{s}");
     }
     assert!(s.contains("(no rows)"), "{s}");
+}
+
+/// Columns the query cannot sort by (the group-by ones, `RETX%`,
+/// `SECONDS`) order the rows on the screen; the others go through
+/// `--sort`. Every column is reached by `s`/`S`.
+#[test]
+fn every_column_sorts() {
+    let files = vec![root().join("fixtures/pcaps/tcp4_loss.pcap")];
+    let f = flags(&["--src", "ip", "--dst", "port"]);
+    let data = played(&files, &f);
+    let mut v = View::new(f.clone());
+    // The headers after the group-by are view::COLUMNS, in order.
+    let s = screen(&data, &v, 200, 24);
+    let head: Vec<String> = cells(s.lines().find(|l| l.contains("CONNS")).unwrap());
+    let want: Vec<&str> = view::COLUMNS.iter().map(|(h, _)| *h).collect();
+    assert_eq!(head[2..], want[..]);
+    let ports = |v: &View| -> Vec<String> {
+        view::ordered(&data.answer, v)
+            .iter()
+            .map(|r| r.dst["port"].clone().unwrap())
+            .collect()
+    };
+
+    // Backwards from `bytes`: SECONDS, on the screen, longest first.
+    assert_eq!(v.key(key(KeyCode::Char('S')), &data), Effect::None);
+    assert_eq!(v.local, Some((view::Local::Column("SECONDS"), true)));
+    assert_eq!(v.flags, f, "the query is unchanged");
+    assert_eq!(ports(&v), ["5001", "5002"]);
+    let s = screen(&data, &v, 200, 24);
+    assert!(
+        s.contains("SECONDS▼") && s.contains("ordered on screen (query: sort bytes)"),
+        "{s}"
+    );
+    v.key(key(KeyCode::Char('r')), &data);
+    assert_eq!(ports(&v), ["5002", "5001"]);
+    // Then RECV_PKTS through the query, ascending as the order was.
+    assert_eq!(v.key(key(KeyCode::Char('S')), &data), Effect::Query);
+    assert_eq!(
+        (v.local, v.flags.sort()),
+        (None, Some("received_packets:asc"))
+    );
+    // From CONNS backwards: the last group-by column, numbers as numbers.
+    let mut v = View::new(flags(&["--src", "ip", "--dst", "port", "--sort", "conns"]));
+    v.key(key(KeyCode::Char('S')), &data);
+    assert_eq!(v.local, Some((view::Local::Tag(1), true)));
+    assert_eq!(ports(&v), ["5002", "5001"]);
+    assert!(screen(&data, &v, 200, 24).contains("DST.PORT▼"));
+    // RETX%: 5.2 % before 0.0 %.
+    let mut v = View::new(flags(&[
+        "--src",
+        "ip",
+        "--dst",
+        "port",
+        "--sort",
+        "received_retransmits",
+    ]));
+    v.key(key(KeyCode::Char('s')), &data);
+    assert_eq!(v.local, Some((view::Local::Column("RETX%"), true)));
+    assert_eq!(ports(&v), ["5001", "5002"]);
+    // A new group-by drops an order by a group-by column.
+    let mut v = View::new(f);
+    v.local = Some((view::Local::Tag(0), true));
+    v.key(key(KeyCode::Char('g')), &data);
+    typed(&mut v, &data, "/24");
+    v.key(key(KeyCode::Enter), &data);
+    assert_eq!(v.local, None);
 }

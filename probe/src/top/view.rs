@@ -6,21 +6,33 @@ use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 use super::model::{Answer, Data, Row};
 use crate::cli::query_flags::QueryFlags;
 
-/// The sortable columns, in screen order: (header, `--sort` metric).
-/// The renderer shows the same headers; a column without a metric of the
-/// query engine (`RETX%`, `SECONDS`) is not a sort key.
-pub const SORTS: &[(&str, &str)] = &[
-    ("CONNS", "conns"),
-    ("SENT_BYTES", "sent_bytes"),
-    ("RECV_BYTES", "received_bytes"),
-    ("BANDWIDTH", "bandwidth"),
-    ("S_RETX", "sent_retransmits"),
-    ("R_RETX", "received_retransmits"),
-    ("RTT_P50_US", "rtt_p50"),
-    ("RTT_P99_US", "rtt_p99"),
-    ("SENT_PKTS", "sent_packets"),
-    ("RECV_PKTS", "received_packets"),
+/// The columns after the group-by ones, in screen order: (header, its
+/// `--sort` metric). The renderer draws these headers in this order. A
+/// column without a metric of the query engine (`RETX%`, `SECONDS`), like
+/// a group-by column, is ordered here, on the screen only ([`Local`]).
+pub const COLUMNS: &[(&str, Option<&str>)] = &[
+    ("CONNS", Some("conns")),
+    ("SENT_BYTES", Some("sent_bytes")),
+    ("RECV_BYTES", Some("received_bytes")),
+    ("BANDWIDTH", Some("bandwidth")),
+    ("S_RETX", Some("sent_retransmits")),
+    ("R_RETX", Some("received_retransmits")),
+    ("RETX%", None),
+    ("RTT_P50_US", Some("rtt_p50")),
+    ("RTT_P99_US", Some("rtt_p99")),
+    ("SENT_PKTS", Some("sent_packets")),
+    ("RECV_PKTS", Some("received_packets")),
+    ("SECONDS", None),
 ];
+
+/// An order the query cannot give: by a group-by column (its index among
+/// them) or by a column of [`COLUMNS`] without a metric; the rows the
+/// query returned, reordered on the screen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Local {
+    Tag(usize),
+    Column(&'static str),
+}
 
 /// A line being edited.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -140,6 +152,9 @@ pub struct View {
     pub paused: bool,
     /// Freeze order: the row keys in the order they had when frozen.
     pub frozen: Option<Vec<Vec<Option<String>>>>,
+    /// Ordered on the screen by a column the query cannot sort by
+    /// (descending when true); `None`: the query's order.
+    pub local: Option<(Local, bool)>,
     pub mode: Mode,
     pub message: Option<Message>,
 }
@@ -160,23 +175,53 @@ impl View {
         });
     }
 
-    /// The current sort as (index into [`SORTS`], descending).
+    /// The query's sort as (index into [`COLUMNS`], descending); no index
+    /// for `bytes`, the default, which has no column of its own.
     pub fn sort(&self) -> (Option<usize>, bool) {
         let s = self.flags.sort().unwrap_or("bytes");
         let (m, desc) = match s.strip_suffix(":asc") {
             Some(m) => (m, false),
             None => (s.strip_suffix(":desc").unwrap_or(s), true),
         };
-        (SORTS.iter().position(|(_, x)| *x == m), desc)
+        (COLUMNS.iter().position(|(_, x)| *x == Some(m)), desc)
     }
 
-    fn set_sort(&mut self, i: usize, desc: bool) {
-        let m = SORTS[i].1;
-        self.flags.set_sort(Some(if desc {
+    /// The sort on the screen as a position among all columns (group-by
+    /// ones first, `tags` of them) and its direction.
+    fn position(&self, tags: usize) -> (Option<usize>, bool) {
+        match self.local {
+            Some((Local::Tag(i), d)) => (Some(i), d),
+            Some((Local::Column(h), d)) => (
+                COLUMNS.iter().position(|(x, _)| *x == h).map(|i| tags + i),
+                d,
+            ),
+            None => {
+                let (i, d) = self.sort();
+                (i.map(|i| tags + i), d)
+            }
+        }
+    }
+
+    /// Sorts by the column at `p` (as in [`View::position`]): through the
+    /// query when it has a metric, else on the screen.
+    fn sort_by(&mut self, p: usize, tags: usize, desc: bool) -> Effect {
+        if p < tags {
+            self.local = Some((Local::Tag(p), desc));
+            return Effect::None;
+        }
+        let (head, metric) = COLUMNS[p - tags];
+        let Some(m) = metric else {
+            self.local = Some((Local::Column(head), desc));
+            return Effect::None;
+        };
+        self.local = None;
+        let mut flags = self.flags.clone();
+        flags.set_sort(Some(if desc {
             m.to_owned()
         } else {
             format!("{m}:asc")
         }));
+        self.requery(flags)
     }
 
     /// Handles one key; `data` is what is on the screen (for Enter and the
@@ -294,6 +339,10 @@ impl View {
 
     /// A new query: rows start at the top again.
     fn requery(&mut self, flags: QueryFlags) -> Effect {
+        let keys = |f: &QueryFlags| f.clone().spec().ok().map(|q| (q.src, q.dst));
+        if keys(&flags) != keys(&self.flags) {
+            self.local = None;
+        }
         self.flags = flags;
         self.selected = 0;
         self.offset = 0;
@@ -325,28 +374,37 @@ impl View {
             KeyCode::Char('e') => self.mode = Mode::Export(Line::new("flowprobe-top.jsonl")),
             KeyCode::Char('s') | KeyCode::Char('S') | KeyCode::Char('>') | KeyCode::Char('<') => {
                 let fwd = matches!(k.code, KeyCode::Char('s') | KeyCode::Char('>'));
-                let (i, desc) = self.sort();
-                let next = match (i, fwd) {
-                    (None, true) => 0,
-                    (None, false) => SORTS.len() - 1,
-                    (Some(i), true) => (i + 1) % SORTS.len(),
-                    (Some(i), false) => (i + SORTS.len() - 1) % SORTS.len(),
+                let tags = data.answer.src_keys.len() + data.answer.dst_keys.len();
+                let n = tags + COLUMNS.len();
+                let (p, desc) = self.position(tags);
+                let next = match (p, fwd) {
+                    (None, true) => tags,
+                    (None, false) => n - 1,
+                    (Some(p), true) => (p + 1) % n,
+                    (Some(p), false) => (p + n - 1) % n,
                 };
-                let mut v = self.clone_flags();
-                v.set_sort(next, desc);
-                return self.requery(v.flags);
+                return self.sort_by(next, tags, desc);
             }
             KeyCode::Char('r') => {
-                let (i, desc) = self.sort();
-                let mut v = self.clone_flags();
-                match i {
-                    Some(i) => v.set_sort(i, !desc),
-                    // `bytes`, the default, has no column of its own.
-                    None => v
-                        .flags
-                        .set_sort(Some(if desc { "bytes:asc" } else { "bytes" }.to_owned())),
+                if let Some((l, d)) = self.local {
+                    self.local = Some((l, !d));
+                    return Effect::None;
                 }
-                return self.requery(v.flags);
+                let (i, desc) = self.sort();
+                let mut flags = self.flags.clone();
+                flags.set_sort(Some(match i {
+                    Some(i) => {
+                        let m = COLUMNS[i].1.expect("a query sort has a metric");
+                        if desc {
+                            format!("{m}:asc")
+                        } else {
+                            m.to_owned()
+                        }
+                    }
+                    // `bytes`, the default, has no column of its own.
+                    None => if desc { "bytes:asc" } else { "bytes" }.to_owned(),
+                }));
+                return self.requery(flags);
             }
             KeyCode::Char('p') | KeyCode::Char(' ') => {
                 self.paused = !self.paused;
@@ -392,13 +450,6 @@ impl View {
         Effect::None
     }
 
-    fn clone_flags(&self) -> View {
-        View {
-            flags: self.flags.clone(),
-            ..View::default()
-        }
-    }
-
     /// Keeps the selection on the screen.
     pub fn scroll(&mut self) {
         let page = self.page.max(1);
@@ -413,7 +464,7 @@ impl View {
     /// the row's tag values, one row per connection (both ends' address
     /// and port, ports as they are).
     fn drill(&mut self, data: &Data) -> Effect {
-        let rows = ordered(&data.answer, self.frozen.as_deref());
+        let rows = ordered(&data.answer, self);
         let Some(row) = rows.get(self.selected) else {
             return Effect::None;
         };
@@ -500,23 +551,79 @@ pub fn drill_clause(side: &str, key: &str, value: Option<&str>) -> Option<String
     }
 }
 
-/// The rows in the order shown: the query's, or with the order frozen,
-/// the rows known when it was frozen first, in that order, then new ones.
-pub fn ordered<'a>(a: &'a Answer, frozen: Option<&[Vec<Option<String>>]>) -> Vec<&'a Row> {
+/// The rows in the order shown: the query's; with the order frozen, the
+/// rows known when it was frozen first, in that order, then new ones;
+/// with a [`Local`] order, by that column (a missing value last either
+/// way, the `other` row last).
+pub fn ordered<'a>(a: &'a Answer, view: &View) -> Vec<&'a Row> {
     let mut rows: Vec<&Row> = a.rows.iter().collect();
-    if let Some(order) = frozen {
+    if let Some(order) = &view.frozen {
         let rank = |r: &Row| {
-            let cells = a.cells(r);
-            // The `other` row stays last.
             if r.other {
                 return usize::MAX;
             }
+            let cells = a.cells(r);
             order
                 .iter()
                 .position(|k| *k == cells)
                 .unwrap_or(order.len())
         };
         rows.sort_by_key(|r| rank(r));
+    } else if let Some((by, desc)) = view.local {
+        rows.sort_by(|x, y| {
+            let (kx, ky) = (local_key(a, x, by), local_key(a, y, by));
+            x.other.cmp(&y.other).then_with(|| match (kx, ky) {
+                (Some(p), Some(q)) => {
+                    let o = p.cmp(&q);
+                    if desc {
+                        o.reverse()
+                    } else {
+                        o
+                    }
+                }
+                (Some(_), None) => std::cmp::Ordering::Less,
+                (None, Some(_)) => std::cmp::Ordering::Greater,
+                (None, None) => std::cmp::Ordering::Equal,
+            })
+        });
     }
     rows
+}
+
+/// A value to order rows by: numbers as numbers, addresses and networks
+/// as addresses, anything else as text.
+#[derive(Clone, Debug, PartialEq, PartialOrd)]
+enum Key {
+    Num(f64),
+    Addr(std::net::IpAddr, u8),
+    Text(String),
+}
+
+impl Eq for Key {}
+
+impl Ord for Key {
+    fn cmp(&self, o: &Key) -> std::cmp::Ordering {
+        match (self, o) {
+            (Key::Num(a), Key::Num(b)) => a.total_cmp(b),
+            _ => self.partial_cmp(o).unwrap_or(std::cmp::Ordering::Equal),
+        }
+    }
+}
+
+fn local_key(a: &Answer, r: &Row, by: Local) -> Option<Key> {
+    match by {
+        Local::Tag(i) => {
+            let v = a.cells(r).get(i).cloned().flatten()?;
+            let (addr, len) = v.split_once('/').unwrap_or((&v, ""));
+            Some(if let Ok(n) = v.parse::<f64>() {
+                Key::Num(n)
+            } else if let Ok(ip) = addr.parse() {
+                Key::Addr(ip, len.parse().unwrap_or(128))
+            } else {
+                Key::Text(v)
+            })
+        }
+        Local::Column("SECONDS") => Some(Key::Num(r.seconds)),
+        Local::Column(_) => super::render::retx_ratio(r).map(Key::Num),
+    }
 }

@@ -574,7 +574,7 @@ pub fn ordered<'a>(a: &'a Answer, view: &View) -> Vec<&'a Row> {
             let (kx, ky) = (local_key(a, x, by), local_key(a, y, by));
             x.other.cmp(&y.other).then_with(|| match (kx, ky) {
                 (Some(p), Some(q)) => {
-                    let o = p.cmp(&q);
+                    let o = cmp_key(&p, &q);
                     if desc {
                         o.reverse()
                     } else {
@@ -591,22 +591,25 @@ pub fn ordered<'a>(a: &'a Answer, view: &View) -> Vec<&'a Row> {
 }
 
 /// A value to order rows by: numbers as numbers, addresses and networks
-/// as addresses, anything else as text.
-#[derive(Clone, Debug, PartialEq, PartialOrd)]
+/// as addresses, anything else as text (in that order when they mix).
+#[derive(Clone, Debug, PartialEq)]
 enum Key {
     Num(f64),
     Addr(std::net::IpAddr, u8),
     Text(String),
 }
 
-impl Eq for Key {}
-
-impl Ord for Key {
-    fn cmp(&self, o: &Key) -> std::cmp::Ordering {
-        match (self, o) {
-            (Key::Num(a), Key::Num(b)) => a.total_cmp(b),
-            _ => self.partial_cmp(o).unwrap_or(std::cmp::Ordering::Equal),
-        }
+fn cmp_key(a: &Key, b: &Key) -> std::cmp::Ordering {
+    let rank = |k: &Key| match k {
+        Key::Num(_) => 0,
+        Key::Addr(..) => 1,
+        Key::Text(_) => 2,
+    };
+    match (a, b) {
+        (Key::Num(x), Key::Num(y)) => x.total_cmp(y),
+        (Key::Addr(x, l), Key::Addr(y, m)) => (x, l).cmp(&(y, m)),
+        (Key::Text(x), Key::Text(y)) => x.cmp(y),
+        _ => rank(a).cmp(&rank(b)),
     }
 }
 

@@ -5,7 +5,9 @@
 #   1. setup    apt packages (tshark, tcpdump, iptables, systemd's tools, ...) and the eBPF
 #               toolchain (nightly rust-src, bpf-linker against nightly's libLLVM)
 #   2. lint     cargo fmt --check, clippy -D warnings (workspace and eBPF crate)
-#   3. unit     cargo test: parser, tracker, etherparse differential property
+#   3. unit     the fuzz targets' corpora and kept crash inputs, replayed
+#               (scripts/fuzz.sh 0);
+#               cargo test: parser, tracker, etherparse differential property
 #               test, replay of every format, golden files, kernel truth, tshark;
 #               the service files (tests/service.rs: systemd-analyze verify,
 #               the DaemonSet's YAML, completions)
@@ -50,6 +52,8 @@ if [ "${FLOWPROBE_SKIP_SETUP:-}" != 1 ]; then
             apt-get install -y -qq "${missing[@]}" >/dev/null
         fi
         bash scripts/setup-ebpf-toolchain.sh
+        # The fuzz targets' regression replay (unit tier) needs cargo-fuzz.
+        command -v cargo-fuzz >/dev/null || cargo install --locked -q cargo-fuzz@0.13.2
         # The Kubernetes schemas (bundled in the package) that
         # tests/service.rs checks the DaemonSet against.
         if [ ! -x "$K8S_VENV/bin/kubernetes-validate" ]; then
@@ -88,6 +92,17 @@ case $msg in
 *"no eBPF program"* | *"needs root"*) echo "without the eBPF toolchain: $msg" ;;
 *) echo "FAIL: unexpected message: $msg" >&2; exit 1 ;;
 esac
+
+# Every corpus input and kept crash input of the fuzz targets, once each
+# (scripts/fuzz.sh 0): what fuzzing found stays fixed.
+if command -v cargo-fuzz >/dev/null && rustup toolchain list | grep -q nightly; then
+    scripts/fuzz.sh 0
+elif ci; then
+    echo "FAIL: CI=true and cargo-fuzz or nightly is missing: the fuzz regressions cannot run" >&2
+    exit 1
+else
+    echo "SKIPPED: fuzz regressions (cargo install cargo-fuzz; nightly)"
+fi
 
 tier "root: eBPF and live kernel traffic"
 if ! is_root; then

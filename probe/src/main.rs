@@ -117,6 +117,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             // Parse the query before reading gigabytes, so a typo fails fast.
             let spec = query.given().then(|| query.spec()).transpose()?;
+            if spec.as_ref().is_some_and(|q| q.last.is_some()) {
+                anyhow::bail!("--last is answered by a running agent's rollups (flowprobe query --agent); for a capture, use --window");
+            }
             let mut table = if per_interface {
                 FlowTable::per_interface()
             } else {

@@ -34,6 +34,10 @@ pub struct QueryFlags {
     /// packet (either may be left out: 2.5.., ..10); bandwidth is over it.
     #[arg(long, value_name = "START..END", allow_hyphen_values = true)]
     window: Option<String>,
+    /// Agent only: what the last DURATION (30s, 5m, 1h) added, from the
+    /// agent's interval rollups; bandwidth is the rate over it.
+    #[arg(long, value_name = "DURATION")]
+    last: Option<String>,
     /// Group initiator ports as they are instead of as `ephemeral`.
     #[arg(long)]
     raw_ports: bool,
@@ -47,6 +51,7 @@ impl QueryFlags {
             || self.sort.is_some()
             || self.top.is_some()
             || self.window.is_some()
+            || self.last.is_some()
             || self.raw_ports
     }
 
@@ -63,6 +68,7 @@ impl QueryFlags {
         p.extend(self.sort.clone().map(|v| ("sort", Some(v))));
         p.extend(self.top.map(|v| ("top", Some(v.to_string()))));
         p.extend(self.window.clone().map(|v| ("window", Some(v))));
+        p.extend(self.last.clone().map(|v| ("last", Some(v))));
         p.extend(self.raw_ports.then_some(("raw_ports", None)));
         p
     }
@@ -138,6 +144,7 @@ impl QueryFlags {
             sort: self.sort,
             top: self.top,
             window: self.window,
+            last: self.last,
             raw_ports: self.raw_ports,
         })
     }

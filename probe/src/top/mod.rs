@@ -140,7 +140,10 @@ pub fn run(
         // `replay` too (which prints connections without query flags).
         flags.set_group(Some("service".to_owned()), Some("service".to_owned()));
     }
-    flags.clone().spec()?;
+    let spec = flags.clone().spec()?;
+    if matches!(target, Target::Replay(_)) && spec.last.is_some() {
+        anyhow::bail!("--last is answered by a running agent's rollups (top --agent); for a capture, use --window");
+    }
     let mut data = Data::default();
     let mut player = None;
     let mut agent = None;

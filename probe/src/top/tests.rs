@@ -299,7 +299,7 @@ fn agent_answers_are_the_local_query() {
                 contended: 2,
             },
         })),
-        export: None,
+        ..agent::Snapshot::default()
     });
     let (answer, totals, health) = ask(addr, &f).unwrap();
     let data = Data {

@@ -731,3 +731,26 @@ fn every_column_sorts() {
     v.key(key(KeyCode::Enter), &data);
     assert_eq!(v.local, None);
 }
+
+/// A flag of the query reaches the agent's URL, the command shown and
+/// the totals' query without `top` knowing it (`--last`, for one).
+#[test]
+fn query_flags_pass_through() {
+    let f = flags(&["--dst", "port", "--last", "5m", "--top", "3"]);
+    assert_eq!(shell(&f.args()), "--dst port --top 3 --last 5m");
+    assert_eq!(f.params(), "dst=port&top=3&last=5m");
+    assert_eq!(f.totals().params(), "src=&dst=&last=5m");
+    // top --replay refuses it, as replay does.
+    let err = run(
+        Target::Replay(vec![root().join("fixtures/pcaps/tcp4_loss.pcap")]),
+        f,
+        std::time::Duration::from_secs(1),
+        1.0,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("--last is answered by a running agent"),
+        "{err}"
+    );
+}

@@ -23,6 +23,7 @@
 #               (tests/live_attrib/);
 #               `run` with exactly the service's capabilities, and with one
 #               fewer (tests/live_caps.rs);
+#               `flowprobe top` in tmux against a live agent (tests/live_top.rs);
 #               replay of freshly captured kernel traffic (iptables loss in the
 #               receiver's INPUT) equals each socket's TCP_INFO
 #
@@ -41,8 +42,9 @@ if [ "${FLOWPROBE_SKIP_SETUP:-}" != 1 ]; then
     if is_root; then
         # systemd (systemd-analyze), man-db, python3-yaml and python3-venv:
         # tests/service.rs. chromium and chromium-driver: tests/live_web.rs.
+        # tmux: tests/live_top.rs.
         pkgs=(tcpdump tshark iptables iproute2 ethtool bpftool iperf3 jq softflowd python3 iputils-ping prometheus
-              systemd man-db python3-yaml python3-venv chromium chromium-driver)
+              systemd man-db python3-yaml python3-venv chromium chromium-driver tmux)
         missing=()
         for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
         if [ ${#missing[@]} -gt 0 ]; then
@@ -140,6 +142,9 @@ FLOWPROBE_LIVE_TESTS=1 cargo test --locked -p flowprobe --test live_attrib -- --
 # The service's capability set (dist/systemd/flowprobe.service) under
 # setpriv: everything the unit promises, and what one fewer breaks.
 FLOWPROBE_LIVE_TESTS=1 cargo test --locked -p flowprobe --test live_caps -- --nocapture
+# `flowprobe top --agent` in a tmux pane, typed at: the screen's rows equal
+# `flowprobe query`'s for the command it shows; hostile tags stay text.
+FLOWPROBE_LIVE_TESTS=1 cargo test --locked -p flowprobe --test live_top -- --test-threads=1 --nocapture
 
 fresh=$(mktemp -d /tmp/flowprobe-capture.XXXXXX)
 trap 'rm -rf "$fresh"' EXIT

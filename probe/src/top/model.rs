@@ -42,6 +42,14 @@ pub struct Row {
     pub received: Dir,
     pub seconds: f64,
     pub bandwidth_bytes_per_s: Option<f64>,
+    /// Each direction's rate and the share retransmitted, as `/query`
+    /// gives them (absent from an agent older than these fields).
+    #[serde(default)]
+    pub sent_bytes_per_s: Option<f64>,
+    #[serde(default)]
+    pub received_bytes_per_s: Option<f64>,
+    #[serde(default)]
+    pub retransmit_pct: Option<f64>,
     pub rtt_dst: Rtt,
 }
 

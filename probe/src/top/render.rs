@@ -159,9 +159,7 @@ fn metric_cols(rows: &[&Row]) -> Vec<Col> {
 /// Retransmitted payload bytes as a share of all payload bytes, both
 /// directions, in percent; none without bytes.
 pub fn retx_ratio(r: &Row) -> Option<f64> {
-    let bytes = r.sent.bytes + r.received.bytes;
-    let retx = r.sent.retransmitted_bytes + r.received.retransmitted_bytes;
-    (bytes > 0).then(|| retx as f64 * 100.0 / bytes as f64)
+    r.retransmit_pct
 }
 
 /// [`retx_ratio`] with one decimal, `-` without bytes.

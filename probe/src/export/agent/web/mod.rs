@@ -14,7 +14,7 @@ mod human;
 mod map;
 mod page;
 
-use flowtable::query::{Metric, QueryResult, Row, TagKey};
+use flowtable::query::{QueryResult, Row, TagKey};
 use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::header::{CACHE_CONTROL, CONTENT_DISPOSITION, CONTENT_TYPE};
@@ -351,12 +351,10 @@ impl<'a> RowView<'a> {
     }
 }
 
-/// Retransmitted segments per segment, both directions, in percent: the
-/// engine's `retransmits` over its `packets`; none without packets.
+/// The row's `retransmit_pct` (retransmitted bytes over bytes), as
+/// `/query` gives it.
 pub fn retransmit_percent(row: &Row) -> Option<f64> {
-    let retrans = row.metric(Metric::Retransmits)?;
-    let packets = row.metric(Metric::Packets)?;
-    (packets > 0.0).then(|| 100.0 * retrans / packets)
+    row.retransmit_pct()
 }
 
 /// The CSV columns after the tags: paths into the row's JSON.

@@ -28,7 +28,7 @@ pub const DEFAULT_TICK: Duration = Duration::from_secs(1);
 /// How long a connection that ended stays listed (`--keep-ended`).
 pub const DEFAULT_KEEP_ENDED_S: f64 = 60.0;
 /// Connections that left the listing kept for the final output.
-pub const DEFAULT_LIST_MAX: usize = 100_000;
+pub const DEFAULT_LIST_MAX: usize = 10_000;
 pub const DEFAULT_ROLLUP_INTERVAL_S: f64 = 10.0;
 pub const DEFAULT_ROLLUP_KEEP_S: f64 = 600.0;
 pub const DEFAULT_ROLLUP_TOP: usize = 200;
@@ -139,7 +139,7 @@ pub struct BoundFlags {
     #[arg(long, value_name = "SECS")]
     pub keep_ended: Option<f64>,
     /// The final output lists at most this many connections that left the
-    /// listing; the rest are summed in one line [default: 100000].
+    /// listing; the rest are summed in one line [default: 10000].
     #[arg(long, value_name = "N")]
     pub list_max: Option<usize>,
     /// Length of one rollup interval, what `query --last` is made of

@@ -283,10 +283,7 @@ impl NatJoin {
             j.last_reading + GRACE_READINGS > reading || newest.saturating_sub(j.last_seen) < GRACE_NS
         });
 
-        self.stats.translated = conns
-            .iter()
-            .filter(|c| c.src_tags.contains_key(NAT_IP) || c.dst_tags.contains_key(NAT_IP))
-            .count() as u64;
+        self.stats.translated = conns.iter().filter(|c| translated(c)).count() as u64;
         self.stats.folded = folded;
         self.stats.duplicate_packets = self.dup_retired + dup_now;
         self.stats.cache_entries = (self.answers.len() + self.joined.len()) as u64;
@@ -383,6 +380,11 @@ pub fn beyond(c: &Connection) -> (SocketAddr, SocketAddr) {
         far(&c.src_tags, SocketAddr::new(c.src, c.sport)),
         far(&c.dst_tags, SocketAddr::new(c.dst, c.dport)),
     )
+}
+
+/// Whether the join found `c` translated (an end has a [`NAT_IP`] tag).
+pub fn translated(c: &Connection) -> bool {
+    c.src_tags.contains_key(NAT_IP) || c.dst_tags.contains_key(NAT_IP)
 }
 
 fn rec_key(c: &Connection) -> Option<RecKey> {

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::io::{self, Write};
 use std::net::IpAddr;
 
+use flowtable::nat::NatStats;
 use flowtable::query::QueryResult;
 use flowtable::{Connection, DirStats, FrameStats, Percentiles};
 
@@ -270,8 +271,9 @@ fn rate(bps: f64) -> String {
     }
 }
 
-/// One line for stderr: what was read and what was skipped, by reason.
-pub fn summary(conns: usize, s: &FrameStats) -> String {
+/// One line for stderr: what was read and what was skipped, by reason,
+/// and what undoing NAT did.
+pub fn summary(conns: usize, s: &FrameStats, nat: Option<&NatStats>) -> String {
     let mut line = format!(
         "{conns} connection{}, {} frame{} ({} tracked",
         if conns == 1 { "" } else { "s" },
@@ -283,6 +285,12 @@ pub fn summary(conns: usize, s: &FrameStats) -> String {
         line.push_str(&format!(
             ", {} seen again on another interface",
             s.duplicate
+        ));
+    }
+    if let Some(n) = nat.filter(|n| n.duplicate_packets > 0) {
+        line.push_str(&format!(
+            ", {} seen again after NAT",
+            n.duplicate_packets
         ));
     }
     let mut skipped: Vec<String> = s
@@ -297,6 +305,20 @@ pub fn summary(conns: usize, s: &FrameStats) -> String {
         line.push_str(&skipped.join(", "));
     }
     line.push(')');
+    if let Some(n) = nat {
+        if n.translated > 0 {
+            line.push_str(&format!(
+                "; {} translated by NAT on this host",
+                n.translated
+            ));
+        }
+        if n.unresolved > 0 {
+            line.push_str(&format!(
+                "; NAT unresolved for {} connections of the last reading (conntrack could not be read: a translated one is listed once per tuple)",
+                n.unresolved
+            ));
+        }
+    }
     line
 }
 

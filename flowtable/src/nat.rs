@@ -204,7 +204,11 @@ impl NatJoin {
 
         // What each view showed.
         let mut newest = self.newest;
-        for (c, v) in conns.iter().zip(&views_c).chain(retired.iter().zip(&views_r)) {
+        for (c, v) in conns
+            .iter()
+            .zip(&views_c)
+            .chain(retired.iter().zip(&views_r))
+        {
             newest = newest.max(c.last_seen);
             let Some((id, view)) = v else { continue };
             if !self.joined.contains_key(id) && self.joined.len() >= self.max {
@@ -227,8 +231,12 @@ impl NatJoin {
             .zip(&views_c)
             .chain(retired.iter_mut().zip(&views_r))
         {
-            let Some((id, View::Original)) = v else { continue };
-            let Some(j) = self.joined.get_mut(id) else { continue };
+            let Some((id, View::Original)) = v else {
+                continue;
+            };
+            let Some(j) = self.joined.get_mut(id) else {
+                continue;
+            };
             let Some(t) = j.translated else { continue };
             for (d, mine) in [&mut c.sent, &mut c.received].into_iter().enumerate() {
                 if mine.packets == 0 && t[d].packets > 0 {
@@ -242,7 +250,10 @@ impl NatJoin {
         // their packets are duplicates.
         let mut folded = 0;
         let mut dup_now = 0;
-        for (list, views, retiring) in [(&mut *conns, &views_c, false), (&mut *retired, &views_r, true)] {
+        for (list, views, retiring) in [
+            (&mut *conns, &views_c, false),
+            (&mut *retired, &views_r, true),
+        ] {
             let mut i = 0;
             list.retain(|c| {
                 let v = views[i];
@@ -280,7 +291,8 @@ impl NatJoin {
         self.newest = newest;
         let reading = self.reading;
         self.joined.retain(|_, j| {
-            j.last_reading + GRACE_READINGS > reading || newest.saturating_sub(j.last_seen) < GRACE_NS
+            j.last_reading + GRACE_READINGS > reading
+                || newest.saturating_sub(j.last_seen) < GRACE_NS
         });
 
         self.stats.translated = conns.iter().filter(|c| translated(c)).count() as u64;

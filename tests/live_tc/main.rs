@@ -18,6 +18,11 @@
 //! - `bridge`: a container host (a bridge, two containers on veths): a
 //!   connection whose packets cross two interfaces of the host comes out
 //!   once, each direction counted once and exactly.
+//! - `nat`: the container host with a MASQUERADE uplink to an "outside"
+//!   namespace and a published port (DNAT) to a container: each connection
+//!   once, under its original tuple, the translated end tagged with its
+//!   address beyond the translation (`nat.ip`, `nat.port`), counts equal to
+//!   `TCP_INFO`; tc and afpacket.
 //! - `clsact_netlink`: the rtnetlink clsact helpers the run uses instead of
 //!   `tc` agree with `tc`.
 //! - `interfaces`: without `--iface` a veth created while `run` runs is
@@ -60,6 +65,7 @@ mod drain;
 mod full_map;
 mod interfaces;
 mod missing;
+mod nat;
 mod stale_filters;
 mod test_run;
 mod xdp_gateway;

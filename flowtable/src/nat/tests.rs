@@ -120,13 +120,24 @@ fn masquerade_is_one_connection_with_both_addresses() {
     let st = j.undo(&mut ct, &mut conns, &mut Vec::new());
     assert_eq!(conns.len(), 1, "{conns:#?}");
     let c = &conns[0];
-    assert_eq!((c.src, c.sport, c.iface), (addr("10.90.0.2:1").ip(), 40020, 3));
+    assert_eq!(
+        (c.src, c.sport, c.iface),
+        (addr("10.90.0.2:1").ip(), 40020, 3)
+    );
     assert_eq!((c.sent, c.received), (up, down));
-    assert_eq!(c.src_tags, tags(&[("nat.ip", "192.0.2.1"), ("nat.port", "40020")]));
+    assert_eq!(
+        c.src_tags,
+        tags(&[("nat.ip", "192.0.2.1"), ("nat.port", "40020")])
+    );
     assert!(c.dst_tags.is_empty(), "{c:?}");
     assert_eq!(beyond(c), (addr("192.0.2.1:40020"), addr("192.0.2.2:5001")));
     assert_eq!(
-        (st.translated, st.folded, st.duplicate_packets, st.unresolved),
+        (
+            st.translated,
+            st.folded,
+            st.duplicate_packets,
+            st.unresolved
+        ),
         (1, 1, 18, 0)
     );
 }
@@ -146,12 +157,19 @@ fn dnat_keeps_the_published_address_and_names_the_actual_destination() {
     assert_eq!(conns.len(), 1, "{conns:#?}");
     let c = &conns[0];
     assert_eq!(
-        (SocketAddr::new(c.src, c.sport), SocketAddr::new(c.dst, c.dport), c.iface),
+        (
+            SocketAddr::new(c.src, c.sport),
+            SocketAddr::new(c.dst, c.dport),
+            c.iface
+        ),
         (addr("192.0.2.2:40030"), addr("192.0.2.1:8080"), 5)
     );
     assert_eq!((c.sent, c.received), (req, resp));
     assert!(c.src_tags.is_empty());
-    assert_eq!(c.dst_tags, tags(&[("nat.ip", "10.90.0.3"), ("nat.port", "5001")]));
+    assert_eq!(
+        c.dst_tags,
+        tags(&[("nat.ip", "10.90.0.3"), ("nat.port", "5001")])
+    );
     // Where the server's socket is: bound to 10.90.0.3:5001.
     assert_eq!(beyond(c), (addr("192.0.2.2:40030"), addr("10.90.0.3:5001")));
     assert_eq!((st.folded, st.duplicate_packets), (1, 8));
@@ -178,7 +196,13 @@ fn untranslated_connections_are_left_alone_and_asked_about_once() {
     j.undo(&mut ct, &mut conns, &mut Vec::new());
     assert_eq!(ct.asked, 3, "asked again");
     // One way only: maybe not confirmed yet, asked again next time.
-    let mut conns = vec![conn("10.90.0.2:40060", "10.90.0.3:5001", 3, dir(1, 0), dir(0, 0))];
+    let mut conns = vec![conn(
+        "10.90.0.2:40060",
+        "10.90.0.3:5001",
+        3,
+        dir(1, 0),
+        dir(0, 0),
+    )];
     j.undo(&mut ct, &mut conns, &mut Vec::new());
     j.undo(&mut ct, &mut conns, &mut Vec::new());
     assert_eq!(ct.asked, 7);
@@ -192,8 +216,20 @@ fn a_direction_only_the_translated_view_saw_is_taken_from_it() {
     let mut j = NatJoin::new(1024);
     let (up, down) = (dir(10, 9000), dir(8, 300));
     let mut conns = vec![
-        conn("10.90.0.2:40020", "192.0.2.2:5001", 0, up, DirStats::default()),
-        conn("192.0.2.1:40020", "192.0.2.2:5001", 0, DirStats::default(), down),
+        conn(
+            "10.90.0.2:40020",
+            "192.0.2.2:5001",
+            0,
+            up,
+            DirStats::default(),
+        ),
+        conn(
+            "192.0.2.1:40020",
+            "192.0.2.2:5001",
+            0,
+            DirStats::default(),
+            down,
+        ),
     ];
     let st = j.undo(&mut ct, &mut conns, &mut Vec::new());
     assert_eq!(conns.len(), 1);

@@ -13,9 +13,7 @@ use std::net::SocketAddr;
 
 use flowtable::attrib::Proto;
 use flowtable::nat::Translation;
-use netlink_packet_core_09::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_REQUEST,
-};
+use netlink_packet_core_09::{NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_REQUEST};
 use netlink_packet_netfilter::conntrack::{
     ConntrackAttribute, ConntrackMessage, IPTuple, ProtoTuple, Protocol, Tuple,
 };
@@ -120,13 +118,12 @@ fn parse_answer(mut b: &[u8], seq: u32) -> io::Result<Option<Option<Translation>
         if len < 16 || len > b.len() {
             return Err(malformed());
         }
-        let msg = NetlinkMessage::<NetfilterMessage>::deserialize(&b[..len]).map_err(|_| malformed())?;
+        let msg =
+            NetlinkMessage::<NetfilterMessage>::deserialize(&b[..len]).map_err(|_| malformed())?;
         if msg.header.sequence_number == seq {
             match msg.payload {
                 NetlinkPayload::Error(e) if e.code.is_none() => return Ok(Some(None)),
-                NetlinkPayload::Error(e) if e.raw_code() == -libc::ENOENT => {
-                    return Ok(Some(None))
-                }
+                NetlinkPayload::Error(e) if e.raw_code() == -libc::ENOENT => return Ok(Some(None)),
                 NetlinkPayload::Error(e) => return Err(e.to_io()),
                 NetlinkPayload::Done(_) => return Ok(Some(None)),
                 NetlinkPayload::InnerMessage(NetfilterMessage {

@@ -92,7 +92,9 @@ impl Nat {
 
     /// Undoes the translations in `r` and says what it did in `r.nat`.
     pub fn undo(&mut self, r: &mut Reading) {
-        let st: NatStats = self.join.undo(&mut self.table, &mut r.conns, &mut r.retired);
+        let st: NatStats = self
+            .join
+            .undo(&mut self.table, &mut r.conns, &mut r.retired);
         r.nat = Some(st);
     }
 }

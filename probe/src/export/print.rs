@@ -287,12 +287,6 @@ pub fn summary(conns: usize, s: &FrameStats, nat: Option<&NatStats>) -> String {
             s.duplicate
         ));
     }
-    if let Some(n) = nat.filter(|n| n.duplicate_packets > 0) {
-        line.push_str(&format!(
-            ", {} seen again after NAT",
-            n.duplicate_packets
-        ));
-    }
     let mut skipped: Vec<String> = s
         .skipped_by_reason()
         .map(|(r, n)| format!("{n} {}", r.name()))
@@ -308,8 +302,8 @@ pub fn summary(conns: usize, s: &FrameStats, nat: Option<&NatStats>) -> String {
     if let Some(n) = nat {
         if n.translated > 0 {
             line.push_str(&format!(
-                "; {} translated by NAT on this host",
-                n.translated
+                "; {} translated by NAT on this host ({} of their packets seen again after the translation)",
+                n.translated, n.duplicate_packets
             ));
         }
         if n.unresolved > 0 {

@@ -318,6 +318,28 @@ pub fn summary(conns: usize, s: &FrameStats, nat: Option<&NatStats>) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_summary_says_what_nat_did() {
+        let nat = NatStats {
+            translated: 7,
+            duplicate_packets: 5900,
+            ..NatStats::default()
+        };
+        let s = FrameStats::default();
+        assert_eq!(
+            summary(9, &s, Some(&nat)),
+            "9 connections, 0 frames (0 tracked); 7 translated by NAT on this host (5900 of their packets seen again after the translation)"
+        );
+        let nat = NatStats {
+            unresolved: 3,
+            ..NatStats::default()
+        };
+        assert!(summary(3, &s, Some(&nat)).ends_with(
+            "; NAT unresolved for 3 connections of the last reading (conntrack could not be read: a translated one is listed once per tuple)"
+        ));
+        assert_eq!(summary(1, &s, None), "1 connection, 0 frames (0 tracked)");
+    }
+
     use super::*;
 
     #[test]

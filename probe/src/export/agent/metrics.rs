@@ -698,7 +698,17 @@ mod tests {
             rollups: None,
             retired_totals: None,
             bounds: Default::default(),
-            nat: None,
+            nat: Some(flowtable::nat::NatStats {
+                translated: 1,
+                folded: 1,
+                unresolved: 2,
+                duplicate_packets: 18,
+                lookups: 9,
+                lookup_errors: 2,
+                cache_entries: 4,
+                cache_max: 131072,
+                cache_cleared: 0,
+            }),
             export: None,
             conns: vec![
                 conn("web", Some("db"), 5432, (10, 1000, 1, 100), (8, 4000)),

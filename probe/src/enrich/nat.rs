@@ -59,7 +59,7 @@ impl Conntrack for Table {
             if !self.said {
                 self.said = true;
                 eprintln!(
-                    "flowprobe: NAT: cannot read conntrack over netlink ({e}){}: a connection this host translates is listed once per tuple (counted: nat unresolved in the summary, flowprobe_nat_unresolved in /metrics)",
+                    "flowprobe: NAT: cannot read conntrack over netlink ({e}){}: a connection this host translates is listed once per tuple (counted: NAT unresolved in the summary, flowprobe_nat_unresolved_connections in /metrics)",
                     if lasting { "" } else { ", trying again" }
                 );
             }

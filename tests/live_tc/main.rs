@@ -38,7 +38,8 @@
 //! - `drain`: closed connections drained from a map much smaller than their
 //!   number.
 //! - `xdp_gateway`: `--backend xdp` on a forwarding gateway namespace between
-//!   client and server namespaces.
+//!   client and server namespaces; again with the gateway MASQUERADEing
+//!   (each view one direction, joined into one record by NAT undone).
 //! - `churn`: 3000 short connections from 1000 ports, each port reused
 //!   before the connection that used it last has left the kernel table:
 //!   every one in the final output and the export once, with its bytes

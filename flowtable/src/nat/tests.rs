@@ -330,3 +330,28 @@ fn the_memory_is_bounded_and_says_when_it_was_full() {
     assert_eq!(st.cache_max, 4);
     assert_eq!(conns.len(), 10);
 }
+
+#[test]
+fn ipv6_masquerade_is_undone_too() {
+    let mut ct = Fake {
+        entries: vec![Translation {
+            proto: Proto::Udp,
+            orig: (addr("[fd00:92::2]:53000"), addr("[2001:db8::53]:53")),
+            reply: (addr("[2001:db8::53]:53"), addr("[2001:db8:1::1]:53000")),
+        }],
+        ..Fake::default()
+    };
+    let mut j = NatJoin::new(16);
+    let (q, a) = (dir(1, 40), dir(1, 120));
+    let mut conns = vec![
+        conn("[fd00:92::2]:53000", "[2001:db8::53]:53", 3, q, a),
+        conn("[2001:db8:1::1]:53000", "[2001:db8::53]:53", 5, q, a),
+    ];
+    for c in &mut conns {
+        c.proto = "udp";
+    }
+    let st = j.undo(&mut ct, &mut conns, &mut Vec::new());
+    assert_eq!(conns.len(), 1, "{conns:#?}");
+    assert_eq!(conns[0].src_tags["nat.ip"], "2001:db8:1::1");
+    assert_eq!((st.translated, st.duplicate_packets), (1, 2));
+}

@@ -10,6 +10,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 
 use flowtable::attrib::Proto;
 use flowtable::nat::Translation;
@@ -32,8 +33,28 @@ pub struct CtSocket {
 impl CtSocket {
     /// A ctnetlink socket of the calling thread's network namespace.
     pub fn open() -> io::Result<CtSocket> {
+        let sock = Socket::new(NETLINK_NETFILTER)?;
+        // The kernel answers at once; should it not, the run loop waits a
+        // second at most (an error, counted), not forever.
+        let tv = libc::timeval {
+            tv_sec: 1,
+            tv_usec: 0,
+        };
+        // SAFETY: setsockopt(2) on our own socket with a valid timeval.
+        let rc = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&raw const tv).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
         Ok(CtSocket {
-            sock: Socket::new(NETLINK_NETFILTER)?,
+            sock,
             seq: 0,
             buf: vec![0u8; 16 * 1024],
             req: Vec::new(),

@@ -488,7 +488,8 @@ impl Row {
         }
     }
 
-    fn merge(&mut self, o: &Row) {
+    /// Adds another row's sums (the `other` row; the map's folded edges).
+    pub fn merge(&mut self, o: &Row) {
         self.conns += o.conns;
         self.sent.add(&o.sent);
         self.received.add(&o.received);
@@ -501,7 +502,9 @@ impl Row {
         self.rtt_src_max = self.rtt_src_max.max(o.rtt_src_max);
     }
 
-    fn finish(&mut self, window: Option<(u64, u64)>) {
+    /// Sets the bandwidth's span after adding or merging: the window's
+    /// length ([`QueryResult::window`]) or the row's own span.
+    pub fn finish(&mut self, window: Option<(u64, u64)>) {
         self.span_ns = match window {
             Some((s, e)) => e - s,
             None => self.last_seen.saturating_sub(self.first_seen),

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use flowtable::query::{origin, QueryArgs, QuerySpec};
+use flowtable::query::{origin, QueryArgs, QueryResult, QuerySpec};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::header::CONTENT_TYPE;
@@ -19,6 +19,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 
 use super::health;
 use super::metrics::{self, MetricLabels};
+use super::web;
 use super::Latest;
 use crate::export::history::lock;
 use crate::export::print::{self as output, Format};
@@ -139,6 +140,10 @@ fn route(
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return error(StatusCode::METHOD_NOT_ALLOWED, "only GET");
     }
+    // The page (`/`), its assets, `/map.svg` and `/query.csv`.
+    if let Some(resp) = web::route(req.uri().path(), req.uri().query().unwrap_or(""), shared) {
+        return resp;
+    }
     match req.uri().path() {
         "/metrics" => text(
             StatusCode::OK,
@@ -179,14 +184,9 @@ fn route(
             }
             Err(msg) => error(StatusCode::BAD_REQUEST, msg),
         },
-        "/" => text(
-            StatusCode::OK,
-            "text/plain; charset=utf-8",
-            "flowprobe agent: /metrics, /query, /connections, /health\n",
-        ),
         p => error(
             StatusCode::NOT_FOUND,
-            format!("no {p} here: /metrics, /query, /connections, /health"),
+            format!("no {p} here: /, /metrics, /query, /connections, /health"),
         ),
     }
 }
@@ -194,6 +194,15 @@ fn route(
 /// `/query?src=..&dst=..&where=..&sort=..&top=..&window=..&last=..&raw_ports=1&format=json|table`:
 /// the flags of `flowprobe replay`, one parameter each (`where` repeated).
 fn query(raw: &str, shared: &Latest) -> Result<(Format, Vec<u8>), String> {
+    let (format, result) = run_query(raw, shared)?;
+    let mut body = Vec::new();
+    output::write_query(&mut body, format, &result).map_err(|e| e.to_string())?;
+    Ok((format, body))
+}
+
+/// The parameters of `/query` parsed and run over the latest snapshot: what
+/// `/query` answers and the page shows.
+pub(super) fn run_query(raw: &str, shared: &Latest) -> Result<(Format, QueryResult), String> {
     let mut a = QueryArgs::default();
     let mut format = Format::Json;
     for pair in raw.split('&').filter(|p| !p.is_empty()) {
@@ -236,9 +245,7 @@ fn query(raw: &str, shared: &Latest) -> Result<(Format, Vec<u8>), String> {
             return Err("last: no rollups yet (the agent has not read its source)".to_owned())
         }
     };
-    let mut body = Vec::new();
-    output::write_query(&mut body, format, &result).map_err(|e| e.to_string())?;
-    Ok((format, body))
+    Ok((format, result))
 }
 
 /// `/connections?offset=N&limit=M`: a page of the listing, in its order
@@ -262,7 +269,7 @@ fn page(raw: &str) -> Result<(usize, usize), String> {
 
 /// Percent-decoding of a query component (`+` is a space, as browsers and
 /// curl's --data-urlencode send it).
-fn decode(s: &str) -> Result<String, String> {
+pub(super) fn decode(s: &str) -> Result<String, String> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;

@@ -12,6 +12,7 @@ pub mod client;
 mod health;
 mod http;
 pub mod metrics;
+mod web;
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::{Arc, Mutex};

@@ -239,9 +239,12 @@ impl NatJoin {
             };
             let Some(t) = j.translated else { continue };
             for (d, mine) in [&mut c.sent, &mut c.received].into_iter().enumerate() {
-                if mine.packets == 0 && t[d].packets > 0 {
+                // Decided again at each reading: a direction the original
+                // view had not seen yet at one reading (its first packet
+                // was on its way) is its own at the next.
+                j.borrowed[d] = mine.packets == 0 && t[d].packets > 0;
+                if j.borrowed[d] {
                     *mine = t[d];
-                    j.borrowed[d] = true;
                 }
             }
         }

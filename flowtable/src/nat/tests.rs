@@ -355,3 +355,33 @@ fn ipv6_masquerade_is_undone_too() {
     assert_eq!(conns[0].src_tags["nat.ip"], "2001:db8:1::1");
     assert_eq!((st.translated, st.duplicate_packets), (1, 2));
 }
+
+/// tc: the answer reached the uplink (translated view) but not yet the
+/// container's port (original view) when the reading was taken.
+#[test]
+fn a_direction_borrowed_for_one_reading_is_the_original_views_own_at_the_next() {
+    let mut ct = host();
+    let mut j = NatJoin::new(1024);
+    let (syn, synack) = (dir(1, 0), dir(1, 0));
+    let mut conns = vec![
+        conn(
+            "10.90.0.2:40020",
+            "192.0.2.2:5001",
+            3,
+            syn,
+            DirStats::default(),
+        ),
+        conn("192.0.2.1:40020", "192.0.2.2:5001", 5, syn, synack),
+    ];
+    let st = j.undo(&mut ct, &mut conns, &mut Vec::new());
+    assert_eq!((conns[0].sent, conns[0].received), (syn, synack));
+    assert_eq!(st.duplicate_packets, 1);
+    let (up, down) = (dir(10, 9000), dir(8, 300));
+    let mut conns = vec![
+        conn("10.90.0.2:40020", "192.0.2.2:5001", 3, up, down),
+        conn("192.0.2.1:40020", "192.0.2.2:5001", 5, up, down),
+    ];
+    let st = j.undo(&mut ct, &mut conns, &mut Vec::new());
+    assert_eq!((conns[0].sent, conns[0].received), (up, down));
+    assert_eq!(st.duplicate_packets, 18);
+}

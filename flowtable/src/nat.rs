@@ -49,7 +49,7 @@ pub const NAT_PORT: &str = "nat.port";
 const GRACE_READINGS: u64 = 16;
 /// …and this long in packet time after its last packet, so that a view
 /// retired a few readings after the other one is still recognised.
-const GRACE_NS: u64 = 300_000_000_000;
+const GRACE_NS: u64 = 30_000_000_000;
 
 /// One conntrack entry: the tuples of its two directions as packets carry
 /// them (source, destination). Without translation `reply` is `orig`

@@ -7,6 +7,7 @@
 //! lookup (two for a connection conntrack does not know) per connection
 //! the first time it is listed, none after. `FLOWPROBE_NAT=off` turns it
 //! off; so does `--per-interface` (each interface's view as it is).
+//! `FLOWPROBE_ATTRIB_STATS=1` prints its CPU time and lookups at exit.
 
 use std::io;
 use std::net::SocketAddr;
@@ -15,12 +16,14 @@ use flowtable::attrib::Proto;
 use flowtable::nat::{Conntrack, NatJoin, NatStats, Translation};
 
 use super::conntrack::CtSocket;
+use crate::os::clock::thread_cpu_ns;
 use crate::sources::Reading;
 
-/// At most this many answers and translated connections remembered (each
-/// memory cleared when full, and counted): more than the kernel table's
-/// default size, which bounds what a reading lists.
-pub const NAT_MEMORY: usize = 1 << 17;
+/// At most this many answers (one per listed record) and this many
+/// translated connections remembered, each memory cleared when full (and
+/// counted): room for 1000 new connections a second, two records each,
+/// listed for the default --keep-ended of 60 s, twice over.
+pub const NAT_MEMORY: usize = 1 << 18;
 
 /// The table, opened on first use; after an error that will not go away
 /// (no permission, no ctnetlink in the kernel) it is not asked again.
@@ -76,6 +79,10 @@ impl Conntrack for Table {
 pub struct Nat {
     join: NatJoin,
     table: Table,
+    /// Thread CPU time spent undoing, ns, and the last stats (said at exit
+    /// with `FLOWPROBE_ATTRIB_STATS=1`, beside attribution's cost).
+    cpu_ns: u64,
+    last: NatStats,
 }
 
 impl Nat {
@@ -87,14 +94,37 @@ impl Nat {
         Some(Nat {
             join: NatJoin::new(NAT_MEMORY),
             table: Table::default(),
+            cpu_ns: 0,
+            last: NatStats::default(),
         })
     }
 
     /// Undoes the translations in `r` and says what it did in `r.nat`.
     pub fn undo(&mut self, r: &mut Reading) {
+        let t0 = thread_cpu_ns();
         let st: NatStats = self
             .join
             .undo(&mut self.table, &mut r.conns, &mut r.retired);
+        self.cpu_ns += thread_cpu_ns().saturating_sub(t0);
+        self.last = st;
         r.nat = Some(st);
+    }
+}
+
+impl Drop for Nat {
+    fn drop(&mut self) {
+        if std::env::var("FLOWPROBE_ATTRIB_STATS").as_deref() == Ok("1") {
+            let s = &self.last;
+            eprintln!(
+                "flowprobe: NAT: CPU {:.3} s; {} conntrack lookups ({} failed), {} packets seen again after a translation, memory {} of {} (cleared {} times)",
+                self.cpu_ns as f64 / 1e9,
+                s.lookups,
+                s.lookup_errors,
+                s.duplicate_packets,
+                s.cache_entries,
+                s.cache_max,
+                s.cache_cleared
+            );
+        }
     }
 }

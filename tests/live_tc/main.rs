@@ -19,7 +19,8 @@
 //!   connection whose packets cross two interfaces of the host comes out
 //!   once, each direction counted once and exactly.
 //! - `nat`: the container host with a MASQUERADE uplink to an "outside"
-//!   namespace and a published port (DNAT) to a container: each connection
+//!   namespace, a published port (DNAT) and a ClusterIP (DNAT) to a
+//!   container: each connection
 //!   once, under its original tuple, the translated end tagged with its
 //!   address beyond the translation (`nat.ip`, `nat.port`), counts equal to
 //!   `TCP_INFO`; tc and afpacket.

@@ -1,12 +1,17 @@
 //! A container host with NAT, in namespaces: a bridge in the "host"
 //! namespace with two "containers" on veths into it, an "uplink" veth from
 //! the host into an "outside" namespace, the containers' traffic to the
-//! outside MASQUERADEd to the uplink's address, and a port of the uplink
-//! published to container 2 (DNAT 8080 → 5001). `flowprobe run` on its
+//! outside MASQUERADEd to the uplink's address, a port of the uplink
+//! published to container 2 (DNAT 8080 → 5001), and a Kubernetes-style
+//! Service: a ClusterIP that container 1 connects to, DNATed to container
+//! 2 (with `bridge-nf-call-iptables`, as kubelet sets it, so that the
+//! bridged answer is translated back). `flowprobe run` on its
 //! defaults in the host namespace attaches to every interface: a
 //! container-to-outside packet crosses the container's bridge port and the
 //! bridge before the translation and the uplink after it; a published-port
-//! packet the uplink before and the bridge and the container's port after.
+//! packet the uplink before and the bridge and the container's port after;
+//! a ClusterIP packet the client's port and the bridge before, the bridge
+//! and the server's port after.
 //! Every connection must come out once, under its original tuple, with the
 //! other side's addresses as `nat.ip`/`nat.port` tags of the end the
 //! translation changed, and each direction counted once and exactly:
@@ -35,6 +40,9 @@ const C2: &str = "10.92.0.3";
 const HOST_UP: &str = "192.0.2.1";
 const OUT: &str = "192.0.2.2";
 const PUBLISHED: u16 = 8080;
+/// The Service's ClusterIP and port, DNATed to container 2's port 5001.
+const CLUSTER_IP: &str = "10.96.0.10";
+const SERVICE_PORT: u16 = 80;
 
 /// (client port, client writes, server writes) per path.
 const MASQ: [(u16, u64, u64); 3] = [
@@ -47,6 +55,7 @@ const DNAT: [(u16, u64, u64); 3] = [
     (40111, 50_000, 1_200_000),
     (40112, 1_000_000, 1_000_000),
 ];
+const SERVICE: [(u16, u64, u64); 2] = [(40130, 400_000, 600_000), (40131, 900_000, 80_000)];
 const BRIDGED: [(u16, u64, u64); 2] = [(40120, 800_000, 100_000), (40121, 60_000, 700_000)];
 /// A UDP exchange through the MASQUERADE: client port, datagrams.
 const UDP: (u16, u64) = (41100, 20);
@@ -239,6 +248,35 @@ impl ContainerHost {
             "--to-destination",
             &to,
         ]);
+        // The Service: what kube-proxy writes for a ClusterIP (iptables
+        // mode), and kubelet's bridge setting, which makes the bridge pass
+        // frames between its ports through netfilter.
+        let svc = SERVICE_PORT.to_string();
+        ipt(&[
+            "-t",
+            "nat",
+            "-A",
+            "PREROUTING",
+            "-d",
+            CLUSTER_IP,
+            "-p",
+            "tcp",
+            "--dport",
+            &svc,
+            "-j",
+            "DNAT",
+            "--to-destination",
+            &to,
+        ]);
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            h,
+            "sysctl",
+            "-qw",
+            "net.bridge.bridge-nf-call-iptables=1",
+        ]);
         wait_for("the bridge ports and the uplink to come up", || {
             lower_up(h, "fpnp1") && lower_up(h, "fpnp2") && lower_up(h, UPLINK)
         });
@@ -303,6 +341,15 @@ fn natted(backend: &str) {
         &dnat,
         &conn_args(&DNAT),
     );
+    // Container 1 to the Service, translated to container 2.
+    let service = dir.path().join("service");
+    fs::create_dir(&service).unwrap();
+    tcpapp_exchange_via(
+        (&c1.name, C1, Some((CLUSTER_IP, SERVICE_PORT)), &pause),
+        (&c2.name, C2),
+        &service,
+        &conn_args(&SERVICE),
+    );
     // Container to container: bridged, no translation.
     let bridged = dir.path().join("bridged");
     fs::create_dir(&bridged).unwrap();
@@ -332,12 +379,24 @@ fn natted(backend: &str) {
         (OUT, HOST_UP, PUBLISHED),
         Some(("dst", C2, 5001)),
     );
+    check_once(
+        &out,
+        &raw,
+        &service,
+        &SERVICE,
+        (C1, CLUSTER_IP, SERVICE_PORT),
+        Some(("dst", C2, 5001)),
+    );
     check_once(&out, &raw, &bridged, &BRIDGED, (C1, C2, 5001), None);
     // Each responder's socket is found beyond the translation, in its own
     // namespace: the outside's server (it sees the uplink's address), and
     // container 2's behind the published port. (Its process is
     // attribution's business, tested elsewhere.)
-    for (conns, ns) in [(&MASQ, &outside.name), (&DNAT, &c2.name)] {
+    for (conns, ns) in [
+        (&MASQ[..], &outside.name),
+        (&DNAT[..], &c2.name),
+        (&SERVICE[..], &c2.name),
+    ] {
         let want = netns_inode(ns).unwrap().to_string();
         for (port, _, _) in conns {
             let r = out.iter().find(|c| c["sport"] == *port).unwrap();
@@ -364,7 +423,7 @@ fn natted(backend: &str) {
         err.contains("packets seen again after the translation"),
         "{err}"
     );
-    let translated = MASQ.len() + DNAT.len() + 1;
+    let translated = MASQ.len() + DNAT.len() + SERVICE.len() + 1;
     assert!(
         err.contains(&format!("{translated} translated by NAT on this host")),
         "{err}"

@@ -151,7 +151,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
             if !quiet {
-                eprintln!("flowprobe: {}", output::summary(conns.len(), &stats));
+                eprintln!("flowprobe: {}", output::summary(conns.len(), &stats, None));
             }
             Ok(if unreadable {
                 ExitCode::FAILURE

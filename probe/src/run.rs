@@ -1,7 +1,7 @@
 //! `flowprobe run`: the pipeline, in one place.
 //!
 //! ```text
-//! source (tc | xdp | afpacket) ──read──▶ enrich ──▶ sinks (agent, export, printer)
+//! source (tc | xdp | afpacket) ──read──▶ enrich (NAT, then attribution) ──▶ sinks (agent, export, printer)
 //!     ▲ link events (rtnetlink)
 //! ```
 //!
@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use flowtable::sort_connections;
 
+use crate::enrich::nat::Nat;
 use crate::enrich::{self, Attribution};
 use crate::export::{SinkOptions, Sinks};
 use crate::os::links::{self, Watcher};
@@ -54,11 +55,12 @@ pub fn run(s: RunSettings) -> Result<()> {
         source.key_feed(),
         s.idle_timeout + s.keep_ended + Duration::from_secs(60),
     );
+    let mut nat = Nat::start(s.per_interface);
     let counted = source.start(&all).and_then(|()| {
         follow(
             source.as_mut(),
             &mut watcher,
-            &enrich,
+            (&mut nat, &enrich),
             &mut sinks,
             &s,
             &stop,
@@ -66,7 +68,7 @@ pub fn run(s: RunSettings) -> Result<()> {
     });
     let last = source.finish();
     counted?;
-    let last = tagged(last?, &enrich);
+    let last = tagged(last?, (&mut nat, &enrich));
     sinks.finish(&last)
 }
 
@@ -119,7 +121,7 @@ fn open_source(s: &RunSettings) -> Result<Box<dyn Source>> {
 fn follow(
     source: &mut dyn Source,
     watcher: &mut Watcher,
-    enrich: &Attribution,
+    (nat, enrich): (&mut Option<Nat>, &Attribution),
     sinks: &mut Sinks,
     s: &RunSettings,
     stop: &Stop,
@@ -145,7 +147,7 @@ fn follow(
         source.poll()?;
         if let (Some(at), Some(every)) = (next_tick, every) {
             if Instant::now() >= at {
-                sinks.tick(&tagged(source.read()?, enrich))?;
+                sinks.tick(&tagged(source.read()?, (&mut *nat, enrich)))?;
                 next_tick = Some(at + every);
             }
         }
@@ -154,7 +156,13 @@ fn follow(
     Ok(())
 }
 
-fn tagged(mut r: Reading, enrich: &Attribution) -> Reading {
+/// Enrichment of one reading: NAT undone first (one record per
+/// connection, the responder's address beyond the translation known), then
+/// attribution.
+fn tagged(mut r: Reading, (nat, enrich): (&mut Option<Nat>, &Attribution)) -> Reading {
+    if let Some(nat) = nat {
+        nat.undo(&mut r);
+    }
     enrich.tag(&mut r.conns);
     enrich.tag_and_forget(&mut r.retired);
     sort_connections(&mut r.conns);

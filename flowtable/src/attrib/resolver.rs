@@ -555,8 +555,11 @@ impl<H: Host> Resolver<H> {
             };
             let src = SocketAddr::new(c.src, c.sport);
             let dst = SocketAddr::new(c.dst, c.dport);
+            // The responder's socket sees the connection beyond any
+            // translation this host made (`crate::nat`).
+            let (src_far, dst_far) = crate::nat::beyond(c);
             c.src_tags.extend(self.end_tags(proto, src, dst));
-            c.dst_tags.extend(self.end_tags(proto, dst, src));
+            c.dst_tags.extend(self.end_tags(proto, dst_far, src_far));
         }
     }
 

@@ -239,6 +239,35 @@ fn both_ends_in_two_namespaces_get_process_container_and_service() {
     assert_eq!(d["netns"], "22");
 }
 
+/// A Service's ClusterIP DNATed to the pod (`crate::nat`): the client's
+/// socket talks to the ClusterIP, the pod's to the client; the responder
+/// is found beyond the translation.
+#[test]
+fn the_responder_of_a_translated_connection_is_found_beyond_it() {
+    let mut f = world();
+    f.sockets.insert(
+        11,
+        vec![sock(Proto::Tcp, "10.1.0.1:40000", "10.96.0.10:80", 1001)],
+    );
+    let mut r = Resolver::new(f, Options::default());
+    r.refresh(0, &[]);
+    let mut c = vec![conn("tcp", "10.1.0.1:40000", "10.96.0.10:80")];
+    c[0].dst_tags = tags(&[("nat.ip", "10.1.0.2"), ("nat.port", "8080")]);
+    r.tag(&mut c);
+    assert_eq!(c[0].src_tags["process"], "fp-client");
+    let d = &c[0].dst_tags;
+    assert_eq!(
+        (
+            d["process"].as_str(),
+            d["service"].as_str(),
+            d["netns"].as_str()
+        ),
+        ("fp-server", "payments", "22"),
+        "{d:?}"
+    );
+    assert_eq!(d["nat.ip"], "10.1.0.2");
+}
+
 #[test]
 fn owner_is_kept_after_the_socket_and_process_are_gone() {
     let mut r = Resolver::new(world(), Options::default());

@@ -1,5 +1,7 @@
-//! Enrichment, the stage after the sources: each end of a connection joined
-//! to the process, container and service that own its socket. A resolver
+//! Enrichment, the stage after the sources: first NAT undone ([`nat`]: a
+//! connection this host translated is one record, with both addresses),
+//! then each end of a connection joined to the process, container and
+//! service that own its socket. A resolver
 //! pass runs every [`INTERVAL`] on a thread of its own, so that a
 //! connection is joined to its process while its socket still exists, and
 //! once more at every report ([`Attribution::tag`]). Each pass reads the
@@ -15,7 +17,9 @@
 //! `FLOWPROBE_ATTRIB_INTERVAL_MS` changes the pass interval.
 
 mod cgroupid;
+mod conntrack;
 mod host;
+pub mod nat;
 mod procfs;
 mod procnet;
 mod sockdiag;
@@ -227,17 +231,18 @@ impl Attribution {
     }
 }
 
-/// Both ends' 5-tuples of each connection.
+/// Both ends' 5-tuples of each connection: the initiator's as it sent
+/// them, the responder's beyond any translation (`flowtable::nat`).
 fn tuples(conns: &[Connection]) -> Vec<Tuple> {
     conns
         .iter()
         .filter_map(|c| {
             let p = Proto::from_name(c.proto)?;
-            Some(Tuple::ends(
-                p,
-                (c.src, c.sport).into(),
-                (c.dst, c.dport).into(),
-            ))
+            let (src_far, dst_far) = flowtable::nat::beyond(c);
+            Some([
+                Tuple::new(p, (c.src, c.sport).into(), (c.dst, c.dport).into()),
+                Tuple::new(p, dst_far, src_far),
+            ])
         })
         .flatten()
         .collect()

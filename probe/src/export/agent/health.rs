@@ -24,6 +24,9 @@ struct Json<'a> {
     /// `--export-jsonl`: intervals that could not be written.
     #[serde(skip_serializing_if = "Option::is_none")]
     export: Option<&'a ExportStatus>,
+    /// What undoing NAT did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    nat: Option<&'a flowtable::nat::NatStats>,
 }
 
 #[derive(Serialize)]
@@ -102,6 +105,7 @@ pub fn encode(s: &Snapshot) -> String {
             _ => None,
         },
         export: s.export.as_ref(),
+        nat: s.nat.as_ref(),
     };
     let mut text = serde_json::to_string(&h).expect("plain data serialises");
     text.push('\n');
@@ -122,6 +126,7 @@ mod tests {
             rollups: None,
             retired_totals: None,
             bounds: Default::default(),
+            nat: None,
             export: None,
             conns: Vec::new(),
             health: Some(Health::Ebpf(EbpfHealth {
@@ -150,6 +155,7 @@ mod tests {
             rollups: None,
             retired_totals: None,
             bounds: Default::default(),
+            nat: None,
             export: Some(ExportStatus {
                 failed_writes: 3,
                 behind: true,

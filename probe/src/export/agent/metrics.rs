@@ -437,6 +437,51 @@ fn export(reg: &mut Registry, s: &Snapshot) {
     );
 }
 
+/// What undoing NAT did (when the step runs: not with --per-interface).
+fn nat(reg: &mut Registry, s: &Snapshot) {
+    let Some(n) = &s.nat else { return };
+    reg.register(
+        "nat_translated_connections",
+        "Connections listed now that this host's netfilter translated (SNAT, MASQUERADE, DNAT), each with the addresses beyond the translation as nat.ip/nat.port tags",
+        gauge(n.translated),
+    );
+    reg.register(
+        "nat_unresolved_connections",
+        "Connections of the last reading that could not be checked against conntrack (no permission, conntrack unreadable): a translated one among them is listed once per tuple",
+        gauge(n.unresolved),
+    );
+    reg.register(
+        "packets_nat_duplicate",
+        "Packets of a translated connection seen again after the translation: counted once, in the view before it",
+        counter(n.duplicate_packets),
+    );
+    reg.register(
+        "nat_lookups",
+        "Conntrack lookups (ctnetlink) made",
+        counter(n.lookups),
+    );
+    reg.register(
+        "nat_lookup_errors",
+        "Conntrack lookups that failed",
+        counter(n.lookup_errors),
+    );
+    reg.register(
+        "nat_memory_entries",
+        "Entries of the NAT join's memory (answers and translated connections)",
+        gauge(n.cache_entries),
+    );
+    reg.register(
+        "nat_memory_limit",
+        "Bound of each of the NAT join's two memories",
+        gauge(n.cache_max),
+    );
+    reg.register(
+        "nat_memory_cleared",
+        "Times a NAT memory was full and cleared (what it held is asked again)",
+        counter(n.cache_cleared),
+    );
+}
+
 /// Health of the agent itself.
 fn health(reg: &mut Registry, s: &Snapshot) {
     let Some(h) = &s.health else { return };
@@ -568,6 +613,7 @@ fn encode_with(s: &Snapshot, labels: &MetricLabels, http: Option<&ServerStats>) 
     health(&mut reg, s);
     export(&mut reg, s);
     bounds(&mut reg, s);
+    nat(&mut reg, s);
     if let Some(h) = http {
         server(&mut reg, h);
     }
@@ -652,6 +698,17 @@ mod tests {
             rollups: None,
             retired_totals: None,
             bounds: Default::default(),
+            nat: Some(flowtable::nat::NatStats {
+                translated: 1,
+                folded: 1,
+                unresolved: 2,
+                duplicate_packets: 18,
+                lookups: 9,
+                lookup_errors: 2,
+                cache_entries: 4,
+                cache_max: 131072,
+                cache_cleared: 0,
+            }),
             export: None,
             conns: vec![
                 conn("web", Some("db"), 5432, (10, 1000, 1, 100), (8, 4000)),
@@ -697,6 +754,7 @@ mod tests {
             rollups: None,
             retired_totals: None,
             bounds: Default::default(),
+            nat: None,
             export: None,
             conns: table.connections(),
             health: Some(Health::Ebpf(EbpfHealth {
@@ -737,6 +795,7 @@ mod tests {
             rollups: None,
             retired_totals: None,
             bounds: Default::default(),
+            nat: None,
             export: Some(crate::export::jsonl::ExportStatus {
                 failed_writes: 2,
                 behind: true,

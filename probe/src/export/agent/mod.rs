@@ -45,6 +45,8 @@ pub struct Snapshot {
     /// `/metrics`' group sums of connections no longer listed.
     pub retired_totals: Option<Arc<QueryResult>>,
     pub bounds: Bounds,
+    /// What undoing NAT did (`None`: the step is off).
+    pub nat: Option<flowtable::nat::NatStats>,
 }
 
 /// The latest snapshot, shared between the run loop and the server.

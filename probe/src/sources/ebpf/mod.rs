@@ -119,6 +119,7 @@ impl EbpfSource {
                 stats: stats::frames(&self.ebpf)?,
                 table: stats::table(&self.ebpf, entries, self.capacity)?,
             }),
+            nat: None,
         })
     }
 }

@@ -64,6 +64,8 @@ fn five_hundred_interfaces_come_and_go_without_leaks() {
         attached() == Some(1)
     });
 
+    // A descriptor or two come and go (the agent's clients, netlink dumps).
+    let before = fds(pid);
     let create: String = (0..PAIRS)
         .map(|i| format!("link add fpm{i}a type veth peer name fpm{i}b\nlink set fpm{i}a up\nlink set fpm{i}b up\n"))
         .collect();
@@ -83,10 +85,16 @@ fn five_hundred_interfaces_come_and_go_without_leaks() {
             || attached() == Some(1),
         );
         after.push((fds(pid), rss_kb(pid)));
-        eprintln!("round {round}: {} fds, RSS {} kB", after[round].0, after[round].1);
+        eprintln!(
+            "round {round}: {} fds, RSS {} kB",
+            after[round].0, after[round].1
+        );
     }
     let ((fd1, rss1), (fd2, rss2)) = (after[0], after[1]);
-    assert_eq!(fd2, fd1, "descriptors leaked between rounds");
+    assert!(
+        fd1 <= before + 3 && fd2 <= before + 3,
+        "descriptors leaked: {before} before, {fd1} and {fd2} after the rounds"
+    );
     assert!(
         rss2 < rss1 + 8 * 1024,
         "memory grew by {} kB in the second round",

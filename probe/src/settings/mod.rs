@@ -70,7 +70,8 @@ pub struct RunFlags {
     /// Stop after this many seconds (default: at SIGINT/SIGTERM).
     #[arg(short, long, value_name = "SECS")]
     pub duration: Option<f64>,
-    /// Print every connection so far this often while running (JSON:
+    /// Print the connections listed (open, or ended less than
+    /// --keep-ended ago) this often while running (JSON:
     /// each line with a "snapshot" number; table: a "# snapshot N"
     /// line before each table). It is also the period of
     /// --export-jsonl and of the agent's updates (default for those: 1).

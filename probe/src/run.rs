@@ -73,12 +73,13 @@ fn open_source(s: &RunSettings) -> Result<Box<dyn Source>> {
             object: s.ebpf_object.clone(),
             capacity: s.capacity,
             per_iface: s.per_interface,
+            decap: s.decap,
             closed_timeout: s.closed_timeout,
             idle_timeout: s.idle_timeout,
         })?))
     };
     let afpacket =
-        || -> Result<Box<dyn Source>> { Ok(Box::new(afpacket::open(&s.ifaces, s.per_interface)?)) };
+        || -> Result<Box<dyn Source>> { Ok(Box::new(afpacket::open(&s.ifaces, s.per_interface, s.decap)?)) };
     match s.backend {
         Backend::Tc => ebpf(Hook::Tc),
         Backend::Xdp => ebpf(Hook::Xdp),

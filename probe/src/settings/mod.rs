@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Result;
+use probe_common::Decap;
 use serde::Deserialize;
 
 use crate::export::agent::{parse_listen, MetricLabels};
@@ -61,6 +62,35 @@ fn idle_timeout_help() -> String {
     )
 }
 
+/// Which tunnels to look into: the flags `run` and `replay` share.
+#[derive(clap::Args, Debug, Default, Clone)]
+pub struct DecapFlags {
+    /// Do not look inside tunnels (VXLAN, Geneve, GRE, IP in IP): count
+    /// each tunnel as the one UDP/GRE/IP flow between its endpoints.
+    /// VLAN, MPLS and PPPoE are always read (docs/tunnels.md).
+    #[arg(long)]
+    pub no_decap: bool,
+    /// UDP destination port of VXLAN; 0 turns VXLAN off [default: 4789].
+    #[arg(long, value_name = "PORT")]
+    pub vxlan_port: Option<u16>,
+    /// UDP destination port of Geneve; 0 turns Geneve off [default: 6081].
+    #[arg(long, value_name = "PORT")]
+    pub geneve_port: Option<u16>,
+}
+
+impl DecapFlags {
+    /// The settings, the flags over the config file's `decap`,
+    /// `vxlan_port` and `geneve_port` over the defaults.
+    pub fn decap(&self, file_decap: Option<bool>, file_vxlan: Option<u16>, file_geneve: Option<u16>) -> Decap {
+        let d = Decap::DEFAULT;
+        Decap {
+            enabled: !self.no_decap && file_decap.unwrap_or(true),
+            vxlan_port: self.vxlan_port.or(file_vxlan).unwrap_or(d.vxlan_port),
+            geneve_port: self.geneve_port.or(file_geneve).unwrap_or(d.geneve_port),
+        }
+    }
+}
+
 /// The flags of `flowprobe run`.
 #[derive(clap::Args, Debug, Default)]
 pub struct RunFlags {
@@ -100,6 +130,8 @@ pub struct RunFlags {
     /// and an uplink counts once.
     #[arg(long)]
     pub per_interface: bool,
+    #[command(flatten)]
+    pub decap: DecapFlags,
     #[arg(long, value_name = "N", help = max_conns_help())]
     pub max_conns: Option<u32>,
     #[arg(long, value_name = "SECS", help = closed_timeout_help())]
@@ -137,6 +169,8 @@ pub struct RunSettings {
     pub ebpf_object: Option<PathBuf>,
     /// One record per connection and interface instead of per host.
     pub per_interface: bool,
+    /// Which tunnels to look into.
+    pub decap: Decap,
     /// Slots of the kernel table: a power of two.
     pub capacity: u32,
     pub closed_timeout: Duration,
@@ -293,6 +327,7 @@ impl RunFlags {
             ifaces,
             ebpf_object: self.ebpf_object.or(file.ebpf_object),
             per_interface: self.per_interface || file.per_interface.unwrap_or(false),
+            decap: self.decap.decap(file.decap, file.vxlan_port, file.geneve_port),
             capacity,
             closed_timeout,
             idle_timeout,

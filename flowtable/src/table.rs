@@ -1,8 +1,8 @@
 //! Joins the two directions of each connection and counts them.
 
 use probe_common::parse::tcp_flags;
-use probe_common::tcp::{track, Peer, Segment};
 use probe_common::parse::{encap_flags, Encap};
+use probe_common::tcp::{track, Peer, Segment};
 use probe_common::{ConnKey, FlowEntry, L4Proto, Parsed, TunnelKind};
 use rustc_hash::FxHashMap;
 
@@ -212,7 +212,11 @@ fn end_tags(e: &FlowEntry, dir: usize) -> std::collections::BTreeMap<String, Str
 /// (this end's tunnel endpoint); `vlan` (ids outermost first, joined by
 /// `.`), `mpls_label` (the top label), `pppoe_session`. The same at both
 /// ends but `outer_ip`.
-pub fn encap_tags(encap: &Encap, dir: usize, tags: &mut std::collections::BTreeMap<String, String>) {
+pub fn encap_tags(
+    encap: &Encap,
+    dir: usize,
+    tags: &mut std::collections::BTreeMap<String, String>,
+) {
     if let Some(kind) = TunnelKind::from_u8(encap.kind) {
         tags.insert("tunnel".to_owned(), kind.name().to_owned());
         let outer = if dir & 1 == 0 {
@@ -220,7 +224,10 @@ pub fn encap_tags(encap: &Encap, dir: usize, tags: &mut std::collections::BTreeM
         } else {
             &encap.outer_dst
         };
-        tags.insert("outer_ip".to_owned(), ip(encap.outer_family, outer).to_string());
+        tags.insert(
+            "outer_ip".to_owned(),
+            ip(encap.outer_family, outer).to_string(),
+        );
     }
     if encap.flags & encap_flags::VNI != 0 {
         tags.insert("vni".to_owned(), encap.vni.to_string());

@@ -779,13 +779,21 @@ fn tunnel<B: PacketBytes + ?Sized>(b: &B, ip: &Ip, decap: &Decap) -> Result<Opti
     let v4 = ip.family == 4;
     let t = match ip.proto {
         IPPROTO_IPIP => Tunnel {
-            kind: if v4 { TunnelKind::Ipip } else { TunnelKind::Ip4in6 },
+            kind: if v4 {
+                TunnelKind::Ipip
+            } else {
+                TunnelKind::Ip4in6
+            },
             vni: None,
             off,
             inner: Inner::Ip(ETH_P_IPV4),
         },
         IPPROTO_IPV6 => Tunnel {
-            kind: if v4 { TunnelKind::Sit } else { TunnelKind::Ip6in6 },
+            kind: if v4 {
+                TunnelKind::Sit
+            } else {
+                TunnelKind::Ip6in6
+            },
             vni: None,
             off,
             inner: Inner::Ip(ETH_P_IPV6),

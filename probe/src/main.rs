@@ -93,7 +93,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 FlowTable::new()
             };
             let mut stats = FrameStats::default();
-            let outcomes = sources::file::replay(&files, &mut table, &mut stats, decap.decap(None, None, None))?;
+            let outcomes = sources::file::replay(
+                &files,
+                &mut table,
+                &mut stats,
+                decap.decap(None, None, None),
+            )?;
             let conns = table.connections();
             let mut out = io::BufWriter::new(io::stdout().lock());
             match &spec {

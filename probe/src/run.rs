@@ -78,8 +78,13 @@ fn open_source(s: &RunSettings) -> Result<Box<dyn Source>> {
             idle_timeout: s.idle_timeout,
         })?))
     };
-    let afpacket =
-        || -> Result<Box<dyn Source>> { Ok(Box::new(afpacket::open(&s.ifaces, s.per_interface, s.decap)?)) };
+    let afpacket = || -> Result<Box<dyn Source>> {
+        Ok(Box::new(afpacket::open(
+            &s.ifaces,
+            s.per_interface,
+            s.decap,
+        )?))
+    };
     match s.backend {
         Backend::Tc => ebpf(Hook::Tc),
         Backend::Xdp => ebpf(Hook::Xdp),

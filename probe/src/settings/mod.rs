@@ -81,7 +81,12 @@ pub struct DecapFlags {
 impl DecapFlags {
     /// The settings, the flags over the config file's `decap`,
     /// `vxlan_port` and `geneve_port` over the defaults.
-    pub fn decap(&self, file_decap: Option<bool>, file_vxlan: Option<u16>, file_geneve: Option<u16>) -> Decap {
+    pub fn decap(
+        &self,
+        file_decap: Option<bool>,
+        file_vxlan: Option<u16>,
+        file_geneve: Option<u16>,
+    ) -> Decap {
         let d = Decap::DEFAULT;
         Decap {
             enabled: !self.no_decap && file_decap.unwrap_or(true),
@@ -327,7 +332,9 @@ impl RunFlags {
             ifaces,
             ebpf_object: self.ebpf_object.or(file.ebpf_object),
             per_interface: self.per_interface || file.per_interface.unwrap_or(false),
-            decap: self.decap.decap(file.decap, file.vxlan_port, file.geneve_port),
+            decap: self
+                .decap
+                .decap(file.decap, file.vxlan_port, file.geneve_port),
             capacity,
             closed_timeout,
             idle_timeout,

@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use flowtable::{FlowTable, FrameStats};
-use probe_common::Decap;
 use indicatif::{ProgressBar, ProgressStyle};
+use probe_common::Decap;
 
 use self::pcap::{read_frames, ReadError};
 use crate::sources::ingest;
@@ -34,7 +34,10 @@ pub fn replay(
     stats: &mut FrameStats,
     decap: Decap,
 ) -> anyhow::Result<Vec<FileOutcome>> {
-    paths.iter().map(|p| replay_file(p, table, stats, decap)).collect()
+    paths
+        .iter()
+        .map(|p| replay_file(p, table, stats, decap))
+        .collect()
 }
 
 fn replay_file(
@@ -75,7 +78,11 @@ fn replay_file(
     let before = stats.frames;
     let result = read_frames(
         data,
-        |f| ingest::frame(table, stats, f.ts_ns, f.iface, f.link, f.data, f.wire_len, decap),
+        |f| {
+            ingest::frame(
+                table, stats, f.ts_ns, f.iface, f.link, f.data, f.wire_len, decap,
+            )
+        },
         |off| {
             if let Some(b) = &bar {
                 b.set_position(off as u64);

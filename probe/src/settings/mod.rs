@@ -415,7 +415,7 @@ mod tests {
             (
                 "max_conns = 16777217",
                 RunFlags::default(),
-                "config field `max_conns`: 16777217 is more than 16777216 (7 GiB of kernel memory)",
+                "config field `max_conns`: 16777217 is more than 16777216 (8 GiB of kernel memory)",
             ),
             (
                 "idle_timeout = -3.0",

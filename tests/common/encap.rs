@@ -289,7 +289,7 @@ fn nflog(ip: &[u8]) -> Vec<u8> {
         out.extend_from_slice(&((4 + v.len()) as u16).to_le_bytes());
         out.extend_from_slice(&kind.to_le_bytes());
         out.extend_from_slice(v);
-        while out.len() % 4 != 0 {
+        while !out.len().is_multiple_of(4) {
             out.push(0);
         }
     };

@@ -34,6 +34,9 @@
 //!   number.
 //! - `xdp_gateway`: `--backend xdp` on a forwarding gateway namespace between
 //!   client and server namespaces.
+//! - `tunnels`: a VXLAN tunnel between the namespaces, lossy TCP through
+//!   it, `flowprobe run` (tc and AF_PACKET) on the underlay only: the inner
+//!   connections, tagged with the tunnel, equal the sockets' `TCP_INFO`.
 //! - `churn`: 3000 short connections from 1000 ports, each port reused
 //!   before the connection that used it last has left the kernel table:
 //!   every one in the final output and the export once, with its bytes
@@ -62,6 +65,7 @@ mod interfaces;
 mod missing;
 mod stale_filters;
 mod test_run;
+mod tunnels;
 mod xdp_gateway;
 
 use std::path::{Path, PathBuf};

@@ -80,6 +80,30 @@ pub(super) fn push_frames(ebpf: &mut Ebpf, cap: &[u8]) -> usize {
         .try_into()
         .unwrap();
     prog.load().unwrap();
+    run_frames(ebpf, cap)
+}
+
+/// Every slot of the kernel table back to empty: a fresh table for the
+/// next capture without loading (and verifying) the program again.
+fn clear_table(ebpf: &mut Ebpf) {
+    use aya::maps::Array;
+    let mut slots: Array<_, SlotPod> =
+        Array::try_from(ebpf.map_mut(probe_common::contract::CONNS).unwrap()).unwrap();
+    let empty = SlotPod(probe_common::slots::Slot::default());
+    for i in 0..slots.len() {
+        if slots.get(&i, 0).unwrap().0.state != probe_common::slots::state::EMPTY {
+            slots.set(i, empty, 0).unwrap();
+        }
+    }
+}
+
+/// Runs every frame of the pcap `cap` through the loaded `flowprobe_tc`.
+fn run_frames(ebpf: &mut Ebpf, cap: &[u8]) -> usize {
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut(probe_common::contract::TC_PROGRAM)
+        .unwrap()
+        .try_into()
+        .unwrap();
     let mut frames = 0;
     for frame in pcap_frames(cap) {
         let r = prog
@@ -121,9 +145,17 @@ fn fixtures_through_the_kernel_program_equal_replay() {
         .collect();
     caps.sort();
     assert!(!caps.is_empty());
+    // Loaded (and verified) once; the table emptied between captures.
+    let mut ebpf = aya::Ebpf::load_file(&object).unwrap();
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut(probe_common::contract::TC_PROGRAM)
+        .unwrap()
+        .try_into()
+        .unwrap();
+    prog.load().unwrap();
     for cap in caps {
-        let mut ebpf = aya::Ebpf::load_file(&object).unwrap();
-        let frames = push_frames(&mut ebpf, &fs::read(&cap).unwrap());
+        clear_table(&mut ebpf);
+        let frames = run_frames(&mut ebpf, &fs::read(&cap).unwrap());
         let kernel: Vec<Value> = table_entries(&ebpf)
             .iter()
             .map(|(k, e)| serde_json::to_value(flowtable::Connection::from_entry(k, e, 0)).unwrap())

@@ -356,6 +356,27 @@ mod tests {
         file::RunConfig::parse(text).unwrap()
     }
 
+    /// Decapsulation: on by default on the IANA ports; the file's fields
+    /// under the flags.
+    #[test]
+    fn decap_settings_merge() {
+        let d = RunFlags::default().merge(file("")).unwrap().decap;
+        assert_eq!(d, Decap::DEFAULT);
+        let f = "decap = false\nvxlan_port = 8472\ngeneve_port = 0";
+        let d = RunFlags::default().merge(file(f)).unwrap().decap;
+        assert_eq!((d.enabled, d.vxlan_port, d.geneve_port), (false, 8472, 0));
+        let flags = RunFlags {
+            decap: DecapFlags {
+                no_decap: false,
+                vxlan_port: Some(4790),
+                geneve_port: None,
+            },
+            ..RunFlags::default()
+        };
+        let d = flags.merge(file("vxlan_port = 8472\ngeneve_port = 7000")).unwrap().decap;
+        assert_eq!((d.enabled, d.vxlan_port, d.geneve_port), (true, 4790, 7000));
+    }
+
     /// dist/flowprobe.toml, the service's config, is what the unit promises:
     /// the tc backend and the agent on loopback.
     #[test]

@@ -243,12 +243,35 @@ pub fn flowprobe_tc(ctx: TcContext) -> i32 {
 #[inline(never)]
 fn fast_tc(skb: *mut __sk_buff) -> bool {
     // SAFETY: the program's own context, valid while it runs.
-    let (data, end) = unsafe {
+    let (data, end, ifindex) = unsafe {
         (
             core::ptr::read_volatile(&raw const (*skb).data) as usize,
             core::ptr::read_volatile(&raw const (*skb).data_end) as usize,
+            (*skb).ifindex,
         )
     };
+    fast::<true>(data, end, ifindex, skb)
+}
+
+/// [`fast_tc`] at XDP: the same common packet, one segment, keyed without
+/// the interface (see [`flowprobe_xdp`]).
+#[inline(never)]
+fn fast_xdp(ctx: *mut xdp_md) -> bool {
+    // SAFETY: the program's own context, valid while it runs.
+    let (data, end, ifindex) = unsafe {
+        (
+            core::ptr::read_volatile(&raw const (*ctx).data) as usize,
+            core::ptr::read_volatile(&raw const (*ctx).data_end) as usize,
+            (*ctx).ingress_ifindex,
+        )
+    };
+    fast::<false>(data, end, ifindex, core::ptr::null_mut())
+}
+
+/// The fast path's parse and count of the frame in `[data, end)`, seen at
+/// `ifindex`; `TC`: `skb` is its `__sk_buff` (GSO segments, the socket).
+#[inline(always)]
+fn fast<const TC: bool>(data: usize, end: usize, ifindex: u32, skb: *mut __sk_buff) -> bool {
     if data + 54 > end {
         return false;
     }
@@ -286,13 +309,15 @@ fn fast_tc(skb: *mut __sk_buff) -> bool {
     } else {
         (daddr, dport, saddr, sport)
     };
-    // SAFETY: the program's own context.
-    let (key_iface, seen_at) = scope(unsafe { (*skb).ifindex });
+    let (key_iface, seen_at) = scope(ifindex);
+    // XDP keys without the interface: a forwarded connection's two
+    // directions enter through two.
+    let key_iface = if TC { key_iface } else { 0 };
     let payload_len = tot_len - 20 - doff;
     // A segment without payload is never a GSO super-packet: its segment
     // count (in skb_shared_info, a cache line of its own at the end of the
     // buffer) is only read for data.
-    let segs = if payload_len == 0 {
+    let segs = if !TC || payload_len == 0 {
         1
     } else {
         // SAFETY: the program's own context.
@@ -320,7 +345,7 @@ fn fast_tc(skb: *mut __sk_buff) -> bool {
         l3_len: tot_len,
     };
     bump(&PARSE_STATS, PARSE_TRACKED);
-    count::<true, false>(&key, Seen::new(if forward { 0 } else { 1 }, segs), &p, seen_at, skb);
+    count::<TC, false>(&key, Seen::new(if forward { 0 } else { 1 }, segs), &p, seen_at, skb);
     true
 }
 
@@ -372,6 +397,9 @@ fn note_socket(skb: *mut __sk_buff, entry: *mut FlowEntry, dir: usize) {
 /// has interface 0 here: both directions meet in one entry.
 #[xdp]
 pub fn flowprobe_xdp(ctx: XdpContext) -> u32 {
+    if fast_xdp(ctx.ctx) {
+        return XDP_PASS;
+    }
     let Some(s) = SCRATCH.get_ptr_mut(0) else {
         return XDP_PASS;
     };

@@ -373,7 +373,10 @@ mod tests {
             },
             ..RunFlags::default()
         };
-        let d = flags.merge(file("vxlan_port = 8472\ngeneve_port = 7000")).unwrap().decap;
+        let d = flags
+            .merge(file("vxlan_port = 8472\ngeneve_port = 7000"))
+            .unwrap()
+            .decap;
         assert_eq!((d.enabled, d.vxlan_port, d.geneve_port), (true, 4790, 7000));
     }
 

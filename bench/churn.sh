@@ -22,7 +22,11 @@
 #   RATE=400 SECS=120 BACKENDS="tc afpacket" FPS="target/release/flowprobe"
 #   PORTS="32768 60999" (the client's ephemeral range; narrow it to make
 #   4-tuples come back sooner), TW_REUSE=1, SKIP_BUILD=1, KEEP=DIR (keep
-#   the files).
+#   the files), FP_ARGS="--keep-ended 30" (more flags for `run`; each
+#   binary in FPS gets them, so leave them out when comparing with one
+#   that lacks them).
+# RSS is also sampled every 10 s of the load ("RSS over time"): flat after
+# the first --keep-ended window is the bound working.
 # Several binaries in FPS (before/after) run interleaved, round by round.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -81,7 +85,7 @@ round() { # FP BACKEND N
     tag=$(tr -c 'a-zA-Z0-9\n' _ <<<"$fp_bin")-$backend-$n
     rm -f "$WORK/$tag.jsonl"
     ip netns exec "$NS_A" "$fp_bin" run --backend "$backend" --iface fch0 --format json \
-        --listen 127.0.0.1:9477 --export-jsonl "$WORK/$tag.jsonl" \
+        --listen 127.0.0.1:9477 --export-jsonl "$WORK/$tag.jsonl" ${FP_ARGS:-} \
         >"$WORK/$tag.json" 2>"$WORK/$tag.err" &
     local fp=$!
     # Counting from the first connection: the first reading comes after the
@@ -94,11 +98,14 @@ round() { # FP BACKEND N
     sleep 1
     local c0 t0 c1 t1 rss hwm
     c0=$(cpu_ticks "$fp"); t0=$(date +%s.%N)
+    ( while sleep 10; do kb "$fp" VmRSS || break; done ) >"$WORK/$tag.rss" 2>/dev/null &
+    local sampler=$!
     ip netns exec "$NS_A" "$PY" bench/churn.py client 10.234.0.2:$DPORT "$RATE" \
         "$(awk -v r="$RATE" -v s="$SECS" 'BEGIN{printf "%d", r*s}')" "$WORK/$tag.made.json" \
         2>"$WORK/$tag.client.err"
     c1=$(cpu_ticks "$fp"); t1=$(date +%s.%N)
     rss=$(kb "$fp" VmRSS)
+    kill "$sampler" 2>/dev/null || true
     sleep 4 # the last connections drained (closed timeout 2 s)
     ip netns exec "$NS_A" curl -sf http://127.0.0.1:9477/health >"$WORK/$tag.health" || true
     hwm=$(kb "$fp" VmHWM)
@@ -113,6 +120,7 @@ round() { # FP BACKEND N
         "$(jq .export.matching <<<"$res")" "$(jq .export.missing <<<"$res")" "$(jq .export.extra <<<"$res")" \
         "$(jq -c '[.. | objects | to_entries[] | select((.key | test("full|insert_failed|drop|lost|unwritten")) and (.value | type == "number") and .value > 0) | "\(.key)=\(.value)"] | join(",")' "$WORK/$tag.health" 2>/dev/null || echo '?')" \
         "$pct" "$((rss / 1024))" "$((hwm / 1024))"
+    printf '%-28s RSS over time (MB, every 10 s): %s\n' "$tag" "$(awk '{printf "%d ", $1/1024}' "$WORK/$tag.rss")"
 }
 
 log "RATE=$RATE/s SECS=$SECS PORTS='$PORTS' TW_REUSE=$TW_REUSE BACKENDS='$BACKENDS' FPS='$FPS', $ROUNDS rounds"

@@ -7,7 +7,9 @@
 
 pub mod attrib;
 mod conn;
+pub mod delta;
 pub mod query;
+pub mod rollup;
 mod rtt;
 mod stats;
 mod table;

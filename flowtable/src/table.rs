@@ -159,6 +159,39 @@ impl FlowTable {
     }
 }
 
+impl FlowTable {
+    /// Takes out the connections that are over as of `now_ns` (the
+    /// packets' clock): closed and quiet for `closed_ns`, quiet for
+    /// `idle_ns` whatever their state, or set aside by a later connection
+    /// on their 5-tuple and quiet for `closed_ns`. A later packet of one
+    /// starts a record of its own.
+    pub fn retire(&mut self, now_ns: u64, closed_ns: u64, idle_ns: u64) -> Vec<Connection> {
+        let quiet =
+            |f: &Flow| now_ns.saturating_sub(f.entry.last_seen_ns().max(f.entry.first_seen_ns));
+        let over = |f: &Flow| {
+            let q = quiet(f);
+            q >= idle_ns || (f.entry.closed() && q >= closed_ns)
+        };
+        let mut out = Vec::new();
+        self.ended.retain(|(k, f)| {
+            let go = quiet(f) >= closed_ns;
+            if go {
+                out.push(f.connection(k));
+            }
+            !go
+        });
+        self.live.retain(|k, f| {
+            let go = over(f);
+            if go {
+                out.push(f.connection(k));
+            }
+            !go
+        });
+        sort_connections(&mut out);
+        out
+    }
+}
+
 impl Connection {
     /// A connection from its key and entry (the kernel's `CONNS` map or the
     /// [`FlowTable`]), with `clock_offset_ns` added to the entry's timestamps

@@ -36,6 +36,8 @@ pub fn run(s: RunSettings) -> Result<()> {
         print_snapshots: s.interval.is_some(),
         format: s.format,
         quiet: s.quiet,
+        rollups: s.rollups,
+        list_max: s.list_max,
     })?;
     // Subscribe before the dump, so that no link change falls between.
     let mut watcher = Watcher::subscribe()?;
@@ -46,7 +48,12 @@ pub fn run(s: RunSettings) -> Result<()> {
         }
     }
     let mut source = open_source(&s)?;
-    let enrich = enrich::start(source.key_feed());
+    // A socket is remembered until its connection is retired, at the most
+    // for as long as an idle connection can stay listed.
+    let enrich = enrich::start(
+        source.key_feed(),
+        s.idle_timeout + s.keep_ended + Duration::from_secs(60),
+    );
     let counted = source.start(&all).and_then(|()| {
         follow(
             source.as_mut(),
@@ -76,13 +83,20 @@ fn open_source(s: &RunSettings) -> Result<Box<dyn Source>> {
             decap: s.decap,
             closed_timeout: s.closed_timeout,
             idle_timeout: s.idle_timeout,
+            keep_ended: s.keep_ended,
         })?))
+    };
+    let retire = afpacket::Retire {
+        closed: s.closed_timeout,
+        idle: s.idle_timeout,
+        keep_ended: s.keep_ended,
     };
     let afpacket = || -> Result<Box<dyn Source>> {
         Ok(Box::new(afpacket::open(
             &s.ifaces,
             s.per_interface,
             s.decap,
+            retire,
         )?))
     };
     match s.backend {
@@ -113,7 +127,9 @@ fn follow(
     stop: &Stop,
 ) -> Result<()> {
     let start = Instant::now();
-    let every = sinks.want_ticks().then(|| s.tick());
+    // Every run reads at each tick, sinks or not: what ended is retired
+    // from the source into the bounded history as it goes.
+    let every = Some(s.tick());
     let mut next_tick = every.map(|e| start + e);
     while !stop.requested() {
         if s.duration.is_some_and(|d| start.elapsed() >= d) {
@@ -142,6 +158,7 @@ fn follow(
 
 fn tagged(mut r: Reading, enrich: &Attribution) -> Reading {
     enrich.tag(&mut r.conns);
+    enrich.tag_and_forget(&mut r.retired);
     sort_connections(&mut r.conns);
     r
 }

@@ -62,6 +62,7 @@ mod counts;
 mod drain;
 mod full_map;
 mod interfaces;
+mod many_ifaces;
 mod missing;
 mod stale_filters;
 mod test_run;

@@ -21,6 +21,8 @@ mod tag;
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
 use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
 
 use hdrhistogram::Histogram;
 use serde::ser::SerializeMap;
@@ -31,6 +33,7 @@ pub use metric::{Metric, MetricError, Sort};
 pub use tag::{parse_keys, value, IpNet, Side, TagError, TagKey, EPHEMERAL, EPHEMERAL_MIN};
 
 use crate::conn::{rfc3339, Connection, DirStats};
+use crate::rollup::{Aggregate, Interval};
 use crate::rtt::{new_histogram, Percentiles};
 
 /// A time window relative to the first packet (seconds as `START..END`,
@@ -94,6 +97,8 @@ pub struct QueryArgs {
     pub sort: Option<String>,
     pub top: Option<usize>,
     pub window: Option<String>,
+    /// A range back from now (`5m`, `30s`), answered from the rollups.
+    pub last: Option<String>,
     /// Do not collapse the initiator's ports into `ephemeral`.
     pub raw_ports: bool,
 }
@@ -110,6 +115,8 @@ pub enum QueryError {
     Window(#[from] WindowError),
     #[error("--top must be at least 1")]
     TopZero,
+    #[error("--last {given:?}: {message}")]
+    Last { given: String, message: String },
 }
 
 /// A parsed query.
@@ -122,6 +129,8 @@ pub struct QuerySpec {
     pub top: Option<usize>,
     /// `None`: no window; `..` is the whole capture.
     pub window: Option<Window>,
+    /// `--last`: the range back from the latest reading, over the rollups.
+    pub last: Option<Duration>,
     pub raw_ports: bool,
 }
 
@@ -136,6 +145,7 @@ impl Default for QuerySpec {
             sort: Sort::default(),
             top: None,
             window: None,
+            last: None,
             raw_ports: false,
         }
     }
@@ -165,6 +175,26 @@ impl QuerySpec {
             q.window = Some(w.parse()?);
         }
         q.raw_ports = a.raw_ports;
+        if let Some(l) = &a.last {
+            let fail = |message: &str| QueryError::Last {
+                given: l.clone(),
+                message: message.to_owned(),
+            };
+            let d = humantime::parse_duration(l.trim())
+                .map_err(|e| fail(&format!("{e} (e.g. 30s, 5m, 1h)")))?;
+            if d.is_zero() {
+                return Err(fail("must be more than 0"));
+            }
+            if q.window.is_some() {
+                return Err(fail(
+                    "--window counts from the first packet, --last back from now: give one",
+                ));
+            }
+            if q.raw_ports {
+                return Err(fail("the rollups behind --last keep no initiator ports above 1023; leave out --raw-ports"));
+            }
+            q.last = Some(d);
+        }
         Ok(q)
     }
 
@@ -180,14 +210,51 @@ impl QuerySpec {
                 .map_or(last, |e| origin_ns.saturating_add(e).min(last));
             (start, end.max(start))
         });
+        let items = conns
+            .iter()
+            .filter(|c| window.is_none_or(|(ws, we)| c.first_seen <= we && c.last_seen >= ws))
+            .map(Item::Conn);
+        self.group(items, window)
+    }
 
-        let mut groups: BTreeMap<(TagValues, TagValues), Row> = BTreeMap::new();
-        for c in conns {
-            if let Some((ws, we)) = window {
-                if c.first_seen > we || c.last_seen < ws {
-                    continue;
+    /// Runs the query over interval rollups that cover `range` (Unix
+    /// nanoseconds): rows sum what their groups added in those intervals,
+    /// `seconds` is the range's length. What the rollups folded has no
+    /// tags: it goes to the `other` row when the query has no filter, and
+    /// is left out when it has one (a filter cannot see into it).
+    pub fn run_rollups(&self, intervals: &[Arc<Interval>], range: (u64, u64)) -> QueryResult {
+        let rows = intervals.iter().flat_map(|i| i.rows.iter().map(Item::Agg));
+        let mut result = self.group(rows, Some(range));
+        if self.filter == Filter::default() {
+            let folded: Vec<&Aggregate> =
+                intervals.iter().filter_map(|i| i.folded.as_ref()).collect();
+            if !folded.is_empty() {
+                if result.rows.last().is_none_or(|r| !r.other) {
+                    let mut other =
+                        Row::new(vec![None; self.src.len()], vec![None; self.dst.len()]);
+                    other.other = true;
+                    result.rows.push(other);
                 }
+                let other = result.rows.last_mut().expect("pushed above");
+                for a in folded {
+                    other.add(Item::Agg(a));
+                }
+                other.finish(Some(range));
             }
+        }
+        result
+    }
+
+    /// Groups, sorts and cuts `items`; `window` is the span bandwidth is
+    /// over (when `None`, each row's own).
+    fn group<'a>(
+        &self,
+        items: impl Iterator<Item = Item<'a>>,
+        window: Option<(u64, u64)>,
+    ) -> QueryResult {
+        let mut groups: BTreeMap<(TagValues, TagValues), Row> = BTreeMap::new();
+        for it in items {
+            let c = it.conn();
             if !self.filter.matches(c) {
                 continue;
             }
@@ -205,7 +272,7 @@ impl QuerySpec {
             groups
                 .entry((src.clone(), dst.clone()))
                 .or_insert_with(|| Row::new(src, dst))
-                .add(c);
+                .add(it);
         }
 
         let sort = self.sort;
@@ -243,6 +310,23 @@ impl QuerySpec {
     }
 }
 
+/// What a row sums: connections, or groups of them from the rollups.
+#[derive(Clone, Copy)]
+enum Item<'a> {
+    Conn(&'a Connection),
+    Agg(&'a Aggregate),
+}
+
+impl<'a> Item<'a> {
+    /// The addresses, ports and tags grouping and filters look at.
+    fn conn(self) -> &'a Connection {
+        match self {
+            Item::Conn(c) => c,
+            Item::Agg(a) => &a.conn,
+        }
+    }
+}
+
 /// One end's values of the query's keys, in their order.
 type TagValues = Vec<Option<String>>;
 
@@ -276,6 +360,62 @@ pub struct QueryResult {
     /// The resolved window, Unix nanoseconds, when one was asked for.
     pub window: Option<(u64, u64)>,
     pub rows: Vec<Row>,
+}
+
+impl QueryResult {
+    /// Adds the rows of `o`, a result of the same query, row by row (by
+    /// their tag values); a row of `o` without a match is added after the
+    /// others. For sums that outlive the connections they were made of
+    /// (the metrics of connections no longer listed). Bandwidth spans are
+    /// each row's own afterwards.
+    pub fn absorb(&mut self, o: &QueryResult) {
+        type RowKey<'a> = (&'a [Option<String>], &'a [Option<String>], bool);
+        let mut at: BTreeMap<RowKey<'_>, usize> = BTreeMap::new();
+        for (i, r) in self.rows.iter().enumerate() {
+            at.insert((&r.src, &r.dst, r.other), i);
+        }
+        let mut merges = Vec::new();
+        let mut new = Vec::new();
+        for r in &o.rows {
+            match at.get(&(&r.src[..], &r.dst[..], r.other)) {
+                Some(&i) => merges.push((i, r)),
+                None => new.push(r.clone()),
+            }
+        }
+        for (i, r) in merges {
+            self.rows[i].merge(r);
+        }
+        self.rows.extend(new);
+        for r in &mut self.rows {
+            r.finish(None);
+        }
+    }
+
+    /// Keeps at most `n` rows besides `other`: the rest (the latest added)
+    /// are summed into the `other` row. Returns how many rows it folded.
+    pub fn cap(&mut self, n: usize) -> usize {
+        let other_at = self.rows.iter().position(|r| r.other);
+        let mut other = match other_at {
+            Some(i) => self.rows.remove(i),
+            None => {
+                let mut o = Row::new(
+                    vec![None; self.src_keys.len()],
+                    vec![None; self.dst_keys.len()],
+                );
+                o.other = true;
+                o
+            }
+        };
+        let folded = self.rows.len().saturating_sub(n);
+        for r in self.rows.drain(n.min(self.rows.len())..) {
+            other.merge(&r);
+        }
+        if other_at.is_some() || folded > 0 {
+            other.finish(None);
+            self.rows.push(other);
+        }
+        folded
+    }
 }
 
 /// One group: sums over its connections.
@@ -319,19 +459,37 @@ impl Row {
         }
     }
 
-    fn add(&mut self, c: &Connection) {
-        self.conns += 1;
+    fn add(&mut self, it: Item<'_>) {
+        let c = it.conn();
         self.sent.add(&c.sent);
         self.received.add(&c.received);
         self.first_seen = self.first_seen.min(c.first_seen);
         self.last_seen = self.last_seen.max(c.last_seen);
-        if let Some(r) = &c.rtt {
-            r.dst.merge_into(&mut self.rtt_dst, &mut self.rtt_dst_max);
-            r.src.merge_into(&mut self.rtt_src, &mut self.rtt_src_max);
+        match it {
+            Item::Conn(c) => {
+                self.conns += 1;
+                if let Some(r) = &c.rtt {
+                    r.dst.merge_into(&mut self.rtt_dst, &mut self.rtt_dst_max);
+                    r.src.merge_into(&mut self.rtt_src, &mut self.rtt_src_max);
+                }
+            }
+            Item::Agg(a) => {
+                self.conns += a.conns;
+                // Both auto-resize, so adding cannot run out of range.
+                if let Some(h) = &a.rtt_dst {
+                    let _ = self.rtt_dst.add(&**h);
+                    self.rtt_dst_max = self.rtt_dst_max.max(a.rtt_dst_max);
+                }
+                if let Some(h) = &a.rtt_src {
+                    let _ = self.rtt_src.add(&**h);
+                    self.rtt_src_max = self.rtt_src_max.max(a.rtt_src_max);
+                }
+            }
         }
     }
 
-    fn merge(&mut self, o: &Row) {
+    /// Adds another row's sums (the `other` row; the map's folded edges).
+    pub fn merge(&mut self, o: &Row) {
         self.conns += o.conns;
         self.sent.add(&o.sent);
         self.received.add(&o.received);
@@ -344,7 +502,9 @@ impl Row {
         self.rtt_src_max = self.rtt_src_max.max(o.rtt_src_max);
     }
 
-    fn finish(&mut self, window: Option<(u64, u64)>) {
+    /// Sets the bandwidth's span after adding or merging: the window's
+    /// length ([`QueryResult::window`]) or the row's own span.
+    pub fn finish(&mut self, window: Option<(u64, u64)>) {
         self.span_ns = match window {
             Some((s, e)) => e - s,
             None => self.last_seen.saturating_sub(self.first_seen),
@@ -361,7 +521,19 @@ impl Row {
 
     /// Bytes per second over [`Row::seconds`]; none over an empty span.
     pub fn bandwidth(&self) -> Option<f64> {
-        (self.span_ns > 0).then(|| self.bytes() as f64 * 1e9 / self.span_ns as f64)
+        self.rate(self.bytes())
+    }
+
+    /// `bytes` per second over [`Row::seconds`] (a direction's rate).
+    pub fn rate(&self, bytes: u64) -> Option<f64> {
+        (self.span_ns > 0).then(|| bytes as f64 * 1e9 / self.span_ns as f64)
+    }
+
+    /// Retransmitted bytes over bytes (both directions), in percent: the
+    /// share of what was sent that was sent again; none without bytes.
+    pub fn retransmit_pct(&self) -> Option<f64> {
+        let retx = self.sent.retransmitted_bytes + self.received.retransmitted_bytes;
+        (self.bytes() > 0).then(|| 100.0 * retx as f64 / self.bytes() as f64)
     }
 
     pub fn rtt_dst(&self) -> Percentiles {
@@ -385,6 +557,7 @@ impl Row {
             Metric::Retransmits => n(self.sent.retransmits + self.received.retransmits),
             Metric::SentRetransmits => n(self.sent.retransmits),
             Metric::ReceivedRetransmits => n(self.received.retransmits),
+            Metric::RetransmitPct => self.retransmit_pct(),
             Metric::RetransmittedBytes => {
                 n(self.sent.retransmitted_bytes + self.received.retransmitted_bytes)
             }
@@ -459,6 +632,9 @@ impl Serialize for RowJson<'_> {
         m.serialize_entry("last_seen", &Time(r.last_seen))?;
         m.serialize_entry("seconds", &r.seconds())?;
         m.serialize_entry("bandwidth_bytes_per_s", &r.bandwidth())?;
+        m.serialize_entry("sent_bytes_per_s", &r.rate(r.sent.bytes))?;
+        m.serialize_entry("received_bytes_per_s", &r.rate(r.received.bytes))?;
+        m.serialize_entry("retransmit_pct", &r.retransmit_pct())?;
         m.serialize_entry("rtt_dst", &Pct(r.rtt_dst()))?;
         m.serialize_entry("rtt_src", &Pct(r.rtt_src()))?;
         m.end()

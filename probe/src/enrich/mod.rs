@@ -76,7 +76,7 @@ pub struct Attribution {
 /// feed (the eBPF source) it follows the source's connections as they
 /// appear; without (AF_PACKET) it dumps every socket each
 /// [`DUMP_EVERY_WITHOUT_MAP`] and looks up what each report holds.
-pub fn start(feed: Option<KeyFeed>) -> Attribution {
+pub fn start(feed: Option<KeyFeed>, forget_after: Duration) -> Attribution {
     if std::env::var("FLOWPROBE_ATTRIB").as_deref() == Ok("off") {
         return Attribution {
             shared: None,
@@ -101,6 +101,7 @@ pub fn start(feed: Option<KeyFeed>) -> Attribution {
     let opts = Options {
         own_netns: host.own_netns(),
         dumps_every_ns: dump_every.as_nanos() as u64,
+        forget_after_ns: forget_after.as_nanos() as u64,
         ..Options::default()
     };
     let shared = Arc::new(State {
@@ -204,18 +205,7 @@ impl Attribution {
         let Some(s) = &self.shared else {
             return;
         };
-        let seen: Vec<Tuple> = conns
-            .iter()
-            .filter_map(|c| {
-                let p = Proto::from_name(c.proto)?;
-                Some(Tuple::ends(
-                    p,
-                    (c.src, c.sport).into(),
-                    (c.dst, c.dport).into(),
-                ))
-            })
-            .flatten()
-            .collect();
+        let seen = tuples(conns);
         let mut r = lock(&s.resolver);
         pass(s, &mut r, &seen);
         r.tag(conns);
@@ -223,6 +213,34 @@ impl Attribution {
         // cgroup id the tc program saw on the socket.
         lock(&s.cgroups).tag(conns);
     }
+
+    /// Tags `retired` connections (listed for the last time), then forgets
+    /// their sockets: what the resolver remembers follows the listing.
+    pub fn tag_and_forget(&self, retired: &mut [Connection]) {
+        if retired.is_empty() {
+            return;
+        }
+        self.tag(retired);
+        if let Some(s) = &self.shared {
+            lock(&s.resolver).forget(&tuples(retired));
+        }
+    }
+}
+
+/// Both ends' 5-tuples of each connection.
+fn tuples(conns: &[Connection]) -> Vec<Tuple> {
+    conns
+        .iter()
+        .filter_map(|c| {
+            let p = Proto::from_name(c.proto)?;
+            Some(Tuple::ends(
+                p,
+                (c.src, c.sport).into(),
+                (c.dst, c.dport).into(),
+            ))
+        })
+        .flatten()
+        .collect()
 }
 
 /// Both ends' 5-tuples of a map key (addresses as `conn.rs` renders them).

@@ -10,7 +10,6 @@
 //! file that can be written again loses nothing. [`Export`] counts the
 //! intervals that could not be written (`/health`, `/metrics`).
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Write};
 use std::net::IpAddr;
@@ -19,27 +18,19 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use flowtable::{Connection, DirStats};
 use serde::Serialize;
 
-/// A connection's 5-tuple and interface; several records can share it (a
-/// reused 5-tuple starts a new record), told apart by `first_seen`.
-type Key = (&'static str, IpAddr, u16, IpAddr, u16, u32);
+/// Retired connections (`Reading::retired`) whose last lines wait while
+/// the file cannot be written; beyond this many the oldest are dropped and
+/// counted (`ExportStatus::dropped`).
+pub const MAX_PENDING: usize = 100_000;
 
-fn key(c: &Connection) -> Key {
-    (c.proto, c.src, c.sport, c.dst, c.dport, c.iface)
-}
-
-/// Live times are the kernel's monotonic stamps plus the wall clock's
-/// offset read at each snapshot, so one record's `first_seen` moves by some
-/// nanoseconds between reads. A second record of one 5-tuple starts after
-/// the first one ended, in practice far more than this later.
-const SAME_RECORD_NS: u64 = 1_000_000;
-
-/// One record's `first_seen` and counters at the previous interval.
-type Prev = (u64, DirStats, DirStats);
-
-/// Counters at the previous interval.
+/// Counters at the previous interval written, and the retired connections
+/// whose last lines are not written yet.
 #[derive(Default)]
 pub struct Deltas {
-    prev: HashMap<Key, Vec<Prev>>,
+    deltas: flowtable::delta::Deltas,
+    pending: std::collections::VecDeque<Connection>,
+    /// Retired connections dropped from `pending`.
+    dropped: u64,
     interval: u64,
 }
 
@@ -67,20 +58,6 @@ struct Line<'a> {
     dst_tags: &'a std::collections::BTreeMap<String, String>,
 }
 
-fn sub(now: &DirStats, before: &DirStats) -> DirStats {
-    DirStats {
-        packets: now.packets.saturating_sub(before.packets),
-        bytes: now.bytes.saturating_sub(before.bytes),
-        l3_bytes: now.l3_bytes.saturating_sub(before.l3_bytes),
-        retransmits: now.retransmits.saturating_sub(before.retransmits),
-        retransmitted_bytes: now
-            .retransmitted_bytes
-            .saturating_sub(before.retransmitted_bytes),
-        probes: now.probes.saturating_sub(before.probes),
-        gaps: now.gaps.saturating_sub(before.gaps),
-    }
-}
-
 impl Deltas {
     /// Writes the lines of this interval, read at `now`, with one
     /// `write_all` of them all; the counters they were taken against move
@@ -91,30 +68,20 @@ impl Deltas {
         &mut self,
         out: &mut impl Write,
         conns: &[Connection],
+        retired: &[Connection],
         now: SystemTime,
     ) -> io::Result<usize> {
         self.interval += 1;
+        self.pending.extend(retired.iter().cloned());
+        while self.pending.len() > MAX_PENDING {
+            self.pending.pop_front();
+            self.dropped += 1;
+        }
         let time = rfc3339(now);
         let mut buf = Vec::new();
-        // The counters of each connection written, to keep once written:
-        // (key, index among the key's records or None for a new one, what
-        // to keep).
-        let mut written: Vec<(Key, Option<usize>, Prev)> = Vec::new();
-        for c in conns {
-            let k = key(c);
-            let found = self.prev.get(&k).and_then(|records| {
-                records
-                    .iter()
-                    .position(|r| r.0.abs_diff(c.first_seen) < SAME_RECORD_NS)
-            });
-            let before = match found {
-                Some(i) => self.prev[&k][i],
-                None => (c.first_seen, DirStats::default(), DirStats::default()),
-            };
-            if (c.sent, c.received) == (before.1, before.2) {
-                continue;
-            }
-            written.push((k, found, (c.first_seen, c.sent, c.received)));
+        let changes = self.deltas.changes(conns.iter().chain(&self.pending));
+        for ch in &changes {
+            let c = ch.conn;
             let line = Line {
                 interval: self.interval,
                 time: time.clone(),
@@ -126,28 +93,29 @@ impl Deltas {
                 iface: c.iface,
                 first_seen: at(c.first_seen),
                 last_seen: at(c.last_seen),
-                sent: sub(&c.sent, &before.1),
-                received: sub(&c.received, &before.2),
+                sent: ch.sent,
+                received: ch.received,
                 src_tags: &c.src_tags,
                 dst_tags: &c.dst_tags,
             };
             serde_json::to_writer(&mut buf, &line)?;
             buf.push(b'\n');
         }
-        if written.is_empty() {
-            return Ok(0);
+        let n = changes.len();
+        if n > 0 {
+            out.write_all(&buf)?;
+            out.flush()?;
+            self.deltas.commit(&changes);
         }
-        out.write_all(&buf)?;
-        out.flush()?;
-        let n = written.len();
-        for (k, found, now) in written {
-            let records = self.prev.entry(k).or_default();
-            match found {
-                Some(i) => records[i] = now,
-                None => records.push(now),
-            }
-        }
+        // Written (or nothing to write): their last lines are out.
+        self.deltas.forget(&self.pending);
+        self.pending.clear();
         Ok(n)
+    }
+
+    /// Records remembered, retired ones waiting, retired ones dropped.
+    pub fn held(&self) -> (usize, usize, u64) {
+        (self.deltas.len(), self.pending.len(), self.dropped)
     }
 }
 
@@ -194,6 +162,13 @@ pub struct ExportStatus {
     /// Why the last failed write failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// Connections remembered for their next line.
+    pub tracked: usize,
+    /// Ended connections whose last lines wait for a write that works.
+    pub pending: usize,
+    /// Ended connections whose last lines were dropped while waiting
+    /// (more than `MAX_PENDING`): their final change is not in the file.
+    pub dropped: u64,
 }
 
 /// What [`Export::write`] has to say on stderr, if anything.
@@ -239,12 +214,18 @@ impl Export {
 
     /// Writes this interval's lines (see [`Deltas::write`]); a failure is
     /// counted, and what it wrote of the lines is cut off the file again.
-    pub fn write(&mut self, conns: &[Connection], now: SystemTime) -> Said {
+    pub fn write(&mut self, conns: &[Connection], retired: &[Connection], now: SystemTime) -> Said {
         let len = match &self.out {
             Out::File(f) => f.metadata().ok().map(|m| m.len()),
             Out::Stdout => None,
         };
-        match self.deltas.write(&mut self.out, conns, now) {
+        let written = self.deltas.write(&mut self.out, conns, retired, now);
+        (
+            self.status.tracked,
+            self.status.pending,
+            self.status.dropped,
+        ) = self.deltas.held();
+        match written {
             // Nothing to write proves nothing.
             Ok(0) => Said::Nothing,
             Ok(_) => {
@@ -315,7 +296,7 @@ mod tests {
     fn lines(d: &mut Deltas, conns: &[Connection]) -> Vec<serde_json::Value> {
         let mut out = Vec::new();
         let t = UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_002);
-        d.write(&mut out, conns, t).unwrap();
+        d.write(&mut out, conns, &[], t).unwrap();
         String::from_utf8(out)
             .unwrap()
             .lines()
@@ -398,13 +379,18 @@ mod tests {
             text: Vec::new(),
         };
         let t = UNIX_EPOCH + Duration::from_secs(1_700_000_002);
-        d.write(&mut disk, &[conn(40000, 100, 10)], t).unwrap();
+        d.write(&mut disk, &[conn(40000, 100, 10)], &[], t).unwrap();
         disk.full = true;
-        assert!(d.write(&mut disk, &[conn(40000, 250, 20)], t).is_err());
-        assert!(d.write(&mut disk, &[conn(40000, 400, 30)], t).is_err());
+        assert!(d.write(&mut disk, &[conn(40000, 250, 20)], &[], t).is_err());
+        assert!(d.write(&mut disk, &[conn(40000, 400, 30)], &[], t).is_err());
         disk.full = false;
-        d.write(&mut disk, &[conn(40000, 450, 30), conn(40001, 5, 0)], t)
-            .unwrap();
+        d.write(
+            &mut disk,
+            &[conn(40000, 450, 30), conn(40001, 5, 0)],
+            &[],
+            t,
+        )
+        .unwrap();
         let lines: Vec<serde_json::Value> = String::from_utf8(disk.text)
             .unwrap()
             .lines()
@@ -434,15 +420,15 @@ mod tests {
         let mut e = Export::open("/dev/full").unwrap();
         let t = UNIX_EPOCH + Duration::from_secs(1_700_000_002);
         assert!(matches!(
-            e.write(&[conn(40000, 100, 10)], t),
+            e.write(&[conn(40000, 100, 10)], &[], t),
             Said::Failing(_)
         ));
-        assert_eq!(e.write(&[conn(40000, 200, 10)], t), Said::Nothing);
+        assert_eq!(e.write(&[conn(40000, 200, 10)], &[], t), Said::Nothing);
         let s = e.status();
         assert_eq!((s.failed_writes, s.behind), (2, true));
         assert!(s.last_error.as_deref().unwrap().contains("No space left"));
         // Nothing to write is no write: still behind.
-        assert_eq!(e.write(&[], t), Said::Nothing);
+        assert_eq!(e.write(&[], &[], t), Said::Nothing);
     }
 
     #[test]

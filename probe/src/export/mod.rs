@@ -4,6 +4,7 @@
 //! `flowprobe run` writes to at each tick and at the end.
 
 pub mod agent;
+pub mod history;
 pub mod jsonl;
 pub mod print;
 
@@ -14,6 +15,7 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{anyhow, Result};
 
 use self::agent::{Latest, MetricLabels, Snapshot};
+use self::history::History;
 use self::jsonl::{Export, Said};
 use self::print::Format;
 use crate::sources::Reading;
@@ -25,6 +27,7 @@ const LOSS_REPEAT: Duration = Duration::from_secs(60);
 /// The sinks that are on.
 pub struct Sinks {
     agent: Option<Latest>,
+    history: History,
     export: Option<Export>,
     /// The source's loss count last said on stderr, and when.
     losses_said: (u64, Option<Instant>),
@@ -41,12 +44,19 @@ pub struct SinkOptions<'a> {
     pub print_snapshots: bool,
     pub format: Format,
     pub quiet: bool,
+    pub rollups: flowtable::rollup::RollupSettings,
+    pub list_max: usize,
 }
 
 impl Sinks {
     /// Binds the agent's port (a port in use fails here, before anything is
     /// loaded) and opens the export.
     pub fn open(o: SinkOptions<'_>) -> Result<Sinks> {
+        let history = History::new(
+            o.rollups,
+            o.list_max,
+            o.listen.as_ref().map(|(_, labels)| labels.spec()),
+        );
         let agent = match o.listen {
             Some((addr, labels)) => {
                 let latest = Latest::default();
@@ -64,6 +74,7 @@ impl Sinks {
         };
         Ok(Sinks {
             agent,
+            history,
             export,
             losses_said: (0, None),
             snapshots: o.print_snapshots.then_some(0),
@@ -72,17 +83,18 @@ impl Sinks {
         })
     }
 
-    /// Whether anything wants a reading every tick.
-    pub fn want_ticks(&self) -> bool {
-        self.agent.is_some() || self.export.is_some() || self.snapshots.is_some()
-    }
-
     pub fn tick(&mut self, r: &Reading) -> Result<()> {
         self.export(r);
+        self.history.update(r, crate::os::clock::realtime_ns());
         if let Some(latest) = &self.agent {
-            let mut s = Snapshot::from(r.clone());
-            s.export = self.export.as_ref().map(|e| e.status().clone());
-            latest.publish(s);
+            latest.publish(Snapshot {
+                conns: r.conns.clone(),
+                health: Some(r.health.clone()),
+                export: self.export.as_ref().map(|e| e.status().clone()),
+                rollups: Some(self.history.rollups()),
+                retired_totals: self.history.metric_totals(),
+                bounds: self.history.bounds(),
+            });
         }
         self.say_losses(r);
         if let Some(n) = &mut self.snapshots {
@@ -97,19 +109,31 @@ impl Sinks {
     /// The final reading: the export's last lines (so that it sums to the
     /// totals), the connections on stdout, the summary and any loss on
     /// stderr.
-    pub fn finish(&mut self, r: &Reading) -> Result<()> {
+    pub fn finish(mut self, r: &Reading) -> Result<()> {
         self.export(r);
         let health = r.health.describe();
+        let history =
+            std::mem::replace(&mut self.history, History::new(Default::default(), 0, None));
+        let (mut all, unlisted) = history.into_listed();
+        all.extend(r.retired.iter().cloned());
+        all.extend(r.conns.iter().cloned());
+        flowtable::sort_connections(&mut all);
         let mut out = io::BufWriter::new(io::stdout().lock());
         if self.format == Format::Table {
             writeln!(out, "# {health}")?;
         }
-        print::write(&mut out, self.format, &r.conns)?;
+        print::write(&mut out, self.format, &all)?;
         out.flush()?;
         if !self.quiet {
             eprintln!(
                 "flowprobe: {} ({health})",
-                print::summary(r.conns.len(), r.health.frames())
+                print::summary(all.len() + unlisted.conns as usize, r.health.frames())
+            );
+        }
+        if unlisted.conns > 0 {
+            eprintln!(
+                "flowprobe: {} connections that ended more than --keep-ended before the end are not listed (over --list-max); together they sent {} and received {} bytes; `flowprobe query --agent ... --last` has them by group",
+                unlisted.conns, unlisted.sent.bytes, unlisted.received.bytes
             );
         }
         for line in r.health.losses(self.quiet) {
@@ -129,7 +153,7 @@ impl Sinks {
     /// (once, and again when writes work again), and does not stop `run`.
     fn export(&mut self, r: &Reading) {
         let Some(e) = &mut self.export else { return };
-        match e.write(&r.conns, SystemTime::now()) {
+        match e.write(&r.conns, &r.retired, SystemTime::now()) {
             Said::Nothing => {}
             Said::Failing(why) => eprintln!(
                 "flowprobe: --export-jsonl {}: {why}; its lines wait for the next interval that can be written (counted in /health and /metrics)",

@@ -255,7 +255,7 @@ fn query_table(out: &mut impl Write, q: &QueryResult) -> io::Result<()> {
 }
 
 /// Bytes per second in SI units (`12.3 MB/s`).
-fn rate(bps: f64) -> String {
+pub fn rate(bps: f64) -> String {
     const UNITS: [&str; 5] = ["B/s", "kB/s", "MB/s", "GB/s", "TB/s"];
     let mut v = bps;
     let mut u = 0;

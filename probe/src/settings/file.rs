@@ -6,7 +6,15 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use super::Backend;
+/// `--backend` and the field `backend`: one enum for both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    Auto,
+    Tc,
+    Afpacket,
+    Xdp,
+}
 
 /// The file as written; every field optional.
 #[derive(Debug, Default, Deserialize, PartialEq)]
@@ -28,6 +36,12 @@ pub struct RunConfig {
     pub max_conns: Option<u32>,
     pub closed_timeout: Option<f64>,
     pub idle_timeout: Option<f64>,
+    /// As --keep-ended, --list-max and the --rollup-* flags.
+    pub keep_ended: Option<f64>,
+    pub list_max: Option<usize>,
+    pub rollup_interval: Option<f64>,
+    pub rollup_keep: Option<f64>,
+    pub rollup_top: Option<usize>,
     pub interval: Option<f64>,
     /// As --listen.
     pub listen: Option<String>,
@@ -148,7 +162,7 @@ mod tests {
             ),
             (
                 "interfaces = [\"eth0\"]\nmax_con = 5",
-                "line 2: unknown field `max_con`, expected one of `interfaces`, `backend`, `ebpf_object`, `per_interface`, `decap`, `vxlan_port`, `geneve_port`, `max_conns`, `closed_timeout`, `idle_timeout`, `interval`, `listen`, `metrics_labels`, `export`",
+                "line 2: unknown field `max_con`, expected one of `interfaces`, `backend`, `ebpf_object`, `per_interface`, `decap`, `vxlan_port`, `geneve_port`, `max_conns`, `closed_timeout`, `idle_timeout`, `keep_ended`, `list_max`, `rollup_interval`, `rollup_keep`, `rollup_top`, `interval`, `listen`, `metrics_labels`, `export`",
             ),
             (
                 "[export]\nfile = \"x\"",

@@ -5,6 +5,8 @@
 
 pub mod file;
 
+pub use file::Backend;
+
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -12,7 +14,6 @@ use std::time::Duration;
 
 use anyhow::Result;
 use probe_common::Decap;
-use serde::Deserialize;
 
 use crate::export::agent::{parse_listen, MetricLabels};
 use crate::export::print::Format;
@@ -25,17 +26,15 @@ pub const DEFAULT_CLOSED_TIMEOUT_S: f64 = 2.0;
 pub const DEFAULT_IDLE_TIMEOUT_S: f64 = 300.0;
 /// The agent's and the export's period when `--interval` is not given.
 pub const DEFAULT_TICK: Duration = Duration::from_secs(1);
+/// How long a connection that ended stays listed (`--keep-ended`).
+pub const DEFAULT_KEEP_ENDED_S: f64 = 60.0;
+/// Connections that left the listing kept for the final output.
+pub const DEFAULT_LIST_MAX: usize = 100_000;
+pub const DEFAULT_ROLLUP_INTERVAL_S: f64 = 10.0;
+pub const DEFAULT_ROLLUP_KEEP_S: f64 = 600.0;
+pub const DEFAULT_ROLLUP_TOP: usize = 200;
 /// Bytes of kernel memory per slot of the connection table.
 pub const SLOT_BYTES: usize = size_of::<probe_common::slots::Slot>();
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Backend {
-    Auto,
-    Tc,
-    Afpacket,
-    Xdp,
-}
 
 fn max_conns_help() -> String {
     format!(
@@ -163,6 +162,34 @@ pub struct RunFlags {
     /// counters changed, with the change, to PATH (`-`: stdout).
     #[arg(long, value_name = "PATH")]
     pub export_jsonl: Option<String>,
+    #[command(flatten)]
+    pub bounds: BoundFlags,
+}
+
+/// What a long run keeps (docs/run-and-backends.md, "Memory").
+#[derive(clap::Args, Debug, Default)]
+#[command(next_help_heading = "Memory bounds")]
+pub struct BoundFlags {
+    /// A connection that ended stays listed (/connections, /query without
+    /// --last, snapshots) this long; after that it is in the totals and
+    /// the rollups only [default: 60].
+    #[arg(long, value_name = "SECS")]
+    pub keep_ended: Option<f64>,
+    /// The final output lists at most this many connections that left the
+    /// listing; the rest are summed in one line [default: 100000].
+    #[arg(long, value_name = "N")]
+    pub list_max: Option<usize>,
+    /// Length of one rollup interval, what `query --last` is made of
+    /// [default: 10].
+    #[arg(long, value_name = "SECS")]
+    pub rollup_interval: Option<f64>,
+    /// How far back the rollups go [default: 600].
+    #[arg(long, value_name = "SECS")]
+    pub rollup_keep: Option<f64>,
+    /// Groups each rollup interval keeps, by bytes; the rest are summed
+    /// into `other` [default: 200].
+    #[arg(long, value_name = "N")]
+    pub rollup_top: Option<usize>,
 }
 
 /// Everything `flowprobe run` needs, checked.
@@ -187,6 +214,9 @@ pub struct RunSettings {
     pub export_jsonl: Option<String>,
     pub format: Format,
     pub quiet: bool,
+    pub keep_ended: Duration,
+    pub list_max: usize,
+    pub rollups: flowtable::rollup::RollupSettings,
 }
 
 impl RunSettings {
@@ -327,7 +357,55 @@ impl RunFlags {
             Some((p, _)) => Some(p),
             None => None,
         };
+        let b = self.bounds;
+        let keep_ended = seconds(
+            pick(
+                b.keep_ended,
+                file.keep_ended,
+                ("--keep-ended", "keep_ended"),
+            ),
+            0.0,
+        )?
+        .unwrap_or(Duration::from_secs_f64(DEFAULT_KEEP_ENDED_S));
+        let list_max = pick(b.list_max, file.list_max, ("--list-max", "list_max"))
+            .map_or(DEFAULT_LIST_MAX, |(n, _)| n);
+        let rollup_interval = seconds(
+            pick(
+                b.rollup_interval,
+                file.rollup_interval,
+                ("--rollup-interval", "rollup_interval"),
+            ),
+            0.1,
+        )?
+        .unwrap_or(Duration::from_secs_f64(DEFAULT_ROLLUP_INTERVAL_S));
+        let rollup_keep = seconds(
+            pick(
+                b.rollup_keep,
+                file.rollup_keep,
+                ("--rollup-keep", "rollup_keep"),
+            ),
+            0.0,
+        )?
+        .unwrap_or(Duration::from_secs_f64(DEFAULT_ROLLUP_KEEP_S));
+        let rollup_top = match pick(
+            b.rollup_top,
+            file.rollup_top,
+            ("--rollup-top", "rollup_top"),
+        ) {
+            Some((0, from)) => return Err(format!("{from}: must be at least 1")),
+            Some((n, _)) => n,
+            None => DEFAULT_ROLLUP_TOP,
+        };
+        let rollups = flowtable::rollup::RollupSettings {
+            interval: rollup_interval,
+            keep: (rollup_keep.as_secs_f64() / rollup_interval.as_secs_f64()).ceil() as usize,
+            top: rollup_top,
+            ..flowtable::rollup::RollupSettings::default()
+        };
         Ok(RunSettings {
+            keep_ended,
+            list_max,
+            rollups,
             backend: self.backend.or(file.backend).unwrap_or(Backend::Auto),
             ifaces,
             ebpf_object: self.ebpf_object.or(file.ebpf_object),

@@ -32,7 +32,7 @@ pub trait Source {
     /// kernel table, reading 32-bit kernel counters before they wrap).
     /// An error stops the run.
     fn poll(&mut self) -> Result<()>;
-    /// Every connection so far and what the source says about itself.
+    /// The connections it lists now and what it says about itself.
     fn read(&mut self) -> Result<Reading>;
     /// Stops counting (detaches, joins readers) and gives the final reading.
     fn finish(self: Box<Self>) -> Result<Reading>;
@@ -55,7 +55,12 @@ pub enum Links<'a> {
 /// One read of a source.
 #[derive(Clone, Debug)]
 pub struct Reading {
+    /// Open connections and those that ended less than `--keep-ended` ago.
     pub conns: Vec<Connection>,
+    /// Connections listed for the last time, with their final counters:
+    /// each ended connection is in exactly one reading's `retired` (if the
+    /// run lasts long enough), and in no `conns` after it.
+    pub retired: Vec<Connection>,
     pub health: Health,
 }
 

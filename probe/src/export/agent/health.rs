@@ -119,6 +119,9 @@ mod tests {
     #[test]
     fn tc_and_afpacket_and_the_export_say_what_they_have() {
         let tc = Snapshot {
+            rollups: None,
+            retired_totals: None,
+            bounds: Default::default(),
             export: None,
             conns: Vec::new(),
             health: Some(Health::Ebpf(EbpfHealth {
@@ -144,10 +147,14 @@ mod tests {
              \"insert_failed\":0,\"contended\":0},\"packets\":{\"tracked\":0,\"duplicate\":0,\"skipped\":{}}}\n"
         );
         let af = Snapshot {
+            rollups: None,
+            retired_totals: None,
+            bounds: Default::default(),
             export: Some(ExportStatus {
                 failed_writes: 3,
                 behind: true,
                 last_error: Some("No space left on device (os error 28)".to_owned()),
+                ..Default::default()
             }),
             conns: Vec::new(),
             health: Some(Health::Afpacket(AfpacketHealth {
@@ -162,7 +169,7 @@ mod tests {
         assert_eq!(
             encode(&af),
             "{\"backend\":\"afpacket\",\"connections\":0,\"rings\":{\"packets\":100,\"drops\":2,\"freezes\":1},\
-             \"export\":{\"failed_writes\":3,\"behind\":true,\"last_error\":\"No space left on device (os error 28)\"}}\n"
+             \"export\":{\"failed_writes\":3,\"behind\":true,\"last_error\":\"No space left on device (os error 28)\",\"tracked\":0,\"pending\":0,\"dropped\":0}}\n"
         );
     }
 }

@@ -22,6 +22,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::{Registry, Unit};
 
+use super::http::ServerStats;
 use super::Snapshot;
 use crate::sources::Health;
 
@@ -217,9 +218,14 @@ fn gauge(v: u64) -> ConstGauge<i64> {
     ConstGauge::new(v.min(i64::MAX as u64) as i64)
 }
 
-/// Group series from the query rows.
-fn groups(reg: &mut Registry, conns: &[Connection], labels: &MetricLabels) {
-    let q = labels.spec().run(conns, flowtable::query::origin(conns));
+/// Group series from the query rows: the listed connections plus the sums
+/// of those no longer listed, so that no counter goes down.
+fn groups(reg: &mut Registry, s: &Snapshot, labels: &MetricLabels) {
+    let conns: &[Connection] = &s.conns;
+    let mut q = labels.spec().run(conns, flowtable::query::origin(conns));
+    if let Some(t) = &s.retired_totals {
+        q.absorb(t);
+    }
     let (src_names, dst_names) = labels.names();
     let label_set = |src: &[Option<String>], dst: &[Option<String>]| -> Labels {
         let pairs = src_names.iter().zip(src).chain(dst_names.iter().zip(dst));
@@ -303,9 +309,122 @@ fn groups(reg: &mut Registry, conns: &[Connection], labels: &MetricLabels) {
     );
 }
 
+/// The agent's HTTP server: its clients and what it refused.
+fn server(reg: &mut Registry, h: &ServerStats) {
+    let get = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    reg.register(
+        "http_clients",
+        "Connections to the agent's HTTP server open now",
+        gauge(get(&h.clients)),
+    );
+    reg.register(
+        "http_clients_max",
+        "The bound of those; one more is answered 503",
+        gauge(super::http::LIMITS.clients as u64),
+    );
+    reg.register(
+        "http_refused",
+        "Connections answered 503: the server had its most clients",
+        counter(get(&h.refused)),
+    );
+    reg.register(
+        "http_timed_out",
+        "Connections closed because the request's head took over 10 s or the connection over 60 s",
+        counter(get(&h.timed_out)),
+    );
+    reg.register(
+        "http_malformed",
+        "Connections closed on a malformed request or a head over 16 KiB",
+        counter(get(&h.malformed)),
+    );
+}
+
+/// What the run keeps beyond the listing, and what its bounds folded.
+fn bounds(reg: &mut Registry, s: &Snapshot) {
+    let b = &s.bounds;
+    reg.register(
+        "listed_connections",
+        "Connections listed now (/connections): open ones and those that ended less than --keep-ended ago",
+        gauge(s.conns.len() as u64),
+    );
+    reg.register(
+        "retired_connections",
+        "Connections that left the listing; their counts stay in the group series and the rollups",
+        counter(b.retired),
+    );
+    reg.register(
+        "final_listed_connections",
+        "Connections that left the listing kept for the final output",
+        gauge(b.listed_ended as u64),
+    );
+    reg.register(
+        "final_list_max",
+        "The bound of those (--list-max)",
+        gauge(b.list_max as u64),
+    );
+    reg.register(
+        "unlisted_connections",
+        "Connections beyond --list-max: summed in one line of the final output, not listed",
+        counter(b.unlisted),
+    );
+    reg.register(
+        "metrics_folded_series",
+        "Group series of connections no longer listed folded into the empty-label group (more than 10000 groups)",
+        counter(b.folded_series),
+    );
+    let r = &b.rollups;
+    reg.register(
+        "rollup_intervals",
+        "Closed rollup intervals kept (--rollup-keep / --rollup-interval at most)",
+        gauge(r.intervals as u64),
+    );
+    if let Some(rs) = &b.rollup_settings {
+        reg.register(
+            "rollup_intervals_max",
+            "The bound of rollup intervals",
+            gauge(rs.keep as u64),
+        );
+    }
+    reg.register(
+        "rollup_groups",
+        "Groups held by the rollups (kept intervals and the open one)",
+        gauge(r.groups as u64),
+    );
+    reg.register(
+        "rollup_tracked_connections",
+        "Connections the rollups remember the last counters of",
+        gauge(r.tracked as u64),
+    );
+    reg.register(
+        "rollup_folded_groups",
+        "Groups summed into `other` by --rollup-top (or while an interval was open, beyond 20000 groups)",
+        counter(r.folded_groups),
+    );
+    reg.register(
+        "rollup_dropped_intervals",
+        "Rollup intervals dropped from the far end of the ring",
+        counter(r.dropped_intervals),
+    );
+}
+
 /// `--export-jsonl`: how writing it fares.
 fn export(reg: &mut Registry, s: &Snapshot) {
     let Some(e) = &s.export else { return };
+    reg.register(
+        "export_tracked_connections",
+        "Connections --export-jsonl remembers the last counters of",
+        gauge(e.tracked as u64),
+    );
+    reg.register(
+        "export_pending_connections",
+        "Ended connections whose last --export-jsonl lines wait for a write that works",
+        gauge(e.pending as u64),
+    );
+    reg.register(
+        "export_dropped_connections",
+        "Ended connections whose last --export-jsonl lines were dropped while the file could not be written",
+        counter(e.dropped),
+    );
     reg.register(
         "export_failed_writes",
         "Intervals whose --export-jsonl lines could not be written; each one's change went with the next interval written",
@@ -388,7 +507,7 @@ fn health(reg: &mut Registry, s: &Snapshot) {
     );
     reg.register(
         "tracked_connections",
-        "Connections the agent reports, including those moved out of the kernel map",
+        "Connections the agent lists, including those moved out of the kernel map less than --keep-ended ago",
         gauge(s.conns.len() as u64),
     );
     reg.register(
@@ -433,11 +552,25 @@ fn health(reg: &mut Registry, s: &Snapshot) {
 }
 
 /// The OpenMetrics text of `s` (Prometheus scrapes it as such).
+#[cfg(test)]
 pub fn encode(s: &Snapshot, labels: &MetricLabels) -> String {
+    encode_with(s, labels, None)
+}
+
+/// [`encode`] with the server's own counters, as `/metrics` serves it.
+pub fn encode_served(s: &Snapshot, labels: &MetricLabels, http: &ServerStats) -> String {
+    encode_with(s, labels, Some(http))
+}
+
+fn encode_with(s: &Snapshot, labels: &MetricLabels, http: Option<&ServerStats>) -> String {
     let mut reg = Registry::with_prefix("flowprobe");
-    groups(&mut reg, &s.conns, labels);
+    groups(&mut reg, s, labels);
     health(&mut reg, s);
     export(&mut reg, s);
+    bounds(&mut reg, s);
+    if let Some(h) = http {
+        server(&mut reg, h);
+    }
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, &reg)
         .expect("writing to a String cannot fail");
@@ -516,6 +649,9 @@ mod tests {
         stats.skip(ParseError::NotIp);
         stats.skip(ParseError::NotIp);
         Snapshot {
+            rollups: None,
+            retired_totals: None,
+            bounds: Default::default(),
             export: None,
             conns: vec![
                 conn("web", Some("db"), 5432, (10, 1000, 1, 100), (8, 4000)),
@@ -559,6 +695,9 @@ mod tests {
         crate::sources::file::replay(&files, &mut table, &mut stats, probe_common::Decap::DEFAULT)
             .unwrap();
         let s = Snapshot {
+            rollups: None,
+            retired_totals: None,
+            bounds: Default::default(),
             export: None,
             conns: table.connections(),
             health: Some(Health::Ebpf(EbpfHealth {
@@ -596,10 +735,14 @@ mod tests {
     #[test]
     fn afpacket_has_no_kernel_map_series() {
         let s = Snapshot {
+            rollups: None,
+            retired_totals: None,
+            bounds: Default::default(),
             export: Some(crate::export::jsonl::ExportStatus {
                 failed_writes: 2,
                 behind: true,
                 last_error: None,
+                ..Default::default()
             }),
             health: Some(Health::Afpacket(AfpacketHealth {
                 kernel: KernelStats {

@@ -37,6 +37,7 @@ use probe_common::Decap;
 pub use ring::KernelStats;
 use ring::{Cursor, Frame, Ring};
 
+use crate::os::clock::realtime_ns;
 use crate::os::links::{Event, Link};
 use crate::sources::{AfpacketHealth, Health, KeyFeed, Links, Reading, Source};
 
@@ -59,13 +60,30 @@ pub struct AfpacketSource {
     kernel: KernelStats,
     /// The kernel's counters are 32-bit: read often enough not to wrap.
     next_stats: Instant,
+    retire: Retire,
+    /// Split records among the retired ones so far.
+    split_retired: u64,
+}
+
+/// When a connection leaves the tables: over (`closed`/`idle`, as the
+/// eBPF source drains) and then listed for `keep_ended`.
+#[derive(Clone, Copy, Debug)]
+pub struct Retire {
+    pub closed: Duration,
+    pub idle: Duration,
+    pub keep_ended: Duration,
 }
 
 /// Opens one ring per CPU in one fanout group; `only`: the interfaces
 /// named with --iface (empty: every interface); `per_iface`: key
 /// connections per interface (`--per-interface`); `decap`: which tunnels
 /// to look into.
-pub fn open(only: &[String], per_iface: bool, decap: Decap) -> Result<AfpacketSource> {
+pub fn open(
+    only: &[String],
+    per_iface: bool,
+    decap: Decap,
+    retire: Retire,
+) -> Result<AfpacketSource> {
     let n = std::thread::available_parallelism().map_or(1, |n| n.get());
     let blocks = ring::blocks_per_ring(n);
     let rings = (0..n)
@@ -99,6 +117,8 @@ pub fn open(only: &[String], per_iface: bool, decap: Decap) -> Result<AfpacketSo
         named: Named::new(only),
         kernel: KernelStats::default(),
         next_stats: Instant::now() + Duration::from_secs(1),
+        retire,
+        split_retired: 0,
     })
 }
 
@@ -134,19 +154,30 @@ impl AfpacketSource {
         first_err.map_or(Ok(()), Err)
     }
 
-    fn reading(&self) -> Result<Reading> {
-        let per_ring = self
-            .shards
-            .iter()
-            .map(|sh| Ok(lock(sh)?.table.connections()))
-            .collect::<Result<Vec<_>>>()?;
+    fn reading(&mut self) -> Result<Reading> {
+        let now = realtime_ns();
+        let r = self.retire;
+        let ns = |d: Duration| d.as_nanos() as u64;
+        let (closed, idle) = (ns(r.closed + r.keep_ended), ns(r.idle + r.keep_ended));
+        let mut per_ring = Vec::new();
+        let mut retired_per_ring = Vec::new();
+        for sh in self.shards.iter() {
+            let mut sh = lock(sh)?;
+            retired_per_ring.push(sh.table.retire(now, closed, idle));
+            per_ring.push(sh.table.connections());
+        }
         let (conns, split) = merge::merge(per_ring);
+        let (retired, split_retired) = merge::merge(retired_per_ring);
+        // Retired records are not listed again: keep their merges counted.
+        self.split_retired += split_retired;
+        let split = split + self.split_retired;
         let mut frames = FrameStats::default();
         for sh in self.shards.iter() {
             frames.merge(&lock(sh)?.frames);
         }
         Ok(Reading {
             conns,
+            retired,
             health: Health::Afpacket(AfpacketHealth {
                 rings: self.rings.len(),
                 kernel: self.kernel,

@@ -15,8 +15,13 @@
 //! A SYN on the 5-tuple of a connection that is over, or of such a tail,
 //! opens a new connection: the kernel sets the old entry aside (`ENDED`)
 //! and the next pass drains it, whatever its age, before the new one.
+//!
+//! A drained record is listed for `keep` after it was drained, then
+//! retired: given once more in [`Listing::retired`] and forgotten, so
+//! that memory holds the connections of the last `keep`, not of the whole
+//! run. A tail that comes after its record retired is a record of its own.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use flowtable::Connection;
@@ -27,12 +32,25 @@ use super::kernel_table::KernelTable;
 pub struct Drainer {
     pub closed_after: Duration,
     pub idle_after: Duration,
+    /// How long a drained record is listed before it is retired.
+    pub keep: Duration,
     /// Drained connections in the order they were drained, each with the
-    /// tails drained after it added in.
-    done: Vec<(ConnKey, FlowEntry)>,
-    /// The index in `done` of each key's latest record: what a tail
-    /// continues.
+    /// tails drained after it added in, and when it was drained
+    /// (monotonic ns).
+    done: VecDeque<(ConnKey, FlowEntry, u64)>,
+    /// The number of the first record in `done` (records are numbered in
+    /// drain order from 0 and leave from the front).
+    base: usize,
+    /// The number of each key's latest record: what a tail continues.
     latest: HashMap<ConnKey, usize>,
+}
+
+/// The connections of one read.
+pub struct Listing {
+    /// Drained records not yet retired, then the map's entries.
+    pub conns: Vec<Connection>,
+    /// Records listed for the last time.
+    pub retired: Vec<Connection>,
 }
 
 /// `e`, a later entry of a key, continues that key's latest record rather
@@ -44,13 +62,21 @@ fn is_tail(e: &FlowEntry) -> bool {
 }
 
 impl Drainer {
-    pub fn new(closed_after: Duration, idle_after: Duration) -> Drainer {
+    pub fn new(closed_after: Duration, idle_after: Duration, keep: Duration) -> Drainer {
         Drainer {
             closed_after,
             idle_after,
-            done: Vec::new(),
+            keep,
+            done: VecDeque::new(),
+            base: 0,
             latest: HashMap::new(),
         }
+    }
+
+    /// Drained records held now.
+    #[cfg(test)]
+    pub fn held(&self) -> usize {
+        self.done.len()
     }
 
     /// How often to look: often enough that a closed connection leaves
@@ -71,37 +97,52 @@ impl Drainer {
         let mut moved = Vec::new();
         table.drain(due, &mut moved);
         let n = moved.len();
-        self.keep(moved);
+        self.absorb(moved, now_ns);
         n
     }
 
     /// Keeps entries drained in one pass (in the order they began, so that
     /// a tail follows what it continues): a tail is added to its key's
     /// latest record, anything else is a record of its own.
-    fn keep(&mut self, moved: Vec<(ConnKey, FlowEntry)>) {
+    fn absorb(&mut self, moved: Vec<(ConnKey, FlowEntry)>, now_ns: u64) {
         for (k, e) in moved {
             match self.latest.get(&k) {
                 // A tail starts later, so the drained record keeps its
                 // first_seen.
-                Some(&i) if is_tail(&e) => self.done[i].1.absorb(&e),
+                Some(&n) if is_tail(&e) => self.done[n - self.base].1.absorb(&e),
                 _ => {
-                    self.latest.insert(k, self.done.len());
-                    self.done.push((k, e));
+                    self.latest.insert(k, self.base + self.done.len());
+                    self.done.push_back((k, e, now_ns));
                 }
             }
         }
     }
 
-    /// Every drained connection plus the map's current entries (`live`,
-    /// in the order they began, as [`KernelTable::entries`] gives them), as
-    /// connections; a map entry that continues a drained one (same key,
-    /// not opened by a SYN) is added to it.
-    pub fn connections(
-        &self,
+    /// The drained records not yet retired plus the map's current entries
+    /// (`live`, in the order they began, as [`KernelTable::entries`] gives
+    /// them), as connections; a map entry that continues a drained one
+    /// (same key, not opened by a SYN) is added to it. Records drained
+    /// `keep` or longer before `now_ns` are retired first.
+    pub fn read(
+        &mut self,
         live: impl Iterator<Item = (ConnKey, FlowEntry)>,
         clock_offset_ns: u64,
-    ) -> Vec<Connection> {
-        // Drained records that a live tail adds to, by index in `done`.
+        now_ns: u64,
+    ) -> Listing {
+        let keep = self.keep.as_nanos() as u64;
+        let mut retired = Vec::new();
+        while let Some((k, e, at)) = self.done.front() {
+            if now_ns.saturating_sub(*at) < keep {
+                break;
+            }
+            retired.push(Connection::from_entry(k, e, clock_offset_ns));
+            if self.latest.get(k) == Some(&self.base) {
+                self.latest.remove(k);
+            }
+            self.done.pop_front();
+            self.base += 1;
+        }
+        // Drained records that a live tail adds to, by number.
         let mut grown: HashMap<usize, FlowEntry> = HashMap::new();
         let mut own: Vec<(ConnKey, FlowEntry)> = Vec::new();
         // The latest record of a key among `own`.
@@ -112,8 +153,11 @@ impl Drainer {
                     own[j].1.absorb(&e);
                     continue;
                 }
-                if let Some(&i) = self.latest.get(&k) {
-                    grown.entry(i).or_insert(self.done[i].1).absorb(&e);
+                if let Some(&n) = self.latest.get(&k) {
+                    grown
+                        .entry(n)
+                        .or_insert(self.done[n - self.base].1)
+                        .absorb(&e);
                     continue;
                 }
             }
@@ -124,10 +168,12 @@ impl Drainer {
             .done
             .iter()
             .enumerate()
-            .map(|(i, (k, e))| (k, grown.get(&i).unwrap_or(e)));
-        done.chain(own.iter().map(|(k, e)| (k, e)))
+            .map(|(i, (k, e, _))| (k, grown.get(&(self.base + i)).unwrap_or(e)));
+        let conns = done
+            .chain(own.iter().map(|(k, e)| (k, e)))
             .map(|(k, e)| Connection::from_entry(k, e, clock_offset_ns))
-            .collect()
+            .collect();
+        Listing { conns, retired }
     }
 }
 
@@ -160,8 +206,12 @@ mod tests {
     }
 
     fn drainer_with(done: Vec<(ConnKey, FlowEntry)>) -> Drainer {
-        let mut d = Drainer::new(Duration::from_secs(2), Duration::from_secs(300));
-        d.keep(done);
+        let mut d = Drainer::new(
+            Duration::from_secs(2),
+            Duration::from_secs(300),
+            Duration::from_secs(60),
+        );
+        d.absorb(done, 0);
         d
     }
 
@@ -181,11 +231,14 @@ mod tests {
             (k, entry(6000, tcp_flags::ACK, 2)),
         ]);
         assert_eq!(
-            bytes(&d.connections(std::iter::empty(), 0)),
+            bytes(&d.read(std::iter::empty(), 0, 0).conns),
             [(1000, 501), (4000, 42)]
         );
         // A later pass: a tail of the second.
-        d.keep(vec![(k, entry(7000, tcp_flags::FIN | tcp_flags::ACK, 3))]);
+        d.absorb(
+            vec![(k, entry(7000, tcp_flags::FIN | tcp_flags::ACK, 3))],
+            0,
+        );
         // In the map: a third connection the kernel ended when a fourth's
         // SYN came, a tail of the third, and the fourth.
         let live = [
@@ -194,7 +247,7 @@ mod tests {
             (k, entry(9000, tcp_flags::SYN, 90)),
         ];
         assert_eq!(
-            bytes(&d.connections(live.into_iter(), 0)),
+            bytes(&d.read(live.into_iter(), 0, 0).conns),
             [(1000, 501), (4000, 45), (8000, 74), (9000, 90)]
         );
         // Read again, nothing changed: the same records.
@@ -203,7 +256,7 @@ mod tests {
             (k, entry(9500, tcp_flags::ACK, 5)),
         ];
         assert_eq!(
-            bytes(&d.connections(live.into_iter(), 0)),
+            bytes(&d.read(live.into_iter(), 0, 0).conns),
             [(1000, 501), (4000, 45), (9000, 95)]
         );
     }
@@ -211,10 +264,10 @@ mod tests {
     #[test]
     fn a_tail_after_the_drain_adds_to_the_drained_record() {
         let k = key();
-        let d = drainer_with(vec![(k, entry(1000, tcp_flags::SYN, 500))]);
+        let mut d = drainer_with(vec![(k, entry(1000, tcp_flags::SYN, 500))]);
         // A late ACK made a new entry after the drain: no SYN.
         let tail = entry(5000, tcp_flags::ACK, 7);
-        let conns = d.connections([(k, tail)].into_iter(), 0);
+        let conns = d.read([(k, tail)].into_iter(), 0, 0).conns;
         assert_eq!(conns.len(), 1);
         assert_eq!(conns[0].sent.bytes, 507);
         assert_eq!(conns[0].sent.packets, 2);
@@ -224,13 +277,35 @@ mod tests {
     #[test]
     fn a_new_syn_on_the_same_key_is_a_new_connection() {
         let k = key();
-        let d = drainer_with(vec![(k, entry(1000, tcp_flags::SYN, 500))]);
+        let mut d = drainer_with(vec![(k, entry(1000, tcp_flags::SYN, 500))]);
         let next = entry(9000, tcp_flags::SYN, 40);
-        let conns = d.connections([(k, next)].into_iter(), 0);
+        let conns = d.read([(k, next)].into_iter(), 0, 0).conns;
         assert_eq!(conns.len(), 2);
         assert_eq!(
             conns.iter().map(|c| c.sent.bytes).collect::<Vec<_>>(),
             [500, 40]
         );
+    }
+
+    #[test]
+    fn records_retire_once_after_keep_and_a_later_tail_is_its_own() {
+        let k = key();
+        let s = 1_000_000_000;
+        let mut d = drainer_with(vec![(k, entry(1000, tcp_flags::SYN, 500))]);
+        // Drained at 0, kept 60 s: listed at 59 s.
+        let l = d.read(std::iter::empty(), 0, 59 * s);
+        assert_eq!((bytes(&l.conns), l.retired.len()), (vec![(1000, 500)], 0));
+        // At 60 s it is given once as retired, then never again.
+        let l = d.read(std::iter::empty(), 0, 60 * s);
+        assert!(l.conns.is_empty());
+        assert_eq!(bytes(&l.retired), [(1000, 500)]);
+        assert_eq!(d.held(), 0);
+        // A tail after that is a record of its own (oriented by what it
+        // saw: an ACK alone says nothing of who began).
+        let tail = entry(70 * s, tcp_flags::ACK, 7);
+        let l = d.read([(k, tail)].into_iter(), 0, 71 * s);
+        assert_eq!((l.conns.len(), l.retired.len()), (1, 0));
+        let c = &l.conns[0];
+        assert_eq!((c.first_seen, c.sent.bytes + c.received.bytes), (70 * s, 7));
     }
 }

@@ -21,7 +21,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use aya::programs::SchedClassifier;
 use aya::{Ebpf, EbpfLoader};
-use flowtable::sort_connections;
 use probe_common::contract;
 
 use self::attach::Attachments;
@@ -54,6 +53,8 @@ pub struct Options {
     /// last packet; any connection after `idle_timeout` ([`drain`]).
     pub closed_timeout: Duration,
     pub idle_timeout: Duration,
+    /// How long a drained connection stays listed before it is retired.
+    pub keep_ended: Duration,
 }
 
 pub struct EbpfSource {
@@ -88,7 +89,7 @@ pub fn open(opts: &Options) -> Result<EbpfSource> {
     };
     let ebpf = load(&bytes, &origin, opts).map_err(|e| Unavailable::Refused(format!("{e:#}")))?;
     let table = KernelTable::open(&ebpf)?;
-    let drainer = Drainer::new(opts.closed_timeout, opts.idle_timeout);
+    let drainer = Drainer::new(opts.closed_timeout, opts.idle_timeout, opts.keep_ended);
     let next_drain = Instant::now() + drainer.every();
     Ok(EbpfSource {
         att: Attachments::new(opts.hook, opts.only.clone()),
@@ -106,12 +107,13 @@ impl EbpfSource {
         let mut live = Vec::new();
         self.table.entries(&mut live)?;
         let entries = live.len();
-        let mut conns = self
+        let listing = self
             .drainer
-            .connections(live.into_iter(), clock_offset_ns());
-        sort_connections(&mut conns);
+            .read(live.into_iter(), clock_offset_ns(), monotonic_ns());
+        // In drain order then the map's: the run loop sorts once tagged.
         Ok(Reading {
-            conns,
+            conns: listing.conns,
+            retired: listing.retired,
             health: Health::Ebpf(EbpfHealth {
                 hook: self.hook,
                 attached: self.att.current(),

@@ -1,0 +1,199 @@
+//! What each connection added since the last time it was looked at: the
+//! JSON-lines export writes it, the rollups sum it per interval.
+//!
+//! A record is known by its 5-tuple, interface and `first_seen` (a reused
+//! 5-tuple is a later record). Live times are the kernel's monotonic stamps
+//! plus the wall clock's offset read at each reading, so one record's
+//! `first_seen` moves by some nanoseconds between readings; a second record
+//! of a 5-tuple starts after the first ended, in practice far later than
+//! [`SAME_RECORD_NS`].
+//!
+//! Memory is one small entry per record the source still lists: a record
+//! the source retires (`Reading::retired` in `flowprobe run`) is
+//! [`forget`](Deltas::forget)-ten once its last change was taken.
+
+use std::net::IpAddr;
+
+use rustc_hash::FxHashMap;
+
+use crate::conn::{Connection, DirStats};
+
+/// A connection's 5-tuple and interface; several records can share it.
+type Key = (&'static str, IpAddr, u16, IpAddr, u16, u32);
+
+fn key(c: &Connection) -> Key {
+    (c.proto, c.src, c.sport, c.dst, c.dport, c.iface)
+}
+
+/// Two readings of one record differ in `first_seen` by less than this.
+pub const SAME_RECORD_NS: u64 = 1_000_000;
+
+/// One record's `first_seen` and counters when last taken.
+type Prev = (u64, DirStats, DirStats);
+
+/// The counters of every record when its change was last taken.
+#[derive(Default)]
+pub struct Deltas {
+    prev: FxHashMap<Key, Vec<Prev>>,
+    records: usize,
+}
+
+/// One record's change since it was last taken (its totals the first time).
+pub struct Change<'a> {
+    pub conn: &'a Connection,
+    pub sent: DirStats,
+    pub received: DirStats,
+    /// The index among its key's records, `None` for a new record.
+    found: Option<usize>,
+}
+
+impl Change<'_> {
+    /// Its first change: the record is new.
+    pub fn is_new(&self) -> bool {
+        self.found.is_none()
+    }
+}
+
+/// `now - before`, per counter (a counter never shrinks; saturating keeps a
+/// record read torn across a drain from going negative).
+pub fn sub(now: &DirStats, before: &DirStats) -> DirStats {
+    DirStats {
+        packets: now.packets.saturating_sub(before.packets),
+        bytes: now.bytes.saturating_sub(before.bytes),
+        l3_bytes: now.l3_bytes.saturating_sub(before.l3_bytes),
+        retransmits: now.retransmits.saturating_sub(before.retransmits),
+        retransmitted_bytes: now
+            .retransmitted_bytes
+            .saturating_sub(before.retransmitted_bytes),
+        probes: now.probes.saturating_sub(before.probes),
+        gaps: now.gaps.saturating_sub(before.gaps),
+    }
+}
+
+impl Deltas {
+    /// The records of `conns` that changed since they were last taken, in
+    /// their order. Nothing is taken until [`Deltas::commit`].
+    pub fn changes<'a>(&self, conns: impl IntoIterator<Item = &'a Connection>) -> Vec<Change<'a>> {
+        let mut out = Vec::new();
+        for c in conns {
+            let found = self.prev.get(&key(c)).and_then(|records| {
+                records
+                    .iter()
+                    .position(|r| r.0.abs_diff(c.first_seen) < SAME_RECORD_NS)
+            });
+            let before = match found {
+                Some(i) => self.prev[&key(c)][i],
+                None => (c.first_seen, DirStats::default(), DirStats::default()),
+            };
+            if (c.sent, c.received) == (before.1, before.2) {
+                continue;
+            }
+            out.push(Change {
+                conn: c,
+                sent: sub(&c.sent, &before.1),
+                received: sub(&c.received, &before.2),
+                found,
+            });
+        }
+        out
+    }
+
+    /// Takes `changes`: the next [`Deltas::changes`] counts from here.
+    pub fn commit(&mut self, changes: &[Change<'_>]) {
+        for ch in changes {
+            let c = ch.conn;
+            let now = (c.first_seen, c.sent, c.received);
+            let records = self.prev.entry(key(c)).or_default();
+            match ch.found {
+                Some(i) => records[i] = now,
+                None => {
+                    records.push(now);
+                    self.records += 1;
+                }
+            }
+        }
+    }
+
+    /// Forgets records the source will not list again.
+    pub fn forget<'a>(&mut self, retired: impl IntoIterator<Item = &'a Connection>) {
+        for c in retired {
+            let k = key(c);
+            let Some(records) = self.prev.get_mut(&k) else {
+                continue;
+            };
+            let before = records.len();
+            records.retain(|r| r.0.abs_diff(c.first_seen) >= SAME_RECORD_NS);
+            self.records -= before - records.len();
+            if records.is_empty() {
+                self.prev.remove(&k);
+            }
+        }
+    }
+
+    /// Records remembered now.
+    pub fn len(&self) -> usize {
+        self.records
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.records == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn conn(sport: u16, sent_bytes: u64) -> Connection {
+        Connection {
+            proto: "tcp",
+            src: IpAddr::from([10, 0, 0, 1]),
+            sport,
+            dst: IpAddr::from([10, 0, 0, 2]),
+            dport: 80,
+            iface: 2,
+            first_seen: 1_700_000_000_000_000_000,
+            last_seen: 1_700_000_001_000_000_000,
+            sent: DirStats {
+                packets: sent_bytes / 100,
+                bytes: sent_bytes,
+                ..DirStats::default()
+            },
+            received: DirStats::default(),
+            rtt: None,
+            src_tags: Default::default(),
+            dst_tags: Default::default(),
+        }
+    }
+
+    fn take(d: &mut Deltas, conns: &[Connection]) -> Vec<(u16, u64)> {
+        let ch = d.changes(conns);
+        let got = ch.iter().map(|c| (c.conn.sport, c.sent.bytes)).collect();
+        d.commit(&ch);
+        got
+    }
+
+    #[test]
+    fn changes_sum_to_totals_and_forgotten_records_free_their_entry() {
+        let mut d = Deltas::default();
+        assert_eq!(
+            take(&mut d, &[conn(1, 100), conn(2, 50)]),
+            [(1, 100), (2, 50)]
+        );
+        assert_eq!(take(&mut d, &[conn(1, 250), conn(2, 50)]), [(1, 150)]);
+        // Not committed: the next call counts from the same point.
+        assert_eq!(d.changes(&[conn(1, 300)]).len(), 1);
+        assert_eq!(take(&mut d, &[conn(1, 400)]), [(1, 150)]);
+        assert_eq!(d.len(), 2);
+        d.forget(&[conn(1, 400)]);
+        assert_eq!(d.len(), 1);
+        // A jittered first_seen is the same record; a reuse is not.
+        let mut jitter = conn(2, 50);
+        jitter.first_seen += 20;
+        assert!(d.changes(&[jitter]).is_empty());
+        let mut reused = conn(2, 10);
+        reused.first_seen += 1_000_000_000;
+        assert_eq!(take(&mut d, &[reused]), [(2, 10)]);
+        assert_eq!(d.len(), 2);
+    }
+}

@@ -11,6 +11,9 @@
 # usage (root): bench/tc-testrun.sh [OBJ...]
 #   default: tc-baseline (empty) and probe-ebpf from target/ebpf (release)
 #   ROUNDS=5 REPEAT=2000000
+#   FRAME=FILE.pcap:N runs frame N (from 0) of that little-endian pcap
+#   instead (e.g. fixtures/tunnels/vxlan_two_vnis.pcap:8, a VXLAN-wrapped
+#   200-byte TCP segment: the cost on tunnelled traffic)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -43,6 +46,18 @@ ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp) + len(payload), 1, 0x40
                  bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2]))
 open(sys.argv[1], "wb").write(b"\x02" * 6 + b"\x04" * 6 + b"\x08\x00" + ip + tcp + payload)
 EOF
+if [[ -n ${FRAME:-} ]]; then
+    python3 - "$WORK/pkt.bin" "${FRAME%:*}" "${FRAME##*:}" <<'EOF'
+import struct, sys
+b = open(sys.argv[2], "rb").read()
+assert struct.unpack_from("<I", b, 0)[0] in (0xa1b2c3d4, 0xa1b23c4d), "not a little-endian pcap"
+o, n = 24, int(sys.argv[3])
+for _ in range(n):
+    o += 16 + struct.unpack_from("<I", b, o + 8)[0]
+incl = struct.unpack_from("<I", b, o + 8)[0]
+open(sys.argv[1], "wb").write(b[o + 16:o + 16 + incl])
+EOF
+fi
 
 # Every program of every object is one column: probe-ebpf has the tc
 # classifier and the XDP program.

@@ -1,8 +1,9 @@
 //! Joins the two directions of each connection and counts them.
 
 use probe_common::parse::tcp_flags;
+use probe_common::parse::{encap_flags, Encap};
 use probe_common::tcp::{track, Peer, Segment};
-use probe_common::{ConnKey, FlowEntry, L4Proto, Parsed};
+use probe_common::{ConnKey, FlowEntry, L4Proto, Parsed, TunnelKind};
 use rustc_hash::FxHashMap;
 
 use crate::conn::{ip, Connection, DirStats};
@@ -18,6 +19,9 @@ pub struct Observation<'a> {
     /// Wire segments it stands for (`gso_segs`; 1 for a captured frame).
     pub segs: u32,
     pub parsed: &'a Parsed,
+    /// The layers that wrapped it (`parse_frame_ex`): kept for a new
+    /// connection.
+    pub encap: &'a Encap,
 }
 
 /// A connection in the table: the very record the kernel keeps
@@ -30,10 +34,12 @@ struct Flow {
 }
 
 impl Flow {
-    fn new(ts: u64, dir: usize, key: &ConnKey, p: &Parsed) -> Flow {
+    fn new(ts: u64, dir: usize, key: &ConnKey, p: &Parsed, encap: &Encap) -> Flow {
         let flags = (p.key.proto == L4Proto::Tcp as u8).then_some(p.tcp.flags);
+        let mut entry = FlowEntry::new(ts, dir, key, flags);
+        entry.encap = encap.in_key_order(dir);
         Flow {
-            entry: FlowEntry::new(ts, dir, key, flags),
+            entry,
             rtt: RttTimer::default(),
         }
     }
@@ -91,7 +97,7 @@ impl FlowTable {
         } else {
             (0, o.iface.wrapping_add(1))
         };
-        let (key, dir) = ConnKey::of(&p.key, key_iface);
+        let (key, dir) = ConnKey::of(&p.key, key_iface, p.tunnel);
         let is_tcp = p.key.proto == L4Proto::Tcp as u8;
         let pure_syn = is_tcp && p.tcp.flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN;
 
@@ -103,7 +109,7 @@ impl FlowTable {
                     // Same 5-tuple, new connection (port reuse after close);
                     // a SYN at another interface than the one counting its
                     // direction is a copy of the old one's.
-                    let old = core::mem::replace(f, Flow::new(o.ts_ns, dir, &key, p));
+                    let old = core::mem::replace(f, Flow::new(o.ts_ns, dir, &key, p, o.encap));
                     self.ended.push((key, old));
                 } else if is_tcp {
                     f.entry.note_syn(dir, p.tcp.flags);
@@ -111,7 +117,7 @@ impl FlowTable {
                 f
             }
             std::collections::hash_map::Entry::Vacant(e) => {
-                e.insert(Flow::new(o.ts_ns, dir, &key, p))
+                e.insert(Flow::new(o.ts_ns, dir, &key, p, o.encap))
             }
         };
 
@@ -218,9 +224,57 @@ impl Connection {
             sent: DirStats::from(&e.counters[initiator]),
             received: DirStats::from(&e.counters[1 - initiator]),
             rtt: handshake_rtt(e, initiator),
-            src_tags: socket_tags(e, initiator),
-            dst_tags: socket_tags(e, 1 - initiator),
+            src_tags: end_tags(e, initiator),
+            dst_tags: end_tags(e, 1 - initiator),
         }
+    }
+}
+
+/// The tags of the end that sends in direction `dir`: its socket's
+/// ([`socket_tags`]) and the layers that wrapped the connection
+/// ([`encap_tags`]).
+fn end_tags(e: &FlowEntry, dir: usize) -> std::collections::BTreeMap<String, String> {
+    let mut tags = socket_tags(e, dir);
+    encap_tags(&e.encap, dir, &mut tags);
+    tags
+}
+
+/// What wrapped the connection's first packet, as tags of the end sending
+/// in direction `dir` (the key's: `encap.outer_src` is the `lo` end's):
+/// `tunnel` (its kind), `vni` (VXLAN/Geneve VNI or GRE key) and `outer_ip`
+/// (this end's tunnel endpoint); `vlan` (ids outermost first, joined by
+/// `.`), `mpls_label` (the top label), `pppoe_session`. The same at both
+/// ends but `outer_ip`.
+pub fn encap_tags(
+    encap: &Encap,
+    dir: usize,
+    tags: &mut std::collections::BTreeMap<String, String>,
+) {
+    if let Some(kind) = TunnelKind::from_u8(encap.kind) {
+        tags.insert("tunnel".to_owned(), kind.name().to_owned());
+        let outer = if dir & 1 == 0 {
+            &encap.outer_src
+        } else {
+            &encap.outer_dst
+        };
+        tags.insert(
+            "outer_ip".to_owned(),
+            ip(encap.outer_family, outer).to_string(),
+        );
+    }
+    if encap.flags & encap_flags::VNI != 0 {
+        tags.insert("vni".to_owned(), encap.vni.to_string());
+    }
+    if encap.vlans != 0 {
+        let n = (encap.vlans as usize).min(encap.vlan.len());
+        let ids: Vec<String> = encap.vlan[..n].iter().map(u16::to_string).collect();
+        tags.insert("vlan".to_owned(), ids.join("."));
+    }
+    if encap.flags & encap_flags::MPLS != 0 {
+        tags.insert("mpls_label".to_owned(), encap.mpls.to_string());
+    }
+    if encap.flags & encap_flags::PPPOE != 0 {
+        tags.insert("pppoe_session".to_owned(), encap.pppoe_session.to_string());
     }
 }
 
@@ -254,7 +308,8 @@ fn handshake_rtt(e: &FlowEntry, initiator: usize) -> Option<Rtt> {
 }
 
 /// Sorts connections the way [`FlowTable::connections`] does: first seen,
-/// then protocol, addresses and ports, then interface.
+/// then protocol, addresses and ports, then interface, then tags (two
+/// tunnels carrying the same 5-tuple differ there).
 pub fn sort_connections(conns: &mut [Connection]) {
     conns.sort_by(|a, b| {
         (
@@ -265,6 +320,8 @@ pub fn sort_connections(conns: &mut [Connection]) {
             a.dst,
             a.dport,
             a.iface,
+            &a.src_tags,
+            &a.dst_tags,
         )
             .cmp(&(
                 b.first_seen,
@@ -274,6 +331,8 @@ pub fn sort_connections(conns: &mut [Connection]) {
                 b.dst,
                 b.dport,
                 b.iface,
+                &b.src_tags,
+                &b.dst_tags,
             ))
     });
 }
@@ -336,6 +395,7 @@ mod tests {
                 flags,
                 window: 1000,
             },
+            tunnel: 0,
         }
     }
 
@@ -346,6 +406,7 @@ mod tests {
                 iface: 0,
                 segs: 1,
                 parsed: p,
+                encap: &Encap::default(),
             });
         }
     }
@@ -446,7 +507,7 @@ mod tests {
         let mut map: FxHashMap<ConnKey, FlowEntry> = FxHashMap::default();
         for (i, p) in pkts.iter().enumerate() {
             let ts = 1000 + i as u64;
-            let (key, dir) = ConnKey::of(&p.key, 0);
+            let (key, dir) = ConnKey::of(&p.key, 0, p.tunnel);
             let is_tcp = p.key.proto == L4Proto::Tcp as u8;
             let e = map
                 .entry(key)
@@ -508,14 +569,15 @@ mod tests {
                 iface: 0,
                 segs: 1,
                 parsed: p,
+                encap: &Encap::default(),
             });
         }
         let table = t.connections()[0].rtt.clone().unwrap();
 
-        let (key, dir0) = ConnKey::of(&pkts[0].key, 0);
+        let (key, dir0) = ConnKey::of(&pkts[0].key, 0, pkts[0].tunnel);
         let mut e = FlowEntry::new(times[0], dir0, &key, Some(SYN));
         for (p, &ts) in pkts.iter().zip(&times) {
-            let dir = ConnKey::of(&p.key, 0).1;
+            let dir = ConnKey::of(&p.key, 0, p.tunnel).1;
             // SAFETY: a live local, no other writer.
             unsafe { update(&mut e, dir, 1, &p.pkt(), 0, &Fixed(ts), 1, &Plain) };
         }

@@ -8,14 +8,15 @@
 
 use flowtable::{FlowTable, Observation};
 use libfuzzer_sys::fuzz_target;
-use probe_common::{parse_frame, LinkType};
+use probe_common::{parse_frame_ex, Decap, Encap, LinkType};
 
-const LINKS: [LinkType; 5] = [
+const LINKS: [LinkType; 6] = [
     LinkType::Ethernet,
     LinkType::RawIp,
     LinkType::LinuxSll,
     LinkType::LinuxSll2,
     LinkType::Null,
+    LinkType::Nflog,
 ];
 
 fuzz_target!(|data: &[u8]| {
@@ -24,12 +25,17 @@ fuzz_target!(|data: &[u8]| {
     let mut rest = data;
     let mut ts = 1_700_000_000_000_000_000u64;
     while rest.len() >= 3 {
-        let link = LINKS[usize::from(rest[0]) % LINKS.len()];
+        let rest_link_byte = rest[0];
+        let link = LINKS[usize::from(rest[0] & 0x7f) % LINKS.len()];
         let len = usize::from(u16::from_le_bytes([rest[1], rest[2]])).min(rest.len() - 3);
         let frame = &rest[3..3 + len];
         rest = &rest[3 + len..];
         ts += 1_000_000;
-        if let Ok(p) = parse_frame(frame, link, frame.len() as u32) {
+        // The link byte's high bit turns decapsulation off (tunnels are
+        // then flows of their own).
+        let decap = if rest_link_byte & 0x80 != 0 { Decap::OFF } else { Decap::DEFAULT };
+        let mut encap = Encap::default();
+        if let Ok(p) = parse_frame_ex(frame, link, frame.len() as u32, &decap, &mut encap) {
             if p.key.proto == 6 {
                 assert!(p.payload_len <= p.l3_len, "{p:?}");
             }
@@ -39,6 +45,7 @@ fuzz_target!(|data: &[u8]| {
                 iface: 0,
                 segs: 1,
                 parsed: &p,
+                encap: &encap,
             });
             assert!(counted, "one interface: nothing is a copy");
         }

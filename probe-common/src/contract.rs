@@ -24,8 +24,13 @@ pub const PARSE_STATS: &str = "PARSE_STATS";
 /// Per-CPU `u64` counters of connection-table events, indexed by
 /// [`ConnStat`].
 pub const CONN_STATS: &str = "CONN_STATS";
+/// Per CPU, what the general parser made of the frame it is on (the
+/// `Parsed`, its outer [`crate::parse::Encap`], the word
+/// `PacketBytes::opaque` passes offsets through): kept in map memory,
+/// which the verifier does not track. The eBPF program's own.
+pub const SCRATCH: &str = "SCRATCH";
 /// Every map of the object.
-pub const MAPS: [&str; 4] = [CONNS, OCCUPIED, PARSE_STATS, CONN_STATS];
+pub const MAPS: [&str; 5] = [CONNS, OCCUPIED, PARSE_STATS, CONN_STATS, SCRATCH];
 
 /// The tc classifier (ingress and egress).
 pub const TC_PROGRAM: &str = "flowprobe_tc";
@@ -49,8 +54,23 @@ pub const UNLOCK_BY_STORE: &str = "UNLOCK_BY_STORE";
 /// host, each direction counted at the first interface that sees it
 /// ([`crate::entry::DirState::claim`]).
 pub const PER_IFACE: &str = "PER_IFACE";
+/// `u8`: non-zero turns decapsulation off (`--no-decap`,
+/// [`crate::parse::Decap::enabled`]).
+pub const NO_DECAP: &str = "NO_DECAP";
+/// `u16`: VXLAN's UDP port ([`crate::parse::Decap::vxlan_port`]).
+pub const VXLAN_PORT: &str = "VXLAN_PORT";
+/// `u16`: Geneve's UDP port ([`crate::parse::Decap::geneve_port`]).
+pub const GENEVE_PORT: &str = "GENEVE_PORT";
 /// Every global the loader overrides (read-only data of the object).
-pub const GLOBALS: [&str; 4] = [CONNS_MASK, CONNS_SEED, UNLOCK_BY_STORE, PER_IFACE];
+pub const GLOBALS: [&str; 7] = [
+    CONNS_MASK,
+    CONNS_SEED,
+    UNLOCK_BY_STORE,
+    PER_IFACE,
+    NO_DECAP,
+    VXLAN_PORT,
+    GENEVE_PORT,
+];
 
 /// [`PARSE_STATS`] index of frames that parsed to a TCP/UDP flow.
 pub const PARSE_TRACKED: u32 = 0;

@@ -7,6 +7,7 @@
 
 use crate::initiator::{evidence, initiator_of};
 use crate::key::ConnKey;
+use crate::parse::Encap;
 use crate::tcp::{Holes, TcpDir, Verdict, VerdictKind};
 
 /// Monotonic counters for one direction of one connection.
@@ -174,6 +175,12 @@ pub struct FlowEntry {
     /// apart from `counters`, which the lock holder adds to with plain
     /// adds. Readers fold them in with [`FlowEntry::fold_late`].
     pub late: [[u64; 3]; 2],
+    /// What wrapped the connection's first packet (VLAN tags, MPLS,
+    /// PPPoE, a tunnel), with the outer source on the `lo` end's side of
+    /// the key ([`Encap::in_key_order`]): written once, when the entry is
+    /// made, in the slot's last two cache lines (which no packet of an
+    /// existing connection touches but a contended writer's).
+    pub encap: Encap,
 }
 
 impl FlowEntry {
@@ -271,8 +278,9 @@ const _: () = assert!(core::mem::size_of::<TcpDir>() == 12);
 const _: () = assert!(core::mem::offset_of!(TcpDir, flags) == 4);
 const _: () = assert!(core::mem::size_of::<DirState>() == 64);
 const _: () = assert!(core::mem::offset_of!(DirState, tcp) == 8);
-const _: () = assert!(core::mem::size_of::<FlowEntry>() == 360);
+const _: () = assert!(core::mem::size_of::<FlowEntry>() == 424);
 // The cache-line plan above, as offsets in a slot (entry at 56).
 const _: () = assert!(56 + core::mem::offset_of!(FlowEntry, dir) == 64);
 const _: () = assert!(56 + core::mem::offset_of!(FlowEntry, counters) == 192);
 const _: () = assert!(56 + core::mem::offset_of!(FlowEntry, first_seen_ns) == 320);
+const _: () = assert!(56 + core::mem::offset_of!(FlowEntry, encap) == 416);

@@ -62,12 +62,14 @@ impl FlowKey {
 
 /// Both directions of a connection under one key: endpoint `lo` is the
 /// smaller (address, port). `iface` is where it was seen (interface index
-/// live, pcapng interface number in replay). This is the key of the kernel's
+/// live, pcapng interface number in replay); `tunnel` which tunnel carried
+/// it (0: none; `parse::tunnel_id`), in the word that was padding, so
+/// that keys outside tunnels are built, hashed and compared as before. This is the key of the kernel's
 /// connection map and of the userspace table, so both join the same way.
 ///
 /// 8-byte aligned (so that the eBPF program copies and hashes its addresses
-/// with 8-byte loads, not byte by byte), with the tail padding explicit and
-/// zero: the kernel hashes and compares all 48 bytes.
+/// with 8-byte loads, not byte by byte), with no padding left implicit:
+/// the kernel hashes and compares all 48 bytes.
 #[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConnKey {
@@ -79,14 +81,14 @@ pub struct ConnKey {
     pub family: u8,
     pub _pad: [u8; 2],
     pub iface: u32,
-    pub _pad2: [u8; 4],
+    pub tunnel: u32,
 }
 
 impl ConnKey {
-    /// The canonical key of `k`, and the direction `k` travels in:
-    /// 0 for lo → hi, 1 for hi → lo.
+    /// The canonical key of `k` seen at `iface` inside `tunnel` (0: none),
+    /// and the direction `k` travels in: 0 for lo → hi, 1 for hi → lo.
     #[inline(always)]
-    pub fn of(k: &FlowKey, iface: u32) -> (ConnKey, usize) {
+    pub fn of(k: &FlowKey, iface: u32, tunnel: u32) -> (ConnKey, usize) {
         // Lexicographic byte order, compared as big-endian halves: comparing
         // the arrays directly would call `memcmp`, which the eBPF verifier
         // checks as a separate global function and rejects.
@@ -105,7 +107,7 @@ impl ConnKey {
             family: k.family,
             _pad: [0; 2],
             iface,
-            _pad2: [0; 4],
+            tunnel,
         };
         (key, if forward { 0 } else { 1 })
     }

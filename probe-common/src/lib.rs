@@ -32,5 +32,8 @@ pub use atomics::CoreAtomics;
 pub use atomics::{Atomics, Plain};
 pub use entry::{DirCounters, FlowEntry};
 pub use key::{ConnKey, FlowKey, L4Proto};
-pub use parse::{parse_frame, LinkType, PacketBytes, ParseError, Parsed};
+pub use parse::{
+    parse_frame, parse_frame_ex, Decap, Encap, LinkType, PacketBytes, ParseError, Parsed,
+    TunnelKind,
+};
 pub use tcp::{Segment, TcpDir, Verdict, VerdictKind};

@@ -60,7 +60,7 @@ use crate::initiator::evidence;
 use crate::key::ConnKey;
 use crate::tcp::TcpDir;
 
-/// One connection's place in the kernel table: 448 bytes, seven cache lines
+/// One connection's place in the kernel table: 512 bytes, eight cache lines
 /// ([`FlowEntry`] says which fields share one).
 #[repr(C, align(64))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -74,7 +74,7 @@ pub struct Slot {
     pub entry: FlowEntry,
 }
 
-const _: () = assert!(core::mem::size_of::<Slot>() == 448);
+const _: () = assert!(core::mem::size_of::<Slot>() == 512);
 const _: () = assert!(core::mem::offset_of!(Slot, entry) == 56);
 
 /// [`Slot::state`] values.

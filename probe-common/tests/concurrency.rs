@@ -61,6 +61,7 @@ impl Shared {
                 flags,
                 window: 1000,
             },
+            tunnel: 0,
         };
         // SAFETY: `self` outlives the call; writers all use `update`.
         unsafe {

@@ -228,15 +228,23 @@ fn ipv4_fragments() {
 #[test]
 fn vlan_and_qinq_tags() {
     let l3 = ipv4(6, &tcp_hdr(1, 2, 0, 0, 0, 5), 10, 0, 0);
-    for tags in [&[][..], &[0x8100], &[0x88a8, 0x8100], &[0x9100, 0x8100]] {
+    for tags in [
+        &[][..],
+        &[0x8100],
+        &[0x88a8, 0x8100],
+        &[0x9100, 0x8100],
+        &[0x88a8, 0x8100, 0x8100],
+        &[0x88a8, 0x8100, 0x8100, 0x8100],
+    ] {
         let p = parse(&eth(0x0800, tags, &l3)).unwrap();
         assert_eq!(
             (p.payload_len, p.l3_offset as usize),
             (10, 14 + 4 * tags.len())
         );
     }
+    // MAX_VLAN_TAGS is 4.
     assert_eq!(
-        parse(&eth(0x0800, &[0x88a8, 0x8100, 0x8100], &l3)),
+        parse(&eth(0x0800, &[0x88a8, 0x8100, 0x8100, 0x8100, 0x8100], &l3)),
         Err(ParseError::TooManyHeaders)
     );
     assert_eq!(
@@ -365,4 +373,22 @@ fn every_link_type_gives_the_same_answer() {
         parse_frame(&[0x50u8][..], LinkType::RawIp, 1),
         Err(ParseError::BadL3)
     );
+}
+
+#[test]
+fn a_tunnel_digest_is_the_same_both_ways_and_tells_tunnels_apart() {
+    use probe_common::parse::tunnel_id;
+    use probe_common::TunnelKind;
+    let (a, b, c) = ([1u8; 16], [2u8; 16], [3u8; 16]);
+    let id = tunnel_id(TunnelKind::Vxlan, Some(42), &a, &b);
+    assert_ne!(id, 0);
+    assert_eq!(id, tunnel_id(TunnelKind::Vxlan, Some(42), &b, &a));
+    for other in [
+        tunnel_id(TunnelKind::Vxlan, Some(43), &a, &b),
+        tunnel_id(TunnelKind::Geneve, Some(42), &a, &b),
+        tunnel_id(TunnelKind::Vxlan, None, &a, &b),
+        tunnel_id(TunnelKind::Vxlan, Some(42), &a, &c),
+    ] {
+        assert_ne!(id, other);
+    }
 }

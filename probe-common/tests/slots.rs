@@ -44,7 +44,7 @@ fn key_of(n: u16, proto: u8) -> ConnKey {
         family: 4,
         _pad: [0; 2],
     };
-    ConnKey::of(&k, 1).0
+    ConnKey::of(&k, 1, 0).0
 }
 
 /// A UDP key.

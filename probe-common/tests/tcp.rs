@@ -92,6 +92,7 @@ fn check(steps: &[Step]) -> [DirCounters; 2] {
             payload_len: step.len,
             l3_offset: 0,
             tcp: seg.hdr,
+            tunnel: 0,
         };
         // SAFETY: a live local, no other writer.
         let how = unsafe {

@@ -34,16 +34,16 @@ use aya_ebpf::{
 use probe_common::{
     contract::{self, ConnStat, PARSE_STATS_LEN, PARSE_TRACKED},
     parse::{tcp_flags, TcpHeader},
-    parse_frame,
+    parse_frame_ex,
     slots::{self, locate, Located, Slot, Slots},
     update::{update_contended, update_locked, Clock, Pkt},
-    Atomics, ConnKey, FlowEntry, LinkType, PacketBytes, ParseError, Parsed,
+    Atomics, ConnKey, Decap, Encap, FlowEntry, LinkType, PacketBytes, ParseError, Parsed,
 };
 
 /// Bytes made linear with `bpf_skb_pull_data` when the headers are not:
-/// Ethernet + 2 VLAN tags + IPv6 + extension headers + the TCP header fields
-/// the tracker reads.
-const SNAP: usize = 128;
+/// Ethernet + VLAN tags + IPv6 + a tunnel header + the tunnelled Ethernet
+/// and IPv6 headers + the TCP header fields the tracker reads.
+const SNAP: usize = 256;
 
 /// Frames by parse outcome: [`PARSE_TRACKED`], or skipped for a
 /// [`ParseError`] (`contract::parse_skipped`).
@@ -87,6 +87,45 @@ static UNLOCK_BY_STORE: u8 = 0;
 /// once.
 #[unsafe(no_mangle)]
 static PER_IFACE: u8 = 0;
+
+/// Non-zero: no decapsulation (`--no-decap`); the UDP ports of VXLAN and
+/// Geneve (0: not looked into). Read-only data, set by userspace.
+#[unsafe(no_mangle)]
+static NO_DECAP: u8 = 0;
+#[unsafe(no_mangle)]
+static VXLAN_PORT: u16 = Decap::DEFAULT.vxlan_port;
+#[unsafe(no_mangle)]
+static GENEVE_PORT: u16 = Decap::DEFAULT.geneve_port;
+
+/// The decapsulations the globals ask for.
+#[inline(always)]
+fn decap() -> Decap {
+    // SAFETY: plain globals (see `Table::mask`).
+    unsafe {
+        Decap {
+            enabled: core::ptr::read_volatile(&raw const NO_DECAP) == 0,
+            vxlan_port: core::ptr::read_volatile(&raw const VXLAN_PORT),
+            geneve_port: core::ptr::read_volatile(&raw const GENEVE_PORT),
+        }
+    }
+}
+
+/// What the general parser makes of the frame it is on (this CPU's), kept
+/// in map memory rather than on the stack: the stack's deepest call chain
+/// has no room for the outer layers, and the verifier does not track map
+/// memory, so the many ways through the parser (each writing other
+/// constants) meet in one state where the connection update is called.
+#[repr(C)]
+struct Scratch {
+    parsed: Parsed,
+    /// The frame's outer layers, until `count` copies them into a new entry.
+    encap: Encap,
+    /// [`Linear::opaque`]'s word.
+    opaque: u64,
+}
+
+#[btf_map]
+static SCRATCH: PerCpuArray<Scratch, 1> = PerCpuArray::new();
 
 /// The interface word of a key and the `seen_at` of a packet seen at
 /// `ifindex` ([`PER_IFACE`]).
@@ -138,6 +177,10 @@ named!(static CONNS_MASK, contract::CONNS_MASK);
 named!(static CONNS_SEED, contract::CONNS_SEED);
 named!(static UNLOCK_BY_STORE, contract::UNLOCK_BY_STORE);
 named!(static PER_IFACE, contract::PER_IFACE);
+named!(static NO_DECAP, contract::NO_DECAP);
+named!(static VXLAN_PORT, contract::VXLAN_PORT);
+named!(static GENEVE_PORT, contract::GENEVE_PORT);
+named!(static SCRATCH, contract::SCRATCH);
 named!(fn flowprobe_tc, contract::TC_PROGRAM);
 named!(fn flowprobe_xdp, contract::XDP_PROGRAM);
 
@@ -150,16 +193,8 @@ const MAX_OFF: usize = 0x3fff;
 struct Linear {
     data: usize,
     end: usize,
-}
-
-impl Linear {
-    #[inline(always)]
-    fn of(ctx: &TcContext) -> Linear {
-        Linear {
-            data: ctx.data(),
-            end: ctx.data_end(),
-        }
-    }
+    /// This CPU's [`Scratch::opaque`].
+    opaque: *mut u64,
 }
 
 impl PacketBytes for Linear {
@@ -174,6 +209,18 @@ impl PacketBytes for Linear {
         }
         // SAFETY: `[start, start + N)` lies inside the linear packet data.
         Some(unsafe { core::ptr::read_unaligned(start as *const [u8; N]) })
+    }
+
+    /// Through this CPU's [`Scratch::opaque`]: the verifier does not track
+    /// values in map memory, so what comes back is a number it knows
+    /// nothing of (`load` bounds it again).
+    #[inline(always)]
+    fn opaque(&self, off: usize) -> usize {
+        // SAFETY: a per-CPU array slot, this CPU's while it runs.
+        unsafe {
+            core::ptr::write_volatile(self.opaque, off as u64);
+            core::ptr::read_volatile(self.opaque) as usize
+        }
     }
 }
 
@@ -196,12 +243,35 @@ pub fn flowprobe_tc(ctx: TcContext) -> i32 {
 #[inline(never)]
 fn fast_tc(skb: *mut __sk_buff) -> bool {
     // SAFETY: the program's own context, valid while it runs.
-    let (data, end) = unsafe {
+    let (data, end, ifindex) = unsafe {
         (
             core::ptr::read_volatile(&raw const (*skb).data) as usize,
             core::ptr::read_volatile(&raw const (*skb).data_end) as usize,
+            (*skb).ifindex,
         )
     };
+    fast::<true>(data, end, ifindex, skb)
+}
+
+/// [`fast_tc`] at XDP: the same common packet, one segment, keyed without
+/// the interface (see [`flowprobe_xdp`]).
+#[inline(never)]
+fn fast_xdp(ctx: *mut xdp_md) -> bool {
+    // SAFETY: the program's own context, valid while it runs.
+    let (data, end, ifindex) = unsafe {
+        (
+            core::ptr::read_volatile(&raw const (*ctx).data) as usize,
+            core::ptr::read_volatile(&raw const (*ctx).data_end) as usize,
+            (*ctx).ingress_ifindex,
+        )
+    };
+    fast::<false>(data, end, ifindex, core::ptr::null_mut())
+}
+
+/// The fast path's parse and count of the frame in `[data, end)`, seen at
+/// `ifindex`; `TC`: `skb` is its `__sk_buff` (GSO segments, the socket).
+#[inline(always)]
+fn fast<const TC: bool>(data: usize, end: usize, ifindex: u32, skb: *mut __sk_buff) -> bool {
     if data + 54 > end {
         return false;
     }
@@ -239,13 +309,15 @@ fn fast_tc(skb: *mut __sk_buff) -> bool {
     } else {
         (daddr, dport, saddr, sport)
     };
-    // SAFETY: the program's own context.
-    let (key_iface, seen_at) = scope(unsafe { (*skb).ifindex });
+    let (key_iface, seen_at) = scope(ifindex);
+    // XDP keys without the interface: a forwarded connection's two
+    // directions enter through two.
+    let key_iface = if TC { key_iface } else { 0 };
     let payload_len = tot_len - 20 - doff;
     // A segment without payload is never a GSO super-packet: its segment
     // count (in skb_shared_info, a cache line of its own at the end of the
     // buffer) is only read for data.
-    let segs = if payload_len == 0 {
+    let segs = if !TC || payload_len == 0 {
         1
     } else {
         // SAFETY: the program's own context.
@@ -273,23 +345,25 @@ fn fast_tc(skb: *mut __sk_buff) -> bool {
         l3_len: tot_len,
     };
     bump(&PARSE_STATS, PARSE_TRACKED);
-    count::<true>(&key, Seen::new(if forward { 0 } else { 1 }, segs), &p, seen_at, skb);
+    count::<TC, false>(&key, Seen::new(if forward { 0 } else { 1 }, segs), &p, seen_at, skb);
     true
 }
 
 /// Every other frame: the general parser.
 #[inline(never)]
 fn slow_tc(ctx: &TcContext) {
-    let mut p = core::mem::MaybeUninit::<Parsed>::uninit();
-    let idx = parse_skb(ctx, &mut p);
+    let Some(s) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    let idx = parse_skb(ctx, s);
     bump(&PARSE_STATS, idx);
     if idx == PARSE_TRACKED {
         // SAFETY: the program's own `__sk_buff`, valid while it runs.
         let (ifindex, gso_segs) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).gso_segs) };
         // SAFETY: `parse_skb` wrote it when it returned PARSE_TRACKED.
-        let p = unsafe { p.assume_init_ref() };
+        let p = unsafe { &(*s).parsed };
         let (key_iface, seen_at) = scope(ifindex);
-        let (key, dir) = ConnKey::of(&p.key, key_iface);
+        let (key, dir) = ConnKey::of(&p.key, key_iface, p.tunnel);
         count_call::<true>(&key, Seen::new(dir, gso_segs.max(1)), &p.pkt(), seen_at, ctx.skb.skb);
     }
 }
@@ -323,17 +397,22 @@ fn note_socket(skb: *mut __sk_buff, entry: *mut FlowEntry, dir: usize) {
 /// has interface 0 here: both directions meet in one entry.
 #[xdp]
 pub fn flowprobe_xdp(ctx: XdpContext) -> u32 {
-    let mut p = core::mem::MaybeUninit::<Parsed>::uninit();
-    let idx = parse_xdp(ctx.ctx, &mut p);
+    if fast_xdp(ctx.ctx) {
+        return XDP_PASS;
+    }
+    let Some(s) = SCRATCH.get_ptr_mut(0) else {
+        return XDP_PASS;
+    };
+    let idx = parse_xdp(ctx.ctx, s);
     bump(&PARSE_STATS, idx);
     if idx == PARSE_TRACKED {
         // SAFETY: `parse_xdp` wrote it when it returned PARSE_TRACKED.
-        let p = unsafe { p.assume_init_ref() };
+        let p = unsafe { &(*s).parsed };
         // The key has interface 0 whatever PER_IFACE says: the two
         // directions of a forwarded connection enter on two interfaces.
         // SAFETY: the program's own context.
         let (_, seen_at) = scope(unsafe { (*ctx.ctx).ingress_ifindex });
-        let (key, dir) = ConnKey::of(&p.key, 0);
+        let (key, dir) = ConnKey::of(&p.key, 0, p.tunnel);
         count_call::<false>(&key, Seen::new(dir, 1), &p.pkt(), seen_at, core::ptr::null_mut());
     }
     XDP_PASS
@@ -347,7 +426,7 @@ pub fn flowprobe_xdp(ctx: XdpContext) -> u32 {
 /// and LLVM would otherwise hoist the loads into the caller and pass them
 /// here as plain 32-bit numbers.
 #[inline(never)]
-fn parse_xdp(ctx: *mut xdp_md, out: &mut core::mem::MaybeUninit<Parsed>) -> u32 {
+fn parse_xdp(ctx: *mut xdp_md, s: *mut Scratch) -> u32 {
     // SAFETY: the program's own context, valid while it runs.
     let (data, end) = unsafe {
         (
@@ -356,39 +435,63 @@ fn parse_xdp(ctx: *mut xdp_md, out: &mut core::mem::MaybeUninit<Parsed>) -> u32 
         )
     };
     let len = end.saturating_sub(data) as u32;
-    match parse_frame(&Linear { data, end }, LinkType::Ethernet, len) {
-        Ok(p) => {
-            out.write(p);
-            PARSE_TRACKED
-        }
-        Err(e) => contract::parse_skipped(e),
-    }
+    parse_linear(data, end, len, s)
 }
 
-/// Parses the skb's headers in place into `out`; returns the `PARSE_STATS`
-/// index of the outcome (`out` is written only for [`PARSE_TRACKED`]).
+/// Parses the skb's headers in place into `s`; returns the `PARSE_STATS`
+/// index of the outcome (`s.parsed` is written only for [`PARSE_TRACKED`]).
 ///
 /// Not inlined: the parser's frame and the connection update's frame need
 /// not fit into the 512-byte BPF stack together.
 #[inline(never)]
-fn parse_skb(ctx: &TcContext, out: &mut core::mem::MaybeUninit<Parsed>) -> u32 {
+fn parse_skb(ctx: &TcContext, s: *mut Scratch) -> u32 {
     let skb_len = ctx.len();
-    let parsed = match parse_frame(&Linear::of(ctx), LinkType::Ethernet, skb_len) {
-        Err(e @ (ParseError::TruncatedL2 | ParseError::TruncatedL3 | ParseError::TruncatedL4))
-            if ((ctx.data_end() - ctx.data()) as u32) < skb_len =>
-        {
-            // The headers are not all in the linear data (rare: the stack
-            // usually keeps them there). Pull up to SNAP bytes and retry.
-            match ctx.pull_data(skb_len.min(SNAP as u32)) {
-                Ok(()) => parse_frame(&Linear::of(ctx), LinkType::Ethernet, skb_len),
-                Err(_) => Err(e),
-            }
+    let idx = parse_skb_once(ctx.skb.skb, skb_len, s);
+    let truncated = [ParseError::TruncatedL2, ParseError::TruncatedL3, ParseError::TruncatedL4]
+        .map(contract::parse_skipped);
+    if (idx == truncated[0] || idx == truncated[1] || idx == truncated[2])
+        && ((ctx.data_end() - ctx.data()) as u32) < skb_len
+    {
+        // The headers are not all in the linear data (rare: the stack
+        // usually keeps them there). Pull up to SNAP bytes and retry.
+        if ctx.pull_data(skb_len.min(SNAP as u32)).is_ok() {
+            return parse_skb_once(ctx.skb.skb, skb_len, s);
         }
-        r => r,
+    }
+    idx
+}
+
+/// One [`parse_linear`] of the skb's linear data as it is now.
+///
+/// Takes the raw `__sk_buff` and loads `data`/`data_end` itself, volatile,
+/// for the reason given at [`parse_xdp`].
+#[inline(never)]
+fn parse_skb_once(skb: *mut __sk_buff, skb_len: u32, s: *mut Scratch) -> u32 {
+    // SAFETY: the program's own context, valid while it runs.
+    let (data, end) = unsafe {
+        (
+            core::ptr::read_volatile(&raw const (*skb).data) as usize,
+            core::ptr::read_volatile(&raw const (*skb).data_end) as usize,
+        )
     };
-    match parsed {
+    parse_linear(data, end, skb_len, s)
+}
+
+/// `parse_frame_ex` of the Ethernet frame in `[data, end)` into this CPU's
+/// scratch `s`, with the decapsulations the globals ask for.
+#[inline(always)]
+fn parse_linear(data: usize, end: usize, wire_len: u32, s: *mut Scratch) -> u32 {
+    // SAFETY: this CPU's scratch slot, used by this program run only.
+    let s = unsafe { &mut *s };
+    s.encap = Encap::default();
+    let b = Linear {
+        data,
+        end,
+        opaque: &raw mut s.opaque,
+    };
+    match parse_frame_ex(&b, LinkType::Ethernet, wire_len, &decap(), &mut s.encap) {
         Ok(p) => {
-            out.write(p);
+            s.parsed = p;
             PARSE_TRACKED
         }
         Err(e) => contract::parse_skipped(e),
@@ -532,12 +635,20 @@ impl Slots for Table {
 
 /// Records one packet of connection `key` travelling in direction `dir`:
 /// finds or makes its slot, updates it under its lock. `TC`: `skb` is the
-/// packet's `__sk_buff` (for [`note_socket`]); XDP passes null.
+/// packet's `__sk_buff` (for [`note_socket`]); XDP passes null. `ENC`: the
+/// general parser read the frame, and a new entry takes its outer layers
+/// from [`SCRATCH`] (the fast path's frames have none).
 ///
 /// Inlined into the fast path (one stream of instructions for the common
 /// packet); the general parser and XDP call it through [`count_call`].
 #[inline(always)]
-fn count<const TC: bool>(key: &ConnKey, seen: Seen, p: &Pkt, seen_at: u32, skb: *mut __sk_buff) {
+fn count<const TC: bool, const ENC: bool>(
+    key: &ConnKey,
+    seen: Seen,
+    p: &Pkt,
+    seen_at: u32,
+    skb: *mut __sk_buff,
+) {
     let (dir, segs) = (seen.dir(), seen.segs());
     // SAFETY: a plain global (see `Table::mask`).
     let seed = unsafe { core::ptr::read_volatile(&raw const CONNS_SEED) };
@@ -552,6 +663,12 @@ fn count<const TC: bool>(key: &ConnKey, seen: Seen, p: &Pkt, seen_at: u32, skb: 
         locate(&Table, key, h, dir, syn, LOCK_SPINS, &Bpf, |e| {
             e.init(Ktime.precise_ns(), dir, key, flags);
             e.first_seen_j = Ktime.coarse_ns();
+            if ENC {
+                // This CPU's slot, written by the parser of this very frame.
+                if let Some(s) = SCRATCH.get_ptr(0) {
+                    e.encap = (*s).encap.in_key_order(dir);
+                }
+            }
         })
     };
     let slot = match located {
@@ -587,7 +704,7 @@ fn count_call<const TC: bool>(
     seen_at: u32,
     skb: *mut __sk_buff,
 ) {
-    count::<TC>(key, seen, p, seen_at, skb)
+    count::<TC, true>(key, seen, p, seen_at, skb)
 }
 
 /// A packet's direction and segment count in one argument: a BPF function

@@ -113,6 +113,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             format,
             quiet,
             per_interface,
+            decap,
             query,
         } => {
             // Parse the query before reading gigabytes, so a typo fails fast.
@@ -126,7 +127,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 FlowTable::new()
             };
             let mut stats = FrameStats::default();
-            let outcomes = sources::file::replay(&files, &mut table, &mut stats)?;
+            let outcomes = sources::file::replay(
+                &files,
+                &mut table,
+                &mut stats,
+                decap.decap(None, None, None),
+            )?;
             let conns = table.connections();
             let mut out = io::BufWriter::new(io::stdout().lock());
             match &spec {

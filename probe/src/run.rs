@@ -88,6 +88,7 @@ fn open_source(s: &RunSettings) -> Result<Box<dyn Source>> {
             object: s.ebpf_object.clone(),
             capacity: s.capacity,
             per_iface: s.per_interface,
+            decap: s.decap,
             closed_timeout: s.closed_timeout,
             idle_timeout: s.idle_timeout,
             keep_ended: s.keep_ended,
@@ -102,6 +103,7 @@ fn open_source(s: &RunSettings) -> Result<Box<dyn Source>> {
         Ok(Box::new(afpacket::open(
             &s.ifaces,
             s.per_interface,
+            s.decap,
             retire,
         )?))
     };

@@ -2,6 +2,7 @@
 #![allow(dead_code)] // each test binary uses its own subset
 
 pub mod churn;
+pub mod encap;
 pub mod root;
 
 use std::fs;

@@ -14,7 +14,7 @@ use crate::common::root::{enabled, record, sh, sh_out, tc_attached, truth, wait_
 
 /// `Tcp: RetransSegs` of network namespace `ns` (/proc/net/snmp is per
 /// namespace).
-fn retrans_segs(ns: &str) -> u64 {
+pub(super) fn retrans_segs(ns: &str) -> u64 {
     let snmp = sh_out(&["ip", "netns", "exec", ns, "cat", "/proc/net/snmp"]);
     let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
     let (names, values) = (tcp.next().unwrap(), tcp.next().unwrap());
@@ -40,7 +40,7 @@ fn retrans_segs(ns: &str) -> u64 {
 /// only printed.
 ///
 /// `mib`: the (client, server) namespaces' RetransSegs deltas.
-fn check(dir: &Path, ca: &str, sa: &str, mib: (u64, u64)) {
+pub(super) fn check(dir: &Path, ca: &str, sa: &str, mib: (u64, u64)) {
     let read = |tag: &str| {
         let err = fs::read_to_string(dir.join(format!("{tag}.err"))).unwrap();
         let out = fs::read_to_string(dir.join(format!("{tag}.json"))).unwrap();

@@ -41,6 +41,9 @@
 //! - `xdp_gateway`: `--backend xdp` on a forwarding gateway namespace between
 //!   client and server namespaces; again with the gateway MASQUERADEing
 //!   (each view one direction, joined into one record by NAT undone).
+//! - `tunnels`: a VXLAN tunnel between the namespaces, lossy TCP through
+//!   it, `flowprobe run` (tc and AF_PACKET) on the underlay only: the inner
+//!   connections, tagged with the tunnel, equal the sockets' `TCP_INFO`.
 //! - `churn`: 3000 short connections from 1000 ports, each port reused
 //!   before the connection that used it last has left the kernel table:
 //!   every one in the final output and the export once, with its bytes
@@ -71,6 +74,7 @@ mod missing;
 mod nat;
 mod stale_filters;
 mod test_run;
+mod tunnels;
 mod xdp_gateway;
 
 use std::path::{Path, PathBuf};

@@ -23,7 +23,7 @@ fn xdp_on_a_gateway_counts_both_directions() {
     if !enabled("live_tc") {
         return;
     }
-    gateway(false);
+    gateway("xgw", false, false);
 }
 
 /// The same gateway MASQUERADEs to the server's side: XDP sees the
@@ -37,16 +37,30 @@ fn nat_xdp_on_a_masquerading_gateway_counts_once() {
     if !enabled("live_tc") {
         return;
     }
-    gateway(true);
+    gateway("xgwn", false, true);
 }
 
-fn gateway(nat: bool) {
+/// The same through a VXLAN tunnel between client and server, routed by
+/// the gateway (which only forwards the tunnel's UDP): XDP there counts
+/// each inner connection, tagged with the tunnel, as the sockets do.
+#[test]
+fn xdp_on_a_gateway_counts_inside_a_vxlan_tunnel() {
+    if !enabled("live_tc") {
+        return;
+    }
+    gateway("xvx", true, false);
+}
+
+fn gateway(tag: &str, vxlan: bool, nat: bool) {
     let dir = tempfile::tempdir().unwrap();
-    let tag = if nat { "xgwn" } else { "xgw" };
     let ns = Netns::create("fpl", tag);
     let gw = Namespace::create("fpl", &format!("{tag}g"));
     let g = &gw.name;
-    let (ca, sa) = ("10.79.1.1", "10.79.2.1");
+    let (ca, sa) = if vxlan {
+        ("10.80.0.1", "10.80.0.2")
+    } else {
+        ("10.79.1.1", "10.79.2.1")
+    };
     veth(&ns.a, VETH_A, g, "g0");
     veth(&ns.b, VETH_B, g, "g1");
     for (n, dev, cidr) in [
@@ -87,6 +101,18 @@ fn gateway(nat: bool) {
         "-w",
         "net.ipv4.ip_forward=1",
     ]);
+    if vxlan {
+        for (n, dev, local, remote, overlay) in [
+            (&ns.a, VETH_A, "10.79.1.1", "10.79.2.1", "10.80.0.1/24"),
+            (&ns.b, VETH_B, "10.79.2.1", "10.79.1.1", "10.80.0.2/24"),
+        ] {
+            sh(&[
+                "ip", "-n", n, "link", "add", "vx0", "type", "vxlan", "id", "4242", "local", local,
+                "remote", remote, "dstport", "4789", "dev", dev,
+            ]);
+            addr_up(n, "vx0", overlay);
+        }
+    }
     for n in [&ns.a, &ns.b] {
         drop_in_input(n, "iptables");
     }
@@ -137,6 +163,16 @@ fn gateway(nat: bool) {
     let client_side = ifindex(g, "g0");
     for (port, c_bytes, s_bytes) in CONNS {
         let r = record(&conns, port, ca, sa, &out);
+        if vxlan {
+            for side in ["src_tags", "dst_tags"] {
+                assert_eq!(
+                    (r[side]["tunnel"].as_str(), r[side]["vni"].as_str()),
+                    (Some("vxlan"), Some("4242")),
+                    "{r}"
+                );
+            }
+            assert_eq!(r["src_tags"]["outer_ip"], "10.79.1.1", "{r}");
+        }
         assert_eq!(
             r["iface"], client_side,
             "one record, counted where the client's packets enter: {r}"

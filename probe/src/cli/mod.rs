@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand};
 
 use self::query_flags::QueryFlags;
 use crate::export::print::Format;
-use crate::settings::RunFlags;
+use crate::settings::{DecapFlags, RunFlags};
 
 #[derive(Parser)]
 #[command(name = "flowprobe", version, about, long_about = None)]
@@ -25,8 +25,11 @@ pub struct Cli {
 pub enum Cmd {
     /// Count connections in pcap/pcapng files, as the live probe would.
     ///
-    /// Reads Ethernet (with VLAN/QinQ tags), Linux cooked v1/v2, raw IP and
-    /// BSD loopback captures; pcapng files may mix interfaces and link types.
+    /// Reads Ethernet (with up to 4 VLAN tags, PPPoE, MPLS, 802.2
+    /// LLC/SNAP), Linux cooked v1/v2, NFLOG, raw IP and BSD loopback
+    /// captures; pcapng files may mix interfaces and link types. Tunnelled
+    /// packets (VXLAN, Geneve, GRE, IP in IP) count as the connection they
+    /// carry, tagged with the tunnel (docs/tunnels.md).
     /// Prints one row (or JSON object) per connection, oriented from the side
     /// that opened it. Frames that carry no TCP/UDP connection are counted by
     /// reason on stderr.
@@ -45,6 +48,8 @@ pub enum Cmd {
         /// direction is counted on the first interface that saw it.
         #[arg(long)]
         per_interface: bool,
+        #[command(flatten)]
+        decap: DecapFlags,
         #[command(flatten)]
         query: QueryFlags,
     },

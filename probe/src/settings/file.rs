@@ -27,6 +27,12 @@ pub struct RunConfig {
     pub ebpf_object: Option<PathBuf>,
     /// As --per-interface.
     pub per_interface: Option<bool>,
+    /// false: as --no-decap.
+    pub decap: Option<bool>,
+    /// As --vxlan-port.
+    pub vxlan_port: Option<u16>,
+    /// As --geneve-port.
+    pub geneve_port: Option<u16>,
     pub max_conns: Option<u32>,
     pub closed_timeout: Option<f64>,
     pub idle_timeout: Option<f64>,
@@ -156,7 +162,7 @@ mod tests {
             ),
             (
                 "interfaces = [\"eth0\"]\nmax_con = 5",
-                "line 2: unknown field `max_con`, expected one of `interfaces`, `backend`, `ebpf_object`, `per_interface`, `max_conns`, `closed_timeout`, `idle_timeout`, `keep_ended`, `list_max`, `rollup_interval`, `rollup_keep`, `rollup_top`, `interval`, `listen`, `metrics_labels`, `export`",
+                "line 2: unknown field `max_con`, expected one of `interfaces`, `backend`, `ebpf_object`, `per_interface`, `decap`, `vxlan_port`, `geneve_port`, `max_conns`, `closed_timeout`, `idle_timeout`, `keep_ended`, `list_max`, `rollup_interval`, `rollup_keep`, `rollup_top`, `interval`, `listen`, `metrics_labels`, `export`",
             ),
             (
                 "[export]\nfile = \"x\"",

@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Result;
+use probe_common::Decap;
 
 use crate::export::agent::{parse_listen, MetricLabels};
 use crate::export::print::Format;
@@ -60,6 +61,40 @@ fn idle_timeout_help() -> String {
     )
 }
 
+/// Which tunnels to look into: the flags `run` and `replay` share.
+#[derive(clap::Args, Debug, Default, Clone)]
+pub struct DecapFlags {
+    /// Do not look inside tunnels (VXLAN, Geneve, GRE, IP in IP): count
+    /// each tunnel as the one UDP/GRE/IP flow between its endpoints.
+    /// VLAN, MPLS and PPPoE are always read (docs/tunnels.md).
+    #[arg(long)]
+    pub no_decap: bool,
+    /// UDP destination port of VXLAN; 0 turns VXLAN off [default: 4789].
+    #[arg(long, value_name = "PORT")]
+    pub vxlan_port: Option<u16>,
+    /// UDP destination port of Geneve; 0 turns Geneve off [default: 6081].
+    #[arg(long, value_name = "PORT")]
+    pub geneve_port: Option<u16>,
+}
+
+impl DecapFlags {
+    /// The settings, the flags over the config file's `decap`,
+    /// `vxlan_port` and `geneve_port` over the defaults.
+    pub fn decap(
+        &self,
+        file_decap: Option<bool>,
+        file_vxlan: Option<u16>,
+        file_geneve: Option<u16>,
+    ) -> Decap {
+        let d = Decap::DEFAULT;
+        Decap {
+            enabled: !self.no_decap && file_decap.unwrap_or(true),
+            vxlan_port: self.vxlan_port.or(file_vxlan).unwrap_or(d.vxlan_port),
+            geneve_port: self.geneve_port.or(file_geneve).unwrap_or(d.geneve_port),
+        }
+    }
+}
+
 /// The flags of `flowprobe run`.
 #[derive(clap::Args, Debug, Default)]
 pub struct RunFlags {
@@ -100,6 +135,8 @@ pub struct RunFlags {
     /// and an uplink counts once.
     #[arg(long)]
     pub per_interface: bool,
+    #[command(flatten)]
+    pub decap: DecapFlags,
     #[arg(long, value_name = "N", help = max_conns_help())]
     pub max_conns: Option<u32>,
     #[arg(long, value_name = "SECS", help = closed_timeout_help())]
@@ -165,6 +202,8 @@ pub struct RunSettings {
     pub ebpf_object: Option<PathBuf>,
     /// One record per connection and interface instead of per host.
     pub per_interface: bool,
+    /// Which tunnels to look into.
+    pub decap: Decap,
     /// Slots of the kernel table: a power of two.
     pub capacity: u32,
     pub closed_timeout: Duration,
@@ -372,6 +411,9 @@ impl RunFlags {
             ifaces,
             ebpf_object: self.ebpf_object.or(file.ebpf_object),
             per_interface: self.per_interface || file.per_interface.unwrap_or(false),
+            decap: self
+                .decap
+                .decap(file.decap, file.vxlan_port, file.geneve_port),
             capacity,
             closed_timeout,
             idle_timeout,
@@ -391,6 +433,30 @@ mod tests {
 
     fn file(text: &str) -> file::RunConfig {
         file::RunConfig::parse(text).unwrap()
+    }
+
+    /// Decapsulation: on by default on the IANA ports; the file's fields
+    /// under the flags.
+    #[test]
+    fn decap_settings_merge() {
+        let d = RunFlags::default().merge(file("")).unwrap().decap;
+        assert_eq!(d, Decap::DEFAULT);
+        let f = "decap = false\nvxlan_port = 8472\ngeneve_port = 0";
+        let d = RunFlags::default().merge(file(f)).unwrap().decap;
+        assert_eq!((d.enabled, d.vxlan_port, d.geneve_port), (false, 8472, 0));
+        let flags = RunFlags {
+            decap: DecapFlags {
+                no_decap: false,
+                vxlan_port: Some(4790),
+                geneve_port: None,
+            },
+            ..RunFlags::default()
+        };
+        let d = flags
+            .merge(file("vxlan_port = 8472\ngeneve_port = 7000"))
+            .unwrap()
+            .decap;
+        assert_eq!((d.enabled, d.vxlan_port, d.geneve_port), (true, 4790, 7000));
     }
 
     /// dist/flowprobe.toml, the service's config, is what the unit promises:
@@ -452,7 +518,7 @@ mod tests {
             (
                 "max_conns = 16777217",
                 RunFlags::default(),
-                "config field `max_conns`: 16777217 is more than 16777216 (7 GiB of kernel memory)",
+                "config field `max_conns`: 16777217 is more than 16777216 (8 GiB of kernel memory)",
             ),
             (
                 "idle_timeout = -3.0",

@@ -2,7 +2,7 @@
 //! userspace source: parse, then track and count.
 
 use flowtable::{FlowTable, FrameStats, Observation};
-use probe_common::{parse_frame, LinkType};
+use probe_common::{parse_frame_ex, Decap, Encap, LinkType};
 
 /// One frame as a source hands it over.
 pub struct Captured<'a> {
@@ -18,8 +18,14 @@ pub struct Captured<'a> {
     /// For a GSO/GRO super-packet, the payload size of each wire segment
     /// (AF_PACKET's virtio-net header); 0 for a plain frame.
     pub gso_size: u32,
+    /// Which tunnels to look into.
+    pub decap: Decap,
 }
 
+#[expect(
+    clippy::too_many_arguments,
+    reason = "a captured frame's fields, as the file reader has them"
+)]
 pub fn frame(
     table: &mut FlowTable,
     stats: &mut FrameStats,
@@ -28,6 +34,7 @@ pub fn frame(
     link: Option<LinkType>,
     data: &[u8],
     wire_len: u32,
+    decap: Decap,
 ) {
     captured(
         table,
@@ -39,6 +46,7 @@ pub fn frame(
             data,
             wire_len,
             gso_size: 0,
+            decap,
         },
     );
 }
@@ -49,7 +57,8 @@ pub fn captured(table: &mut FlowTable, stats: &mut FrameStats, c: &Captured) {
         stats.unsupported_link += 1;
         return;
     };
-    match parse_frame(c.data, link, c.wire_len) {
+    let mut encap = Encap::default();
+    match parse_frame_ex(c.data, link, c.wire_len, &c.decap, &mut encap) {
         Ok(parsed) => {
             stats.tracked += 1;
             let counted = table.observe(&Observation {
@@ -57,6 +66,7 @@ pub fn captured(table: &mut FlowTable, stats: &mut FrameStats, c: &Captured) {
                 iface: c.iface,
                 segs: segs(parsed.payload_len, c.gso_size),
                 parsed: &parsed,
+                encap: &encap,
             });
             if !counted {
                 stats.duplicate += 1;

@@ -111,6 +111,8 @@ impl Player {
                 f.link,
                 &f.data,
                 f.wire_len,
+                // As `flowprobe replay` without --no-decap.
+                probe_common::Decap::DEFAULT,
             );
             self.pos += 1;
         }

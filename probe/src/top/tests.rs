@@ -105,7 +105,7 @@ fn played(files: &[PathBuf], f: &QueryFlags) -> Data {
 fn replay_table(files: &[PathBuf], f: &QueryFlags) -> String {
     let mut t = FlowTable::new();
     let mut stats = FrameStats::default();
-    crate::sources::file::replay(files, &mut t, &mut stats).unwrap();
+    crate::sources::file::replay(files, &mut t, &mut stats, probe_common::Decap::DEFAULT).unwrap();
     let conns = t.connections();
     let mut out = Vec::new();
     let q = f.clone().spec().unwrap().run(&conns, origin(&conns));
@@ -587,7 +587,7 @@ fn export_rows() {
     // JSON lines: `flowprobe replay --format json` with the same flags.
     let mut t = FlowTable::new();
     let mut stats = FrameStats::default();
-    crate::sources::file::replay(&files, &mut t, &mut stats).unwrap();
+    crate::sources::file::replay(&files, &mut t, &mut stats, probe_common::Decap::DEFAULT).unwrap();
     let conns = t.connections();
     let mut want = Vec::new();
     output::write_query(

@@ -749,7 +749,8 @@ mod tests {
         let mut table = flowtable::FlowTable::new();
         let mut stats = flowtable::FrameStats::default();
         let files = [root.join("fixtures/pcaps/tcp4_loss.pcap")];
-        crate::sources::file::replay(&files, &mut table, &mut stats).unwrap();
+        crate::sources::file::replay(&files, &mut table, &mut stats, probe_common::Decap::DEFAULT)
+            .unwrap();
         let s = Snapshot {
             rollups: None,
             retired_totals: None,

@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
 use flowtable::{FlowTable, FrameStats};
+use probe_common::Decap;
 
 pub use ring::KernelStats;
 use ring::{Cursor, Frame, Ring};
@@ -45,6 +46,7 @@ use crate::sources::{AfpacketHealth, Health, KeyFeed, Links, Reading, Source};
 struct Shard {
     table: FlowTable,
     frames: FrameStats,
+    decap: Decap,
 }
 
 /// The rings and their reader threads.
@@ -74,8 +76,14 @@ pub struct Retire {
 
 /// Opens one ring per CPU in one fanout group; `only`: the interfaces
 /// named with --iface (empty: every interface); `per_iface`: key
-/// connections per interface (`--per-interface`).
-pub fn open(only: &[String], per_iface: bool, retire: Retire) -> Result<AfpacketSource> {
+/// connections per interface (`--per-interface`); `decap`: which tunnels
+/// to look into.
+pub fn open(
+    only: &[String],
+    per_iface: bool,
+    decap: Decap,
+    retire: Retire,
+) -> Result<AfpacketSource> {
     let n = std::thread::available_parallelism().map_or(1, |n| n.get());
     let blocks = ring::blocks_per_ring(n);
     let rings = (0..n)
@@ -97,6 +105,7 @@ pub fn open(only: &[String], per_iface: bool, retire: Retire) -> Result<Afpacket
                     FlowTable::new()
                 },
                 frames: FrameStats::default(),
+                decap,
             })
         })
         .collect();
@@ -297,6 +306,7 @@ fn observe(sh: &mut Shard, f: &Frame) {
             data: f.data,
             wire_len: f.wire_len,
             gso_size: f.gso_size.into(),
+            decap: sh.decap,
         },
     );
 }

@@ -242,7 +242,7 @@ mod tests {
             family: 4,
             _pad: [0; 2],
         };
-        ConnKey::of(&k, 3).0
+        ConnKey::of(&k, 3, 0).0
     }
 
     fn entry(first: u64, bytes: u64) -> FlowEntry {

@@ -47,6 +47,8 @@ pub struct Options {
     /// Key connections per interface (`--per-interface`) instead of one
     /// record per connection on the host.
     pub per_iface: bool,
+    /// Which tunnels the program looks into.
+    pub decap: probe_common::Decap,
     /// Move a closed connection out of the kernel table this long after its
     /// last packet; any connection after `idle_timeout` ([`drain`]).
     pub closed_timeout: Duration,
@@ -196,6 +198,9 @@ fn load(object: &[u8], origin: &str, opts: &Options) -> Result<Ebpf> {
         .override_global(contract::CONNS_SEED, &seed, true)
         .override_global(contract::UNLOCK_BY_STORE, &UNLOCK_BY_STORE, true)
         .override_global(contract::PER_IFACE, &u8::from(opts.per_iface), true)
+        .override_global(contract::NO_DECAP, &u8::from(!opts.decap.enabled), true)
+        .override_global(contract::VXLAN_PORT, &opts.decap.vxlan_port, true)
+        .override_global(contract::GENEVE_PORT, &opts.decap.geneve_port, true)
         .load(object)
         .with_context(|| format!("loading {origin}"))?;
     if opts.hook == Hook::Xdp {

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use flowtable::{FlowTable, FrameStats};
 use indicatif::{ProgressBar, ProgressStyle};
+use probe_common::Decap;
 
 use self::pcap::{read_frames, ReadError};
 use crate::sources::ingest;
@@ -25,19 +26,25 @@ pub struct FileOutcome {
     pub error: Option<ReadError>,
 }
 
-/// Replays `paths` in order into one table.
+/// Replays `paths` in order into one table, looking into the tunnels
+/// `decap` names.
 pub fn replay(
     paths: &[PathBuf],
     table: &mut FlowTable,
     stats: &mut FrameStats,
+    decap: Decap,
 ) -> anyhow::Result<Vec<FileOutcome>> {
-    paths.iter().map(|p| replay_file(p, table, stats)).collect()
+    paths
+        .iter()
+        .map(|p| replay_file(p, table, stats, decap))
+        .collect()
 }
 
 fn replay_file(
     path: &Path,
     table: &mut FlowTable,
     stats: &mut FrameStats,
+    decap: Decap,
 ) -> anyhow::Result<FileOutcome> {
     let file = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
     let len = file
@@ -71,7 +78,11 @@ fn replay_file(
     let before = stats.frames;
     let result = read_frames(
         data,
-        |f| ingest::frame(table, stats, f.ts_ns, f.iface, f.link, f.data, f.wire_len),
+        |f| {
+            ingest::frame(
+                table, stats, f.ts_ns, f.iface, f.link, f.data, f.wire_len, decap,
+            )
+        },
         |off| {
             if let Some(b) = &bar {
                 b.set_position(off as u64);

@@ -99,6 +99,7 @@ pub fn link_type(dl: DataLink) -> Option<LinkType> {
         DataLink::LINUX_SLL => Some(LinkType::LinuxSll),
         DataLink::LINUX_SLL2 => Some(LinkType::LinuxSll2),
         DataLink::NULL | DataLink::LOOP => Some(LinkType::Null),
+        DataLink::NFLOG => Some(LinkType::Nflog),
         _ => None,
     }
 }

@@ -258,7 +258,13 @@ fn map_of_the_fixture_captures_golden() {
         let mut table = flowtable::FlowTable::new();
         let mut stats = flowtable::FrameStats::default();
         let file = root.join(format!("fixtures/pcaps/{name}.pcap"));
-        crate::sources::file::replay(&[file], &mut table, &mut stats).unwrap();
+        crate::sources::file::replay(
+            &[file],
+            &mut table,
+            &mut stats,
+            probe_common::Decap::DEFAULT,
+        )
+        .unwrap();
         let c = table.connections();
         for (suffix, raw) in [
             ("", "src=ip&dst=ip,port"),

@@ -135,6 +135,116 @@ pub struct RunFlags {
     pub export_jsonl: Option<String>,
     #[command(flatten)]
     pub bounds: BoundFlags,
+    #[command(flatten)]
+    pub fleet: FleetFlags,
+}
+
+/// `--fleet`: publish to NATS JetStream for `flowprobe fleet`
+/// (docs/fleet.md).
+#[derive(clap::Args, Debug, Default)]
+#[command(next_help_heading = "Fleet")]
+pub struct FleetFlags {
+    /// Also publish this host's rows per interval, its presence and the
+    /// endpoints it serves to NATS JetStream at nats://HOST:PORT (or
+    /// tls://HOST:PORT), for `flowprobe fleet`.
+    #[arg(long, value_name = "URL")]
+    pub fleet: Option<String>,
+    /// This host's id in the fleet: letters, digits, `_` and `-`
+    /// [default: the host name, other characters as `_`].
+    #[arg(long, value_name = "ID")]
+    pub host_id: Option<String>,
+    /// Length of one published interval [default: 10].
+    #[arg(long, value_name = "SECS")]
+    pub fleet_interval: Option<f64>,
+    /// Rows per interval message, by bytes; the rest are folded per view
+    /// [default: 1000].
+    #[arg(long, value_name = "N")]
+    pub fleet_top: Option<usize>,
+    /// Interval messages kept while NATS cannot take them; beyond, the
+    /// oldest are dropped, counted and marked missing [default: 360].
+    #[arg(long, value_name = "N")]
+    pub fleet_spool: Option<usize>,
+    /// Network id: addresses are compared only within one [default:
+    /// default].
+    #[arg(long, value_name = "ID")]
+    pub network: Option<String>,
+    #[command(flatten)]
+    pub nats: crate::export::fleet::nats::NatsFlags,
+}
+
+impl FleetFlags {
+    /// The publisher's options, the flags over the config's `[fleet]`
+    /// table; `None` without an address.
+    pub fn options(
+        self,
+        file: Option<file::Fleet>,
+    ) -> Result<Option<crate::export::fleet::FleetOptions>, String> {
+        use crate::export::fleet::{self, nats, wire};
+        let file = file.unwrap_or_default();
+        let Some((url, from)) = pick(self.fleet, file.url, ("--fleet", "fleet.url")) else {
+            return Ok(None);
+        };
+        let flags = nats::NatsFlags {
+            nats_user: self.nats.nats_user.or(file.user),
+            nats_password: self.nats.nats_password.or(file.password),
+            nats_token: self.nats.nats_token.or(file.token),
+            nats_creds: self.nats.nats_creds.or(file.creds),
+            nats_tls_ca: self.nats.nats_tls_ca.or(file.tls_ca),
+        };
+        let nats = nats::Nats::new(&url, flags, &from.to_string())?;
+        let host_id = match pick(self.host_id, file.host_id, ("--host-id", "fleet.host_id")) {
+            Some((h, from)) if !wire::valid_id(&h) => {
+                return Err(format!(
+                    "{from}: `{h}` is not a host id (1 to 64 letters, digits, `_` or `-`)"
+                ))
+            }
+            Some((h, _)) => h,
+            None => wire::host_id_of(
+                &crate::enrich::host_name().unwrap_or_else(|| "unknown".to_owned()),
+            ),
+        };
+        let network = match pick(self.network, file.network, ("--network", "fleet.network")) {
+            Some((n, from)) if !wire::valid_id(&n) => {
+                return Err(format!(
+                    "{from}: `{n}` is not a network id (1 to 64 letters, digits, `_` or `-`)"
+                ))
+            }
+            Some((n, _)) => n,
+            None => fleet::DEFAULT_NETWORK.to_owned(),
+        };
+        let interval = seconds(
+            pick(
+                self.fleet_interval,
+                file.interval,
+                ("--fleet-interval", "fleet.interval"),
+            ),
+            0.1,
+        )?
+        .unwrap_or(Duration::from_secs_f64(fleet::DEFAULT_INTERVAL_S));
+        let top = match pick(self.fleet_top, file.top, ("--fleet-top", "fleet.top")) {
+            Some((0, from)) => return Err(format!("{from}: must be at least 1")),
+            Some((n, _)) => n,
+            None => fleet::DEFAULT_TOP,
+        };
+        let spool = match pick(
+            self.fleet_spool,
+            file.spool,
+            ("--fleet-spool", "fleet.spool"),
+        ) {
+            Some((0, from)) => return Err(format!("{from}: must be at least 1")),
+            Some((n, _)) => n,
+            None => fleet::DEFAULT_SPOOL,
+        };
+        Ok(Some(fleet::FleetOptions {
+            nats,
+            host_id,
+            network,
+            interval,
+            top,
+            spool,
+            bounds: nats::StreamBounds::default(),
+        }))
+    }
 }
 
 /// What a long run keeps (docs/run-and-backends.md, "Memory").
@@ -186,6 +296,7 @@ pub struct RunSettings {
     pub keep_ended: Duration,
     pub list_max: usize,
     pub rollups: flowtable::rollup::RollupSettings,
+    pub fleet: Option<crate::export::fleet::FleetOptions>,
 }
 
 impl RunSettings {
@@ -371,7 +482,9 @@ impl RunFlags {
             top: rollup_top,
             ..flowtable::rollup::RollupSettings::default()
         };
+        let fleet = self.fleet.options(file.fleet)?;
         Ok(RunSettings {
+            fleet,
             keep_ended,
             list_max,
             rollups,

@@ -24,6 +24,9 @@ struct Json<'a> {
     /// `--export-jsonl`: intervals that could not be written.
     #[serde(skip_serializing_if = "Option::is_none")]
     export: Option<&'a ExportStatus>,
+    /// `--fleet`: what was published, what waits, what was dropped.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fleet: Option<&'a crate::export::fleet::FleetStatus>,
 }
 
 #[derive(Serialize)]
@@ -102,6 +105,7 @@ pub fn encode(s: &Snapshot) -> String {
             _ => None,
         },
         export: s.export.as_ref(),
+        fleet: s.fleet.as_ref(),
     };
     let mut text = serde_json::to_string(&h).expect("plain data serialises");
     text.push('\n');

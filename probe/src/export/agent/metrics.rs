@@ -406,6 +406,68 @@ fn export(reg: &mut Registry, s: &Snapshot) {
     );
 }
 
+/// `--fleet`: what was published, what waits in the spool, what it dropped.
+fn fleet(reg: &mut Registry, s: &Snapshot) {
+    let Some(f) = &s.fleet else { return };
+    reg.register(
+        "fleet_intervals",
+        "Fleet interval messages made (each goes to the spool)",
+        counter(f.intervals),
+    );
+    reg.register("fleet_rows", "Rows in those messages", counter(f.rows));
+    reg.register(
+        "fleet_folded_groups",
+        "Groups beyond --fleet-top, sent as their view's folded counters",
+        counter(f.folded_groups),
+    );
+    reg.register(
+        "fleet_foreign_groups",
+        "Groups with neither end on this host (forwarded traffic): not published",
+        counter(f.foreign_groups),
+    );
+    reg.register(
+        "fleet_endpoints",
+        "Endpoints (listeners seen serving) in this host's directory entries",
+        gauge(f.endpoints as u64),
+    );
+    reg.register(
+        "fleet_endpoints_dropped",
+        "Endpoints not put in the directory: more than 10000",
+        counter(f.endpoints_dropped),
+    );
+    let sp = &f.spool;
+    reg.register(
+        "fleet_spool_messages",
+        "Interval messages waiting for JetStream's acknowledgement",
+        gauge(sp.queued as u64),
+    );
+    reg.register(
+        "fleet_spool_max",
+        "The bound of those (--fleet-spool)",
+        gauge(sp.max as u64),
+    );
+    reg.register(
+        "fleet_spool_dropped",
+        "Interval messages dropped from a full spool (the fleet marks those intervals missing)",
+        counter(sp.dropped),
+    );
+    reg.register(
+        "fleet_published",
+        "Interval messages acknowledged by JetStream",
+        counter(sp.sent),
+    );
+    reg.register(
+        "fleet_publish_failures",
+        "Publishes and KV puts that failed and were tried again",
+        counter(sp.failures),
+    );
+    reg.register(
+        "fleet_connected",
+        "1 while the last publish to NATS worked",
+        gauge(u64::from(sp.connected)),
+    );
+}
+
 /// Health of the agent itself.
 fn health(reg: &mut Registry, s: &Snapshot) {
     let Some(h) = &s.health else { return };
@@ -527,6 +589,7 @@ pub fn encode(s: &Snapshot, labels: &MetricLabels) -> String {
     health(&mut reg, s);
     export(&mut reg, s);
     bounds(&mut reg, s);
+    fleet(&mut reg, s);
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, &reg)
         .expect("writing to a String cannot fail");

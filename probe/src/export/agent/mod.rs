@@ -22,6 +22,7 @@ use flowtable::Connection;
 use flowtable::query::QueryResult;
 use flowtable::rollup::Rollups;
 
+use super::fleet::FleetStatus;
 use super::history::Bounds;
 use super::jsonl::ExportStatus;
 use crate::sources::Health;
@@ -44,6 +45,22 @@ pub struct Snapshot {
     /// `/metrics`' group sums of connections no longer listed.
     pub retired_totals: Option<Arc<QueryResult>>,
     pub bounds: Bounds,
+    /// `--fleet`: how publishing fares.
+    pub fleet: Option<FleetStatus>,
+    /// Set by `flowprobe fleet`: `/query`, `/metrics` and `/health` are
+    /// answered by it instead of from the fields above.
+    pub view: Option<Arc<dyn View>>,
+}
+
+/// What serves the routes when the answers are not one host's
+/// connections: the fleet process's joined intervals.
+pub trait View: Send + Sync {
+    /// The rows of `spec` (a `window` is refused with the reason).
+    fn query(&self, spec: &flowtable::query::QuerySpec) -> Result<QueryResult, String>;
+    /// The OpenMetrics text.
+    fn metrics(&self) -> String;
+    /// The JSON text of `/health`.
+    fn health(&self) -> String;
 }
 
 /// The latest snapshot, shared between the run loop and the server.
@@ -191,7 +208,9 @@ pub(crate) mod tests {
         assert_eq!(page, want);
         let all = client::get(addr, "/connections").unwrap();
         assert_eq!(String::from_utf8(all).unwrap().lines().count(), 5);
-        let err = client::get(addr, "/connections?limit=x").unwrap_err().to_string();
+        let err = client::get(addr, "/connections?limit=x")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("400") && err.contains("limit"), "{err}");
 
         let err = client::get(addr, "/query?sort=speed")

@@ -1,0 +1,253 @@
+//! The fleet publisher (`run --fleet`, `replay --fleet`): per interval, this
+//! host's rows to the JetStream stream, its presence and the endpoints it
+//! serves to KV buckets (docs/fleet.md).
+//!
+//! The rows come from a [`Rollups`] of their own (interval
+//! `--fleet-interval`): each closed interval's groups, seen from this host
+//! ([`wire::row_of`]), the `--fleet-top` largest kept and the rest folded
+//! per view. [`nats`] sends them from a bounded spool on its own thread.
+
+pub mod nats;
+pub mod wire;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use flowtable::rollup::{Interval, RollupSettings, Rollups};
+use flowtable::Connection;
+
+use self::nats::{Nats, Outgoing, Put, Spool, SpoolStatus, StreamBounds};
+use self::wire::{Endpoint, Folded, Message, Presence, Row, View, SCHEMA};
+
+/// Defaults of the settings (docs/fleet.md, "Settings").
+pub const DEFAULT_INTERVAL_S: f64 = 10.0;
+pub const DEFAULT_TOP: usize = 1000;
+pub const DEFAULT_SPOOL: usize = 360;
+pub const DEFAULT_NETWORK: &str = "default";
+/// Endpoints (listeners seen serving) the directory keeps per host.
+pub const MAX_ENDPOINTS: usize = 10_000;
+/// Groups an open fleet interval holds before it folds new ones.
+const MAX_GROUPS: usize = 50_000;
+
+/// What the publisher needs.
+#[derive(Clone, Debug)]
+pub struct FleetOptions {
+    pub nats: Nats,
+    pub host_id: String,
+    pub network: String,
+    pub interval: Duration,
+    pub top: usize,
+    pub spool: usize,
+    pub bounds: StreamBounds,
+}
+
+/// What the publisher did, for /health and /metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct FleetStatus {
+    pub host_id: String,
+    pub intervals: u64,
+    pub rows: u64,
+    /// Groups folded into a view's `folded` counters by --fleet-top.
+    pub folded_groups: u64,
+    /// Groups with neither end on this host (forwarded): not published.
+    pub foreign_groups: u64,
+    pub endpoints: usize,
+    pub endpoints_dropped: u64,
+    pub spool: SpoolStatus,
+}
+
+/// Builds interval messages and hands them to the spool.
+pub struct Publisher {
+    o: FleetOptions,
+    rollups: Rollups,
+    run: u64,
+    seq: u64,
+    last_start: Option<u64>,
+    addresses: Vec<IpAddr>,
+    /// Endpoints seen serving, and what was last put for each.
+    endpoints: BTreeMap<(String, IpAddr, u16), BTreeMap<String, String>>,
+    spool: Arc<Spool>,
+    status: FleetStatus,
+}
+
+impl Publisher {
+    /// Starts the sender thread; `run` is this run's id (its start, Unix
+    /// ns; a replay's first interval).
+    pub fn start(o: FleetOptions, run: u64) -> Result<Publisher> {
+        let spool = Spool::new(o.spool);
+        nats::start_sender(o.nats.clone(), o.bounds, spool.clone())?;
+        Ok(Publisher {
+            rollups: Rollups::new(RollupSettings {
+                interval: o.interval,
+                keep: 4,
+                top: usize::MAX,
+                max_groups: MAX_GROUPS,
+            }),
+            status: FleetStatus {
+                host_id: o.host_id.clone(),
+                ..FleetStatus::default()
+            },
+            o,
+            run,
+            seq: 0,
+            last_start: None,
+            addresses: Vec::new(),
+            endpoints: BTreeMap::new(),
+            spool,
+        })
+    }
+
+    /// This host's addresses (where `client`, `server` and `local` views
+    /// are decided), as of now.
+    pub fn set_addresses(&mut self, mut a: Vec<IpAddr>) {
+        a.sort();
+        a.dedup();
+        self.addresses = a;
+    }
+
+    pub fn interval(&self) -> Duration {
+        self.o.interval
+    }
+
+    /// One reading at `now_ns`: into the rollups; every interval that
+    /// closed goes out.
+    pub fn update(&mut self, now_ns: u64, conns: &[Connection], retired: &[Connection]) {
+        self.rollups.update(now_ns, conns, retired);
+        self.send_closed(now_ns);
+    }
+
+    /// The end: the open interval closes and goes out too; waits up to
+    /// `timeout` for JetStream to take everything, and returns how many
+    /// interval messages it did not.
+    pub fn finish(mut self, timeout: Duration, now_ns: u64) -> (usize, FleetStatus) {
+        self.rollups.close_open();
+        self.send_closed(now_ns);
+        let left = self.spool.close(timeout);
+        (left, self.status())
+    }
+
+    pub fn status(&self) -> FleetStatus {
+        let mut s = self.status.clone();
+        s.spool = self.spool.status();
+        s.endpoints = self.endpoints.len();
+        s
+    }
+
+    fn send_closed(&mut self, now_ns: u64) {
+        for i in self.rollups.closed_after(self.last_start) {
+            self.last_start = Some(i.start_ns);
+            let m = self.message(&i);
+            self.seq += 1;
+            self.status.intervals += 1;
+            self.status.rows += m.rows.len() as u64;
+            let payload = serde_json::to_vec(&m).expect("a message serialises");
+            self.spool.push(Outgoing {
+                subject: wire::subject(&m.host),
+                id: wire::msg_id(&m),
+                payload,
+            });
+            self.directory(&m, now_ns);
+        }
+    }
+
+    /// The message of one closed interval: its groups as rows, the top
+    /// kept, the rest folded per view.
+    fn message(&mut self, i: &Interval) -> Message {
+        let addrs: BTreeSet<IpAddr> = self.addresses.iter().copied().collect();
+        let mut rows: Vec<Row> = Vec::new();
+        for a in &i.rows {
+            match wire::row_of(a, |ip| addrs.contains(ip)) {
+                Some(r) => rows.push(r),
+                None => self.status.foreign_groups += 1,
+            }
+        }
+        // Most bytes first (the rollups' order), ties as they came.
+        let mut folded: BTreeMap<View, Folded> = BTreeMap::new();
+        if rows.len() > self.o.top {
+            for r in rows.split_off(self.o.top) {
+                let f = folded.entry(r.view).or_default();
+                f.groups += 1;
+                f.conns += r.conns;
+                f.sent.add(&r.sent);
+                f.received.add(&r.received);
+                self.status.folded_groups += 1;
+            }
+        }
+        // What the rollups folded while the interval was open (their
+        // `max_groups`): its view is not known; the client view is the
+        // one the fleet always counts.
+        if let Some(a) = &i.folded {
+            let f = folded.entry(View::Client).or_default();
+            f.conns += a.conns;
+            f.sent.add(&a.conn.sent);
+            f.received.add(&a.conn.received);
+        }
+        Message {
+            schema: SCHEMA,
+            host: self.o.host_id.clone(),
+            network: self.o.network.clone(),
+            run: self.run,
+            seq: self.seq,
+            start_ns: i.start_ns,
+            end_ns: i.end_ns,
+            addresses: self.addresses.clone(),
+            rows,
+            folded,
+            spool_dropped: self.spool.dropped(),
+        }
+    }
+
+    /// Presence, and the endpoints this interval's server rows show
+    /// (bounded; new or changed ones are put, all of them again when the
+    /// presence is).
+    fn directory(&mut self, m: &Message, now_ns: u64) {
+        let mut puts = Vec::new();
+        for r in m.rows.iter().filter(|r| r.view == View::Server) {
+            let k = (r.proto.clone(), r.local.ip, r.local.port);
+            let changed = self.endpoints.get(&k) != Some(&r.local.tags);
+            if !changed {
+                continue;
+            }
+            if !self.endpoints.contains_key(&k) && self.endpoints.len() >= MAX_ENDPOINTS {
+                self.status.endpoints_dropped += 1;
+                continue;
+            }
+            self.endpoints.insert(k, r.local.tags.clone());
+        }
+        // All of them each interval: the bucket's entries expire after
+        // the TTL, so a live host's must be refreshed.
+        for ((proto, ip, port), tags) in &self.endpoints {
+            let e = Endpoint {
+                schema: SCHEMA,
+                host: self.o.host_id.clone(),
+                network: self.o.network.clone(),
+                proto: proto.clone(),
+                ip: *ip,
+                port: *port,
+                tags: tags.clone(),
+            };
+            puts.push(Put {
+                bucket: wire::ENDPOINTS_BUCKET,
+                key: wire::endpoint_key(&self.o.host_id, proto, *ip, *port),
+                value: serde_json::to_vec(&e).expect("serialises"),
+            });
+        }
+        let p = Presence {
+            schema: SCHEMA,
+            host: self.o.host_id.clone(),
+            network: self.o.network.clone(),
+            addresses: self.addresses.clone(),
+            run: self.run,
+            at_ns: now_ns,
+        };
+        puts.push(Put {
+            bucket: wire::PRESENCE_BUCKET,
+            key: self.o.host_id.clone(),
+            value: serde_json::to_vec(&p).expect("serialises"),
+        });
+        self.spool.put(puts, MAX_ENDPOINTS + 1);
+    }
+}

@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand};
 
 use self::query_flags::QueryFlags;
 use crate::export::print::Format;
-use crate::settings::RunFlags;
+use crate::settings::{FleetFlags, RunFlags};
 
 #[derive(Parser)]
 #[command(name = "flowprobe", version, about, long_about = None)]
@@ -47,6 +47,15 @@ pub enum Cmd {
         per_interface: bool,
         #[command(flatten)]
         query: QueryFlags,
+        /// With --fleet: this host's addresses (repeat for several), where
+        /// a connection's local end is decided.
+        #[arg(long = "host-addr", value_name = "IP")]
+        host_addrs: Vec<std::net::IpAddr>,
+        /// --fleet: publish the capture to NATS JetStream as the agent of
+        /// --host-id with --host-addr would have (intervals from packet
+        /// time), instead of printing it.
+        #[command(flatten)]
+        fleet: FleetFlags,
     },
     /// Count connections on live interfaces: the tc eBPF program, XDP, or
     /// AF_PACKET rings (--backend).

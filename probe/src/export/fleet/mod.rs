@@ -108,10 +108,6 @@ impl Publisher {
         self.addresses = a;
     }
 
-    pub fn interval(&self) -> Duration {
-        self.o.interval
-    }
-
     /// One reading at `now_ns`: into the rollups; every interval that
     /// closed goes out.
     pub fn update(&mut self, now_ns: u64, conns: &[Connection], retired: &[Connection]) {
@@ -250,4 +246,72 @@ impl Publisher {
         });
         self.spool.put(puts, MAX_ENDPOINTS + 1);
     }
+}
+
+/// `replay --fleet`: publishes `files` as host `o.host_id` with addresses
+/// `addresses` would have: intervals from packet time (so the same capture
+/// gives the same messages, ids included), empty ones between the first
+/// packet and the last too. Waits for JetStream to take every message.
+pub fn publish_capture(
+    files: &[std::path::PathBuf],
+    o: FleetOptions,
+    addresses: Vec<IpAddr>,
+) -> Result<(FleetStatus, Vec<crate::sources::file::FileOutcome>)> {
+    use flowtable::{FlowTable, FrameStats};
+    let len = (o.interval.as_nanos() as u64).max(1);
+    let mut table = FlowTable::new();
+    let mut stats = FrameStats::default();
+    let mut publisher: Option<Publisher> = None;
+    let mut next: Option<u64> = None;
+    let mut last_ts = 0;
+    let mut failed: Option<anyhow::Error> = None;
+    let outcomes = crate::sources::file::replay_timed(
+        files,
+        &mut table,
+        &mut stats,
+        &mut |t: &FlowTable, ts: u64| {
+            last_ts = last_ts.max(ts);
+            let boundary = *next.get_or_insert(ts - ts % len + len);
+            if publisher.is_none() && failed.is_none() {
+                // The run id: the first interval's start.
+                match Publisher::start(o.clone(), boundary - len) {
+                    Ok(mut p) => {
+                        p.set_addresses(addresses.clone());
+                        publisher = Some(p);
+                    }
+                    Err(e) => failed = Some(e),
+                }
+            }
+            let Some(p) = &mut publisher else { return };
+            let mut b = boundary;
+            if ts >= b {
+                let conns = t.connections();
+                while ts >= b {
+                    p.update(b - 1, &conns, &[]);
+                    b += len;
+                }
+                next = Some(b);
+            }
+        },
+    )?;
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    let Some(mut p) = publisher else {
+        anyhow::bail!("no packets: nothing to publish");
+    };
+    p.update(last_ts, &table.connections(), &[]);
+    let (left, status) = p.finish(Duration::from_secs(30), last_ts);
+    if left > 0 {
+        anyhow::bail!(
+            "fleet: {left} interval messages were not taken by JetStream at {} ({})",
+            o.nats.redacted(),
+            status
+                .spool
+                .last_error
+                .as_deref()
+                .unwrap_or("no error said")
+        );
+    }
+    Ok((status, outcomes))
 }

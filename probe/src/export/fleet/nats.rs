@@ -171,19 +171,31 @@ pub async fn stream(js: &jetstream::Context, b: StreamBounds) -> Result<stream::
 
 /// A KV bucket, created (with entries expiring after `ttl`) if missing.
 pub async fn bucket(js: &jetstream::Context, name: &str, ttl: Duration) -> Result<kv::Store> {
-    match js.get_key_value(name).await {
-        Ok(s) => Ok(s),
-        Err(_) => js
-            .create_key_value(kv::Config {
-                bucket: name.to_owned(),
-                history: 1,
-                max_age: ttl,
-                storage: stream::StorageType::File,
-                ..Default::default()
-            })
-            .await
-            .or(js.get_key_value(name).await.map_err(|e| anyhow!("{e}")))
-            .map_err(|e| anyhow!("KV bucket {name}: {e}")),
+    if let Ok(s) = js.get_key_value(name).await {
+        return Ok(s);
+    }
+    // The stream a KV bucket is, as `create_key_value` makes it (history
+    // 1): that call first reads the account info, which async-nats 0.52
+    // cannot parse from a 2.9 server.
+    let created = js
+        .create_stream(stream::Config {
+            name: format!("KV_{name}"),
+            subjects: vec![format!("$KV.{name}.>")],
+            max_messages_per_subject: 1,
+            max_age: ttl,
+            storage: stream::StorageType::File,
+            allow_rollup: true,
+            deny_delete: true,
+            allow_direct: true,
+            num_replicas: 1,
+            discard: stream::DiscardPolicy::New,
+            ..Default::default()
+        })
+        .await;
+    match (created, js.get_key_value(name).await) {
+        (_, Ok(s)) => Ok(s),
+        (Err(e), Err(_)) => Err(anyhow!("KV bucket {name}: {e}")),
+        (Ok(_), Err(e)) => Err(anyhow!("KV bucket {name}: {e}")),
     }
 }
 

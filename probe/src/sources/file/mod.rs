@@ -31,13 +31,28 @@ pub fn replay(
     table: &mut FlowTable,
     stats: &mut FrameStats,
 ) -> anyhow::Result<Vec<FileOutcome>> {
-    paths.iter().map(|p| replay_file(p, table, stats)).collect()
+    replay_timed(paths, table, stats, &mut |_, _| {})
+}
+
+/// [`replay`], calling `before(table, ts_ns)` before each frame is counted:
+/// where a consumer of packet time (the fleet's intervals) reads the table.
+pub fn replay_timed(
+    paths: &[PathBuf],
+    table: &mut FlowTable,
+    stats: &mut FrameStats,
+    before: &mut dyn FnMut(&FlowTable, u64),
+) -> anyhow::Result<Vec<FileOutcome>> {
+    paths
+        .iter()
+        .map(|p| replay_file(p, table, stats, before))
+        .collect()
 }
 
 fn replay_file(
     path: &Path,
     table: &mut FlowTable,
     stats: &mut FrameStats,
+    before: &mut dyn FnMut(&FlowTable, u64),
 ) -> anyhow::Result<FileOutcome> {
     let file = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
     let len = file
@@ -68,10 +83,13 @@ fn replay_file(
         b
     });
 
-    let before = stats.frames;
+    let frames_before = stats.frames;
     let result = read_frames(
         data,
-        |f| ingest::frame(table, stats, f.ts_ns, f.iface, f.link, f.data, f.wire_len),
+        |f| {
+            before(table, f.ts_ns);
+            ingest::frame(table, stats, f.ts_ns, f.iface, f.link, f.data, f.wire_len)
+        },
         |off| {
             if let Some(b) = &bar {
                 b.set_position(off as u64);
@@ -83,7 +101,7 @@ fn replay_file(
     }
     Ok(FileOutcome {
         path: path.to_path_buf(),
-        frames: stats.frames - before,
+        frames: stats.frames - frames_before,
         error: result.err(),
     })
 }

@@ -8,6 +8,7 @@
 mod cli;
 mod enrich;
 mod export;
+mod fleet;
 mod os;
 mod run;
 mod settings;
@@ -61,6 +62,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let path = format!("/query?{}&format={fmt}", query.params());
             let body = agent::client::get(addr, &path)?;
             io::stdout().lock().write_all(&body)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Fleet { cmd } => {
+            fleet::run(cmd)?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Completions { shell } => {

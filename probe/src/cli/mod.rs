@@ -75,6 +75,17 @@ pub enum Cmd {
         #[command(flatten)]
         flags: RunFlags,
     },
+    /// The fleet process: consume what `run --fleet` agents publish to NATS
+    /// JetStream and serve /query, /metrics and /health over all hosts
+    /// (`flowprobe query --agent` works against it unchanged).
+    ///
+    /// Each connection is counted once (the client's view when its host is
+    /// monitored, the server's otherwise) and its remote end is tagged by
+    /// the remote host's own agent (docs/fleet.md).
+    Fleet {
+        #[command(flatten)]
+        cmd: crate::fleet::FleetCmd,
+    },
     /// Query a running `flowprobe run --listen`: the query flags of
     /// `replay`, answered from the agent's live connections.
     Query {

@@ -130,11 +130,11 @@ impl fmt::Display for MetricLabels {
     }
 }
 
-type Labels = Vec<(String, String)>;
+pub type Labels = Vec<(String, String)>;
 
 /// Series of one metric, each with its labels and a constant value.
 #[derive(Debug)]
-struct Series<M>(Vec<(Labels, M)>);
+pub struct Series<M>(pub Vec<(Labels, M)>);
 
 impl<M: TypedMetric> TypedMetric for Series<M> {
     const TYPE: MetricType = M::TYPE;
@@ -209,11 +209,11 @@ impl EncodeMetric for RttHistogram {
     }
 }
 
-fn counter(v: u64) -> ConstCounter<u64> {
+pub fn counter(v: u64) -> ConstCounter<u64> {
     ConstCounter::new(v)
 }
 
-fn gauge(v: u64) -> ConstGauge<i64> {
+pub fn gauge(v: u64) -> ConstGauge<i64> {
     ConstGauge::new(v.min(i64::MAX as u64) as i64)
 }
 

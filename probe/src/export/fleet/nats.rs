@@ -470,20 +470,6 @@ async fn session(nats: &Nats, bounds: StreamBounds, spool: &Spool) -> Result<()>
     }
 }
 
-/// Checks that NATS can be reached now (for `replay --fleet`, which has no
-/// reason to wait for it).
-pub fn check_reachable(nats: &Nats) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
-        let c = nats.connect("flowprobe-replay").await?;
-        c.flush().await.map_err(|e| anyhow!("{e}"))?;
-        Ok::<_, anyhow::Error>(())
-    })?;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -258,6 +258,7 @@ pub fn publish_capture(
     addresses: Vec<IpAddr>,
 ) -> Result<(FleetStatus, Vec<crate::sources::file::FileOutcome>)> {
     use flowtable::{FlowTable, FrameStats};
+    nats::check_reachable(&o.nats)?;
     let len = (o.interval.as_nanos() as u64).max(1);
     let mut table = FlowTable::new();
     let mut stats = FrameStats::default();

@@ -68,11 +68,29 @@ impl Nats {
                 "{what}: `{url}` is not nats://HOST:PORT (or tls://HOST:PORT)"
             ));
         }
-        let user = match (f.nats_user, f.nats_password) {
+        let mut user = match (f.nats_user, f.nats_password) {
             (Some(u), Some(p)) => Some((u, p)),
             (None, None) => None,
             _ => return Err("--nats-user and --nats-password go together".to_owned()),
         };
+        // USER:PASS@ in the address: a login like the flags (the client
+        // does not take it from the address itself).
+        let mut plain = url.to_owned();
+        if let Some((login, host)) = rest.rsplit_once('@') {
+            let Some((u, p)) = login.split_once(':') else {
+                return Err(format!(
+                    "{what}: the login in the address is USER:PASSWORD@"
+                ));
+            };
+            if user.is_some() {
+                return Err(format!(
+                    "{what}: a login in the address and --nats-user: give one"
+                ));
+            }
+            user = Some((decode(u), decode(p)));
+            let scheme = url.split_once("://").map_or("nats", |(s, _)| s);
+            plain = format!("{scheme}://{host}");
+        }
         let ways = usize::from(user.is_some())
             + usize::from(f.nats_token.is_some())
             + usize::from(f.nats_creds.is_some());
@@ -82,7 +100,7 @@ impl Nats {
             );
         }
         Ok(Nats {
-            url: url.to_owned(),
+            url: plain,
             user,
             token: f.nats_token,
             creds: f.nats_creds,
@@ -117,16 +135,34 @@ impl Nats {
             .map_err(|e| anyhow!("cannot connect to {}: {e}", self.redacted()))
     }
 
-    /// The address without a password in it, for messages.
+    /// The address (never with a password in it), for messages.
     pub fn redacted(&self) -> String {
-        match self.url.split_once("://") {
-            Some((scheme, rest)) if rest.contains('@') => {
-                let host = rest.rsplit('@').next().unwrap_or("");
-                format!("{scheme}://***@{host}")
+        self.url.clone()
+    }
+}
+
+/// Percent-decoding of a login in an address (`%40` for `@`).
+fn decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = (b[i] == b'%')
+            .then(|| s.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match hex {
+            Some(v) => {
+                out.push(v);
+                i += 3;
             }
-            _ => self.url.clone(),
+            None => {
+                out.push(b[i]);
+                i += 1;
+            }
         }
     }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// How long the stream keeps messages and its other bounds; the first
@@ -470,14 +506,34 @@ async fn session(nats: &Nats, bounds: StreamBounds, spool: &Spool) -> Result<()>
     }
 }
 
+/// Connects once and says why not (for `replay --fleet`, which has no
+/// reason to wait for NATS).
+pub fn check_reachable(nats: &Nats) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let c = nats.connect("flowprobe-replay").await?;
+        c.flush()
+            .await
+            .map_err(|e| anyhow!("cannot connect to {}: {e}", nats.redacted()))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn addresses_and_logins() {
-        let n = Nats::new("nats://u:p@10.0.0.1:4222", NatsFlags::default(), "--fleet").unwrap();
-        assert_eq!(n.redacted(), "nats://***@10.0.0.1:4222");
+        let n = Nats::new(
+            "nats://u:p%40x@10.0.0.1:4222",
+            NatsFlags::default(),
+            "--fleet",
+        )
+        .unwrap();
+        assert_eq!(n.redacted(), "nats://10.0.0.1:4222");
+        assert_eq!(n.user, Some(("u".to_owned(), "p@x".to_owned())));
         for bad in ["10.0.0.1:4222", "nats://", "http://a:1", "nats://host"] {
             let e = Nats::new(bad, NatsFlags::default(), "--fleet").unwrap_err();
             assert!(e.starts_with("--fleet: `"), "{e}");

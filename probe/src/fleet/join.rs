@@ -258,8 +258,7 @@ impl Window {
             BTreeMap::from([("unresolved".to_owned(), why.to_owned())])
         };
 
-        let mut by_start: BTreeMap<u64, (u64, BTreeMap<GroupKey, Aggregate>, Option<Aggregate>)> =
-            BTreeMap::new();
+        let mut by_start: BTreeMap<u64, Slot> = BTreeMap::new();
         let mut stats = JoinStats::default();
         for (id, h) in &self.hosts {
             let net = h.network.as_str();
@@ -406,6 +405,10 @@ fn proto_name(p: &str) -> &'static str {
         "tcp"
     }
 }
+
+/// One joined interval while it is made: its end, its groups, what was
+/// folded.
+type Slot = (u64, BTreeMap<GroupKey, Aggregate>, Option<Aggregate>);
 
 type GroupKey = (
     String,

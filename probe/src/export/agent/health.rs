@@ -125,6 +125,8 @@ mod tests {
         let tc = Snapshot {
             rollups: None,
             retired_totals: None,
+            fleet: None,
+            view: None,
             bounds: Default::default(),
             export: None,
             conns: Vec::new(),
@@ -153,6 +155,8 @@ mod tests {
         let af = Snapshot {
             rollups: None,
             retired_totals: None,
+            fleet: None,
+            view: None,
             bounds: Default::default(),
             export: Some(ExportStatus {
                 failed_writes: 3,

@@ -670,6 +670,8 @@ mod tests {
         Snapshot {
             rollups: None,
             retired_totals: None,
+            fleet: None,
+            view: None,
             bounds: Default::default(),
             export: None,
             conns: vec![
@@ -715,6 +717,8 @@ mod tests {
         let s = Snapshot {
             rollups: None,
             retired_totals: None,
+            fleet: None,
+            view: None,
             bounds: Default::default(),
             export: None,
             conns: table.connections(),
@@ -755,6 +759,8 @@ mod tests {
         let s = Snapshot {
             rollups: None,
             retired_totals: None,
+            fleet: None,
+            view: None,
             bounds: Default::default(),
             export: Some(crate::export::jsonl::ExportStatus {
                 failed_writes: 2,

@@ -82,7 +82,8 @@ impl Sinks {
             Some(f) => {
                 let host = f.host_id.clone();
                 let to = f.nats.redacted();
-                let mut p = Publisher::start(f, crate::os::clock::realtime_ns())?;
+                let mut p =
+                    Publisher::start(f, crate::os::clock::realtime_ns(), fleet::TAG_LAG_TICKS)?;
                 p.set_addresses(crate::os::addrs::local());
                 if !o.quiet {
                     eprintln!("flowprobe: publishing to the fleet at {to} as host {host}");

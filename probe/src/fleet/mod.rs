@@ -502,11 +502,12 @@ async fn session(nats: &Nats, c: &FleetCmd, state: &Shared, stop: &Stop) -> Resu
     let presence = nats::bucket(&js, wire::PRESENCE_BUCKET, bounds.ttl).await?;
     let endpoints = nats::bucket(&js, wire::ENDPOINTS_BUCKET, bounds.ttl).await?;
     let mut watch_p = presence
-        .watch_all()
+        .watch_with_history(">")
         .await
         .map_err(|e| anyhow!("watching presence: {e}"))?;
+    // With history: the latest value of every key first, then updates.
     let mut watch_e = endpoints
-        .watch_all()
+        .watch_with_history(">")
         .await
         .map_err(|e| anyhow!("watching endpoints: {e}"))?;
     lock(&state.window).restart();

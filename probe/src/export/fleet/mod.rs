@@ -29,6 +29,12 @@ pub const DEFAULT_SPOOL: usize = 360;
 pub const DEFAULT_NETWORK: &str = "default";
 /// Endpoints (listeners seen serving) the directory keeps per host.
 pub const MAX_ENDPOINTS: usize = 10_000;
+/// Ticks a reading waits for attribution before the fleet's rollups take
+/// it (`run`; a replay has no attribution).
+pub const TAG_LAG_TICKS: usize = 3;
+/// Empty intervals sent for a stretch without readings, at most (a host
+/// that was suspended longer shows as missing in the fleet).
+const MAX_FILL: usize = 360;
 /// Groups an open fleet interval holds before it folds new ones.
 const MAX_GROUPS: usize = 50_000;
 
@@ -71,12 +77,16 @@ pub struct Publisher {
     endpoints: BTreeMap<(String, IpAddr, u16), BTreeMap<String, String>>,
     spool: Arc<Spool>,
     status: FleetStatus,
+    /// Readings wait this many ticks before they are rolled up, so that
+    /// they go with the tags attribution found meanwhile (0: at once).
+    lag: usize,
+    delayed: std::collections::VecDeque<(u64, Vec<Connection>, Vec<Connection>)>,
 }
 
 impl Publisher {
     /// Starts the sender thread; `run` is this run's id (its start, Unix
     /// ns; a replay's first interval).
-    pub fn start(o: FleetOptions, run: u64) -> Result<Publisher> {
+    pub fn start(o: FleetOptions, run: u64, lag: usize) -> Result<Publisher> {
         let spool = Spool::new(o.spool);
         nats::start_sender(o.nats.clone(), o.bounds, spool.clone())?;
         Ok(Publisher {
@@ -97,6 +107,8 @@ impl Publisher {
             addresses: Vec::new(),
             endpoints: BTreeMap::new(),
             spool,
+            lag,
+            delayed: Default::default(),
         })
     }
 
@@ -111,14 +123,62 @@ impl Publisher {
     /// One reading at `now_ns`: into the rollups; every interval that
     /// closed goes out.
     pub fn update(&mut self, now_ns: u64, conns: &[Connection], retired: &[Connection]) {
-        self.rollups.update(now_ns, conns, retired);
-        self.send_closed(now_ns);
+        if self.lag == 0 {
+            self.rollups.update(now_ns, conns, retired);
+            self.send_closed(now_ns);
+            return;
+        }
+        self.delayed
+            .push_back((now_ns, conns.to_vec(), retired.to_vec()));
+        if self.delayed.len() > self.lag {
+            self.feed_oldest(conns, retired);
+        }
+    }
+
+    /// The oldest delayed reading into the rollups, each of its records
+    /// with the tags the newest reading (`conns`, `retired`) gives it:
+    /// attribution that came after a short connection's bytes still tags
+    /// them.
+    fn feed_oldest(&mut self, conns: &[Connection], retired: &[Connection]) {
+        let Some((at, mut old, mut old_retired)) = self.delayed.pop_front() else {
+            return;
+        };
+        type Key = (&'static str, IpAddr, u16, IpAddr, u16, u32);
+        let mut latest: std::collections::HashMap<Key, Vec<&Connection>> = Default::default();
+        for c in conns.iter().chain(retired) {
+            if !(c.src_tags.is_empty() && c.dst_tags.is_empty()) {
+                latest
+                    .entry((c.proto, c.src, c.sport, c.dst, c.dport, c.iface))
+                    .or_default()
+                    .push(c);
+            }
+        }
+        for c in old.iter_mut().chain(old_retired.iter_mut()) {
+            let k = (c.proto, c.src, c.sport, c.dst, c.dport, c.iface);
+            let same = latest.get(&k).and_then(|v| {
+                v.iter().find(|n| {
+                    n.first_seen.abs_diff(c.first_seen) < flowtable::delta::SAME_RECORD_NS
+                })
+            });
+            if let Some(n) = same {
+                c.src_tags.clone_from(&n.src_tags);
+                c.dst_tags.clone_from(&n.dst_tags);
+            }
+        }
+        self.rollups.update(at, &old, &old_retired);
+        self.send_closed(at);
     }
 
     /// The end: the open interval closes and goes out too; waits up to
     /// `timeout` for JetStream to take everything, and returns how many
     /// interval messages it did not.
     pub fn finish(mut self, timeout: Duration, now_ns: u64) -> (usize, FleetStatus) {
+        let newest = self.delayed.back().cloned();
+        if let Some((_, conns, retired)) = newest {
+            while !self.delayed.is_empty() {
+                self.feed_oldest(&conns, &retired);
+            }
+        }
         self.rollups.close_open();
         self.send_closed(now_ns);
         let left = self.spool.close(timeout);
@@ -133,8 +193,30 @@ impl Publisher {
     }
 
     fn send_closed(&mut self, now_ns: u64) {
+        let len = (self.o.interval.as_nanos() as u64).max(1);
+        let mut closed = Vec::new();
         for i in self.rollups.closed_after(self.last_start) {
+            // An interval without a reading (a late tick) goes out empty:
+            // the fleet must know that this host was there and had nothing
+            // then, or it would count the server's view of it too.
+            if let Some(prev) = self.last_start {
+                let mut t = prev + len;
+                let mut filled = 0;
+                while t < i.start_ns && filled < MAX_FILL {
+                    closed.push(Arc::new(Interval {
+                        start_ns: t,
+                        end_ns: t + len,
+                        rows: Vec::new(),
+                        folded: None,
+                    }));
+                    t += len;
+                    filled += 1;
+                }
+            }
             self.last_start = Some(i.start_ns);
+            closed.push(i);
+        }
+        for i in closed {
             let m = self.message(&i);
             self.seq += 1;
             self.status.intervals += 1;
@@ -275,7 +357,7 @@ pub fn publish_capture(
             let boundary = *next.get_or_insert(ts - ts % len + len);
             if publisher.is_none() && failed.is_none() {
                 // The run id: the first interval's start.
-                match Publisher::start(o.clone(), boundary - len) {
+                match Publisher::start(o.clone(), boundary - len, 0) {
                     Ok(mut p) => {
                         p.set_addresses(addresses.clone());
                         publisher = Some(p);

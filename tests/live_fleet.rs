@@ -6,7 +6,8 @@
 //! retransmissions), each application tagged with a service by
 //! `OTEL_SERVICE_NAME`. Half-way, nats-server is stopped for several
 //! seconds while traffic goes on, then started again on the same store.
-//! At the end `flowprobe fleet` (started last: it rebuilds its window from
+//! Then one agent is killed and its host goes on talking: the server's
+//! view of that takes over. At the end `flowprobe fleet` (started last: it rebuilds its window from
 //! the stream) must answer, per host pair and per service pair, one row
 //! each: `bytes − retransmitted_bytes` each way = what the applications
 //! wrote, `retransmits` sent = the client sockets' `tcpi_total_retrans`,
@@ -289,10 +290,18 @@ fn three_hosts_one_query_counted_once_through_a_nats_outage() {
     exchange(&hosts, h1, h2, &c, &d.join("p3-h1"));
     add_truth(&mut t_h1, &d.join("p3-h1"), &c);
 
-    // Two intervals more, then the agents end (publishing what is open).
+    // h1's agent dies (once its intervals are out): the server's view of
+    // h1's next connection counts instead.
+    std::thread::sleep(Duration::from_secs(6));
+    agents.stop("h1", libc::SIGKILL);
+    let c = [(41030, 350_000, 120_000)];
+    exchange(&hosts, h1, h2, &c, &d.join("p4-h1"));
+    add_truth(&mut t_h1, &d.join("p4-h1"), &c);
+
+    // Intervals more, then the agents end (publishing what is open).
     std::thread::sleep(Duration::from_secs(3));
     for (h, _, monitored) in HOSTS {
-        if monitored {
+        if monitored && h != "h1" {
             let st = agents.stop(h, libc::SIGTERM);
             let err = fs::read_to_string(d.join(format!("agent-{h}.err"))).unwrap();
             assert!(st.success(), "agent {h}: {err}");
@@ -382,6 +391,15 @@ fn three_hosts_one_query_counted_once_through_a_nats_outage() {
         rows.iter().any(|r| r["src"]["view"] == "server"
             && r["src"]["unresolved"] == "not_monitored"
             && r["dst"]["host"] == "h2"),
+        "{rows:#?}"
+    );
+    // With its agent dead, h1's last connection is h2's view, tagged h1.
+    let rows = query(b, &["--src", "host,view", "--dst", "host"]);
+    assert!(
+        rows.iter().any(|r| r["src"]["host"] == "h1"
+            && r["src"]["view"] == "server"
+            && r["dst"]["host"] == "h2"
+            && n(&r["conns"]) >= 1),
         "{rows:#?}"
     );
     assert!(failures.is_empty(), "{}", failures.join("\n"));

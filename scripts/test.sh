@@ -8,7 +8,8 @@
 #   3. unit     cargo test: parser, tracker, etherparse differential property
 #               test, replay of every format, golden files, kernel truth, tshark;
 #               the service files (tests/service.rs: systemd-analyze verify,
-#               the DaemonSet's YAML, completions)
+#               the DaemonSet's YAML, completions); the fleet on a loopback
+#               nats-server (tests/fleet_replay.rs)
 #   4. root     eBPF: the verifier accepts the program (bpftool load) and it
 #               counts in a veth pair between two fresh network namespaces;
 #               `flowprobe run` there equals each socket's TCP_INFO (tests/live_tc/),
@@ -20,6 +21,8 @@
 #               (tests/live_attrib/);
 #               `run` with exactly the service's capabilities, and with one
 #               fewer (tests/live_caps.rs);
+#               the fleet: hosts in namespaces publishing to a nats-server,
+#               one query over all of them (tests/live_fleet.rs);
 #               replay of freshly captured kernel traffic (iptables loss in the
 #               receiver's INPUT) equals each socket's TCP_INFO
 #
@@ -121,6 +124,10 @@ FLOWPROBE_LIVE_TESTS=1 cargo test --locked -p flowprobe --test live_attrib -- --
 # The service's capability set (dist/systemd/flowprobe.service) under
 # setpriv: everything the unit promises, and what one fewer breaks.
 FLOWPROBE_LIVE_TESTS=1 cargo test --locked -p flowprobe --test live_caps -- --nocapture
+# The fleet: nats-server in its own namespace on a bridge, three hosts with
+# `run --fleet`, NATS killed mid-traffic, an agent killed; `flowprobe fleet`
+# = the bytes the applications wrote, counted once.
+FLOWPROBE_LIVE_TESTS=1 cargo test --locked -p flowprobe --test live_fleet -- --nocapture
 
 fresh=$(mktemp -d /tmp/flowprobe-capture.XXXXXX)
 trap 'rm -rf "$fresh"' EXIT

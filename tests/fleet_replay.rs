@@ -479,3 +479,113 @@ fn authentication_is_required_and_used() {
     fleet.wait_messages(sent);
     check_ground_truth(&json_lines(&fleet.query(QUERY)));
 }
+
+/// The NATS permissions docs/fleet.md gives an agent: it publishes under
+/// its own host id and nothing else; the fleet process (its own user)
+/// makes the stream and buckets.
+#[test]
+fn an_agent_publishes_only_under_its_own_host_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let conf = dir.path().join("nats.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            r#"
+listen: 127.0.0.1:{port}
+jetstream {{ store_dir: "{store}" }}
+authorization {{
+  users = [
+    {{ user: fleet, password: fleetpw }}
+    {{ user: alpha, password: alphapw, permissions: {{
+        publish: {{ allow: [
+          "flowprobe.rows.alpha",
+          "$KV.flowprobe-presence.alpha",
+          "$KV.flowprobe-endpoints.alpha.>",
+          "$JS.API.INFO",
+          "$JS.API.STREAM.INFO.FLOWPROBE",
+          "$JS.API.STREAM.INFO.KV_flowprobe-presence",
+          "$JS.API.STREAM.INFO.KV_flowprobe-endpoints"
+        ] }}
+        subscribe: {{ allow: ["_INBOX.>"] }}
+    }} }}
+  ]
+}}
+"#,
+            store = dir.path().join("js").display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new("nats-server")
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nats-server");
+    let _kill = scopeguard(move || {
+        let _ = child.kill();
+        let _ = child.wait();
+    });
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    wait_for("nats-server", Duration::from_secs(10), || {
+        TcpStream::connect(addr).is_ok()
+    });
+    let url = format!("nats://127.0.0.1:{port}");
+    let (a, _) = captures(dir.path());
+    // The fleet makes the stream and the buckets.
+    let fleet = Fleet::start(
+        &url,
+        &["--nats-user", "fleet", "--nats-password", "fleetpw"],
+    );
+    wait_for("the fleet's stream", Duration::from_secs(20), || {
+        fleet
+            .get("/health")
+            .and_then(|h| serde_json::from_str::<Value>(&h).ok())
+            .is_some_and(|h| h["stream"]["connected"] == true)
+    });
+    let login = ["--nats-user", "alpha", "--nats-password", "alphapw"];
+    let sent = publish(&url, "alpha", ALPHA, &a, &login);
+    fleet.wait_messages(sent);
+    // Under another host's id: refused, said in one line, soon.
+    let t = Instant::now();
+    let mut args = vec![
+        "replay",
+        "--fleet",
+        &url,
+        "--host-id",
+        "beta",
+        "--host-addr",
+        BETA,
+    ];
+    args.extend(login);
+    args.push(a.to_str().unwrap());
+    let out = flowprobe(&args);
+    assert!(!out.status.success());
+    let e = stderr(&out);
+    assert!(
+        e.starts_with("flowprobe: fleet: NATS at ")
+            && e.contains("Permissions Violation")
+            && e.lines().count() == 1,
+        "{e}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(fleet.metric("flowprobe_fleet_messages_total"), sent);
+}
+
+/// Runs `f` on drop.
+fn scopeguard(f: impl FnOnce()) -> impl Drop {
+    struct G<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for G<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f()
+            }
+        }
+    }
+    G(Some(f))
+}

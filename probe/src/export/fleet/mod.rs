@@ -359,6 +359,7 @@ pub fn publish_capture(
                 // The run id: the first interval's start.
                 match Publisher::start(o.clone(), boundary - len, 0) {
                     Ok(mut p) => {
+                        p.spool.quiet();
                         p.set_addresses(addresses.clone());
                         publisher = Some(p);
                     }

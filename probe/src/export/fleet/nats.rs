@@ -110,7 +110,26 @@ impl Nats {
 
     /// Connects once (no retry here: callers retry on their own terms).
     pub async fn connect(&self, name: &str) -> Result<async_nats::Client> {
+        self.connect_with(name, |_| {}).await
+    }
+
+    /// [`Nats::connect`], handing every error the server sends later (a
+    /// permissions violation, say) to `on_error`.
+    pub async fn connect_with(
+        &self,
+        name: &str,
+        on_error: impl Fn(String) + Send + Sync + 'static,
+    ) -> Result<async_nats::Client> {
+        let on_error = Arc::new(on_error);
         let mut o = ConnectOptions::new()
+            .event_callback(move |e| {
+                let on_error = on_error.clone();
+                async move {
+                    if let async_nats::Event::ServerError(e) = e {
+                        on_error(e.to_string());
+                    }
+                }
+            })
             .name(name)
             .connection_timeout(Duration::from_secs(2))
             // Reconnects forever: an agent outlives NATS outages.
@@ -267,6 +286,9 @@ pub struct SpoolStatus {
     pub kv_puts: u64,
     pub connected: bool,
     pub last_error: Option<String>,
+    /// What NATS refused (permissions, authorization): publishing stops
+    /// being tried at the end instead of waiting it out.
+    pub refused: Option<String>,
 }
 
 #[derive(Default)]
@@ -275,6 +297,8 @@ struct SpoolState {
     puts: VecDeque<Put>,
     status: SpoolStatus,
     closing: bool,
+    /// Say nothing on stderr (the caller reports).
+    quiet: bool,
 }
 
 /// The bounded queue between `run`'s loop and the sender thread.
@@ -332,6 +356,11 @@ impl Spool {
         self.lock().status.clone()
     }
 
+    /// From now on the caller reports refusals.
+    pub fn quiet(&self) {
+        self.lock().quiet = true;
+    }
+
     /// Intervals dropped so far (what the next message says).
     pub fn dropped(&self) -> u64 {
         self.lock().status.dropped
@@ -344,7 +373,7 @@ impl Spool {
         let mut s = self.lock();
         s.closing = true;
         self.changed.notify_all();
-        while !(s.msgs.is_empty() && s.puts.is_empty()) {
+        while !(s.msgs.is_empty() && s.puts.is_empty()) && s.status.refused.is_none() {
             let left = until.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 break;
@@ -393,6 +422,16 @@ impl Spool {
         s.status.last_error = Some(e);
     }
 
+    fn refused(&self, e: String) {
+        let mut s = self.lock();
+        if s.status.refused.is_none() && !s.quiet {
+            eprintln!("flowprobe: fleet: NATS refused: {e}");
+        }
+        s.status.refused = Some(e.clone());
+        s.status.last_error = Some(e);
+        self.changed.notify_all();
+    }
+
     fn connected(&self, yes: bool) {
         self.lock().status.connected = yes;
     }
@@ -438,8 +477,18 @@ async fn send(nats: Nats, bounds: StreamBounds, spool: Arc<Spool>) {
 
 /// One connection's life: returns when closing and empty, errs when the
 /// set-up fails (the caller tries again).
-async fn session(nats: &Nats, bounds: StreamBounds, spool: &Spool) -> Result<()> {
-    let client = nats.connect("flowprobe-agent").await?;
+async fn session(nats: &Nats, bounds: StreamBounds, spool: &Arc<Spool>) -> Result<()> {
+    let errors = spool.clone();
+    let client = nats
+        .connect_with("flowprobe-agent", move |e| {
+            if e.to_lowercase().contains("permission") || e.to_lowercase().contains("authorization")
+            {
+                errors.refused(e);
+            } else {
+                errors.failed(e);
+            }
+        })
+        .await?;
     let mut js = jetstream::new(client);
     js.set_timeout(ACK_TIMEOUT);
     stream(&js, bounds).await?;

@@ -386,6 +386,9 @@ pub fn publish_capture(
     };
     p.update(last_ts, &table.connections(), &[]);
     let (left, status) = p.finish(Duration::from_secs(30), last_ts);
+    if let Some(e) = &status.spool.refused {
+        anyhow::bail!("fleet: NATS at {} refused: {e}", o.nats.redacted());
+    }
     if left > 0 {
         anyhow::bail!(
             "fleet: {left} interval messages were not taken by JetStream at {} ({})",

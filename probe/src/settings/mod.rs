@@ -542,6 +542,30 @@ mod tests {
     }
 
     #[test]
+    fn fleet_settings_from_the_file_and_the_flags() {
+        let f =
+            file("[fleet]\nurl = \"nats://u:p@10.0.0.5:4222\"\nhost_id = \"web-1\"\ninterval = 5");
+        let s = RunFlags {
+            fleet: FleetFlags {
+                network: Some("dc-2".to_owned()),
+                ..FleetFlags::default()
+            },
+            ..RunFlags::default()
+        }
+        .merge(f)
+        .unwrap();
+        let fl = s.fleet.unwrap();
+        assert_eq!(fl.nats.url, "nats://10.0.0.5:4222");
+        assert_eq!(fl.nats.user, Some(("u".to_owned(), "p".to_owned())));
+        assert_eq!(
+            (fl.host_id.as_str(), fl.network.as_str(), fl.interval),
+            ("web-1", "dc-2", Duration::from_secs(5))
+        );
+        assert_eq!(fl.top, crate::export::fleet::DEFAULT_TOP);
+        assert!(RunFlags::default().merge(file("")).unwrap().fleet.is_none());
+    }
+
+    #[test]
     fn a_flag_wins_over_the_file() {
         let f = file("max_conns = 1000\nbackend = \"xdp\"\ninterval = 5\ninterfaces = [\"eth0\"]");
         let s = RunFlags {
@@ -606,6 +630,32 @@ mod tests {
                 "[export]\njsonl = \"\"",
                 RunFlags::default(),
                 "config field `export.jsonl`: a path, or \"-\" for stdout",
+            ),
+            (
+                "[fleet]\nurl = \"localhost:4222\"",
+                RunFlags::default(),
+                "config field `fleet.url`: `localhost:4222` is not nats://HOST:PORT (or tls://HOST:PORT)",
+            ),
+            (
+                "[fleet]\nurl = \"nats://n:4222\"\nhost_id = \"web.1\"",
+                RunFlags::default(),
+                "config field `fleet.host_id`: `web.1` is not a host id (1 to 64 letters, digits, `_` or `-`)",
+            ),
+            (
+                "[fleet]\nurl = \"nats://n:4222\"\ninterval = 0",
+                RunFlags::default(),
+                "config field `fleet.interval`: must be at least 0.1 seconds",
+            ),
+            (
+                "[fleet]\nurl = \"nats://n:4222\"",
+                RunFlags {
+                    fleet: FleetFlags {
+                        fleet_top: Some(0),
+                        ..FleetFlags::default()
+                    },
+                    ..RunFlags::default()
+                },
+                "--fleet-top: must be at least 1",
             ),
             (
                 "interfaces = [\"a-very-long-interface-name\"]",

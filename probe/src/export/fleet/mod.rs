@@ -402,3 +402,128 @@ pub fn publish_capture(
     }
     Ok((status, outcomes))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use flowtable::DirStats;
+
+    use super::*;
+
+    const S: u64 = 1_000_000_000;
+    const T0: u64 = 1_700_000_000 * S;
+
+    fn conn(src: &str, sport: u16, dst: &str, dport: u16, bytes: u64) -> Connection {
+        Connection {
+            proto: "tcp",
+            src: src.parse().unwrap(),
+            sport,
+            dst: dst.parse().unwrap(),
+            dport,
+            iface: 2,
+            first_seen: T0 + u64::from(sport),
+            last_seen: T0 + S,
+            sent: DirStats {
+                packets: 1,
+                bytes,
+                ..DirStats::default()
+            },
+            received: DirStats::default(),
+            rtt: None,
+            src_tags: BTreeMap::new(),
+            dst_tags: BTreeMap::new(),
+        }
+    }
+
+    fn publisher(top: usize, lag: usize) -> Publisher {
+        let nats = Nats::new("nats://127.0.0.1:1", Default::default(), "--fleet").unwrap();
+        let mut p = Publisher::start(
+            FleetOptions {
+                nats,
+                host_id: "h".into(),
+                network: "default".into(),
+                interval: Duration::from_secs(1),
+                top,
+                spool: 100,
+                bounds: StreamBounds::default(),
+            },
+            T0,
+            lag,
+        )
+        .unwrap();
+        p.set_addresses(vec![
+            "10.0.0.1".parse().unwrap(),
+            "127.0.0.1".parse().unwrap(),
+        ]);
+        p
+    }
+
+    fn messages(p: &Publisher) -> Vec<Message> {
+        p.spool
+            .waiting()
+            .iter()
+            .map(|o| serde_json::from_slice(&o.payload).unwrap())
+            .collect()
+    }
+
+    /// Views from the host's addresses, top-K with the rest folded per
+    /// view, forwarded groups left out, empty intervals filled, ids.
+    #[test]
+    fn messages_per_interval() {
+        let mut p = publisher(2, 0);
+        let conns = [
+            conn("10.0.0.1", 40000, "10.0.0.2", 80, 500),
+            conn("10.0.0.3", 40001, "10.0.0.1", 22, 400),
+            conn("127.0.0.1", 40002, "127.0.0.1", 5432, 300),
+            conn("10.0.0.1", 40003, "10.0.0.4", 443, 200),
+            conn("10.0.0.8", 40004, "10.0.0.9", 53, 100),
+        ];
+        p.update(T0 + S / 2, &conns, &[]);
+        // No reading in [T0+1s, T0+3s): filled with empty intervals once
+        // the next one closes.
+        p.update(T0 + 3 * S + S / 2, &conns, &[]);
+        p.update(T0 + 4 * S + S / 2, &conns, &[]);
+        let m = messages(&p);
+        assert_eq!(m.len(), 4);
+        let views: Vec<(View, u16, u16)> = m[0]
+            .rows
+            .iter()
+            .map(|r| (r.view, r.local.port, r.remote.port))
+            .collect();
+        // Ephemeral initiator ports read 1024.
+        assert_eq!(views, [(View::Client, 1024, 80), (View::Server, 22, 1024)]);
+        assert_eq!(m[0].folded[&View::Local].sent.bytes, 300);
+        assert_eq!(m[0].folded[&View::Client].sent.bytes, 200);
+        assert_eq!(p.status().foreign_groups, 1);
+        assert!(m[1].rows.is_empty() && m[2].rows.is_empty() && m[3].rows.is_empty());
+        assert_eq!(
+            m.iter().map(|m| (m.seq, m.start_ns)).collect::<Vec<_>>(),
+            [(0, T0), (1, T0 + S), (2, T0 + 2 * S), (3, T0 + 3 * S)]
+        );
+        assert_eq!(
+            p.spool.waiting()[1].id,
+            format!("h.{T0}.1"),
+            "Nats-Msg-Id: host.run.seq"
+        );
+    }
+
+    /// A reading waits `lag` ticks and goes with the newest tags.
+    #[test]
+    fn late_tags_reach_early_bytes() {
+        let mut p = publisher(10, 2);
+        let bare = conn("10.0.0.1", 40000, "10.0.0.2", 80, 500);
+        let mut tagged = bare.clone();
+        tagged
+            .src_tags
+            .insert("service".to_owned(), "api".to_owned());
+        p.update(T0 + S / 2, std::slice::from_ref(&bare), &[]);
+        p.update(T0 + S + S / 2, std::slice::from_ref(&tagged), &[]);
+        p.update(T0 + 2 * S + S / 2, std::slice::from_ref(&tagged), &[]);
+        p.update(T0 + 3 * S + S / 2, std::slice::from_ref(&tagged), &[]);
+        let m = messages(&p);
+        assert_eq!(m[0].rows.len(), 1);
+        assert_eq!(m[0].rows[0].local.tags["service"], "api");
+        assert_eq!(m[0].rows[0].sent.bytes, 500);
+    }
+}

@@ -356,6 +356,12 @@ impl Spool {
         self.lock().status.clone()
     }
 
+    /// The messages waiting, oldest first (tests).
+    #[cfg(test)]
+    pub fn waiting(&self) -> Vec<Outgoing> {
+        self.lock().msgs.iter().cloned().collect()
+    }
+
     /// From now on the caller reports refusals.
     pub fn quiet(&self) {
         self.lock().quiet = true;

@@ -14,7 +14,7 @@ pub mod join;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
 use async_nats::jetstream::{self, consumer, kv};
@@ -519,6 +519,7 @@ async fn session(nats: &Nats, c: &FleetCmd, state: &Shared, stop: &Stop) -> Resu
     }
     let (max_bytes, max_rows) = (c.max_message_bytes, c.max_rows);
     let mut dirty = true;
+    let mut next_join = Instant::now();
     let mut tick = tokio::time::interval(REBUILD);
     loop {
         if stop.requested() {
@@ -551,9 +552,13 @@ async fn session(nats: &Nats, c: &FleetCmd, state: &Shared, stop: &Stop) -> Resu
                 dirty = true;
             }
             _ = tick.tick() => {
-                if dirty {
+                // A large window takes a while to join: at most a third of
+                // the time goes to joining, the rest to consuming.
+                if dirty && Instant::now() >= next_join {
+                    let t = Instant::now();
                     state.publish();
                     dirty = false;
+                    next_join = Instant::now() + t.elapsed() * 2;
                 }
             }
         }

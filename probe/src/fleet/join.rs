@@ -196,18 +196,37 @@ impl Window {
 
     /// The joined intervals, oldest first, and what the join found.
     pub fn join(&self) -> Joined {
-        // Which host an address is, per network.
-        let mut owner: BTreeMap<(&str, IpAddr), &str> = BTreeMap::new();
-        for (id, p) in &self.presence {
-            for a in p.addresses.iter().filter(|a| !shared_address(a)) {
-                owner.insert((p.network.as_str(), *a), id.as_str());
+        // Which host an address is, per network. An address two hosts
+        // claim (a container bridge's, say) names neither: no wrong tag.
+        let mut claims: BTreeMap<(&str, IpAddr), BTreeSet<&str>> = BTreeMap::new();
+        let presence = self
+            .presence
+            .iter()
+            .map(|(id, p)| (id, &p.network, &p.addresses));
+        let hosts = self
+            .hosts
+            .iter()
+            .map(|(id, h)| (id, &h.network, &h.addresses));
+        for (id, net, addrs) in presence.chain(hosts) {
+            for a in addrs.iter().filter(|a| !shared_address(a)) {
+                claims
+                    .entry((net.as_str(), *a))
+                    .or_default()
+                    .insert(id.as_str());
             }
         }
-        for (id, h) in &self.hosts {
-            for a in h.addresses.iter().filter(|a| !shared_address(a)) {
-                owner.insert((h.network.as_str(), *a), id.as_str());
-            }
-        }
+        let mut ambiguous = 0;
+        let owner: BTreeMap<(&str, IpAddr), &str> = claims
+            .into_iter()
+            .filter_map(|(k, ids)| {
+                if ids.len() == 1 {
+                    ids.into_iter().next().map(|id| (k, id))
+                } else {
+                    ambiguous += 1;
+                    None
+                }
+            })
+            .collect();
         // Which intervals each host published.
         let published: BTreeSet<(&str, u64)> = self
             .hosts
@@ -385,6 +404,7 @@ impl Window {
                 })
             })
             .collect();
+        stats.ambiguous_addresses = ambiguous;
         Joined {
             intervals,
             now_ns: self.newest_end,
@@ -444,6 +464,8 @@ fn add_row(a: &mut Aggregate, r: &Row) {
 /// How the remote ends of the counted rows were tagged.
 #[derive(Clone, Copy, Debug, Default, Serialize)]
 pub struct JoinStats {
+    /// Addresses more than one host has: they name no host.
+    pub ambiguous_addresses: u64,
     /// Groups a joined interval folded beyond `max_groups`.
     pub folded_groups: u64,
     /// Server-view rows not counted: the client's host published the
@@ -516,7 +538,8 @@ mod tests {
             seq: t,
             start_ns: t * 10 * S,
             end_ns: (t + 1) * 10 * S,
-            addresses: vec![ip(addr), ip("127.0.0.1")],
+            // Every host has the container bridge's address: it names none.
+            addresses: vec![ip(addr), ip("127.0.0.1"), ip("172.17.0.1")],
             rows,
             folded: BTreeMap::new(),
             spool_dropped: 0,
@@ -613,6 +636,7 @@ mod tests {
             ]
         );
         assert_eq!(w.join().stats.joined_rows, 1);
+        assert_eq!(w.join().stats.ambiguous_addresses, 1);
         // The same message again is a duplicate, counted once.
         w.insert(msg("a", "10.0.0.1", 0, vec![]));
         assert_eq!(w.stats.duplicates, 1);

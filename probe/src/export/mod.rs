@@ -122,6 +122,7 @@ impl Sinks {
                 bounds: self.history.bounds(),
                 fleet: self.fleet.as_ref().map(Publisher::status),
                 view: None,
+                local_addrs: crate::os::addrs::local(),
             });
         }
         self.say_losses(r);

@@ -127,6 +127,7 @@ mod tests {
             retired_totals: None,
             fleet: None,
             view: None,
+            local_addrs: Vec::new(),
             bounds: Default::default(),
             export: None,
             conns: Vec::new(),
@@ -157,6 +158,7 @@ mod tests {
             retired_totals: None,
             fleet: None,
             view: None,
+            local_addrs: Vec::new(),
             bounds: Default::default(),
             export: Some(ExportStatus {
                 failed_writes: 3,

@@ -406,6 +406,58 @@ fn export(reg: &mut Registry, s: &Snapshot) {
     );
 }
 
+/// Series of `flowprobe_listener_info` at most; more are counted.
+pub const MAX_LISTENERS: usize = 1000;
+
+/// The metrics-only way to tag a remote end: for each local address and
+/// port that answered a listed connection, its owner's tags, so that
+/// PromQL can join another agent's `dst_ip`/`dst_port` series to them
+/// (`* on (dst_ip, dst_port) group_left(owner_service) flowprobe_listener_info`).
+fn listeners(reg: &mut Registry, s: &Snapshot) {
+    if s.local_addrs.is_empty() {
+        return;
+    }
+    let mut seen: std::collections::BTreeMap<(&str, std::net::IpAddr, u16), Labels> =
+        std::collections::BTreeMap::new();
+    let mut dropped = 0u64;
+    for c in &s.conns {
+        if !s.local_addrs.contains(&c.dst) || c.dst_tags.is_empty() {
+            continue;
+        }
+        let k = (c.proto, c.dst, c.dport);
+        if seen.contains_key(&k) {
+            continue;
+        }
+        if seen.len() >= MAX_LISTENERS {
+            dropped += 1;
+            continue;
+        }
+        let tag = |t: &str| c.dst_tags.get(t).cloned().unwrap_or_default();
+        seen.insert(
+            k,
+            vec![
+                ("proto".to_owned(), c.proto.to_owned()),
+                ("dst_ip".to_owned(), c.dst.to_string()),
+                ("dst_port".to_owned(), c.dport.to_string()),
+                ("owner_service".to_owned(), tag("service")),
+                ("owner_process".to_owned(), tag("process")),
+                ("owner_container".to_owned(), tag("container")),
+                ("owner_host".to_owned(), tag("host")),
+            ],
+        );
+    }
+    reg.register(
+        "listener_info",
+        "1 per local address and port that answered a listed connection, labelled with its owner (for PromQL joins of other agents' dst_ip/dst_port series)",
+        Series(seen.into_values().map(|l| (l, gauge(1))).collect()),
+    );
+    reg.register(
+        "listener_info_dropped",
+        "Listeners not exported: more than 1000",
+        gauge(dropped),
+    );
+}
+
 /// `--fleet`: what was published, what waits in the spool, what it dropped.
 fn fleet(reg: &mut Registry, s: &Snapshot) {
     let Some(f) = &s.fleet else { return };
@@ -590,6 +642,7 @@ pub fn encode(s: &Snapshot, labels: &MetricLabels) -> String {
     export(&mut reg, s);
     bounds(&mut reg, s);
     fleet(&mut reg, s);
+    listeners(&mut reg, s);
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, &reg)
         .expect("writing to a String cannot fail");
@@ -672,6 +725,7 @@ mod tests {
             retired_totals: None,
             fleet: None,
             view: None,
+            local_addrs: Vec::new(),
             bounds: Default::default(),
             export: None,
             conns: vec![
@@ -719,6 +773,7 @@ mod tests {
             retired_totals: None,
             fleet: None,
             view: None,
+            local_addrs: Vec::new(),
             bounds: Default::default(),
             export: None,
             conns: table.connections(),
@@ -761,6 +816,7 @@ mod tests {
             retired_totals: None,
             fleet: None,
             view: None,
+            local_addrs: Vec::new(),
             bounds: Default::default(),
             export: Some(crate::export::jsonl::ExportStatus {
                 failed_writes: 2,
@@ -843,5 +899,35 @@ mod tests {
         ] {
             assert_eq!(bad.parse::<MetricLabels>().unwrap_err().to_string(), msg);
         }
+    }
+
+    /// Local responders are listed with their owner's tags; remote ones
+    /// and untagged ones are not.
+    #[test]
+    fn listener_info_names_local_listeners_owners() {
+        let mut conns = crate::export::agent::tests::conns();
+        for c in &mut conns {
+            c.dst_tags
+                .insert("service".into(), format!("svc-{}", c.dport));
+            c.dst_tags.insert("host".into(), "b".into());
+        }
+        conns[0].dst = "10.9.9.9".parse().unwrap();
+        let s = Snapshot {
+            conns,
+            local_addrs: vec!["10.0.1.1".parse().unwrap()],
+            ..Snapshot::default()
+        };
+        let text = encode(&s, &MetricLabels::default());
+        let info: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("flowprobe_listener_info{"))
+            .collect();
+        assert_eq!(
+            info,
+            [
+                "flowprobe_listener_info{proto=\"tcp\",dst_ip=\"10.0.1.1\",dst_port=\"80\",owner_service=\"svc-80\",owner_process=\"\",owner_container=\"\",owner_host=\"b\"} 1",
+                "flowprobe_listener_info{proto=\"tcp\",dst_ip=\"10.0.1.1\",dst_port=\"443\",owner_service=\"svc-443\",owner_process=\"\",owner_container=\"\",owner_host=\"b\"} 1",
+            ]
+        );
     }
 }

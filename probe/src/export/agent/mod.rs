@@ -47,6 +47,9 @@ pub struct Snapshot {
     pub bounds: Bounds,
     /// `--fleet`: how publishing fares.
     pub fleet: Option<FleetStatus>,
+    /// This host's addresses: the responders among them are listeners
+    /// (`flowprobe_listener_info`).
+    pub local_addrs: Vec<std::net::IpAddr>,
     /// Set by `flowprobe fleet`: `/query`, `/metrics` and `/health` are
     /// answered by it instead of from the fields above.
     pub view: Option<Arc<dyn View>>,

@@ -52,42 +52,50 @@ fn service(host: &str) -> String {
 /// applications tagged with their host's service; the sockets' truth in
 /// `dir`.
 fn exchange(ns: &[Namespace], client: usize, server: usize, conns: &[(u16, u64, u64)], dir: &Path) {
+    exchange_between(
+        (&ns[client].name, HOSTS[client].1, &service(HOSTS[client].0)),
+        (&ns[server].name, HOSTS[server].1, &service(HOSTS[server].0)),
+        conns,
+        dir,
+    );
+}
+
+/// One tcpapp exchange between (namespace, address, service) ends.
+fn exchange_between(
+    client: (&str, &str, &str),
+    server: (&str, &str, &str),
+    conns: &[(u16, u64, u64)],
+    dir: &Path,
+) {
     fs::create_dir_all(dir).unwrap();
     let app = common::repo_root().join("fixtures/capture/tcpapp.py");
     let args = common::root::conn_args(conns);
     let ready = dir.join("ready");
     let mut srv = KillOnDrop(
         Command::new("ip")
-            .args(["netns", "exec", &ns[server].name, "python3"])
+            .args(["netns", "exec", server.0, "python3"])
             .arg(&app)
-            .args(["server", "--addr", HOSTS[server].1, "--ready"])
+            .args(["server", "--addr", server.1, "--ready"])
             .arg(&ready)
             .arg("--out")
             .arg(dir.join("server.json"))
             .args(&args)
-            .env("OTEL_SERVICE_NAME", service(HOSTS[server].0))
+            .env("OTEL_SERVICE_NAME", server.2)
             .stdin(Stdio::null())
             .spawn()
             .unwrap(),
     );
     wait_for("the tcpapp server", || ready.exists());
     let st = Command::new("ip")
-        .args(["netns", "exec", &ns[client].name, "python3"])
+        .args(["netns", "exec", client.0, "python3"])
         .arg(&app)
-        .args([
-            "client",
-            "--server",
-            HOSTS[server].1,
-            "--local",
-            HOSTS[client].1,
-            "--out",
-        ])
+        .args(["client", "--server", server.1, "--local", client.1, "--out"])
         .arg(dir.join("client.json"))
         .args(&args)
         // Each connection stays open 2 s once its data is acknowledged:
         // long enough for attribution to find the client's process.
         .args(["--keepalive", "60:60:2"])
-        .env("OTEL_SERVICE_NAME", service(HOSTS[client].0))
+        .env("OTEL_SERVICE_NAME", client.2)
         .status()
         .unwrap();
     assert!(st.success(), "tcpapp client failed");
@@ -405,4 +413,158 @@ fn three_hosts_one_query_counted_once_through_a_nats_outage() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     drop(agents);
     drop(procs);
+}
+
+/// The metrics-only path: two agents scraped by Debian's Prometheus; the
+/// client agent's `dst_ip`/`dst_port` series joined in PromQL to the
+/// server agent's `flowprobe_listener_info` name the server's service,
+/// and the joined sum equals the client agent's own query.
+#[test]
+fn prometheus_joins_two_agents_by_listener_owner() {
+    if !enabled("live_fleet") {
+        return;
+    }
+    assert!(
+        Path::new("/usr/bin/prometheus").exists(),
+        "needs Debian's prometheus (the setup tier of scripts/test.sh installs it)"
+    );
+    let (a_ip, b_ip) = ("10.94.0.1", "10.94.0.2");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ns = common::root::Netns::create("fpfp", "prom");
+    common::root::veth_pair(&ns, "fpp0", "fpp1", a_ip, b_ip, "24");
+    for n in [&ns.a, &ns.b] {
+        drop_in_input(n, "iptables");
+    }
+    let mut procs = Procs::default();
+    for (name, n, ip, dev) in [("a", &ns.a, a_ip, "fpp0"), ("b", &ns.b, b_ip, "fpp1")] {
+        let listen = format!("{ip}:9911");
+        procs.spawn(
+            name,
+            n,
+            &[
+                env!("CARGO_BIN_EXE_flowprobe"),
+                "run",
+                "--backend",
+                "afpacket",
+                "--iface",
+                dev,
+                "--listen",
+                &listen,
+                "--metrics-labels",
+                "src.service,dst.ip,dst.port",
+                "--format",
+                "json",
+            ],
+            &d.join(format!("agent-{name}")),
+        );
+        wait_for_rings(n, 1);
+    }
+    fs::write(
+        d.join("prometheus.yml"),
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+             scrape_configs:\n  - job_name: flowprobe\n    static_configs:\n      - targets: ['{a_ip}:9911', '{b_ip}:9911']\n"
+        ),
+    )
+    .unwrap();
+    let config = format!("--config.file={}", d.join("prometheus.yml").display());
+    let data = format!("--storage.tsdb.path={}", d.join("data").display());
+    procs.spawn(
+        "prometheus",
+        &ns.a,
+        &[
+            "/usr/bin/prometheus",
+            &config,
+            &data,
+            "--web.listen-address=127.0.0.1:9090",
+        ],
+        &d.join("prometheus"),
+    );
+    let promql = |q: &str| -> Vec<Value> {
+        let enc: String = q
+            .bytes()
+            .map(|b| {
+                if b.is_ascii_alphanumeric() {
+                    (b as char).to_string()
+                } else {
+                    format!("%{b:02X}")
+                }
+            })
+            .collect();
+        common::root::http_get(
+            &ns.a,
+            &format!("http://127.0.0.1:9090/api/v1/query?query={enc}"),
+        )
+        .and_then(|b| serde_json::from_str::<Value>(&b).ok())
+        .and_then(|v| v["data"]["result"].as_array().cloned())
+        .unwrap_or_default()
+    };
+    common::root::wait_for_within(
+        "prometheus to scrape both agents",
+        Duration::from_secs(60),
+        || {
+            promql("sum(up{job=\"flowprobe\"})")
+                .first()
+                .is_some_and(|s| s["value"][1] == "2")
+        },
+    );
+
+    let conns = [(42000, 500_000, 60_000), (42001, 80_000, 300_000)];
+    exchange_between(
+        (&ns.a, a_ip, "svc-a"),
+        (&ns.b, b_ip, "svc-b"),
+        &conns,
+        &d.join("x"),
+    );
+
+    // The client agent's own row for the pair.
+    let agent_sent = || -> Option<u64> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &ns.a])
+            .arg(env!("CARGO_BIN_EXE_flowprobe"))
+            .args([
+                "query",
+                "--agent",
+                &format!("{a_ip}:9911"),
+                "--format",
+                "json",
+            ])
+            .args(["--src", "service", "--dst", "ip,port"])
+            .args(["--where", "src.service = svc-a and dst.port = 5001"])
+            .output()
+            .ok()?;
+        let rows = json_lines(&String::from_utf8_lossy(&out.stdout));
+        rows.first().map(|r| n(&r["sent"]["bytes"]))
+    };
+    let written: u64 = conns.iter().map(|c| c.1).sum();
+    common::root::wait_for_within(
+        "the agent to see every byte",
+        Duration::from_secs(30),
+        || agent_sent().is_some_and(|b| b >= written),
+    );
+    // The client agent's series (on one machine the server's agent may
+    // find the client's socket too, and have the same series).
+    let q = format!(
+        "sum by (src_service, owner_service) (flowprobe_sent_bytes_total{{src_service=\"svc-a\", instance=\"{a_ip}:9911\"}} \
+         * on (dst_ip, dst_port) group_left(owner_service) flowprobe_listener_info)"
+    );
+    let until = Instant::now() + Duration::from_secs(30);
+    let (last, want) = loop {
+        // Both move until the last retransmission is counted and scraped.
+        let want = agent_sent().unwrap();
+        let last = promql(&q);
+        if last.len() == 1 && last[0]["value"][1].as_str() == Some(want.to_string().as_str()) {
+            break (last, want);
+        }
+        assert!(
+            Instant::now() < until,
+            "the PromQL join: {last:?} (want {want})\nlisteners: {:?}\nsent: {:?}",
+            promql("flowprobe_listener_info"),
+            promql("flowprobe_sent_bytes_total")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(last[0]["metric"]["owner_service"], "svc-b", "{last:?}");
+    eprintln!("PromQL join: {last:?}; the client agent's own query: {want} bytes sent");
 }

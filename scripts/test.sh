@@ -41,9 +41,9 @@ if [ "${FLOWPROBE_SKIP_SETUP:-}" != 1 ]; then
     if is_root; then
         # systemd (systemd-analyze), man-db, python3-yaml and python3-venv:
         # tests/service.rs.
-        # nats-server: the fleet's tests (tests/fleet_replay.rs, tests/live_fleet.rs).
+        # nats-server, openssl: the fleet's tests (tests/fleet_replay.rs, tests/live_fleet.rs).
         pkgs=(tcpdump tshark iptables iproute2 ethtool bpftool iperf3 jq softflowd python3 iputils-ping prometheus
-              systemd man-db python3-yaml python3-venv nats-server)
+              systemd man-db python3-yaml python3-venv nats-server openssl)
         missing=()
         for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
         if [ ${#missing[@]} -gt 0 ]; then

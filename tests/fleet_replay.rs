@@ -589,3 +589,120 @@ fn scopeguard(f: impl FnOnce()) -> impl Drop {
     }
     G(Some(f))
 }
+
+/// TLS with a private CA: `--nats-tls-ca` trusts it; without it the
+/// server's certificate is refused in one line.
+#[test]
+fn tls_with_a_private_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ssl = |args: &[&str]| {
+        let st = Command::new("openssl")
+            .args(args)
+            .current_dir(d)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("openssl (scripts/test.sh installs it)");
+        assert!(st.success(), "openssl {args:?}");
+    };
+    ssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-subj",
+        "/CN=flowprobe-test-ca",
+        "-days",
+        "2",
+    ]);
+    ssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "srv.key",
+        "-out",
+        "srv.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(
+        d.join("ext"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    ssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "srv.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "srv.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext",
+    ]);
+    let port = free_port();
+    std::fs::write(
+        d.join("nats.conf"),
+        format!(
+            "listen: 127.0.0.1:{port}\njetstream {{ store_dir: \"{js}\" }}\ntls {{ cert_file: \"{c}\", key_file: \"{k}\" }}\n",
+            js = d.join("js").display(),
+            c = d.join("srv.pem").display(),
+            k = d.join("srv.key").display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new("nats-server")
+        .arg("-c")
+        .arg(d.join("nats.conf"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nats-server");
+    let _kill = scopeguard(move || {
+        let _ = child.kill();
+        let _ = child.wait();
+    });
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    wait_for("nats-server", Duration::from_secs(10), || {
+        TcpStream::connect(addr).is_ok()
+    });
+    let (a, b) = captures(d);
+    let url = format!("tls://127.0.0.1:{port}");
+    let out = flowprobe(&[
+        "replay",
+        "--fleet",
+        &url,
+        "--host-id",
+        "alpha",
+        "--host-addr",
+        ALPHA,
+        a.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let e = stderr(&out);
+    assert!(
+        e.contains("invalid peer certificate") && e.lines().count() == 1,
+        "{e}"
+    );
+    let ca = d.join("ca.pem");
+    let tls = ["--nats-tls-ca", ca.to_str().unwrap()];
+    let sent = publish(&url, "alpha", ALPHA, &a, &tls) + publish(&url, "beta", BETA, &b, &tls);
+    let fleet = Fleet::start(&url, &tls);
+    fleet.wait_messages(sent);
+    check_ground_truth(&json_lines(&fleet.query(QUERY)));
+}

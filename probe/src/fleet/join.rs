@@ -726,4 +726,34 @@ mod tests {
         w.insert(msg("a", "10.0.0.1", 1, vec![]));
         assert_eq!(w.stats.too_old, 1);
     }
+
+    #[test]
+    fn a_host_gone_from_the_window_is_expired_not_unknown() {
+        let mut w = Window::new(Limits {
+            window_ns: 20 * S,
+            max_hosts: 10,
+            max_groups: 100,
+            max_endpoints: 100,
+        });
+        w.insert(msg("b", "10.0.0.2", 0, vec![]));
+        w.insert(msg("a", "10.0.0.1", 0, vec![]));
+        w.insert(msg(
+            "a",
+            "10.0.0.1",
+            5,
+            vec![
+                row(View::Client, ("10.0.0.1", 1024, "api"), ("10.0.0.2", 80), 9),
+                row(View::Client, ("10.0.0.1", 1024, "api"), ("10.0.0.7", 80), 8),
+            ],
+        ));
+        assert!(!w.hosts.contains_key("b"));
+        let r = rows(&mut w);
+        assert_eq!(
+            r,
+            [
+                (s("api"), s("a"), s("expired"), s(""), s("client"), 9),
+                (s("api"), s("a"), s("not_monitored"), s(""), s("client"), 8),
+            ]
+        );
+    }
 }

@@ -294,7 +294,8 @@ pub struct SpoolStatus {
 #[derive(Default)]
 struct SpoolState {
     msgs: VecDeque<Outgoing>,
-    puts: VecDeque<Put>,
+    /// The latest value waiting per (bucket, key).
+    puts: std::collections::BTreeMap<(&'static str, String), Vec<u8>>,
     status: SpoolStatus,
     closing: bool,
     /// Say nothing on stderr (the caller reports).
@@ -338,16 +339,17 @@ impl Spool {
     }
 
     /// Queues KV puts: the newest per (bucket, key) replaces a waiting one,
-    /// and at most `max` wait (the oldest dropped, counted as failures).
+    /// and at most `max` keys wait (more are dropped, counted as failures;
+    /// the next interval puts them again).
     pub fn put(&self, puts: Vec<Put>, max: usize) {
         let mut s = self.lock();
         for p in puts {
-            s.puts.retain(|q| (q.bucket, &q.key) != (p.bucket, &p.key));
-            s.puts.push_back(p);
-        }
-        while s.puts.len() > max {
-            s.puts.pop_front();
-            s.status.failures += 1;
+            let k = (p.bucket, p.key);
+            if s.puts.len() >= max && !s.puts.contains_key(&k) {
+                s.status.failures += 1;
+                continue;
+            }
+            s.puts.insert(k, p.value);
         }
         self.changed.notify_all();
     }
@@ -395,7 +397,12 @@ impl Spool {
 
     fn front(&self) -> (Option<Outgoing>, Option<Put>, bool) {
         let s = self.lock();
-        (s.msgs.front().cloned(), s.puts.front().cloned(), s.closing)
+        let put = s.puts.iter().next().map(|((bucket, key), value)| Put {
+            bucket,
+            key: key.clone(),
+            value: value.clone(),
+        });
+        (s.msgs.front().cloned(), put, s.closing)
     }
 
     fn sent(&self, id: &str) {
@@ -411,12 +418,10 @@ impl Spool {
 
     fn put_done(&self, p: &Put) {
         let mut s = self.lock();
-        if let Some(i) = s
-            .puts
-            .iter()
-            .position(|q| q.bucket == p.bucket && q.key == p.key && q.value == p.value)
-        {
-            s.puts.remove(i);
+        let k = (p.bucket, p.key.clone());
+        // Not if a newer value came meanwhile.
+        if s.puts.get(&k) == Some(&p.value) {
+            s.puts.remove(&k);
         }
         s.status.kv_puts += 1;
         self.changed.notify_all();

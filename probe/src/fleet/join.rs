@@ -227,12 +227,28 @@ impl Window {
                 }
             })
             .collect();
-        // Which intervals each host published.
-        let published: BTreeSet<(&str, u64)> = self
+        // Which intervals each host published, by start (agents with
+        // another --fleet-interval are compared by overlap).
+        let published: BTreeMap<&str, Vec<(u64, u64)>> = self
             .hosts
             .iter()
-            .flat_map(|(id, h)| h.intervals.keys().map(move |(s, _)| (id.as_str(), *s)))
+            .map(|(id, h)| {
+                let v = h
+                    .intervals
+                    .values()
+                    .map(|m| (m.start_ns, m.end_ns))
+                    .collect();
+                (id.as_str(), v)
+            })
             .collect();
+        let covered = |host: &str, start: u64, end: u64| -> bool {
+            let Some(v) = published.get(host) else {
+                return false;
+            };
+            // Sorted by start: those starting before `end`, latest first.
+            let upto = v.partition_point(|i| i.0 < end);
+            v[..upto].iter().rev().take(64).any(|i| i.1 > start)
+        };
         // Each end's tags as its own host gave them, from any interval.
         type PairKey<'a> = (&'a str, &'a str, IpAddr, IpAddr, u16);
         let mut server_end: BTreeMap<PairKey<'_>, (&str, &BTreeMap<String, String>)> =
@@ -320,7 +336,7 @@ impl Window {
                         View::Server => {
                             let client_host = owner.get(&(net, r.remote.ip)).copied();
                             if client_host.is_some_and(|c| c != id.as_str())
-                                && published.contains(&(client_host.expect("checked"), m.start_ns))
+                                && covered(client_host.expect("checked"), m.start_ns, m.end_ns)
                             {
                                 stats.joined_rows += 1;
                                 continue;
@@ -755,5 +771,49 @@ mod tests {
                 (s("api"), s("a"), s("not_monitored"), s(""), s("client"), 8),
             ]
         );
+    }
+
+    /// Agents with other interval lengths: published intervals compare by
+    /// overlap.
+    #[test]
+    fn other_interval_lengths_overlap() {
+        let mut w = window();
+        for t in 0..2 {
+            let mut m = msg(
+                "a",
+                "10.0.0.1",
+                t,
+                vec![row(
+                    View::Client,
+                    ("10.0.0.1", 1024, "api"),
+                    ("10.0.0.2", 5432),
+                    50,
+                )],
+            );
+            // a: 5 s intervals.
+            m.start_ns = t * 5 * S;
+            m.end_ns = (t + 1) * 5 * S;
+            w.insert(m);
+        }
+        w.insert(msg(
+            "b",
+            "10.0.0.2",
+            0,
+            vec![row(
+                View::Server,
+                ("10.0.0.2", 5432, "db"),
+                ("10.0.0.1", 1024),
+                100,
+            )],
+        ));
+        let j = w.join();
+        assert_eq!(j.stats.joined_rows, 1);
+        let total: u64 = j
+            .intervals
+            .iter()
+            .flat_map(|i| &i.rows)
+            .map(|a| a.conn.sent.bytes)
+            .sum();
+        assert_eq!(total, 100);
     }
 }

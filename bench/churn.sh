@@ -25,6 +25,9 @@
 #   the files), FP_ARGS="--keep-ended 30" (more flags for `run`; each
 #   binary in FPS gets them, so leave them out when comparing with one
 #   that lacks them).
+# The final output must list every connection: --list-max is raised
+#   (LIST_MAX, default 100000000; LIST_MAX= leaves the flag out, for
+#   builds older than it).
 # RSS is also sampled every 10 s of the load ("RSS over time"): flat after
 # the first --keep-ended window is the bound working.
 # Several binaries in FPS (before/after) run interleaved, round by round.
@@ -36,6 +39,7 @@ SECS=${SECS:-120}
 RATE=${RATE:-400}
 BACKENDS=${BACKENDS:-tc}
 FPS=${FPS:-target/release/flowprobe}
+LIST_MAX=${LIST_MAX-100000000}
 PORTS=${PORTS:-32768 60999}
 TW_REUSE=${TW_REUSE:-1}
 NS_A=fp-churn-a-$$
@@ -85,7 +89,7 @@ round() { # FP BACKEND N
     tag=$(tr -c 'a-zA-Z0-9\n' _ <<<"$fp_bin")-$backend-$n
     rm -f "$WORK/$tag.jsonl"
     ip netns exec "$NS_A" "$fp_bin" run --backend "$backend" --iface fch0 --format json \
-        --listen 127.0.0.1:9477 --export-jsonl "$WORK/$tag.jsonl" ${FP_ARGS:-} \
+        --listen 127.0.0.1:9477 --export-jsonl "$WORK/$tag.jsonl" ${LIST_MAX:+--list-max $LIST_MAX} ${FP_ARGS:-} \
         >"$WORK/$tag.json" 2>"$WORK/$tag.err" &
     local fp=$!
     # Counting from the first connection: the first reading comes after the

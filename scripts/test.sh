@@ -5,7 +5,9 @@
 #   1. setup    apt packages (tshark, tcpdump, iptables, systemd's tools, ...) and the eBPF
 #               toolchain (nightly rust-src, bpf-linker against nightly's libLLVM)
 #   2. lint     cargo fmt --check, clippy -D warnings (workspace and eBPF crate)
-#   3. unit     cargo test: parser, tracker, etherparse differential property
+#   3. unit     the fuzz targets' corpora and kept crash inputs, replayed
+#               (scripts/fuzz.sh 0);
+#               cargo test: parser, tracker, etherparse differential property
 #               test, replay of every format, golden files, kernel truth, tshark;
 #               the service files (tests/service.rs: systemd-analyze verify,
 #               the DaemonSet's YAML, completions); the fleet on a loopback
@@ -16,11 +18,13 @@
 #               with the AF_PACKET backend too, and falls back to it without
 #               CAP_BPF (tests/live_afpacket/);
 #               a real Prometheus scraping `run --listen` (tests/live_agent.rs);
+#               the agent's web page in chromium (tests/live_web.rs);
 #               handshake RTT against a known added delay (tests/rtt_delay.rs);
 #               each end joined to its process, container and service
 #               (tests/live_attrib/);
 #               `run` with exactly the service's capabilities, and with one
 #               fewer (tests/live_caps.rs);
+#               `flowprobe top` in tmux against a live agent (tests/live_top.rs);
 #               the fleet: hosts in namespaces publishing to a nats-server,
 #               one query over all of them (tests/live_fleet.rs);
 #               replay of freshly captured kernel traffic (iptables loss in the
@@ -40,10 +44,11 @@ if [ "${FLOWPROBE_SKIP_SETUP:-}" != 1 ]; then
     tier "setup"
     if is_root; then
         # systemd (systemd-analyze), man-db, python3-yaml and python3-venv:
-        # tests/service.rs.
-        # nats-server, openssl: the fleet's tests (tests/fleet_replay.rs, tests/live_fleet.rs).
+        # tests/service.rs. chromium and chromium-driver: tests/live_web.rs.
+        # tmux: tests/live_top.rs. nats-server, openssl: the fleet's tests
+        # (tests/fleet_replay.rs, tests/live_fleet.rs).
         pkgs=(tcpdump tshark iptables iproute2 ethtool bpftool iperf3 jq softflowd python3 iputils-ping prometheus
-              systemd man-db python3-yaml python3-venv nats-server openssl)
+              systemd man-db python3-yaml python3-venv chromium chromium-driver tmux nats-server openssl)
         missing=()
         for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
         if [ ${#missing[@]} -gt 0 ]; then
@@ -53,6 +58,8 @@ if [ "${FLOWPROBE_SKIP_SETUP:-}" != 1 ]; then
             apt-get install -y -qq "${missing[@]}" >/dev/null
         fi
         bash scripts/setup-ebpf-toolchain.sh
+        # The fuzz targets' regression replay (unit tier) needs cargo-fuzz.
+        command -v cargo-fuzz >/dev/null || cargo install --locked -q cargo-fuzz@0.13.2
         # The Kubernetes schemas (bundled in the package) that
         # tests/service.rs checks the DaemonSet against.
         if [ ! -x "$K8S_VENV/bin/kubernetes-validate" ]; then
@@ -92,6 +99,17 @@ case $msg in
 *) echo "FAIL: unexpected message: $msg" >&2; exit 1 ;;
 esac
 
+# Every corpus input and kept crash input of the fuzz targets, once each
+# (scripts/fuzz.sh 0): what fuzzing found stays fixed.
+if command -v cargo-fuzz >/dev/null && rustup toolchain list | grep -q nightly; then
+    scripts/fuzz.sh 0
+elif ci; then
+    echo "FAIL: CI=true and cargo-fuzz or nightly is missing: the fuzz regressions cannot run" >&2
+    exit 1
+else
+    echo "SKIPPED: fuzz regressions (cargo install cargo-fuzz; nightly)"
+fi
+
 tier "root: eBPF and live kernel traffic"
 if ! is_root; then
     if ci; then
@@ -115,6 +133,10 @@ FLOWPROBE_LIVE_TESTS=1 cargo test --locked -p flowprobe --test live_afpacket -- 
 # `flowprobe run --listen` scraped by Debian's prometheus in a new namespace:
 # PromQL sums = the agent's /query = the bytes the applications wrote.
 FLOWPROBE_LIVE_TESTS=1 cargo test --locked -p flowprobe --test live_agent
+# The agent's web page in Debian's chromium over WebDriver: the table
+# equals /query, group-by, filter, drill-down, the map, hostile values,
+# no request outside the agent, 1000-row render (tests/live_web.rs).
+FLOWPROBE_LIVE_TESTS=1 cargo test --locked -p flowprobe --test live_web -- --nocapture
 # Handshake RTT behind a bridge that adds 100 ms: replay of a capture, and
 # the agent of `run --backend afpacket`.
 FLOWPROBE_LIVE_TESTS=1 cargo test --locked -p flowprobe --test rtt_delay
@@ -124,6 +146,9 @@ FLOWPROBE_LIVE_TESTS=1 cargo test --locked -p flowprobe --test live_attrib -- --
 # The service's capability set (dist/systemd/flowprobe.service) under
 # setpriv: everything the unit promises, and what one fewer breaks.
 FLOWPROBE_LIVE_TESTS=1 cargo test --locked -p flowprobe --test live_caps -- --nocapture
+# `flowprobe top --agent` in a tmux pane, typed at: the screen's rows equal
+# `flowprobe query`'s for the command it shows; hostile tags stay text.
+FLOWPROBE_LIVE_TESTS=1 cargo test --locked -p flowprobe --test live_top -- --test-threads=1 --nocapture
 # The fleet: nats-server in its own namespace on a bridge, three hosts with
 # `run --fleet`, NATS killed mid-traffic, an agent killed; `flowprobe fleet`
 # = the bytes the applications wrote, counted once.

@@ -2,12 +2,14 @@
 //!
 //! Architecture invariant: no OS calls and no clock. Time comes from the
 //! packets (capture or kernel timestamps); lookups of processes and
-//! containers come in through a trait ([`attrib::Host`]). So a replayed capture gives
+//! containers come in through a trait ([`attrib::Host`]), conntrack's
+//! translations through another ([`nat::Conntrack`]). So a replayed capture gives
 //! byte-for-byte the same output every time.
 
 pub mod attrib;
 mod conn;
 pub mod delta;
+pub mod nat;
 pub mod query;
 pub mod rollup;
 mod rtt;

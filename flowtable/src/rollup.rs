@@ -15,12 +15,13 @@
 //! pure function of the readings they were given.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHasher};
 
 use crate::conn::{Connection, DirStats};
 use crate::delta::Deltas;
@@ -183,39 +184,61 @@ pub struct RollupStats {
     pub dropped_intervals: u64,
 }
 
-/// Identity of a group: see the module doc.
-type GroupKey = (
-    &'static str,
-    IpAddr,
-    u16,
-    IpAddr,
-    u16,
-    u32,
-    BTreeMap<String, String>,
-    BTreeMap<String, String>,
-);
-
+/// The initiator's port as a group keeps it: ephemeral ones as one.
 fn group_port(sport: u16) -> u16 {
     sport.min(EPHEMERAL_MIN)
 }
 
-fn group_key(c: &Connection) -> GroupKey {
+/// A hash of a connection's group (see the module doc), made without
+/// copying its tags: groups are found by it, then compared with
+/// [`same_group`].
+fn group_hash(c: &Connection) -> u64 {
+    let mut h = FxHasher::default();
+    (c.proto, c.src, group_port(c.sport), c.dst, c.dport, c.iface).hash(&mut h);
+    c.src_tags.hash(&mut h);
+    c.dst_tags.hash(&mut h);
+    h.finish()
+}
+
+/// Whether `c` belongs to the group `rep` stands for.
+fn same_group(rep: &Connection, c: &Connection) -> bool {
+    (rep.proto, rep.src, rep.sport, rep.dst, rep.dport, rep.iface)
+        == (c.proto, c.src, group_port(c.sport), c.dst, c.dport, c.iface)
+        && rep.src_tags == c.src_tags
+        && rep.dst_tags == c.dst_tags
+}
+
+/// The order groups are cut in when their bytes tie: what they are.
+fn group_order(a: &Connection, b: &Connection) -> std::cmp::Ordering {
     (
-        c.proto,
-        c.src,
-        group_port(c.sport),
-        c.dst,
-        c.dport,
-        c.iface,
-        c.src_tags.clone(),
-        c.dst_tags.clone(),
+        a.proto,
+        a.src,
+        a.sport,
+        a.dst,
+        a.dport,
+        a.iface,
+        &a.src_tags,
+        &a.dst_tags,
     )
+        .cmp(&(
+            b.proto,
+            b.src,
+            b.sport,
+            b.dst,
+            b.dport,
+            b.iface,
+            &b.src_tags,
+            &b.dst_tags,
+        ))
 }
 
 /// The interval being filled.
 struct Open {
     start_ns: u64,
-    groups: FxHashMap<GroupKey, Aggregate>,
+    /// By [`group_hash`]; more than one group per hash only on collisions.
+    groups: FxHashMap<u64, Vec<Aggregate>>,
+    /// Groups in `groups`.
+    len: usize,
     folded: Option<Aggregate>,
     folded_groups: u64,
 }
@@ -225,6 +248,7 @@ impl Open {
         Open {
             start_ns,
             groups: FxHashMap::default(),
+            len: 0,
             folded: None,
             folded_groups: 0,
         }
@@ -283,21 +307,25 @@ impl Rollups {
         let open = self.open.as_mut().expect("opened above");
         for ch in &changes {
             let c = ch.conn;
-            let key = group_key(c);
-            let agg = if let Some(a) = open.groups.get_mut(&key) {
-                a
-            } else if open.groups.len() < max_groups {
-                let mut rep = c.clone();
-                rep.sport = group_port(c.sport);
-                rep.sent = DirStats::default();
-                rep.received = DirStats::default();
-                rep.first_seen = u64::MAX;
-                rep.last_seen = 0;
-                rep.rtt = None;
-                open.groups.entry(key).or_insert(Aggregate::empty(rep))
-            } else {
-                open.folded_groups += 1;
-                open.folded.get_or_insert_with(Aggregate::folded)
+            let list = open.groups.entry(group_hash(c)).or_default();
+            let agg = match list.iter().position(|a| same_group(&a.conn, c)) {
+                Some(i) => &mut list[i],
+                None if open.len < max_groups => {
+                    let mut rep = c.clone();
+                    rep.sport = group_port(c.sport);
+                    rep.sent = DirStats::default();
+                    rep.received = DirStats::default();
+                    rep.first_seen = u64::MAX;
+                    rep.last_seen = 0;
+                    rep.rtt = None;
+                    open.len += 1;
+                    list.push(Aggregate::empty(rep));
+                    list.last_mut().expect("pushed")
+                }
+                None => {
+                    open.folded_groups += 1;
+                    open.folded.get_or_insert_with(Aggregate::folded)
+                }
             };
             agg.add(&ch.sent, &ch.received, c.first_seen, c.last_seen);
             if ch.is_new() {
@@ -308,7 +336,7 @@ impl Rollups {
         self.deltas.forget(retired);
         self.stats.tracked = self.deltas.len();
         self.stats.groups = self.ring.iter().map(|i| i.rows.len()).sum::<usize>()
-            + self.open.as_ref().map_or(0, |o| o.groups.len());
+            + self.open.as_ref().map_or(0, |o| o.len);
     }
 
     /// Closes `o`: its top groups by bytes are kept, the rest folded.
@@ -323,13 +351,13 @@ impl Rollups {
     }
 
     fn cut(o: Open, len: u64, top: usize, folded_groups: &mut u64) -> Interval {
-        let mut rows: Vec<Aggregate> = o.groups.into_values().collect();
+        let mut rows: Vec<Aggregate> = o.groups.into_values().flatten().collect();
         // Most bytes first; ties by what the group is, so the cut is
         // deterministic.
         rows.sort_by(|a, b| {
             b.bytes()
                 .cmp(&a.bytes())
-                .then_with(|| group_key(&a.conn).cmp(&group_key(&b.conn)))
+                .then_with(|| group_order(&a.conn, &b.conn))
         });
         let mut folded = o.folded;
         *folded_groups += o.folded_groups;
@@ -391,6 +419,7 @@ impl Rollups {
             let copy = Open {
                 start_ns: o.start_ns,
                 groups: o.groups.clone(),
+                len: o.len,
                 folded: o.folded.clone(),
                 folded_groups: 0,
             };

@@ -3,7 +3,8 @@
 //!
 //! The stages, in the order a packet meets them: [`sources`] → [`enrich`] →
 //! [`export`]; [`run`] is the pipeline of `flowprobe run`, [`os`] the
-//! operating-system helpers every stage may use. ARCHITECTURE.md has the map.
+//! operating-system helpers every stage may use, [`top`] the terminal UI
+//! over an agent or a replay. ARCHITECTURE.md has the map.
 
 mod cli;
 mod enrich;
@@ -13,6 +14,7 @@ mod os;
 mod run;
 mod settings;
 mod sources;
+mod top;
 
 #[cfg(test)]
 mod architecture;
@@ -66,6 +68,35 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Fleet { cmd } => {
             fleet::run(cmd)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Top {
+            agent: addr,
+            replay,
+            refresh,
+            speed,
+            query,
+        } => {
+            let target = if replay.is_empty() {
+                let addr = addr.as_deref().unwrap_or("127.0.0.1:9911");
+                top::Target::Agent(
+                    agent::parse_listen(addr).map_err(|e| anyhow::anyhow!("--agent: {e}"))?,
+                )
+            } else {
+                top::Target::Replay(replay)
+            };
+            if !(refresh > 0.0 && refresh.is_finite()) {
+                anyhow::bail!("--refresh: give a number of seconds above 0");
+            }
+            if !(speed > 0.0 && speed.is_finite()) {
+                anyhow::bail!("--speed: give a factor above 0");
+            }
+            top::run(
+                target,
+                query,
+                std::time::Duration::from_secs_f64(refresh),
+                speed,
+            )?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Completions { shell } => {
@@ -163,7 +194,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
             if !quiet {
-                eprintln!("flowprobe: {}", output::summary(conns.len(), &stats));
+                eprintln!("flowprobe: {}", output::summary(conns.len(), &stats, None));
             }
             Ok(if unreadable {
                 ExitCode::FAILURE

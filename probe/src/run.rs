@@ -1,7 +1,7 @@
 //! `flowprobe run`: the pipeline, in one place.
 //!
 //! ```text
-//! source (tc | xdp | afpacket) ──read──▶ enrich ──▶ sinks (agent, export, printer)
+//! source (tc | xdp | afpacket) ──read──▶ enrich (NAT, then attribution) ──▶ sinks (agent, export, printer)
 //!     ▲ link events (rtnetlink)
 //! ```
 //!
@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use flowtable::sort_connections;
 
+use crate::enrich::nat::Nat;
 use crate::enrich::{self, Attribution};
 use crate::export::{SinkOptions, Sinks};
 use crate::os::links::{self, Watcher};
@@ -27,6 +28,12 @@ use crate::sources::{afpacket, ebpf, Hook, Links, Reading, Source, Unavailable};
 
 /// How often the loop looks at link events, the stop flag and the clock.
 const POLL: Duration = Duration::from_millis(50);
+
+/// How often the interfaces are listed afresh whatever the events said:
+/// an overflowing event socket reports its loss once, and events lost
+/// again while catching up would otherwise be missed for good (seen with
+/// 500 interfaces made at once).
+const RESYNC: Duration = Duration::from_secs(5);
 
 pub fn run(s: RunSettings) -> Result<()> {
     let stop = Stop::on_signals()?;
@@ -49,12 +56,18 @@ pub fn run(s: RunSettings) -> Result<()> {
         }
     }
     let mut source = open_source(&s)?;
-    let enrich = enrich::start(source.key_feed());
+    // A socket is remembered until its connection is retired, at the most
+    // for as long as an idle connection can stay listed.
+    let enrich = enrich::start(
+        source.key_feed(),
+        s.idle_timeout + s.keep_ended + Duration::from_secs(60),
+    );
+    let mut nat = Nat::start(s.per_interface);
     let counted = source.start(&all).and_then(|()| {
         follow(
             source.as_mut(),
             &mut watcher,
-            &enrich,
+            (&mut nat, &enrich),
             &mut sinks,
             &s,
             &stop,
@@ -62,7 +75,7 @@ pub fn run(s: RunSettings) -> Result<()> {
     });
     let last = source.finish();
     counted?;
-    let last = tagged(last?, &enrich);
+    let last = tagged(last?, (&mut nat, &enrich));
     sinks.finish(&last)
 }
 
@@ -115,7 +128,7 @@ fn open_source(s: &RunSettings) -> Result<Box<dyn Source>> {
 fn follow(
     source: &mut dyn Source,
     watcher: &mut Watcher,
-    enrich: &Attribution,
+    (nat, enrich): (&mut Option<Nat>, &Attribution),
     sinks: &mut Sinks,
     s: &RunSettings,
     stop: &Stop,
@@ -125,6 +138,7 @@ fn follow(
     // from the source into the bounded history as it goes.
     let every = Some(s.tick());
     let mut next_tick = every.map(|e| start + e);
+    let mut next_resync = start + RESYNC;
     while !stop.requested() {
         if s.duration.is_some_and(|d| start.elapsed() >= d) {
             break;
@@ -138,10 +152,14 @@ fn follow(
             }
             Err(e) => return Err(e).context("reading rtnetlink link events"),
         }
+        if Instant::now() >= next_resync {
+            source.links(Links::Resync(&links::dump()?))?;
+            next_resync = Instant::now() + RESYNC;
+        }
         source.poll()?;
         if let (Some(at), Some(every)) = (next_tick, every) {
             if Instant::now() >= at {
-                sinks.tick(&tagged(source.read()?, enrich))?;
+                sinks.tick(&tagged(source.read()?, (&mut *nat, enrich)))?;
                 next_tick = Some(at + every);
             }
         }
@@ -150,9 +168,15 @@ fn follow(
     Ok(())
 }
 
-fn tagged(mut r: Reading, enrich: &Attribution) -> Reading {
+/// Enrichment of one reading: NAT undone first (one record per
+/// connection, the responder's address beyond the translation known), then
+/// attribution.
+fn tagged(mut r: Reading, (nat, enrich): (&mut Option<Nat>, &Attribution)) -> Reading {
+    if let Some(nat) = nat {
+        nat.undo(&mut r);
+    }
     enrich.tag(&mut r.conns);
-    enrich.tag(&mut r.retired);
+    enrich.tag_and_forget(&mut r.retired);
     sort_connections(&mut r.conns);
     r
 }

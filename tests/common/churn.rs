@@ -7,6 +7,12 @@
 //! the client's namespace. Every connection made must be in the final
 //! output and in the export (its delta lines summed) exactly once, with
 //! the bytes written each way, and `/health` must show nothing lost.
+//!
+//! Connections leave the listing a second after they end (`--keep-ended
+//! 1`), so most of them are retired while it runs: the listing stays far
+//! below the connections made, and nothing retired is lost from the final
+//! output, the export, the metrics or the rollups (`query --last` sums to
+//! the final output's bytes and counts every connection).
 
 use std::fs;
 use std::time::Duration;
@@ -80,6 +86,10 @@ pub fn churn(backend: &str, tag: &str) {
             "127.0.0.1:9481",
             "--export-jsonl",
             export.to_str().unwrap(),
+            "--keep-ended",
+            "1",
+            "--rollup-interval",
+            "1",
         ],
         dir,
         "probe",
@@ -102,6 +112,13 @@ pub fn churn(backend: &str, tag: &str) {
     // One tick more, so that /health has seen the last connections.
     std::thread::sleep(Duration::from_millis(1500));
     let health: Value = serde_json::from_str(&http_get(&ns.a, HEALTH).unwrap()).unwrap();
+    let metrics = http_get(&ns.a, "http://127.0.0.1:9481/metrics").unwrap();
+    // One row (no group-by), and `other` if an interval folded groups.
+    let last: Vec<Value> = http_get(&ns.a, "http://127.0.0.1:9481/query?src=&dst=&last=1h")
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     let st = stop(&mut probe, libc::SIGINT, Duration::from_secs(30));
     let err = fs::read_to_string(dir.join("probe.err")).unwrap();
     assert!(st.success(), "flowprobe failed: {err}");
@@ -140,6 +157,38 @@ pub fn churn(backend: &str, tag: &str) {
     assert!(
         n("reused") * 2 >= n("made"),
         "ports were not reused enough to test reuse: {res}"
+    );
+    // The listing was bounded: most connections were retired, and their
+    // counts stayed.
+    let gauge = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in /metrics"))
+    };
+    let (listed, retired) = (
+        gauge("flowprobe_listed_connections"),
+        gauge("flowprobe_retired_connections_total"),
+    );
+    assert!(
+        retired * 2 > n("made") && listed * 2 < n("made"),
+        "listed {listed}, retired {retired} of {}",
+        n("made")
+    );
+    // The rollups: every connection began in the last hour, every byte of
+    // the final output is in them.
+    let records: Vec<Value> = fs::read_to_string(dir.join("probe.json"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let bytes = |v: &Value| check_field(v, "sent.bytes") + check_field(v, "received.bytes");
+    let total: u64 = records.iter().map(bytes).sum();
+    let sum = |f: &dyn Fn(&Value) -> u64| -> u64 { last.iter().map(f).sum() };
+    assert_eq!(
+        (sum(&bytes), sum(&|v| check_field(v, "conns"))),
+        (total, records.len() as u64),
+        "query --last 1h against the final output: {last:?}"
     );
     for part in ["final", "export"] {
         assert_eq!(

@@ -256,6 +256,24 @@ pub fn tcpapp_exchange(
     dir: &Path,
     args: &[String],
 ) {
+    tcpapp_exchange_via(
+        (client_ns, client_addr, None, &[]),
+        (server_ns, server_addr),
+        dir,
+        args,
+    )
+}
+
+/// [`tcpapp_exchange`] with the client (namespace, address, `via`,
+/// arguments of its own) connecting to `via` (address, TCP port) instead
+/// of the server's own address and port 5001: a published port that the
+/// path translates to the server (DNAT).
+pub fn tcpapp_exchange_via(
+    (client_ns, client_addr, via, client_only): (&str, &str, Option<(&str, u16)>, &[&str]),
+    (server_ns, server_addr): (&str, &str),
+    dir: &Path,
+    args: &[String],
+) {
     let app = super::repo_root().join("fixtures/capture/tcpapp.py");
     let ready = dir.join("ready");
     let mut server = KillOnDrop(
@@ -279,19 +297,22 @@ pub fn tcpapp_exchange(
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+    let (target, port) = via.unwrap_or((server_addr, 5001));
     let client = Command::new("ip")
         .args(["netns", "exec", client_ns, "python3"])
         .arg(&app)
         .args([
             "client",
             "--server",
-            server_addr,
+            target,
             "--local",
             client_addr,
             "--out",
         ])
         .arg(dir.join("client.json"))
         .args(args)
+        .args(["--tcp-port", &port.to_string()])
+        .args(client_only)
         .status()
         .unwrap();
     assert!(client.success(), "tcpapp client failed");

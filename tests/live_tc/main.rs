@@ -18,6 +18,12 @@
 //! - `bridge`: a container host (a bridge, two containers on veths): a
 //!   connection whose packets cross two interfaces of the host comes out
 //!   once, each direction counted once and exactly.
+//! - `nat`: the container host with a MASQUERADE uplink to an "outside"
+//!   namespace, a published port (DNAT) and a ClusterIP (DNAT) to a
+//!   container: each connection
+//!   once, under its original tuple, the translated end tagged with its
+//!   address beyond the translation (`nat.ip`, `nat.port`), counts equal to
+//!   `TCP_INFO`; tc and afpacket.
 //! - `clsact_netlink`: the rtnetlink clsact helpers the run uses instead of
 //!   `tc` agree with `tc`.
 //! - `interfaces`: without `--iface` a veth created while `run` runs is
@@ -33,7 +39,8 @@
 //! - `drain`: closed connections drained from a map much smaller than their
 //!   number.
 //! - `xdp_gateway`: `--backend xdp` on a forwarding gateway namespace between
-//!   client and server namespaces.
+//!   client and server namespaces; again with the gateway MASQUERADEing
+//!   (each view one direction, joined into one record by NAT undone).
 //! - `churn`: 3000 short connections from 1000 ports, each port reused
 //!   before the connection that used it last has left the kernel table:
 //!   every one in the final output and the export once, with its bytes
@@ -59,7 +66,9 @@ mod counts;
 mod drain;
 mod full_map;
 mod interfaces;
+mod many_ifaces;
 mod missing;
+mod nat;
 mod stale_filters;
 mod test_run;
 mod xdp_gateway;

@@ -23,9 +23,28 @@ fn xdp_on_a_gateway_counts_both_directions() {
     if !enabled("live_tc") {
         return;
     }
+    gateway(false);
+}
+
+/// The same gateway MASQUERADEs to the server's side: XDP sees the
+/// request before the translation (entering from the client) and the
+/// answer after it (entering from the server), two tuples of one
+/// connection. NAT undone joins them: one record under the client's
+/// tuple, both directions equal to TCP_INFO, the gateway's address as the
+/// client's `nat.ip`.
+#[test]
+fn nat_xdp_on_a_masquerading_gateway_counts_once() {
+    if !enabled("live_tc") {
+        return;
+    }
+    gateway(true);
+}
+
+fn gateway(nat: bool) {
     let dir = tempfile::tempdir().unwrap();
-    let ns = Netns::create("fpl", "xgw");
-    let gw = Namespace::create("fpl", "xgwg");
+    let tag = if nat { "xgwn" } else { "xgw" };
+    let ns = Netns::create("fpl", tag);
+    let gw = Namespace::create("fpl", &format!("{tag}g"));
     let g = &gw.name;
     let (ca, sa) = ("10.79.1.1", "10.79.2.1");
     veth(&ns.a, VETH_A, g, "g0");
@@ -71,6 +90,24 @@ fn xdp_on_a_gateway_counts_both_directions() {
     for n in [&ns.a, &ns.b] {
         drop_in_input(n, "iptables");
     }
+    if nat {
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            g,
+            "iptables",
+            "-w",
+            "-t",
+            "nat",
+            "-A",
+            "POSTROUTING",
+            "-o",
+            "g1",
+            "-j",
+            "MASQUERADE",
+        ]);
+    }
     let mut probe = spawn_flowprobe(
         g,
         &[],
@@ -104,6 +141,21 @@ fn xdp_on_a_gateway_counts_both_directions() {
             r["iface"], client_side,
             "one record, counted where the client's packets enter: {r}"
         );
+        let views = conns
+            .iter()
+            .filter(|c| c["sport"] == port || c["dport"] == port)
+            .count();
+        assert_eq!(views, 1, "port {port}: one record in\n{out}");
+        if nat {
+            assert_eq!(
+                (
+                    r["src_tags"]["nat.ip"].as_str(),
+                    r["src_tags"]["nat.port"].as_str()
+                ),
+                (Some("10.79.2.254"), Some(port.to_string().as_str())),
+                "{r}"
+            );
+        }
         let (ct, st) = (
             &client["tcp"][port.to_string()],
             &server["tcp"][port.to_string()],

@@ -60,6 +60,9 @@ pub struct Options {
     /// Dump every socket of every namespace at most this often (0: every
     /// pass). New connections are looked up one by one in between.
     pub dumps_every_ns: u64,
+    /// A 5-tuple's sockets not seen for this long are forgotten (those of
+    /// connections the run retired are forgotten at once, [`Resolver::forget`]).
+    pub forget_after_ns: u64,
 }
 
 impl Default for Options {
@@ -69,6 +72,7 @@ impl Default for Options {
             namespaces_every_ns: 1_000_000_000,
             own_netns: None,
             dumps_every_ns: 0,
+            forget_after_ns: 600_000_000_000,
         }
     }
 }
@@ -95,6 +99,8 @@ pub struct PassStats {
 #[derive(Clone, Debug)]
 struct Sighting {
     netns: u64,
+    /// When a lookup or dump last found it.
+    seen_ns: u64,
     inode: u64,
     uid: u32,
     state: SocketState,
@@ -131,7 +137,7 @@ pub struct Resolver<H> {
     dumped_at: Option<u64>,
     /// 5-tuples given to [`Resolver::refresh`] that need no more lookups,
     /// and those still being looked up with their tries so far.
-    looked_up: HashSet<Tuple>,
+    looked_up: HashMap<Tuple, u64>,
     asking: HashMap<Tuple, u32>,
     last_error: Option<String>,
     /// Failures for lack of privilege (no CAP_SYS_ADMIN for `setns`, no
@@ -161,7 +167,7 @@ impl<H: Host> Resolver<H> {
             local_ips: HashSet::default(),
             netns_ips: HashSet::default(),
             dumped_at: None,
-            looked_up: HashSet::default(),
+            looked_up: HashMap::default(),
             asking: HashMap::default(),
             last_error: None,
             denied: 0,
@@ -204,6 +210,7 @@ impl<H: Host> Resolver<H> {
             self.dumped_at = Some(now_ns);
             self.inode_pid.retain(|i, _| live_inodes.contains(i));
             self.orphans.retain(|i, _| live_inodes.contains(i));
+            self.age_out();
         }
         self.find_sockets(&namespaces, seen, &mut st);
         st.namespaces = namespaces.len();
@@ -212,6 +219,34 @@ impl<H: Host> Resolver<H> {
             self.namespaces = namespaces;
         }
         st
+    }
+
+    /// Forgets sockets and settled lookups older than `forget_after_ns`: a
+    /// socket that still exists is found again by the dumps.
+    fn age_out(&mut self) {
+        let (now, ttl) = (self.now_ns, self.opts.forget_after_ns);
+        let fresh = |at: u64| now.saturating_sub(at) < ttl;
+        self.sockets.retain(|_, list| {
+            list.retain(|x| fresh(x.seen_ns));
+            !list.is_empty()
+        });
+        self.looked_up.retain(|_, at| fresh(*at));
+    }
+
+    /// Forgets the 5-tuples of connections the run no longer lists: their
+    /// sockets, lookups and owners (an owner stays while another socket
+    /// or process refers to it).
+    pub fn forget(&mut self, tuples: &[Tuple]) {
+        for t in tuples {
+            self.sockets.remove(t);
+            self.looked_up.remove(t);
+            self.asking.remove(t);
+        }
+    }
+
+    /// 5-tuples remembered now (sockets and settled lookups).
+    pub fn remembered(&self) -> usize {
+        self.sockets.len() + self.looked_up.len()
     }
 
     /// Lists the namespaces and their processes now.
@@ -243,7 +278,7 @@ impl<H: Host> Resolver<H> {
     fn find_sockets(&mut self, namespaces: &[Netns], seen: &[Tuple], st: &mut PassStats) {
         let mut pending: Vec<Vec<(Tuple, u64)>> = vec![Vec::new(); namespaces.len()];
         for t in seen {
-            if self.looked_up.contains(t) {
+            if self.looked_up.contains_key(t) {
                 continue;
             }
             st.lookups += 1;
@@ -278,7 +313,7 @@ impl<H: Host> Resolver<H> {
                 .is_some_and(|(_, e)| e.tuple == *t && e.inode != 0);
             if settled || *tries >= LOOKUP_TRIES {
                 self.asking.remove(t);
-                self.looked_up.insert(*t);
+                self.looked_up.insert(*t, self.now_ns);
             }
             if let Some((i, e)) = best {
                 self.learn_ip(namespaces[i].id, &e);
@@ -383,6 +418,7 @@ impl<H: Host> Resolver<H> {
             None => {
                 list.push(Sighting {
                     netns,
+                    seen_ns: 0,
                     inode: s.inode,
                     uid: s.uid,
                     state: s.state,
@@ -392,6 +428,7 @@ impl<H: Host> Resolver<H> {
             }
         };
         let x = &mut list[pos];
+        x.seen_ns = self.now_ns;
         if s.inode != 0 && x.inode != s.inode {
             if x.inode != 0 {
                 // Another socket on the same 5-tuple: a new owner.
@@ -518,8 +555,11 @@ impl<H: Host> Resolver<H> {
             };
             let src = SocketAddr::new(c.src, c.sport);
             let dst = SocketAddr::new(c.dst, c.dport);
+            // The responder's socket sees the connection beyond any
+            // translation this host made (`crate::nat`).
+            let (src_far, dst_far) = crate::nat::beyond(c);
             c.src_tags.extend(self.end_tags(proto, src, dst));
-            c.dst_tags.extend(self.end_tags(proto, dst, src));
+            c.dst_tags.extend(self.end_tags(proto, dst_far, src_far));
         }
     }
 

@@ -239,6 +239,35 @@ fn both_ends_in_two_namespaces_get_process_container_and_service() {
     assert_eq!(d["netns"], "22");
 }
 
+/// A Service's ClusterIP DNATed to the pod (`crate::nat`): the client's
+/// socket talks to the ClusterIP, the pod's to the client; the responder
+/// is found beyond the translation.
+#[test]
+fn the_responder_of_a_translated_connection_is_found_beyond_it() {
+    let mut f = world();
+    f.sockets.insert(
+        11,
+        vec![sock(Proto::Tcp, "10.1.0.1:40000", "10.96.0.10:80", 1001)],
+    );
+    let mut r = Resolver::new(f, Options::default());
+    r.refresh(0, &[]);
+    let mut c = vec![conn("tcp", "10.1.0.1:40000", "10.96.0.10:80")];
+    c[0].dst_tags = tags(&[("nat.ip", "10.1.0.2"), ("nat.port", "8080")]);
+    r.tag(&mut c);
+    assert_eq!(c[0].src_tags["process"], "fp-client");
+    let d = &c[0].dst_tags;
+    assert_eq!(
+        (
+            d["process"].as_str(),
+            d["service"].as_str(),
+            d["netns"].as_str()
+        ),
+        ("fp-server", "payments", "22"),
+        "{d:?}"
+    );
+    assert_eq!(d["nat.ip"], "10.1.0.2");
+}
+
 #[test]
 fn owner_is_kept_after_the_socket_and_process_are_gone() {
     let mut r = Resolver::new(world(), Options::default());
@@ -636,4 +665,34 @@ fn lack_of_privilege_is_counted_not_reported() {
     let mut c = vec![conn("tcp", "10.1.0.1:40000", "10.1.0.2:8080")];
     r.tag(&mut c);
     assert_eq!(c[0].src_tags["pid"], "101");
+}
+
+/// What the resolver remembers follows the connections: a retired one's
+/// sockets are forgotten at once, any other socket once it has not been
+/// seen for `forget_after_ns`; a socket that still exists is found again.
+#[test]
+fn remembered_sockets_are_bounded_by_forget_and_age() {
+    let s = 1_000_000_000;
+    let opts = Options {
+        dumps_every_ns: 10 * s,
+        forget_after_ns: 60 * s,
+        ..Options::default()
+    };
+    let mut r = Resolver::new(world(), opts);
+    let seen = ends(Proto::Tcp, "10.1.0.1:40000", "10.1.0.2:8080");
+    r.refresh(0, &seen);
+    let with_all = r.remembered();
+    assert!(with_all >= 2, "{with_all}");
+    // The connection is retired: its two ends go.
+    r.forget(&seen);
+    assert!(r.remembered() < with_all);
+    // Its sockets still exist, so a dump finds them again; once they are
+    // gone (closed), they age out after forget_after_ns.
+    r.refresh(10 * s, &[]);
+    assert!(r.remembered() > 0);
+    r.host.sockets.values_mut().for_each(Vec::clear);
+    r.refresh(20 * s, &[]);
+    assert!(r.remembered() > 0, "not yet: seen 10 s ago");
+    r.refresh(80 * s, &[]);
+    assert_eq!(r.remembered(), 0);
 }

@@ -18,6 +18,8 @@ pub enum Metric {
     SentRetransmits,
     ReceivedRetransmits,
     RetransmittedBytes,
+    /// Retransmitted bytes over bytes, in percent.
+    RetransmitPct,
     Conns,
     Bandwidth,
     RttP50,
@@ -27,7 +29,7 @@ pub enum Metric {
 }
 
 impl Metric {
-    pub const ALL: [Metric; 16] = [
+    pub const ALL: [Metric; 17] = [
         Metric::Bytes,
         Metric::SentBytes,
         Metric::ReceivedBytes,
@@ -38,6 +40,7 @@ impl Metric {
         Metric::SentRetransmits,
         Metric::ReceivedRetransmits,
         Metric::RetransmittedBytes,
+        Metric::RetransmitPct,
         Metric::Conns,
         Metric::Bandwidth,
         Metric::RttP50,
@@ -58,6 +61,7 @@ impl Metric {
             Metric::SentRetransmits => "sent_retransmits",
             Metric::ReceivedRetransmits => "received_retransmits",
             Metric::RetransmittedBytes => "retransmitted_bytes",
+            Metric::RetransmitPct => "retransmit_pct",
             Metric::Conns => "conns",
             Metric::Bandwidth => "bandwidth",
             Metric::RttP50 => "rtt_p50",

@@ -488,7 +488,8 @@ impl Row {
         }
     }
 
-    fn merge(&mut self, o: &Row) {
+    /// Adds another row's sums (the `other` row; the map's folded edges).
+    pub fn merge(&mut self, o: &Row) {
         self.conns += o.conns;
         self.sent.add(&o.sent);
         self.received.add(&o.received);
@@ -501,7 +502,9 @@ impl Row {
         self.rtt_src_max = self.rtt_src_max.max(o.rtt_src_max);
     }
 
-    fn finish(&mut self, window: Option<(u64, u64)>) {
+    /// Sets the bandwidth's span after adding or merging: the window's
+    /// length ([`QueryResult::window`]) or the row's own span.
+    pub fn finish(&mut self, window: Option<(u64, u64)>) {
         self.span_ns = match window {
             Some((s, e)) => e - s,
             None => self.last_seen.saturating_sub(self.first_seen),
@@ -518,7 +521,19 @@ impl Row {
 
     /// Bytes per second over [`Row::seconds`]; none over an empty span.
     pub fn bandwidth(&self) -> Option<f64> {
-        (self.span_ns > 0).then(|| self.bytes() as f64 * 1e9 / self.span_ns as f64)
+        self.rate(self.bytes())
+    }
+
+    /// `bytes` per second over [`Row::seconds`] (a direction's rate).
+    pub fn rate(&self, bytes: u64) -> Option<f64> {
+        (self.span_ns > 0).then(|| bytes as f64 * 1e9 / self.span_ns as f64)
+    }
+
+    /// Retransmitted bytes over bytes (both directions), in percent: the
+    /// share of what was sent that was sent again; none without bytes.
+    pub fn retransmit_pct(&self) -> Option<f64> {
+        let retx = self.sent.retransmitted_bytes + self.received.retransmitted_bytes;
+        (self.bytes() > 0).then(|| 100.0 * retx as f64 / self.bytes() as f64)
     }
 
     pub fn rtt_dst(&self) -> Percentiles {
@@ -542,6 +557,7 @@ impl Row {
             Metric::Retransmits => n(self.sent.retransmits + self.received.retransmits),
             Metric::SentRetransmits => n(self.sent.retransmits),
             Metric::ReceivedRetransmits => n(self.received.retransmits),
+            Metric::RetransmitPct => self.retransmit_pct(),
             Metric::RetransmittedBytes => {
                 n(self.sent.retransmitted_bytes + self.received.retransmitted_bytes)
             }
@@ -616,6 +632,9 @@ impl Serialize for RowJson<'_> {
         m.serialize_entry("last_seen", &Time(r.last_seen))?;
         m.serialize_entry("seconds", &r.seconds())?;
         m.serialize_entry("bandwidth_bytes_per_s", &r.bandwidth())?;
+        m.serialize_entry("sent_bytes_per_s", &r.rate(r.sent.bytes))?;
+        m.serialize_entry("received_bytes_per_s", &r.rate(r.received.bytes))?;
+        m.serialize_entry("retransmit_pct", &r.retransmit_pct())?;
         m.serialize_entry("rtt_dst", &Pct(r.rtt_dst()))?;
         m.serialize_entry("rtt_src", &Pct(r.rtt_src()))?;
         m.end()

@@ -90,7 +90,7 @@ mod tests {
             "{page}"
         );
         let cmds = names();
-        assert_eq!(cmds, ["replay", "run", "fleet", "query"]);
+        assert_eq!(cmds, ["replay", "run", "fleet", "query", "top"]);
         for c in &cmds {
             // roff escapes the dash: flowprobe\-run(1).
             assert!(
@@ -116,7 +116,8 @@ mod tests {
                 "flowprobe-replay.1",
                 "flowprobe-run.1",
                 "flowprobe-fleet.1",
-                "flowprobe-query.1"
+                "flowprobe-query.1",
+                "flowprobe-top.1"
             ]
         );
         let run = fs::read_to_string(dir.path().join("flowprobe-run.1")).unwrap();
@@ -143,6 +144,8 @@ mod tests {
                 "replay",
                 "run",
                 "query",
+                "top",
+                "--replay",
                 "--listen",
                 "--backend",
                 "afpacket",

@@ -1,4 +1,4 @@
-//! The command line: `flowprobe replay | run | query` (`clap`). The flags of
+//! The command line: `flowprobe replay | run | query | top` (`clap`). The flags of
 //! `run` live with the settings they feed ([`crate::settings::RunFlags`]).
 //! Shell completions and man pages are made from this definition
 //! ([`generate`]: the hidden `completions` and `man` commands).
@@ -95,6 +95,33 @@ pub enum Cmd {
         /// Output format.
         #[arg(short, long, value_enum, default_value_t = Format::Table)]
         format: Format,
+        #[command(flatten)]
+        query: QueryFlags,
+    },
+    /// The rows of a query in the terminal, refreshed live from an agent
+    /// (--agent) or played from captures on their own clock (--replay).
+    ///
+    /// Takes the query flags of `query` and `replay`; keys change them in
+    /// place (`/` filter, `g` group-by, `s` sort, Enter the row's
+    /// connections; `?` lists every key). The header shows the backend,
+    /// the totals, the capture's health and the `flowprobe query` command
+    /// that prints the same rows. A replay ends on the rows `flowprobe
+    /// replay` prints with the same flags. docs/top.md.
+    Top {
+        /// The agent: ADDR:PORT, or PORT alone for 127.0.0.1:PORT
+        /// (default 127.0.0.1:9911).
+        #[arg(long, value_name = "ADDR:PORT", conflicts_with = "replay")]
+        agent: Option<String>,
+        /// Play these capture files (read in order into one table) instead
+        /// of asking an agent.
+        #[arg(long, value_name = "FILE", num_args = 1..)]
+        replay: Vec<PathBuf>,
+        /// Seconds between two questions to the agent.
+        #[arg(long, value_name = "SECONDS", default_value_t = 1.0)]
+        refresh: f64,
+        /// Replay speed: capture seconds per second (`+`/`-` change it).
+        #[arg(long, value_name = "FACTOR", default_value_t = 1.0)]
+        speed: f64,
         #[command(flatten)]
         query: QueryFlags,
     },

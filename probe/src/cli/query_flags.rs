@@ -5,7 +5,7 @@ use flowtable::query::{QueryArgs, QueryError, QuerySpec};
 
 /// Grouped query instead of one row per connection. Any of these flags
 /// turns it on; see the README, "Queries".
-#[derive(Clone, clap::Args)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, clap::Args)]
 #[command(next_help_heading = "Query (any of these prints grouped rows)")]
 pub struct QueryFlags {
     /// Group by these tag keys of the initiator's end, comma-separated:
@@ -55,37 +55,85 @@ impl QueryFlags {
             || self.raw_ports
     }
 
+    /// The flags given, in their order, as (parameter name, value); `None`
+    /// for a switch. The one list [`QueryFlags::params`] (the agent's URL)
+    /// and [`QueryFlags::args`] (the command line) are made from, so a new
+    /// flag is one line here.
+    fn pairs(&self) -> Vec<(&'static str, Option<String>)> {
+        let mut p = Vec::new();
+        let src = self.src.clone().map(|v| ("src", Some(v)));
+        let dst = self.dst.clone().map(|v| ("dst", Some(v)));
+        p.extend(src.into_iter().chain(dst));
+        p.extend(self.wheres.iter().map(|w| ("where", Some(w.clone()))));
+        p.extend(self.sort.clone().map(|v| ("sort", Some(v))));
+        p.extend(self.top.map(|v| ("top", Some(v.to_string()))));
+        p.extend(self.window.clone().map(|v| ("window", Some(v))));
+        p.extend(self.last.clone().map(|v| ("last", Some(v))));
+        p.extend(self.raw_ports.then_some(("raw_ports", None)));
+        p
+    }
+
     /// The flags as the agent's `/query` parameters (URL-encoded, without
     /// the `?`).
     pub fn params(&self) -> String {
         let enc = crate::agent::client::encode;
-        let mut p: Vec<String> = Vec::new();
-        let mut add = |k: &str, v: &str| p.push(format!("{k}={}", enc(v)));
-        if let Some(v) = &self.src {
-            add("src", v);
+        self.pairs()
+            .iter()
+            .map(|(k, v)| format!("{k}={}", v.as_deref().map_or_else(|| "1".to_owned(), enc)))
+            .collect::<Vec<_>>()
+            .join("&")
+    }
+
+    /// The flags as command-line arguments (`--src`, `ip`, ...), as
+    /// `flowprobe query` takes them.
+    pub fn args(&self) -> Vec<String> {
+        let mut a = Vec::new();
+        for (k, v) in self.pairs() {
+            a.push(format!("--{}", k.replace('_', "-")));
+            a.extend(v);
         }
-        if let Some(v) = &self.dst {
-            add("dst", v);
+        a
+    }
+
+    pub fn set_group(&mut self, src: Option<String>, dst: Option<String>) {
+        self.src = src;
+        self.dst = dst;
+    }
+
+    pub fn wheres(&self) -> &[String] {
+        &self.wheres
+    }
+
+    pub fn set_wheres(&mut self, wheres: Vec<String>) {
+        self.wheres = wheres;
+    }
+
+    pub fn sort(&self) -> Option<&str> {
+        self.sort.as_deref()
+    }
+
+    pub fn set_sort(&mut self, sort: Option<String>) {
+        self.sort = sort;
+    }
+
+    pub fn set_top(&mut self, top: Option<usize>) {
+        self.top = top;
+    }
+
+    pub fn set_raw_ports(&mut self, raw: bool) {
+        self.raw_ports = raw;
+    }
+
+    /// The same selection summed into one row: no group-by, no sort, no
+    /// top (the totals a UI shows above the rows).
+    pub fn totals(&self) -> QueryFlags {
+        QueryFlags {
+            src: Some(String::new()),
+            dst: Some(String::new()),
+            sort: None,
+            top: None,
+            ..self.clone()
         }
-        for w in &self.wheres {
-            add("where", w);
-        }
-        if let Some(v) = &self.sort {
-            add("sort", v);
-        }
-        if let Some(v) = self.top {
-            add("top", &v.to_string());
-        }
-        if let Some(v) = &self.window {
-            add("window", v);
-        }
-        if let Some(v) = &self.last {
-            add("last", v);
-        }
-        if self.raw_ports {
-            add("raw_ports", "1");
-        }
-        p.join("&")
     }
 
     pub fn spec(self) -> Result<QuerySpec, QueryError> {

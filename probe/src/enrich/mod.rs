@@ -1,5 +1,7 @@
-//! Enrichment, the stage after the sources: each end of a connection joined
-//! to the process, container and service that own its socket. A resolver
+//! Enrichment, the stage after the sources: first NAT undone ([`nat`]: a
+//! connection this host translated is one record, with both addresses),
+//! then each end of a connection joined to the process, container and
+//! service that own its socket. A resolver
 //! pass runs every [`INTERVAL`] on a thread of its own, so that a
 //! connection is joined to its process while its socket still exists, and
 //! once more at every report ([`Attribution::tag`]). Each pass reads the
@@ -15,7 +17,9 @@
 //! `FLOWPROBE_ATTRIB_INTERVAL_MS` changes the pass interval.
 
 mod cgroupid;
+mod conntrack;
 mod host;
+pub mod nat;
 mod procfs;
 mod procnet;
 mod sockdiag;
@@ -81,7 +85,7 @@ pub struct Attribution {
 /// feed (the eBPF source) it follows the source's connections as they
 /// appear; without (AF_PACKET) it dumps every socket each
 /// [`DUMP_EVERY_WITHOUT_MAP`] and looks up what each report holds.
-pub fn start(feed: Option<KeyFeed>) -> Attribution {
+pub fn start(feed: Option<KeyFeed>, forget_after: Duration) -> Attribution {
     if std::env::var("FLOWPROBE_ATTRIB").as_deref() == Ok("off") {
         return Attribution {
             shared: None,
@@ -106,6 +110,7 @@ pub fn start(feed: Option<KeyFeed>) -> Attribution {
     let opts = Options {
         own_netns: host.own_netns(),
         dumps_every_ns: dump_every.as_nanos() as u64,
+        forget_after_ns: forget_after.as_nanos() as u64,
         ..Options::default()
     };
     let shared = Arc::new(State {
@@ -209,18 +214,7 @@ impl Attribution {
         let Some(s) = &self.shared else {
             return;
         };
-        let seen: Vec<Tuple> = conns
-            .iter()
-            .filter_map(|c| {
-                let p = Proto::from_name(c.proto)?;
-                Some(Tuple::ends(
-                    p,
-                    (c.src, c.sport).into(),
-                    (c.dst, c.dport).into(),
-                ))
-            })
-            .flatten()
-            .collect();
+        let seen = tuples(conns);
         let mut r = lock(&s.resolver);
         pass(s, &mut r, &seen);
         r.tag(conns);
@@ -228,6 +222,35 @@ impl Attribution {
         // cgroup id the tc program saw on the socket.
         lock(&s.cgroups).tag(conns);
     }
+
+    /// Tags `retired` connections (listed for the last time), then forgets
+    /// their sockets: what the resolver remembers follows the listing.
+    pub fn tag_and_forget(&self, retired: &mut [Connection]) {
+        if retired.is_empty() {
+            return;
+        }
+        self.tag(retired);
+        if let Some(s) = &self.shared {
+            lock(&s.resolver).forget(&tuples(retired));
+        }
+    }
+}
+
+/// Both ends' 5-tuples of each connection: the initiator's as it sent
+/// them, the responder's beyond any translation (`flowtable::nat`).
+fn tuples(conns: &[Connection]) -> Vec<Tuple> {
+    conns
+        .iter()
+        .filter_map(|c| {
+            let p = Proto::from_name(c.proto)?;
+            let (src_far, dst_far) = flowtable::nat::beyond(c);
+            Some([
+                Tuple::new(p, (c.src, c.sport).into(), (c.dst, c.dport).into()),
+                Tuple::new(p, dst_far, src_far),
+            ])
+        })
+        .flatten()
+        .collect()
 }
 
 /// Both ends' 5-tuples of a map key (addresses as `conn.rs` renders them).

@@ -143,6 +143,7 @@ mod tests {
             conns,
             retired,
             health: Health::Afpacket(AfpacketHealth::default()),
+            nat: None,
         }
     }
 
@@ -152,6 +153,7 @@ mod tests {
             rollups: Some(h.rollups()),
             retired_totals: h.metric_totals(),
             bounds: h.bounds(),
+            nat: None,
             ..Snapshot::default()
         }
     }

@@ -123,6 +123,7 @@ impl Sinks {
                 fleet: self.fleet.as_ref().map(Publisher::status),
                 view: None,
                 local_addrs: crate::os::addrs::local(),
+                nat: r.nat,
             });
         }
         self.say_losses(r);
@@ -166,9 +167,19 @@ impl Sinks {
         print::write(&mut out, self.format, &all)?;
         out.flush()?;
         if !self.quiet {
+            // Translated connections among all those listed, not only the
+            // last reading's.
+            let nat = r.nat.map(|mut n| {
+                n.translated = all.iter().filter(|c| flowtable::nat::translated(c)).count() as u64;
+                n
+            });
             eprintln!(
                 "flowprobe: {} ({health})",
-                print::summary(all.len() + unlisted.conns as usize, r.health.frames())
+                print::summary(
+                    all.len() + unlisted.conns as usize,
+                    r.health.frames(),
+                    nat.as_ref()
+                )
             );
         }
         if unlisted.conns > 0 {

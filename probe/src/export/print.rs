@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::io::{self, Write};
 use std::net::IpAddr;
 
+use flowtable::nat::NatStats;
 use flowtable::query::QueryResult;
 use flowtable::{Connection, DirStats, FrameStats, Percentiles};
 
@@ -255,7 +256,7 @@ fn query_table(out: &mut impl Write, q: &QueryResult) -> io::Result<()> {
 }
 
 /// Bytes per second in SI units (`12.3 MB/s`).
-fn rate(bps: f64) -> String {
+pub fn rate(bps: f64) -> String {
     const UNITS: [&str; 5] = ["B/s", "kB/s", "MB/s", "GB/s", "TB/s"];
     let mut v = bps;
     let mut u = 0;
@@ -270,8 +271,9 @@ fn rate(bps: f64) -> String {
     }
 }
 
-/// One line for stderr: what was read and what was skipped, by reason.
-pub fn summary(conns: usize, s: &FrameStats) -> String {
+/// One line for stderr: what was read and what was skipped, by reason,
+/// and what undoing NAT did.
+pub fn summary(conns: usize, s: &FrameStats, nat: Option<&NatStats>) -> String {
     let mut line = format!(
         "{conns} connection{}, {} frame{} ({} tracked",
         if conns == 1 { "" } else { "s" },
@@ -297,11 +299,47 @@ pub fn summary(conns: usize, s: &FrameStats) -> String {
         line.push_str(&skipped.join(", "));
     }
     line.push(')');
+    if let Some(n) = nat {
+        if n.translated > 0 {
+            line.push_str(&format!(
+                "; {} translated by NAT on this host ({} of their packets seen again after the translation)",
+                n.translated, n.duplicate_packets
+            ));
+        }
+        if n.unresolved > 0 {
+            line.push_str(&format!(
+                "; NAT unresolved for {} connections of the last reading (conntrack could not be read: a translated one is listed once per tuple)",
+                n.unresolved
+            ));
+        }
+    }
     line
 }
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_summary_says_what_nat_did() {
+        let nat = NatStats {
+            translated: 7,
+            duplicate_packets: 5900,
+            ..NatStats::default()
+        };
+        let s = FrameStats::default();
+        assert_eq!(
+            summary(9, &s, Some(&nat)),
+            "9 connections, 0 frames (0 tracked); 7 translated by NAT on this host (5900 of their packets seen again after the translation)"
+        );
+        let nat = NatStats {
+            unresolved: 3,
+            ..NatStats::default()
+        };
+        assert!(summary(3, &s, Some(&nat)).ends_with(
+            "; NAT unresolved for 3 connections of the last reading (conntrack could not be read: a translated one is listed once per tuple)"
+        ));
+        assert_eq!(summary(1, &s, None), "1 connection, 0 frames (0 tracked)");
+    }
+
     use super::*;
 
     #[test]

@@ -6,7 +6,15 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use super::Backend;
+/// `--backend` and the field `backend`: one enum for both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    Auto,
+    Tc,
+    Afpacket,
+    Xdp,
+}
 
 /// The file as written; every field optional.
 #[derive(Debug, Default, Deserialize, PartialEq)]

@@ -5,13 +5,14 @@
 
 pub mod file;
 
+pub use file::Backend;
+
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Result;
-use serde::Deserialize;
 
 use crate::export::agent::{parse_listen, MetricLabels};
 use crate::export::print::Format;
@@ -27,21 +28,12 @@ pub const DEFAULT_TICK: Duration = Duration::from_secs(1);
 /// How long a connection that ended stays listed (`--keep-ended`).
 pub const DEFAULT_KEEP_ENDED_S: f64 = 60.0;
 /// Connections that left the listing kept for the final output.
-pub const DEFAULT_LIST_MAX: usize = 100_000;
+pub const DEFAULT_LIST_MAX: usize = 10_000;
 pub const DEFAULT_ROLLUP_INTERVAL_S: f64 = 10.0;
 pub const DEFAULT_ROLLUP_KEEP_S: f64 = 600.0;
 pub const DEFAULT_ROLLUP_TOP: usize = 200;
 /// Bytes of kernel memory per slot of the connection table.
 pub const SLOT_BYTES: usize = size_of::<probe_common::slots::Slot>();
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Backend {
-    Auto,
-    Tc,
-    Afpacket,
-    Xdp,
-}
 
 fn max_conns_help() -> String {
     format!(
@@ -78,7 +70,8 @@ pub struct RunFlags {
     /// Stop after this many seconds (default: at SIGINT/SIGTERM).
     #[arg(short, long, value_name = "SECS")]
     pub duration: Option<f64>,
-    /// Print every connection so far this often while running (JSON:
+    /// Print the connections listed (open, or ended less than
+    /// --keep-ended ago) this often while running (JSON:
     /// each line with a "snapshot" number; table: a "# snapshot N"
     /// line before each table). It is also the period of
     /// --export-jsonl and of the agent's updates (default for those: 1).
@@ -257,7 +250,7 @@ pub struct BoundFlags {
     #[arg(long, value_name = "SECS")]
     pub keep_ended: Option<f64>,
     /// The final output lists at most this many connections that left the
-    /// listing; the rest are summed in one line [default: 100000].
+    /// listing; the rest are summed in one line [default: 10000].
     #[arg(long, value_name = "N")]
     pub list_max: Option<usize>,
     /// Length of one rollup interval, what `query --last` is made of

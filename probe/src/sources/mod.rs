@@ -16,6 +16,7 @@ pub mod file;
 pub mod ingest;
 
 use anyhow::Result;
+use flowtable::nat::NatStats;
 use flowtable::{Connection, FrameStats};
 use probe_common::ConnKey;
 
@@ -62,6 +63,9 @@ pub struct Reading {
     /// run lasts long enough), and in no `conns` after it.
     pub retired: Vec<Connection>,
     pub health: Health,
+    /// What undoing NAT did (set by enrichment, `crate::enrich::nat`;
+    /// `None` from a source, or when the step is off).
+    pub nat: Option<NatStats>,
 }
 
 /// What a source says about itself: the summary line, the table header,

@@ -27,6 +27,9 @@ struct Json<'a> {
     /// `--fleet`: what was published, what waits, what was dropped.
     #[serde(skip_serializing_if = "Option::is_none")]
     fleet: Option<&'a crate::export::fleet::FleetStatus>,
+    /// What undoing NAT did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    nat: Option<&'a flowtable::nat::NatStats>,
 }
 
 #[derive(Serialize)]
@@ -106,6 +109,7 @@ pub fn encode(s: &Snapshot) -> String {
         },
         export: s.export.as_ref(),
         fleet: s.fleet.as_ref(),
+        nat: s.nat.as_ref(),
     };
     let mut text = serde_json::to_string(&h).expect("plain data serialises");
     text.push('\n');
@@ -129,6 +133,7 @@ mod tests {
             view: None,
             local_addrs: Vec::new(),
             bounds: Default::default(),
+            nat: None,
             export: None,
             conns: Vec::new(),
             health: Some(Health::Ebpf(EbpfHealth {
@@ -160,6 +165,7 @@ mod tests {
             view: None,
             local_addrs: Vec::new(),
             bounds: Default::default(),
+            nat: None,
             export: Some(ExportStatus {
                 failed_writes: 3,
                 behind: true,

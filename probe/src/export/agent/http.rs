@@ -2,50 +2,120 @@
 
 use std::convert::Infallible;
 use std::net::TcpListener;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
-use flowtable::query::{origin, QueryArgs, QuerySpec};
+use flowtable::query::{origin, QueryArgs, QueryResult, QuerySpec};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::header::CONTENT_TYPE;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 
 use super::health;
 use super::metrics::{self, MetricLabels};
+use super::web;
 use super::Latest;
 use crate::export::history::lock;
 use crate::export::print::{self as output, Format};
+
+/// The server's bounds.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Clients served at once; one more is answered `503` and closed.
+    pub clients: usize,
+    /// A client has this long to send a request's head.
+    pub head_timeout: Duration,
+    /// A connection's whole life (keep-alive included).
+    pub conn_timeout: Duration,
+    /// Bytes of a request's head (request line and headers) at most; at
+    /// least 8192 (hyper's minimum).
+    pub head_bytes: usize,
+}
+
+pub const LIMITS: Limits = Limits {
+    clients: 128,
+    head_timeout: Duration::from_secs(10),
+    conn_timeout: Duration::from_secs(60),
+    head_bytes: 16 * 1024,
+};
+
+/// What the server refused or cut short, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    /// Connections open now.
+    pub clients: AtomicU64,
+    /// Connections answered `503` because `Limits::clients` were open.
+    pub refused: AtomicU64,
+    /// Connections closed for a timeout (of the head or the connection).
+    pub timed_out: AtomicU64,
+    /// Connections closed on a malformed or oversized request.
+    pub malformed: AtomicU64,
+}
 
 pub async fn serve(
     listener: TcpListener,
     shared: Latest,
     labels: MetricLabels,
+    stats: Arc<ServerStats>,
+    limits: Limits,
 ) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::from_std(listener).context("listening")?;
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.clients));
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(s) => s,
             // Out of descriptors and the like: this client is lost, the
-            // next may not be.
-            Err(_) => continue,
+            // next may not be; wait a little rather than spin.
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
         };
-        let shared = shared.clone();
-        let labels = labels.clone();
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            stats.refused.fetch_add(1, Relaxed);
+            // Best effort, never waiting: a full socket buffer drops it.
+            let _ = stream.try_write(BUSY);
+            continue;
+        };
+        let (shared, labels, stats) = (shared.clone(), labels.clone(), stats.clone());
+        stats.clients.fetch_add(1, Relaxed);
         tokio::spawn(async move {
+            let st = stats.clone();
             let svc = service_fn(move |req| {
-                let resp = route(&req, &shared, &labels);
+                let resp = route(&req, &shared, &labels, &st);
                 async move { Ok::<_, Infallible>(resp) }
             });
-            // A client that hangs up mid-request is its own problem.
-            let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.head_timeout)
+                .max_buf_size(limits.head_bytes)
+                .serve_connection(TokioIo::new(stream), svc);
+            match tokio::time::timeout(limits.conn_timeout, conn).await {
+                Err(_) => {
+                    stats.timed_out.fetch_add(1, Relaxed);
+                }
+                Ok(Err(e)) if e.is_timeout() => {
+                    stats.timed_out.fetch_add(1, Relaxed);
+                }
+                Ok(Err(e)) if e.is_parse() || e.is_parse_too_large() => {
+                    stats.malformed.fetch_add(1, Relaxed);
+                }
+                // A client that hangs up mid-request is its own problem.
+                Ok(_) => {}
+            }
+            stats.clients.fetch_sub(1, Relaxed);
+            drop(permit);
         });
     }
 }
+
+const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: 32\r\nconnection: close\r\n\r\ntoo many clients, try again soon\n";
 
 fn text(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     Response::builder()
@@ -61,7 +131,12 @@ fn error(status: StatusCode, msg: impl Into<String>) -> Response<Full<Bytes>> {
     text(status, "text/plain; charset=utf-8", msg)
 }
 
-fn route(req: &Request<Incoming>, shared: &Latest, labels: &MetricLabels) -> Response<Full<Bytes>> {
+fn route(
+    req: &Request<Incoming>,
+    shared: &Latest,
+    labels: &MetricLabels,
+    stats: &ServerStats,
+) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return error(StatusCode::METHOD_NOT_ALLOWED, "only GET");
     }
@@ -85,11 +160,15 @@ fn route(req: &Request<Incoming>, shared: &Latest, labels: &MetricLabels) -> Res
             ),
         };
     }
+    // The page (`/`), its assets, `/map.svg` and `/query.csv`.
+    if let Some(resp) = web::route(req.uri().path(), req.uri().query().unwrap_or(""), shared) {
+        return resp;
+    }
     match req.uri().path() {
         "/metrics" => text(
             StatusCode::OK,
             metrics::CONTENT_TYPE,
-            metrics::encode(&shared.get(), labels),
+            metrics::encode_served(&shared.get(), labels, stats),
         ),
         "/query" => match query(req.uri().query().unwrap_or(""), shared) {
             Ok((format, body)) => text(StatusCode::OK, content_type(format), body),
@@ -119,14 +198,9 @@ fn route(req: &Request<Incoming>, shared: &Latest, labels: &MetricLabels) -> Res
             }
             Err(msg) => error(StatusCode::BAD_REQUEST, msg),
         },
-        "/" => text(
-            StatusCode::OK,
-            "text/plain; charset=utf-8",
-            "flowprobe agent: /metrics, /query, /connections, /health\n",
-        ),
         p => error(
             StatusCode::NOT_FOUND,
-            format!("no {p} here: /metrics, /query, /connections, /health"),
+            format!("no {p} here: /, /metrics, /query, /connections, /health"),
         ),
     }
 }
@@ -141,6 +215,15 @@ fn content_type(format: Format) -> &'static str {
 /// `/query?src=..&dst=..&where=..&sort=..&top=..&window=..&last=..&raw_ports=1&format=json|table`:
 /// the flags of `flowprobe replay`, one parameter each (`where` repeated).
 fn query(raw: &str, shared: &Latest) -> Result<(Format, Vec<u8>), String> {
+    let (format, result) = run_query(raw, shared)?;
+    let mut body = Vec::new();
+    output::write_query(&mut body, format, &result).map_err(|e| e.to_string())?;
+    Ok((format, body))
+}
+
+/// The parameters of `/query` parsed and run over the latest snapshot: what
+/// `/query` answers and the page shows.
+pub(super) fn run_query(raw: &str, shared: &Latest) -> Result<(Format, QueryResult), String> {
     let mut a = QueryArgs::default();
     let mut format = Format::Json;
     for pair in raw.split('&').filter(|p| !p.is_empty()) {
@@ -184,9 +267,7 @@ fn query(raw: &str, shared: &Latest) -> Result<(Format, Vec<u8>), String> {
             return Err("last: no rollups yet (the agent has not read its source)".to_owned())
         }
     };
-    let mut body = Vec::new();
-    output::write_query(&mut body, format, &result).map_err(|e| e.to_string())?;
-    Ok((format, body))
+    Ok((format, result))
 }
 
 /// `/connections?offset=N&limit=M`: a page of the listing, in its order
@@ -210,7 +291,7 @@ fn page(raw: &str) -> Result<(usize, usize), String> {
 
 /// Percent-decoding of a query component (`+` is a space, as browsers and
 /// curl's --data-urlencode send it).
-fn decode(s: &str) -> Result<String, String> {
+pub(super) fn decode(s: &str) -> Result<String, String> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;

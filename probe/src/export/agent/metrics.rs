@@ -22,6 +22,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::{Registry, Unit};
 
+use super::http::ServerStats;
 use super::Snapshot;
 use crate::sources::Health;
 
@@ -308,6 +309,36 @@ fn groups(reg: &mut Registry, s: &Snapshot, labels: &MetricLabels) {
     );
 }
 
+/// The agent's HTTP server: its clients and what it refused.
+fn server(reg: &mut Registry, h: &ServerStats) {
+    let get = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    reg.register(
+        "http_clients",
+        "Connections to the agent's HTTP server open now",
+        gauge(get(&h.clients)),
+    );
+    reg.register(
+        "http_clients_max",
+        "The bound of those; one more is answered 503",
+        gauge(super::http::LIMITS.clients as u64),
+    );
+    reg.register(
+        "http_refused",
+        "Connections answered 503: the server had its most clients",
+        counter(get(&h.refused)),
+    );
+    reg.register(
+        "http_timed_out",
+        "Connections closed because the request's head took over 10 s or the connection over 60 s",
+        counter(get(&h.timed_out)),
+    );
+    reg.register(
+        "http_malformed",
+        "Connections closed on a malformed request or a head over 16 KiB",
+        counter(get(&h.malformed)),
+    );
+}
+
 /// What the run keeps beyond the listing, and what its bounds folded.
 fn bounds(reg: &mut Registry, s: &Snapshot) {
     let b = &s.bounds;
@@ -520,6 +551,51 @@ fn fleet(reg: &mut Registry, s: &Snapshot) {
     );
 }
 
+/// What undoing NAT did (when the step runs: not with --per-interface).
+fn nat(reg: &mut Registry, s: &Snapshot) {
+    let Some(n) = &s.nat else { return };
+    reg.register(
+        "nat_translated_connections",
+        "Connections listed now that this host's netfilter translated (SNAT, MASQUERADE, DNAT), each with the addresses beyond the translation as nat.ip/nat.port tags",
+        gauge(n.translated),
+    );
+    reg.register(
+        "nat_unresolved_connections",
+        "Connections of the last reading that could not be checked against conntrack (no permission, conntrack unreadable): a translated one among them is listed once per tuple",
+        gauge(n.unresolved),
+    );
+    reg.register(
+        "packets_nat_duplicate",
+        "Packets of a translated connection seen again after the translation: counted once, in the view before it",
+        counter(n.duplicate_packets),
+    );
+    reg.register(
+        "nat_lookups",
+        "Conntrack lookups (ctnetlink) made",
+        counter(n.lookups),
+    );
+    reg.register(
+        "nat_lookup_errors",
+        "Conntrack lookups that failed",
+        counter(n.lookup_errors),
+    );
+    reg.register(
+        "nat_memory_entries",
+        "Entries of the NAT join's memory (answers and translated connections)",
+        gauge(n.cache_entries),
+    );
+    reg.register(
+        "nat_memory_limit",
+        "Bound of each of the NAT join's two memories",
+        gauge(n.cache_max),
+    );
+    reg.register(
+        "nat_memory_cleared",
+        "Times a NAT memory was full and cleared (what it held is asked again)",
+        counter(n.cache_cleared),
+    );
+}
+
 /// Health of the agent itself.
 fn health(reg: &mut Registry, s: &Snapshot) {
     let Some(h) = &s.health else { return };
@@ -635,12 +711,26 @@ fn health(reg: &mut Registry, s: &Snapshot) {
 }
 
 /// The OpenMetrics text of `s` (Prometheus scrapes it as such).
+#[cfg(test)]
 pub fn encode(s: &Snapshot, labels: &MetricLabels) -> String {
+    encode_with(s, labels, None)
+}
+
+/// [`encode`] with the server's own counters, as `/metrics` serves it.
+pub fn encode_served(s: &Snapshot, labels: &MetricLabels, http: &ServerStats) -> String {
+    encode_with(s, labels, Some(http))
+}
+
+fn encode_with(s: &Snapshot, labels: &MetricLabels, http: Option<&ServerStats>) -> String {
     let mut reg = Registry::with_prefix("flowprobe");
     groups(&mut reg, s, labels);
     health(&mut reg, s);
     export(&mut reg, s);
     bounds(&mut reg, s);
+    nat(&mut reg, s);
+    if let Some(h) = http {
+        server(&mut reg, h);
+    }
     fleet(&mut reg, s);
     listeners(&mut reg, s);
     let mut out = String::new();
@@ -727,6 +817,17 @@ mod tests {
             view: None,
             local_addrs: Vec::new(),
             bounds: Default::default(),
+            nat: Some(flowtable::nat::NatStats {
+                translated: 1,
+                folded: 1,
+                unresolved: 2,
+                duplicate_packets: 18,
+                lookups: 9,
+                lookup_errors: 2,
+                cache_entries: 4,
+                cache_max: 131072,
+                cache_cleared: 0,
+            }),
             export: None,
             conns: vec![
                 conn("web", Some("db"), 5432, (10, 1000, 1, 100), (8, 4000)),
@@ -775,6 +876,7 @@ mod tests {
             view: None,
             local_addrs: Vec::new(),
             bounds: Default::default(),
+            nat: None,
             export: None,
             conns: table.connections(),
             health: Some(Health::Ebpf(EbpfHealth {
@@ -818,6 +920,7 @@ mod tests {
             view: None,
             local_addrs: Vec::new(),
             bounds: Default::default(),
+            nat: None,
             export: Some(crate::export::jsonl::ExportStatus {
                 failed_writes: 2,
                 behind: true,

@@ -12,6 +12,7 @@ pub mod client;
 mod health;
 mod http;
 pub mod metrics;
+mod web;
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::{Arc, Mutex};
@@ -53,6 +54,8 @@ pub struct Snapshot {
     /// Set by `flowprobe fleet`: `/query`, `/metrics` and `/health` are
     /// answered by it instead of from the fields above.
     pub view: Option<Arc<dyn View>>,
+    /// What undoing NAT did (`None`: the step is off).
+    pub nat: Option<flowtable::nat::NatStats>,
 }
 
 /// What serves the routes when the answers are not one host's
@@ -98,6 +101,15 @@ pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
 /// Binds `addr` now, so that a port in use fails `flowprobe run` at start,
 /// and serves on a background thread until the process exits.
 pub fn start(addr: SocketAddr, shared: Latest, labels: MetricLabels) -> anyhow::Result<SocketAddr> {
+    start_with(addr, shared, labels, http::LIMITS)
+}
+
+fn start_with(
+    addr: SocketAddr,
+    shared: Latest,
+    labels: MetricLabels,
+    limits: http::Limits,
+) -> anyhow::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).map_err(|e| {
         if e.kind() == std::io::ErrorKind::AddrInUse {
             anyhow::anyhow!("--listen {addr}: the port is in use (another flowprobe?)")
@@ -109,12 +121,14 @@ pub fn start(addr: SocketAddr, shared: Latest, labels: MetricLabels) -> anyhow::
     listener.set_nonblocking(true)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_io()
+        .enable_time()
         .build()
         .context("starting the agent's runtime")?;
     std::thread::Builder::new()
         .name("agent-http".to_owned())
         .spawn(move || {
-            if let Err(e) = rt.block_on(http::serve(listener, shared, labels)) {
+            let stats = Arc::new(http::ServerStats::default());
+            if let Err(e) = rt.block_on(http::serve(listener, shared, labels, stats, limits)) {
                 eprintln!("flowprobe: agent endpoint stopped: {e:#}");
             }
         })
@@ -198,11 +212,14 @@ pub(crate) mod tests {
                 String::from_utf8(want).unwrap()
             );
         }
-        let metrics = client::get(addr, "/metrics").unwrap();
-        assert_eq!(
-            String::from_utf8(metrics).unwrap(),
-            metrics::encode(&shared.get(), &MetricLabels::default())
-        );
+        // /metrics is the snapshot's exposition plus the server's own
+        // series (before the end marker).
+        let metrics = String::from_utf8(client::get(addr, "/metrics").unwrap()).unwrap();
+        let want = metrics::encode(&shared.get(), &MetricLabels::default());
+        let own = |l: &&str| l.contains("flowprobe_http_");
+        let theirs: Vec<&str> = metrics.lines().filter(|l| !own(l)).collect();
+        assert_eq!(theirs, want.lines().collect::<Vec<_>>());
+        assert!(metrics.contains("flowprobe_http_clients 1\n"), "{metrics}");
 
         // /connections pages.
         let page = client::get(addr, "/connections?offset=1&limit=2").unwrap();
@@ -276,6 +293,69 @@ pub(crate) mod tests {
             err.contains("400") && err.contains("--last \"soon\""),
             "{err}"
         );
+    }
+
+    /// Clients beyond the bound are answered 503 at once, a client that
+    /// sends nothing or too much is closed, and the server goes on.
+    #[test]
+    fn hostile_clients_are_bounded() {
+        use std::io::{Read, Write};
+        use std::net::TcpStream;
+        use std::time::Duration;
+        let limits = http::Limits {
+            clients: 4,
+            head_timeout: Duration::from_millis(300),
+            conn_timeout: Duration::from_secs(5),
+            // hyper's least.
+            head_bytes: 8192,
+        };
+        let shared = Latest::default();
+        let addr = start_with(
+            "127.0.0.1:0".parse().unwrap(),
+            shared.clone(),
+            MetricLabels::default(),
+            limits,
+        )
+        .unwrap();
+        let read_all = |mut s: TcpStream| {
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut out = String::new();
+            let _ = s.read_to_string(&mut out);
+            out
+        };
+        // Four silent clients hold every slot; a fifth is refused.
+        let silent: Vec<TcpStream> = (0..4).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        std::thread::sleep(Duration::from_millis(100));
+        let refused = read_all(TcpStream::connect(addr).unwrap());
+        assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+        // The silent ones are closed after the head timeout.
+        for s in silent {
+            assert!(!read_all(s).contains("200 OK"));
+        }
+        // A head over the bound is refused, not buffered.
+        let mut big = TcpStream::connect(addr).unwrap();
+        let _ = write!(
+            big,
+            "GET /query?where={} HTTP/1.1\r\n",
+            "x".repeat(16 * 1024)
+        );
+        let answer = read_all(big);
+        assert!(!answer.contains("200 OK"), "{answer}");
+        // Garbage is closed too.
+        let mut junk = TcpStream::connect(addr).unwrap();
+        junk.write_all(b"\x16\x03\x01 not http\r\n\r\n").unwrap();
+        assert!(!read_all(junk).contains("200 OK"));
+        // And the server still answers, counting what it refused.
+        let metrics = String::from_utf8(client::get(addr, "/metrics").unwrap()).unwrap();
+        let value = |name: &str| -> u64 {
+            metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+                .unwrap_or_else(|| panic!("no {name}: {metrics}"))
+        };
+        assert_eq!(value("flowprobe_http_refused_total"), 1);
+        assert_eq!(value("flowprobe_http_timed_out_total"), 4);
+        assert!(value("flowprobe_http_malformed_total") >= 1, "{metrics}");
     }
 
     #[test]

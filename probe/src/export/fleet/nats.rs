@@ -208,21 +208,45 @@ impl Default for StreamBounds {
 
 /// The stream, created if missing.
 pub async fn stream(js: &jetstream::Context, b: StreamBounds) -> Result<stream::Stream> {
-    js.get_or_create_stream(stream::Config {
+    let config = |max_bytes| stream::Config {
         name: wire::STREAM.to_owned(),
         subjects: vec![format!("{}>", wire::SUBJECT_PREFIX)],
         max_age: b.max_age,
-        max_bytes: b.max_bytes,
+        max_bytes,
         max_message_size: b.max_msg_size,
         storage: stream::StorageType::File,
         discard: stream::DiscardPolicy::Old,
         // Resends after an outage of up to this long are suppressed.
         duplicate_window: b.max_age.min(Duration::from_secs(600)),
         ..Default::default()
-    })
-    .await
-    .map_err(|e| anyhow!("stream {}: {e}", wire::STREAM))
+    };
+    let mut max_bytes = b.max_bytes;
+    loop {
+        match js.get_or_create_stream(config(max_bytes)).await {
+            Ok(s) => {
+                if max_bytes < b.max_bytes {
+                    eprintln!(
+                        "flowprobe: fleet: the NATS server has no room for {} MiB: stream {} made with at most {} MiB",
+                        b.max_bytes >> 20,
+                        wire::STREAM,
+                        max_bytes >> 20
+                    );
+                }
+                return Ok(s);
+            }
+            // JetStream's storage left (error 10047): a smaller bound, down
+            // to MIN_STREAM_BYTES, said on stderr.
+            Err(e) if e.to_string().contains("10047") && max_bytes / 2 >= MIN_STREAM_BYTES => {
+                max_bytes /= 2;
+            }
+            Err(e) => return Err(anyhow!("stream {}: {e}", wire::STREAM)),
+        }
+    }
 }
+
+/// The smallest bound of the stream's bytes tried when the server has
+/// less room than asked.
+const MIN_STREAM_BYTES: i64 = 16 << 20;
 
 /// A KV bucket, created (with entries expiring after `ttl`) if missing.
 pub async fn bucket(js: &jetstream::Context, name: &str, ttl: Duration) -> Result<kv::Store> {

@@ -27,8 +27,8 @@ pub const ENDPOINTS_BUCKET: &str = "flowprobe-endpoints";
 /// Host ids and network ids: subject tokens (so that NATS permissions can
 /// name them), at most this long.
 pub const MAX_ID_LEN: usize = 64;
-/// Distinct RTT values per leg a row carries; the rest are folded into
-/// the largest kept value's neighbours by the histogram itself.
+/// (value, count) pairs per RTT leg a row carries; beyond, neighbouring
+/// pairs are merged (into the larger value) until it fits.
 pub const MAX_RTT_BUCKETS: usize = 512;
 /// Tags per end, and the length of a tag key or value.
 pub const MAX_TAGS: usize = 32;

@@ -175,6 +175,7 @@ impl AfpacketSource {
                 frames,
                 split,
             }),
+            nat: None,
         })
     }
 }

@@ -21,7 +21,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use aya::programs::SchedClassifier;
 use aya::{Ebpf, EbpfLoader};
-use flowtable::sort_connections;
 use probe_common::contract;
 
 use self::attach::Attachments;
@@ -109,10 +108,9 @@ impl EbpfSource {
         let listing = self
             .drainer
             .read(live.into_iter(), clock_offset_ns(), monotonic_ns());
-        let mut conns = listing.conns;
-        sort_connections(&mut conns);
+        // In drain order then the map's: the run loop sorts once tagged.
         Ok(Reading {
-            conns,
+            conns: listing.conns,
             retired: listing.retired,
             health: Health::Ebpf(EbpfHealth {
                 hook: self.hook,
@@ -121,6 +119,7 @@ impl EbpfSource {
                 stats: stats::frames(&self.ebpf)?,
                 table: stats::table(&self.ebpf, entries, self.capacity)?,
             }),
+            nat: None,
         })
     }
 }

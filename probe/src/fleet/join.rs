@@ -17,7 +17,8 @@ use flowtable::rollup::{Aggregate, Interval};
 use flowtable::{Connection, DirStats};
 use serde::Serialize;
 
-use crate::export::fleet::wire::{Endpoint, Message, Presence, Reject, Row, View};
+use crate::export::fleet::wire::{End, Endpoint, Message, Presence, Reject, Row, View};
+use flowtable::nat::{NAT_IP, NAT_PORT};
 
 /// The fleet's bounds (each a flag of `flowprobe fleet`).
 #[derive(Clone, Copy, Debug)]
@@ -265,13 +266,8 @@ impl Window {
                             server_end.insert(k, (id.as_str(), &r.local.tags));
                         }
                         View::Client => {
-                            let k = (
-                                net,
-                                r.proto.as_str(),
-                                r.local.ip,
-                                r.remote.ip,
-                                r.remote.port,
-                            );
+                            let (dst, dport) = wire(&r.remote);
+                            let k = (net, r.proto.as_str(), wire(&r.local).0, dst, dport);
                             client_end.insert(k, (id.as_str(), &r.local.tags));
                         }
                         View::Local => {}
@@ -306,30 +302,30 @@ impl Window {
                     let (src_tags, dst_tags) = match r.view {
                         View::Local => (tagged(id, &r.local.tags), tagged(id, &r.remote.tags)),
                         View::Client => {
-                            let k = (
-                                net,
-                                r.proto.as_str(),
-                                r.local.ip,
-                                r.remote.ip,
-                                r.remote.port,
-                            );
+                            // The responder where the connection arrives:
+                            // beyond a DNAT on this host (a ClusterIP, a
+                            // published port) if there was one.
+                            let (rip, rport) = wire(&r.remote);
+                            let translated = (rip, rport) != (r.remote.ip, r.remote.port);
+                            let k = (net, r.proto.as_str(), wire(&r.local).0, rip, rport);
                             let dst = if let Some((h2, t)) = server_end.get(&k) {
                                 stats.by_counterpart += 1;
                                 tagged(h2, t)
-                            } else if let Some(e) = self.endpoints.get(&(
-                                net.to_owned(),
-                                r.proto.clone(),
-                                r.remote.ip,
-                                r.remote.port,
-                            )) {
+                            } else if let Some(e) =
+                                self.endpoints
+                                    .get(&(net.to_owned(), r.proto.clone(), rip, rport))
+                            {
                                 stats.by_directory += 1;
                                 tagged(&e.host, &e.tags)
-                            } else if let Some(h2) = owner.get(&(net, r.remote.ip)) {
+                            } else if let Some(h2) = owner.get(&(net, rip)) {
                                 stats.by_address += 1;
                                 tagged(h2, &BTreeMap::new())
+                            } else if translated {
+                                stats.unresolved += 1;
+                                BTreeMap::from([("unresolved".to_owned(), "nat".to_owned())])
                             } else {
                                 stats.unresolved += 1;
-                                unresolved(net, r.remote.ip)
+                                unresolved(net, rip)
                             };
                             (tagged(id, &r.local.tags), dst)
                         }
@@ -427,6 +423,14 @@ impl Window {
             stats,
         }
     }
+}
+
+/// An end as it is on the wire between hosts: its `nat.ip`/`nat.port`
+/// (the address beyond a translation on its host) when it has them.
+fn wire(e: &End) -> (IpAddr, u16) {
+    let ip = e.tags.get(NAT_IP).and_then(|v| v.parse().ok());
+    let port = e.tags.get(NAT_PORT).and_then(|v| v.parse().ok());
+    (ip.unwrap_or(e.ip), port.unwrap_or(e.port))
 }
 
 /// A directory entry's key, as the agent writes it.
@@ -815,5 +819,51 @@ mod tests {
             .map(|a| a.conn.sent.bytes)
             .sum();
         assert_eq!(total, 100);
+    }
+
+    /// A ClusterIP DNATed on the client's host: the client's row carries
+    /// the pod's address (`nat.ip`, `nat.port`); the server's own row of
+    /// that address tags it. Unresolved beyond a translation: `nat`.
+    #[test]
+    fn post_nat_addresses_join_the_server_row() {
+        let mut w = window();
+        let nat = |r: &mut Row, ip: &str, port: &str| {
+            r.remote.tags.insert(NAT_IP.to_owned(), ip.to_owned());
+            r.remote.tags.insert(NAT_PORT.to_owned(), port.to_owned());
+        };
+        let mut to_vip = row(
+            View::Client,
+            ("10.0.0.1", 1024, "api"),
+            ("10.96.0.10", 80),
+            70,
+        );
+        nat(&mut to_vip, "10.0.0.2", "8080");
+        let mut to_gone = row(
+            View::Client,
+            ("10.0.0.1", 1024, "api"),
+            ("10.96.0.11", 80),
+            5,
+        );
+        nat(&mut to_gone, "10.244.9.9", "8080");
+        w.insert(msg("a", "10.0.0.1", 0, vec![to_vip, to_gone]));
+        w.insert(msg(
+            "b",
+            "10.0.0.2",
+            0,
+            vec![row(
+                View::Server,
+                ("10.0.0.2", 8080, "db"),
+                ("10.0.0.1", 1024),
+                70,
+            )],
+        ));
+        assert_eq!(
+            rows(&mut w),
+            [
+                (s("api"), s("a"), s("db"), s("b"), s("client"), 70),
+                (s("api"), s("a"), s("nat"), s(""), s("client"), 5),
+            ]
+        );
+        assert_eq!(w.join().stats.joined_rows, 1);
     }
 }

@@ -309,7 +309,10 @@ pub fn check(
             matches!(r.proto.as_str(), "tcp" | "udp")
                 && tags_ok(&r.local.tags)
                 && tags_ok(&r.remote.tags)
-                && (r.view == View::Local || r.remote.tags.is_empty())
+                && (r.view == View::Local
+                    || r.remote.tags.keys().all(|k| {
+                        k == flowtable::nat::NAT_IP || k == flowtable::nat::NAT_PORT
+                    }))
                 && r.first_seen_ns <= r.last_seen_ns
                 && [&r.rtt_dst, &r.rtt_src]
                     .iter()
@@ -319,6 +322,17 @@ pub fn check(
         return Err(Reject::Invalid);
     }
     Ok(m)
+}
+
+/// A remote end keeps only what this host's NAT step said of it: its
+/// address beyond a translation here (`nat.ip`, `nat.port`).
+fn nat_only(mut e: End, tags: &BTreeMap<String, String>) -> End {
+    for k in [flowtable::nat::NAT_IP, flowtable::nat::NAT_PORT] {
+        if let Some(v) = tags.get(k) {
+            e.tags.insert(k.to_owned(), v.clone());
+        }
+    }
+    e
 }
 
 /// A rollup group as a row seen from a host with addresses `local`:
@@ -345,12 +359,12 @@ pub fn row_of(a: &Aggregate, is_local: impl Fn(&IpAddr) -> bool) -> Option<Row> 
         (true, false) => (
             View::Client,
             end(c.src, c.sport, &c.src_tags),
-            bare(c.dst, c.dport),
+            nat_only(bare(c.dst, c.dport), &c.dst_tags),
         ),
         (false, true) => (
             View::Server,
             end(c.dst, c.dport, &c.dst_tags),
-            bare(c.src, c.sport),
+            nat_only(bare(c.src, c.sport), &c.src_tags),
         ),
         (false, false) => return None,
     };

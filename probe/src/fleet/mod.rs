@@ -72,6 +72,14 @@ pub struct FleetCmd {
     /// Endpoint directory entries kept (counted beyond).
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_ENDPOINTS)]
     pub max_endpoints: usize,
+    /// When this process makes the stream (it is not there yet): how long
+    /// it keeps messages.
+    #[arg(long, value_name = "SECS", default_value_t = 3600.0)]
+    pub stream_max_age: f64,
+    /// When this process makes the stream: its bound in bytes (the oldest
+    /// messages go first).
+    #[arg(long, value_name = "BYTES", default_value_t = 1 << 30)]
+    pub stream_max_bytes: i64,
     /// The durable consumer's name (one per fleet process on a stream).
     #[arg(long, value_name = "NAME", default_value = DEFAULT_CONSUMER)]
     pub consumer: String,
@@ -380,6 +388,12 @@ pub fn run(c: FleetCmd) -> Result<()> {
             anyhow::bail!("{name}: must be at least 1");
         }
     }
+    if !(c.stream_max_age.is_finite() && c.stream_max_age >= 1.0) {
+        anyhow::bail!("--stream-max-age: must be at least 1 second");
+    }
+    if c.stream_max_bytes < 1 << 20 {
+        anyhow::bail!("--stream-max-bytes: must be at least 1048576");
+    }
     if !wire::valid_id(&c.consumer) {
         anyhow::bail!(
             "--consumer: `{}` is not a consumer name (letters, digits, `_`, `-`)",
@@ -480,7 +494,11 @@ async fn consume(nats: Nats, c: FleetCmd, state: Shared, stop: Stop) {
 async fn session(nats: &Nats, c: &FleetCmd, state: &Shared, stop: &Stop) -> Result<()> {
     let client = nats.connect("flowprobe-fleet").await?;
     let js = jetstream::new(client);
-    let bounds = StreamBounds::default();
+    let bounds = StreamBounds {
+        max_age: Duration::from_secs_f64(c.stream_max_age),
+        max_bytes: c.stream_max_bytes,
+        ..StreamBounds::default()
+    };
     let stream = nats::stream(&js, bounds).await?;
     // A consumer left by an earlier fleet process starts where it was;
     // this one must see the whole stream again.

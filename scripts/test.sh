@@ -10,7 +10,8 @@
 #               cargo test: parser, tracker, etherparse differential property
 #               test, replay of every format, golden files, kernel truth, tshark;
 #               the service files (tests/service.rs: systemd-analyze verify,
-#               the DaemonSet's YAML, completions)
+#               the DaemonSet's YAML, completions); the fleet on a loopback
+#               nats-server (tests/fleet_replay.rs)
 #   4. root     eBPF: the verifier accepts the program (bpftool load) and it
 #               counts in a veth pair between two fresh network namespaces;
 #               `flowprobe run` there equals each socket's TCP_INFO (tests/live_tc/),
@@ -24,6 +25,8 @@
 #               `run` with exactly the service's capabilities, and with one
 #               fewer (tests/live_caps.rs);
 #               `flowprobe top` in tmux against a live agent (tests/live_top.rs);
+#               the fleet: hosts in namespaces publishing to a nats-server,
+#               one query over all of them (tests/live_fleet.rs);
 #               replay of freshly captured kernel traffic (iptables loss in the
 #               receiver's INPUT) equals each socket's TCP_INFO
 #
@@ -42,9 +45,10 @@ if [ "${FLOWPROBE_SKIP_SETUP:-}" != 1 ]; then
     if is_root; then
         # systemd (systemd-analyze), man-db, python3-yaml and python3-venv:
         # tests/service.rs. chromium and chromium-driver: tests/live_web.rs.
-        # tmux: tests/live_top.rs.
+        # tmux: tests/live_top.rs. nats-server, openssl: the fleet's tests
+        # (tests/fleet_replay.rs, tests/live_fleet.rs).
         pkgs=(tcpdump tshark iptables iproute2 ethtool bpftool iperf3 jq softflowd python3 iputils-ping prometheus
-              systemd man-db python3-yaml python3-venv chromium chromium-driver tmux)
+              systemd man-db python3-yaml python3-venv chromium chromium-driver tmux nats-server openssl)
         missing=()
         for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
         if [ ${#missing[@]} -gt 0 ]; then
@@ -145,6 +149,10 @@ FLOWPROBE_LIVE_TESTS=1 cargo test --locked -p flowprobe --test live_caps -- --no
 # `flowprobe top --agent` in a tmux pane, typed at: the screen's rows equal
 # `flowprobe query`'s for the command it shows; hostile tags stay text.
 FLOWPROBE_LIVE_TESTS=1 cargo test --locked -p flowprobe --test live_top -- --test-threads=1 --nocapture
+# The fleet: nats-server in its own namespace on a bridge, three hosts with
+# `run --fleet`, NATS killed mid-traffic, an agent killed; `flowprobe fleet`
+# = the bytes the applications wrote, counted once.
+FLOWPROBE_LIVE_TESTS=1 cargo test --locked -p flowprobe --test live_fleet -- --nocapture
 
 fresh=$(mktemp -d /tmp/flowprobe-capture.XXXXXX)
 trap 'rm -rf "$fresh"' EXIT

@@ -5,7 +5,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, UNIX_EPOCH};
 
 use probe_common::DirCounters;
-use serde::{Serialize, Serializer};
+use serde::{Deserialize, Serialize, Serializer};
 
 use crate::rtt::Rtt;
 
@@ -44,7 +44,7 @@ pub struct Connection {
 }
 
 /// Counters of one direction; see the README for exact meanings.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DirStats {
     pub packets: u64,
     pub bytes: u64,

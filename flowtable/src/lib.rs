@@ -17,6 +17,6 @@ mod stats;
 mod table;
 
 pub use conn::{Connection, DirStats};
-pub use rtt::{Percentiles, Rtt, RttLeg};
+pub use rtt::{new_histogram, Percentiles, Rtt, RttLeg};
 pub use stats::FrameStats;
 pub use table::{sort_connections, FlowTable, Observation};

@@ -71,7 +71,7 @@ pub struct Aggregate {
 }
 
 impl Aggregate {
-    fn empty(conn: Connection) -> Aggregate {
+    pub fn empty(conn: Connection) -> Aggregate {
         Aggregate {
             conn,
             conns: 0,
@@ -83,7 +83,7 @@ impl Aggregate {
     }
 
     /// The aggregate of what folded groups added: no addresses or tags.
-    fn folded() -> Aggregate {
+    pub fn folded() -> Aggregate {
         let unspecified = IpAddr::from([0u8; 4]);
         Aggregate::empty(Connection {
             proto: "",
@@ -102,7 +102,7 @@ impl Aggregate {
         })
     }
 
-    fn add(&mut self, sent: &DirStats, received: &DirStats, first: u64, last: u64) {
+    pub fn add(&mut self, sent: &DirStats, received: &DirStats, first: u64, last: u64) {
         self.conn.sent.add(sent);
         self.conn.received.add(received);
         self.conn.first_seen = self.conn.first_seen.min(first);
@@ -124,7 +124,7 @@ impl Aggregate {
         }
     }
 
-    fn merge(&mut self, o: &Aggregate) {
+    pub fn merge(&mut self, o: &Aggregate) {
         let c = &o.conn;
         self.add(&c.sent, &c.received, c.first_seen, c.last_seen);
         self.conns += o.conns;
@@ -377,6 +377,25 @@ impl Rollups {
 
     pub fn stats(&self) -> RollupStats {
         self.stats
+    }
+
+    /// Closes the open interval now, whatever its age (the end of a run or
+    /// of a replay): its changes are in the ring afterwards.
+    pub fn close_open(&mut self) {
+        if let Some(o) = self.open.take() {
+            let len = self.interval_ns();
+            self.close(o, len);
+        }
+    }
+
+    /// The closed intervals that start after `start_ns`, oldest first:
+    /// what a consumer that took everything up to `start_ns` has not seen.
+    pub fn closed_after(&self, start_ns: Option<u64>) -> Vec<Arc<Interval>> {
+        self.ring
+            .iter()
+            .filter(|i| start_ns.is_none_or(|s| i.start_ns > s))
+            .cloned()
+            .collect()
     }
 
     /// The latest reading's time.

@@ -3,7 +3,7 @@
 //!
 //! - A packet's way is one-directional: a stage of `flowprobe` imports only
 //!   itself and the stages before it (`os` < `sources` < `enrich` <
-//!   `export` < `settings` < `run` < `cli` < `top` < `main.rs`).
+//!   `export` < `settings` < `run` < `fleet` < `cli` < `top` < `main.rs`).
 //! - A source never imports another source (`sources::ebpf`,
 //!   `sources::afpacket`, `sources::file`); what they share lives in
 //!   `sources/mod.rs` and `sources/ingest.rs`.
@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 /// The stages of the `flowprobe` crate, lowest first.
 const STAGES: &[&str] = &[
-    "os", "sources", "enrich", "export", "settings", "run", "cli", "top", "main",
+    "os", "sources", "enrich", "export", "settings", "run", "fleet", "cli", "top", "main",
 ];
 const SOURCES: &[&str] = &["ebpf", "afpacket", "file"];
 

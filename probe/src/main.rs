@@ -9,6 +9,7 @@
 mod cli;
 mod enrich;
 mod export;
+mod fleet;
 mod os;
 mod run;
 mod settings;
@@ -65,6 +66,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             io::stdout().lock().write_all(&body)?;
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Fleet { cmd } => {
+            fleet::run(cmd)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Top {
             agent: addr,
             replay,
@@ -115,7 +120,50 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             per_interface,
             decap,
             query,
+            host_addrs,
+            fleet,
         } => {
+            if fleet.fleet.is_some() {
+                if fleet.host_id.is_none() {
+                    anyhow::bail!(
+                        "replay --fleet needs --host-id: the host the capture was taken on"
+                    );
+                }
+                if host_addrs.is_empty() {
+                    anyhow::bail!("replay --fleet needs --host-addr: the addresses of the host the capture was taken on (repeat for several)");
+                }
+                if query.given() || per_interface {
+                    anyhow::bail!("replay --fleet publishes the capture; query it with `flowprobe query --agent` against `flowprobe fleet`");
+                }
+                let o = fleet
+                    .options(None)
+                    .map_err(|e| anyhow::anyhow!(e))?
+                    .expect("--fleet given");
+                let host = o.host_id.clone();
+                let (status, outcomes) = export::fleet::publish_capture(
+                    &files,
+                    o,
+                    host_addrs,
+                    decap.decap(None, None, None),
+                )?;
+                let mut code = ExitCode::SUCCESS;
+                for o in &outcomes {
+                    if let Some(e) = &o.error {
+                        eprintln!("flowprobe: {}: {e}", o.path.display());
+                        if o.frames == 0 {
+                            code = ExitCode::FAILURE;
+                        }
+                    }
+                }
+                if !quiet {
+                    eprintln!(
+                        "flowprobe: published {} intervals ({} rows, {} groups folded, {} forwarded groups left out) as host {host}",
+                        status.intervals, status.rows, status.folded_groups, status.foreign_groups
+                    );
+                }
+                let _ = format;
+                return Ok(code);
+            }
             // Parse the query before reading gigabytes, so a typo fails fast.
             let spec = query.given().then(|| query.spec()).transpose()?;
             if spec.as_ref().is_some_and(|q| q.last.is_some()) {

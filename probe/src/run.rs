@@ -45,6 +45,7 @@ pub fn run(s: RunSettings) -> Result<()> {
         quiet: s.quiet,
         rollups: s.rollups,
         list_max: s.list_max,
+        fleet: s.fleet.clone(),
     })?;
     // Subscribe before the dump, so that no link change falls between.
     let mut watcher = Watcher::subscribe()?;

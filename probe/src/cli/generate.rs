@@ -90,7 +90,7 @@ mod tests {
             "{page}"
         );
         let cmds = names();
-        assert_eq!(cmds, ["replay", "run", "query", "top"]);
+        assert_eq!(cmds, ["replay", "run", "fleet", "query", "top"]);
         for c in &cmds {
             // roff escapes the dash: flowprobe\-run(1).
             assert!(
@@ -115,6 +115,7 @@ mod tests {
                 "flowprobe.1",
                 "flowprobe-replay.1",
                 "flowprobe-run.1",
+                "flowprobe-fleet.1",
                 "flowprobe-query.1",
                 "flowprobe-top.1"
             ]
@@ -126,6 +127,8 @@ mod tests {
             "config",
             "metrics\\-labels",
             "export\\-jsonl",
+            "fleet",
+            "host\\-id",
         ] {
             assert!(run.contains(&format!("\\-\\-{flag}")), "--{flag} missing");
         }

@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand};
 
 use self::query_flags::QueryFlags;
 use crate::export::print::Format;
-use crate::settings::{DecapFlags, RunFlags};
+use crate::settings::{DecapFlags, FleetFlags, RunFlags};
 
 #[derive(Parser)]
 #[command(name = "flowprobe", version, about, long_about = None)]
@@ -52,6 +52,15 @@ pub enum Cmd {
         decap: DecapFlags,
         #[command(flatten)]
         query: QueryFlags,
+        /// With --fleet: this host's addresses (repeat for several), where
+        /// a connection's local end is decided.
+        #[arg(long = "host-addr", value_name = "IP")]
+        host_addrs: Vec<std::net::IpAddr>,
+        /// --fleet: publish the capture to NATS JetStream as the agent of
+        /// --host-id with --host-addr would have (intervals from packet
+        /// time), instead of printing it.
+        #[command(flatten)]
+        fleet: FleetFlags,
     },
     /// Count connections on live interfaces: the tc eBPF program, XDP, or
     /// AF_PACKET rings (--backend).
@@ -70,6 +79,17 @@ pub enum Cmd {
     Run {
         #[command(flatten)]
         flags: RunFlags,
+    },
+    /// The fleet process: consume what `run --fleet` agents publish to NATS
+    /// JetStream and serve /query, /metrics and /health over all hosts
+    /// (`flowprobe query --agent` works against it unchanged).
+    ///
+    /// Each connection is counted once (the client's view when its host is
+    /// monitored, the server's otherwise) and its remote end is tagged by
+    /// the remote host's own agent (docs/fleet.md).
+    Fleet {
+        #[command(flatten)]
+        cmd: crate::fleet::FleetCmd,
     },
     /// Query a running `flowprobe run --listen`: the query flags of
     /// `replay`, answered from the agent's live connections.

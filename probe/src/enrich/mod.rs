@@ -24,6 +24,11 @@ mod procfs;
 mod procnet;
 mod sockdiag;
 
+/// This host's name (`/proc/sys/kernel/hostname`).
+pub fn host_name() -> Option<String> {
+    procfs::host_name()
+}
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;

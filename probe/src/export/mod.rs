@@ -4,6 +4,7 @@
 //! `flowprobe run` writes to at each tick and at the end.
 
 pub mod agent;
+pub mod fleet;
 pub mod history;
 pub mod jsonl;
 pub mod print;
@@ -15,6 +16,7 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{anyhow, Result};
 
 use self::agent::{Latest, MetricLabels, Snapshot};
+use self::fleet::{FleetOptions, Publisher};
 use self::history::History;
 use self::jsonl::{Export, Said};
 use self::print::Format;
@@ -23,12 +25,15 @@ use crate::sources::Reading;
 /// While losses grow, they are said on stderr at most this often (and in
 /// full at the end).
 const LOSS_REPEAT: Duration = Duration::from_secs(60);
+/// At the end, how long the fleet publisher may take to send what waits.
+const FLEET_FLUSH: Duration = Duration::from_secs(10);
 
 /// The sinks that are on.
 pub struct Sinks {
     agent: Option<Latest>,
     history: History,
     export: Option<Export>,
+    fleet: Option<Publisher>,
     /// The source's loss count last said on stderr, and when.
     losses_said: (u64, Option<Instant>),
     /// `--interval`: print every tick's connections, numbered.
@@ -46,6 +51,7 @@ pub struct SinkOptions<'a> {
     pub quiet: bool,
     pub rollups: flowtable::rollup::RollupSettings,
     pub list_max: usize,
+    pub fleet: Option<FleetOptions>,
 }
 
 impl Sinks {
@@ -72,7 +78,22 @@ impl Sinks {
             Some(p) => Some(Export::open(p)?),
             None => None,
         };
+        let fleet = match o.fleet {
+            Some(f) => {
+                let host = f.host_id.clone();
+                let to = f.nats.redacted();
+                let mut p =
+                    Publisher::start(f, crate::os::clock::realtime_ns(), fleet::TAG_LAG_TICKS)?;
+                p.set_addresses(crate::os::addrs::local());
+                if !o.quiet {
+                    eprintln!("flowprobe: publishing to the fleet at {to} as host {host}");
+                }
+                Some(p)
+            }
+            None => None,
+        };
         Ok(Sinks {
+            fleet,
             agent,
             history,
             export,
@@ -85,7 +106,12 @@ impl Sinks {
 
     pub fn tick(&mut self, r: &Reading) -> Result<()> {
         self.export(r);
-        self.history.update(r, crate::os::clock::realtime_ns());
+        let now = crate::os::clock::realtime_ns();
+        self.history.update(r, now);
+        if let Some(f) = &mut self.fleet {
+            f.set_addresses(crate::os::addrs::local());
+            f.update(now, &r.conns, &r.retired);
+        }
         if let Some(latest) = &self.agent {
             latest.publish(Snapshot {
                 conns: r.conns.clone(),
@@ -94,6 +120,9 @@ impl Sinks {
                 rollups: Some(self.history.rollups()),
                 retired_totals: self.history.metric_totals(),
                 bounds: self.history.bounds(),
+                fleet: self.fleet.as_ref().map(Publisher::status),
+                view: None,
+                local_addrs: crate::os::addrs::local(),
                 nat: r.nat,
             });
         }
@@ -112,6 +141,18 @@ impl Sinks {
     /// stderr.
     pub fn finish(mut self, r: &Reading) -> Result<()> {
         self.export(r);
+        if let Some(mut f) = self.fleet.take() {
+            let now = crate::os::clock::realtime_ns();
+            f.update(now, &r.conns, &r.retired);
+            let (left, status) = f.finish(FLEET_FLUSH, now);
+            if left > 0 || status.spool.dropped > 0 {
+                eprintln!(
+                    "flowprobe: fleet: {left} interval messages could not be published before the end, {} were dropped from the spool ({})",
+                    status.spool.dropped,
+                    status.spool.last_error.as_deref().unwrap_or("no error said")
+                );
+            }
+        }
         let health = r.health.describe();
         let history =
             std::mem::replace(&mut self.history, History::new(Default::default(), 0, None));

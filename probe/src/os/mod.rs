@@ -2,6 +2,7 @@
 //! mappings, rtnetlink links and clsact qdiscs, signals. Nothing here knows
 //! about connections.
 
+pub mod addrs;
 pub mod caps;
 pub mod clock;
 pub mod clsact;

@@ -48,6 +48,28 @@ pub struct RunConfig {
     /// As --metrics-labels.
     pub metrics_labels: Option<String>,
     pub export: Option<Export>,
+    /// As --fleet and its flags.
+    pub fleet: Option<Fleet>,
+}
+
+/// The `[fleet]` table.
+#[derive(Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Fleet {
+    /// As --fleet: nats://HOST:PORT.
+    pub url: Option<String>,
+    pub host_id: Option<String>,
+    pub network: Option<String>,
+    pub interval: Option<f64>,
+    pub top: Option<usize>,
+    pub spool: Option<usize>,
+    /// As --nats-user, --nats-password, --nats-token, --nats-creds,
+    /// --nats-tls-ca.
+    pub user: Option<String>,
+    pub password: Option<String>,
+    pub token: Option<String>,
+    pub creds: Option<PathBuf>,
+    pub tls_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize, PartialEq)]
@@ -162,7 +184,7 @@ mod tests {
             ),
             (
                 "interfaces = [\"eth0\"]\nmax_con = 5",
-                "line 2: unknown field `max_con`, expected one of `interfaces`, `backend`, `ebpf_object`, `per_interface`, `decap`, `vxlan_port`, `geneve_port`, `max_conns`, `closed_timeout`, `idle_timeout`, `keep_ended`, `list_max`, `rollup_interval`, `rollup_keep`, `rollup_top`, `interval`, `listen`, `metrics_labels`, `export`",
+                "line 2: unknown field `max_con`, expected one of `interfaces`, `backend`, `ebpf_object`, `per_interface`, `decap`, `vxlan_port`, `geneve_port`, `max_conns`, `closed_timeout`, `idle_timeout`, `keep_ended`, `list_max`, `rollup_interval`, `rollup_keep`, `rollup_top`, `interval`, `listen`, `metrics_labels`, `export`, `fleet`",
             ),
             (
                 "[export]\nfile = \"x\"",

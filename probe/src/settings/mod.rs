@@ -165,6 +165,116 @@ pub struct RunFlags {
     pub export_jsonl: Option<String>,
     #[command(flatten)]
     pub bounds: BoundFlags,
+    #[command(flatten)]
+    pub fleet: FleetFlags,
+}
+
+/// `--fleet`: publish to NATS JetStream for `flowprobe fleet`
+/// (docs/fleet.md).
+#[derive(clap::Args, Debug, Default)]
+#[command(next_help_heading = "Fleet")]
+pub struct FleetFlags {
+    /// Also publish this host's rows per interval, its presence and the
+    /// endpoints it serves to NATS JetStream at nats://HOST:PORT (or
+    /// tls://HOST:PORT), for `flowprobe fleet`.
+    #[arg(long, value_name = "URL")]
+    pub fleet: Option<String>,
+    /// This host's id in the fleet: letters, digits, `_` and `-`
+    /// [default: the host name, other characters as `_`].
+    #[arg(long, value_name = "ID")]
+    pub host_id: Option<String>,
+    /// Length of one published interval [default: 10].
+    #[arg(long, value_name = "SECS")]
+    pub fleet_interval: Option<f64>,
+    /// Rows per interval message, by bytes; the rest are folded per view
+    /// [default: 1000].
+    #[arg(long, value_name = "N")]
+    pub fleet_top: Option<usize>,
+    /// Interval messages kept while NATS cannot take them; beyond, the
+    /// oldest are dropped, counted and marked missing [default: 360].
+    #[arg(long, value_name = "N")]
+    pub fleet_spool: Option<usize>,
+    /// Network id: addresses are compared only within one [default:
+    /// default].
+    #[arg(long, value_name = "ID")]
+    pub network: Option<String>,
+    #[command(flatten)]
+    pub nats: crate::export::fleet::nats::NatsFlags,
+}
+
+impl FleetFlags {
+    /// The publisher's options, the flags over the config's `[fleet]`
+    /// table; `None` without an address.
+    pub fn options(
+        self,
+        file: Option<file::Fleet>,
+    ) -> Result<Option<crate::export::fleet::FleetOptions>, String> {
+        use crate::export::fleet::{self, nats, wire};
+        let file = file.unwrap_or_default();
+        let Some((url, from)) = pick(self.fleet, file.url, ("--fleet", "fleet.url")) else {
+            return Ok(None);
+        };
+        let flags = nats::NatsFlags {
+            nats_user: self.nats.nats_user.or(file.user),
+            nats_password: self.nats.nats_password.or(file.password),
+            nats_token: self.nats.nats_token.or(file.token),
+            nats_creds: self.nats.nats_creds.or(file.creds),
+            nats_tls_ca: self.nats.nats_tls_ca.or(file.tls_ca),
+        };
+        let nats = nats::Nats::new(&url, flags, &from.to_string())?;
+        let host_id = match pick(self.host_id, file.host_id, ("--host-id", "fleet.host_id")) {
+            Some((h, from)) if !wire::valid_id(&h) => {
+                return Err(format!(
+                    "{from}: `{h}` is not a host id (1 to 64 letters, digits, `_` or `-`)"
+                ))
+            }
+            Some((h, _)) => h,
+            None => wire::host_id_of(
+                &crate::enrich::host_name().unwrap_or_else(|| "unknown".to_owned()),
+            ),
+        };
+        let network = match pick(self.network, file.network, ("--network", "fleet.network")) {
+            Some((n, from)) if !wire::valid_id(&n) => {
+                return Err(format!(
+                    "{from}: `{n}` is not a network id (1 to 64 letters, digits, `_` or `-`)"
+                ))
+            }
+            Some((n, _)) => n,
+            None => fleet::DEFAULT_NETWORK.to_owned(),
+        };
+        let interval = seconds(
+            pick(
+                self.fleet_interval,
+                file.interval,
+                ("--fleet-interval", "fleet.interval"),
+            ),
+            0.1,
+        )?
+        .unwrap_or(Duration::from_secs_f64(fleet::DEFAULT_INTERVAL_S));
+        let top = match pick(self.fleet_top, file.top, ("--fleet-top", "fleet.top")) {
+            Some((0, from)) => return Err(format!("{from}: must be at least 1")),
+            Some((n, _)) => n,
+            None => fleet::DEFAULT_TOP,
+        };
+        let spool = match pick(
+            self.fleet_spool,
+            file.spool,
+            ("--fleet-spool", "fleet.spool"),
+        ) {
+            Some((0, from)) => return Err(format!("{from}: must be at least 1")),
+            Some((n, _)) => n,
+            None => fleet::DEFAULT_SPOOL,
+        };
+        Ok(Some(fleet::FleetOptions {
+            nats,
+            host_id,
+            network,
+            interval,
+            top,
+            spool,
+            bounds: nats::StreamBounds::default(),
+        }))
+    }
 }
 
 /// What a long run keeps (docs/run-and-backends.md, "Memory").
@@ -218,6 +328,7 @@ pub struct RunSettings {
     pub keep_ended: Duration,
     pub list_max: usize,
     pub rollups: flowtable::rollup::RollupSettings,
+    pub fleet: Option<crate::export::fleet::FleetOptions>,
 }
 
 impl RunSettings {
@@ -403,7 +514,9 @@ impl RunFlags {
             top: rollup_top,
             ..flowtable::rollup::RollupSettings::default()
         };
+        let fleet = self.fleet.options(file.fleet)?;
         Ok(RunSettings {
+            fleet,
             keep_ended,
             list_max,
             rollups,
@@ -488,6 +601,30 @@ mod tests {
     }
 
     #[test]
+    fn fleet_settings_from_the_file_and_the_flags() {
+        let f =
+            file("[fleet]\nurl = \"nats://u:p@10.0.0.5:4222\"\nhost_id = \"web-1\"\ninterval = 5");
+        let s = RunFlags {
+            fleet: FleetFlags {
+                network: Some("dc-2".to_owned()),
+                ..FleetFlags::default()
+            },
+            ..RunFlags::default()
+        }
+        .merge(f)
+        .unwrap();
+        let fl = s.fleet.unwrap();
+        assert_eq!(fl.nats.url, "nats://10.0.0.5:4222");
+        assert_eq!(fl.nats.user, Some(("u".to_owned(), "p".to_owned())));
+        assert_eq!(
+            (fl.host_id.as_str(), fl.network.as_str(), fl.interval),
+            ("web-1", "dc-2", Duration::from_secs(5))
+        );
+        assert_eq!(fl.top, crate::export::fleet::DEFAULT_TOP);
+        assert!(RunFlags::default().merge(file("")).unwrap().fleet.is_none());
+    }
+
+    #[test]
     fn a_flag_wins_over_the_file() {
         let f = file("max_conns = 1000\nbackend = \"xdp\"\ninterval = 5\ninterfaces = [\"eth0\"]");
         let s = RunFlags {
@@ -552,6 +689,32 @@ mod tests {
                 "[export]\njsonl = \"\"",
                 RunFlags::default(),
                 "config field `export.jsonl`: a path, or \"-\" for stdout",
+            ),
+            (
+                "[fleet]\nurl = \"localhost:4222\"",
+                RunFlags::default(),
+                "config field `fleet.url`: `localhost:4222` is not nats://HOST:PORT (or tls://HOST:PORT)",
+            ),
+            (
+                "[fleet]\nurl = \"nats://n:4222\"\nhost_id = \"web.1\"",
+                RunFlags::default(),
+                "config field `fleet.host_id`: `web.1` is not a host id (1 to 64 letters, digits, `_` or `-`)",
+            ),
+            (
+                "[fleet]\nurl = \"nats://n:4222\"\ninterval = 0",
+                RunFlags::default(),
+                "config field `fleet.interval`: must be at least 0.1 seconds",
+            ),
+            (
+                "[fleet]\nurl = \"nats://n:4222\"",
+                RunFlags {
+                    fleet: FleetFlags {
+                        fleet_top: Some(0),
+                        ..FleetFlags::default()
+                    },
+                    ..RunFlags::default()
+                },
+                "--fleet-top: must be at least 1",
             ),
             (
                 "interfaces = [\"a-very-long-interface-name\"]",

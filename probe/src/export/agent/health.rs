@@ -24,6 +24,9 @@ struct Json<'a> {
     /// `--export-jsonl`: intervals that could not be written.
     #[serde(skip_serializing_if = "Option::is_none")]
     export: Option<&'a ExportStatus>,
+    /// `--fleet`: what was published, what waits, what was dropped.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fleet: Option<&'a crate::export::fleet::FleetStatus>,
     /// What undoing NAT did.
     #[serde(skip_serializing_if = "Option::is_none")]
     nat: Option<&'a flowtable::nat::NatStats>,
@@ -105,6 +108,7 @@ pub fn encode(s: &Snapshot) -> String {
             _ => None,
         },
         export: s.export.as_ref(),
+        fleet: s.fleet.as_ref(),
         nat: s.nat.as_ref(),
     };
     let mut text = serde_json::to_string(&h).expect("plain data serialises");
@@ -125,6 +129,9 @@ mod tests {
         let tc = Snapshot {
             rollups: None,
             retired_totals: None,
+            fleet: None,
+            view: None,
+            local_addrs: Vec::new(),
             bounds: Default::default(),
             nat: None,
             export: None,
@@ -154,6 +161,9 @@ mod tests {
         let af = Snapshot {
             rollups: None,
             retired_totals: None,
+            fleet: None,
+            view: None,
+            local_addrs: Vec::new(),
             bounds: Default::default(),
             nat: None,
             export: Some(ExportStatus {

@@ -140,6 +140,26 @@ fn route(
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return error(StatusCode::METHOD_NOT_ALLOWED, "only GET");
     }
+    let snap = shared.get();
+    if let Some(view) = &snap.view {
+        return match req.uri().path() {
+            "/metrics" => text(StatusCode::OK, metrics::CONTENT_TYPE, view.metrics()),
+            "/health" => text(StatusCode::OK, "application/json", view.health()),
+            "/query" => match query(req.uri().query().unwrap_or(""), shared) {
+                Ok((format, body)) => text(StatusCode::OK, content_type(format), body),
+                Err(msg) => error(StatusCode::BAD_REQUEST, msg),
+            },
+            "/" => text(
+                StatusCode::OK,
+                "text/plain; charset=utf-8",
+                "flowprobe fleet: /metrics, /query, /health\n",
+            ),
+            p => error(
+                StatusCode::NOT_FOUND,
+                format!("no {p} here: /metrics, /query, /health (the fleet lists no connections: use /query)"),
+            ),
+        };
+    }
     // The page (`/`), its assets, `/map.svg` and `/query.csv`.
     if let Some(resp) = web::route(req.uri().path(), req.uri().query().unwrap_or(""), shared) {
         return resp;
@@ -151,13 +171,7 @@ fn route(
             metrics::encode_served(&shared.get(), labels, stats),
         ),
         "/query" => match query(req.uri().query().unwrap_or(""), shared) {
-            Ok((format, body)) => {
-                let ct = match format {
-                    Format::Json => "application/x-ndjson",
-                    Format::Table => "text/plain; charset=utf-8",
-                };
-                text(StatusCode::OK, ct, body)
-            }
+            Ok((format, body)) => text(StatusCode::OK, content_type(format), body),
             Err(msg) => error(StatusCode::BAD_REQUEST, msg),
         },
         "/health" => text(
@@ -188,6 +202,13 @@ fn route(
             StatusCode::NOT_FOUND,
             format!("no {p} here: /, /metrics, /query, /connections, /health"),
         ),
+    }
+}
+
+fn content_type(format: Format) -> &'static str {
+    match format {
+        Format::Json => "application/x-ndjson",
+        Format::Table => "text/plain; charset=utf-8",
     }
 }
 
@@ -239,6 +260,7 @@ pub(super) fn run_query(raw: &str, shared: &Latest) -> Result<(Format, QueryResu
     let spec = QuerySpec::parse(&a).map_err(|e| e.to_string())?;
     let snap = shared.get();
     let result = match (spec.last, &snap.rollups) {
+        _ if snap.view.is_some() => snap.view.as_ref().expect("checked").query(&spec)?,
         (None, _) => spec.run(&snap.conns, origin(&snap.conns)),
         (Some(last), Some(r)) => lock(r).query(&spec, last),
         (Some(_), None) => {

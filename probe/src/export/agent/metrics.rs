@@ -131,11 +131,11 @@ impl fmt::Display for MetricLabels {
     }
 }
 
-type Labels = Vec<(String, String)>;
+pub type Labels = Vec<(String, String)>;
 
 /// Series of one metric, each with its labels and a constant value.
 #[derive(Debug)]
-struct Series<M>(Vec<(Labels, M)>);
+pub struct Series<M>(pub Vec<(Labels, M)>);
 
 impl<M: TypedMetric> TypedMetric for Series<M> {
     const TYPE: MetricType = M::TYPE;
@@ -210,11 +210,11 @@ impl EncodeMetric for RttHistogram {
     }
 }
 
-fn counter(v: u64) -> ConstCounter<u64> {
+pub fn counter(v: u64) -> ConstCounter<u64> {
     ConstCounter::new(v)
 }
 
-fn gauge(v: u64) -> ConstGauge<i64> {
+pub fn gauge(v: u64) -> ConstGauge<i64> {
     ConstGauge::new(v.min(i64::MAX as u64) as i64)
 }
 
@@ -437,6 +437,120 @@ fn export(reg: &mut Registry, s: &Snapshot) {
     );
 }
 
+/// Series of `flowprobe_listener_info` at most; more are counted.
+pub const MAX_LISTENERS: usize = 1000;
+
+/// The metrics-only way to tag a remote end: for each local address and
+/// port that answered a listed connection, its owner's tags, so that
+/// PromQL can join another agent's `dst_ip`/`dst_port` series to them
+/// (`* on (dst_ip, dst_port) group_left(owner_service) flowprobe_listener_info`).
+fn listeners(reg: &mut Registry, s: &Snapshot) {
+    if s.local_addrs.is_empty() {
+        return;
+    }
+    let mut seen: std::collections::BTreeMap<(&str, std::net::IpAddr, u16), Labels> =
+        std::collections::BTreeMap::new();
+    let mut dropped = 0u64;
+    for c in &s.conns {
+        if !s.local_addrs.contains(&c.dst) || c.dst_tags.is_empty() {
+            continue;
+        }
+        let k = (c.proto, c.dst, c.dport);
+        if seen.contains_key(&k) {
+            continue;
+        }
+        if seen.len() >= MAX_LISTENERS {
+            dropped += 1;
+            continue;
+        }
+        let tag = |t: &str| c.dst_tags.get(t).cloned().unwrap_or_default();
+        seen.insert(
+            k,
+            vec![
+                ("proto".to_owned(), c.proto.to_owned()),
+                ("dst_ip".to_owned(), c.dst.to_string()),
+                ("dst_port".to_owned(), c.dport.to_string()),
+                ("owner_service".to_owned(), tag("service")),
+                ("owner_process".to_owned(), tag("process")),
+                ("owner_container".to_owned(), tag("container")),
+                ("owner_host".to_owned(), tag("host")),
+            ],
+        );
+    }
+    reg.register(
+        "listener_info",
+        "1 per local address and port that answered a listed connection, labelled with its owner (for PromQL joins of other agents' dst_ip/dst_port series)",
+        Series(seen.into_values().map(|l| (l, gauge(1))).collect()),
+    );
+    reg.register(
+        "listener_info_dropped",
+        "Listeners not exported: more than 1000",
+        gauge(dropped),
+    );
+}
+
+/// `--fleet`: what was published, what waits in the spool, what it dropped.
+fn fleet(reg: &mut Registry, s: &Snapshot) {
+    let Some(f) = &s.fleet else { return };
+    reg.register(
+        "fleet_intervals",
+        "Fleet interval messages made (each goes to the spool)",
+        counter(f.intervals),
+    );
+    reg.register("fleet_rows", "Rows in those messages", counter(f.rows));
+    reg.register(
+        "fleet_folded_groups",
+        "Groups beyond --fleet-top, sent as their view's folded counters",
+        counter(f.folded_groups),
+    );
+    reg.register(
+        "fleet_foreign_groups",
+        "Groups with neither end on this host (forwarded traffic): not published",
+        counter(f.foreign_groups),
+    );
+    reg.register(
+        "fleet_endpoints",
+        "Endpoints (listeners seen serving) in this host's directory entries",
+        gauge(f.endpoints as u64),
+    );
+    reg.register(
+        "fleet_endpoints_dropped",
+        "Endpoints not put in the directory: more than 10000",
+        counter(f.endpoints_dropped),
+    );
+    let sp = &f.spool;
+    reg.register(
+        "fleet_spool_messages",
+        "Interval messages waiting for JetStream's acknowledgement",
+        gauge(sp.queued as u64),
+    );
+    reg.register(
+        "fleet_spool_max",
+        "The bound of those (--fleet-spool)",
+        gauge(sp.max as u64),
+    );
+    reg.register(
+        "fleet_spool_dropped",
+        "Interval messages dropped from a full spool (the fleet marks those intervals missing)",
+        counter(sp.dropped),
+    );
+    reg.register(
+        "fleet_published",
+        "Interval messages acknowledged by JetStream",
+        counter(sp.sent),
+    );
+    reg.register(
+        "fleet_publish_failures",
+        "Publishes and KV puts that failed and were tried again",
+        counter(sp.failures),
+    );
+    reg.register(
+        "fleet_connected",
+        "1 while the last publish to NATS worked",
+        gauge(u64::from(sp.connected)),
+    );
+}
+
 /// What undoing NAT did (when the step runs: not with --per-interface).
 fn nat(reg: &mut Registry, s: &Snapshot) {
     let Some(n) = &s.nat else { return };
@@ -617,6 +731,8 @@ fn encode_with(s: &Snapshot, labels: &MetricLabels, http: Option<&ServerStats>) 
     if let Some(h) = http {
         server(&mut reg, h);
     }
+    fleet(&mut reg, s);
+    listeners(&mut reg, s);
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, &reg)
         .expect("writing to a String cannot fail");
@@ -697,6 +813,9 @@ mod tests {
         Snapshot {
             rollups: None,
             retired_totals: None,
+            fleet: None,
+            view: None,
+            local_addrs: Vec::new(),
             bounds: Default::default(),
             nat: Some(flowtable::nat::NatStats {
                 translated: 1,
@@ -754,6 +873,9 @@ mod tests {
         let s = Snapshot {
             rollups: None,
             retired_totals: None,
+            fleet: None,
+            view: None,
+            local_addrs: Vec::new(),
             bounds: Default::default(),
             nat: None,
             export: None,
@@ -795,6 +917,9 @@ mod tests {
         let s = Snapshot {
             rollups: None,
             retired_totals: None,
+            fleet: None,
+            view: None,
+            local_addrs: Vec::new(),
             bounds: Default::default(),
             nat: None,
             export: Some(crate::export::jsonl::ExportStatus {
@@ -878,5 +1003,35 @@ mod tests {
         ] {
             assert_eq!(bad.parse::<MetricLabels>().unwrap_err().to_string(), msg);
         }
+    }
+
+    /// Local responders are listed with their owner's tags; remote ones
+    /// and untagged ones are not.
+    #[test]
+    fn listener_info_names_local_listeners_owners() {
+        let mut conns = crate::export::agent::tests::conns();
+        for c in &mut conns {
+            c.dst_tags
+                .insert("service".into(), format!("svc-{}", c.dport));
+            c.dst_tags.insert("host".into(), "b".into());
+        }
+        conns[0].dst = "10.9.9.9".parse().unwrap();
+        let s = Snapshot {
+            conns,
+            local_addrs: vec!["10.0.1.1".parse().unwrap()],
+            ..Snapshot::default()
+        };
+        let text = encode(&s, &MetricLabels::default());
+        let info: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("flowprobe_listener_info{"))
+            .collect();
+        assert_eq!(
+            info,
+            [
+                "flowprobe_listener_info{proto=\"tcp\",dst_ip=\"10.0.1.1\",dst_port=\"80\",owner_service=\"svc-80\",owner_process=\"\",owner_container=\"\",owner_host=\"b\"} 1",
+                "flowprobe_listener_info{proto=\"tcp\",dst_ip=\"10.0.1.1\",dst_port=\"443\",owner_service=\"svc-443\",owner_process=\"\",owner_container=\"\",owner_host=\"b\"} 1",
+            ]
+        );
     }
 }

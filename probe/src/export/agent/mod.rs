@@ -23,6 +23,7 @@ use flowtable::Connection;
 use flowtable::query::QueryResult;
 use flowtable::rollup::Rollups;
 
+use super::fleet::FleetStatus;
 use super::history::Bounds;
 use super::jsonl::ExportStatus;
 use crate::sources::Health;
@@ -45,8 +46,27 @@ pub struct Snapshot {
     /// `/metrics`' group sums of connections no longer listed.
     pub retired_totals: Option<Arc<QueryResult>>,
     pub bounds: Bounds,
+    /// `--fleet`: how publishing fares.
+    pub fleet: Option<FleetStatus>,
+    /// This host's addresses: the responders among them are listeners
+    /// (`flowprobe_listener_info`).
+    pub local_addrs: Vec<std::net::IpAddr>,
+    /// Set by `flowprobe fleet`: `/query`, `/metrics` and `/health` are
+    /// answered by it instead of from the fields above.
+    pub view: Option<Arc<dyn View>>,
     /// What undoing NAT did (`None`: the step is off).
     pub nat: Option<flowtable::nat::NatStats>,
+}
+
+/// What serves the routes when the answers are not one host's
+/// connections: the fleet process's joined intervals.
+pub trait View: Send + Sync {
+    /// The rows of `spec` (a `window` is refused with the reason).
+    fn query(&self, spec: &flowtable::query::QuerySpec) -> Result<QueryResult, String>;
+    /// The OpenMetrics text.
+    fn metrics(&self) -> String;
+    /// The JSON text of `/health`.
+    fn health(&self) -> String;
 }
 
 /// The latest snapshot, shared between the run loop and the server.

@@ -34,9 +34,21 @@ pub fn replay(
     stats: &mut FrameStats,
     decap: Decap,
 ) -> anyhow::Result<Vec<FileOutcome>> {
+    replay_timed(paths, table, stats, decap, &mut |_, _| {})
+}
+
+/// [`replay`], calling `before(table, ts_ns)` before each frame is counted:
+/// where a consumer of packet time (the fleet's intervals) reads the table.
+pub fn replay_timed(
+    paths: &[PathBuf],
+    table: &mut FlowTable,
+    stats: &mut FrameStats,
+    decap: Decap,
+    before: &mut dyn FnMut(&FlowTable, u64),
+) -> anyhow::Result<Vec<FileOutcome>> {
     paths
         .iter()
-        .map(|p| replay_file(p, table, stats, decap))
+        .map(|p| replay_file(p, table, stats, decap, before))
         .collect()
 }
 
@@ -45,6 +57,7 @@ fn replay_file(
     table: &mut FlowTable,
     stats: &mut FrameStats,
     decap: Decap,
+    before: &mut dyn FnMut(&FlowTable, u64),
 ) -> anyhow::Result<FileOutcome> {
     let file = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
     let len = file
@@ -75,10 +88,11 @@ fn replay_file(
         b
     });
 
-    let before = stats.frames;
+    let frames_before = stats.frames;
     let result = read_frames(
         data,
         |f| {
+            before(table, f.ts_ns);
             ingest::frame(
                 table, stats, f.ts_ns, f.iface, f.link, f.data, f.wire_len, decap,
             )
@@ -94,7 +108,7 @@ fn replay_file(
     }
     Ok(FileOutcome {
         path: path.to_path_buf(),
-        frames: stats.frames - before,
+        frames: stats.frames - frames_before,
         error: result.err(),
     })
 }

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# The fleet at scale (no root): a nats-server -js on a free loopback port
+# with its store in a temp dir, `flowprobe fleet` consuming, and
+# `fleet-load` publishing HOSTS simulated hosts × INTERVALS intervals of
+# ROWS rows each (docs/fleet.md's schema 1; half the rows have a
+# counterpart on another simulated host). Reports the publish rate, the
+# time until the fleet holds everything, the fleet's CPU seconds and peak
+# RSS, and the latency of `flowprobe query` (median of QUERIES) over the
+# joined window; the bounds in /metrics must show nothing refused.
+#
+#   bash bench/fleet.sh                       # 1000 hosts x 300 rows x 3
+#   HOSTS=200 ROWS=1000 INTERVALS=3 bash bench/fleet.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+HOSTS=${HOSTS:-1000}
+ROWS=${ROWS:-300}
+INTERVALS=${INTERVALS:-3}
+QUERIES=${QUERIES:-5}
+FP=${FP:-target/release/flowprobe}
+LOAD=${LOAD:-target/release/fleet-load}
+[ -x "$FP" ] || cargo build --release -q -p flowprobe
+[ -x "$LOAD" ] || cargo build --release -q -p flowprobe-bench --bin fleet-load
+command -v nats-server >/dev/null || { echo "needs nats-server (apt-get install nats-server)" >&2; exit 1; }
+
+tmp=$(mktemp -d /tmp/flowprobe-fleet-bench.XXXXXX)
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$tmp"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+NP=$(free_port)
+HP=$(free_port)
+nats-server -js -a 127.0.0.1 -p "$NP" -sd "$tmp/js" >"$tmp/nats.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$NP") 2>/dev/null && break; sleep 0.1; done
+
+"$FP" fleet --nats "nats://127.0.0.1:$NP" --listen "127.0.0.1:$HP" --window 3600 \
+    --max-hosts $((HOSTS + 10)) 2>"$tmp/fleet.err" &
+fleet=$!
+pids+=($fleet)
+get() { python3 -c "import sys,urllib.request; sys.stdout.write(urllib.request.urlopen('http://127.0.0.1:$HP$1', timeout=60).read().decode())"; }
+for _ in $(seq 100); do get /health >/dev/null 2>&1 && break; sleep 0.1; done
+# The fleet makes the stream when it connects.
+for _ in $(seq 100); do get /health 2>/dev/null | grep -q '"connected":true' && break; sleep 0.1; done
+
+cpu() { awk '{print ($14 + $15) / 100}' "/proc/$1/stat"; }
+cpu0=$(cpu "$fleet")
+t0=$(date +%s.%N)
+"$LOAD" --nats "nats://127.0.0.1:$NP" --hosts "$HOSTS" --rows "$ROWS" --intervals "$INTERVALS" | tee "$tmp/load.out"
+want=$((HOSTS * INTERVALS))
+while :; do
+    n=$(get /health | python3 -c 'import json,sys; print(json.load(sys.stdin)["stats"]["accepted"])')
+    [ "$n" -ge "$want" ] && break
+    sleep 0.2
+done
+t1=$(date +%s.%N)
+# The answer is rebuilt after the last message: wait until it is idle.
+sleep 2
+cpu1=$(cpu "$fleet")
+lat=()
+for _ in $(seq "$QUERIES"); do
+    s=$(date +%s.%N)
+    "$FP" query --agent "127.0.0.1:$HP" --src service --dst service --top 20 >/dev/null
+    e=$(date +%s.%N)
+    lat+=("$(echo "$e - $s" | bc)")
+done
+med=$(printf '%s\n' "${lat[@]}" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')
+rss=$(awk '/VmHWM/ {print $2 / 1024}' "/proc/$fleet/status")
+get /metrics >"$tmp/metrics"
+refused=$(grep -E '^flowprobe_fleet_(hosts_refused|too_old|endpoints_refused)_total |^flowprobe_fleet_rejected_total' "$tmp/metrics" | awk '{s += $2} END {print s + 0}')
+folded=$(awk '/^flowprobe_fleet_folded_groups / {print $2}' "$tmp/metrics")
+echo
+printf 'hosts %s, rows per message %s, intervals %s: %s rows\n' "$HOSTS" "$ROWS" "$INTERVALS" $((HOSTS * ROWS * INTERVALS))
+printf 'all consumed %.1f s after publishing began; fleet CPU %.1f s; fleet peak RSS %.0f MiB\n' \
+    "$(echo "$t1 - $t0" | bc)" "$(echo "$cpu1 - $cpu0" | bc)" "$rss"
+printf 'query --src service --dst service --top 20: median %.3f s of %s\n' "$med" "$QUERIES"
+printf 'refused or rejected: %s; groups folded by --max-groups: %s\n' "$refused" "$folded"
+[ "$refused" = 0 ] || { echo "FAIL: a bound refused messages" >&2; exit 1; }

@@ -154,11 +154,21 @@ fn check_once(
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+/// The NAT tests use the same addresses (and attribution looks at every
+/// namespace of the host, where the same 5-tuple in two test hosts is
+/// ambiguous): one at a time.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 #[test]
 fn nat_masquerade_and_dnat_are_one_connection_each() {
     if !enabled("live_tc") {
         return;
     }
+    let _one = one_at_a_time();
     natted("tc");
 }
 
@@ -168,6 +178,7 @@ fn nat_masquerade_and_dnat_are_one_connection_each_by_afpacket() {
     if !enabled("live_tc") {
         return;
     }
+    let _one = one_at_a_time();
     natted("afpacket");
 }
 
@@ -439,6 +450,7 @@ fn nat_unresolved_without_cap_net_admin_is_said() {
     if !enabled("live_tc") {
         return;
     }
+    let _one = one_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let ch = ContainerHost::build("noadmin", dir.path());
     let h = ch.host.name.as_str();

@@ -2,7 +2,7 @@
 //! userspace source: parse, then track and count.
 
 use flowtable::{FlowTable, FrameStats, Observation};
-use probe_common::{parse_frame_ex, Decap, Encap, LinkType};
+use probe_common::{parse_frame_ex, Decap, Encap, LinkType, Parsed};
 
 /// One frame as a source hands it over.
 pub struct Captured<'a> {
@@ -53,27 +53,57 @@ pub fn frame(
 
 pub fn captured(table: &mut FlowTable, stats: &mut FrameStats, c: &Captured) {
     stats.frames += 1;
+    if let Some((parsed, encap)) = parse(stats, c) {
+        count(table, stats, c, &parsed, &encap);
+    }
+}
+
+/// The parse half of [`captured`]: the frame's connection, or `None` with
+/// the reason counted in `stats` (which has counted the frame already).
+pub fn parse(stats: &mut FrameStats, c: &Captured) -> Option<(Parsed, Encap)> {
     let Some(link) = c.link else {
         stats.unsupported_link += 1;
-        return;
+        return None;
     };
     let mut encap = Encap::default();
     match parse_frame_ex(c.data, link, c.wire_len, &c.decap, &mut encap) {
-        Ok(parsed) => {
-            stats.tracked += 1;
-            let counted = table.observe(&Observation {
-                ts_ns: c.ts_ns,
-                iface: c.iface,
-                segs: segs(parsed.payload_len, c.gso_size),
-                parsed: &parsed,
-                encap: &encap,
-            });
-            if !counted {
-                stats.duplicate += 1;
-            }
+        Ok(parsed) => Some((parsed, encap)),
+        Err(why) => {
+            stats.skip(why);
+            None
         }
-        Err(why) => stats.skip(why),
     }
+}
+
+/// The count half of [`captured`]: a parsed frame into `table`.
+pub fn count(
+    table: &mut FlowTable,
+    stats: &mut FrameStats,
+    c: &Captured,
+    parsed: &Parsed,
+    encap: &Encap,
+) {
+    stats.tracked += 1;
+    let counted = table.observe(&Observation {
+        ts_ns: c.ts_ns,
+        iface: c.iface,
+        segs: segs(parsed.payload_len, c.gso_size),
+        parsed,
+        encap,
+    });
+    if !counted {
+        stats.duplicate += 1;
+    }
+}
+
+/// Which of `n` tables a parsed frame's connection belongs in: the same
+/// for both directions and every interface (the key without them).
+pub fn shard_of(parsed: &Parsed, n: usize) -> usize {
+    use std::hash::{Hash, Hasher};
+    let (key, _) = probe_common::ConnKey::of(&parsed.key, 0, 0);
+    let mut h = std::hash::DefaultHasher::new();
+    (key.lo, key.hi, key.lo_port, key.hi_port, key.proto).hash(&mut h);
+    (h.finish() % n.max(1) as u64) as usize
 }
 
 /// Wire segments of a super-packet: every segment but the last carries

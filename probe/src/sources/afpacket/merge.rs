@@ -1,5 +1,10 @@
 //! One connection list from the per-ring tables.
 //!
+//! Since a ring's reader puts every frame into the table of its connection
+//! (`ingest::shard_of`, whichever ring it came through), a connection is
+//! in one table and nothing below merges; it stays as the check that says
+//! so (`split` stays 0). What follows is why the rings alone would split.
+//!
 //! `PACKET_FANOUT_HASH` picks a ring by `__skb_get_hash_symmetric()`
 //! (net/packet/af_packet.c, `fanout_demux_hash`): the same hash for both
 //! directions of a 5-tuple, so every segment of a TCP connection, either

@@ -39,7 +39,7 @@ use ring::{Cursor, Frame, Ring};
 
 use crate::os::clock::realtime_ns;
 use crate::os::links::{Event, Link};
-use crate::sources::{AfpacketHealth, Health, KeyFeed, Links, Reading, Source};
+use crate::sources::{ingest, AfpacketHealth, Health, KeyFeed, Links, Reading, Source};
 
 /// One ring's table.
 #[derive(Default)]
@@ -201,7 +201,7 @@ impl Source for AfpacketSource {
             let w = std::thread::Builder::new()
                 .name(format!("afpacket-{i}"))
                 .spawn(move || {
-                    let res = read_ring(&rings[i], &shards[i], &done);
+                    let res = read_ring(&rings[i], &shards, i, &done);
                     if res.is_err() {
                         // Stop the run rather than count on with one ring fewer.
                         done.store(true, Ordering::Release);
@@ -263,8 +263,12 @@ impl Source for AfpacketSource {
 
 /// One ring's thread: waits for blocks and counts their frames, until
 /// `done`.
-fn read_ring(ring: &Ring, shard: &Mutex<Shard>, done: &AtomicBool) -> Result<()> {
+/// `home`: this ring's own table, where its frames without a connection
+/// are counted; a frame with one goes to the table of its connection
+/// ([`ingest::shard_of`]), whichever ring the kernel put it in.
+fn read_ring(ring: &Ring, shards: &[Mutex<Shard>], home: usize, done: &AtomicBool) -> Result<()> {
     let mut cur = Cursor::default();
+    let mut failed = false;
     loop {
         let stopping = done.load(Ordering::Acquire);
         if stopping {
@@ -276,10 +280,14 @@ fn read_ring(ring: &Ring, shard: &Mutex<Shard>, done: &AtomicBool) -> Result<()>
         } else {
             ring.wait(50)?;
         }
-        {
-            let mut sh = lock(shard)?;
-            let sh = &mut *sh;
-            ring.drain(&mut cur, |f| observe(sh, f));
+        let decap = lock(&shards[home])?.decap;
+        ring.drain(&mut cur, |f| {
+            if observe(shards, home, decap, f).is_err() {
+                failed = true;
+            }
+        });
+        if failed {
+            return Err(anyhow!("an AF_PACKET reader thread panicked"));
         }
         if stopping {
             return Ok(());
@@ -287,28 +295,41 @@ fn read_ring(ring: &Ring, shard: &Mutex<Shard>, done: &AtomicBool) -> Result<()>
     }
 }
 
-fn observe(sh: &mut Shard, f: &Frame) {
+/// One frame into the table of its connection. The kernel's fanout hash
+/// keeps a plain connection's two directions in one ring, but not a
+/// tunnelled one's: the outer headers differ per direction (a VXLAN
+/// sender picks its UDP source port from the inner flow's one-way hash),
+/// so its directions can arrive in two rings. Each direction of a
+/// connection still comes through one ring, in order.
+fn observe(shards: &[Mutex<Shard>], home: usize, decap: Decap, f: &Frame) -> Result<()> {
     // On a loopback interface every packet is seen twice: leaving
     // (PACKET_OUTGOING) and coming back in (PACKET_HOST). Counting both
     // would count it twice, the second time as a retransmission. Keep the
     // incoming copy: the one tc ingress, the tc backend's only hook on lo,
     // sees too.
     if f.hatype == libc::ARPHRD_LOOPBACK && f.pkttype == libc::PACKET_OUTGOING {
-        return;
+        return Ok(());
     }
-    crate::sources::ingest::captured(
-        &mut sh.table,
-        &mut sh.frames,
-        &crate::sources::ingest::Captured {
-            ts_ns: f.ts_ns,
-            iface: f.ifindex,
-            link: f.link(),
-            data: f.data,
-            wire_len: f.wire_len,
-            gso_size: f.gso_size.into(),
-            decap: sh.decap,
-        },
-    );
+    let c = ingest::Captured {
+        ts_ns: f.ts_ns,
+        iface: f.ifindex,
+        link: f.link(),
+        data: f.data,
+        wire_len: f.wire_len,
+        gso_size: f.gso_size.into(),
+        decap,
+    };
+    let parsed = {
+        let mut sh = lock(&shards[home])?;
+        sh.frames.frames += 1;
+        ingest::parse(&mut sh.frames, &c)
+    };
+    if let Some((p, encap)) = parsed {
+        let mut sh = lock(&shards[ingest::shard_of(&p, shards.len())])?;
+        let sh = &mut *sh;
+        ingest::count(&mut sh.table, &mut sh.frames, &c, &p, &encap);
+    }
+    Ok(())
 }
 
 fn lock(m: &Mutex<Shard>) -> Result<std::sync::MutexGuard<'_, Shard>> {

@@ -52,6 +52,7 @@ pub fn run(s: RunSettings) -> Result<()> {
     // for as long as an idle connection can stay listed.
     let enrich = enrich::start(
         source.key_feed(),
+        source.owner_feed(),
         s.idle_timeout + s.keep_ended + Duration::from_secs(60),
     );
     let counted = source.start(&all).and_then(|()| {
@@ -80,6 +81,7 @@ fn open_source(s: &RunSettings) -> Result<Box<dyn Source>> {
             object: s.ebpf_object.clone(),
             capacity: s.capacity,
             per_iface: s.per_interface,
+            owners: hook == Hook::Tc && enrich::enabled(),
             closed_timeout: s.closed_timeout,
             idle_timeout: s.idle_timeout,
             keep_ended: s.keep_ended,

@@ -83,7 +83,10 @@ fn five_hundred_interfaces_come_and_go_without_leaks() {
             || attached() == Some(1),
         );
         after.push((fds(pid), rss_kb(pid)));
-        eprintln!("round {round}: {} fds, RSS {} kB", after[round].0, after[round].1);
+        eprintln!(
+            "round {round}: {} fds, RSS {} kB",
+            after[round].0, after[round].1
+        );
     }
     let ((fd1, rss1), (fd2, rss2)) = (after[0], after[1]);
     assert_eq!(fd2, fd1, "descriptors leaked between rounds");

@@ -16,6 +16,7 @@
 
 mod cgroupid;
 mod host;
+mod owners;
 mod procfs;
 mod procnet;
 mod sockdiag;
@@ -32,7 +33,7 @@ use probe_common::ConnKey;
 use self::host::ProcHost;
 use crate::os::caps::{self, CapSet};
 use crate::os::clock::{monotonic_ns, thread_cpu_ns};
-use crate::sources::KeyFeed;
+use crate::sources::{KeyFeed, OwnerFeed};
 
 /// Between passes. A connection that opens and closes within one interval
 /// can be missed; 20 ms sees a 50 ms connection twice or more.
@@ -53,6 +54,8 @@ pub const DUMP_EVERY_WITHOUT_MAP: Duration = Duration::from_secs(1);
 struct State {
     resolver: Mutex<Resolver<ProcHost>>,
     cgroups: Mutex<cgroupid::CgroupIds>,
+    owners: Mutex<owners::Owners>,
+    owner_feed: Mutex<Option<OwnerFeed>>,
     stop: AtomicBool,
     /// Thread CPU time spent in passes, ns.
     cpu_ns: AtomicU64,
@@ -76,8 +79,12 @@ pub struct Attribution {
 /// feed (the eBPF source) it follows the source's connections as they
 /// appear; without (AF_PACKET) it dumps every socket each
 /// [`DUMP_EVERY_WITHOUT_MAP`] and looks up what each report holds.
-pub fn start(feed: Option<KeyFeed>, forget_after: Duration) -> Attribution {
-    if std::env::var("FLOWPROBE_ATTRIB").as_deref() == Ok("off") {
+pub fn start(
+    feed: Option<KeyFeed>,
+    owner_feed: Option<OwnerFeed>,
+    forget_after: Duration,
+) -> Attribution {
+    if !enabled() {
         return Attribution {
             shared: None,
             thread: None,
@@ -107,6 +114,8 @@ pub fn start(feed: Option<KeyFeed>, forget_after: Duration) -> Attribution {
     let shared = Arc::new(State {
         resolver: Mutex::new(Resolver::new(host, opts)),
         cgroups: Mutex::new(cgroupid::CgroupIds::default()),
+        owners: Mutex::new(owners::Owners::default()),
+        owner_feed: Mutex::new(owner_feed),
         stop: AtomicBool::new(false),
         cpu_ns: AtomicU64::new(0),
         passes: AtomicU64::new(0),
@@ -118,7 +127,15 @@ pub fn start(feed: Option<KeyFeed>, forget_after: Duration) -> Attribution {
         .name("attrib".to_owned())
         .spawn(move || {
             let (mut keys, mut seen) = (Vec::new(), Vec::new());
+            let mut next_pass = Instant::now();
             while !s.stop.load(Ordering::Relaxed) {
+                let draining = drain_owners(&s);
+                let now = Instant::now();
+                if now < next_pass {
+                    std::thread::park_timeout((next_pass - now).min(owners::DRAIN_EVERY));
+                    continue;
+                }
+                next_pass = now + interval;
                 let t0 = thread_cpu_ns();
                 keys.clear();
                 seen.clear();
@@ -132,7 +149,9 @@ pub fn start(feed: Option<KeyFeed>, forget_after: Duration) -> Attribution {
                 s.cpu_ns
                     .fetch_add(thread_cpu_ns().saturating_sub(t0), Ordering::Relaxed);
                 pass(&s, &mut lock(&s.resolver), &seen);
-                std::thread::park_timeout(interval);
+                if !draining {
+                    std::thread::park_timeout(interval);
+                }
             }
         })
         .map_err(|e| eprintln!("flowprobe: attribution: cannot start its thread: {e}"))
@@ -141,6 +160,11 @@ pub fn start(feed: Option<KeyFeed>, forget_after: Duration) -> Attribution {
         shared: Some(shared),
         thread,
     }
+}
+
+/// Attribution runs (`FLOWPROBE_ATTRIB` is not `off`).
+pub fn enabled() -> bool {
+    std::env::var("FLOWPROBE_ATTRIB").as_deref() != Ok("off")
 }
 
 /// What attribution cannot do with the capabilities `have` (unknown: all
@@ -175,6 +199,29 @@ fn partial(have: Option<CapSet>, dump_every: Duration) -> Option<String> {
     })
 }
 
+/// Turns the socket owners recorded since the last call into owners;
+/// false when there is no feed (any more).
+fn drain_owners(s: &State) -> bool {
+    let mut feed = lock(&s.owner_feed);
+    let Some(f) = feed.as_mut() else {
+        return false;
+    };
+    let t0 = thread_cpu_ns();
+    let mut recs = Vec::new();
+    if let Err(e) = f(&mut recs) {
+        eprintln!("flowprobe: attribution: socket owners: {e:#}");
+        *feed = None;
+    }
+    drop(feed);
+    if !recs.is_empty() {
+        let mut r = lock(&s.resolver);
+        lock(&s.owners).ingest(&recs, &mut r, &mut lock(&s.cgroups));
+    }
+    s.cpu_ns
+        .fetch_add(thread_cpu_ns().saturating_sub(t0), Ordering::Relaxed);
+    true
+}
+
 /// One resolver pass, timed in thread CPU time; failures said once each.
 fn pass(s: &State, r: &mut Resolver<ProcHost>, seen: &[Tuple]) {
     let t0 = thread_cpu_ns();
@@ -205,10 +252,14 @@ impl Attribution {
         let Some(s) = &self.shared else {
             return;
         };
+        drain_owners(s);
         let seen = tuples(conns);
         let mut r = lock(&s.resolver);
         pass(s, &mut r, &seen);
         r.tag(conns);
+        // Ends no pass found a process for: the owner the kernel recorded
+        // for their socket at connect time.
+        lock(&s.owners).tag(&r, conns);
         // Ends the resolver found no process for: their container from the
         // cgroup id the tc program saw on the socket.
         lock(&s.cgroups).tag(conns);
@@ -223,6 +274,7 @@ impl Attribution {
         self.tag(retired);
         if let Some(s) = &self.shared {
             lock(&s.resolver).forget(&tuples(retired));
+            lock(&s.owners).forget(retired);
         }
     }
 }
@@ -293,6 +345,11 @@ impl Drop for Attribution {
                 t.full_scans,
                 t.errors,
                 lock(&s.resolver).denied,
+            );
+            let o = lock(&s.owners);
+            eprintln!(
+                "flowprobe: attribution: {} socket owners recorded at connect, {} of processes gone before read, {} forgotten for room",
+                o.recorded, o.gone, o.evicted
             );
         }
     }

@@ -3,6 +3,7 @@
 //! about connections.
 
 pub mod caps;
+pub mod cgroup2;
 pub mod clock;
 pub mod clsact;
 pub mod links;

@@ -17,6 +17,7 @@ pub mod ingest;
 
 use anyhow::Result;
 use flowtable::{Connection, FrameStats};
+use probe_common::owner::SockOwner;
 use probe_common::ConnKey;
 
 use crate::os::links::{Event, Link};
@@ -40,10 +41,19 @@ pub trait Source {
     /// between ticks (a connection may open and close between two), read on
     /// enrichment's own thread. `None`: it has no cheap way to list them.
     fn key_feed(&self) -> Option<KeyFeed>;
+    /// The socket owners the kernel recorded at connect or first send
+    /// (the eBPF source's cgroup programs), handed over once, for
+    /// enrichment's thread to drain. `None`: the source has none.
+    fn owner_feed(&mut self) -> Option<OwnerFeed> {
+        None
+    }
 }
 
 /// Appends the keys a source holds now.
 pub type KeyFeed = Box<dyn FnMut(&mut Vec<ConnKey>) -> Result<()> + Send>;
+
+/// Appends the socket owners recorded since the last call.
+pub type OwnerFeed = Box<dyn FnMut(&mut Vec<SockOwner>) -> Result<()> + Send>;
 
 /// What changed in the namespace's interfaces.
 pub enum Links<'a> {

@@ -167,6 +167,12 @@ pub fn enabled() -> bool {
     std::env::var("FLOWPROBE_ATTRIB").as_deref() != Ok("off")
 }
 
+/// The socket-owner programs are wanted (`FLOWPROBE_ATTRIB_CONNECT` is not
+/// `off`; off, for benchmarks, ends are found by sock_diag only).
+pub fn at_connect() -> bool {
+    std::env::var("FLOWPROBE_ATTRIB_CONNECT").as_deref() != Ok("off")
+}
+
 /// What attribution cannot do with the capabilities `have` (unknown: all
 /// of them, for lack of a better guess), in one line; `None` when it lacks
 /// nothing. Said once at start: the denials themselves are only counted.

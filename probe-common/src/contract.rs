@@ -40,8 +40,9 @@ pub const BASELINE_PROGRAM: &str = "flowprobe_tc_baseline";
 /// Socket owners recorded by the cgroup programs at connect or first send
 /// (a ring buffer of [`crate::owner::SockOwner`]s, drained by userspace).
 pub const OWNERS: &str = "OWNERS";
-/// Sockets whose owner was recorded already (LRU hash, cookie → 0): the
-/// first `sendmsg` of a socket is recorded, not every datagram.
+/// Per socket (socket-local storage, `u32`), non-zero once its owner was
+/// recorded: the first `sendmsg` of a socket is recorded, not every
+/// datagram.
 pub const OWNER_SEEN: &str = "OWNER_SEEN";
 /// Per-CPU `u64` counters of owner records (`crate::owner::OWNER_STAT_*`).
 pub const OWNER_STATS: &str = "OWNER_STATS";

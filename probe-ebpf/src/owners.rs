@@ -15,7 +15,7 @@ use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use aya_ebpf::{
     bindings::bpf_sock_addr,
-    btf_maps::{LruHashMap, PerCpuArray, RingBuf},
+    btf_maps::{PerCpuArray, RingBuf, SkStorage},
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         generated::{
@@ -39,11 +39,13 @@ use probe_common::{
 #[btf_map]
 static OWNERS: RingBuf<SockOwner, { 1 << 20 }> = RingBuf::new();
 
-/// Sockets already recorded (by cookie): an unconnected UDP socket is
-/// recorded at its first `sendmsg`, not at every datagram. LRU: a socket
-/// forgotten here is recorded again, which costs a record, never an owner.
+/// Per socket, non-zero once its owner was recorded by `sendmsg`: an
+/// unconnected UDP socket is recorded at its first datagram, not at every
+/// one. Socket-local storage: freed with the socket, nothing to evict.
+/// (`connect` records every time: a connected socket's sends do not run
+/// the `sendmsg` hook.)
 #[btf_map]
-static OWNER_SEEN: LruHashMap<u64, u8, 65536> = LruHashMap::new();
+static OWNER_SEEN: SkStorage<u32> = SkStorage::new();
 
 /// `OWNER_STAT_RECORDED`, `OWNER_STAT_DROPPED`.
 #[btf_map]
@@ -94,16 +96,16 @@ fn record(ctx: *mut bpf_sock_addr, kind: u8, family: u8) {
     // SAFETY: the program's own context, valid while it runs; `sk` is
     // never null in these hooks, checked anyway.
     unsafe {
-        let cookie = bpf_get_socket_cookie(ctx.cast());
         if kind == OWNER_SENDMSG {
-            if OWNER_SEEN.get_ptr(cookie).is_some() {
-                return;
+            let seen = OWNER_SEEN.get_or_insert_ptr_mut(&SockAddrContext::new(ctx), None);
+            if !seen.is_null() {
+                if *seen != 0 {
+                    return;
+                }
+                *seen = 1;
             }
-            let _ = OWNER_SEEN.insert(cookie, 0, 0);
-        } else {
-            // A later unconnected send on this socket needs no record.
-            let _ = OWNER_SEEN.insert(cookie, 0, 0);
         }
+        let cookie = bpf_get_socket_cookie(ctx.cast());
         let Some(mut e) = OWNERS.reserve(0) else {
             stat(OWNER_STAT_DROPPED);
             return;

@@ -121,6 +121,19 @@ pub struct EbpfHealth {
     /// Packets the program saw: tracked, or skipped by reason.
     pub stats: FrameStats,
     pub table: TableHealth,
+    /// The socket-owner programs' records; `None` when they are not
+    /// attached.
+    pub owners: Option<OwnerHealth>,
+}
+
+/// What the socket-owner programs (cgroup/connect, sendmsg) recorded.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OwnerHealth {
+    /// Sockets whose owner was recorded.
+    pub recorded: u64,
+    /// Records the ring buffer had no room for: those sockets are found by
+    /// sock_diag only.
+    pub dropped: u64,
 }
 
 /// The kernel's connection table.

@@ -71,6 +71,8 @@ pub struct EbpfSource {
     next_drain: Instant,
     /// The socket-owner programs' ring, until enrichment takes it.
     owners: Option<owners::OwnerRing>,
+    /// The socket-owner programs are attached: their counters are read.
+    owners_attached: bool,
 }
 
 /// Loads the program and maps its table; attaches nothing yet.
@@ -118,6 +120,7 @@ pub fn open(opts: &Options) -> Result<EbpfSource> {
         table,
         drainer,
         next_drain,
+        owners_attached: owners.is_some(),
         owners,
     })
 }
@@ -140,6 +143,11 @@ impl EbpfSource {
                 xdp_modes: self.att.xdp_modes.clone(),
                 stats: stats::frames(&self.ebpf)?,
                 table: stats::table(&self.ebpf, entries, self.capacity)?,
+                owners: if self.owners_attached {
+                    Some(stats::owners(&self.ebpf)?)
+                } else {
+                    None
+                },
             }),
         })
     }

@@ -65,6 +65,12 @@ impl CgroupIds {
         }
     }
 
+    /// Remembers `id`'s path without walking (tests).
+    #[cfg(test)]
+    pub fn insert(&mut self, id: u64, path: &str) {
+        self.paths.insert(id, Some(path.to_owned()));
+    }
+
     /// The cgroup's path in the unified hierarchy (`/a/b`), walking it for
     /// an id not seen before.
     pub fn path_of(&mut self, id: u64) -> Option<String> {

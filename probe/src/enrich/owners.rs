@@ -146,3 +146,144 @@ fn fill<H: Host>(
     tags.remove(UNATTRIBUTED);
     tags.extend(r.owner_tags(o, port));
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+
+    use flowtable::attrib::{Netns, Options, SocketEntry, Tuple};
+    use flowtable::DirStats;
+
+    use super::*;
+
+    /// A host with one live process, 10, in a docker-shaped cgroup.
+    struct OneProcess;
+
+    const ID: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    impl Host for OneProcess {
+        fn namespaces(&mut self) -> io::Result<Vec<Netns>> {
+            Ok(Vec::new())
+        }
+        fn sockets(&mut self, _: &Netns) -> io::Result<Vec<SocketEntry>> {
+            Ok(Vec::new())
+        }
+        fn lookup(&mut self, _: &Netns, _: &Tuple) -> io::Result<Option<SocketEntry>> {
+            Ok(None)
+        }
+        fn socket_inodes(&mut self, _: u32) -> io::Result<Vec<u64>> {
+            Ok(Vec::new())
+        }
+        fn process(&mut self, pid: u32) -> io::Result<ProcessInfo> {
+            if pid != 10 {
+                return Err(io::ErrorKind::NotFound.into());
+            }
+            Ok(ProcessInfo {
+                pid,
+                comm: "checkout".to_owned(),
+                cmdline: vec!["checkout".to_owned(), "--fast".to_owned()],
+                uid: 1000,
+                cgroup: format!("0::/system.slice/docker-{ID}.scope\n"),
+                env: vec![("OTEL_SERVICE_NAME".to_owned(), "shop".to_owned())],
+                ..ProcessInfo::default()
+            })
+        }
+        fn user_name(&mut self, _: u32) -> Option<String> {
+            None
+        }
+        fn host_name(&mut self) -> Option<String> {
+            Some("node1".to_owned())
+        }
+    }
+
+    fn record(cookie: u64, tgid: u32, comm: &[u8]) -> SockOwner {
+        let mut r = SockOwner {
+            cookie,
+            cgroup_id: 77,
+            tgid,
+            tid: tgid,
+            uid: 1000,
+            ..SockOwner::default()
+        };
+        r.comm[..comm.len()].copy_from_slice(comm);
+        r
+    }
+
+    fn conn(src_cookie: u64, src_tags: &[(&str, &str)]) -> Connection {
+        let mut tags: BTreeMap<String, String> = src_tags
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        tags.insert(SOCKET_COOKIE.to_owned(), src_cookie.to_string());
+        Connection {
+            proto: "tcp",
+            src: [10, 0, 0, 2].into(),
+            sport: 40000,
+            dst: [10, 0, 0, 1].into(),
+            dport: 80,
+            iface: 0,
+            first_seen: 0,
+            last_seen: 0,
+            sent: DirStats::default(),
+            received: DirStats::default(),
+            rtt: None,
+            src_tags: tags,
+            dst_tags: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn an_end_takes_the_owner_its_socket_recorded_live_or_gone() {
+        let mut r = Resolver::new(OneProcess, Options::default());
+        let mut cg = CgroupIds::default();
+        cg.insert(77, &format!("/system.slice/docker-{ID}.scope"));
+        let mut o = Owners::default();
+        // Process 10 is read whole; 11 is gone: what the kernel recorded,
+        // the container from the cgroup id, the service 10 declared there.
+        o.ingest(
+            &[
+                record(1, 10, b"checkout"),
+                record(2, 11, b"worker"),
+                record(1, 10, b"x"),
+            ],
+            &mut r,
+            &mut cg,
+        );
+        assert_eq!((o.recorded, o.gone), (3, 1));
+        let mut conns = [
+            conn(1, &[(UNATTRIBUTED, "no_socket")]),
+            conn(2, &[]),
+            conn(3, &[(UNATTRIBUTED, "no_socket")]),
+            conn(1, &[("pid", "5")]),
+        ];
+        o.tag(&r, &mut conns);
+        let t = &conns[0].src_tags;
+        assert_eq!(t.get("pid").map(String::as_str), Some("10"));
+        assert_eq!(
+            t.get("cmdline").map(String::as_str),
+            Some("checkout --fast")
+        );
+        assert_eq!(t.get("service").map(String::as_str), Some("shop"));
+        assert_eq!(t.get("container").map(String::as_str), Some(ID));
+        assert!(!t.contains_key(UNATTRIBUTED));
+        let t = &conns[1].src_tags;
+        assert_eq!(t.get("pid").map(String::as_str), Some("11"));
+        assert_eq!(t.get("process").map(String::as_str), Some("worker"));
+        assert_eq!(t.get("service").map(String::as_str), Some("shop"));
+        assert_eq!(t.get("container").map(String::as_str), Some(ID));
+        assert_eq!(t.get("runtime").map(String::as_str), Some("docker"));
+        assert_eq!(t.get("host").map(String::as_str), Some("node1"));
+        // Not recorded: left as it was; found by a pass: kept.
+        assert_eq!(
+            conns[2].src_tags.get(UNATTRIBUTED).map(String::as_str),
+            Some("no_socket")
+        );
+        assert_eq!(conns[3].src_tags.get("pid").map(String::as_str), Some("5"));
+        assert!(!conns[3].src_tags.contains_key("service"));
+
+        o.forget(&conns[..1]);
+        let mut again = [conn(1, &[])];
+        o.tag(&r, &mut again);
+        assert!(!again[0].src_tags.contains_key("pid"));
+    }
+}

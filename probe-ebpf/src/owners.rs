@@ -35,9 +35,11 @@ use probe_common::{
 };
 
 /// Room for about 10000 records between two drains (userspace drains
-/// every 10 ms).
+/// every 10 ms). Of no value type (records are reserved as
+/// [`SockOwner`]s): libbpf, as `tc` and `bpftool` load the object, wants a
+/// ring buffer's value size to be 0.
 #[btf_map]
-static OWNERS: RingBuf<SockOwner, { 1 << 20 }> = RingBuf::new();
+static OWNERS: RingBuf<(), { 1 << 20 }> = RingBuf::new();
 
 /// Per socket, non-zero once its owner was recorded by `sendmsg`: an
 /// unconnected UDP socket is recorded at its first datagram, not at every
@@ -106,7 +108,7 @@ fn record(ctx: *mut bpf_sock_addr, kind: u8, family: u8) {
             }
         }
         let cookie = bpf_get_socket_cookie(ctx.cast());
-        let Some(mut e) = OWNERS.reserve(0) else {
+        let Some(mut e) = OWNERS.reserve_untyped::<SockOwner>(0) else {
             stat(OWNER_STAT_DROPPED);
             return;
         };

@@ -102,7 +102,7 @@ pub fn start(
     } else {
         DUMP_EVERY_WITHOUT_MAP
     };
-    if let Some(line) = partial(CapSet::effective().ok(), dump_every) {
+    if let Some(line) = partial(CapSet::effective().ok(), dump_every, owner_feed.is_some()) {
         eprintln!("flowprobe: {line}");
     }
     let opts = Options {
@@ -176,7 +176,7 @@ pub fn at_connect() -> bool {
 /// What attribution cannot do with the capabilities `have` (unknown: all
 /// of them, for lack of a better guess), in one line; `None` when it lacks
 /// nothing. Said once at start: the denials themselves are only counted.
-fn partial(have: Option<CapSet>, dump_every: Duration) -> Option<String> {
+fn partial(have: Option<CapSet>, dump_every: Duration, at_connect: bool) -> Option<String> {
     let lacks = |c: &[caps::Cap]| -> Vec<caps::Cap> {
         c.iter()
             .copied()
@@ -187,8 +187,13 @@ fn partial(have: Option<CapSet>, dump_every: Duration) -> Option<String> {
     let procs = lacks(&[caps::SYS_PTRACE, caps::DAC_READ_SEARCH]);
     if !procs.is_empty() {
         parts.push(format!(
-            "without {} the sockets of other users' processes are not joined to them",
-            caps::names(&procs)
+            "without {} the sockets of other users' processes are not joined to them{}",
+            caps::names(&procs),
+            if at_connect {
+                " (but for those they connect while it runs, named from what the kernel recorded: pid, process, container)"
+            } else {
+                ""
+            }
         ));
     }
     if !lacks(&[caps::SYS_ADMIN]).is_empty() {
@@ -369,18 +374,18 @@ mod tests {
     fn says_what_partial_attribution_lacks() {
         let set = |c: &[caps::Cap]| Some(CapSet(c.iter().map(|c| 1 << c.bit).sum()));
         let all = [caps::SYS_PTRACE, caps::DAC_READ_SEARCH, caps::SYS_ADMIN];
-        assert_eq!(partial(set(&all), DUMP_EVERY), None);
+        assert_eq!(partial(set(&all), DUMP_EVERY, false), None);
         assert_eq!(
-            partial(set(&all[..2]), DUMP_EVERY).unwrap(),
+            partial(set(&all[..2]), DUMP_EVERY, false).unwrap(),
             "attribution is partial: without CAP_SYS_ADMIN sockets in other network namespaces are seen only by the dumps every 10 s (docs/service.md)"
         );
-        let none = partial(None, DUMP_EVERY_WITHOUT_MAP).unwrap();
+        let none = partial(None, DUMP_EVERY_WITHOUT_MAP, false).unwrap();
         assert!(
             none.contains("without CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH the sockets")
                 && none.contains("CAP_SYS_ADMIN sockets in other network namespaces are seen only by the dumps every 1 s"),
             "{none}"
         );
-        assert!(partial(set(&all[1..]), DUMP_EVERY)
+        assert!(partial(set(&all[1..]), DUMP_EVERY, true)
             .unwrap()
             .contains("without CAP_SYS_PTRACE the"));
     }

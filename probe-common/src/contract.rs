@@ -54,12 +54,15 @@ pub const CONNECT4_PROGRAM: &str = "flowprobe_connect4";
 pub const CONNECT6_PROGRAM: &str = "flowprobe_connect6";
 pub const SENDMSG4_PROGRAM: &str = "flowprobe_sendmsg4";
 pub const SENDMSG6_PROGRAM: &str = "flowprobe_sendmsg6";
+/// `sock_ops`: a TCP socket's 4-tuple once `connect` chose its port.
+pub const SOCKOPS_PROGRAM: &str = "flowprobe_sockops";
 /// Every owner program.
-pub const OWNER_PROGRAMS: [&str; 4] = [
+pub const OWNER_PROGRAMS: [&str; 5] = [
     CONNECT4_PROGRAM,
     CONNECT6_PROGRAM,
     SENDMSG4_PROGRAM,
     SENDMSG6_PROGRAM,
+    SOCKOPS_PROGRAM,
 ];
 
 /// `u32`: [`CONNS`]'s slot count − 1 (a power of two − 1).

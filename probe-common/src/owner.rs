@@ -11,6 +11,12 @@ pub const OWNER_CONNECT: u8 = 1;
 /// UDP) of a socket.
 pub const OWNER_SENDMSG: u8 = 2;
 
+/// [`SockOwner::kind`]: a TCP socket's addresses once `connect` chose its
+/// local port (`sock_ops` `BPF_SOCK_OPS_TCP_CONNECT_CB`): only `cookie`,
+/// `proto`, `family` and the addresses are set; userspace adds the tuple to
+/// the owner the same cookie's [`OWNER_CONNECT`] record gave.
+pub const OWNER_TUPLE: u8 = 3;
+
 /// One socket's owner, as the kernel saw it at connect or first send.
 /// Addresses are IPv4-mapped IPv6 for IPv4 (as [`crate::FlowKey`]), in
 /// network order; ports in host order (`local_port` 0 when the socket had
@@ -29,7 +35,7 @@ pub struct SockOwner {
     pub tid: u32,
     /// Real uid of the caller.
     pub uid: u32,
-    /// [`OWNER_CONNECT`] or [`OWNER_SENDMSG`].
+    /// [`OWNER_CONNECT`], [`OWNER_SENDMSG`] or [`OWNER_TUPLE`].
     pub kind: u8,
     /// IPPROTO_TCP or IPPROTO_UDP.
     pub proto: u8,

@@ -14,7 +14,7 @@
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use aya_ebpf::{
-    bindings::bpf_sock_addr,
+    bindings::{bpf_sock_addr, bpf_sock_ops, BPF_SOCK_OPS_TCP_CONNECT_CB},
     btf_maps::{PerCpuArray, RingBuf, SkStorage},
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
@@ -23,13 +23,13 @@ use aya_ebpf::{
             bpf_get_socket_cookie,
         },
     },
-    macros::{btf_map, cgroup_sock_addr},
-    programs::SockAddrContext,
+    macros::{btf_map, cgroup_sock_addr, sock_ops},
+    programs::{SockAddrContext, SockOpsContext},
 };
 use probe_common::{
     contract,
     owner::{
-        SockOwner, OWNER_CONNECT, OWNER_SENDMSG, OWNER_STATS_LEN, OWNER_STAT_DROPPED,
+        SockOwner, OWNER_CONNECT, OWNER_SENDMSG, OWNER_TUPLE, OWNER_STATS_LEN, OWNER_STAT_DROPPED,
         OWNER_STAT_RECORDED,
     },
 };
@@ -60,6 +60,51 @@ named!(fn flowprobe_connect4, contract::CONNECT4_PROGRAM);
 named!(fn flowprobe_connect6, contract::CONNECT6_PROGRAM);
 named!(fn flowprobe_sendmsg4, contract::SENDMSG4_PROGRAM);
 named!(fn flowprobe_sendmsg6, contract::SENDMSG6_PROGRAM);
+named!(fn flowprobe_sockops, contract::SOCKOPS_PROGRAM);
+
+/// A TCP socket's addresses once `connect` chose its local port, for the
+/// join by 4-tuple where the tc program did not see the socket.
+#[sock_ops]
+pub fn flowprobe_sockops(ctx: SockOpsContext) -> u32 {
+    if ctx.op() == BPF_SOCK_OPS_TCP_CONNECT_CB {
+        tuple(ctx.ops);
+    }
+    1
+}
+
+#[inline(always)]
+fn tuple(ops: *mut bpf_sock_ops) {
+    let Some(mut e) = OWNERS.reserve_untyped::<SockOwner>(0) else {
+        stat(OWNER_STAT_DROPPED);
+        return;
+    };
+    // SAFETY: the program's own context; `o` the reserved record.
+    unsafe {
+        let o = e.as_mut_ptr();
+        o.write_bytes(0, 1);
+        (*o).cookie = bpf_get_socket_cookie(ops.cast());
+        (*o).kind = OWNER_TUPLE;
+        (*o).proto = 6;
+        (*o).local_port = (*ops).local_port as u16;
+        // Network order in the upper half (the kernel shifts it there for
+        // sock_ops, unlike every other context).
+        (*o).remote_port = u16::from_be(((*ops).remote_port >> 16) as u16);
+        let remote = (&raw mut (*o).remote).cast::<u32>();
+        let local = (&raw mut (*o).local).cast::<u32>();
+        if (*ops).family == 2 {
+            (*o).family = 4;
+            put_mapped(remote, (*ops).remote_ip4);
+            put_mapped(local, (*ops).local_ip4);
+        } else {
+            (*o).family = 6;
+            for i in 0..4 {
+                remote.add(i).write((*ops).remote_ip6[i]);
+                local.add(i).write((*ops).local_ip6[i]);
+            }
+        }
+    }
+    e.submit(0);
+}
 
 #[cgroup_sock_addr(connect4)]
 pub fn flowprobe_connect4(ctx: SockAddrContext) -> i32 {

@@ -81,7 +81,7 @@ fn open_source(s: &RunSettings) -> Result<Box<dyn Source>> {
             object: s.ebpf_object.clone(),
             capacity: s.capacity,
             per_iface: s.per_interface,
-            owners: hook == Hook::Tc && enrich::enabled() && enrich::at_connect(),
+            owners: enrich::enabled() && enrich::at_connect(),
             closed_timeout: s.closed_timeout,
             idle_timeout: s.idle_timeout,
             keep_ended: s.keep_ended,

@@ -12,12 +12,13 @@
 //! pass.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use flowtable::attrib::{Host, Owner, ProcessInfo, Resolver, SERVICE_ENV, UNATTRIBUTED};
 use flowtable::Connection;
-use probe_common::owner::SockOwner;
+use probe_common::owner::{SockOwner, OWNER_TUPLE};
 
 use super::cgroupid::CgroupIds;
 
@@ -32,9 +33,18 @@ pub const MAX_SOCKETS: usize = 1 << 18;
 /// Tag key of the socket cookie (`Connection::from_entry`).
 pub const SOCKET_COOKIE: &str = "socket_cookie";
 
+/// An end by its local port and its peer (protocol number, local port,
+/// remote address as the connection renders it, remote port): the join
+/// where the tc program did not see the socket. The local address is left
+/// out: an unconnected UDP socket's is chosen after the hook.
+type TupleKey = (u8, u16, IpAddr, u16);
+
 #[derive(Default)]
 pub struct Owners {
     by_cookie: HashMap<u64, Arc<Owner>>,
+    by_tuple: HashMap<TupleKey, Arc<Owner>>,
+    /// The tuple each socket is known by, to forget it with the socket.
+    tuple_of: HashMap<u64, TupleKey>,
     order: VecDeque<u64>,
     /// Per cgroup id, the service a process of it declared.
     cgroup_service: HashMap<u64, String>,
@@ -54,8 +64,17 @@ impl Owners {
         cgroups: &mut CgroupIds,
     ) {
         for rec in records {
+            if rec.kind == OWNER_TUPLE {
+                // The port `connect` chose, for the owner its hook recorded.
+                if let Some(o) = self.by_cookie.get(&rec.cookie) {
+                    self.add_tuple(rec, o.clone());
+                }
+                continue;
+            }
             self.recorded += 1;
-            if self.by_cookie.contains_key(&rec.cookie) {
+            if let Some(o) = self.by_cookie.get(&rec.cookie) {
+                let o = o.clone();
+                self.add_tuple(rec, o);
                 continue;
             }
             let owner = match r.process_owner(rec.tgid) {
@@ -87,6 +106,7 @@ impl Owners {
                     Arc::new(r.recorded_owner(&p))
                 }
             };
+            self.add_tuple(rec, owner.clone());
             self.by_cookie.insert(rec.cookie, owner);
             self.order.push_back(rec.cookie);
             while self.order.len() > MAX_SOCKETS {
@@ -94,8 +114,28 @@ impl Owners {
                     if self.by_cookie.remove(&old).is_some() {
                         self.evicted += 1;
                     }
+                    self.drop_tuple(old);
                 }
             }
+        }
+    }
+
+    /// Indexes `o` by the record's tuple, when the record knows its local
+    /// port (`sendmsg`, or `sock_ops` after `connect`).
+    fn add_tuple(&mut self, rec: &SockOwner, o: Arc<Owner>) {
+        if rec.local_port == 0 || rec.remote_port == 0 {
+            return;
+        }
+        let v6 = Ipv6Addr::from(rec.remote);
+        let remote = v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4);
+        let key = (rec.proto, rec.local_port, remote, rec.remote_port);
+        self.by_tuple.insert(key, o);
+        self.tuple_of.insert(rec.cookie, key);
+    }
+
+    fn drop_tuple(&mut self, cookie: u64) {
+        if let Some(k) = self.tuple_of.remove(&cookie) {
+            self.by_tuple.remove(&k);
         }
     }
 
@@ -103,8 +143,28 @@ impl Owners {
     /// recorded its owner's tags (and drops its `unattributed` reason).
     pub fn tag<H: Host>(&self, r: &Resolver<H>, conns: &mut [Connection]) {
         for c in conns {
-            for (tags, port) in [(&mut c.src_tags, c.sport), (&mut c.dst_tags, c.dport)] {
-                fill(&self.by_cookie, r, tags, port);
+            let proto = match c.proto {
+                "tcp" => 6,
+                "udp" => 17,
+                _ => continue,
+            };
+            let ends = [
+                (&mut c.src_tags, (proto, c.sport, c.dst, c.dport)),
+                (&mut c.dst_tags, (proto, c.dport, c.src, c.sport)),
+            ];
+            for (tags, key) in ends {
+                if tags.contains_key("pid") {
+                    continue;
+                }
+                // By the socket cookie the tc program took; else by the
+                // end's port and peer.
+                let o = cookie(tags)
+                    .and_then(|k| self.by_cookie.get(&k))
+                    .or_else(|| self.by_tuple.get(&key));
+                if let Some(o) = o {
+                    tags.remove(UNATTRIBUTED);
+                    tags.extend(r.owner_tags(o, key.1));
+                }
             }
         }
     }
@@ -115,6 +175,7 @@ impl Owners {
             for tags in [&c.src_tags, &c.dst_tags] {
                 if let Some(k) = cookie(tags) {
                     self.by_cookie.remove(&k);
+                    self.drop_tuple(k);
                 }
             }
         }
@@ -131,25 +192,11 @@ fn cookie(tags: &BTreeMap<String, String>) -> Option<u64> {
         .filter(|&k| k != 0)
 }
 
-fn fill<H: Host>(
-    by_cookie: &HashMap<u64, Arc<Owner>>,
-    r: &Resolver<H>,
-    tags: &mut BTreeMap<String, String>,
-    port: u16,
-) {
-    if tags.contains_key("pid") {
-        return;
-    }
-    let Some(o) = cookie(tags).and_then(|k| by_cookie.get(&k)) else {
-        return;
-    };
-    tags.remove(UNATTRIBUTED);
-    tags.extend(r.owner_tags(o, port));
-}
-
 #[cfg(test)]
 mod tests {
     use std::io;
+
+    use std::net::Ipv4Addr;
 
     use flowtable::attrib::{Netns, Options, SocketEntry, Tuple};
     use flowtable::DirStats;
@@ -280,6 +327,24 @@ mod tests {
         );
         assert_eq!(conns[3].src_tags.get("pid").map(String::as_str), Some("5"));
         assert!(!conns[3].src_tags.contains_key("service"));
+
+        // Without a cookie (XDP, or a socket the tc program did not see):
+        // by the end's port and peer, once `sock_ops` gave the port.
+        let mut port = record(1, 10, b"");
+        port.kind = OWNER_TUPLE;
+        port.proto = 6;
+        port.local_port = 40000;
+        port.remote_port = 80;
+        port.remote = Ipv4Addr::new(10, 0, 0, 1).to_ipv6_mapped().octets();
+        o.ingest(&[port], &mut r, &mut cg);
+        let mut by_port = [conn(0, &[])];
+        by_port[0].src_tags.clear();
+        o.tag(&r, &mut by_port);
+        assert_eq!(
+            by_port[0].src_tags.get("pid").map(String::as_str),
+            Some("10")
+        );
+        assert!(by_port[0].dst_tags.is_empty(), "{:?}", by_port[0].dst_tags);
 
         o.forget(&conns[..1]);
         let mut again = [conn(1, &[])];

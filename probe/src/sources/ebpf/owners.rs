@@ -1,4 +1,5 @@
-//! The socket-owner programs (`probe-ebpf/src/owners.rs`): loaded with the
+//! The socket-owner programs (`probe-ebpf/src/owners.rs`: cgroup/connect4|6,
+//! cgroup/sendmsg4|6 and a sock_ops program): loaded with the
 //! object, attached to the cgroup v2 root (so they run for every process
 //! below it, in every network namespace), and their ring buffer handed to
 //! enrichment as an [`OwnerFeed`]. Attached through BPF links: closing
@@ -8,7 +9,7 @@ use std::fs::File;
 
 use anyhow::{Context, Result};
 use aya::maps::{MapData, RingBuf};
-use aya::programs::{CgroupAttachMode, CgroupSockAddr};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, SockOps};
 use aya::Ebpf;
 use probe_common::contract;
 use probe_common::owner::SockOwner;
@@ -49,6 +50,17 @@ pub fn attach(ebpf: &mut Ebpf) -> Result<OwnerRing> {
     let root = cgroup2::root().context("finding or mounting a cgroup2 hierarchy")?;
     let dir = File::open(&root).with_context(|| format!("opening {}", root.display()))?;
     for name in contract::OWNER_PROGRAMS {
+        if name == contract::SOCKOPS_PROGRAM {
+            let prog: &mut SockOps = ebpf
+                .program_mut(name)
+                .with_context(|| format!("the eBPF object has no program {name}"))?
+                .try_into()?;
+            prog.load()
+                .with_context(|| format!("the kernel rejected {name}"))?;
+            prog.attach(&dir, CgroupAttachMode::Single)
+                .with_context(|| format!("attaching {name} to {}", root.display()))?;
+            continue;
+        }
         let prog: &mut CgroupSockAddr = ebpf
             .program_mut(name)
             .with_context(|| format!("the eBPF object has no program {name}"))?

@@ -15,8 +15,10 @@
 # with attribution on, the resolver's own CPU as the process measures it
 # (thread CPU time of its passes, FLOWPROBE_ATTRIB_STATS=1) and the
 # fraction of the load's connections whose both ends were attributed; with
-# the cgroup programs, their in-kernel cost per call (kernel.bpf_stats_enabled=1:
-# run_time_ns / run_cnt of the flowprobe_* cgroup_sock_addr programs).
+# the cgroup programs, their in-kernel cost (kernel.bpf_stats_enabled=1:
+# run_time_ns / run_cnt of the flowprobe_* cgroup_sock_addr and sock_ops
+# programs, and run_time_ns over the load's connections; any process's
+# connects run them, so the second figure is an upper bound).
 #
 # usage (root): bench/attrib.sh [ROUNDS]   (default 3; SECS=10, RATE=1000, HOLD_MS=50,
 #   MODES="on nocg off")
@@ -90,7 +92,7 @@ round() { # MODE N
     c1=$(cpu_ticks "$fp"); t1=$(date +%s.%N)
     # The cgroup programs of this run (loaded by it, gone with it).
     local cg
-    cg=$(bpftool -j prog show | jq -r '[.[] | select(.type == "cgroup_sock_addr"
+    cg=$(bpftool -j prog show | jq -r '[.[] | select((.type == "cgroup_sock_addr" or .type == "sock_ops")
             and (.name | startswith("flowprobe_")) and .run_cnt != null)]
         | "\(map(.run_time_ns) | add // 0) \(map(.run_cnt) | add // 0)"')
     kill -INT "$fp"; wait "$fp"
@@ -110,7 +112,7 @@ round() { # MODE N
         local prog=""
         if [[ $mode == on ]]; then
             # shellcheck disable=SC2086
-            prog=$(awk -v t="${cg% *}" -v c="${cg#* }" 'BEGIN{printf "  cgroup programs %.0f ns/call over %d calls", (c ? t/c : 0), c}')
+            prog=$(awk -v t="${cg% *}" -v c="${cg#* }" -v o="$opened" 'BEGIN{printf "  cgroup programs %.0f ns/call over %d calls, %.0f ns per load connection", (c ? t/c : 0), c, (o ? t/o : 0)}')
         fi
         printf 'round %d %-4s: %5s conn/s  flowprobe CPU %5s%%  %s  attributed (both ends) %s%s\n' "$n" "$mode" "$rate" "$pct" "$line" "$frac" "$prog"
     else

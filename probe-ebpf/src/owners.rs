@@ -14,7 +14,7 @@
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use aya_ebpf::{
-    bindings::{bpf_sock_addr, bpf_sock_ops, BPF_SOCK_OPS_TCP_CONNECT_CB},
+    bindings::{bpf_sock_addr, bpf_sock_ops, BPF_RB_NO_WAKEUP, BPF_SOCK_OPS_TCP_CONNECT_CB},
     btf_maps::{PerCpuArray, RingBuf, SkStorage},
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
@@ -103,7 +103,7 @@ fn tuple(ops: *mut bpf_sock_ops) {
             }
         }
     }
-    e.submit(0);
+    e.submit(BPF_RB_NO_WAKEUP.into());
 }
 
 #[cgroup_sock_addr(connect4)]
@@ -198,7 +198,7 @@ fn record(ctx: *mut bpf_sock_addr, kind: u8, family: u8) {
                 local.add(i).write(0);
             }
         }
-        e.submit(0);
+        e.submit(BPF_RB_NO_WAKEUP.into());
         stat(OWNER_STAT_RECORDED);
     }
 }

@@ -600,7 +600,7 @@ mod tests {
 
     use super::*;
     use crate::sources::afpacket::KernelStats;
-    use crate::sources::{AfpacketHealth, AttachMode, EbpfHealth, Hook, TableHealth};
+    use crate::sources::{AfpacketHealth, AttachMode, EbpfHealth, Hook, OwnerHealth, TableHealth};
 
     /// A golden file under `fixtures/goldens/` (an `expect-test` file:
     /// `UPDATE_EXPECT=1 cargo test -p flowprobe` rewrites it). The path is
@@ -686,7 +686,10 @@ mod tests {
                     insert_failed: 0,
                     contended: 3,
                 },
-                owners: None,
+                owners: Some(OwnerHealth {
+                    recorded: 7,
+                    dropped: 1,
+                }),
             })),
         }
     }

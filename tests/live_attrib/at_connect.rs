@@ -3,8 +3,9 @@
 //! DNS-like server, connected and not) and exits, all between two resolver
 //! passes, is attributed from what the cgroup programs recorded when it
 //! connected: pid, process, container, service on every end. Once with
-//! `nsenter --net` (cgroupfs visible to the agent) and once with
-//! `ip netns exec` (cgroupfs hidden).
+//! `nsenter --net` (cgroupfs visible to the agent; a Docker container),
+//! once with `ip netns exec` (cgroupfs hidden; a Kubernetes pod: pod UID
+//! and QoS class too), once on XDP.
 
 use std::collections::HashSet;
 use std::fs;
@@ -138,18 +139,38 @@ fn scenario(enter: Enter, backend: &str, tag: &str) {
     } else {
         12
     });
-    let parent =
-        PathBuf::from(&unified).join(format!("flowprobe-test-{tag}-{}", std::process::id()));
-    let cg = parent.join(format!("docker-{id}.scope"));
+    // With mounts hidden, a Kubernetes pod (systemd driver, containerd);
+    // otherwise a Docker container.
+    let pod = "1234abcd-5678-90ab-cdef-1234567890ab";
+    let kube = matches!(enter, Enter::IpNetnsExec);
+    let top = PathBuf::from(&unified).join(format!("flowprobe-test-{tag}-{}", std::process::id()));
+    let mut dirs = vec![top.clone()];
+    if kube {
+        let q = top.join("kubepods.slice/kubepods-burstable.slice");
+        let p = q.join(format!(
+            "kubepods-burstable-pod{}.slice",
+            pod.replace('-', "_")
+        ));
+        dirs.extend([
+            top.join("kubepods.slice"),
+            q,
+            p.clone(),
+            p.join(format!("cri-containerd-{id}.scope")),
+        ]);
+    } else {
+        dirs.push(top.join(format!("docker-{id}.scope")));
+    }
+    let cg = dirs.last().unwrap().clone();
     fs::create_dir_all(&cg).unwrap();
-    struct Rm(PathBuf, PathBuf);
+    struct Rm(Vec<PathBuf>);
     impl Drop for Rm {
         fn drop(&mut self) {
-            let _ = fs::remove_dir(&self.0);
-            let _ = fs::remove_dir(&self.1);
+            for d in self.0.iter().rev() {
+                let _ = fs::remove_dir(d);
+            }
         }
     }
-    let _rm = Rm(cg.clone(), parent);
+    let _rm = Rm(dirs);
 
     let ready = dir.path().join("ready");
     let mut servers = python(&ns.a, SERVERS);
@@ -266,7 +287,8 @@ fn scenario(enter: Enter, backend: &str, tag: &str) {
         t["pid"].as_str().is_some_and(|p| pid_list.contains(p))
             && t["process"] == "checkout-cli"
             && t["container"] == id.as_str()
-            && t["runtime"] == "docker"
+            && t["runtime"] == if kube { "containerd" } else { "docker" }
+            && (!kube || (t["pod"] == pod && t["qos"] == "burstable"))
             && t["service"] == "checkout"
     };
     // The resolver's passes (one per report) found a handful of sockets

@@ -6,8 +6,9 @@
 //! Each record is turned into an owner when it is drained (every
 //! [`DRAIN_EVERY`]): the process's own tags while it lives (read once per
 //! pid, as for sockets a pass finds), else what the kernel recorded (pid,
-//! `comm`, uid) with the container from its cgroup id and the service a
-//! process of the same cgroup declared earlier. So an end is attributed
+//! `comm`, uid) with the container from its cgroup id; a process without
+//! a service variable takes the one a process of the same cgroup declared
+//! earlier. So an end is attributed
 //! even when its socket and its process were gone before any resolver
 //! pass.
 
@@ -26,9 +27,13 @@ use super::cgroupid::CgroupIds;
 /// first connect is read whole (command line, environment).
 pub const DRAIN_EVERY: Duration = Duration::from_millis(10);
 
-/// Sockets remembered at most; the oldest are forgotten first (counted).
-/// Each is also forgotten when its connection is retired.
-pub const MAX_SOCKETS: usize = 1 << 18;
+/// Sockets remembered at most (about 100 bytes each); the oldest are
+/// forgotten first (counted). Each is also forgotten when its connection
+/// is retired. The programs record every socket below the cgroup root,
+/// monitored or not: at 1000 new sockets a second this keeps the last
+/// minute, and an end is joined at the first report after its connection
+/// (a socket that lives longer is found by the resolver's passes).
+pub const MAX_SOCKETS: usize = 1 << 16;
 
 /// Tag key of the socket cookie (`Connection::from_entry`).
 pub const SOCKET_COOKIE: &str = "socket_cookie";
@@ -78,12 +83,20 @@ impl Owners {
                 continue;
             }
             let owner = match r.process_owner(rec.tgid) {
-                Some(o) => {
-                    if let Some(svc) = &o.env_service {
+                Some(o) => match (&o.env_service, self.cgroup_service.get(&rec.cgroup_id)) {
+                    (Some(svc), _) => {
                         self.cgroup_service.insert(rec.cgroup_id, svc.clone());
+                        o
                     }
-                    o
-                }
+                    // No service variable (or an environment already gone
+                    // with the exiting process): its cgroup's.
+                    (None, Some(svc)) => {
+                        let mut c = (*o).clone();
+                        c.env_service = Some(svc.clone());
+                        Arc::new(c)
+                    }
+                    (None, None) => o,
+                },
                 None => {
                     self.gone += 1;
                     let cgroup = cgroups

@@ -141,7 +141,9 @@ FLOWPROBE_LIVE_TESTS=1 cargo test --locked -p flowprobe --test live_web -- --noc
 # the agent of `run --backend afpacket`.
 FLOWPROBE_LIVE_TESTS=1 cargo test --locked -p flowprobe --test rtt_delay
 # Process attribution: processes in two namespaces and made-up container
-# cgroups, 500 short-lived connections (tests/live_attrib/).
+# cgroups, 500 short-lived connections; a short-lived client container
+# attributed from the cgroup programs' records (tc with cgroupfs visible and
+# hidden, XDP) (tests/live_attrib/).
 FLOWPROBE_LIVE_TESTS=1 cargo test --locked -p flowprobe --test live_attrib -- --nocapture
 # The service's capability set (dist/systemd/flowprobe.service) under
 # setpriv: everything the unit promises, and what one fewer breaks.

@@ -42,6 +42,34 @@ pub const PROGRAMS: [&str; 2] = [TC_PROGRAM, XDP_PROGRAM];
 /// its own (`tc-baseline`), not in the probe's.
 pub const BASELINE_PROGRAM: &str = "flowprobe_tc_baseline";
 
+/// Socket owners recorded by the cgroup programs at connect or first send
+/// (a ring buffer of [`crate::owner::SockOwner`]s, drained by userspace).
+pub const OWNERS: &str = "OWNERS";
+/// Per socket (socket-local storage, `u32`), non-zero once its owner was
+/// recorded: the first `sendmsg` of a socket is recorded, not every
+/// datagram.
+pub const OWNER_SEEN: &str = "OWNER_SEEN";
+/// Per-CPU `u64` counters of owner records (`crate::owner::OWNER_STAT_*`).
+pub const OWNER_STATS: &str = "OWNER_STATS";
+/// The owner maps, apart from [`MAPS`] (attribution may run without them).
+pub const OWNER_MAPS: [&str; 3] = [OWNERS, OWNER_SEEN, OWNER_STATS];
+/// `cgroup/connect4`, `cgroup/connect6`, `cgroup/sendmsg4`,
+/// `cgroup/sendmsg6`: attached to the cgroup v2 root.
+pub const CONNECT4_PROGRAM: &str = "flowprobe_connect4";
+pub const CONNECT6_PROGRAM: &str = "flowprobe_connect6";
+pub const SENDMSG4_PROGRAM: &str = "flowprobe_sendmsg4";
+pub const SENDMSG6_PROGRAM: &str = "flowprobe_sendmsg6";
+/// `sock_ops`: a TCP socket's 4-tuple once `connect` chose its port.
+pub const SOCKOPS_PROGRAM: &str = "flowprobe_sockops";
+/// Every owner program.
+pub const OWNER_PROGRAMS: [&str; 5] = [
+    CONNECT4_PROGRAM,
+    CONNECT6_PROGRAM,
+    SENDMSG4_PROGRAM,
+    SENDMSG6_PROGRAM,
+    SOCKOPS_PROGRAM,
+];
+
 /// `u32`: [`CONNS`]'s slot count − 1 (a power of two − 1).
 pub const CONNS_MASK: &str = "CONNS_MASK";
 /// `u64`: the per-run seed of [`crate::slots::hash`].

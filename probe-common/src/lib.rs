@@ -13,7 +13,8 @@
 //! [`initiator`] (`key`, `parse`), [`entry`] (`key`, `parse`, `tcp`,
 //! `initiator`), [`handshake`] (`parse`, `tcp`, `entry`), [`update`] and
 //! [`slots`] (those and `atomics`), [`contract`] (`parse`; the names and
-//! layouts the eBPF object and its loaders share).
+//! layouts the eBPF object and its loaders share), [`owner`] (nothing; the
+//! socket-owner records of the cgroup programs).
 #![no_std]
 
 pub mod atomics;
@@ -22,6 +23,7 @@ pub mod entry;
 pub mod handshake;
 pub mod initiator;
 pub mod key;
+pub mod owner;
 pub mod parse;
 pub mod slots;
 pub mod tcp;

@@ -39,6 +39,8 @@ fn names_are_distinct() {
     let mut all: Vec<&str> = contract::MAPS
         .iter()
         .chain(&contract::PROGRAMS)
+        .chain(&contract::OWNER_MAPS)
+        .chain(&contract::OWNER_PROGRAMS)
         .chain(&contract::GLOBALS)
         .chain(&[contract::BASELINE_PROGRAM])
         .copied()

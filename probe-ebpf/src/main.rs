@@ -184,6 +184,9 @@ named!(static SCRATCH, contract::SCRATCH);
 named!(fn flowprobe_tc, contract::TC_PROGRAM);
 named!(fn flowprobe_xdp, contract::XDP_PROGRAM);
 
+// The socket-owner programs (cgroup hooks), after `named!`.
+mod owners;
+
 /// Largest header offset the parser may ask for; a bound the verifier needs
 /// for variable offsets into the packet (IPv6 extension headers).
 const MAX_OFF: usize = 0x3fff;

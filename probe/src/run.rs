@@ -60,6 +60,7 @@ pub fn run(s: RunSettings) -> Result<()> {
     // for as long as an idle connection can stay listed.
     let enrich = enrich::start(
         source.key_feed(),
+        source.owner_feed(),
         s.idle_timeout + s.keep_ended + Duration::from_secs(60),
     );
     let mut nat = Nat::start(s.per_interface);
@@ -90,6 +91,7 @@ fn open_source(s: &RunSettings) -> Result<Box<dyn Source>> {
             capacity: s.capacity,
             per_iface: s.per_interface,
             decap: s.decap,
+            owners: enrich::enabled() && enrich::at_connect(),
             closed_timeout: s.closed_timeout,
             idle_timeout: s.idle_timeout,
             keep_ended: s.keep_ended,

@@ -1,4 +1,5 @@
-//! A client that is gone before any resolver pass is named by its cgroup.
+//! A client that is gone before any resolver pass is named by its cgroup
+//! and by the owner its connect recorded.
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
@@ -103,10 +104,11 @@ c = socket.create_connection(('10.81.0.2', 7100)); c.sendall(b'x' * 5000); c.clo
         .find(|c| c["proto"] == "tcp" && c["dport"] == 7100)
         .unwrap_or_else(|| panic!("no connection to port 7100:\n{out}"));
     let t = &c["src_tags"];
-    assert_eq!(
-        t["unattributed"], "no_process",
-        "the resolver was to miss it: {t}"
-    );
+    // No pass saw its socket; the owner its connect recorded names it
+    // (`at_connect.rs` tests that at scale), the cgroup id its container.
+    assert!(t.get("unattributed").is_none(), "{t}");
+    assert_eq!(t["process"], "python3", "{t}");
+    assert!(t["pid"].as_str().is_some(), "{t}");
     assert_eq!(t["container"], id.as_str(), "{t}");
     assert_eq!(t["runtime"], "docker", "{t}");
     let ino = fs::metadata(&cg).unwrap().ino();

@@ -4,13 +4,18 @@
 //!   container, pod and service of the processes that own their sockets,
 //!   across network namespaces, also for 500 short-lived connections.
 //! - `cgroup_id`: a client gone before any resolver pass is named by the
-//!   cgroup id the tc program took from its socket.
+//!   cgroup id the tc program took from its socket, and by the owner its
+//!   connect recorded.
+//! - `at_connect`: a short-lived client container (hundreds of TCP and
+//!   UDP connections, then gone) attributed from the cgroup programs'
+//!   records, with the cgroup mounts visible to the agent and hidden.
 //!
 //! Runs with `FLOWPROBE_LIVE_TESTS=1` (the root tier of scripts/test.sh).
 
 #[path = "../common/mod.rs"]
 mod common;
 
+mod at_connect;
 mod cgroup_id;
 mod processes;
 

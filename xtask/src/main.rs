@@ -325,6 +325,8 @@ fn check_contract(objs: &EbpfObjects) -> Result<()> {
     let wanted = [
         (&objs.program, Item::Map, &contract::MAPS[..]),
         (&objs.program, Item::Program, &contract::PROGRAMS[..]),
+        (&objs.program, Item::Map, &contract::OWNER_MAPS[..]),
+        (&objs.program, Item::Program, &contract::OWNER_PROGRAMS[..]),
         (&objs.program, Item::Global, &contract::GLOBALS[..]),
         (
             &objs.baseline,
@@ -365,8 +367,8 @@ fn check_contract(objs: &EbpfObjects) -> Result<()> {
     }
     eprintln!(
         "xtask: contract: the objects have its {} maps, {} programs and {} globals",
-        contract::MAPS.len(),
-        contract::PROGRAMS.len() + 1,
+        contract::MAPS.len() + contract::OWNER_MAPS.len(),
+        contract::PROGRAMS.len() + contract::OWNER_PROGRAMS.len() + 1,
         contract::GLOBALS.len()
     );
     Ok(())

@@ -22,7 +22,7 @@ use std::sync::Arc;
 // every key of the kernel map against these sets.
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 
-use super::host::{Host, Netns, Proto, SocketEntry, SocketState, Tuple};
+use super::host::{Host, Netns, ProcessInfo, Proto, SocketEntry, SocketState, Tuple};
 use super::owner::Owner;
 use super::rules::{self, ServiceRule};
 use crate::Connection;
@@ -534,6 +534,41 @@ impl<H: Host> Resolver<H> {
         let o = Arc::new(Owner::new(&p, user, self.host_name.as_deref()));
         self.procs.insert(pid, o.clone());
         Some(o)
+    }
+
+    /// The owner of process `pid`, read now through the host (once per
+    /// pid, as for sockets a pass finds); `None` when it is gone. For the
+    /// socket owners the kernel recorded at connect time.
+    pub fn process_owner(&mut self, pid: u32) -> Option<Arc<Owner>> {
+        let mut st = PassStats::default();
+        self.owner(pid, &mut st)
+    }
+
+    /// An owner made from what the kernel recorded of a process that was
+    /// gone before it could be read: `p` (pid, comm, uid, its cgroup as
+    /// `/proc/<pid>/cgroup` would say it, a service variable learnt from
+    /// another process of that cgroup).
+    pub fn recorded_owner(&mut self, p: &ProcessInfo) -> Owner {
+        let user = self.user(p.uid);
+        Owner::new(p, user, self.host_name.as_deref())
+    }
+
+    /// The tags an end at local port `port` owned by `o` carries: the
+    /// owner's, and its service (rules first, then the environment).
+    pub fn owner_tags(&self, o: &Owner, port: u16) -> BTreeMap<String, String> {
+        let mut tags = o.tags.clone();
+        let service = rules::service(
+            &self.opts.rules,
+            Some(&o.process),
+            o.container.as_deref(),
+            port,
+        )
+        .map(str::to_owned)
+        .or_else(|| o.env_service.clone());
+        if let Some(svc) = service {
+            tags.insert("service".to_owned(), svc);
+        }
+        tags
     }
 
     fn user(&mut self, uid: u32) -> Option<String> {

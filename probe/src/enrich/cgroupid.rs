@@ -65,9 +65,15 @@ impl CgroupIds {
         }
     }
 
+    /// Remembers `id`'s path without walking (tests).
+    #[cfg(test)]
+    pub fn insert(&mut self, id: u64, path: &str) {
+        self.paths.insert(id, Some(path.to_owned()));
+    }
+
     /// The cgroup's path in the unified hierarchy (`/a/b`), walking it for
     /// an id not seen before.
-    fn path_of(&mut self, id: u64) -> Option<String> {
+    pub fn path_of(&mut self, id: u64) -> Option<String> {
         if let Some(p) = self.paths.get(&id) {
             return p.clone();
         }
@@ -106,22 +112,11 @@ fn find(root: &Path, id: u64) -> Option<String> {
     None
 }
 
-/// The cgroup2 mount: ours, or else the one of the host's mount namespace
-/// seen through `/proc/1/root` (where that is allowed).
+/// The cgroup2 mount: ours, or PID 1's seen through `/proc/1/root`, or
+/// the private one the eBPF source mounted for its programs.
 fn unified_root() -> Option<PathBuf> {
-    let mount_in = |mountinfo: &str| -> Option<String> {
-        let info = std::fs::read_to_string(mountinfo).ok()?;
-        // ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTIONS ... - FSTYPE SOURCE SUPER
-        info.lines().find_map(|l| {
-            let (pre, post) = l.split_once(" - ")?;
-            (post.split_whitespace().next()? == "cgroup2")
-                .then(|| pre.split_whitespace().nth(4).map(str::to_owned))?
-        })
-    };
-    if let Some(m) = mount_in("/proc/self/mountinfo") {
-        return Some(PathBuf::from(m));
-    }
-    let m = mount_in("/proc/1/mountinfo")?;
-    let p = Path::new("/proc/1/root").join(m.trim_start_matches('/'));
-    p.is_dir().then_some(p)
+    crate::os::cgroup2::visible_root().or_else(|| {
+        let p = PathBuf::from(crate::os::cgroup2::PRIVATE);
+        p.is_dir().then_some(p)
+    })
 }

@@ -20,6 +20,7 @@ mod cgroupid;
 mod conntrack;
 mod host;
 pub mod nat;
+mod owners;
 mod procfs;
 mod procnet;
 mod sockdiag;
@@ -41,7 +42,7 @@ use probe_common::ConnKey;
 use self::host::ProcHost;
 use crate::os::caps::{self, CapSet};
 use crate::os::clock::{monotonic_ns, thread_cpu_ns};
-use crate::sources::KeyFeed;
+use crate::sources::{KeyFeed, OwnerFeed};
 
 /// Between passes. A connection that opens and closes within one interval
 /// can be missed; 20 ms sees a 50 ms connection twice or more.
@@ -62,6 +63,8 @@ pub const DUMP_EVERY_WITHOUT_MAP: Duration = Duration::from_secs(1);
 struct State {
     resolver: Mutex<Resolver<ProcHost>>,
     cgroups: Mutex<cgroupid::CgroupIds>,
+    owners: Mutex<owners::Owners>,
+    owner_feed: Mutex<Option<OwnerFeed>>,
     stop: AtomicBool,
     /// Thread CPU time spent in passes, ns.
     cpu_ns: AtomicU64,
@@ -85,8 +88,12 @@ pub struct Attribution {
 /// feed (the eBPF source) it follows the source's connections as they
 /// appear; without (AF_PACKET) it dumps every socket each
 /// [`DUMP_EVERY_WITHOUT_MAP`] and looks up what each report holds.
-pub fn start(feed: Option<KeyFeed>, forget_after: Duration) -> Attribution {
-    if std::env::var("FLOWPROBE_ATTRIB").as_deref() == Ok("off") {
+pub fn start(
+    feed: Option<KeyFeed>,
+    owner_feed: Option<OwnerFeed>,
+    forget_after: Duration,
+) -> Attribution {
+    if !enabled() {
         return Attribution {
             shared: None,
             thread: None,
@@ -104,7 +111,7 @@ pub fn start(feed: Option<KeyFeed>, forget_after: Duration) -> Attribution {
     } else {
         DUMP_EVERY_WITHOUT_MAP
     };
-    if let Some(line) = partial(CapSet::effective().ok(), dump_every) {
+    if let Some(line) = partial(CapSet::effective().ok(), dump_every, owner_feed.is_some()) {
         eprintln!("flowprobe: {line}");
     }
     let opts = Options {
@@ -116,6 +123,8 @@ pub fn start(feed: Option<KeyFeed>, forget_after: Duration) -> Attribution {
     let shared = Arc::new(State {
         resolver: Mutex::new(Resolver::new(host, opts)),
         cgroups: Mutex::new(cgroupid::CgroupIds::default()),
+        owners: Mutex::new(owners::Owners::default()),
+        owner_feed: Mutex::new(owner_feed),
         stop: AtomicBool::new(false),
         cpu_ns: AtomicU64::new(0),
         passes: AtomicU64::new(0),
@@ -127,7 +136,15 @@ pub fn start(feed: Option<KeyFeed>, forget_after: Duration) -> Attribution {
         .name("attrib".to_owned())
         .spawn(move || {
             let (mut keys, mut seen) = (Vec::new(), Vec::new());
+            let mut next_pass = Instant::now();
             while !s.stop.load(Ordering::Relaxed) {
+                let draining = drain_owners(&s);
+                let now = Instant::now();
+                if now < next_pass {
+                    std::thread::park_timeout((next_pass - now).min(owners::DRAIN_EVERY));
+                    continue;
+                }
+                next_pass = now + interval;
                 let t0 = thread_cpu_ns();
                 keys.clear();
                 seen.clear();
@@ -141,7 +158,9 @@ pub fn start(feed: Option<KeyFeed>, forget_after: Duration) -> Attribution {
                 s.cpu_ns
                     .fetch_add(thread_cpu_ns().saturating_sub(t0), Ordering::Relaxed);
                 pass(&s, &mut lock(&s.resolver), &seen);
-                std::thread::park_timeout(interval);
+                if !draining {
+                    std::thread::park_timeout(interval);
+                }
             }
         })
         .map_err(|e| eprintln!("flowprobe: attribution: cannot start its thread: {e}"))
@@ -152,10 +171,21 @@ pub fn start(feed: Option<KeyFeed>, forget_after: Duration) -> Attribution {
     }
 }
 
+/// Attribution runs (`FLOWPROBE_ATTRIB` is not `off`).
+pub fn enabled() -> bool {
+    std::env::var("FLOWPROBE_ATTRIB").as_deref() != Ok("off")
+}
+
+/// The socket-owner programs are wanted (`FLOWPROBE_ATTRIB_CONNECT` is not
+/// `off`; off, for benchmarks, ends are found by sock_diag only).
+pub fn at_connect() -> bool {
+    std::env::var("FLOWPROBE_ATTRIB_CONNECT").as_deref() != Ok("off")
+}
+
 /// What attribution cannot do with the capabilities `have` (unknown: all
 /// of them, for lack of a better guess), in one line; `None` when it lacks
 /// nothing. Said once at start: the denials themselves are only counted.
-fn partial(have: Option<CapSet>, dump_every: Duration) -> Option<String> {
+fn partial(have: Option<CapSet>, dump_every: Duration, at_connect: bool) -> Option<String> {
     let lacks = |c: &[caps::Cap]| -> Vec<caps::Cap> {
         c.iter()
             .copied()
@@ -166,8 +196,13 @@ fn partial(have: Option<CapSet>, dump_every: Duration) -> Option<String> {
     let procs = lacks(&[caps::SYS_PTRACE, caps::DAC_READ_SEARCH]);
     if !procs.is_empty() {
         parts.push(format!(
-            "without {} the sockets of other users' processes are not joined to them",
-            caps::names(&procs)
+            "without {} the sockets of other users' processes are not joined to them{}",
+            caps::names(&procs),
+            if at_connect {
+                " (but for those they connect while it runs, named from what the kernel recorded: pid, process, container)"
+            } else {
+                ""
+            }
         ));
     }
     if !lacks(&[caps::SYS_ADMIN]).is_empty() {
@@ -182,6 +217,29 @@ fn partial(have: Option<CapSet>, dump_every: Duration) -> Option<String> {
             parts.join("; ")
         )
     })
+}
+
+/// Turns the socket owners recorded since the last call into owners;
+/// false when there is no feed (any more).
+fn drain_owners(s: &State) -> bool {
+    let mut feed = lock(&s.owner_feed);
+    let Some(f) = feed.as_mut() else {
+        return false;
+    };
+    let t0 = thread_cpu_ns();
+    let mut recs = Vec::new();
+    if let Err(e) = f(&mut recs) {
+        eprintln!("flowprobe: attribution: socket owners: {e:#}");
+        *feed = None;
+    }
+    drop(feed);
+    if !recs.is_empty() {
+        let mut r = lock(&s.resolver);
+        lock(&s.owners).ingest(&recs, &mut r, &mut lock(&s.cgroups));
+    }
+    s.cpu_ns
+        .fetch_add(thread_cpu_ns().saturating_sub(t0), Ordering::Relaxed);
+    true
 }
 
 /// One resolver pass, timed in thread CPU time; failures said once each.
@@ -214,10 +272,14 @@ impl Attribution {
         let Some(s) = &self.shared else {
             return;
         };
+        drain_owners(s);
         let seen = tuples(conns);
         let mut r = lock(&s.resolver);
         pass(s, &mut r, &seen);
         r.tag(conns);
+        // Ends no pass found a process for: the owner the kernel recorded
+        // for their socket at connect time.
+        lock(&s.owners).tag(&r, conns);
         // Ends the resolver found no process for: their container from the
         // cgroup id the tc program saw on the socket.
         lock(&s.cgroups).tag(conns);
@@ -232,6 +294,7 @@ impl Attribution {
         self.tag(retired);
         if let Some(s) = &self.shared {
             lock(&s.resolver).forget(&tuples(retired));
+            lock(&s.owners).forget(retired);
         }
     }
 }
@@ -304,6 +367,11 @@ impl Drop for Attribution {
                 t.errors,
                 lock(&s.resolver).denied,
             );
+            let o = lock(&s.owners);
+            eprintln!(
+                "flowprobe: attribution: {} socket owners recorded at connect, {} of processes gone before read, {} forgotten for room",
+                o.recorded, o.gone, o.evicted
+            );
         }
     }
 }
@@ -316,18 +384,18 @@ mod tests {
     fn says_what_partial_attribution_lacks() {
         let set = |c: &[caps::Cap]| Some(CapSet(c.iter().map(|c| 1 << c.bit).sum()));
         let all = [caps::SYS_PTRACE, caps::DAC_READ_SEARCH, caps::SYS_ADMIN];
-        assert_eq!(partial(set(&all), DUMP_EVERY), None);
+        assert_eq!(partial(set(&all), DUMP_EVERY, false), None);
         assert_eq!(
-            partial(set(&all[..2]), DUMP_EVERY).unwrap(),
+            partial(set(&all[..2]), DUMP_EVERY, false).unwrap(),
             "attribution is partial: without CAP_SYS_ADMIN sockets in other network namespaces are seen only by the dumps every 10 s (docs/service.md)"
         );
-        let none = partial(None, DUMP_EVERY_WITHOUT_MAP).unwrap();
+        let none = partial(None, DUMP_EVERY_WITHOUT_MAP, false).unwrap();
         assert!(
             none.contains("without CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH the sockets")
                 && none.contains("CAP_SYS_ADMIN sockets in other network namespaces are seen only by the dumps every 1 s"),
             "{none}"
         );
-        assert!(partial(set(&all[1..]), DUMP_EVERY)
+        assert!(partial(set(&all[1..]), DUMP_EVERY, true)
             .unwrap()
             .contains("without CAP_SYS_PTRACE the"));
     }

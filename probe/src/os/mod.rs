@@ -4,6 +4,7 @@
 
 pub mod addrs;
 pub mod caps;
+pub mod cgroup2;
 pub mod clock;
 pub mod clsact;
 pub mod links;

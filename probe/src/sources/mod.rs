@@ -18,6 +18,7 @@ pub mod ingest;
 use anyhow::Result;
 use flowtable::nat::NatStats;
 use flowtable::{Connection, FrameStats};
+use probe_common::owner::SockOwner;
 use probe_common::ConnKey;
 
 use crate::os::links::{Event, Link};
@@ -41,10 +42,19 @@ pub trait Source {
     /// between ticks (a connection may open and close between two), read on
     /// enrichment's own thread. `None`: it has no cheap way to list them.
     fn key_feed(&self) -> Option<KeyFeed>;
+    /// The socket owners the kernel recorded at connect or first send
+    /// (the eBPF source's cgroup programs), handed over once, for
+    /// enrichment's thread to drain. `None`: the source has none.
+    fn owner_feed(&mut self) -> Option<OwnerFeed> {
+        None
+    }
 }
 
 /// Appends the keys a source holds now.
 pub type KeyFeed = Box<dyn FnMut(&mut Vec<ConnKey>) -> Result<()> + Send>;
+
+/// Appends the socket owners recorded since the last call.
+pub type OwnerFeed = Box<dyn FnMut(&mut Vec<SockOwner>) -> Result<()> + Send>;
 
 /// What changed in the namespace's interfaces.
 pub enum Links<'a> {
@@ -115,6 +125,19 @@ pub struct EbpfHealth {
     /// Packets the program saw: tracked, or skipped by reason.
     pub stats: FrameStats,
     pub table: TableHealth,
+    /// The socket-owner programs' records; `None` when they are not
+    /// attached.
+    pub owners: Option<OwnerHealth>,
+}
+
+/// What the socket-owner programs (cgroup/connect, sendmsg) recorded.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OwnerHealth {
+    /// Sockets whose owner was recorded.
+    pub recorded: u64,
+    /// Records the ring buffer had no room for: those sockets are found by
+    /// sock_diag only.
+    pub dropped: u64,
 }
 
 /// The kernel's connection table.

@@ -306,6 +306,7 @@ fn agent_answers_are_the_local_query() {
                 insert_failed: 0,
                 contended: 2,
             },
+            owners: None,
         })),
         ..agent::Snapshot::default()
     });

@@ -150,6 +150,7 @@ mod tests {
                     full: 2,
                     ..TableHealth::default()
                 },
+                owners: None,
             })),
         };
         assert_eq!(

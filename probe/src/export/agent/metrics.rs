@@ -653,6 +653,18 @@ fn health(reg: &mut Registry, s: &Snapshot) {
         "1 for each interface the eBPF program is attached to; mode: clsact (tc), native or generic (xdp)",
         Series(ifaces),
     );
+    if let Some(o) = &h.owners {
+        reg.register(
+            "owner_records",
+            "Sockets whose owner the cgroup programs recorded at connect or first send",
+            counter(o.recorded),
+        );
+        reg.register(
+            "owner_records_dropped",
+            "Socket owners the cgroup programs could not record (ring buffer full): those ends are found by sock_diag only",
+            counter(o.dropped),
+        );
+    }
     let t = &h.table;
     reg.register(
         "table_connections",
@@ -750,7 +762,7 @@ mod tests {
 
     use super::*;
     use crate::sources::afpacket::KernelStats;
-    use crate::sources::{AfpacketHealth, AttachMode, EbpfHealth, Hook, TableHealth};
+    use crate::sources::{AfpacketHealth, AttachMode, EbpfHealth, Hook, OwnerHealth, TableHealth};
 
     /// A golden file under `fixtures/goldens/` (an `expect-test` file:
     /// `UPDATE_EXPECT=1 cargo test -p flowprobe` rewrites it). The path is
@@ -850,6 +862,10 @@ mod tests {
                     insert_failed: 0,
                     contended: 3,
                 },
+                owners: Some(OwnerHealth {
+                    recorded: 7,
+                    dropped: 1,
+                }),
             })),
         }
     }
@@ -889,6 +905,7 @@ mod tests {
                     capacity: 65536,
                     ..TableHealth::default()
                 },
+                owners: None,
             })),
         };
         let labels: MetricLabels = "src.ip/24,dst.port".parse().unwrap();

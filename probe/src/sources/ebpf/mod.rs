@@ -11,6 +11,7 @@
 mod attach;
 mod drain;
 mod kernel_table;
+mod owners;
 mod stale;
 mod stats;
 mod xdp;
@@ -29,7 +30,9 @@ use self::kernel_table::KernelTable;
 use crate::os::caps::{self, CapSet};
 use crate::os::clock::{monotonic_ns, realtime_ns};
 use crate::os::links::{Event, Link};
-use crate::sources::{EbpfHealth, Health, Hook, KeyFeed, Links, Reading, Source, Unavailable};
+use crate::sources::{
+    EbpfHealth, Health, Hook, KeyFeed, Links, OwnerFeed, Reading, Source, Unavailable,
+};
 
 /// The program, built and embedded by `build.rs`; empty when it could not
 /// be built, and then [`MISSING`] says why.
@@ -49,6 +52,9 @@ pub struct Options {
     pub per_iface: bool,
     /// Which tunnels the program looks into.
     pub decap: probe_common::Decap,
+    /// Attach the socket-owner programs to the cgroup2 root (attribution
+    /// at connect time); off with `FLOWPROBE_ATTRIB=off`.
+    pub owners: bool,
     /// Move a closed connection out of the kernel table this long after its
     /// last packet; any connection after `idle_timeout` ([`drain`]).
     pub closed_timeout: Duration,
@@ -65,6 +71,10 @@ pub struct EbpfSource {
     table: KernelTable,
     drainer: Drainer,
     next_drain: Instant,
+    /// The socket-owner programs' ring, until enrichment takes it.
+    owners: Option<owners::OwnerRing>,
+    /// The socket-owner programs are attached: their counters are read.
+    owners_attached: bool,
 }
 
 /// Loads the program and maps its table; attaches nothing yet.
@@ -87,7 +97,20 @@ pub fn open(opts: &Options) -> Result<EbpfSource> {
         None if EMBEDDED.is_empty() => return Err(Unavailable::NoProgram(MISSING).into()),
         None => (EMBEDDED.to_vec(), "the embedded eBPF program".to_owned()),
     };
-    let ebpf = load(&bytes, &origin, opts).map_err(|e| Unavailable::Refused(format!("{e:#}")))?;
+    let mut ebpf =
+        load(&bytes, &origin, opts).map_err(|e| Unavailable::Refused(format!("{e:#}")))?;
+    let owners = if opts.owners {
+        owners::attach(&mut ebpf)
+            .map_err(|e| {
+                eprintln!(
+                    "flowprobe: attribution: socket owners are not recorded at connect ({e:#}); \
+                     sockets are found by sock_diag only"
+                )
+            })
+            .ok()
+    } else {
+        None
+    };
     let table = KernelTable::open(&ebpf)?;
     let drainer = Drainer::new(opts.closed_timeout, opts.idle_timeout, opts.keep_ended);
     let next_drain = Instant::now() + drainer.every();
@@ -99,6 +122,8 @@ pub fn open(opts: &Options) -> Result<EbpfSource> {
         table,
         drainer,
         next_drain,
+        owners_attached: owners.is_some(),
+        owners,
     })
 }
 
@@ -120,6 +145,11 @@ impl EbpfSource {
                 xdp_modes: self.att.xdp_modes.clone(),
                 stats: stats::frames(&self.ebpf)?,
                 table: stats::table(&self.ebpf, entries, self.capacity)?,
+                owners: if self.owners_attached {
+                    Some(stats::owners(&self.ebpf)?)
+                } else {
+                    None
+                },
             }),
             nat: None,
         })
@@ -163,6 +193,10 @@ impl Source for EbpfSource {
         // Detach before reading: the table then holds the final state.
         self.att.detach_all(&mut self.ebpf)?;
         self.reading()
+    }
+
+    fn owner_feed(&mut self) -> Option<OwnerFeed> {
+        self.owners.take().map(owners::OwnerRing::into_feed)
     }
 
     fn key_feed(&self) -> Option<KeyFeed> {

@@ -8,7 +8,7 @@ use flowtable::FrameStats;
 use probe_common::contract::{self, ConnStat};
 use probe_common::ParseError;
 
-use crate::sources::TableHealth;
+use crate::sources::{OwnerHealth, TableHealth};
 
 fn per_cpu_sum(ebpf: &Ebpf, map: &str, idx: u32) -> Result<u64> {
     let m: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(
@@ -45,5 +45,14 @@ pub fn table(ebpf: &Ebpf, entries: usize, capacity: u32) -> Result<TableHealth> 
         full: conn_stat(ebpf, ConnStat::Full)?,
         insert_failed: conn_stat(ebpf, ConnStat::InsertFailed)?,
         contended: conn_stat(ebpf, ConnStat::Contended)?,
+    })
+}
+
+/// `OWNER_STATS`: the socket-owner programs' records.
+pub fn owners(ebpf: &Ebpf) -> Result<OwnerHealth> {
+    use probe_common::owner::{OWNER_STAT_DROPPED, OWNER_STAT_RECORDED};
+    Ok(OwnerHealth {
+        recorded: per_cpu_sum(ebpf, contract::OWNER_STATS, OWNER_STAT_RECORDED)?,
+        dropped: per_cpu_sum(ebpf, contract::OWNER_STATS, OWNER_STAT_DROPPED)?,
     })
 }

@@ -22,7 +22,7 @@ use crate::sources::Reading;
 /// At most this many answers (one per listed record) and this many
 /// translated connections remembered, each memory cleared when full (and
 /// counted): room for 1000 new connections a second, two records each,
-/// listed for a --keep-ended of 60 s (the default is 10), twice over.
+/// listed for the default --keep-ended of 60 s, twice over.
 pub const NAT_MEMORY: usize = 1 << 18;
 
 /// The table, opened on first use; after an error that will not go away

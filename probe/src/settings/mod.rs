@@ -27,7 +27,7 @@ pub const DEFAULT_IDLE_TIMEOUT_S: f64 = 300.0;
 /// The agent's and the export's period when `--interval` is not given.
 pub const DEFAULT_TICK: Duration = Duration::from_secs(1);
 /// How long a connection that ended stays listed (`--keep-ended`).
-pub const DEFAULT_KEEP_ENDED_S: f64 = 10.0;
+pub const DEFAULT_KEEP_ENDED_S: f64 = 60.0;
 /// Connections that left the listing kept for the final output.
 pub const DEFAULT_LIST_MAX: usize = 10_000;
 pub const DEFAULT_ROLLUP_INTERVAL_S: f64 = 10.0;
@@ -283,7 +283,7 @@ impl FleetFlags {
 pub struct BoundFlags {
     /// A connection that ended stays listed (/connections, /query without
     /// --last, snapshots) this long; after that it is in the totals and
-    /// the rollups only [default: 10].
+    /// the rollups only [default: 60].
     #[arg(long, value_name = "SECS")]
     pub keep_ended: Option<f64>,
     /// The final output lists at most this many connections that left the

@@ -274,9 +274,7 @@ impl Fleet {
 
     fn metric(&self, line_start: &str) -> u64 {
         let m = self.get("/metrics").unwrap();
-        m.lines()
-            .find_map(|l| l.strip_prefix(line_start)?.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no {line_start} in\n{m}"))
+        common::metric(&m, line_start).unwrap_or_else(|| panic!("no {line_start} in\n{m}"))
     }
 }
 

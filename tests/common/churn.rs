@@ -161,10 +161,7 @@ pub fn churn(backend: &str, tag: &str) {
     // The listing was bounded: most connections were retired, and their
     // counts stayed.
     let gauge = |name: &str| -> u64 {
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in /metrics"))
+        super::metric(&metrics, name).unwrap_or_else(|| panic!("no {name} in /metrics"))
     };
     let (listed, retired) = (
         gauge("flowprobe_listed_connections"),

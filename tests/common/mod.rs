@@ -24,6 +24,19 @@ pub fn flowprobe(args: &[&str]) -> Output {
         .expect("run flowprobe")
 }
 
+/// The value of one series in a Prometheus exposition: `series` is the
+/// name with its labels as written (`flowprobe_x{reason="full"}`), or the
+/// bare name of an unlabelled series.
+pub fn metric(text: &str, series: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
 pub fn stdout(o: &Output) -> String {
     String::from_utf8(o.stdout.clone()).unwrap()
 }

@@ -26,9 +26,7 @@ fn batch(ns: &str, cmds: &str) {
 }
 
 fn gauge(ns: &str, name: &str) -> Option<u64> {
-    http_get(ns, METRICS)?
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+    crate::common::metric(&http_get(ns, METRICS)?, name)
 }
 
 fn fds(pid: u32) -> usize {

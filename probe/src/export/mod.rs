@@ -4,6 +4,8 @@
 //! `flowprobe run` writes to at each tick and at the end.
 
 pub mod agent;
+pub mod csv;
+pub mod escape;
 pub mod fleet;
 pub mod history;
 pub mod jsonl;

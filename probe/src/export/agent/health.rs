@@ -127,15 +127,6 @@ mod tests {
     #[test]
     fn tc_and_afpacket_and_the_export_say_what_they_have() {
         let tc = Snapshot {
-            rollups: None,
-            retired_totals: None,
-            fleet: None,
-            view: None,
-            local_addrs: Vec::new(),
-            bounds: Default::default(),
-            nat: None,
-            export: None,
-            conns: Vec::new(),
             health: Some(Health::Ebpf(EbpfHealth {
                 hook: Hook::Xdp,
                 attached: vec![
@@ -152,6 +143,7 @@ mod tests {
                 },
                 owners: None,
             })),
+            ..Default::default()
         };
         assert_eq!(
             encode(&tc),
@@ -160,20 +152,12 @@ mod tests {
              \"insert_failed\":0,\"contended\":0},\"packets\":{\"tracked\":0,\"duplicate\":0,\"skipped\":{}}}\n"
         );
         let af = Snapshot {
-            rollups: None,
-            retired_totals: None,
-            fleet: None,
-            view: None,
-            local_addrs: Vec::new(),
-            bounds: Default::default(),
-            nat: None,
             export: Some(ExportStatus {
                 failed_writes: 3,
                 behind: true,
                 last_error: Some("No space left on device (os error 28)".to_owned()),
                 ..Default::default()
             }),
-            conns: Vec::new(),
             health: Some(Health::Afpacket(AfpacketHealth {
                 kernel: KernelStats {
                     packets: 100,
@@ -182,6 +166,7 @@ mod tests {
                 },
                 ..AfpacketHealth::default()
             })),
+            ..Default::default()
         };
         assert_eq!(
             encode(&af),

@@ -823,12 +823,6 @@ mod tests {
         stats.skip(ParseError::NotIp);
         stats.skip(ParseError::NotIp);
         Snapshot {
-            rollups: None,
-            retired_totals: None,
-            fleet: None,
-            view: None,
-            local_addrs: Vec::new(),
-            bounds: Default::default(),
             nat: Some(flowtable::nat::NatStats {
                 translated: 1,
                 folded: 1,
@@ -840,7 +834,6 @@ mod tests {
                 cache_max: 131072,
                 cache_cleared: 0,
             }),
-            export: None,
             conns: vec![
                 conn("web", Some("db"), 5432, (10, 1000, 1, 100), (8, 4000)),
                 conn("web", Some("db"), 5432, (5, 500, 0, 0), (5, 600)),
@@ -867,6 +860,7 @@ mod tests {
                     dropped: 1,
                 }),
             })),
+            ..Default::default()
         }
     }
 
@@ -887,14 +881,6 @@ mod tests {
         crate::sources::file::replay(&files, &mut table, &mut stats, probe_common::Decap::DEFAULT)
             .unwrap();
         let s = Snapshot {
-            rollups: None,
-            retired_totals: None,
-            fleet: None,
-            view: None,
-            local_addrs: Vec::new(),
-            bounds: Default::default(),
-            nat: None,
-            export: None,
             conns: table.connections(),
             health: Some(Health::Ebpf(EbpfHealth {
                 hook: Hook::Tc,
@@ -907,6 +893,7 @@ mod tests {
                 },
                 owners: None,
             })),
+            ..Default::default()
         };
         let labels: MetricLabels = "src.ip/24,dst.port".parse().unwrap();
         let got = encode(&s, &labels);
@@ -932,12 +919,6 @@ mod tests {
     #[test]
     fn afpacket_has_no_kernel_map_series() {
         let s = Snapshot {
-            rollups: None,
-            retired_totals: None,
-            fleet: None,
-            view: None,
-            local_addrs: Vec::new(),
-            bounds: Default::default(),
             nat: None,
             export: Some(crate::export::jsonl::ExportStatus {
                 failed_writes: 2,

@@ -23,8 +23,8 @@ use std::fmt::Write;
 
 use flowtable::query::{Metric, QueryResult, Row};
 
-use super::escape::xml;
 use super::{human, retransmit_percent, Color, Params, View};
+use crate::export::escape::xml;
 
 pub const DEFAULT_NODES: usize = 16;
 

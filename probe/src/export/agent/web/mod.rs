@@ -9,7 +9,6 @@
 //! (`Content-Security-Policy: default-src 'self'`, no inline script or
 //! style). Every tag value is escaped ([`escape`]).
 
-mod escape;
 mod human;
 mod map;
 mod page;
@@ -23,6 +22,7 @@ use serde_json::Value;
 
 use super::http::{decode, run_query};
 use super::Latest;
+use crate::export::{csv as csv_file, escape};
 
 const APP_JS: &str = include_str!("app.js");
 const APP_CSS: &str = include_str!("app.css");
@@ -357,81 +357,10 @@ pub fn retransmit_percent(row: &Row) -> Option<f64> {
     row.retransmit_pct()
 }
 
-/// The CSV columns after the tags: paths into the row's JSON.
-const CSV_COLUMNS: &[(&str, &str)] = &[
-    ("conns", ""),
-    ("sent", "packets"),
-    ("sent", "bytes"),
-    ("sent", "l3_bytes"),
-    ("sent", "retransmits"),
-    ("sent", "retransmitted_bytes"),
-    ("sent", "probes"),
-    ("sent", "gaps"),
-    ("received", "packets"),
-    ("received", "bytes"),
-    ("received", "l3_bytes"),
-    ("received", "retransmits"),
-    ("received", "retransmitted_bytes"),
-    ("received", "probes"),
-    ("received", "gaps"),
-    ("first_seen", ""),
-    ("last_seen", ""),
-    ("seconds", ""),
-    ("bandwidth_bytes_per_s", ""),
-    ("rtt_dst", "samples"),
-    ("rtt_dst", "p50_us"),
-    ("rtt_dst", "p90_us"),
-    ("rtt_dst", "p99_us"),
-    ("rtt_dst", "max_us"),
-    ("rtt_src", "samples"),
-    ("rtt_src", "p50_us"),
-    ("rtt_src", "p90_us"),
-    ("rtt_src", "p99_us"),
-    ("rtt_src", "max_us"),
-];
-
-/// The rows as CSV: a header, then one line per row with the values of its
-/// JSON (numbers written as JSON writes them, `null` empty); tag values
-/// escaped by [`escape::csv`].
+/// The rows as CSV ([`csv::rows`]), as `/query` would give them.
 pub fn csv(r: &QueryResult) -> String {
-    let mut head: Vec<String> = Vec::new();
-    for k in &r.src_keys {
-        head.push(escape::csv(&format!("src.{k}")));
-    }
-    for k in &r.dst_keys {
-        head.push(escape::csv(&format!("dst.{k}")));
-    }
-    head.push("other".to_owned());
-    for (a, b) in CSV_COLUMNS {
-        head.push(if b.is_empty() {
-            (*a).to_owned()
-        } else {
-            format!("{a}.{b}")
-        });
-    }
-    let mut out = head.join(",");
-    out.push_str("\r\n");
-    for v in RowView::of(r) {
-        let mut cells: Vec<String> = Vec::new();
-        for val in v.row.src.iter().chain(&v.row.dst) {
-            cells.push(val.as_deref().map(escape::csv).unwrap_or_default());
-        }
-        cells.push(if v.row.other {
-            "true".to_owned()
-        } else {
-            String::new()
-        });
-        for (a, b) in CSV_COLUMNS {
-            cells.push(match v.field(a, b) {
-                Value::Null => String::new(),
-                Value::String(s) => escape::csv(s),
-                n => n.to_string(),
-            });
-        }
-        out.push_str(&cells.join(","));
-        out.push_str("\r\n");
-    }
-    out
+    let rows: Vec<Value> = RowView::of(r).into_iter().map(|v| v.json).collect();
+    csv_file::rows(&r.src_keys, &r.dst_keys, &rows)
 }
 
 #[cfg(test)]

@@ -6,8 +6,8 @@ use std::fmt::Write;
 
 use flowtable::query::{Metric, QueryResult, Sort};
 
-use super::escape::html;
 use super::{human, retransmit_percent, Params, RowView, View, MAP_IGNORES};
+use crate::export::escape::html;
 
 /// The table's metric columns: header, sort metric, what the cell shows.
 enum Cell {

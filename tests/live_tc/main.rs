@@ -44,6 +44,9 @@
 //! - `tunnels`: a VXLAN tunnel between the namespaces, lossy TCP through
 //!   it, `flowprobe run` (tc and AF_PACKET) on the underlay only: the inner
 //!   connections, tagged with the tunnel, equal the sockets' `TCP_INFO`.
+//! - `disk_full`: the export's filesystem full (a tmpfs filled with `dd`)
+//!   while connections are counted: counted and said once, and once there
+//!   is room the file catches up to each socket's `TCP_INFO`.
 //! - `churn`: 3000 short connections from 1000 ports, each port reused
 //!   before the connection that used it last has left the kernel table:
 //!   every one in the final output and the export once, with its bytes
@@ -66,6 +69,7 @@ mod churn;
 mod clsact;
 mod clsact_netlink;
 mod counts;
+mod disk_full;
 mod drain;
 mod full_map;
 mod interfaces;

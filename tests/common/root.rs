@@ -190,6 +190,11 @@ pub fn tc_attached(ns: &str, dev: &str, hook: &str) -> bool {
     .any(|w| w == probe_common::contract::TC_PROGRAM)
 }
 
+/// How many file descriptors process `pid` holds.
+pub fn fds(pid: u32) -> usize {
+    fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+}
+
 /// GET from inside namespace `ns` (the servers listen on its loopback).
 pub fn http_get(ns: &str, url: &str) -> Option<String> {
     let out = Command::new("ip")

@@ -47,6 +47,9 @@
 //! - `disk_full`: the export's filesystem full (a tmpfs filled with `dd`)
 //!   while connections are counted: counted and said once, and once there
 //!   is room the file catches up to each socket's `TCP_INFO`.
+//! - `netns_gone`: containers (namespaces on veths into the agent's)
+//!   each make a lossy exchange and are deleted at once: the agent lets go
+//!   of their interfaces (no descriptor kept) and counts each exactly.
 //! - `churn`: 3000 short connections from 1000 ports, each port reused
 //!   before the connection that used it last has left the kernel table:
 //!   every one in the final output and the export once, with its bytes
@@ -76,6 +79,7 @@ mod interfaces;
 mod many_ifaces;
 mod missing;
 mod nat;
+mod netns_gone;
 mod stale_filters;
 mod test_run;
 mod tunnels;

@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use super::no_filters_left;
-use crate::common::root::{enabled, http_get, spawn_flowprobe, stop, wait_for_within, Netns};
+use crate::common::root::{enabled, fds, http_get, spawn_flowprobe, stop, wait_for_within, Netns};
 
 const PAIRS: usize = 250;
 const METRICS: &str = "http://127.0.0.1:9483/metrics";
@@ -27,10 +27,6 @@ fn batch(ns: &str, cmds: &str) {
 
 fn gauge(ns: &str, name: &str) -> Option<u64> {
     crate::common::metric(&http_get(ns, METRICS)?, name)
-}
-
-fn fds(pid: u32) -> usize {
-    fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
 }
 
 fn rss_kb(pid: u32) -> u64 {

@@ -8,15 +8,14 @@
 //! application wrote, `retransmits` = the sender's `tcpi_total_retrans`.
 
 use std::fs;
-use std::path::Path;
 
 use serde_json::Value;
 
-use super::CONNS;
+use super::{check_once, n, CONNS};
 use crate::common::json_lines;
 use crate::common::root::{
     addr_up, conn_args, drop_in_input, enabled, link_up, lower_up, sh, spawn_flowprobe,
-    tc_attached, tcpapp_exchange, truth, veth, wait_for, wait_for_rings, Namespace,
+    tc_attached, tcpapp_exchange, veth, wait_for, wait_for_rings, Namespace,
 };
 
 const BRIDGE: &str = "fpbr0";
@@ -26,57 +25,6 @@ const C2: &str = "10.89.0.3";
 /// Container 1 to the host: other client ports than `CONNS`.
 const TO_HOST: [(u16, u64, u64); 2] = [(40010, 700_000, 100_000), (40011, 50_000, 800_000)];
 const UDP: (u16, u64) = (41000, 20);
-
-fn n(v: &Value) -> u64 {
-    v.as_u64().unwrap()
-}
-
-/// Each connection of `conns` from `ca` to `sa` appears once in `out`, both
-/// directions equal to the sockets' `TCP_INFO` in `dir`.
-fn check_once(out: &[Value], raw: &str, dir: &Path, conns: &[(u16, u64, u64)], ca: &str, sa: &str) {
-    let (client, server) = (truth(dir, "client"), truth(dir, "server"));
-    let mut failures = Vec::new();
-    for &(port, c_bytes, s_bytes) in conns {
-        let recs: Vec<&Value> = out
-            .iter()
-            .filter(|c| c["proto"] == "tcp" && c["sport"] == port && c["src"] == ca)
-            .collect();
-        assert_eq!(
-            recs.len(),
-            1,
-            "port {port}: {} records in\n{raw}",
-            recs.len()
-        );
-        let r = recs[0];
-        assert_eq!((r["dst"].as_str(), n(&r["dport"])), (Some(sa), 5001), "{r}");
-        let (ct, st) = (
-            &client["tcp"][port.to_string()],
-            &server["tcp"][port.to_string()],
-        );
-        for (what, t, written, d) in [
-            ("client->server", ct, c_bytes, &r["sent"]),
-            ("server->client", st, s_bytes, &r["received"]),
-        ] {
-            let got = (
-                n(&d["bytes"]) - n(&d["retransmitted_bytes"]),
-                n(&d["retransmits"]),
-                n(&d["retransmitted_bytes"]),
-            );
-            let want = (
-                written,
-                n(&t["tcpi_total_retrans"]),
-                n(&t["tcpi_bytes_retrans"]),
-            );
-            eprintln!("{ca} port {port} {what}: flowprobe {got:?}, kernel {want:?}");
-            if got != want {
-                failures.push(format!(
-                    "port {port} {what}: flowprobe {got:?} != kernel {want:?}"
-                ));
-            }
-        }
-    }
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
-}
 
 #[test]
 fn a_bridged_connection_is_counted_once() {

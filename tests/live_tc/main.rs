@@ -74,6 +74,7 @@ mod clsact_netlink;
 mod counts;
 mod disk_full;
 mod drain;
+mod flood;
 mod full_map;
 mod interfaces;
 mod many_ifaces;
@@ -89,9 +90,10 @@ use std::path::{Path, PathBuf};
 
 use common::repo_root;
 use common::root::{
-    conn_args, drop_in_input, sh_out, spawn_flowprobe, tcpapp_exchange, veth_pair, KillOnDrop,
-    Netns,
+    conn_args, drop_in_input, sh_out, spawn_flowprobe, tcpapp_exchange, truth, veth_pair,
+    KillOnDrop, Netns,
 };
+use serde_json::Value;
 
 const VETH_A: &str = "fpl0";
 const VETH_B: &str = "fpl1";
@@ -192,4 +194,62 @@ fn baseline_filter(ns: &str, dev: &str, hook: &str, prio: &str) {
         "sec",
         "classifier",
     ]);
+}
+
+pub(crate) fn n(v: &Value) -> u64 {
+    v.as_u64().unwrap()
+}
+
+/// Each connection of `conns` from `ca` to `sa` appears once in `out`, both
+/// directions equal to the sockets' `TCP_INFO` in `dir`.
+pub(crate) fn check_once(
+    out: &[Value],
+    raw: &str,
+    dir: &Path,
+    conns: &[(u16, u64, u64)],
+    ca: &str,
+    sa: &str,
+) {
+    let (client, server) = (truth(dir, "client"), truth(dir, "server"));
+    let mut failures = Vec::new();
+    for &(port, c_bytes, s_bytes) in conns {
+        let recs: Vec<&Value> = out
+            .iter()
+            .filter(|c| c["proto"] == "tcp" && c["sport"] == port && c["src"] == ca)
+            .collect();
+        assert_eq!(
+            recs.len(),
+            1,
+            "port {port}: {} records in\n{raw}",
+            recs.len()
+        );
+        let r = recs[0];
+        assert_eq!((r["dst"].as_str(), n(&r["dport"])), (Some(sa), 5001), "{r}");
+        let (ct, st) = (
+            &client["tcp"][port.to_string()],
+            &server["tcp"][port.to_string()],
+        );
+        for (what, t, written, d) in [
+            ("client->server", ct, c_bytes, &r["sent"]),
+            ("server->client", st, s_bytes, &r["received"]),
+        ] {
+            let got = (
+                n(&d["bytes"]) - n(&d["retransmitted_bytes"]),
+                n(&d["retransmits"]),
+                n(&d["retransmitted_bytes"]),
+            );
+            let want = (
+                written,
+                n(&t["tcpi_total_retrans"]),
+                n(&t["tcpi_bytes_retrans"]),
+            );
+            eprintln!("{ca} port {port} {what}: flowprobe {got:?}, kernel {want:?}");
+            if got != want {
+                failures.push(format!(
+                    "port {port} {what}: flowprobe {got:?} != kernel {want:?}"
+                ));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

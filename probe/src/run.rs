@@ -163,7 +163,7 @@ fn follow(
         source.poll()?;
         if let (Some(at), Some(every)) = (next_tick, every) {
             if Instant::now() >= at {
-                sinks.tick(&tagged(source.read()?, (&mut *nat, enrich)))?;
+                sinks.tick(tagged(source.read()?, (&mut *nat, enrich)))?;
                 next_tick = Some(at + every);
             }
         }

@@ -177,7 +177,7 @@ mod tests {
         )
         .unwrap();
         shared.publish(agent::Snapshot {
-            conns: conns(),
+            conns: conns().into(),
             ..agent::Snapshot::default()
         });
         let c = conns();

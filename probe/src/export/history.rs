@@ -149,7 +149,7 @@ mod tests {
 
     fn snapshot(h: &History, r: &Reading) -> Snapshot {
         Snapshot {
-            conns: r.conns.clone(),
+            conns: r.conns.clone().into(),
             rollups: Some(h.rollups()),
             retired_totals: h.metric_totals(),
             bounds: h.bounds(),

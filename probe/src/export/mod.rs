@@ -13,6 +13,7 @@ pub mod print;
 
 use std::io::{self, Write};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{anyhow, Result};
@@ -106,18 +107,28 @@ impl Sinks {
         })
     }
 
-    pub fn tick(&mut self, r: &Reading) -> Result<()> {
-        self.export(r);
+    /// One tick's reading, which the agent's snapshot then owns (shared,
+    /// not copied: at thousands of listed connections a copy per tick was
+    /// a good part of the agent's CPU).
+    pub fn tick(&mut self, r: Reading) -> Result<()> {
+        self.export(&r);
         let now = crate::os::clock::realtime_ns();
-        self.history.update(r, now);
+        self.history.update(&r, now);
         if let Some(f) = &mut self.fleet {
             f.set_addresses(crate::os::addrs::local());
             f.update(now, &r.conns, &r.retired);
         }
+        self.say_losses(&r);
+        if let Some(n) = &mut self.snapshots {
+            *n += 1;
+            let mut out = io::BufWriter::new(io::stdout().lock());
+            print::write_snapshot(&mut out, self.format, *n, &r.conns)?;
+            out.flush()?;
+        }
         if let Some(latest) = &self.agent {
             latest.publish(Snapshot {
-                conns: r.conns.clone(),
-                health: Some(r.health.clone()),
+                conns: Arc::new(r.conns),
+                health: Some(r.health),
                 export: self.export.as_ref().map(|e| e.status().clone()),
                 rollups: Some(self.history.rollups()),
                 retired_totals: self.history.metric_totals(),
@@ -127,13 +138,6 @@ impl Sinks {
                 local_addrs: crate::os::addrs::local(),
                 nat: r.nat,
             });
-        }
-        self.say_losses(r);
-        if let Some(n) = &mut self.snapshots {
-            *n += 1;
-            let mut out = io::BufWriter::new(io::stdout().lock());
-            print::write_snapshot(&mut out, self.format, *n, &r.conns)?;
-            out.flush()?;
         }
         Ok(())
     }

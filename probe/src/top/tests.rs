@@ -267,7 +267,7 @@ fn agent_answers_are_the_local_query() {
     .unwrap();
     let conns = agent::tests::conns();
     shared.publish(agent::Snapshot {
-        conns: conns.clone(),
+        conns: conns.clone().into(),
         ..agent::Snapshot::default()
     });
     for args in [
@@ -293,7 +293,7 @@ fn agent_answers_are_the_local_query() {
     // is attached, the table's fill and each refusal as /health counts it.
     use crate::sources::{AttachMode, EbpfHealth, Health as SourceHealth, Hook, TableHealth};
     shared.publish(agent::Snapshot {
-        conns: conns.clone(),
+        conns: conns.clone().into(),
         health: Some(SourceHealth::Ebpf(EbpfHealth {
             hook: Hook::Tc,
             attached: vec![("eth0".to_owned(), AttachMode::Clsact)],

@@ -451,7 +451,7 @@ fn listeners(reg: &mut Registry, s: &Snapshot) {
     let mut seen: std::collections::BTreeMap<(&str, std::net::IpAddr, u16), Labels> =
         std::collections::BTreeMap::new();
     let mut dropped = 0u64;
-    for c in &s.conns {
+    for c in s.conns.iter() {
         if !s.local_addrs.contains(&c.dst) || c.dst_tags.is_empty() {
             continue;
         }
@@ -838,7 +838,8 @@ mod tests {
                 conn("web", Some("db"), 5432, (10, 1000, 1, 100), (8, 4000)),
                 conn("web", Some("db"), 5432, (5, 500, 0, 0), (5, 600)),
                 conn("web", None, 443, (3, 300, 0, 0), (2, 200)),
-            ],
+            ]
+            .into(),
             health: Some(Health::Ebpf(EbpfHealth {
                 hook: Hook::Tc,
                 // One as an XDP run would say it; the golden shows both modes.
@@ -881,7 +882,7 @@ mod tests {
         crate::sources::file::replay(&files, &mut table, &mut stats, probe_common::Decap::DEFAULT)
             .unwrap();
         let s = Snapshot {
-            conns: table.connections(),
+            conns: table.connections().into(),
             health: Some(Health::Ebpf(EbpfHealth {
                 hook: Hook::Tc,
                 attached: Vec::new(),
@@ -1015,7 +1016,7 @@ mod tests {
         }
         conns[0].dst = "10.9.9.9".parse().unwrap();
         let s = Snapshot {
-            conns,
+            conns: conns.into(),
             local_addrs: vec!["10.0.1.1".parse().unwrap()],
             ..Snapshot::default()
         };

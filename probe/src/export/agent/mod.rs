@@ -35,7 +35,7 @@ pub use metrics::MetricLabels;
 pub struct Snapshot {
     /// The connections the source lists: open ones and those that ended
     /// less than `--keep-ended` ago.
-    pub conns: Vec<Connection>,
+    pub conns: Arc<Vec<Connection>>,
     /// What the source says about itself; `None` until the first tick.
     pub health: Option<Health>,
     /// `--export-jsonl`: how writing it fares.
@@ -75,7 +75,13 @@ pub struct Latest(Arc<Mutex<Arc<Snapshot>>>);
 
 impl Latest {
     pub fn publish(&self, s: Snapshot) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(s);
+        let old = std::mem::replace(
+            &mut *self.0.lock().unwrap_or_else(|p| p.into_inner()),
+            Arc::new(s),
+        );
+        // Freeing the last tick's connections takes a while: not under the
+        // lock the HTTP server waits on.
+        drop(old);
     }
 
     pub fn get(&self) -> Arc<Snapshot> {
@@ -186,7 +192,7 @@ pub(crate) mod tests {
         )
         .unwrap();
         shared.publish(Snapshot {
-            conns: conns(),
+            conns: conns().into(),
             ..Snapshot::default()
         });
         let args = QueryArgs {

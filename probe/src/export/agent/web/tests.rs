@@ -297,7 +297,7 @@ fn served_by_the_agent() {
     let page = String::from_utf8(client::get(addr, "/").unwrap()).unwrap();
     assert!(page.contains("0 rows, 0 connections"), "{page}");
     shared.publish(Snapshot {
-        conns: hostile_conns(),
+        conns: hostile_conns().into(),
         ..Snapshot::default()
     });
     let get = |path: &str| -> (String, String) {

@@ -9,6 +9,14 @@
 //! - `at_connect`: a short-lived client container (hundreds of TCP and
 //!   UDP connections, then gone) attributed from the cgroup programs'
 //!   records, with the cgroup mounts visible to the agent and hidden.
+//! - `container_host`: issue 15 whole: two containers (Docker- and
+//!   Kubernetes-shaped), a MASQUERADE uplink, a published port, loss; 500
+//!   short connections from a client container that just started, to the
+//!   other container (a short-lived server), the outside and the published
+//!   port: each once, exact per connection and per service pair against
+//!   the sockets' `TCP_INFO`, container ends attributed (accepted ones from
+//!   the listener `sock_ops` recorded), NATed ones with both addresses; on
+//!   tc (mounts visible, hidden, no passes) and AF_PACKET.
 //!
 //! Runs with `FLOWPROBE_LIVE_TESTS=1` (the root tier of scripts/test.sh).
 
@@ -17,6 +25,7 @@ mod common;
 
 mod at_connect;
 mod cgroup_id;
+mod container_host;
 mod processes;
 
 /// 64 hex digits, unique per test run and role.

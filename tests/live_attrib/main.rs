@@ -5,7 +5,8 @@
 //!   across network namespaces, also for 500 short-lived connections.
 //! - `cgroup_id`: a client gone before any resolver pass is named by the
 //!   cgroup id the tc program took from its socket, and by the owner its
-//!   connect recorded.
+//!   connect recorded; a server whose listening process is gone before any
+//!   read is named by the listener `sock_ops` recorded at `listen(2)`.
 //! - `at_connect`: a short-lived client container (hundreds of TCP and
 //!   UDP connections, then gone) attributed from the cgroup programs'
 //!   records, with the cgroup mounts visible to the agent and hidden.

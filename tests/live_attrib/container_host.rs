@@ -625,16 +625,10 @@ fn scenario(enter: Enter, backend: &str, passes: bool, tag_: &str) {
         accepted >= CONNS,
         "{accepted} accepted sockets joined\n{stderr}"
     );
-    if !passes {
-        // Without passes, the one at the report found the sockets that were
-        // left (none of the containers'): the rest is the kernel's record.
-        let by_pass: usize = stderr
-            .split_once(" sockets attributed")
-            .and_then(|(pre, _)| pre.rsplit(' ').next()?.parse().ok())
-            .expect("FLOWPROBE_ATTRIB_STATS line");
-        assert!(
-            by_pass < ends / 10,
-            "passes saw {by_pass} sockets\n{stderr}"
-        );
-    }
+    // Without passes, none ran while the containers' processes lived (the
+    // interval is 10 minutes); the one at the report ran after both had
+    // exited (waited for above): their ends' pid and process can only be
+    // the kernel's records. (How many sockets that pass attributed is not
+    // asserted: other tests' namespaces, whose sockets it counts too, may
+    // be busy meanwhile.)
 }

@@ -143,7 +143,10 @@ FLOWPROBE_LIVE_TESTS=1 cargo test --locked -p flowprobe --test rtt_delay
 # Process attribution: processes in two namespaces and made-up container
 # cgroups, 500 short-lived connections; a short-lived client container
 # attributed from the cgroup programs' records (tc with cgroupfs visible and
-# hidden, XDP) (tests/live_attrib/).
+# hidden, XDP); issue 15's container host whole (two containers, NAT, loss,
+# 500 connections: once, exact per service pair, both ends attributed, the
+# accepting one from sock_ops' listen and accept records; tc and AF_PACKET)
+# (tests/live_attrib/).
 FLOWPROBE_LIVE_TESTS=1 cargo test --locked -p flowprobe --test live_attrib -- --nocapture
 # The service's capability set (dist/systemd/flowprobe.service) under
 # setpriv: everything the unit promises, and what one fewer breaks.

@@ -17,6 +17,19 @@ pub const OWNER_SENDMSG: u8 = 2;
 /// the owner the same cookie's [`OWNER_CONNECT`] record gave.
 pub const OWNER_TUPLE: u8 = 3;
 
+/// [`SockOwner::kind`]: a TCP listener at `listen(2)` (`sock_ops`
+/// `BPF_SOCK_OPS_TCP_LISTEN_CB`, in the listening process): the owner
+/// fields as for [`OWNER_CONNECT`], `netns_cookie`, the local address and
+/// port.
+pub const OWNER_LISTEN: u8 = 4;
+
+/// [`SockOwner::kind`]: a TCP connection a listener accepted, once
+/// established (`sock_ops` `BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB`, in
+/// softirq: no owner fields): `cookie`, `netns_cookie`, `proto`, `family`
+/// and both addresses; userspace gives it the owner of the
+/// [`OWNER_LISTEN`] record of the same namespace and local port.
+pub const OWNER_ACCEPT: u8 = 5;
+
 /// One socket's owner, as the kernel saw it at connect or first send.
 /// Addresses are IPv4-mapped IPv6 for IPv4 (as [`crate::FlowKey`]), in
 /// network order; ports in host order (`local_port` 0 when the socket had
@@ -35,7 +48,8 @@ pub struct SockOwner {
     pub tid: u32,
     /// Real uid of the caller.
     pub uid: u32,
-    /// [`OWNER_CONNECT`], [`OWNER_SENDMSG`] or [`OWNER_TUPLE`].
+    /// [`OWNER_CONNECT`], [`OWNER_SENDMSG`], [`OWNER_TUPLE`], [`OWNER_LISTEN`]
+    /// or [`OWNER_ACCEPT`].
     pub kind: u8,
     /// IPPROTO_TCP or IPPROTO_UDP.
     pub proto: u8,

@@ -9,12 +9,24 @@
 //! the same socket cookie (`note_socket`), so that an end is attributed
 //! even when its socket and process are gone before any userspace pass.
 //!
+//! The passive side runs no connect or send hook: `sock_ops` records a
+//! listener at `listen(2)` (`BPF_SOCK_OPS_TCP_LISTEN_CB`, in the calling
+//! process's context: its owner, as `connect` does) and each connection
+//! it accepts once established (`BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB`, in
+//! softirq, where the current task is nobody's: only the socket, its
+//! 4-tuple and its network namespace); userspace gives the accepted socket
+//! the owner of the listener on that port in that namespace, so a server
+//! gone before any userspace pass still names its ends.
+//!
 //! The programs never refuse: they return 1 (go on) whatever happens.
 
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use aya_ebpf::{
-    bindings::{bpf_sock_addr, bpf_sock_ops, BPF_RB_NO_WAKEUP, BPF_SOCK_OPS_TCP_CONNECT_CB},
+    bindings::{
+        bpf_sock_addr, bpf_sock_ops, BPF_RB_NO_WAKEUP, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TCP_LISTEN_CB,
+    },
     btf_maps::{PerCpuArray, RingBuf, SkStorage},
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
@@ -29,8 +41,8 @@ use aya_ebpf::{
 use probe_common::{
     contract,
     owner::{
-        SockOwner, OWNER_CONNECT, OWNER_SENDMSG, OWNER_TUPLE, OWNER_STATS_LEN, OWNER_STAT_DROPPED,
-        OWNER_STAT_RECORDED,
+        SockOwner, OWNER_ACCEPT, OWNER_CONNECT, OWNER_LISTEN, OWNER_SENDMSG, OWNER_STATS_LEN,
+        OWNER_STAT_DROPPED, OWNER_STAT_RECORDED, OWNER_TUPLE,
     },
 };
 
@@ -63,17 +75,21 @@ named!(fn flowprobe_sendmsg6, contract::SENDMSG6_PROGRAM);
 named!(fn flowprobe_sockops, contract::SOCKOPS_PROGRAM);
 
 /// A TCP socket's addresses once `connect` chose its local port, for the
-/// join by 4-tuple where the tc program did not see the socket.
+/// join by 4-tuple where the tc program did not see the socket; a
+/// listener with its owner; an accepted socket with its addresses.
 #[sock_ops]
 pub fn flowprobe_sockops(ctx: SockOpsContext) -> u32 {
-    if ctx.op() == BPF_SOCK_OPS_TCP_CONNECT_CB {
-        tuple(ctx.ops);
+    match ctx.op() {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => tuple(ctx.ops, OWNER_TUPLE),
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => tuple(ctx.ops, OWNER_ACCEPT),
+        BPF_SOCK_OPS_TCP_LISTEN_CB => tuple(ctx.ops, OWNER_LISTEN),
+        _ => {}
     }
     1
 }
 
 #[inline(always)]
-fn tuple(ops: *mut bpf_sock_ops) {
+fn tuple(ops: *mut bpf_sock_ops, kind: u8) {
     let Some(mut e) = OWNERS.reserve_untyped::<SockOwner>(0) else {
         stat(OWNER_STAT_DROPPED);
         return;
@@ -83,7 +99,19 @@ fn tuple(ops: *mut bpf_sock_ops) {
         let o = e.as_mut_ptr();
         o.write_bytes(0, 1);
         (*o).cookie = bpf_get_socket_cookie(ops.cast());
-        (*o).kind = OWNER_TUPLE;
+        (*o).netns_cookie = bpf_get_netns_cookie(ops.cast());
+        (*o).kind = kind;
+        if kind == OWNER_LISTEN {
+            // `listen(2)` runs this in the listening process.
+            let pid_tgid = bpf_get_current_pid_tgid();
+            (*o).tgid = (pid_tgid >> 32) as u32;
+            (*o).tid = pid_tgid as u32;
+            (*o).uid = bpf_get_current_uid_gid() as u32;
+            (*o).cgroup_id = bpf_get_current_cgroup_id();
+            if bpf_get_current_comm((&raw mut (*o).comm).cast(), 16) != 0 {
+                (*o).comm = [0; 16];
+            }
+        }
         (*o).proto = 6;
         (*o).local_port = (*ops).local_port as u16;
         // Network order in the upper half (the kernel shifts it there for

@@ -5,10 +5,19 @@
 //!   across network namespaces, also for 500 short-lived connections.
 //! - `cgroup_id`: a client gone before any resolver pass is named by the
 //!   cgroup id the tc program took from its socket, and by the owner its
-//!   connect recorded.
+//!   connect recorded; a server whose listening process is gone before any
+//!   read is named by the listener `sock_ops` recorded at `listen(2)`.
 //! - `at_connect`: a short-lived client container (hundreds of TCP and
 //!   UDP connections, then gone) attributed from the cgroup programs'
 //!   records, with the cgroup mounts visible to the agent and hidden.
+//! - `container_host`: issue 15 whole: two containers (Docker- and
+//!   Kubernetes-shaped), a MASQUERADE uplink, a published port, loss; 500
+//!   short connections from a client container that just started, to the
+//!   other container (a short-lived server), the outside and the published
+//!   port: each once, exact per connection and per service pair against
+//!   the sockets' `TCP_INFO`, container ends attributed (accepted ones from
+//!   the listener `sock_ops` recorded), NATed ones with both addresses; on
+//!   tc (mounts visible, hidden, no passes) and AF_PACKET.
 //!
 //! Runs with `FLOWPROBE_LIVE_TESTS=1` (the root tier of scripts/test.sh).
 
@@ -17,6 +26,7 @@ mod common;
 
 mod at_connect;
 mod cgroup_id;
+mod container_host;
 mod processes;
 
 /// 64 hex digits, unique per test run and role.

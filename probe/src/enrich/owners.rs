@@ -8,9 +8,12 @@
 //! pid, as for sockets a pass finds), else what the kernel recorded (pid,
 //! `comm`, uid) with the container from its cgroup id; a process without
 //! a service variable takes the one a process of the same cgroup declared
-//! earlier. So an end is attributed
+//! earlier. A socket a listener accepted (recorded by `sock_ops` once
+//! established, in softirq, with no process of its own) takes the owner
+//! of the listener recorded at `listen(2)` on its port in its network
+//! namespace. So an end is attributed
 //! even when its socket and its process were gone before any resolver
-//! pass.
+//! pass, on the connecting side and on the accepting one.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{IpAddr, Ipv6Addr};
@@ -19,7 +22,7 @@ use std::time::Duration;
 
 use flowtable::attrib::{Host, Owner, ProcessInfo, Resolver, SERVICE_ENV, UNATTRIBUTED};
 use flowtable::Connection;
-use probe_common::owner::{SockOwner, OWNER_TUPLE};
+use probe_common::owner::{SockOwner, OWNER_ACCEPT, OWNER_LISTEN, OWNER_TUPLE};
 
 use super::cgroupid::CgroupIds;
 
@@ -34,6 +37,10 @@ pub const DRAIN_EVERY: Duration = Duration::from_millis(10);
 /// minute, and an end is joined at the first report after its connection
 /// (a socket that lives longer is found by the resolver's passes).
 pub const MAX_SOCKETS: usize = 1 << 16;
+
+/// Listeners remembered at most (one per namespace and port; a port
+/// listened on again replaces its entry).
+pub const MAX_LISTENERS: usize = 4096;
 
 /// Tag key of the socket cookie (`Connection::from_entry`).
 pub const SOCKET_COOKIE: &str = "socket_cookie";
@@ -53,7 +60,18 @@ pub struct Owners {
     order: VecDeque<u64>,
     /// Per cgroup id, the service a process of it declared.
     cgroup_service: HashMap<u64, String>,
+    /// Listeners' owners by (network namespace cookie, local port), the
+    /// oldest forgotten first beyond [`MAX_LISTENERS`].
+    listeners: HashMap<(u64, u16), Arc<Owner>>,
+    listen_order: VecDeque<(u64, u16)>,
     pub recorded: u64,
+    /// Listeners recorded at `listen(2)`.
+    pub listens: u64,
+    /// Accepted sockets given their listener's owner, and those whose
+    /// listener was not recorded (listening before the run began: the
+    /// resolver's passes find those while the server lives).
+    pub accepted: u64,
+    pub accepted_unknown: u64,
     /// Records of processes gone before they could be read.
     pub gone: u64,
     /// Sockets forgotten to stay within [`MAX_SOCKETS`].
@@ -69,12 +87,44 @@ impl Owners {
         cgroups: &mut CgroupIds,
     ) {
         for rec in records {
-            if rec.kind == OWNER_TUPLE {
-                // The port `connect` chose, for the owner its hook recorded.
-                if let Some(o) = self.by_cookie.get(&rec.cookie) {
-                    self.add_tuple(rec, o.clone());
+            match rec.kind {
+                OWNER_TUPLE => {
+                    // The port `connect` chose, for the owner its hook recorded.
+                    if let Some(o) = self.by_cookie.get(&rec.cookie) {
+                        self.add_tuple(rec, o.clone());
+                    }
+                    continue;
                 }
-                continue;
+                OWNER_LISTEN => {
+                    let owner = self.owner_of(rec, r, cgroups);
+                    let key = (rec.netns_cookie, rec.local_port);
+                    if self.listeners.insert(key, owner).is_none() {
+                        self.listen_order.push_back(key);
+                    }
+                    while self.listen_order.len() > MAX_LISTENERS {
+                        if let Some(old) = self.listen_order.pop_front() {
+                            self.listeners.remove(&old);
+                        }
+                    }
+                    self.listens += 1;
+                    continue;
+                }
+                OWNER_ACCEPT => {
+                    // The owner of the listener on its port in its namespace.
+                    let Some(o) = self
+                        .listeners
+                        .get(&(rec.netns_cookie, rec.local_port))
+                        .cloned()
+                    else {
+                        self.accepted_unknown += 1;
+                        continue;
+                    };
+                    self.accepted += 1;
+                    self.add_tuple(rec, o.clone());
+                    self.remember(rec.cookie, o);
+                    continue;
+                }
+                _ => {}
             }
             self.recorded += 1;
             if let Some(o) = self.by_cookie.get(&rec.cookie) {
@@ -82,53 +132,70 @@ impl Owners {
                 self.add_tuple(rec, o);
                 continue;
             }
-            let owner = match r.process_owner(rec.tgid) {
-                Some(o) => match (&o.env_service, self.cgroup_service.get(&rec.cgroup_id)) {
-                    (Some(svc), _) => {
-                        self.cgroup_service.insert(rec.cgroup_id, svc.clone());
-                        o
-                    }
-                    // No service variable (or an environment already gone
-                    // with the exiting process): its cgroup's.
-                    (None, Some(svc)) => {
-                        let mut c = (*o).clone();
-                        c.env_service = Some(svc.clone());
-                        Arc::new(c)
-                    }
-                    (None, None) => o,
-                },
-                None => {
-                    self.gone += 1;
-                    let cgroup = cgroups
-                        .path_of(rec.cgroup_id)
-                        .map(|p| format!("0::{p}\n"))
-                        .unwrap_or_default();
-                    let env = self
-                        .cgroup_service
-                        .get(&rec.cgroup_id)
-                        .map(|s| vec![(SERVICE_ENV[0].to_owned(), s.clone())])
-                        .unwrap_or_default();
-                    let p = ProcessInfo {
-                        pid: rec.tgid,
-                        comm: String::from_utf8_lossy(rec.comm_bytes()).into_owned(),
-                        uid: rec.uid,
-                        cgroup,
-                        env,
-                        ..ProcessInfo::default()
-                    };
-                    Arc::new(r.recorded_owner(&p))
-                }
-            };
+            let owner = self.owner_of(rec, r, cgroups);
             self.add_tuple(rec, owner.clone());
-            self.by_cookie.insert(rec.cookie, owner);
-            self.order.push_back(rec.cookie);
-            while self.order.len() > MAX_SOCKETS {
-                if let Some(old) = self.order.pop_front() {
-                    if self.by_cookie.remove(&old).is_some() {
-                        self.evicted += 1;
-                    }
-                    self.drop_tuple(old);
+            self.remember(rec.cookie, owner);
+        }
+    }
+
+    /// The owner of the process a record names: its own tags while it
+    /// lives, else what the kernel recorded, with the container from the
+    /// cgroup id; the service its cgroup declared when it has none.
+    fn owner_of<H: Host>(
+        &mut self,
+        rec: &SockOwner,
+        r: &mut Resolver<H>,
+        cgroups: &mut CgroupIds,
+    ) -> Arc<Owner> {
+        match r.process_owner(rec.tgid) {
+            Some(o) => match (&o.env_service, self.cgroup_service.get(&rec.cgroup_id)) {
+                (Some(svc), _) => {
+                    self.cgroup_service.insert(rec.cgroup_id, svc.clone());
+                    o
                 }
+                // No service variable (or an environment already gone
+                // with the exiting process): its cgroup's.
+                (None, Some(svc)) => {
+                    let mut c = (*o).clone();
+                    c.env_service = Some(svc.clone());
+                    Arc::new(c)
+                }
+                (None, None) => o,
+            },
+            None => {
+                self.gone += 1;
+                let cgroup = cgroups
+                    .path_of(rec.cgroup_id)
+                    .map(|p| format!("0::{p}\n"))
+                    .unwrap_or_default();
+                let env = self
+                    .cgroup_service
+                    .get(&rec.cgroup_id)
+                    .map(|s| vec![(SERVICE_ENV[0].to_owned(), s.clone())])
+                    .unwrap_or_default();
+                let p = ProcessInfo {
+                    pid: rec.tgid,
+                    comm: String::from_utf8_lossy(rec.comm_bytes()).into_owned(),
+                    uid: rec.uid,
+                    cgroup,
+                    env,
+                    ..ProcessInfo::default()
+                };
+                Arc::new(r.recorded_owner(&p))
+            }
+        }
+    }
+
+    /// Joins socket `cookie` to `owner`, within [`MAX_SOCKETS`].
+    fn remember(&mut self, cookie: u64, owner: Arc<Owner>) {
+        self.by_cookie.insert(cookie, owner);
+        self.order.push_back(cookie);
+        while self.order.len() > MAX_SOCKETS {
+            if let Some(old) = self.order.pop_front() {
+                if self.by_cookie.remove(&old).is_some() {
+                    self.evicted += 1;
+                }
+                self.drop_tuple(old);
             }
         }
     }
@@ -161,9 +228,15 @@ impl Owners {
                 "udp" => 17,
                 _ => continue,
             };
+            // The responder's socket has the addresses beyond any
+            // translation (`nat.ip`/`nat.port`).
+            let (src_far, dst_far) = flowtable::nat::beyond(c);
             let ends = [
                 (&mut c.src_tags, (proto, c.sport, c.dst, c.dport)),
-                (&mut c.dst_tags, (proto, c.dport, c.src, c.sport)),
+                (
+                    &mut c.dst_tags,
+                    (proto, dst_far.port(), src_far.ip(), src_far.port()),
+                ),
             ];
             for (tags, key) in ends {
                 if tags.contains_key("pid") {
@@ -363,5 +436,58 @@ mod tests {
         let mut again = [conn(1, &[])];
         o.tag(&r, &mut again);
         assert!(!again[0].src_tags.contains_key("pid"));
+    }
+
+    /// A server's accepted sockets, recorded with no process of their own,
+    /// take the owner of the listener on their port in their namespace;
+    /// the end is found beyond a translation (`nat.ip`/`nat.port`).
+    #[test]
+    fn an_accepted_socket_takes_its_listeners_owner() {
+        let mut r = Resolver::new(OneProcess, Options::default());
+        let mut cg = CgroupIds::default();
+        let mut o = Owners::default();
+        let peer = Ipv4Addr::new(10, 0, 0, 2).to_ipv6_mapped().octets();
+        let mut listen = record(5, 10, b"catalog");
+        listen.kind = OWNER_LISTEN;
+        listen.netns_cookie = 4096;
+        listen.local_port = 5001;
+        let accept = |cookie, netns_cookie, port| SockOwner {
+            cookie,
+            netns_cookie,
+            kind: OWNER_ACCEPT,
+            proto: 6,
+            family: 4,
+            local_port: 5001,
+            remote_port: port,
+            remote: peer,
+            ..SockOwner::default()
+        };
+        // The second accepted socket is in another namespace, whose
+        // listener was not recorded.
+        o.ingest(
+            &[listen, accept(6, 4096, 40000), accept(7, 8192, 40001)],
+            &mut r,
+            &mut cg,
+        );
+        assert_eq!((o.listens, o.accepted, o.accepted_unknown), (1, 1, 1));
+        // Client 10.0.0.2:40000 to a published 10.0.0.9:8080, translated to
+        // 10.0.0.1:5001; no cookie on the server's end.
+        let mut conns = [conn(0, &[]), conn(0, &[])];
+        for (c, sport) in conns.iter_mut().zip([40000, 40001]) {
+            c.src_tags.clear();
+            c.sport = sport;
+            c.dst = [10, 0, 0, 9].into();
+            c.dport = 8080;
+            c.dst_tags
+                .insert("nat.ip".to_owned(), "10.0.0.1".to_owned());
+            c.dst_tags.insert("nat.port".to_owned(), "5001".to_owned());
+        }
+        o.tag(&r, &mut conns);
+        let t = &conns[0].dst_tags;
+        assert_eq!(t.get("pid").map(String::as_str), Some("10"));
+        assert_eq!(t.get("service").map(String::as_str), Some("shop"));
+        assert_eq!(t.get("container").map(String::as_str), Some(ID));
+        assert!(conns[0].src_tags.is_empty(), "{:?}", conns[0].src_tags);
+        assert!(!conns[1].dst_tags.contains_key("pid"));
     }
 }

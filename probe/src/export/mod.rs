@@ -11,6 +11,7 @@ pub mod print;
 
 use std::io::{self, Write};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{anyhow, Result};
@@ -20,7 +21,11 @@ use self::fleet::{FleetOptions, Publisher};
 use self::history::History;
 use self::jsonl::{Export, Said};
 use self::print::Format;
+use crate::os::statedir::StateDir;
 use crate::sources::Reading;
+
+/// The export's baseline in the state directory.
+const EXPORT_STATE: &str = "export.json";
 
 /// While losses grow, they are said on stderr at most this often (and in
 /// full at the end).
@@ -40,6 +45,9 @@ pub struct Sinks {
     snapshots: Option<u64>,
     format: Format,
     quiet: bool,
+    /// `--state-dir`: the export's baseline is saved there after each
+    /// interval written, and the version saved.
+    state: Option<(Arc<StateDir>, Option<u64>)>,
 }
 
 /// What the sinks need to know.
@@ -52,6 +60,7 @@ pub struct SinkOptions<'a> {
     pub rollups: flowtable::rollup::RollupSettings,
     pub list_max: usize,
     pub fleet: Option<FleetOptions>,
+    pub state: Option<Arc<StateDir>>,
 }
 
 impl Sinks {
@@ -101,11 +110,78 @@ impl Sinks {
             snapshots: o.print_snapshots.then_some(0),
             format: o.format,
             quiet: o.quiet,
+            state: o.state.map(|s| (s, None)),
         })
     }
 
-    pub fn tick(&mut self, r: &Reading) -> Result<()> {
+    /// The source adopted the kernel state of a run that is gone: the
+    /// export continues from the baseline that run saved (`adopted`), or
+    /// starts afresh (not adopted, or nothing kept: the baseline is
+    /// dropped; `keep` false: nothing is saved either).
+    pub fn resume(&mut self, adopted: bool, keep: bool) -> Result<()> {
+        let Some((state, _)) = &self.state else {
+            return Ok(());
+        };
+        let saved = state.read(EXPORT_STATE)?;
+        state.remove(EXPORT_STATE);
+        match (&mut self.export, saved) {
+            (Some(e), Some(bytes)) if adopted => {
+                let saved: jsonl::Saved = serde_json::from_slice(&bytes)
+                    .map_err(|e| anyhow!("{}: {e}", state.path(EXPORT_STATE).display()))?;
+                let line = e.resume(&saved)?;
+                if !line.is_empty() && !self.quiet {
+                    eprintln!("flowprobe: {line}");
+                }
+            }
+            _ => {}
+        }
+        if !keep {
+            self.state = None;
+        }
+        Ok(())
+    }
+
+    /// Saves the export's baseline when it changed. Whether everything the
+    /// readings so far retired is recorded for good (no export, or its
+    /// lines written and the baseline saved).
+    fn save(&mut self) -> bool {
+        let Some(e) = &self.export else { return true };
+        if e.status().behind {
+            return false;
+        }
+        let Some((state, done)) = &mut self.state else {
+            return true;
+        };
+        let Some((saved, version)) = e.saved() else {
+            return true;
+        };
+        if *done == Some(version) {
+            return true;
+        }
+        let bytes = match serde_json::to_vec(&saved) {
+            Ok(b) => b,
+            Err(_) => return false,
+        };
+        match state.write(EXPORT_STATE, &bytes) {
+            Ok(()) => {
+                *done = Some(version);
+                true
+            }
+            Err(err) => {
+                eprintln!(
+                    "flowprobe: saving the export's baseline in {}: {err}",
+                    state.path(EXPORT_STATE).display()
+                );
+                false
+            }
+        }
+    }
+
+    /// One reading to every sink; `Ok(true)` when what it retired is
+    /// recorded for good (see [`Sinks::save`]).
+    pub fn tick(&mut self, r: &Reading) -> Result<bool> {
         self.export(r);
+        let committed = self.save();
         let now = crate::os::clock::realtime_ns();
         self.history.update(r, now);
         if let Some(f) = &mut self.fleet {
@@ -133,7 +209,7 @@ impl Sinks {
             print::write_snapshot(&mut out, self.format, *n, &r.conns)?;
             out.flush()?;
         }
-        Ok(())
+        Ok(committed)
     }
 
     /// The final reading: the export's last lines (so that it sums to the
@@ -141,6 +217,10 @@ impl Sinks {
     /// stderr.
     pub fn finish(mut self, r: &Reading) -> Result<()> {
         self.export(r);
+        // A stop, not a crash: nothing is kept.
+        if let Some((state, _)) = self.state.take() {
+            state.remove(EXPORT_STATE);
+        }
         if let Some(mut f) = self.fleet.take() {
             let now = crate::os::clock::realtime_ns();
             f.update(now, &r.conns, &r.retired);

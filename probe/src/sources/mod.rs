@@ -48,6 +48,19 @@ pub trait Source {
     fn owner_feed(&mut self) -> Option<OwnerFeed> {
         None
     }
+    /// It continues the counts of a run that is gone (`run --state-dir`,
+    /// docs/restart.md): the export continues from the baseline that run
+    /// recorded.
+    fn adopted(&self) -> bool {
+        false
+    }
+    /// It keeps its state for a later run (`run --state-dir`).
+    fn keeps_state(&self) -> bool {
+        false
+    }
+    /// The last reading's retired connections are recorded for good (the
+    /// export's baseline saved): what the source held for them may go.
+    fn committed(&mut self) {}
 }
 
 /// Appends the keys a source holds now.

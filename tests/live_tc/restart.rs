@@ -27,11 +27,15 @@ const SA: &str = "10.97.0.2";
 const LISTEN: &str = "127.0.0.1:9917";
 
 /// (client port, client writes, server writes), each side writing at
-/// [`PACE`]: seconds of traffic each way.
-const CONNS: [(u16, u64, u64); 3] = [
+/// [`PACE`]: seconds of traffic each way. The last two end early: the
+/// first is drained and retired (`--keep-ended 1.5`) and its slot freed
+/// before the kill, the second is drained and held when the kill comes.
+const CONNS: [(u16, u64, u64); 5] = [
     (40100, 1_400_000, 900_000),
     (40101, 800_000, 1_400_000),
     (40102, 1_200_000, 600_000),
+    (40103, 30_000, 30_000),
+    (40104, 300_000, 150_000),
 ];
 const PACE: &str = "300000";
 
@@ -160,6 +164,10 @@ fn sigkill_mid_transfer_and_restart_loses_nothing() {
         export.to_str().unwrap(),
         "--interval",
         "0.2",
+        "--closed-timeout",
+        "0.3",
+        "--keep-ended",
+        "1.5",
         "--listen",
         LISTEN,
         "--format",
@@ -174,6 +182,7 @@ fn sigkill_mid_transfer_and_restart_loses_nothing() {
         "{before_kill:?}"
     );
 
+    let traffic_start = Instant::now();
     let traffic = {
         let (a, b, d) = (ns.a.clone(), ns.b.clone(), d.to_owned());
         std::thread::spawn(move || {
@@ -193,7 +202,9 @@ fn sigkill_mid_transfer_and_restart_loses_nothing() {
                 .all(|(p, _, _)| text.contains(&format!("\"sport\":{p}")))
         },
     );
-    std::thread::sleep(Duration::from_millis(700));
+    if let Some(rest) = Duration::from_millis(2600).checked_sub(traffic_start.elapsed()) {
+        std::thread::sleep(rest);
+    }
     let metrics_before = sent_bytes_total(&ns.a).expect("/metrics before the kill");
     stop(&mut first.0, libc::SIGKILL, Duration::from_secs(10));
     let exported_before = fs::read_to_string(&export).unwrap().lines().count();

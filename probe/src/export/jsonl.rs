@@ -528,6 +528,51 @@ mod tests {
         assert_eq!(e.write(&[], &[], t), Said::Nothing);
     }
 
+    /// A run killed after writing lines it had not saved the baseline of:
+    /// the next one cuts them off and writes the change again, so each
+    /// connection's lines sum to its totals, once.
+    #[test]
+    fn a_resumed_export_cuts_what_was_not_saved_and_continues() {
+        let path =
+            std::env::temp_dir().join(format!("flowprobe-resume-{}.jsonl", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let p = path.to_str().unwrap();
+        let t = UNIX_EPOCH + Duration::from_secs(1_700_000_002);
+        let mut e = Export::open(p).unwrap();
+        e.write(&[conn(40000, 100, 10), conn(40001, 50, 0)], &[], t);
+        // 40001 retires with the second interval; the baseline keeps it
+        // one interval longer.
+        e.write(&[conn(40000, 300, 10)], &[conn(40001, 70, 0)], t);
+        let (saved, _) = e.saved().unwrap();
+        assert_eq!(saved.records.len(), 2);
+        let saved_len = saved.len;
+        // Written, never saved: the kill came first.
+        e.write(&[conn(40000, 900, 40)], &[], t);
+        drop(e);
+        let mut e = Export::open(p).unwrap();
+        let said = e.resume(&saved).unwrap();
+        assert!(said.contains("cut off"), "{said}");
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), saved_len);
+        // The source lists 40000 again (40001's slot was freed); then 40000
+        // ends.
+        e.write(&[conn(40000, 1000, 40)], &[], t);
+        assert_eq!(e.deltas.held().0, 1, "40001 forgotten");
+        e.write(&[], &[conn(40000, 1200, 50)], t);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        let mut sums = std::collections::BTreeMap::new();
+        for l in text.lines() {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let s = sums.entry(v["sport"].as_u64().unwrap()).or_insert((0, 0));
+            s.0 += v["sent"]["bytes"].as_u64().unwrap();
+            s.1 += v["received"]["bytes"].as_u64().unwrap();
+        }
+        assert_eq!(
+            sums.into_iter().collect::<Vec<_>>(),
+            [(40000, (1200, 50)), (40001, (70, 0))]
+        );
+    }
+
     #[test]
     fn the_lines_of_a_connection_sum_to_its_totals() {
         let mut d = Deltas::default();

@@ -113,7 +113,7 @@ impl Deltas {
             .iter()
             .flat_map(|(k, records)| records.iter().map(move |p| taken(k, p)))
             .collect();
-        out.sort_by(|a, b| (a.first_seen, a.sport, a.dport).cmp(&(b.first_seen, b.sport, b.dport)));
+        out.sort_by_key(|t| (t.first_seen, t.sport, t.dport));
         out
     }
 

@@ -64,7 +64,8 @@ pub fn run(s: RunSettings) -> Result<()> {
         }
     }
     let mut source = open_source(&s, state.clone())?;
-    sinks.resume(source.adopted(), source.keeps_state())?;
+    let released = sinks.resume(source.adopted(), source.keeps_state())?;
+    source.resume(&released);
     // A socket is remembered until its connection is retired, at the most
     // for as long as an idle connection can stay listed.
     let enrich = enrich::start(
@@ -177,7 +178,8 @@ fn follow(
         source.poll()?;
         if let (Some(at), Some(every)) = (next_tick, every) {
             if Instant::now() >= at {
-                if sinks.tick(&tagged(source.read()?, (&mut *nat, enrich)))? {
+                let r = tagged(source.read()?, (&mut *nat, enrich));
+                if sinks.tick(&r, &source.releasing())? {
                     source.committed();
                 }
                 next_tick = Some(at + every);

@@ -110,6 +110,20 @@ impl History {
         self.bounds.unlisted = self.unlisted.conns;
     }
 
+    /// The metric groups' sums over retired connections, to save.
+    pub fn saved_metrics(&self) -> Option<Vec<flowtable::query::SavedRow>> {
+        self.metrics.as_ref().map(|(_, t)| t.saved_rows())
+    }
+
+    /// Continues the sums a run that is gone saved.
+    pub fn restore_metrics(&mut self, rows: &[flowtable::query::SavedRow]) {
+        if let Some((_, totals)) = &mut self.metrics {
+            let t = Arc::make_mut(totals);
+            t.restore_rows(rows);
+            self.bounds.folded_series += t.cap(MAX_SERIES) as u64;
+        }
+    }
+
     pub fn rollups(&self) -> Arc<Mutex<Rollups>> {
         self.rollups.clone()
     }

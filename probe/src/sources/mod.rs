@@ -58,8 +58,18 @@ pub trait Source {
     fn keeps_state(&self) -> bool {
         false
     }
-    /// The last reading's retired connections are recorded for good (the
-    /// export's baseline saved): what the source held for them may go.
+    /// Adopted: `released` is what the run that is gone had recorded as
+    /// retired for good (its [`Source::releasing`] at its last save);
+    /// the rest of what it held is listed again.
+    fn resume(&mut self, _released: &[(u32, u64)]) {}
+    /// What the source holds for connections it retired, to be saved with
+    /// the sinks' state before [`Source::committed`] lets it go.
+    fn releasing(&self) -> Vec<(u32, u64)> {
+        Vec::new()
+    }
+    /// The retired connections so far are recorded for good (the sinks'
+    /// state saved with [`Source::releasing`]): what the source held for
+    /// them may go.
     fn committed(&mut self) {}
 }
 

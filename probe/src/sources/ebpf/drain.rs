@@ -33,7 +33,7 @@ use std::time::Duration;
 use flowtable::Connection;
 use probe_common::{initiator::evidence, ConnKey, FlowEntry};
 
-use super::kernel_table::{Drained, KernelTable};
+use super::kernel_table::{Drained, Held, KernelTable};
 
 pub struct Drainer {
     pub closed_after: Duration,
@@ -43,9 +43,9 @@ pub struct Drainer {
     /// Drained connections in the order they were drained, each with the
     /// tails drained after it added in, and when it was drained
     /// (monotonic ns), and the kernel slots still holding it.
-    done: VecDeque<(ConnKey, FlowEntry, u64, Vec<u32>)>,
+    done: VecDeque<(ConnKey, FlowEntry, u64, Vec<Held>)>,
     /// Held slots of retired records, to free once recorded.
-    retired_slots: Vec<u32>,
+    retired_slots: Vec<Held>,
     /// The number of the first record in `done` (records are numbered in
     /// drain order from 0 and leave from the front).
     base: usize,
@@ -140,6 +140,12 @@ impl Drainer {
         let n = held.len();
         self.absorb(held, now_ns);
         n
+    }
+
+    /// The held slots of the records retired so far: freed once their
+    /// last counts are recorded ([`Drainer::committed`]).
+    pub fn releasing(&self) -> &[Held] {
+        &self.retired_slots
     }
 
     /// The last counts of every record retired so far are recorded: their

@@ -36,9 +36,13 @@ pub struct KernelTable {
     hold: bool,
 }
 
+/// A held slot: its index and its entry's `first_seen_ns` (which says the
+/// slot still holds that entry).
+pub type Held = (u32, u64);
+
 /// A record drained out of the table, with the slots that still hold it
 /// (`DRAINING`) until [`KernelTable::free`]; none when freed at once.
-pub type Drained = (ConnKey, FlowEntry, Vec<u32>);
+pub type Drained = (ConnKey, FlowEntry, Vec<Held>);
 
 // SAFETY: the mappings are shared memory that the kernel writes too; every
 // access goes through atomics or volatile reads, from whichever thread.
@@ -242,11 +246,17 @@ impl KernelTable {
     }
 
     /// Frees slots held `DRAINING` (their records' last counts are
-    /// recorded).
-    pub fn free(&mut self, slots: impl IntoIterator<Item = u32>) {
-        for i in slots {
+    /// recorded), each only if it still holds the entry it held.
+    pub fn free(&mut self, slots: impl IntoIterator<Item = Held>) {
+        for (i, first_seen) in slots {
             let i = i as usize;
-            if i < self.len && self.state(i) == state::DRAINING {
+            if i >= self.len || self.state(i) != state::DRAINING {
+                continue;
+            }
+            let s = self.slot(i);
+            // SAFETY: a slot of the mapping; nothing writes a DRAINING one.
+            let at = unsafe { std::ptr::read_volatile(&raw const (*s).entry.first_seen_ns) };
+            if at == first_seen {
                 self.free_slot(i);
             }
         }
@@ -278,15 +288,16 @@ fn records(
     let start = out.len();
     let mut at: HashMap<ConnKey, usize> = HashMap::new();
     for (k, e, ended, slot) in slots {
+        let held = slot.map(|i| (i, e.first_seen_ns));
         if !ended {
             if let Some(&j) = at.get(&k) {
                 out[j].1.absorb(&e);
-                out[j].2.extend(slot);
+                out[j].2.extend(held);
                 continue;
             }
             at.insert(k, out.len());
         }
-        out.push((k, e, slot.into_iter().collect()));
+        out.push((k, e, held.into_iter().collect()));
     }
     out[start..].sort_by_key(|(_, e, _)| e.first_seen_ns);
 }
@@ -335,7 +346,7 @@ mod tests {
             &mut out,
         );
         // The two live slots of `a` are one record, held in both.
-        assert_eq!(out.last().unwrap().2, [0, 4]);
+        assert_eq!(out.last().unwrap().2, [(0, 50), (4, 60)]);
         let got: Vec<(u16, u64, u64)> = out
             .iter()
             .map(|(k, e, _)| {

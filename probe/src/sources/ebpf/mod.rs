@@ -191,15 +191,11 @@ pub fn open(opts: &Options) -> Result<EbpfSource> {
         stale::keep(&k.state.id(), Some(conns_id(&ebpf)?))?;
     }
     let mut table = KernelTable::open(&ebpf)?;
-    let mut drainer = Drainer::new(opts.closed_timeout, opts.idle_timeout, opts.keep_ended);
+    let drainer = Drainer::new(opts.closed_timeout, opts.idle_timeout, opts.keep_ended);
     let mut att = Attachments::new(opts.hook, opts.only.clone());
-    let mut kept = kept;
-    if let Some(k) = &mut kept {
+    if let Some(k) = &kept {
         table.hold_drained();
         att.record_in(k.state.path(CLSACT_RECORD));
-        if k.adopted.is_some() {
-            k.restored = drainer.restore(&mut table, monotonic_ns());
-        }
     }
     let next_drain = Instant::now() + drainer.every();
     Ok(EbpfSource {
@@ -294,6 +290,20 @@ impl Source for EbpfSource {
 
     fn keeps_state(&self) -> bool {
         self.kept.is_some()
+    }
+
+    fn resume(&mut self, released: &[(u32, u64)]) {
+        let Some(k) = &mut self.kept else { return };
+        if k.adopted.is_none() {
+            return;
+        }
+        // Retired and recorded by the run that is gone: not listed again.
+        self.table.free(released.iter().copied());
+        k.restored = self.drainer.restore(&mut self.table, monotonic_ns());
+    }
+
+    fn releasing(&self) -> Vec<(u32, u64)> {
+        self.drainer.releasing().to_vec()
     }
 
     fn committed(&mut self) {

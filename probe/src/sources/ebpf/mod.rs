@@ -140,20 +140,32 @@ pub fn open(opts: &Options) -> Result<EbpfSource> {
         )?),
         None => None,
     };
-    let adopted = plan.as_ref().and_then(|p| p.adopt.clone());
-    let seed = adopted.as_ref().map_or_else(random_seed, |a| a.seed);
+    let mut adopted = plan.as_ref().and_then(|p| p.adopt.clone());
+    let mut seed = adopted.as_ref().map_or_else(random_seed, |a| a.seed);
     if let Some(a) = &adopted {
         // The times of the adopted table's records read as before.
         let _ = CLOCK_OFFSET.set(a.clock_offset_ns);
     }
-    let mut ebpf = load(
-        &bytes,
-        &origin,
-        opts,
-        seed,
-        plan.as_ref().map(|p| p.pins.as_path()),
-    )
-    .map_err(|e| Unavailable::Refused(format!("{e:#}")))?;
+    let pin_dir = plan.as_ref().map(|p| p.pins.clone());
+    let mut ebpf = match load(&bytes, &origin, opts, seed, pin_dir.as_deref()) {
+        Ok(e) => e,
+        Err(e) if adopted.is_some() => {
+            // Say it and count afresh rather than not at all (the pins'
+            // owner changed, a map of another shape...).
+            eprintln!(
+                "flowprobe: --state-dir: the kept kernel table could not be adopted ({e:#}); starting afresh"
+            );
+            if let Some(dir) = &pin_dir {
+                pins::remove(dir);
+                let _ = std::fs::create_dir_all(dir);
+            }
+            adopted = None;
+            seed = random_seed();
+            load(&bytes, &origin, opts, seed, pin_dir.as_deref())
+                .map_err(|e| Unavailable::Refused(format!("{e:#}")))?
+        }
+        Err(e) => return Err(Unavailable::Refused(format!("{e:#}")).into()),
+    };
     let kept = match (state, plan) {
         (Some(state), Some(plan)) => {
             pins::save(

@@ -142,7 +142,7 @@ pub fn forget(state: &StateDir, pins: &Path) {
     state.remove(KERNEL);
 }
 
-fn remove(pins: &Path) {
+pub fn remove(pins: &Path) {
     if let Ok(dir) = fs::read_dir(pins) {
         for e in dir.flatten() {
             let _ = fs::remove_file(e.path());

@@ -14,7 +14,8 @@
 
 use std::net::IpAddr;
 
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
+use serde::{Deserialize, Serialize};
 
 use crate::conn::{Connection, DirStats};
 
@@ -70,7 +71,107 @@ pub fn sub(now: &DirStats, before: &DirStats) -> DirStats {
     }
 }
 
+/// One record as last taken, to save and [`Deltas::restore`] (a restarted
+/// agent continues the deltas of the one before, docs/restart.md).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Taken {
+    pub proto: String,
+    pub src: IpAddr,
+    pub sport: u16,
+    pub dst: IpAddr,
+    pub dport: u16,
+    pub iface: u32,
+    pub first_seen: u64,
+    pub sent: DirStats,
+    pub received: DirStats,
+}
+
+fn taken(k: &Key, p: &Prev) -> Taken {
+    Taken {
+        proto: k.0.to_owned(),
+        src: k.1,
+        sport: k.2,
+        dst: k.3,
+        dport: k.4,
+        iface: k.5,
+        first_seen: p.0,
+        sent: p.1,
+        received: p.2,
+    }
+}
+
+/// The protocol names a [`Connection`] has.
+fn proto(name: &str) -> Option<&'static str> {
+    ["tcp", "udp"].into_iter().find(|p| *p == name)
+}
+
 impl Deltas {
+    /// Every record as last taken.
+    pub fn saved(&self) -> Vec<Taken> {
+        let mut out: Vec<Taken> = self
+            .prev
+            .iter()
+            .flat_map(|(k, records)| records.iter().map(move |p| taken(k, p)))
+            .collect();
+        out.sort_by_key(|t| (t.first_seen, t.sport, t.dport));
+        out
+    }
+
+    /// The records of `conns` as last taken.
+    pub fn saved_of<'a>(&self, conns: impl IntoIterator<Item = &'a Connection>) -> Vec<Taken> {
+        let mut out = Vec::new();
+        for c in conns {
+            let k = key(c);
+            if let Some(records) = self.prev.get(&k) {
+                out.extend(
+                    records
+                        .iter()
+                        .filter(|r| r.0.abs_diff(c.first_seen) < SAME_RECORD_NS)
+                        .map(|p| taken(&k, p)),
+                );
+            }
+        }
+        out
+    }
+
+    /// Takes `saved` records as taken (added to those it has); those of an
+    /// unknown protocol are skipped. Returns how many it took.
+    pub fn restore(&mut self, saved: &[Taken]) -> usize {
+        let mut n = 0;
+        for t in saved {
+            let Some(p) = proto(&t.proto) else { continue };
+            let k = (p, t.src, t.sport, t.dst, t.dport, t.iface);
+            self.prev
+                .entry(k)
+                .or_default()
+                .push((t.first_seen, t.sent, t.received));
+            self.records += 1;
+            n += 1;
+        }
+        n
+    }
+
+    /// Forgets every record none of `conns` is (after a restart: the
+    /// records the source no longer has). Returns how many it forgot.
+    pub fn retain<'a>(&mut self, conns: impl IntoIterator<Item = &'a Connection>) -> usize {
+        let mut listed: FxHashMap<Key, Vec<u64>> = FxHashMap::default();
+        for c in conns {
+            listed.entry(key(c)).or_default().push(c.first_seen);
+        }
+        let before = self.records;
+        let mut empty: FxHashSet<Key> = FxHashSet::default();
+        for (k, records) in &mut self.prev {
+            let seen = listed.get(k).map(Vec::as_slice).unwrap_or_default();
+            records.retain(|r| seen.iter().any(|f| r.0.abs_diff(*f) < SAME_RECORD_NS));
+            if records.is_empty() {
+                empty.insert(*k);
+            }
+        }
+        self.prev.retain(|k, _| !empty.contains(k));
+        self.records = self.prev.values().map(Vec::len).sum();
+        before - self.records
+    }
+
     /// The records of `conns` that changed since they were last taken, in
     /// their order. Nothing is taken until [`Deltas::commit`].
     pub fn changes<'a>(&self, conns: impl IntoIterator<Item = &'a Connection>) -> Vec<Change<'a>> {
@@ -171,6 +272,22 @@ mod tests {
         let got = ch.iter().map(|c| (c.conn.sport, c.sent.bytes)).collect();
         d.commit(&ch);
         got
+    }
+
+    #[test]
+    fn saved_records_restore_and_unlisted_ones_are_forgotten() {
+        let mut d = Deltas::default();
+        take(&mut d, &[conn(1, 100), conn(2, 50)]);
+        let saved = d.saved();
+        assert_eq!(saved.len(), 2);
+        assert_eq!(d.saved_of(&[conn(2, 70)]), [saved[1].clone()]);
+        let mut e = Deltas::default();
+        assert_eq!(e.restore(&saved), 2);
+        // The restored baseline goes on where the first stopped.
+        assert_eq!(take(&mut e, &[conn(1, 130), conn(2, 50)]), [(1, 30)]);
+        assert_eq!(e.retain(&[conn(1, 130)]), 1);
+        assert_eq!(e.len(), 1);
+        assert_eq!(take(&mut e, &[conn(2, 60)]), [(2, 60)]);
     }
 
     #[test]

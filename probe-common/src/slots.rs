@@ -466,8 +466,31 @@ pub unsafe fn drain<A: Atomics>(
     s: *mut Slot,
     a: &A,
     due: impl Fn(&FlowEntry) -> bool,
-    mut pause: impl FnMut(),
+    pause: impl FnMut(),
     release: impl FnOnce(),
+) -> Option<(ConnKey, FlowEntry, bool)> {
+    // SAFETY: caller's contract.
+    unsafe {
+        let got = take(s, a, due, pause)?;
+        release();
+        free(s, a);
+        Some(got)
+    }
+}
+
+/// Userspace: [`drain`]'s first half. The slot is left `DRAINING` with its
+/// final entry: the kernel neither matches nor reuses it, so it keeps that
+/// entry, frozen, until [`free`] (a restarted agent finds it there, which
+/// is how `run --state-dir` keeps a drained connection until its last
+/// counts are recorded).
+///
+/// # Safety
+/// `s` is a slot of the live table, shared with the kernel.
+pub unsafe fn take<A: Atomics>(
+    s: *mut Slot,
+    a: &A,
+    due: impl Fn(&FlowEntry) -> bool,
+    mut pause: impl FnMut(),
 ) -> Option<(ConnKey, FlowEntry, bool)> {
     // SAFETY: caller's contract.
     unsafe {
@@ -495,8 +518,18 @@ pub unsafe fn drain<A: Atomics>(
             a.xchg_u32(st, state::LIVE);
             return None;
         }
-        release();
-        a.xchg_u32(st, state::FREE);
         Some((key, entry, ended))
+    }
+}
+
+/// Userspace: [`drain`]'s second half, a slot [`take`] left `DRAINING`
+/// becomes `FREE` (reusable).
+///
+/// # Safety
+/// `s` is a slot of the live table, shared with the kernel, `DRAINING`.
+pub unsafe fn free<A: Atomics>(s: *mut Slot, a: &A) {
+    // SAFETY: caller's contract.
+    unsafe {
+        a.xchg_u32(&raw mut (*s).state, state::FREE);
     }
 }

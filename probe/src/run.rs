@@ -13,6 +13,7 @@
 //! gives it to the sinks. At the end the source stops (detaches) and its
 //! final reading goes the same way.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -23,6 +24,7 @@ use crate::enrich::{self, Attribution};
 use crate::export::{SinkOptions, Sinks};
 use crate::os::links::{self, Watcher};
 use crate::os::signals::Stop;
+use crate::os::statedir::StateDir;
 use crate::settings::{Backend, RunSettings};
 use crate::sources::{afpacket, ebpf, Hook, Links, Reading, Source, Unavailable};
 
@@ -37,6 +39,11 @@ const RESYNC: Duration = Duration::from_secs(5);
 
 pub fn run(s: RunSettings) -> Result<()> {
     let stop = Stop::on_signals()?;
+    // Before anything is loaded: a live holder refuses this run.
+    let state = match &s.state_dir {
+        Some(d) => Some(Arc::new(StateDir::lock(d)?)),
+        None => None,
+    };
     let mut sinks = Sinks::open(SinkOptions {
         listen: s.listen.clone(),
         export_jsonl: s.export_jsonl.as_deref(),
@@ -46,6 +53,7 @@ pub fn run(s: RunSettings) -> Result<()> {
         rollups: s.rollups,
         list_max: s.list_max,
         fleet: s.fleet.clone(),
+        state: state.clone(),
     })?;
     // Subscribe before the dump, so that no link change falls between.
     let mut watcher = Watcher::subscribe()?;
@@ -55,7 +63,9 @@ pub fn run(s: RunSettings) -> Result<()> {
             bail!("no interface {name} in this network namespace");
         }
     }
-    let mut source = open_source(&s)?;
+    let mut source = open_source(&s, state.clone())?;
+    let released = sinks.resume(source.adopted(), source.keeps_state())?;
+    source.resume(&released);
     // A socket is remembered until its connection is retired, at the most
     // for as long as an idle connection can stay listed.
     let enrich = enrich::start(
@@ -77,12 +87,16 @@ pub fn run(s: RunSettings) -> Result<()> {
     let last = source.finish();
     counted?;
     let last = tagged(last?, (&mut nat, &enrich));
-    sinks.finish(&last)
+    let r = sinks.finish(&last);
+    if let Some(state) = state {
+        state.clear();
+    }
+    r
 }
 
 /// The source the settings ask for; `auto` falls back to AF_PACKET when eBPF
 /// is [`Unavailable`] here, saying why in one line.
-fn open_source(s: &RunSettings) -> Result<Box<dyn Source>> {
+fn open_source(s: &RunSettings, state: Option<Arc<StateDir>>) -> Result<Box<dyn Source>> {
     let ebpf = |hook| -> Result<Box<dyn Source>> {
         Ok(Box::new(ebpf::open(&ebpf::Options {
             hook,
@@ -95,6 +109,7 @@ fn open_source(s: &RunSettings) -> Result<Box<dyn Source>> {
             closed_timeout: s.closed_timeout,
             idle_timeout: s.idle_timeout,
             keep_ended: s.keep_ended,
+            state: state.clone(),
         })?))
     };
     let retire = afpacket::Retire {
@@ -163,7 +178,11 @@ fn follow(
         source.poll()?;
         if let (Some(at), Some(every)) = (next_tick, every) {
             if Instant::now() >= at {
-                sinks.tick(tagged(source.read()?, (&mut *nat, enrich)))?;
+                let r = tagged(source.read()?, (&mut *nat, enrich));
+                let releasing = source.releasing();
+                if sinks.tick(r, &releasing)? {
+                    source.committed();
+                }
                 next_tick = Some(at + every);
             }
         }

@@ -124,6 +124,30 @@ fn netns_del(name: &str) {
         for ext in ["lock", "clsact"] {
             let _ = fs::remove_file(format!("/run/flowprobe/netns-{ino}.{ext}"));
         }
+        // What a `run --state-dir` that did not stop cleanly recorded.
+        if let Ok(dir) = fs::read_dir("/run/flowprobe") {
+            for e in dir.flatten() {
+                let n = e.file_name().to_string_lossy().into_owned();
+                if n.starts_with(&format!("netns-{ino}.kept-")) {
+                    let _ = fs::remove_file(e.path());
+                }
+            }
+        }
+        if let Ok(dir) = fs::read_dir("/sys/fs/bpf/flowprobe") {
+            for e in dir.flatten() {
+                if e.file_name()
+                    .to_string_lossy()
+                    .ends_with(&format!("-{ino}"))
+                {
+                    if let Ok(pins) = fs::read_dir(e.path()) {
+                        for p in pins.flatten() {
+                            let _ = fs::remove_file(p.path());
+                        }
+                    }
+                    let _ = fs::remove_dir(e.path());
+                }
+            }
+        }
     }
     let _ = Command::new("ip").args(["netns", "del", name]).output();
 }

@@ -31,6 +31,12 @@
 //!   left after exit.
 //! - `stale_filters`: the next start after a `kill -9` removes what the
 //!   killed run left, and only that.
+//! - `restart`: `run --state-dir` killed with SIGKILL in the middle of
+//!   lossy transfers and started again at once: the filters stay through
+//!   the gap and are taken over in place, the export's deltas summed per
+//!   connection equal every socket's `TCP_INFO` both ways, `/metrics`
+//!   does not go back; a one-shot run while the daemon is dead leaves its
+//!   state alone; a clean stop leaves no filter, pin or state.
 //! - `missing`: without the program, `run --backend tc` says what is
 //!   missing in one line.
 //! - `test_run`: the fixture captures pushed through the loaded program with
@@ -81,6 +87,7 @@ mod many_ifaces;
 mod missing;
 mod nat;
 mod netns_gone;
+mod restart;
 mod stale_filters;
 mod test_run;
 mod tunnels;

@@ -418,6 +418,96 @@ impl QueryResult {
     }
 }
 
+/// A [`Row`] as saved by a run that keeps its state for the next one
+/// (the sums of retired connections behind `/metrics`, docs/restart.md);
+/// the RTT histograms as (value, count) pairs of their buckets.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct SavedRow {
+    pub src: Vec<Option<String>>,
+    pub dst: Vec<Option<String>>,
+    pub other: bool,
+    pub conns: u64,
+    pub sent: DirStats,
+    pub received: DirStats,
+    pub first_seen: u64,
+    pub last_seen: u64,
+    pub span_ns: u64,
+    pub rtt_dst: Vec<(u64, u64)>,
+    pub rtt_dst_max: u64,
+    pub rtt_src: Vec<(u64, u64)>,
+    pub rtt_src_max: u64,
+}
+
+fn buckets(h: &Histogram<u64>) -> Vec<(u64, u64)> {
+    h.iter_recorded()
+        .map(|v| (v.value_iterated_to(), v.count_at_value()))
+        .collect()
+}
+
+fn histogram(b: &[(u64, u64)]) -> Histogram<u64> {
+    let mut h = new_histogram();
+    for &(v, n) in b {
+        // Auto-resizing: cannot run out of range.
+        let _ = h.record_n(v, n);
+    }
+    h
+}
+
+impl QueryResult {
+    /// Its rows, to save.
+    pub fn saved_rows(&self) -> Vec<SavedRow> {
+        self.rows
+            .iter()
+            .map(|r| SavedRow {
+                src: r.src.clone(),
+                dst: r.dst.clone(),
+                other: r.other,
+                conns: r.conns,
+                sent: r.sent,
+                received: r.received,
+                first_seen: r.first_seen,
+                last_seen: r.last_seen,
+                span_ns: r.span_ns,
+                rtt_dst: buckets(&r.rtt_dst),
+                rtt_dst_max: r.rtt_dst_max,
+                rtt_src: buckets(&r.rtt_src),
+                rtt_src_max: r.rtt_src_max,
+            })
+            .collect()
+    }
+
+    /// Adds saved rows of the same query (see [`QueryResult::absorb`]);
+    /// rows whose key count differs from this query's are skipped.
+    pub fn restore_rows(&mut self, rows: &[SavedRow]) {
+        let (ns, nd) = (self.src_keys.len(), self.dst_keys.len());
+        let o = QueryResult {
+            src_keys: self.src_keys.clone(),
+            dst_keys: self.dst_keys.clone(),
+            window: None,
+            rows: rows
+                .iter()
+                .filter(|r| r.src.len() == ns && r.dst.len() == nd)
+                .map(|r| Row {
+                    src: r.src.clone(),
+                    dst: r.dst.clone(),
+                    other: r.other,
+                    conns: r.conns,
+                    sent: r.sent,
+                    received: r.received,
+                    first_seen: r.first_seen,
+                    last_seen: r.last_seen,
+                    span_ns: r.span_ns,
+                    rtt_dst: histogram(&r.rtt_dst),
+                    rtt_dst_max: r.rtt_dst_max,
+                    rtt_src: histogram(&r.rtt_src),
+                    rtt_src_max: r.rtt_src_max,
+                })
+                .collect(),
+        };
+        self.absorb(&o);
+    }
+}
+
 /// One group: sums over its connections.
 #[derive(Clone, Debug)]
 pub struct Row {

@@ -32,6 +32,26 @@ pub struct Deltas {
     /// Retired connections dropped from `pending`.
     dropped: u64,
     interval: u64,
+    /// The records the last write retired, as taken: kept in the saved
+    /// baseline one interval longer (a restart may find them in the kernel
+    /// again before the source forgets them; then they add nothing).
+    last_retired: Vec<flowtable::delta::Taken>,
+    /// Resumed from a saved baseline: the first write forgets the records
+    /// the source does not list.
+    resumed: bool,
+    /// Grows whenever what [`Deltas::saved`] gives changes.
+    version: u64,
+}
+
+/// What a restarted run needs to continue the export exactly
+/// (docs/restart.md): the file's length when the baseline was taken, the
+/// interval number and each record's counters as written.
+#[derive(Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Saved {
+    pub path: String,
+    pub len: u64,
+    pub interval: u64,
+    pub records: Vec<flowtable::delta::Taken>,
 }
 
 /// One line; fields may be added, never renamed.
@@ -77,6 +97,10 @@ impl Deltas {
             self.pending.pop_front();
             self.dropped += 1;
         }
+        let resumed = std::mem::take(&mut self.resumed);
+        if resumed {
+            self.deltas.retain(conns.iter().chain(&self.pending));
+        }
         let time = rfc3339(now);
         let mut buf = Vec::new();
         let changes = self.deltas.changes(conns.iter().chain(&self.pending));
@@ -108,9 +132,28 @@ impl Deltas {
             self.deltas.commit(&changes);
         }
         // Written (or nothing to write): their last lines are out.
+        if n > 0 || resumed || !self.pending.is_empty() || !self.last_retired.is_empty() {
+            self.version += 1;
+        }
+        self.last_retired = self.deltas.saved_of(&self.pending);
         self.deltas.forget(&self.pending);
         self.pending.clear();
         Ok(n)
+    }
+
+    /// The baseline: every record as last written, and those retired by
+    /// the last write.
+    fn saved(&self) -> Vec<flowtable::delta::Taken> {
+        let mut r = self.deltas.saved();
+        r.extend(self.last_retired.iter().cloned());
+        r
+    }
+
+    /// Continues from a saved baseline.
+    fn resume(&mut self, s: &Saved) {
+        self.interval = s.interval;
+        self.deltas.restore(&s.records);
+        self.resumed = true;
     }
 
     /// Records remembered, retired ones waiting, retired ones dropped.
@@ -210,6 +253,60 @@ impl Export {
 
     pub fn status(&self) -> &ExportStatus {
         &self.status
+    }
+
+    /// The baseline to save now (a file only), and a number that changes
+    /// whenever it does.
+    pub fn saved(&self) -> Option<(Saved, u64)> {
+        let Out::File(f) = &self.out else { return None };
+        let len = f.metadata().ok()?.len();
+        Some((
+            Saved {
+                path: self.path.clone(),
+                len,
+                interval: self.deltas.interval,
+                records: self.deltas.saved(),
+            },
+            self.deltas.version,
+        ))
+    }
+
+    /// Continues the export of a run that is gone from its saved baseline:
+    /// what it wrote after the baseline was taken is cut off (this run
+    /// writes it again, from the baseline). Returns one line to say.
+    pub fn resume(&mut self, s: &Saved) -> anyhow::Result<String> {
+        let Out::File(f) = &self.out else {
+            return Ok(String::new());
+        };
+        if s.path != self.path {
+            return Ok(format!(
+                "the saved export baseline is of {}, not {}: this export starts afresh",
+                s.path, self.path
+            ));
+        }
+        let len = f.metadata()?.len();
+        let mut line = format!(
+            "--export-jsonl {}: continuing after interval {} ({} records)",
+            self.path,
+            s.interval,
+            s.records.len()
+        );
+        if len > s.len {
+            f.set_len(s.len).map_err(|e| {
+                anyhow::anyhow!("--export-jsonl {}: cutting to {}: {e}", self.path, s.len)
+            })?;
+            line += &format!(
+                "; {} bytes written after it were cut off, to be written again",
+                len - s.len
+            );
+        } else if len < s.len {
+            line += &format!(
+                "; the file is shorter than when the baseline was taken ({len} < {} bytes): rotated?",
+                s.len
+            );
+        }
+        self.deltas.resume(s);
+        Ok(line)
     }
 
     /// Writes this interval's lines (see [`Deltas::write`]); a failure is
@@ -429,6 +526,51 @@ mod tests {
         assert!(s.last_error.as_deref().unwrap().contains("No space left"));
         // Nothing to write is no write: still behind.
         assert_eq!(e.write(&[], &[], t), Said::Nothing);
+    }
+
+    /// A run killed after writing lines it had not saved the baseline of:
+    /// the next one cuts them off and writes the change again, so each
+    /// connection's lines sum to its totals, once.
+    #[test]
+    fn a_resumed_export_cuts_what_was_not_saved_and_continues() {
+        let path =
+            std::env::temp_dir().join(format!("flowprobe-resume-{}.jsonl", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let p = path.to_str().unwrap();
+        let t = UNIX_EPOCH + Duration::from_secs(1_700_000_002);
+        let mut e = Export::open(p).unwrap();
+        e.write(&[conn(40000, 100, 10), conn(40001, 50, 0)], &[], t);
+        // 40001 retires with the second interval; the baseline keeps it
+        // one interval longer.
+        e.write(&[conn(40000, 300, 10)], &[conn(40001, 70, 0)], t);
+        let (saved, _) = e.saved().unwrap();
+        assert_eq!(saved.records.len(), 2);
+        let saved_len = saved.len;
+        // Written, never saved: the kill came first.
+        e.write(&[conn(40000, 900, 40)], &[], t);
+        drop(e);
+        let mut e = Export::open(p).unwrap();
+        let said = e.resume(&saved).unwrap();
+        assert!(said.contains("cut off"), "{said}");
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), saved_len);
+        // The source lists 40000 again (40001's slot was freed); then 40000
+        // ends.
+        e.write(&[conn(40000, 1000, 40)], &[], t);
+        assert_eq!(e.deltas.held().0, 1, "40001 forgotten");
+        e.write(&[], &[conn(40000, 1200, 50)], t);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        let mut sums = std::collections::BTreeMap::new();
+        for l in text.lines() {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let s = sums.entry(v["sport"].as_u64().unwrap()).or_insert((0, 0));
+            s.0 += v["sent"]["bytes"].as_u64().unwrap();
+            s.1 += v["received"]["bytes"].as_u64().unwrap();
+        }
+        assert_eq!(
+            sums.into_iter().collect::<Vec<_>>(),
+            [(40000, (1200, 50)), (40001, (70, 0))]
+        );
     }
 
     #[test]

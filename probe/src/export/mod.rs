@@ -23,7 +23,27 @@ use self::fleet::{FleetOptions, Publisher};
 use self::history::History;
 use self::jsonl::{Export, Said};
 use self::print::Format;
+use crate::os::statedir::StateDir;
 use crate::sources::Reading;
+
+/// The sinks' state in the state directory (docs/restart.md).
+const SINKS_STATE: &str = "export.json";
+
+/// What the sinks' state was made of: the export's version, the retired
+/// connections counted, the held slots released.
+type SavedVersion = (Option<u64>, u64, usize);
+
+/// What a restarted run needs to continue the sinks' counts exactly.
+#[derive(serde::Serialize, serde::Deserialize, Default)]
+struct Saved {
+    /// The export's baseline.
+    export: Option<jsonl::Saved>,
+    /// `/metrics`' sums over retired connections.
+    metrics: Option<Vec<flowtable::query::SavedRow>>,
+    /// What the source held for connections retired by this save: the
+    /// next run lets it go instead of listing them again.
+    released: Vec<(u32, u64)>,
+}
 
 /// While losses grow, they are said on stderr at most this often (and in
 /// full at the end).
@@ -43,6 +63,9 @@ pub struct Sinks {
     snapshots: Option<u64>,
     format: Format,
     quiet: bool,
+    /// `--state-dir`: the sinks' state is saved there after each tick
+    /// that changed it, and what changed last saved.
+    state: Option<(Arc<StateDir>, Option<SavedVersion>)>,
 }
 
 /// What the sinks need to know.
@@ -55,6 +78,7 @@ pub struct SinkOptions<'a> {
     pub rollups: flowtable::rollup::RollupSettings,
     pub list_max: usize,
     pub fleet: Option<FleetOptions>,
+    pub state: Option<Arc<StateDir>>,
 }
 
 impl Sinks {
@@ -104,16 +128,96 @@ impl Sinks {
             snapshots: o.print_snapshots.then_some(0),
             format: o.format,
             quiet: o.quiet,
+            state: o.state.map(|s| (s, None)),
         })
     }
 
-    /// One tick's reading, which the agent's snapshot then owns (shared,
-    /// not copied: at thousands of listed connections a copy per tick was
-    /// a good part of the agent's CPU).
-    pub fn tick(&mut self, r: Reading) -> Result<()> {
+    /// The source adopted the kernel state of a run that is gone: the
+    /// export and the metric sums continue from what that run saved
+    /// (`adopted`), or start afresh (not adopted, or nothing kept: the
+    /// saved state is dropped; `keep` false: nothing is saved either).
+    /// Returns what the run that is gone released (see [`Saved`]).
+    pub fn resume(&mut self, adopted: bool, keep: bool) -> Result<Vec<(u32, u64)>> {
+        let Some((state, _)) = &self.state else {
+            return Ok(Vec::new());
+        };
+        let bytes = state.read(SINKS_STATE)?;
+        state.remove(SINKS_STATE);
+        let mut released = Vec::new();
+        if let (Some(bytes), true) = (bytes, adopted) {
+            let saved: Saved = serde_json::from_slice(&bytes)
+                .map_err(|e| anyhow!("{}: {e}", state.path(SINKS_STATE).display()))?;
+            if let (Some(e), Some(s)) = (&mut self.export, &saved.export) {
+                let line = e.resume(s)?;
+                if !line.is_empty() && !self.quiet {
+                    eprintln!("flowprobe: {line}");
+                }
+            }
+            if let Some(rows) = &saved.metrics {
+                self.history.restore_metrics(rows);
+            }
+            released = saved.released;
+        }
+        if !keep {
+            self.state = None;
+        }
+        Ok(released)
+    }
+
+    /// Saves the sinks' state with `releasing` when it changed. Whether
+    /// everything the readings so far retired is recorded for good (the
+    /// export's lines written, and the state saved).
+    fn save(&mut self, releasing: &[(u32, u64)]) -> bool {
+        let Some((state, done)) = &mut self.state else {
+            return true;
+        };
+        if self.export.as_ref().is_some_and(|e| e.status().behind) {
+            return false;
+        }
+        let export = self.export.as_ref().and_then(Export::saved);
+        let version = (
+            export.as_ref().map(|e| e.1),
+            self.history.bounds().retired,
+            releasing.len(),
+        );
+        if *done == Some(version) && releasing.is_empty() {
+            return true;
+        }
+        let saved = Saved {
+            export: export.map(|e| e.0),
+            metrics: self.history.saved_metrics(),
+            released: releasing.to_vec(),
+        };
+        let bytes = match serde_json::to_vec(&saved) {
+            Ok(b) => b,
+            Err(_) => return false,
+        };
+        match state.write(SINKS_STATE, &bytes) {
+            Ok(()) => {
+                *done = Some(version);
+                true
+            }
+            Err(err) => {
+                eprintln!(
+                    "flowprobe: saving the export's baseline in {}: {err}",
+                    state.path(SINKS_STATE).display()
+                );
+                false
+            }
+        }
+    }
+
+    /// One reading to every sink; with a state directory their state is
+    /// saved with `releasing` (what the source holds for the connections
+    /// it retired). `Ok(true)` when what it retired is recorded for good
+    /// (see [`Sinks::save`]). The agent's snapshot then owns the reading's
+    /// connections (shared, not copied: at thousands of listed
+    /// connections a copy per tick was a good part of the agent's CPU).
+    pub fn tick(&mut self, r: Reading, releasing: &[(u32, u64)]) -> Result<bool> {
         self.export(&r);
         let now = crate::os::clock::realtime_ns();
         self.history.update(&r, now);
+        let committed = self.save(releasing);
         if let Some(f) = &mut self.fleet {
             f.set_addresses(crate::os::addrs::local());
             f.update(now, &r.conns, &r.retired);
@@ -139,7 +243,7 @@ impl Sinks {
                 nat: r.nat,
             });
         }
-        Ok(())
+        Ok(committed)
     }
 
     /// The final reading: the export's last lines (so that it sums to the
@@ -147,6 +251,10 @@ impl Sinks {
     /// stderr.
     pub fn finish(mut self, r: &Reading) -> Result<()> {
         self.export(r);
+        // A stop, not a crash: nothing is kept.
+        if let Some((state, _)) = self.state.take() {
+            state.remove(SINKS_STATE);
+        }
         if let Some(mut f) = self.fleet.take() {
             let now = crate::os::clock::realtime_ns();
             f.update(now, &r.conns, &r.retired);

@@ -11,8 +11,9 @@ use std::io;
 use netlink_packet_core::{
     NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST,
 };
-use netlink_packet_route::tc::{TcAttribute, TcHandle, TcMessage};
+use netlink_packet_route::tc::{TcAttribute, TcHandle, TcMessage, TcOption};
 use netlink_packet_route::RouteNetlinkMessage;
+use netlink_packet_utils::nla::Nla;
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 
 /// `ffff:0000`, the handle of every clsact (and ingress) qdisc.
@@ -55,6 +56,10 @@ pub struct Filter {
     /// the filters in it.
     pub handle: u32,
     pub chain: u32,
+    /// A `bpf` filter's name (`TCA_BPF_NAME`: the program's, as aya names
+    /// it) and program id (`TCA_BPF_ID`).
+    pub bpf_name: Option<String>,
+    pub bpf_id: Option<u32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -133,15 +138,52 @@ fn filter_of(m: &TcMessage) -> Filter {
         protocol: u16::from_be(m.header.info as u16),
         handle: m.header.handle.into(),
         chain: 0,
+        bpf_name: None,
+        bpf_id: None,
     };
     for a in &m.attributes {
         match a {
             TcAttribute::Kind(k) => f.kind.clone_from(k),
             TcAttribute::Chain(c) => f.chain = *c,
+            TcAttribute::Options(opts) => {
+                for o in opts {
+                    if let TcOption::Other(nla) = o {
+                        let mut v = vec![0u8; nla.value_len()];
+                        nla.emit_value(&mut v);
+                        bpf_options(&v, &mut f);
+                    }
+                }
+            }
             _ => {}
         }
     }
     f
+}
+
+/// `TCA_BPF_NAME` and `TCA_BPF_ID` from a `bpf` filter's options (which
+/// `netlink-packet-route` leaves undecoded).
+fn bpf_options(mut a: &[u8], f: &mut Filter) {
+    const TCA_BPF_NAME: u16 = 7;
+    const TCA_BPF_ID: u16 = 11;
+    while a.len() >= 4 {
+        let len = u16::from_ne_bytes([a[0], a[1]]) as usize;
+        let kind = u16::from_ne_bytes([a[2], a[3]]) & 0x3fff;
+        let Some(value) = a.get(4..len) else { return };
+        match kind {
+            TCA_BPF_NAME => {
+                let name = value.split(|&b| b == 0).next().unwrap_or_default();
+                f.bpf_name = Some(String::from_utf8_lossy(name).into_owned());
+            }
+            TCA_BPF_ID if value.len() >= 4 => {
+                f.bpf_id = Some(u32::from_ne_bytes([value[0], value[1], value[2], value[3]]));
+            }
+            _ => {}
+        }
+        let Some(rest) = a.get(((len + 3) & !3).max(4)..) else {
+            return;
+        };
+        a = rest;
+    }
 }
 
 fn encode(msg: RouteNetlinkMessage, flags: u16) -> Vec<u8> {
@@ -291,7 +333,9 @@ mod tests {
                 priority: 49152,
                 protocol: 3,
                 handle: 1,
-                chain: 2
+                chain: 2,
+                bpf_name: None,
+                bpf_id: None,
             }
         );
     }

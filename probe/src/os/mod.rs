@@ -10,3 +10,4 @@ pub mod clsact;
 pub mod links;
 pub mod mmap;
 pub mod signals;
+pub mod statedir;

@@ -25,6 +25,8 @@ pub struct RunConfig {
     /// As --backend.
     pub backend: Option<Backend>,
     pub ebpf_object: Option<PathBuf>,
+    /// As --state-dir.
+    pub state_dir: Option<PathBuf>,
     /// As --per-interface.
     pub per_interface: Option<bool>,
     /// false: as --no-decap.
@@ -184,7 +186,7 @@ mod tests {
             ),
             (
                 "interfaces = [\"eth0\"]\nmax_con = 5",
-                "line 2: unknown field `max_con`, expected one of `interfaces`, `backend`, `ebpf_object`, `per_interface`, `decap`, `vxlan_port`, `geneve_port`, `max_conns`, `closed_timeout`, `idle_timeout`, `keep_ended`, `list_max`, `rollup_interval`, `rollup_keep`, `rollup_top`, `interval`, `listen`, `metrics_labels`, `export`, `fleet`",
+                "line 2: unknown field `max_con`, expected one of `interfaces`, `backend`, `ebpf_object`, `state_dir`, `per_interface`, `decap`, `vxlan_port`, `geneve_port`, `max_conns`, `closed_timeout`, `idle_timeout`, `keep_ended`, `list_max`, `rollup_interval`, `rollup_keep`, `rollup_top`, `interval`, `listen`, `metrics_labels`, `export`, `fleet`",
             ),
             (
                 "[export]\nfile = \"x\"",

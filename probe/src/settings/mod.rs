@@ -163,6 +163,12 @@ pub struct RunFlags {
     /// counters changed, with the change, to PATH (`-`: stdout).
     #[arg(long, value_name = "PATH")]
     pub export_jsonl: Option<String>,
+    /// Keep the kernel's connection table (pinned in bpffs) and the
+    /// export's baseline here, so that a run started after this one was
+    /// killed continues its counts exactly (docs/restart.md); a clean
+    /// stop removes them. tc only.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
     #[command(flatten)]
     pub bounds: BoundFlags,
     #[command(flatten)]
@@ -323,6 +329,8 @@ pub struct RunSettings {
     pub interval: Option<Duration>,
     pub listen: Option<(SocketAddr, MetricLabels)>,
     pub export_jsonl: Option<String>,
+    /// `--state-dir`: what a killed run keeps for the next one.
+    pub state_dir: Option<PathBuf>,
     pub format: Format,
     pub quiet: bool,
     pub keep_ended: Duration,
@@ -523,6 +531,7 @@ impl RunFlags {
             backend: self.backend.or(file.backend).unwrap_or(Backend::Auto),
             ifaces,
             ebpf_object: self.ebpf_object.or(file.ebpf_object),
+            state_dir: self.state_dir.or(file.state_dir),
             per_interface: self.per_interface || file.per_interface.unwrap_or(false),
             decap: self
                 .decap

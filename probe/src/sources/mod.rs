@@ -48,6 +48,29 @@ pub trait Source {
     fn owner_feed(&mut self) -> Option<OwnerFeed> {
         None
     }
+    /// It continues the counts of a run that is gone (`run --state-dir`,
+    /// docs/restart.md): the export continues from the baseline that run
+    /// recorded.
+    fn adopted(&self) -> bool {
+        false
+    }
+    /// It keeps its state for a later run (`run --state-dir`).
+    fn keeps_state(&self) -> bool {
+        false
+    }
+    /// Adopted: `released` is what the run that is gone had recorded as
+    /// retired for good (its [`Source::releasing`] at its last save);
+    /// the rest of what it held is listed again.
+    fn resume(&mut self, _released: &[(u32, u64)]) {}
+    /// What the source holds for connections it retired, to be saved with
+    /// the sinks' state before [`Source::committed`] lets it go.
+    fn releasing(&self) -> Vec<(u32, u64)> {
+        Vec::new()
+    }
+    /// The retired connections so far are recorded for good (the sinks'
+    /// state saved with [`Source::releasing`]): what the source held for
+    /// them may go.
+    fn committed(&mut self) {}
 }
 
 /// Appends the keys a source holds now.

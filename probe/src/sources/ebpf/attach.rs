@@ -6,9 +6,17 @@
 //! ones (also when they are re-created). An interface that goes down stays
 //! attached; one that is deleted or leaves the namespace is forgotten (its
 //! filters and qdisc went with it). Only what this run added is removed.
+//!
+//! A run that adopts a state directory's table ([`super::pins`]) takes the
+//! filters of the run that is gone over ([`Attachments::adopt`]): each is
+//! replaced in place (same priority and handle, one netlink change) by this
+//! run's program, which counts into the same maps, so no packet goes
+//! uncounted; from then on they are this run's own.
+
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use aya::programs::tc::{NlOptions, TcAttachOptions};
+use aya::programs::tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle};
 use aya::programs::{tc, SchedClassifier, TcAttachType};
 use aya::Ebpf;
 
@@ -33,6 +41,11 @@ pub struct Attachments {
     only: Vec<String>,
     list: Vec<Attached>,
     lock: Option<stale::NetnsLock>,
+    /// Where the clsact qdiscs this run added are recorded: the state
+    /// directory's file, else the namespace lock's.
+    record: Option<PathBuf>,
+    /// Interfaces where the run adopted from had added the clsact qdisc.
+    inherited_clsact: Vec<String>,
     /// XDP: every attachment made, for the final summary.
     pub xdp_modes: Vec<(String, AttachMode)>,
 }
@@ -44,19 +57,98 @@ impl Attachments {
             only,
             list: Vec::new(),
             lock: None,
+            record: None,
+            inherited_clsact: Vec::new(),
             xdp_modes: Vec::new(),
         }
     }
 
-    /// Takes the namespace's lock and removes what a killed run left.
+    /// Records the clsact qdiscs this run adds in `path` (a state
+    /// directory's) rather than beside the namespace lock.
+    pub fn record_in(&mut self, path: PathBuf) {
+        self.record = Some(path);
+    }
+
+    /// Takes the namespace's lock and removes what a killed run left (not
+    /// the filters of a state directory's run: see [`stale`]).
     pub fn clean_stale(&mut self, links: &[Link]) -> Result<()> {
         self.lock = stale::lock()?;
         if let Some(lock) = &self.lock {
-            if let Some(line) = lock.clean(links, PROGRAM) {
+            if self.record.is_none() {
+                self.record = Some(lock.clsact_path().to_owned());
+            }
+            if let Some(line) = lock.clean(links, PROGRAM, &stale::protected_maps()) {
                 eprintln!("flowprobe: {line}");
             }
         }
         Ok(())
+    }
+
+    /// Takes over the filters whose program uses the map `conns` (the
+    /// adopted table): on a wanted interface the first on each hook is
+    /// replaced in place by this run's program, any other removed;
+    /// `ours_clsact` are the interfaces where the run that is gone had
+    /// added the clsact qdisc. Returns the hooks taken over and the
+    /// filters removed.
+    pub fn adopt(
+        &mut self,
+        ebpf: &mut Ebpf,
+        links: &[Link],
+        conns: u32,
+        ours_clsact: &[String],
+        take: bool,
+    ) -> Result<(usize, usize)> {
+        self.inherited_clsact = ours_clsact.to_vec();
+        let maps = super::pins::program_maps();
+        let uses = |id: Option<u32>| {
+            id.and_then(|id| maps.get(&id))
+                .is_some_and(|m| m.contains(&conns))
+        };
+        let (mut taken, mut removed) = (0, 0);
+        for l in links {
+            let wanted = take && self.hook == Hook::Tc && self.wanted(l);
+            for hook in [TcAttachType::Ingress, TcAttachType::Egress] {
+                let mut first = wanted && !(l.loopback && hook == TcAttachType::Egress);
+                for f in stale::filters(l, hook, PROGRAM) {
+                    if !uses(f.bpf_id) {
+                        continue;
+                    }
+                    if !first {
+                        removed += usize::from(stale::remove_filter(l, hook, &f));
+                        continue;
+                    }
+                    first = false;
+                    let prog: &mut SchedClassifier = ebpf
+                        .program_mut(PROGRAM)
+                        .context("program vanished")?
+                        .try_into()?;
+                    let link = SchedClassifierLink::attached(
+                        &l.name,
+                        hook,
+                        f.priority,
+                        TcHandle::from(f.handle),
+                        None,
+                    )
+                    .with_context(|| format!("taking over the filter on {} {hook:?}", l.name))?;
+                    let id = prog
+                        .attach_to_link(link)
+                        .with_context(|| format!("replacing the filter on {} {hook:?}", l.name))?;
+                    taken += 1;
+                    match self.list.iter_mut().find(|a| a.index == l.index) {
+                        Some(a) => a.links.push(id),
+                        None => self.list.push(Attached {
+                            index: l.index,
+                            iface: l.name.clone(),
+                            created_clsact: ours_clsact.contains(&l.name),
+                            links: vec![id],
+                            xdp: None,
+                        }),
+                    }
+                }
+            }
+        }
+        self.record_clsact();
+        Ok((taken, removed))
     }
 
     pub fn wanted(&self, l: &Link) -> bool {
@@ -123,14 +215,14 @@ impl Attachments {
     }
 
     fn record_clsact(&self) {
-        if let Some(lock) = &self.lock {
+        if let Some(path) = &self.record {
             let names: Vec<String> = self
                 .list
                 .iter()
                 .filter(|a| a.created_clsact)
                 .map(|a| a.iface.clone())
                 .collect();
-            lock.record_clsact(&names);
+            stale::record_clsact(path, &names);
         }
     }
 
@@ -140,7 +232,11 @@ impl Attachments {
             return Ok(());
         }
         let r = match self.hook {
-            Hook::Tc => attach_tc(ebpf, l, &mut self.list),
+            Hook::Tc => attach_tc(ebpf, l, &mut self.list).map(|()| {
+                if let Some(a) = self.list.last_mut() {
+                    a.created_clsact |= self.inherited_clsact.contains(&a.iface);
+                }
+            }),
             Hook::Xdp => xdp::attach(ebpf, &l.name).map(|(id, mode)| {
                 self.xdp_modes.push((l.name.clone(), mode));
                 self.list.push(Attached {

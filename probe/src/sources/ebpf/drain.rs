@@ -20,6 +20,12 @@
 //! retired: given once more in [`Listing::retired`] and forgotten, so
 //! that memory holds the connections of the last `keep`, not of the whole
 //! run. A tail that comes after its record retired is a record of its own.
+//!
+//! With `run --state-dir` (docs/restart.md) the kernel keeps each drained
+//! record's slots `DRAINING` until the record retired and its last counts
+//! were recorded ([`Drainer::committed`]); a run that adopts the table
+//! takes those slots back as drained records ([`Drainer::restore`]), so a
+//! restart loses no drained connection and lists none twice.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
@@ -27,7 +33,7 @@ use std::time::Duration;
 use flowtable::Connection;
 use probe_common::{initiator::evidence, ConnKey, FlowEntry};
 
-use super::kernel_table::KernelTable;
+use super::kernel_table::{Drained, Held, KernelTable};
 
 pub struct Drainer {
     pub closed_after: Duration,
@@ -36,8 +42,10 @@ pub struct Drainer {
     pub keep: Duration,
     /// Drained connections in the order they were drained, each with the
     /// tails drained after it added in, and when it was drained
-    /// (monotonic ns).
-    done: VecDeque<(ConnKey, FlowEntry, u64)>,
+    /// (monotonic ns), and the kernel slots still holding it.
+    done: VecDeque<(ConnKey, FlowEntry, u64, Vec<Held>)>,
+    /// Held slots of retired records, to free once recorded.
+    retired_slots: Vec<Held>,
     /// The number of the first record in `done` (records are numbered in
     /// drain order from 0 and leave from the front).
     base: usize,
@@ -68,6 +76,7 @@ impl Drainer {
             idle_after,
             keep,
             done: VecDeque::new(),
+            retired_slots: Vec::new(),
             base: 0,
             latest: HashMap::new(),
         }
@@ -104,18 +113,45 @@ impl Drainer {
     /// Keeps entries drained in one pass (in the order they began, so that
     /// a tail follows what it continues): a tail is added to its key's
     /// latest record, anything else is a record of its own.
-    fn absorb(&mut self, moved: Vec<(ConnKey, FlowEntry)>, now_ns: u64) {
-        for (k, e) in moved {
+    fn absorb(&mut self, moved: Vec<Drained>, now_ns: u64) {
+        for (k, e, slots) in moved {
             match self.latest.get(&k) {
                 // A tail starts later, so the drained record keeps its
                 // first_seen.
-                Some(&n) if is_tail(&e) => self.done[n - self.base].1.absorb(&e),
+                Some(&n) if is_tail(&e) => {
+                    let d = &mut self.done[n - self.base];
+                    d.1.absorb(&e);
+                    d.3.extend(slots);
+                }
                 _ => {
                     self.latest.insert(k, self.base + self.done.len());
-                    self.done.push_back((k, e, now_ns));
+                    self.done.push_back((k, e, now_ns, slots));
                 }
             }
         }
+    }
+
+    /// Takes the records a run that is gone drained and had not retired
+    /// (slots the kernel still holds `DRAINING`) as drained now. Returns
+    /// how many records.
+    pub fn restore(&mut self, table: &mut KernelTable, now_ns: u64) -> usize {
+        let mut held = Vec::new();
+        table.held(&mut held);
+        let n = held.len();
+        self.absorb(held, now_ns);
+        n
+    }
+
+    /// The held slots of the records retired so far: freed once their
+    /// last counts are recorded ([`Drainer::committed`]).
+    pub fn releasing(&self) -> &[Held] {
+        &self.retired_slots
+    }
+
+    /// The last counts of every record retired so far are recorded: their
+    /// held slots are freed.
+    pub fn committed(&mut self, table: &mut KernelTable) {
+        table.free(self.retired_slots.drain(..));
     }
 
     /// The drained records not yet retired plus the map's current entries
@@ -131,7 +167,7 @@ impl Drainer {
     ) -> Listing {
         let keep = self.keep.as_nanos() as u64;
         let mut retired = Vec::new();
-        while let Some((k, e, at)) = self.done.front() {
+        while let Some((k, e, at, _)) = self.done.front() {
             if now_ns.saturating_sub(*at) < keep {
                 break;
             }
@@ -139,7 +175,9 @@ impl Drainer {
             if self.latest.get(k) == Some(&self.base) {
                 self.latest.remove(k);
             }
-            self.done.pop_front();
+            if let Some((_, _, _, slots)) = self.done.pop_front() {
+                self.retired_slots.extend(slots);
+            }
             self.base += 1;
         }
         // Drained records that a live tail adds to, by number.
@@ -168,7 +206,7 @@ impl Drainer {
             .done
             .iter()
             .enumerate()
-            .map(|(i, (k, e, _))| (k, grown.get(&(self.base + i)).unwrap_or(e)));
+            .map(|(i, (k, e, _, _))| (k, grown.get(&(self.base + i)).unwrap_or(e)));
         let conns = done
             .chain(own.iter().map(|(k, e)| (k, e)))
             .map(|(k, e)| Connection::from_entry(k, e, clock_offset_ns))
@@ -211,8 +249,15 @@ mod tests {
             Duration::from_secs(300),
             Duration::from_secs(60),
         );
-        d.absorb(done, 0);
+        d.absorb(held(done), 0);
         d
+    }
+
+    fn held(records: Vec<(ConnKey, FlowEntry)>) -> Vec<Drained> {
+        records
+            .into_iter()
+            .map(|(k, e)| (k, e, Vec::new()))
+            .collect()
     }
 
     fn bytes(conns: &[Connection]) -> Vec<(u64, u64)> {
@@ -236,7 +281,7 @@ mod tests {
         );
         // A later pass: a tail of the second.
         d.absorb(
-            vec![(k, entry(7000, tcp_flags::FIN | tcp_flags::ACK, 3))],
+            held(vec![(k, entry(7000, tcp_flags::FIN | tcp_flags::ACK, 3))]),
             0,
         );
         // In the map: a third connection the kernel ended when a fourth's

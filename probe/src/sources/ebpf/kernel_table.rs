@@ -30,7 +30,19 @@ pub struct KernelTable {
     bits: Mapping,
     len: usize,
     tick_ns: u64,
+    /// `run --state-dir`: a drained slot stays `DRAINING` (its final
+    /// entry kept in the kernel) until [`KernelTable::free`], once its
+    /// record's last counts are recorded ([`slots::take`]).
+    hold: bool,
 }
+
+/// A held slot: its index and its entry's `first_seen_ns` (which says the
+/// slot still holds that entry).
+pub type Held = (u32, u64);
+
+/// A record drained out of the table, with the slots that still hold it
+/// (`DRAINING`) until [`KernelTable::free`]; none when freed at once.
+pub type Drained = (ConnKey, FlowEntry, Vec<Held>);
 
 // SAFETY: the mappings are shared memory that the kernel writes too; every
 // access goes through atomics or volatile reads, from whichever thread.
@@ -76,7 +88,13 @@ impl KernelTable {
             bits,
             len,
             tick_ns: tick_ns(),
+            hold: false,
         })
+    }
+
+    /// Drained slots stay `DRAINING` until [`KernelTable::free`].
+    pub fn hold_drained(&mut self) {
+        self.hold = true;
     }
 
     fn slot(&self, i: usize) -> *mut Slot {
@@ -129,7 +147,9 @@ impl KernelTable {
     fn read(&self, i: usize) -> Option<(ConnKey, FlowEntry, bool)> {
         let s = self.slot(i);
         let st = self.state(i);
-        if !holds(st) {
+        // A `DRAINING` slot is one this run (or the run it adopted from)
+        // took out: its record is userspace's now.
+        if !holds(st) || st == state::DRAINING {
             return None;
         }
         // SAFETY: a slot of the mapping, its state read first (see `state`).
@@ -162,39 +182,91 @@ impl KernelTable {
     /// Every connection now in the table, appended to `out` (see
     /// [`records`]).
     pub fn entries(&mut self, out: &mut Vec<(ConnKey, FlowEntry)>) -> Result<()> {
-        records(self.occupied().filter_map(|i| self.read(i)), out);
+        let mut all = Vec::new();
+        records(
+            self.occupied()
+                .filter_map(|i| self.read(i).map(|(k, e, ended)| (k, e, ended, None))),
+            &mut all,
+        );
+        out.extend(all.into_iter().map(|(k, e, _)| (k, e)));
         Ok(())
     }
 
     /// Takes every connection for which `due` holds, and every `ENDED` one,
     /// out of the table, each with its final counts (see
     /// `probe_common::slots::drain`), appended to `out` (see [`records`]).
-    pub fn drain(&mut self, due: impl Fn(&FlowEntry) -> bool, out: &mut Vec<(ConnKey, FlowEntry)>) {
+    /// With [`KernelTable::hold_drained`] their slots stay `DRAINING`, and
+    /// each record says which.
+    pub fn drain(&mut self, due: impl Fn(&FlowEntry) -> bool, out: &mut Vec<Drained>) {
         let candidates: Vec<usize> = self
             .occupied()
             .filter(|&i| self.read(i).is_some_and(|(_, e, ended)| ended || due(&e)))
             .collect();
         let mut taken = Vec::new();
         for i in candidates {
-            let word = self.word(i / 64);
-            let bit = 1u64 << (i % 64);
             // SAFETY: a slot of the live table, shared with the kernel.
             let got = unsafe {
-                slots::drain(
+                slots::take(
                     self.slot(i),
                     &CoreAtomics,
                     |e| due(&self.userspace(*e)),
                     std::thread::yield_now,
-                    || {
-                        word.fetch_and(!bit, Ordering::SeqCst);
-                    },
                 )
             };
             if let Some((k, e, ended)) = got {
-                taken.push((k, self.userspace(e), ended));
+                if !self.hold {
+                    self.free_slot(i);
+                }
+                taken.push((k, self.userspace(e), ended, self.hold.then_some(i as u32)));
             }
         }
         records(taken.into_iter(), out);
+    }
+
+    /// The slots a run that is gone took out and did not free (`DRAINING`),
+    /// each as a record of its own, appended to `out`: nothing writes to
+    /// them, so their entries are final. They stay held.
+    pub fn held(&mut self, out: &mut Vec<Drained>) {
+        let taken: Vec<_> = self
+            .occupied()
+            .filter(|&i| self.state(i) == state::DRAINING)
+            .map(|i| {
+                let s = self.slot(i);
+                // SAFETY: a slot of the mapping, its state read first.
+                let (k, e) = unsafe {
+                    (
+                        std::ptr::read_volatile(&raw const (*s).key),
+                        std::ptr::read_volatile(&raw const (*s).entry),
+                    )
+                };
+                (k, self.userspace(e), true, Some(i as u32))
+            })
+            .collect();
+        records(taken.into_iter(), out);
+    }
+
+    /// Frees slots held `DRAINING` (their records' last counts are
+    /// recorded), each only if it still holds the entry it held.
+    pub fn free(&mut self, slots: impl IntoIterator<Item = Held>) {
+        for (i, first_seen) in slots {
+            let i = i as usize;
+            if i >= self.len || self.state(i) != state::DRAINING {
+                continue;
+            }
+            let s = self.slot(i);
+            // SAFETY: a slot of the mapping; nothing writes a DRAINING one.
+            let at = unsafe { std::ptr::read_volatile(&raw const (*s).entry.first_seen_ns) };
+            if at == first_seen {
+                self.free_slot(i);
+            }
+        }
+    }
+
+    fn free_slot(&self, i: usize) {
+        self.word(i / 64)
+            .fetch_and(!(1u64 << (i % 64)), Ordering::SeqCst);
+        // SAFETY: a `DRAINING` slot of the live table.
+        unsafe { slots::free(self.slot(i), &CoreAtomics) };
     }
 }
 
@@ -207,24 +279,27 @@ fn holds(st: u32) -> bool {
 /// `out` in the order they began (`first_seen_ns`): the live entries of
 /// one key (two slots of one connection, a rare insert race) added
 /// together; an `ENDED` one (the bool) is an earlier connection on its
-/// 5-tuple, a record of its own.
+/// 5-tuple, a record of its own. Each record lists the held slots it came
+/// from (the `Option`).
 fn records(
-    slots: impl Iterator<Item = (ConnKey, FlowEntry, bool)>,
-    out: &mut Vec<(ConnKey, FlowEntry)>,
+    slots: impl Iterator<Item = (ConnKey, FlowEntry, bool, Option<u32>)>,
+    out: &mut Vec<Drained>,
 ) {
     let start = out.len();
     let mut at: HashMap<ConnKey, usize> = HashMap::new();
-    for (k, e, ended) in slots {
+    for (k, e, ended, slot) in slots {
+        let held = slot.map(|i| (i, e.first_seen_ns));
         if !ended {
             if let Some(&j) = at.get(&k) {
                 out[j].1.absorb(&e);
+                out[j].2.extend(held);
                 continue;
             }
             at.insert(k, out.len());
         }
-        out.push((k, e));
+        out.push((k, e, held.into_iter().collect()));
     }
-    out[start..].sort_by_key(|(_, e)| e.first_seen_ns);
+    out[start..].sort_by_key(|(_, e, _)| e.first_seen_ns);
 }
 
 #[cfg(test)]
@@ -262,11 +337,19 @@ mod tests {
             // A second live slot of `a` (the insert race).
             (a, entry(60, 7), false),
         ];
-        let mut out = vec![(b, entry(1, 100))];
-        records(slots.into_iter(), &mut out);
+        let mut out = vec![(b, entry(1, 100), Vec::new())];
+        records(
+            slots
+                .into_iter()
+                .enumerate()
+                .map(|(i, (k, e, ended))| (k, e, ended, Some(i as u32))),
+            &mut out,
+        );
+        // The two live slots of `a` are one record, held in both.
+        assert_eq!(out.last().unwrap().2, [(0, 50), (4, 60)]);
         let got: Vec<(u16, u64, u64)> = out
             .iter()
-            .map(|(k, e)| {
+            .map(|(k, e, _)| {
                 (
                     k.hi_port.min(k.lo_port),
                     e.first_seen_ns,

@@ -7,16 +7,20 @@
 //! Loading is [`open`]: what fails there means eBPF cannot run here at all
 //! ([`Unavailable`]). Attaching follows the namespace's interfaces
 //! ([`attach`]); what a killed run left is removed first ([`stale`]).
+//! With a state directory (`run --state-dir`) the table is pinned and a
+//! later start adopts it, filters and all ([`pins`], docs/restart.md).
 
 mod attach;
 mod drain;
 mod kernel_table;
 mod owners;
+mod pins;
 mod stale;
 mod stats;
 mod xdp;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -30,6 +34,7 @@ use self::kernel_table::KernelTable;
 use crate::os::caps::{self, CapSet};
 use crate::os::clock::{monotonic_ns, realtime_ns};
 use crate::os::links::{Event, Link};
+use crate::os::statedir::StateDir;
 use crate::sources::{
     EbpfHealth, Health, Hook, KeyFeed, Links, OwnerFeed, Reading, Source, Unavailable,
 };
@@ -61,7 +66,24 @@ pub struct Options {
     pub idle_timeout: Duration,
     /// How long a drained connection stays listed before it is retired.
     pub keep_ended: Duration,
+    /// `--state-dir`: keep the kernel state for a later run, and adopt
+    /// what an earlier one kept (tc only).
+    pub state: Option<Arc<StateDir>>,
 }
+
+/// What a run with a state directory keeps, and what it adopted.
+struct Kept {
+    state: Arc<StateDir>,
+    pins: PathBuf,
+    /// The saved values of the run adopted from.
+    adopted: Option<pins::Saved>,
+    /// The table of a run whose state did not match: its filters go.
+    dropped_conns: Option<u32>,
+    /// Drained records taken back from the kernel at start.
+    restored: usize,
+}
+
+const CLSACT_RECORD: &str = "clsact";
 
 pub struct EbpfSource {
     ebpf: Ebpf,
@@ -75,6 +97,7 @@ pub struct EbpfSource {
     owners: Option<owners::OwnerRing>,
     /// The socket-owner programs are attached: their counters are read.
     owners_attached: bool,
+    kept: Option<Kept>,
 }
 
 /// Loads the program and maps its table; attaches nothing yet.
@@ -97,8 +120,73 @@ pub fn open(opts: &Options) -> Result<EbpfSource> {
         None if EMBEDDED.is_empty() => return Err(Unavailable::NoProgram(MISSING).into()),
         None => (EMBEDDED.to_vec(), "the embedded eBPF program".to_owned()),
     };
-    let mut ebpf =
-        load(&bytes, &origin, opts).map_err(|e| Unavailable::Refused(format!("{e:#}")))?;
+    let state = match (&opts.state, opts.hook) {
+        (Some(s), Hook::Tc) => Some(s.clone()),
+        (Some(s), Hook::Xdp) => {
+            eprintln!(
+                "flowprobe: --state-dir {}: the XDP hook is not kept across restarts; this run keeps nothing",
+                s.dir().display()
+            );
+            None
+        }
+        (None, _) => None,
+    };
+    let slots = opts.capacity.max(1).next_power_of_two();
+    let plan = match &state {
+        Some(s) => Some(pins::plan(
+            s,
+            stale::netns_inode()?,
+            &fingerprint(&bytes, slots, opts),
+        )?),
+        None => None,
+    };
+    let mut adopted = plan.as_ref().and_then(|p| p.adopt.clone());
+    let mut seed = adopted.as_ref().map_or_else(random_seed, |a| a.seed);
+    if let Some(a) = &adopted {
+        // The times of the adopted table's records read as before.
+        let _ = CLOCK_OFFSET.set(a.clock_offset_ns);
+    }
+    let pin_dir = plan.as_ref().map(|p| p.pins.clone());
+    let mut ebpf = match load(&bytes, &origin, opts, seed, pin_dir.as_deref()) {
+        Ok(e) => e,
+        Err(e) if adopted.is_some() => {
+            // Say it and count afresh rather than not at all (the pins'
+            // owner changed, a map of another shape...).
+            eprintln!(
+                "flowprobe: --state-dir: the kept kernel table could not be adopted ({e:#}); starting afresh"
+            );
+            if let Some(dir) = &pin_dir {
+                pins::remove(dir);
+                let _ = std::fs::create_dir_all(dir);
+            }
+            adopted = None;
+            seed = random_seed();
+            load(&bytes, &origin, opts, seed, pin_dir.as_deref())
+                .map_err(|e| Unavailable::Refused(format!("{e:#}")))?
+        }
+        Err(e) => return Err(Unavailable::Refused(format!("{e:#}")).into()),
+    };
+    let kept = match (state, plan) {
+        (Some(state), Some(plan)) => {
+            pins::save(
+                &state,
+                &pins::Saved {
+                    fingerprint: fingerprint(&bytes, slots, opts),
+                    seed,
+                    clock_offset_ns: clock_offset_ns(),
+                    pins: plan.pins.clone(),
+                },
+            )?;
+            Some(Kept {
+                state,
+                pins: plan.pins,
+                adopted,
+                dropped_conns: plan.dropped_conns,
+                restored: 0,
+            })
+        }
+        _ => None,
+    };
     let owners = if opts.owners {
         owners::attach(&mut ebpf)
             .map_err(|e| {
@@ -111,11 +199,20 @@ pub fn open(opts: &Options) -> Result<EbpfSource> {
     } else {
         None
     };
-    let table = KernelTable::open(&ebpf)?;
+    if let Some(k) = &kept {
+        stale::keep(&k.state.id(), Some(conns_id(&ebpf)?))?;
+    }
+    let mut table = KernelTable::open(&ebpf)?;
     let drainer = Drainer::new(opts.closed_timeout, opts.idle_timeout, opts.keep_ended);
+    let mut att = Attachments::new(opts.hook, opts.only.clone());
+    if let Some(k) = &kept {
+        table.hold_drained();
+        att.record_in(k.state.path(CLSACT_RECORD));
+    }
     let next_drain = Instant::now() + drainer.every();
     Ok(EbpfSource {
-        att: Attachments::new(opts.hook, opts.only.clone()),
+        kept,
+        att,
         hook: opts.hook,
         capacity: opts.capacity,
         ebpf,
@@ -128,6 +225,42 @@ pub fn open(opts: &Options) -> Result<EbpfSource> {
 }
 
 impl EbpfSource {
+    /// With a state directory: takes over the filters of the run adopted
+    /// from (or removes those of a state that did not match), saying in
+    /// one line what was adopted.
+    fn adopt(&mut self, links: &[Link]) -> Result<()> {
+        let Some(k) = &self.kept else { return Ok(()) };
+        let recorded = k.state.read(CLSACT_RECORD)?.unwrap_or_default();
+        let recorded: Vec<String> = String::from_utf8_lossy(&recorded)
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        if let Some(old) = k.dropped_conns {
+            self.att
+                .adopt(&mut self.ebpf, links, old, &recorded, false)?;
+        }
+        if k.adopted.is_none() {
+            return Ok(());
+        }
+        let conns = conns_id(&self.ebpf)?;
+        let (taken, removed) = self
+            .att
+            .adopt(&mut self.ebpf, links, conns, &recorded, true)?;
+        let mut live = Vec::new();
+        self.table.entries(&mut live)?;
+        let mut line = format!(
+            "flowprobe: adopted the kernel table kept in {}: {} connections open, {} drained not yet retired; its filters taken over on {taken} hooks",
+            k.state.dir().display(),
+            live.len(),
+            k.restored,
+        );
+        if removed > 0 {
+            line += &format!(" ({removed} more removed)");
+        }
+        eprintln!("{line}");
+        Ok(())
+    }
+
     fn reading(&mut self) -> Result<Reading> {
         let mut live = Vec::new();
         self.table.entries(&mut live)?;
@@ -158,8 +291,37 @@ impl EbpfSource {
 
 impl Source for EbpfSource {
     fn start(&mut self, links: &[Link]) -> Result<()> {
+        self.adopt(links)?;
         self.att.clean_stale(links)?;
         self.att.attach_all(&mut self.ebpf, links)
+    }
+
+    fn adopted(&self) -> bool {
+        self.kept.as_ref().is_some_and(|k| k.adopted.is_some())
+    }
+
+    fn keeps_state(&self) -> bool {
+        self.kept.is_some()
+    }
+
+    fn resume(&mut self, released: &[(u32, u64)]) {
+        let Some(k) = &mut self.kept else { return };
+        if k.adopted.is_none() {
+            return;
+        }
+        // Retired and recorded by the run that is gone: not listed again.
+        self.table.free(released.iter().copied());
+        k.restored = self.drainer.restore(&mut self.table, monotonic_ns());
+    }
+
+    fn releasing(&self) -> Vec<(u32, u64)> {
+        self.drainer.releasing().to_vec()
+    }
+
+    fn committed(&mut self) {
+        if self.kept.is_some() {
+            self.drainer.committed(&mut self.table);
+        }
     }
 
     fn links(&mut self, change: Links<'_>) -> Result<()> {
@@ -192,7 +354,14 @@ impl Source for EbpfSource {
     fn finish(mut self: Box<Self>) -> Result<Reading> {
         // Detach before reading: the table then holds the final state.
         self.att.detach_all(&mut self.ebpf)?;
-        self.reading()
+        let r = self.reading();
+        // A stop, not a crash: nothing is kept.
+        if let Some(k) = &self.kept {
+            pins::forget(&k.state, &k.pins);
+            k.state.remove(CLSACT_RECORD);
+            let _ = stale::keep(&k.state.id(), None);
+        }
+        r
     }
 
     fn owner_feed(&mut self) -> Option<OwnerFeed> {
@@ -218,14 +387,49 @@ impl Source for EbpfSource {
 /// `spin_unlock` is one store there). Elsewhere it keeps the exchange.
 const UNLOCK_BY_STORE: u8 = cfg!(any(target_arch = "x86_64", target_arch = "x86")) as u8;
 
-fn load(object: &[u8], origin: &str, opts: &Options) -> Result<Ebpf> {
+/// The id of the loaded object's `CONNS`.
+fn conns_id(ebpf: &Ebpf) -> Result<u32> {
+    match ebpf.map(contract::CONNS) {
+        Some(aya::maps::Map::Array(m)) => Ok(m.info()?.id()),
+        _ => anyhow::bail!("the eBPF object has no array {}", contract::CONNS),
+    }
+}
+
+/// The settings a kept table was made with: a later run adopts it only
+/// with the same ones (the program object included).
+fn fingerprint(object: &[u8], slots: u32, opts: &Options) -> String {
+    format!(
+        "hook={:?} slots={slots} per_interface={} decap={}:{}:{} unlock_by_store={UNLOCK_BY_STORE} object={:016x}",
+        opts.hook,
+        opts.per_iface,
+        opts.decap.enabled,
+        opts.decap.vxlan_port,
+        opts.decap.geneve_port,
+        crate::os::statedir::fnv1a(object),
+    )
+}
+
+/// Loads the object; with `pins`, the maps of [`pins::PINNED`] are opened
+/// there, or made and pinned there when absent.
+fn load(
+    object: &[u8],
+    origin: &str,
+    opts: &Options,
+    seed: u64,
+    pins: Option<&std::path::Path>,
+) -> Result<Ebpf> {
     // The table's size is a power of two (its index is a hash masked with
     // CONNS_MASK); OCCUPIED has a bit per slot; the seed keeps anyone from
     // choosing 5-tuples that share a probe sequence.
     let slots = opts.capacity.max(1).next_power_of_two();
     let mask = slots - 1;
-    let seed = random_seed();
-    let mut ebpf = EbpfLoader::new()
+    let mut loader = EbpfLoader::new();
+    if let Some(dir) = pins {
+        for m in pins::PINNED {
+            loader.map_pin_path(m, dir.join(m));
+        }
+    }
+    let mut ebpf = loader
         .map_max_entries(contract::CONNS, slots)
         .map_max_entries(contract::OCCUPIED, slots.div_ceil(64))
         .override_global(contract::CONNS_MASK, &mask, true)
@@ -266,7 +470,11 @@ fn random_seed() -> u64 {
 /// `bpf_ktime_get_ns` stamps into Unix time. Once, so that a connection's
 /// times read the same in every snapshot (the two clock reads are tens of
 /// nanoseconds apart, and NTP slews the difference).
+/// A run that adopts a kept table takes the offset of the run that kept
+/// it, so that its records' times, and with them their identity in the
+/// export (`flowtable::delta`), read the same.
 fn clock_offset_ns() -> u64 {
-    static OFFSET: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    *OFFSET.get_or_init(|| realtime_ns().wrapping_sub(monotonic_ns()))
+    *CLOCK_OFFSET.get_or_init(|| realtime_ns().wrapping_sub(monotonic_ns()))
 }
+
+static CLOCK_OFFSET: std::sync::OnceLock<u64> = std::sync::OnceLock::new();

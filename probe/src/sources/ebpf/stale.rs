@@ -11,15 +11,24 @@
 //! alone. Next to the lock, `netns-<inode>.clsact` lists the interfaces
 //! where the running run added the clsact qdisc; the next run removes
 //! such a qdisc after the stale filters, if no filter is left in it.
+//!
+//! Filters whose program uses a table kept for a state directory
+//! (`run --state-dir`, [`super::pins`]) are not stale: they belong to a
+//! daemon that will adopt them when it starts again, and stay. Such a run
+//! names its table's map id in `netns-<inode>.kept-<state id>` beside the
+//! lock (a run that cannot see bpffs, as under `ip netns exec`, still
+//! finds it there), and every table pinned under bpffs counts too.
 
 use std::fs;
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use aya::programs::{tc, TcAttachType};
+use aya::programs::links::Link as _;
+use aya::programs::tc::{SchedClassifierLink, TcHandle};
+use aya::programs::TcAttachType;
 
 use crate::os::clsact;
 use crate::os::links::Link;
@@ -32,11 +41,52 @@ pub struct NetnsLock {
     clsact_path: PathBuf,
 }
 
+/// The map ids of the tables kept for state directories in this
+/// namespace: recorded beside the lock, and pinned under bpffs.
+pub fn protected_maps() -> Vec<u32> {
+    let mut ids = super::pins::protected_maps();
+    let prefix = netns_inode().map(|ino| format!("netns-{ino}.kept-"));
+    if let (Ok(prefix), Ok(dir)) = (prefix, fs::read_dir(DIR)) {
+        for e in dir.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&prefix) {
+                let text = fs::read_to_string(e.path()).unwrap_or_default();
+                ids.extend(
+                    text.split_whitespace()
+                        .filter_map(|w| w.parse::<u32>().ok()),
+                );
+            }
+        }
+    }
+    ids
+}
+
+/// Records `conns`, the map id of the table kept for state directory
+/// `state_id`, beside the lock; `None` forgets it (a clean stop).
+pub fn keep(state_id: &str, conns: Option<u32>) -> Result<()> {
+    let path = PathBuf::from(format!("{DIR}/netns-{}.kept-{state_id}", netns_inode()?));
+    match conns {
+        Some(id) => {
+            fs::create_dir_all(DIR).with_context(|| format!("creating {DIR}"))?;
+            fs::write(&path, format!("{id}\n"))
+                .with_context(|| format!("writing {}", path.display()))
+        }
+        None => {
+            let _ = fs::remove_file(path);
+            Ok(())
+        }
+    }
+}
+
+/// This network namespace's inode.
+pub fn netns_inode() -> Result<u64> {
+    Ok(fs::metadata("/proc/self/ns/net")
+        .context("reading /proc/self/ns/net")?
+        .ino())
+}
+
 /// `Some` with the lock, `None` when another run holds it.
 pub fn lock() -> Result<Option<NetnsLock>> {
-    let ino = fs::metadata("/proc/self/ns/net")
-        .context("reading /proc/self/ns/net")?
-        .ino();
+    let ino = netns_inode()?;
     fs::create_dir_all(DIR).with_context(|| format!("creating {DIR}"))?;
     let path = PathBuf::from(format!("{DIR}/netns-{ino}.lock"));
     let file = fs::OpenOptions::new()
@@ -60,15 +110,26 @@ impl NetnsLock {
     /// since we hold the lock), then the clsact qdiscs a dead run recorded
     /// as its own if they are empty now. Returns one line for stderr when
     /// it removed anything.
-    pub fn clean(&self, links: &[Link], program: &str) -> Option<String> {
+    pub fn clean(&self, links: &[Link], program: &str, protected: &[u32]) -> Option<String> {
         let mut cleaned = Vec::new();
+        let maps = super::pins::program_maps();
+        let kept = |id: Option<u32>| {
+            id.and_then(|id| maps.get(&id))
+                .is_some_and(|m| m.iter().any(|m| protected.contains(m)))
+        };
         for l in links {
             let mut hooks = Vec::new();
             for (hook, name) in [
                 (TcAttachType::Ingress, "ingress"),
                 (TcAttachType::Egress, "egress"),
             ] {
-                if tc::qdisc_detach_program(&l.name, hook, program).is_ok() {
+                let mut removed = false;
+                for f in filters(l, hook, program) {
+                    if !kept(f.bpf_id) && remove_filter(l, hook, &f) {
+                        removed = true;
+                    }
+                }
+                if removed {
                     hooks.push(name);
                 }
             }
@@ -106,23 +167,51 @@ impl NetnsLock {
         Some(line)
     }
 
-    /// Records the interfaces where this run added the clsact qdisc.
-    pub fn record_clsact(&self, ifaces: &[String]) {
-        let write = || -> std::io::Result<()> {
-            let tmp = self.clsact_path.with_extension("tmp");
-            let mut f = fs::File::create(&tmp)?;
-            for i in ifaces {
-                writeln!(f, "{i}")?;
-            }
-            fs::rename(tmp, &self.clsact_path)
-        };
-        if let Err(e) = write() {
-            eprintln!(
-                "flowprobe: recording our clsact qdiscs in {}: {e}",
-                self.clsact_path.display()
-            );
-        }
+    /// Where this run records the interfaces where it added the clsact
+    /// qdisc (a run with a state directory records them there instead).
+    pub fn clsact_path(&self) -> &Path {
+        &self.clsact_path
     }
+}
+
+/// Records the interfaces where this run added the clsact qdisc in `path`.
+pub fn record_clsact(path: &Path, ifaces: &[String]) {
+    let write = || -> std::io::Result<()> {
+        let tmp = path.with_extension("tmp");
+        let mut f = fs::File::create(&tmp)?;
+        for i in ifaces {
+            writeln!(f, "{i}")?;
+        }
+        fs::rename(tmp, path)
+    };
+    if let Err(e) = write() {
+        eprintln!(
+            "flowprobe: recording our clsact qdiscs in {}: {e}",
+            path.display()
+        );
+    }
+}
+
+fn clsact_hook(hook: TcAttachType) -> clsact::Hook {
+    match hook {
+        TcAttachType::Egress => clsact::Hook::Egress,
+        _ => clsact::Hook::Ingress,
+    }
+}
+
+/// The `program` filters on one hook of `l` (a failed dump: none).
+pub fn filters(l: &Link, hook: TcAttachType, program: &str) -> Vec<clsact::Filter> {
+    clsact::filters_on(l.index, clsact_hook(hook))
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|f| f.handle != 0 && f.bpf_name.as_deref() == Some(program))
+        .collect()
+}
+
+/// Removes one filter; whether it went.
+pub fn remove_filter(l: &Link, hook: TcAttachType, f: &clsact::Filter) -> bool {
+    SchedClassifierLink::attached(&l.name, hook, f.priority, TcHandle::from(f.handle), None)
+        .is_ok_and(|link| link.detach().is_ok())
 }
 
 impl Drop for NetnsLock {

@@ -3,9 +3,12 @@
 //! queries are answered from here, and a long-running agent keeps these
 //! instead of every connection it ever saw.
 //!
-//! A group is everything a query can group by except the initiator's
-//! ephemeral port: protocol, both addresses, the responder's port, the
-//! interface and both ends' tags. Each closed interval keeps its `top`
+//! A group is everything a query can group by except what names one
+//! connection: protocol, both addresses, the responder's port, the
+//! interface and both ends' tags, without the initiator's ephemeral port
+//! (nor its translated one, `nat.port`) and without `socket_cookie` (one
+//! per socket: with it every connection was a group of its own, and a
+//! busy interval hit `max_groups`). Each closed interval keeps its `top`
 //! groups by bytes and folds the rest into one `folded` aggregate (counted
 //! in [`RollupStats::folded_groups`]); while an interval is open, groups
 //! beyond `max_groups` are folded at once. The ring keeps `keep`
@@ -195,8 +198,9 @@ fn group_port(sport: u16) -> u16 {
 fn group_hash(c: &Connection) -> u64 {
     let mut h = FxHasher::default();
     (c.proto, c.src, group_port(c.sport), c.dst, c.dport, c.iface).hash(&mut h);
-    c.src_tags.hash(&mut h);
-    c.dst_tags.hash(&mut h);
+    group_tags(&c.src_tags, true).for_each(|t| t.hash(&mut h));
+    0xffu8.hash(&mut h);
+    group_tags(&c.dst_tags, false).for_each(|t| t.hash(&mut h));
     h.finish()
 }
 
@@ -204,8 +208,20 @@ fn group_hash(c: &Connection) -> u64 {
 fn same_group(rep: &Connection, c: &Connection) -> bool {
     (rep.proto, rep.src, rep.sport, rep.dst, rep.dport, rep.iface)
         == (c.proto, c.src, group_port(c.sport), c.dst, c.dport, c.iface)
-        && rep.src_tags == c.src_tags
-        && rep.dst_tags == c.dst_tags
+        && group_tags(&c.src_tags, true).eq(&rep.src_tags)
+        && group_tags(&c.dst_tags, false).eq(&rep.dst_tags)
+}
+
+/// The tags of an end that its group keeps (see the module doc).
+fn group_tags(
+    tags: &BTreeMap<String, String>,
+    initiator: bool,
+) -> impl Iterator<Item = (&String, &String)> {
+    tags.iter().filter(move |(k, v)| match k.as_str() {
+        "socket_cookie" => false,
+        "nat.port" if initiator => v.parse::<u16>().is_ok_and(|p| p < EPHEMERAL_MIN),
+        _ => true,
+    })
 }
 
 /// The order groups are cut in when their bytes tie: what they are.
@@ -313,6 +329,12 @@ impl Rollups {
                 None if open.len < max_groups => {
                     let mut rep = c.clone();
                     rep.sport = group_port(c.sport);
+                    rep.src_tags = group_tags(&c.src_tags, true)
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect();
+                    rep.dst_tags = group_tags(&c.dst_tags, false)
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect();
                     rep.sent = DirStats::default();
                     rep.received = DirStats::default();
                     rep.first_seen = u64::MAX;
@@ -562,5 +584,46 @@ mod tests {
         }
         assert_eq!(r.stats().intervals, 2);
         assert_eq!(r.stats().dropped_intervals, 3);
+    }
+
+    /// Connections that differ only in what names one of them (the
+    /// initiator's port, its translated port, the socket cookie) are one
+    /// group; the responder's translated port is kept.
+    #[test]
+    fn what_names_one_connection_does_not_split_groups() {
+        let mut r = Rollups::new(RollupSettings::default());
+        let with = |sport: u16, cookie: &str, nat_port: &str| {
+            let mut c = conn(sport, 5432, "db", 10);
+            c.src_tags = [
+                ("socket_cookie".to_owned(), cookie.to_owned()),
+                ("nat.port".to_owned(), nat_port.to_owned()),
+                ("service".to_owned(), "web".to_owned()),
+            ]
+            .into();
+            c.dst_tags
+                .insert("socket_cookie".to_owned(), format!("9{cookie}"));
+            c.dst_tags.insert("nat.port".to_owned(), "5001".to_owned());
+            c
+        };
+        r.update(
+            T0 + S,
+            &[
+                with(40000, "1", "61000"),
+                with(40001, "2", "61001"),
+                with(40002, "3", "61002"),
+            ],
+            &[],
+        );
+        assert_eq!(r.stats().groups, 1);
+        let spec = QuerySpec::parse(&QueryArgs {
+            src: Some("service".to_owned()),
+            dst: Some("nat.port".to_owned()),
+            ..QueryArgs::default()
+        })
+        .unwrap();
+        let rows = r.query(&spec, Duration::from_secs(60)).rows;
+        assert_eq!(rows.len(), 1);
+        assert_eq!((rows[0].conns, rows[0].sent.bytes), (3, 30));
+        assert_eq!(rows[0].dst, vec![Some("5001".to_owned())]);
     }
 }

@@ -553,3 +553,109 @@ pub fn wait_for_rings(ns: &str, runs: usize) {
         bound >= cpus * runs
     });
 }
+
+/// The uplink of a [`BridgeHost`]: a veth `dev` from the host (address
+/// `host_ip`) into an "outside" namespace (`outside_ip`, both /24), the
+/// containers' traffic out of it MASQUERADEd (from `containers`, a CIDR),
+/// and `published` on `host_ip` DNATed to container 2's port 5001.
+pub struct Uplink<'a> {
+    pub dev: &'a str,
+    pub host_ip: &'a str,
+    pub outside_ip: &'a str,
+    pub containers: &'a str,
+    pub published: u16,
+}
+
+/// A container host in namespaces, as Docker lays it out: a bridge in the
+/// "host" namespace (address `host_ip`/24), two "containers" on veths into
+/// it (`ports` on the host's side, `eth0` with `ips` inside, the bridge as
+/// default route), every 13th large TCP packet dropped in each container's
+/// (and the outside's) INPUT chain, and optionally an [`Uplink`]; with it
+/// bridged frames go through netfilter too (kubelet's
+/// `bridge-nf-call-iptables`), so that an answer between two containers of
+/// the bridge is translated back. Namespaces `PREFIX-TAG{host,c1,c2,out}`,
+/// deleted on drop.
+pub struct BridgeHost {
+    pub host: Namespace,
+    pub c1: Namespace,
+    pub c2: Namespace,
+    pub outside: Option<Namespace>,
+}
+
+impl BridgeHost {
+    pub fn build(
+        (prefix, tag): (&str, &str),
+        bridge: &str,
+        (host_ip, ports, ips): (&str, [&str; 2], [&str; 2]),
+        uplink: Option<Uplink>,
+    ) -> BridgeHost {
+        let ns = |n: &str| Namespace::create(prefix, &format!("{tag}{n}"));
+        let t = BridgeHost {
+            host: ns("host"),
+            c1: ns("c1"),
+            c2: ns("c2"),
+            outside: uplink.as_ref().map(|_| ns("out")),
+        };
+        let h = t.host.name.as_str();
+        sh(&["ip", "-n", h, "link", "add", bridge, "type", "bridge"]);
+        addr_up(h, bridge, &format!("{host_ip}/24"));
+        for ((c, port), ip) in [&t.c1.name, &t.c2.name].into_iter().zip(ports).zip(ips) {
+            veth(h, port, c, "eth0");
+            sh(&["ip", "-n", h, "link", "set", port, "master", bridge]);
+            link_up(h, port);
+            addr_up(c, "eth0", &format!("{ip}/24"));
+            sh(&["ip", "-n", c, "route", "add", "default", "via", host_ip]);
+            drop_in_input(c, "iptables");
+        }
+        let in_host = |args: &[&str]| {
+            let mut cmd = vec!["ip", "netns", "exec", h];
+            cmd.extend(args);
+            sh(&cmd);
+        };
+        if let (Some(u), Some(out)) = (&uplink, &t.outside) {
+            veth(h, u.dev, &out.name, "eth0");
+            addr_up(h, u.dev, &format!("{}/24", u.host_ip));
+            addr_up(&out.name, "eth0", &format!("{}/24", u.outside_ip));
+            drop_in_input(&out.name, "iptables");
+            in_host(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+            in_host(&[
+                "iptables",
+                "-w",
+                "-t",
+                "nat",
+                "-A",
+                "POSTROUTING",
+                "-s",
+                u.containers,
+                "-o",
+                u.dev,
+                "-j",
+                "MASQUERADE",
+            ]);
+            in_host(&[
+                "iptables",
+                "-w",
+                "-t",
+                "nat",
+                "-A",
+                "PREROUTING",
+                "-d",
+                u.host_ip,
+                "-p",
+                "tcp",
+                "--dport",
+                &u.published.to_string(),
+                "-j",
+                "DNAT",
+                "--to-destination",
+                &format!("{}:5001", ips[1]),
+            ]);
+            in_host(&["sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=1"]);
+        }
+        wait_for("the bridge ports and the uplink to come up", || {
+            ports.iter().all(|p| lower_up(h, p))
+                && uplink.as_ref().is_none_or(|u| lower_up(h, u.dev))
+        });
+        t
+    }
+}

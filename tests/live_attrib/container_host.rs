@@ -42,8 +42,7 @@ use serde_json::{json, Value};
 
 use super::container_id;
 use crate::common::root::{
-    addr_up, drop_in_input, enabled, link_up, lower_up, sh, tc_attached, veth, wait_for,
-    wait_for_rings, KillOnDrop, Namespace,
+    enabled, tc_attached, wait_for, wait_for_rings, BridgeHost, KillOnDrop, Uplink,
 };
 use crate::common::{json_lines, repo_root};
 
@@ -140,83 +139,24 @@ impl Drop for Cgroups {
     }
 }
 
-struct Topology {
-    host: Namespace,
-    c1: Namespace,
-    c2: Namespace,
-    outside: Namespace,
-}
-
-fn build(tag: &str) -> Topology {
-    let t = Topology {
-        host: Namespace::create("fph", &format!("{tag}h")),
-        c1: Namespace::create("fph", &format!("{tag}c1")),
-        c2: Namespace::create("fph", &format!("{tag}c2")),
-        outside: Namespace::create("fph", &format!("{tag}o")),
-    };
-    let h = t.host.name.as_str();
-    sh(&["ip", "-n", h, "link", "add", BRIDGE, "type", "bridge"]);
-    addr_up(h, BRIDGE, &format!("{HOST}/24"));
-    for (c, port, ip) in [(&t.c1.name, "fphp1", C1), (&t.c2.name, "fphp2", C2)] {
-        veth(h, port, c, "eth0");
-        sh(&["ip", "-n", h, "link", "set", port, "master", BRIDGE]);
-        link_up(h, port);
-        addr_up(c, "eth0", &format!("{ip}/24"));
-        sh(&["ip", "-n", c, "route", "add", "default", "via", HOST]);
-        drop_in_input(c, "iptables");
-    }
-    veth(h, UPLINK, &t.outside.name, "eth0");
-    addr_up(h, UPLINK, &format!("{HOST_UP}/24"));
-    addr_up(&t.outside.name, "eth0", &format!("{OUT}/24"));
-    drop_in_input(&t.outside.name, "iptables");
-    let in_host = |args: &[&str]| {
-        let mut cmd = vec!["ip", "netns", "exec", h];
-        cmd.extend(args);
-        sh(&cmd);
-    };
-    in_host(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
-    // What Docker writes: the containers' traffic out of the uplink
-    // MASQUERADEd, a published port DNATed to a container (from anywhere,
-    // the containers too); and kubelet's bridge setting, which passes
-    // bridged frames through netfilter, so that the server container's
-    // answer to the client container (same bridge) is translated back.
-    in_host(&[
-        "iptables",
-        "-w",
-        "-t",
-        "nat",
-        "-A",
-        "POSTROUTING",
-        "-s",
-        "10.98.0.0/24",
-        "-o",
-        UPLINK,
-        "-j",
-        "MASQUERADE",
-    ]);
-    in_host(&[
-        "iptables",
-        "-w",
-        "-t",
-        "nat",
-        "-A",
-        "PREROUTING",
-        "-d",
-        HOST_UP,
-        "-p",
-        "tcp",
-        "--dport",
-        &PUBLISHED.to_string(),
-        "-j",
-        "DNAT",
-        "--to-destination",
-        &format!("{C2}:5001"),
-    ]);
-    in_host(&["sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=1"]);
-    wait_for("the bridge ports and the uplink to come up", || {
-        lower_up(h, "fphp1") && lower_up(h, "fphp2") && lower_up(h, UPLINK)
-    });
-    t
+/// The container host: what Docker writes (the containers' traffic out of
+/// the uplink MASQUERADEd, a published port DNATed to a container, from
+/// anywhere, the containers too) and kubelet's bridge setting (bridged
+/// frames through netfilter, so that the server container's answer to the
+/// client container, same bridge, is translated back).
+fn build(tag: &str) -> BridgeHost {
+    BridgeHost::build(
+        ("fph", tag),
+        BRIDGE,
+        (HOST, ["fphp1", "fphp2"], [C1, C2]),
+        Some(Uplink {
+            dev: UPLINK,
+            host_ip: HOST_UP,
+            outside_ip: OUT,
+            containers: "10.98.0.0/24",
+            published: PUBLISHED,
+        }),
+    )
 }
 
 /// `hostapp.py NAME ARGS` in network namespace `ns`, in cgroup `cg` (none:
@@ -390,7 +330,7 @@ fn scenario(enter: Enter, backend: &str, passes: bool, tag_: &str) {
         "catalog",
     );
     let mut partner = server(
-        &topo.outside.name,
+        &topo.outside.as_ref().expect("built with an uplink").name,
         None,
         "partner",
         "partner-srv",

@@ -14,8 +14,8 @@ use serde_json::Value;
 use super::{check_once, n, CONNS};
 use crate::common::json_lines;
 use crate::common::root::{
-    addr_up, conn_args, drop_in_input, enabled, link_up, lower_up, sh, spawn_flowprobe,
-    tc_attached, tcpapp_exchange, veth, wait_for, wait_for_rings, Namespace,
+    conn_args, drop_in_input, enabled, sh, spawn_flowprobe, tc_attached, tcpapp_exchange, wait_for,
+    wait_for_rings, BridgeHost,
 };
 
 const BRIDGE: &str = "fpbr0";
@@ -46,27 +46,17 @@ fn a_bridged_connection_is_counted_once_by_afpacket() {
 
 fn bridged(backend: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let (host, c1, c2) = (
-        Namespace::create("fpbr", &format!("{backend}-host")),
-        Namespace::create("fpbr", &format!("{backend}-c1")),
-        Namespace::create("fpbr", &format!("{backend}-c2")),
+    // Every 13th large TCP packet dropped where it is received (in each
+    // container, and in the host for the connections to it): real
+    // retransmissions, after every hook of the host.
+    let t = BridgeHost::build(
+        ("fpbr", &format!("{backend}-")),
+        BRIDGE,
+        (HOST, ["fpbp1", "fpbp2"], [C1, C2]),
+        None,
     );
-    let h = host.name.as_str();
-    sh(&["ip", "-n", h, "link", "add", BRIDGE, "type", "bridge"]);
-    addr_up(h, BRIDGE, &format!("{HOST}/24"));
-    for (c, port, ip) in [(&c1.name, "fpbp1", C1), (&c2.name, "fpbp2", C2)] {
-        veth(h, port, c, "eth0");
-        sh(&["ip", "-n", h, "link", "set", port, "master", BRIDGE]);
-        link_up(h, port);
-        addr_up(c, "eth0", &format!("{ip}/24"));
-        // Every 13th large TCP packet dropped where it is received: real
-        // retransmissions, after every hook of the host.
-        drop_in_input(c, "iptables");
-    }
+    let (h, c1, c2) = (t.host.name.as_str(), &t.c1, &t.c2);
     drop_in_input(h, "iptables");
-    wait_for("the bridge ports to come up", || {
-        lower_up(h, "fpbp1") && lower_up(h, "fpbp2")
-    });
 
     let args = ["run", "--format", "json", "--backend", backend];
     let mut probe = spawn_flowprobe(h, &[], &args, dir.path(), "probe");

@@ -232,31 +232,53 @@ pub(crate) fn check_once(
         );
         let r = recs[0];
         assert_eq!((r["dst"].as_str(), n(&r["dport"])), (Some(sa), 5001), "{r}");
-        let (ct, st) = (
-            &client["tcp"][port.to_string()],
-            &server["tcp"][port.to_string()],
-        );
-        for (what, t, written, d) in [
-            ("client->server", ct, c_bytes, &r["sent"]),
-            ("server->client", st, s_bytes, &r["received"]),
-        ] {
-            let got = (
-                n(&d["bytes"]) - n(&d["retransmitted_bytes"]),
-                n(&d["retransmits"]),
-                n(&d["retransmitted_bytes"]),
-            );
-            let want = (
-                written,
-                n(&t["tcpi_total_retrans"]),
-                n(&t["tcpi_bytes_retrans"]),
-            );
-            eprintln!("{ca} port {port} {what}: flowprobe {got:?}, kernel {want:?}");
-            if got != want {
-                failures.push(format!(
-                    "port {port} {what}: flowprobe {got:?} != kernel {want:?}"
-                ));
-            }
-        }
+        failures.extend(against_tcp_info(
+            r,
+            (&client, &server),
+            (port, c_bytes, s_bytes),
+            ca,
+        ));
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Where record `r` of the connection from client port `port` differs from
+/// what its sockets said (`client`, `server`: [`truth`]) and what the
+/// applications wrote (`c_bytes`, `s_bytes`): `bytes − retransmitted_bytes`,
+/// `retransmits` and `retransmitted_bytes` of each direction. Prints both.
+pub(crate) fn against_tcp_info(
+    r: &Value,
+    (client, server): (&Value, &Value),
+    (port, c_bytes, s_bytes): (u16, u64, u64),
+    ca: &str,
+) -> Vec<String> {
+    let key = port.to_string();
+    let mut failures = Vec::new();
+    for (what, t, written, d) in [
+        ("client->server", &client["tcp"][&key], c_bytes, &r["sent"]),
+        (
+            "server->client",
+            &server["tcp"][&key],
+            s_bytes,
+            &r["received"],
+        ),
+    ] {
+        let got = (
+            n(&d["bytes"]) - n(&d["retransmitted_bytes"]),
+            n(&d["retransmits"]),
+            n(&d["retransmitted_bytes"]),
+        );
+        let want = (
+            written,
+            n(&t["tcpi_total_retrans"]),
+            n(&t["tcpi_bytes_retrans"]),
+        );
+        eprintln!("{ca} port {port} {what}: flowprobe {got:?}, kernel {want:?}");
+        if got != want {
+            failures.push(format!(
+                "port {port} {what}: flowprobe {got:?} != kernel {want:?}"
+            ));
+        }
+    }
+    failures
 }

@@ -24,11 +24,11 @@ use std::path::Path;
 
 use serde_json::Value;
 
+use super::against_tcp_info;
 use crate::common::json_lines;
 use crate::common::root::{
-    addr_up, conn_args, drop_in_input, enabled, link_up, lower_up, netns_inode, sh,
-    spawn_flowprobe, tc_attached, tcpapp_exchange, tcpapp_exchange_via, truth, veth, wait_for,
-    wait_for_rings, Namespace, Procs,
+    conn_args, enabled, netns_inode, sh, spawn_flowprobe, tc_attached, tcpapp_exchange,
+    tcpapp_exchange_via, truth, wait_for, wait_for_rings, BridgeHost, Namespace, Procs, Uplink,
 };
 
 const BRIDGE: &str = "fpnbr0";
@@ -125,31 +125,12 @@ fn check_once(
                 )
             }
         }
-        let (ct, st) = (
-            &client["tcp"][port.to_string()],
-            &server["tcp"][port.to_string()],
-        );
-        for (what, t, written, d) in [
-            ("client->server", ct, c_bytes, &r["sent"]),
-            ("server->client", st, s_bytes, &r["received"]),
-        ] {
-            let got = (
-                n(&d["bytes"]) - n(&d["retransmitted_bytes"]),
-                n(&d["retransmits"]),
-                n(&d["retransmitted_bytes"]),
-            );
-            let want = (
-                written,
-                n(&t["tcpi_total_retrans"]),
-                n(&t["tcpi_bytes_retrans"]),
-            );
-            eprintln!("{ca} port {port} {what}: flowprobe {got:?}, kernel {want:?}");
-            if got != want {
-                failures.push(format!(
-                    "port {port} {what}: flowprobe {got:?} != kernel {want:?}"
-                ));
-            }
-        }
+        failures.extend(against_tcp_info(
+            r,
+            (&client, &server),
+            (port, c_bytes, s_bytes),
+            ca,
+        ));
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
@@ -182,8 +163,9 @@ fn nat_masquerade_and_dnat_are_one_connection_each_by_afpacket() {
     natted("afpacket");
 }
 
-/// The container host's namespaces (deleted on drop) and a process in each
-/// "container" and the outside (stopped first).
+/// The container host's namespaces (deleted on drop), the Service's
+/// ClusterIP, and a process in each "container" and the outside (stopped
+/// first).
 struct ContainerHost {
     _procs: Procs,
     host: Namespace,
@@ -194,76 +176,31 @@ struct ContainerHost {
 
 impl ContainerHost {
     fn build(tag: &str, dir: &Path) -> ContainerHost {
-        let (host, c1, c2, outside) = (
-            Namespace::create("fpnat", &format!("{tag}-host")),
-            Namespace::create("fpnat", &format!("{tag}-c1")),
-            Namespace::create("fpnat", &format!("{tag}-c2")),
-            Namespace::create("fpnat", &format!("{tag}-out")),
+        let t = BridgeHost::build(
+            ("fpnat", &format!("{tag}-")),
+            BRIDGE,
+            (HOST, ["fpnp1", "fpnp2"], [C1, C2]),
+            Some(Uplink {
+                dev: UPLINK,
+                host_ip: HOST_UP,
+                outside_ip: OUT,
+                containers: "10.92.0.0/24",
+                published: PUBLISHED,
+            }),
         );
-        let h = host.name.as_str();
-        sh(&["ip", "-n", h, "link", "add", BRIDGE, "type", "bridge"]);
-        addr_up(h, BRIDGE, &format!("{HOST}/24"));
-        for (c, port, ip) in [(&c1.name, "fpnp1", C1), (&c2.name, "fpnp2", C2)] {
-            veth(h, port, c, "eth0");
-            sh(&["ip", "-n", h, "link", "set", port, "master", BRIDGE]);
-            link_up(h, port);
-            addr_up(c, "eth0", &format!("{ip}/24"));
-            sh(&["ip", "-n", c, "route", "add", "default", "via", HOST]);
-            drop_in_input(c, "iptables");
-        }
-        // The uplink: the outside knows nothing of the containers' network.
-        veth(h, UPLINK, &outside.name, "eth0");
-        addr_up(h, UPLINK, &format!("{HOST_UP}/24"));
-        addr_up(&outside.name, "eth0", &format!("{OUT}/24"));
-        drop_in_input(&outside.name, "iptables");
-        let ipt = |args: &[&str]| {
-            let mut cmd = vec!["ip", "netns", "exec", h, "iptables", "-w"];
-            cmd.extend(args);
-            sh(&cmd);
-        };
+        let outside = t.outside.expect("built with an uplink");
+        // The Service: what kube-proxy writes for a ClusterIP (iptables
+        // mode); the bridge already passes frames between its ports
+        // through netfilter, as kubelet sets it.
+        let svc = SERVICE_PORT.to_string();
+        let to = format!("{C2}:5001");
         sh(&[
             "ip",
             "netns",
             "exec",
-            h,
-            "sysctl",
-            "-qw",
-            "net.ipv4.ip_forward=1",
-        ]);
-        ipt(&[
-            "-t",
-            "nat",
-            "-A",
-            "POSTROUTING",
-            "-s",
-            "10.92.0.0/24",
-            "-o",
-            UPLINK,
-            "-j",
-            "MASQUERADE",
-        ]);
-        let to = format!("{C2}:5001");
-        ipt(&[
-            "-t",
-            "nat",
-            "-A",
-            "PREROUTING",
-            "-i",
-            UPLINK,
-            "-p",
-            "tcp",
-            "--dport",
-            &PUBLISHED.to_string(),
-            "-j",
-            "DNAT",
-            "--to-destination",
-            &to,
-        ]);
-        // The Service: what kube-proxy writes for a ClusterIP (iptables
-        // mode), and kubelet's bridge setting, which makes the bridge pass
-        // frames between its ports through netfilter.
-        let svc = SERVICE_PORT.to_string();
-        ipt(&[
+            &t.host.name,
+            "iptables",
+            "-w",
             "-t",
             "nat",
             "-A",
@@ -279,30 +216,18 @@ impl ContainerHost {
             "--to-destination",
             &to,
         ]);
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            h,
-            "sysctl",
-            "-qw",
-            "net.bridge.bridge-nf-call-iptables=1",
-        ]);
-        wait_for("the bridge ports and the uplink to come up", || {
-            lower_up(h, "fpnp1") && lower_up(h, "fpnp2") && lower_up(h, UPLINK)
-        });
         // A container lives before it serves: a process in each namespace from
         // the start (attribution lists the namespaces with processes once a
         // second, and one that appeared with its first connection is missed).
         let mut procs = Procs::default();
-        for ns in [&c1.name, &c2.name, &outside.name] {
+        for ns in [&t.c1.name, &t.c2.name, &outside.name] {
             procs.spawn(ns, ns, &["sleep", "600"], &dir.join(ns));
         }
         ContainerHost {
             _procs: procs,
-            host,
-            c1,
-            c2,
+            host: t.host,
+            c1: t.c1,
+            c2: t.c2,
             outside,
         }
     }

@@ -23,8 +23,10 @@
 //!   CAP_SYS_ADMIN keeps counting): without CAP_NET_ADMIN, or without
 //!   CAP_SYS_ADMIN and CAP_BPF or CAP_PERFMON, it does not start and names
 //!   the capability; without CAP_SYS_ADMIN the end in B is not looked up;
-//!   without CAP_SYS_PTRACE or CAP_DAC_READ_SEARCH no end is joined to its
-//!   process; each said in one line on stderr.
+//!   without CAP_SYS_PTRACE or CAP_DAC_READ_SEARCH the passes join no
+//!   socket to its process, and both ends are named from what the cgroup
+//!   programs recorded (the client at connect, the server's accepted socket
+//!   from its listener); each said in one line on stderr.
 //!
 //! Runs with `FLOWPROBE_LIVE_TESTS=1` (the root tier of scripts/test.sh).
 
@@ -139,15 +141,37 @@ fn spawn(ns: &str, uid: u32, caps: &[String], dir: &Path, tag: &str) -> Probe {
     let set = setpriv_caps(caps);
     let uid = uid.to_string();
     // `ip netns exec` gives it a mount namespace of its own (slave of the
-    // host's): the tmpfs stays there. sh and setpriv exec, so the child's
-    // pid is flowprobe's.
+    // host's): the mounts stay there. What the unit gives the service:
+    // /run/flowprobe (RuntimeDirectory=), /var/lib/flowprobe
+    // (StateDirectory=, the config's state_dir) and bpffs with its
+    // `flowprobe` directory the user's (ExecStartPre=; here a bpffs of the
+    // namespace's own, owned by the user). sh and setpriv exec, so the
+    // child's pid is flowprobe's.
     let child = Command::new("ip")
         .args(["netns", "exec", ns, "sh", "-c"])
         .arg(format!(
-            "mount -t tmpfs -o uid={uid},gid={uid},mode=0755 flowprobe-test /run/flowprobe && exec \"$0\" \"$@\""
+            "mount -t tmpfs -o uid={uid},gid={uid},mode=0755 flowprobe-test /run/flowprobe && \
+             mkdir -p /var/lib/flowprobe && \
+             mount -t tmpfs -o uid={uid},gid={uid},mode=0700 flowprobe-state /var/lib/flowprobe && \
+             mount -t bpf -o uid={uid},gid={uid},mode=0700 bpf /sys/fs/bpf && \
+             exec \"$0\" \"$@\""
         ))
-        .args(["setpriv", "--reuid", &uid, "--regid", &uid, "--clear-groups"])
-        .args(["--inh-caps", &set, "--ambient-caps", &set, "--bounding-set", &set])
+        .args([
+            "setpriv",
+            "--reuid",
+            &uid,
+            "--regid",
+            &uid,
+            "--clear-groups",
+        ])
+        .args([
+            "--inh-caps",
+            &set,
+            "--ambient-caps",
+            &set,
+            "--bounding-set",
+            &set,
+        ])
         .arg("--")
         .arg(env!("CARGO_BIN_EXE_flowprobe"))
         .arg("run")
@@ -420,7 +444,7 @@ fn one_capability_fewer() {
         }
         p.wait_attached(&s.ns.a);
         let port = next_port();
-        let (client_pid, _) = exchange(&s, port);
+        let (client_pid, server_pid) = exchange(&s, port);
         let (conns, err, ran) = p.finish();
         let r = record(&conns, &s, port);
         let (src, dst) = (&r["src_tags"], &r["dst_tags"]);
@@ -458,12 +482,16 @@ fn one_capability_fewer() {
                     line.contains(&format!("without {cap} the sockets of other users' processes are not joined to them")),
                     "{line}"
                 );
-                // The client's end is named from what the cgroup program
-                // recorded at its connect, which needs no access to its
-                // process; the server's accepted socket is not joined.
+                // Both ends are named from what the cgroup programs
+                // recorded, which needs no access to the processes: the
+                // client at its connect, the server's accepted socket from
+                // its listener at listen(2).
                 assert_eq!(
                     (tag_of(src, "pid"), tag_of(dst, "pid")),
-                    (Some(client_pid.to_string().as_str()), None),
+                    (
+                        Some(client_pid.to_string().as_str()),
+                        Some(server_pid.to_string().as_str())
+                    ),
                     "{what}: {r}"
                 );
             }

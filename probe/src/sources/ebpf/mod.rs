@@ -132,14 +132,26 @@ pub fn open(opts: &Options) -> Result<EbpfSource> {
         (None, _) => None,
     };
     let slots = opts.capacity.max(1).next_power_of_two();
+    // A state directory without a usable bpffs (not mounted where this
+    // run sees it, or not writable for it) keeps nothing, said in one
+    // line: counting matters more than keeping.
+    let cannot_keep = |s: &StateDir, e: &anyhow::Error| {
+        eprintln!(
+            "flowprobe: --state-dir {}: the kernel table cannot be kept ({e:#}); this run keeps nothing for the next one",
+            s.dir().display()
+        )
+    };
     let plan = match &state {
-        Some(s) => Some(pins::plan(
-            s,
-            stale::netns_inode()?,
-            &fingerprint(&bytes, slots, opts),
-        )?),
+        Some(s) => match pins::plan(s, stale::netns_inode()?, &fingerprint(&bytes, slots, opts)) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                cannot_keep(s, &e);
+                None
+            }
+        },
         None => None,
     };
+    let state = state.filter(|_| plan.is_some());
     let mut adopted = plan.as_ref().and_then(|p| p.adopt.clone());
     let mut seed = adopted.as_ref().map_or_else(random_seed, |a| a.seed);
     if let Some(a) = &adopted {
@@ -147,6 +159,7 @@ pub fn open(opts: &Options) -> Result<EbpfSource> {
         let _ = CLOCK_OFFSET.set(a.clock_offset_ns);
     }
     let pin_dir = plan.as_ref().map(|p| p.pins.clone());
+    let mut keep = true;
     let mut ebpf = match load(&bytes, &origin, opts, seed, pin_dir.as_deref()) {
         Ok(e) => e,
         Err(e) if adopted.is_some() => {
@@ -164,9 +177,22 @@ pub fn open(opts: &Options) -> Result<EbpfSource> {
             load(&bytes, &origin, opts, seed, pin_dir.as_deref())
                 .map_err(|e| Unavailable::Refused(format!("{e:#}")))?
         }
+        Err(e) if pin_dir.is_some() => {
+            // Loaded unpinned, it counts; only the keeping failed.
+            let loaded = load(&bytes, &origin, opts, seed, None)
+                .map_err(|_| Unavailable::Refused(format!("{e:#}")))?;
+            if let Some(s) = &state {
+                cannot_keep(s, &e);
+            }
+            if let Some(dir) = &pin_dir {
+                pins::remove(dir);
+            }
+            keep = false;
+            loaded
+        }
         Err(e) => return Err(Unavailable::Refused(format!("{e:#}")).into()),
     };
-    let kept = match (state, plan) {
+    let kept = match (state.filter(|_| keep), plan) {
         (Some(state), Some(plan)) => {
             pins::save(
                 &state,

@@ -11,6 +11,7 @@
 //! ```
 
 pub mod join;
+pub mod store;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -101,6 +102,10 @@ struct WindowReport {
     stats: join::Stats,
     join: join::JoinStats,
     intervals: usize,
+    /// Rows held, the bytes of their packed form, distinct tag sets.
+    rows: u64,
+    row_bytes: u64,
+    tag_sets: usize,
     endpoints: usize,
     presence: usize,
     limits: LimitsReport,
@@ -188,6 +193,17 @@ impl View for FleetView {
             "intervals",
             "Host intervals in the window",
             gauge(w.intervals as u64),
+        );
+        reg.register("rows", "Rows held in the window", gauge(w.rows));
+        reg.register(
+            "row_bytes",
+            "Bytes of the rows held, as packed",
+            gauge(w.row_bytes),
+        );
+        reg.register(
+            "tag_sets",
+            "Distinct tag sets the rows and the directory hold (each once)",
+            gauge(w.tag_sets as u64),
         );
         reg.register(
             "messages",
@@ -363,6 +379,9 @@ fn report(w: &Window, joined: &Joined, limits: LimitsReport) -> WindowReport {
         stats: w.stats.clone(),
         join: joined.stats,
         intervals: w.hosts.values().map(|h| h.intervals.len()).sum(),
+        rows: w.rows,
+        row_bytes: w.row_bytes,
+        tag_sets: w.tags.count(),
         endpoints: w.endpoints.len(),
         presence: w.presence.len(),
         limits,
@@ -449,7 +468,7 @@ impl Shared {
     /// Joins the window and hands the answer to the HTTP server.
     fn publish(&self) {
         let (joined, report) = {
-            let w = lock(&self.window);
+            let mut w = lock(&self.window);
             let j = w.join();
             let r = report(&w, &j, self.limits.clone());
             (j, r)

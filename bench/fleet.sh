@@ -110,5 +110,6 @@ printf 'memory per row held: %.0f bytes (peak RSS less idle, over rows); packed 
     "$(echo "($rss - $rss0) * 1048576 / $rows" | bc -l)" \
     "$([ -n "$packed" ] && echo "scale=1; $packed / $rows" | bc || echo n/a)" "${sets:-n/a}"
 printf 'query --src service --dst service --top 20: median %.3f s of %s\n' "$med" "$QUERIES"
-printf 'refused or rejected: %s; groups folded by --max-groups: %s\n' "$refused" "$folded"
+printf 'refused or rejected: %s; groups folded by --max-groups: %s; consumer sessions started again: %s\n' \
+    "$refused" "$folded" "$(grep -c 'trying again' "$tmp/fleet.err" || true)"
 [ "$refused" = 0 ] || { echo "FAIL: a bound refused messages" >&2; exit 1; }

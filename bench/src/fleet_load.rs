@@ -3,7 +3,10 @@
 //! rows (schema 1 of docs/fleet.md) to the stream, as fast as JetStream
 //! acknowledges them. Half of each host's rows are client rows to other
 //! simulated hosts' port 5432 (whose server rows they publish too), the
-//! rest to addresses no host has. Prints what it sent and how long it took.
+//! rest to addresses no host has. With `--conns N` (more than `--rows`) a
+//! host stands for N groups of connections and publishes as an agent with
+//! `--fleet-top ROWS` does: the ROWS largest, and the rest summed per view
+//! in `folded`. Prints what it sent and how long it took.
 
 use std::time::{Duration, Instant};
 
@@ -24,6 +27,10 @@ struct Args {
     /// Rows per interval message (an agent's --fleet-top).
     #[arg(long, default_value_t = 1000)]
     rows: u32,
+    /// Groups of connections per host and interval (default: --rows); those
+    /// beyond --rows are folded per view, as an agent folds them.
+    #[arg(long)]
+    conns: Option<u32>,
     #[arg(long, default_value_t = 3)]
     intervals: u32,
     /// Interval length, seconds.
@@ -61,14 +68,55 @@ fn row(view: &str, local: (&str, u16, &str), remote: (&str, u16), bytes: u64, t:
     })
 }
 
+/// Group `r`'s bytes on host `h` in interval `k`: the first `rows` groups
+/// are the largest (an agent publishes those), the rest smaller.
+fn group_bytes(a: &Args, h: u32, r: u32, k: u32) -> u64 {
+    let b = 1000 + u64::from((h * 7919 + r * 104_729 + k) % 100_000);
+    if r < a.rows {
+        b + 1_000_000
+    } else {
+        b
+    }
+}
+
+/// The sums of what is folded, one view's: groups, and per direction
+/// the sums of [`dir`]'s packets, bytes and l3_bytes.
+#[derive(Default)]
+struct Fold {
+    groups: u64,
+    sent: [u64; 3],
+    received: [u64; 3],
+}
+
+fn add_dir(d: &mut [u64; 3], bytes: u64) {
+    let packets = bytes / 1000 + 1;
+    d[0] += packets;
+    d[1] += bytes;
+    d[2] += bytes + 52 * packets;
+}
+
+fn folded_dir(d: [u64; 3]) -> Value {
+    json!({"packets": d[0], "bytes": d[1], "l3_bytes": d[2],
+           "retransmits": 0, "retransmitted_bytes": 0, "probes": 0, "gaps": 0})
+}
+
 /// Host `h`'s message for interval `k`.
 fn message(a: &Args, h: u32, k: u32) -> Vec<u8> {
     let start = (T0_S + u64::from(k) * a.interval) * 1_000_000_000;
     let me = host_ip(h);
     let svc = format!("svc-{}", h % 50);
     let mut rows = Vec::with_capacity(a.rows as usize);
+    let (mut client, mut server) = (Fold::default(), Fold::default());
+    let conns = a.conns.unwrap_or(a.rows).max(a.rows);
+    for r in a.rows..conns {
+        let bytes = group_bytes(a, h, r, k);
+        let f = if r % 4 == 1 { &mut server } else { &mut client };
+        f.groups += 1;
+        add_dir(&mut f.sent, bytes);
+        add_dir(&mut f.received, bytes / 3);
+    }
     for r in 0..a.rows {
-        let bytes = 1000 + u64::from((h * 7919 + r * 104_729 + k) % 100_000);
+        let bytes = group_bytes(a, h, r, k);
         if r % 2 == 0 {
             // A client row to host h+1+r/2 (mod hosts): that host publishes
             // the server row below.
@@ -95,11 +143,22 @@ fn message(a: &Args, h: u32, k: u32) -> Vec<u8> {
             rows.push(row("client", (&me, 1024, &svc), (&ext, 443), bytes, start));
         }
     }
+    let mut folded = serde_json::Map::new();
+    for (view, f) in [("client", client), ("server", server)] {
+        if f.groups > 0 {
+            folded.insert(
+                view.to_owned(),
+                json!({"groups": f.groups, "conns": f.groups,
+                       "sent": folded_dir(f.sent),
+                       "received": folded_dir(f.received)}),
+            );
+        }
+    }
     serde_json::to_vec(&json!({
         "schema": 1, "host": format!("h{h}"), "network": "default",
         "run": T0_S, "seq": k, "start_ns": start,
         "end_ns": start + a.interval * 1_000_000_000,
-        "addresses": [me], "rows": rows, "spool_dropped": 0
+        "addresses": [me], "rows": rows, "folded": folded, "spool_dropped": 0
     }))
     .expect("serialises")
 }

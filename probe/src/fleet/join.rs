@@ -8,17 +8,33 @@
 //! of a counted row is tagged from the other host's own rows (any
 //! interval in the window), else its endpoint directory, else its
 //! addresses (`host` only), else `unresolved` with a reason.
+//!
+//! The window holds each message's rows packed ([`super::store::Rows`],
+//! tag sets interned once for the whole window); the join reads them back
+//! and keys everything by addresses and small ids, so that it allocates
+//! per joined group, not per row. It is incremental by interval: a joined
+//! interval is made again only when a message of an interval overlapping
+//! it came or went, or when what tags every interval changed (a
+//! counterpart's tags, the hosts' addresses, the directory, a host come or
+//! gone); otherwise the last answer's interval is kept as it was.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use flowtable::rollup::{Aggregate, Interval};
-use flowtable::{Connection, DirStats};
+use flowtable::{new_histogram, Connection};
+use rustc_hash::{FxHashMap, FxHashSet};
 use serde::Serialize;
 
-use crate::export::fleet::wire::{End, Endpoint, Message, Presence, Reject, Row, View};
+use super::store::{Interner, PEnd, Packed, Rows, TagId, Tags};
+#[cfg(test)]
+use crate::export::fleet::wire::Row;
+use crate::export::fleet::wire::{Endpoint, Folded, Message, Presence, Reject, View};
+#[cfg(test)]
 use flowtable::nat::{NAT_IP, NAT_PORT};
+#[cfg(test)]
+use flowtable::DirStats;
 
 /// The fleet's bounds (each a flag of `flowprobe fleet`).
 #[derive(Clone, Copy, Debug)]
@@ -48,14 +64,40 @@ pub struct Stats {
     pub endpoints_refused: u64,
 }
 
+/// One host interval as the window holds it.
+#[derive(Debug)]
+pub struct Held {
+    pub run: u64,
+    pub seq: u64,
+    pub start_ns: u64,
+    pub end_ns: u64,
+    pub rows: Rows,
+    /// The message's `folded`, in its order.
+    pub folded: Vec<(View, Folded)>,
+}
+
 /// One host as the window knows it.
 #[derive(Debug, Default)]
 pub struct HostState {
     pub network: String,
     pub addresses: Vec<IpAddr>,
-    /// (interval start, run) → message.
-    pub intervals: BTreeMap<(u64, u64), Arc<Message>>,
+    /// (interval start, run) → its rows.
+    pub intervals: BTreeMap<(u64, u64), Held>,
     pub spool_dropped: u64,
+    /// The earliest end of `intervals` (0: to be found again).
+    min_end: u64,
+    /// This host in the join's maps (used again after the host left).
+    idx: u32,
+    /// Its network, interned (the join's maps key by it).
+    net: TagId,
+}
+
+/// A directory entry as the window holds it (key: network, proto, ip,
+/// port).
+#[derive(Debug)]
+pub struct DirEntry {
+    pub host: String,
+    pub tags: TagId,
 }
 
 /// Everything the fleet holds.
@@ -65,12 +107,45 @@ pub struct Window {
     /// Latest presence per host (KV).
     pub presence: BTreeMap<String, Presence>,
     /// (network, proto, ip, port) → the endpoint (KV).
-    pub endpoints: BTreeMap<(String, String, IpAddr, u16), Endpoint>,
+    pub endpoints: BTreeMap<(String, String, IpAddr, u16), DirEntry>,
     /// Addresses of hosts whose intervals all left the window.
     pub departed: BTreeMap<(String, IpAddr), String>,
     pub newest_end: u64,
     pub stats: Stats,
+    /// Every tag set the rows and the directory use, once.
+    pub tags: Interner,
+    /// Rows held, and the bytes of their packed form.
+    pub rows: u64,
+    pub row_bytes: u64,
+    /// Host names by [`HostState`] index, and indices free again.
+    names: Vec<String>,
+    free_idx: Vec<u32>,
+    /// Intervals `[start, end)` whose messages came or went since the last
+    /// join: joined intervals overlapping them are made again.
+    dirty: Vec<(u64, u64)>,
+    /// Every joined interval is made again (hosts, directory or departed
+    /// addresses changed).
+    all_dirty: bool,
+    cache: Cache,
 }
+
+/// What the last join made, and what it was made with.
+#[derive(Default)]
+struct Cache {
+    owner: Vec<((String, IpAddr), String)>,
+    ends: FxHashMap<EndKey, EndVal>,
+    /// Joined intervals by start, with their part of the stats.
+    slots: BTreeMap<u64, (Arc<Interval>, JoinStats)>,
+}
+
+/// A pair as one end's host sees it: server end?, network (id,
+/// generation), udp, client address, server address, server port.
+type EndKey = (bool, (TagId, u32), bool, IpAddr, IpAddr, u16);
+/// That end's host (index) and tags (id, generation).
+type EndVal = (u32, TagId, u32);
+
+/// Beyond this many dirty ranges, everything is joined again.
+const MAX_DIRTY: usize = 4096;
 
 /// Addresses that say nothing about which host: every host has them.
 fn shared_address(ip: &IpAddr) -> bool {
@@ -92,14 +167,59 @@ impl Window {
             departed: BTreeMap::new(),
             newest_end: 0,
             stats: Stats::default(),
+            tags: Interner::new(),
+            rows: 0,
+            row_bytes: 0,
+            names: Vec::new(),
+            free_idx: Vec::new(),
+            dirty: Vec::new(),
+            all_dirty: true,
+            cache: Cache::default(),
         }
+    }
+
+    fn touch(&mut self, start: u64, end: u64) {
+        if self.dirty.len() >= MAX_DIRTY {
+            self.all_dirty = true;
+            self.dirty.clear();
+        }
+        if !self.all_dirty {
+            self.dirty.push((start, end));
+        }
+    }
+
+    fn network_id(&mut self, network: &str) -> TagId {
+        self.tags
+            .intern(&BTreeMap::from([(String::new(), network.to_owned())]))
+    }
+
+    /// A host gone: its index and network go back.
+    fn forget_host(&mut self, h: &HostState) {
+        self.tags.release(h.net);
+        if let Some(n) = self.names.get_mut(h.idx as usize) {
+            n.clear();
+        }
+        self.free_idx.push(h.idx);
+        self.all_dirty = true;
     }
 
     /// Forgets the messages (a new consumer delivers them all again);
     /// counters stay.
     pub fn restart(&mut self) {
-        self.hosts.clear();
+        for mut h in std::mem::take(&mut self.hosts).into_values() {
+            for held in std::mem::take(&mut h.intervals).into_values() {
+                self.drop_held(held);
+            }
+            self.forget_host(&h);
+        }
         self.newest_end = 0;
+        self.cache = Cache::default();
+    }
+
+    fn drop_held(&mut self, h: Held) {
+        h.rows.release(&mut self.tags);
+        self.rows -= h.rows.len() as u64;
+        self.row_bytes -= h.rows.bytes() as u64;
     }
 
     pub fn reject(&mut self, r: Reject) {
@@ -119,19 +239,70 @@ impl Window {
             self.stats.hosts_refused += 1;
             return;
         }
-        let h = self.hosts.entry(m.host.clone()).or_default();
         let key = (m.start_ns, m.run);
-        if let Some(old) = h.intervals.get(&key) {
+        if let Some(old) = self.hosts.get(&m.host).and_then(|h| h.intervals.get(&key)) {
             if old.seq == m.seq {
                 self.stats.duplicates += 1;
                 return;
             }
         }
-        h.network = m.network.clone();
-        h.addresses = m.addresses.clone();
+        let rows = Rows::pack(&m.rows, &mut self.tags);
+        self.rows += rows.len() as u64;
+        self.row_bytes += rows.bytes() as u64;
+        let held = Held {
+            run: m.run,
+            seq: m.seq,
+            start_ns: m.start_ns,
+            end_ns: m.end_ns,
+            rows,
+            folded: m.folded.into_iter().collect(),
+        };
+        if !self.hosts.contains_key(&m.host) {
+            let idx = match self.free_idx.pop() {
+                Some(i) => {
+                    self.names[i as usize] = m.host.clone();
+                    i
+                }
+                None => {
+                    self.names.push(m.host.clone());
+                    (self.names.len() - 1) as u32
+                }
+            };
+            let net = self.network_id(&m.network);
+            let h = HostState {
+                network: m.network.clone(),
+                idx,
+                net,
+                ..HostState::default()
+            };
+            self.hosts.insert(m.host.clone(), h);
+            self.all_dirty = true;
+        } else if self
+            .hosts
+            .get(&m.host)
+            .is_some_and(|h| h.network != m.network)
+        {
+            let net = self.network_id(&m.network);
+            if let Some(h) = self.hosts.get_mut(&m.host) {
+                self.tags.release(std::mem::replace(&mut h.net, net));
+            }
+        }
+        self.touch(m.start_ns, m.end_ns);
+        let h = self.hosts.get_mut(&m.host).expect("made above");
+        h.network = m.network;
+        h.addresses = m.addresses;
         h.spool_dropped = h.spool_dropped.max(m.spool_dropped);
+        h.min_end = if h.intervals.is_empty() {
+            m.end_ns
+        } else {
+            h.min_end.min(m.end_ns)
+        };
         self.newest_end = self.newest_end.max(m.end_ns);
-        h.intervals.insert(key, Arc::new(m));
+        let old = h.intervals.insert(key, held);
+        if let Some(old) = old {
+            self.touch(old.start_ns, old.end_ns);
+            self.drop_held(old);
+        }
         self.stats.accepted += 1;
         self.expire();
     }
@@ -140,16 +311,34 @@ impl Window {
     fn expire(&mut self) {
         let from = self.newest_end.saturating_sub(self.limits.window_ns);
         let mut gone = Vec::new();
+        let mut dropped = Vec::new();
         for (id, h) in &mut self.hosts {
-            let before = h.intervals.len();
-            h.intervals.retain(|_, m| m.end_ns >= from);
-            self.stats.expired_intervals += (before - h.intervals.len()) as u64;
+            // Nothing of this host ends before `from`.
+            if h.min_end >= from && h.min_end != 0 {
+                continue;
+            }
+            let old: Vec<(u64, u64)> = h
+                .intervals
+                .iter()
+                .filter(|(_, m)| m.end_ns < from)
+                .map(|(k, _)| *k)
+                .collect();
+            for k in old {
+                dropped.extend(h.intervals.remove(&k));
+            }
+            h.min_end = h.intervals.values().map(|m| m.end_ns).min().unwrap_or(0);
             if h.intervals.is_empty() {
                 gone.push(id.clone());
             }
         }
+        self.stats.expired_intervals += dropped.len() as u64;
+        for held in dropped {
+            self.touch(held.start_ns, held.end_ns);
+            self.drop_held(held);
+        }
         for id in gone {
             if let Some(h) = self.hosts.remove(&id) {
+                self.forget_host(&h);
                 for a in h.addresses {
                     self.departed.insert((h.network.clone(), a), id.clone());
                 }
@@ -176,12 +365,25 @@ impl Window {
             self.stats.kv_rejected += 1;
             return;
         }
-        let k = (e.network.clone(), e.proto.clone(), e.ip, e.port);
+        let k = (e.network, e.proto, e.ip, e.port);
         if !self.endpoints.contains_key(&k) && self.endpoints.len() >= self.limits.max_endpoints {
             self.stats.endpoints_refused += 1;
             return;
         }
-        self.endpoints.insert(k, e);
+        let entry = DirEntry {
+            host: e.host,
+            tags: self.tags.intern(&e.tags),
+        };
+        let (host, tags) = (entry.host.clone(), entry.tags);
+        match self.endpoints.insert(k, entry) {
+            Some(old) => {
+                if old.host != host || old.tags != tags {
+                    self.all_dirty = true;
+                }
+                self.tags.release(old.tags);
+            }
+            None => self.all_dirty = true,
+        }
     }
 
     pub fn remove_key(&mut self, bucket_is_presence: bool, key: &str) {
@@ -190,13 +392,34 @@ impl Window {
         } else {
             let host = key.split('.').next().unwrap_or("");
             let port: Option<u16> = key.rsplit('.').next().and_then(|p| p.parse().ok());
-            self.endpoints
-                .retain(|_, e| !(e.host == host && Some(e.port) == port && key_of(e) == key));
+            let gone: Vec<_> = self
+                .endpoints
+                .iter()
+                .filter(|((_, proto, ip, p), e)| {
+                    e.host == host
+                        && Some(*p) == port
+                        && crate::export::fleet::wire::endpoint_key(&e.host, proto, *ip, *p) == key
+                })
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in gone {
+                if let Some(e) = self.endpoints.remove(&k) {
+                    self.tags.release(e.tags);
+                    self.all_dirty = true;
+                }
+            }
         }
     }
 
+    /// An end as it is on the wire between hosts: its `nat.ip`/`nat.port`
+    /// (the address beyond a translation on its host) when it has them.
+    fn wire(&self, e: &PEnd) -> (IpAddr, u16) {
+        let (ip, port) = self.tags.nat(e.tags);
+        (ip.unwrap_or(e.ip), port.unwrap_or(e.port))
+    }
+
     /// The joined intervals, oldest first, and what the join found.
-    pub fn join(&self) -> Joined {
+    pub fn join(&mut self) -> Joined {
         // Which host an address is, per network. An address two hosts
         // claim (a container bridge's, say) names neither: no wrong tag.
         let mut claims: BTreeMap<(&str, IpAddr), BTreeSet<&str>> = BTreeMap::new();
@@ -217,266 +440,363 @@ impl Window {
             }
         }
         let mut ambiguous = 0;
-        let owner: BTreeMap<(&str, IpAddr), &str> = claims
+        let owned: Vec<((String, IpAddr), String)> = claims
             .into_iter()
-            .filter_map(|(k, ids)| {
+            .filter_map(|((net, ip), ids)| {
                 if ids.len() == 1 {
-                    ids.into_iter().next().map(|id| (k, id))
+                    ids.into_iter()
+                        .next()
+                        .map(|id| ((net.to_owned(), ip), id.to_owned()))
                 } else {
                     ambiguous += 1;
                     None
                 }
             })
             .collect();
+        // Each end's tags as its own host gave them, from any interval
+        // (the last one read wins).
+        let mut ends: FxHashMap<EndKey, EndVal> = FxHashMap::default();
+        ends.reserve(self.cache.ends.len());
+        for h in self.hosts.values() {
+            let net = (h.net, self.tags.generation(h.net));
+            for m in h.intervals.values() {
+                for r in m.rows.iter() {
+                    let k = match r.view {
+                        View::Server => (true, net, r.udp, r.remote.ip, r.local.ip, r.local.port),
+                        View::Client => {
+                            let (dst, dport) = self.wire(&r.remote);
+                            (false, net, r.udp, self.wire(&r.local).0, dst, dport)
+                        }
+                        View::Local => continue,
+                    };
+                    let t = r.local.tags;
+                    ends.insert(k, (h.idx, t, self.tags.generation(t)));
+                }
+            }
+        }
+        // What tags every interval changed: each is made again.
+        let all = std::mem::take(&mut self.all_dirty)
+            || owned != self.cache.owner
+            || ends != self.cache.ends;
+        let dirty = std::mem::take(&mut self.dirty);
+        let owner: FxHashMap<(&str, IpAddr), &str> = owned
+            .iter()
+            .map(|((net, ip), id)| ((net.as_str(), *ip), id.as_str()))
+            .collect();
         // Which intervals each host published, by start (agents with
-        // another --fleet-interval are compared by overlap).
-        let published: BTreeMap<&str, Vec<(u64, u64)>> = self
+        // another --fleet-interval are compared by overlap), with the
+        // latest end so far.
+        let published: FxHashMap<&str, Vec<(u64, u64)>> = self
             .hosts
             .iter()
             .map(|(id, h)| {
+                let mut latest = 0;
                 let v = h
                     .intervals
                     .values()
-                    .map(|m| (m.start_ns, m.end_ns))
+                    .map(|m| {
+                        latest = latest.max(m.end_ns);
+                        (m.start_ns, latest)
+                    })
                     .collect();
                 (id.as_str(), v)
             })
             .collect();
-        let covered = |host: &str, start: u64, end: u64| -> bool {
-            let Some(v) = published.get(host) else {
-                return false;
-            };
-            // Sorted by start: those starting before `end`, latest first.
-            let upto = v.partition_point(|i| i.0 < end);
-            v[..upto].iter().rev().take(64).any(|i| i.1 > start)
-        };
-        // Each end's tags as its own host gave them, from any interval.
-        type PairKey<'a> = (&'a str, &'a str, IpAddr, IpAddr, u16);
-        let mut server_end: BTreeMap<PairKey<'_>, (&str, &BTreeMap<String, String>)> =
-            BTreeMap::new();
-        let mut client_end: BTreeMap<PairKey<'_>, (&str, &BTreeMap<String, String>)> =
-            BTreeMap::new();
-        for (id, h) in &self.hosts {
-            for m in h.intervals.values() {
-                for r in &m.rows {
-                    let net = h.network.as_str();
-                    match r.view {
-                        View::Server => {
-                            let k = (net, r.proto.as_str(), r.remote.ip, r.local.ip, r.local.port);
-                            server_end.insert(k, (id.as_str(), &r.local.tags));
-                        }
-                        View::Client => {
-                            let (dst, dport) = wire(&r.remote);
-                            let k = (net, r.proto.as_str(), wire(&r.local).0, dst, dport);
-                            client_end.insert(k, (id.as_str(), &r.local.tags));
-                        }
-                        View::Local => {}
-                    }
-                }
-            }
-        }
-        let tagged = |host: &str, tags: &BTreeMap<String, String>| {
-            let mut t = tags.clone();
-            t.insert("host".to_owned(), host.to_owned());
-            t
-        };
-        let unresolved = |net: &str, ip: IpAddr| {
-            let why = if self.departed.contains_key(&(net.to_owned(), ip)) {
-                "expired"
-            } else {
-                "not_monitored"
-            };
-            BTreeMap::from([("unresolved".to_owned(), why.to_owned())])
-        };
-
-        let mut by_start: BTreeMap<u64, Slot> = BTreeMap::new();
-        let mut stats = JoinStats::default();
-        for (id, h) in &self.hosts {
-            let net = h.network.as_str();
-            for m in h.intervals.values() {
-                let slot = by_start
-                    .entry(m.start_ns)
-                    .or_insert_with(|| (m.end_ns, BTreeMap::new(), None));
-                slot.0 = slot.0.max(m.end_ns);
-                for r in &m.rows {
-                    let (src_tags, dst_tags) = match r.view {
-                        View::Local => (tagged(id, &r.local.tags), tagged(id, &r.remote.tags)),
-                        View::Client => {
-                            // The responder where the connection arrives:
-                            // beyond a DNAT on this host (a ClusterIP, a
-                            // published port) if there was one.
-                            let (rip, rport) = wire(&r.remote);
-                            let translated = (rip, rport) != (r.remote.ip, r.remote.port);
-                            let k = (net, r.proto.as_str(), wire(&r.local).0, rip, rport);
-                            let dst = if let Some((h2, t)) = server_end.get(&k) {
-                                stats.by_counterpart += 1;
-                                tagged(h2, t)
-                            } else if let Some(e) =
-                                self.endpoints
-                                    .get(&(net.to_owned(), r.proto.clone(), rip, rport))
-                            {
-                                stats.by_directory += 1;
-                                tagged(&e.host, &e.tags)
-                            } else if let Some(h2) = owner.get(&(net, rip)) {
-                                stats.by_address += 1;
-                                tagged(h2, &BTreeMap::new())
-                            } else if translated {
-                                stats.unresolved += 1;
-                                BTreeMap::from([("unresolved".to_owned(), "nat".to_owned())])
-                            } else {
-                                stats.unresolved += 1;
-                                unresolved(net, rip)
-                            };
-                            (tagged(id, &r.local.tags), dst)
-                        }
-                        View::Server => {
-                            let client_host = owner.get(&(net, r.remote.ip)).copied();
-                            if client_host.is_some_and(|c| c != id.as_str())
-                                && covered(client_host.expect("checked"), m.start_ns, m.end_ns)
-                            {
-                                stats.joined_rows += 1;
-                                continue;
-                            }
-                            let k = (net, r.proto.as_str(), r.remote.ip, r.local.ip, r.local.port);
-                            let src = if let Some((h2, t)) = client_end.get(&k) {
-                                stats.by_counterpart += 1;
-                                tagged(h2, t)
-                            } else if let Some(h2) = client_host {
-                                stats.by_address += 1;
-                                tagged(h2, &BTreeMap::new())
-                            } else {
-                                stats.unresolved += 1;
-                                unresolved(net, r.remote.ip)
-                            };
-                            (src, tagged(id, &r.local.tags))
-                        }
-                    };
-                    let (src, sport, dst, dport) = match r.view {
-                        View::Server => (r.remote.ip, r.remote.port, r.local.ip, r.local.port),
-                        _ => (r.local.ip, r.local.port, r.remote.ip, r.remote.port),
-                    };
-                    let mut src_tags = src_tags;
-                    src_tags.insert("view".to_owned(), r.view.name().to_owned());
-                    let key: GroupKey = (
-                        r.proto.clone(),
-                        src,
-                        sport,
-                        dst,
-                        dport,
-                        src_tags.clone(),
-                        dst_tags.clone(),
-                    );
-                    let agg = if let Some(a) = slot.1.get_mut(&key) {
-                        a
-                    } else if slot.1.len() < self.limits.max_groups {
-                        slot.1.entry(key).or_insert_with(|| {
-                            Aggregate::empty(Connection {
-                                proto: proto_name(&r.proto),
-                                src,
-                                sport,
-                                dst,
-                                dport,
-                                iface: 0,
-                                first_seen: u64::MAX,
-                                last_seen: 0,
-                                sent: DirStats::default(),
-                                received: DirStats::default(),
-                                rtt: None,
-                                src_tags,
-                                dst_tags,
-                            })
-                        })
-                    } else {
-                        stats.folded_groups += 1;
-                        slot.2.get_or_insert_with(Aggregate::folded)
-                    };
-                    add_row(agg, r);
-                }
-                for (view, f) in &m.folded {
-                    if *view == View::Server {
-                        stats.server_folded_bytes += f.sent.bytes + f.received.bytes;
-                        continue;
-                    }
-                    let a = slot.2.get_or_insert_with(Aggregate::folded);
-                    a.add(&f.sent, &f.received, m.start_ns, m.end_ns);
-                    a.conns += f.conns;
-                }
-            }
-        }
-        let intervals = by_start
-            .into_iter()
-            .map(|(start, (end, groups, folded))| {
-                let mut rows: Vec<Aggregate> = groups.into_values().collect();
-                rows.sort_by_key(|a| std::cmp::Reverse(a.bytes()));
-                Arc::new(Interval {
-                    start_ns: start,
-                    end_ns: end,
-                    rows,
-                    folded,
-                })
+        let directory: FxHashMap<(&str, bool, IpAddr, u16), (&str, TagId)> = self
+            .endpoints
+            .iter()
+            .filter(|((_, proto, _, _), _)| proto == "tcp" || proto == "udp")
+            .map(|((net, proto, ip, port), e)| {
+                (
+                    (net.as_str(), proto == "udp", *ip, *port),
+                    (e.host.as_str(), e.tags),
+                )
             })
             .collect();
-        stats.ambiguous_addresses = ambiguous;
+        let departed: FxHashSet<(&str, IpAddr)> = self
+            .departed
+            .keys()
+            .map(|(net, ip)| (net.as_str(), *ip))
+            .collect();
+        let cx = Context {
+            owner,
+            published,
+            ends: &ends,
+            directory,
+            departed,
+        };
+        let starts: BTreeSet<u64> = self
+            .hosts
+            .values()
+            .flat_map(|h| h.intervals.keys().map(|k| k.0))
+            .collect();
+        let mut slots = BTreeMap::new();
+        for start in starts {
+            let kept = self.cache.slots.get(&start).filter(|(i, _)| {
+                !all && !dirty
+                    .iter()
+                    .any(|&(s, e)| s == start || (s < i.end_ns && e > start))
+            });
+            let slot = match kept {
+                Some(k) => k.clone(),
+                None => self.join_slot(&cx, start),
+            };
+            slots.insert(start, slot);
+        }
+        drop(cx);
+        let mut stats = JoinStats {
+            ambiguous_addresses: ambiguous,
+            ..JoinStats::default()
+        };
+        for (_, s) in slots.values() {
+            stats.folded_groups += s.folded_groups;
+            stats.joined_rows += s.joined_rows;
+            stats.server_folded_bytes += s.server_folded_bytes;
+            stats.by_counterpart += s.by_counterpart;
+            stats.by_directory += s.by_directory;
+            stats.by_address += s.by_address;
+            stats.unresolved += s.unresolved;
+        }
+        let intervals = slots.values().map(|(i, _)| i.clone()).collect();
+        self.cache = Cache {
+            owner: owned,
+            ends,
+            slots,
+        };
         Joined {
             intervals,
             now_ns: self.newest_end,
             stats,
         }
     }
-}
 
-/// An end as it is on the wire between hosts: its `nat.ip`/`nat.port`
-/// (the address beyond a translation on its host) when it has them.
-fn wire(e: &End) -> (IpAddr, u16) {
-    let ip = e.tags.get(NAT_IP).and_then(|v| v.parse().ok());
-    let port = e.tags.get(NAT_PORT).and_then(|v| v.parse().ok());
-    (ip.unwrap_or(e.ip), port.unwrap_or(e.port))
-}
-
-/// A directory entry's key, as the agent writes it.
-fn key_of(e: &Endpoint) -> String {
-    crate::export::fleet::wire::endpoint_key(&e.host, &e.proto, e.ip, e.port)
-}
-
-fn proto_name(p: &str) -> &'static str {
-    if p == "udp" {
-        "udp"
-    } else {
-        "tcp"
+    /// Joins the messages of the intervals that start at `start`.
+    fn join_slot(&self, cx: &Context<'_>, start: u64) -> (Arc<Interval>, JoinStats) {
+        let covered = |host: &str, start: u64, end: u64| -> bool {
+            let Some(v) = cx.published.get(host) else {
+                return false;
+            };
+            // Sorted by start: of those starting before `end`, one ends
+            // after `start`.
+            let upto = v.partition_point(|i| i.0 < end);
+            upto > 0 && v[upto - 1].1 > start
+        };
+        let end_of = |k: &EndKey| {
+            cx.ends.get(k).map(|&(idx, t, _)| {
+                let name = self.names.get(idx as usize).map_or("", String::as_str);
+                End::Host(name, t)
+            })
+        };
+        let unresolved = |net: &str, ip: IpAddr| {
+            if cx.departed.contains(&(net, ip)) {
+                End::Unresolved("expired")
+            } else {
+                End::Unresolved("not_monitored")
+            }
+        };
+        let mut finals = Finals::default();
+        let mut slot = Slot::default();
+        let mut stats = JoinStats::default();
+        for (id, h) in &self.hosts {
+            let net = h.network.as_str();
+            let net_id = (h.net, self.tags.generation(h.net));
+            let me = |tags| End::Host(id.as_str(), tags);
+            for m in h
+                .intervals
+                .range((start, 0)..=(start, u64::MAX))
+                .map(|e| e.1)
+            {
+                slot.end = slot.end.max(m.end_ns);
+                for r in m.rows.iter() {
+                    let (src_end, dst_end) = match r.view {
+                        View::Local => (me(r.local.tags), me(r.remote.tags)),
+                        View::Client => {
+                            // The responder where the connection arrives:
+                            // beyond a DNAT on this host (a ClusterIP, a
+                            // published port) if there was one.
+                            let (rip, rport) = self.wire(&r.remote);
+                            let translated = (rip, rport) != (r.remote.ip, r.remote.port);
+                            let k = (true, net_id, r.udp, self.wire(&r.local).0, rip, rport);
+                            let dst = if let Some(e) = end_of(&k) {
+                                stats.by_counterpart += 1;
+                                e
+                            } else if let Some(&(h2, t)) =
+                                cx.directory.get(&(net, r.udp, rip, rport))
+                            {
+                                stats.by_directory += 1;
+                                End::Host(h2, t)
+                            } else if let Some(&h2) = cx.owner.get(&(net, rip)) {
+                                stats.by_address += 1;
+                                End::Host(h2, Interner::EMPTY)
+                            } else if translated {
+                                stats.unresolved += 1;
+                                End::Unresolved("nat")
+                            } else {
+                                stats.unresolved += 1;
+                                unresolved(net, rip)
+                            };
+                            (me(r.local.tags), dst)
+                        }
+                        View::Server => {
+                            let client_host = cx.owner.get(&(net, r.remote.ip)).copied();
+                            if let Some(c) = client_host {
+                                if c != id.as_str() && covered(c, m.start_ns, m.end_ns) {
+                                    stats.joined_rows += 1;
+                                    continue;
+                                }
+                            }
+                            let k = (false, net_id, r.udp, r.remote.ip, r.local.ip, r.local.port);
+                            let src = if let Some(e) = end_of(&k) {
+                                stats.by_counterpart += 1;
+                                e
+                            } else if let Some(h2) = client_host {
+                                stats.by_address += 1;
+                                End::Host(h2, Interner::EMPTY)
+                            } else {
+                                stats.unresolved += 1;
+                                unresolved(net, r.remote.ip)
+                            };
+                            (src, me(r.local.tags))
+                        }
+                    };
+                    let (src, sport, dst, dport) = match r.view {
+                        View::Server => (r.remote.ip, r.remote.port, r.local.ip, r.local.port),
+                        _ => (r.local.ip, r.local.port, r.remote.ip, r.remote.port),
+                    };
+                    let key: GroupKey = (
+                        r.udp,
+                        src,
+                        sport,
+                        dst,
+                        dport,
+                        finals.id(src_end, Some(r.view), &self.tags),
+                        finals.id(dst_end, None, &self.tags),
+                    );
+                    let agg = if let Some(&i) = slot.index.get(&key) {
+                        &mut slot.groups[i]
+                    } else if slot.groups.len() < self.limits.max_groups {
+                        slot.index.insert(key, slot.groups.len());
+                        slot.groups.push(Aggregate::empty(Connection {
+                            proto: if r.udp { "udp" } else { "tcp" },
+                            src,
+                            sport,
+                            dst,
+                            dport,
+                            iface: 0,
+                            first_seen: u64::MAX,
+                            last_seen: 0,
+                            sent: Default::default(),
+                            received: Default::default(),
+                            rtt: None,
+                            src_tags: finals.sets[key.5 as usize].clone(),
+                            dst_tags: finals.sets[key.6 as usize].clone(),
+                        }));
+                        slot.groups.last_mut().expect("pushed")
+                    } else {
+                        stats.folded_groups += 1;
+                        slot.folded.get_or_insert_with(Aggregate::folded)
+                    };
+                    add_row(agg, &r);
+                }
+                for (view, f) in &m.folded {
+                    if *view == View::Server {
+                        stats.server_folded_bytes += f.sent.bytes + f.received.bytes;
+                        continue;
+                    }
+                    let a = slot.folded.get_or_insert_with(Aggregate::folded);
+                    a.add(&f.sent, &f.received, m.start_ns, m.end_ns);
+                    a.conns += f.conns;
+                }
+            }
+        }
+        let mut rows = slot.groups;
+        rows.sort_by_key(|a| std::cmp::Reverse(a.bytes()));
+        let interval = Interval {
+            start_ns: start,
+            end_ns: slot.end,
+            rows,
+            folded: slot.folded,
+        };
+        (Arc::new(interval), stats)
     }
 }
 
-/// One joined interval while it is made: its end, its groups, what was
-/// folded.
-type Slot = (u64, BTreeMap<GroupKey, Aggregate>, Option<Aggregate>);
+/// What every joined interval is made with.
+struct Context<'a> {
+    owner: FxHashMap<(&'a str, IpAddr), &'a str>,
+    published: FxHashMap<&'a str, Vec<(u64, u64)>>,
+    ends: &'a FxHashMap<EndKey, EndVal>,
+    directory: FxHashMap<(&'a str, bool, IpAddr, u16), (&'a str, TagId)>,
+    departed: FxHashSet<(&'a str, IpAddr)>,
+}
 
-type GroupKey = (
-    String,
-    IpAddr,
-    u16,
-    IpAddr,
-    u16,
-    BTreeMap<String, String>,
-    BTreeMap<String, String>,
-);
+/// An end of a counted row, before its tags are spelled out: a host's own
+/// tags (or none: known by address), or why it is unresolved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum End<'a> {
+    Host(&'a str, TagId),
+    Unresolved(&'static str),
+}
 
-fn add_row(a: &mut Aggregate, r: &Row) {
+/// The tag sets of the joined groups' ends, each spelled out once.
+#[derive(Default)]
+struct Finals<'a> {
+    ids: FxHashMap<(End<'a>, Option<View>), u32>,
+    sets: Vec<Tags>,
+}
+
+impl<'a> Finals<'a> {
+    /// `end`'s tags with `host` (or `unresolved`), and `view` on the
+    /// initiator's end.
+    fn id(&mut self, end: End<'a>, view: Option<View>, tags: &Interner) -> u32 {
+        if let Some(&id) = self.ids.get(&(end, view)) {
+            return id;
+        }
+        let mut t = match end {
+            End::Host(host, id) => {
+                let mut t = tags.get(id).clone();
+                t.insert("host".to_owned(), host.to_owned());
+                t
+            }
+            End::Unresolved(why) => BTreeMap::from([("unresolved".to_owned(), why.to_owned())]),
+        };
+        if let Some(v) = view {
+            t.insert("view".to_owned(), v.name().to_owned());
+        }
+        let id = self.sets.len() as u32;
+        self.sets.push(t);
+        self.ids.insert((end, view), id);
+        id
+    }
+}
+
+/// One joined interval while it is made: its end, its groups (in the
+/// order they came), what was folded.
+#[derive(Default)]
+struct Slot {
+    end: u64,
+    index: FxHashMap<GroupKey, usize>,
+    groups: Vec<Aggregate>,
+    folded: Option<Aggregate>,
+}
+
+/// udp, src, sport, dst, dport, src tags, dst tags (ids of [`Finals`]).
+type GroupKey = (bool, IpAddr, u16, IpAddr, u16, u32, u32);
+
+fn add_row(a: &mut Aggregate, r: &Packed<'_>) {
     a.add(&r.sent, &r.received, r.first_seen_ns, r.last_seen_ns);
     a.conns += r.conns;
     for (leg, hist, max) in [
-        (&r.rtt_dst, &mut a.rtt_dst, &mut a.rtt_dst_max),
-        (&r.rtt_src, &mut a.rtt_src, &mut a.rtt_src_max),
+        (r.rtt_dst, &mut a.rtt_dst, &mut a.rtt_dst_max),
+        (r.rtt_src, &mut a.rtt_src, &mut a.rtt_src_max),
     ] {
         if let Some(l) = leg {
-            let (h, m) = l.histogram();
-            match hist {
-                Some(mine) => {
-                    // Auto-resizing: adding cannot run out of range.
-                    let _ = mine.add(&*h);
-                }
-                None => *hist = Some(h),
+            let h = hist.get_or_insert_with(|| Box::new(new_histogram()));
+            for (v, n) in l.pairs() {
+                // Auto-resizing: a large value cannot fail.
+                let _ = h.record_n(v, n);
             }
-            *max = (*max).max(m);
+            *max = (*max).max(l.max_us);
         }
     }
 }
@@ -865,5 +1185,104 @@ mod tests {
             ]
         );
         assert_eq!(w.join().stats.joined_rows, 1);
+    }
+
+    /// Joined after every message or once at the end, the answer is the
+    /// same; an interval nothing touched is kept, not made again.
+    #[test]
+    fn incremental_join_is_the_full_join() {
+        let mut msgs = Vec::new();
+        for t in 0..4 {
+            // a → b:5432 every interval; b's server row from interval 1 on
+            // (a counterpart that comes late re-tags every interval); c
+            // unmonitored → b; a → d by the directory.
+            msgs.push(msg(
+                "a",
+                "10.0.0.1",
+                t,
+                vec![
+                    row(
+                        View::Client,
+                        ("10.0.0.1", 1024, "api"),
+                        ("10.0.0.2", 5432),
+                        100 + t,
+                    ),
+                    row(View::Client, ("10.0.0.1", 1024, "api"), ("10.0.0.4", 80), 7),
+                ],
+            ));
+            let mut rows = vec![row(
+                View::Server,
+                ("10.0.0.2", 5432, "db"),
+                ("10.0.0.3", 1024),
+                50 + t,
+            )];
+            if t > 0 {
+                rows.push(row(
+                    View::Server,
+                    ("10.0.0.2", 5432, "db"),
+                    ("10.0.0.1", 1024),
+                    100 + t,
+                ));
+            }
+            msgs.push(msg("b", "10.0.0.2", t, rows));
+        }
+        let mut once = window();
+        let mut each = window();
+        for m in msgs.iter().cloned() {
+            once.insert(m.clone());
+            each.insert(m);
+            each.join();
+        }
+        let dir = |w: &mut Window| {
+            w.put_endpoint(
+                "d.tcp.10-0-0-4.80",
+                Endpoint {
+                    schema: SCHEMA,
+                    host: "d".into(),
+                    network: "default".into(),
+                    proto: "tcp".into(),
+                    ip: ip("10.0.0.4"),
+                    port: 80,
+                    tags: BTreeMap::from([("service".to_owned(), "web".to_owned())]),
+                },
+            )
+        };
+        dir(&mut once);
+        dir(&mut each);
+        assert_eq!(rows(&mut each), rows(&mut once));
+        assert_eq!(rows(&mut each).len(), 12);
+        assert!(rows(&mut each).contains(&(s("api"), s("a"), s("web"), s("d"), s("client"), 7)));
+        let (a, b) = (each.join(), once.join());
+        assert_eq!(format!("{:?}", a.stats), format!("{:?}", b.stats));
+        // A message of interval 4 leaves intervals 0..3 as they were.
+        let before = each.join();
+        each.insert(msg("a", "10.0.0.1", 4, vec![]));
+        let after = each.join();
+        assert_eq!(after.intervals.len(), 5);
+        for (x, y) in before.intervals.iter().zip(&after.intervals) {
+            assert!(Arc::ptr_eq(x, y));
+        }
+        // Its counterpart's tags changed: every interval is made again.
+        each.insert(msg(
+            "b",
+            "10.0.0.2",
+            4,
+            vec![row(
+                View::Server,
+                ("10.0.0.2", 5432, "db2"),
+                ("10.0.0.1", 1024),
+                1,
+            )],
+        ));
+        let again = each.join();
+        assert!(!Arc::ptr_eq(&after.intervals[0], &again.intervals[0]));
+        let g = |w: &Joined| -> BTreeSet<String> {
+            w.intervals
+                .iter()
+                .flat_map(|i| &i.rows)
+                .filter_map(|a| a.conn.dst_tags.get("service").cloned())
+                .collect()
+        };
+        assert_eq!(g(&again), BTreeSet::from([s("db"), s("db2"), s("web")]));
     }
 }

@@ -11,6 +11,7 @@
 //! ```
 
 pub mod join;
+pub mod store;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -41,6 +42,10 @@ pub const DEFAULT_MAX_ENDPOINTS: usize = 100_000;
 pub const DEFAULT_CONSUMER: &str = "flowprobe-fleet";
 /// How often the joined answer is rebuilt while messages come in.
 const REBUILD: Duration = Duration::from_millis(200);
+/// Messages and entries held while a join has the window (it runs on a
+/// thread of its own, so that the connection's heartbeats go on); beyond,
+/// the consumer waits.
+const MAX_PENDING: usize = 64;
 
 /// The flags of `flowprobe fleet`.
 #[derive(clap::Args, Debug)]
@@ -101,6 +106,10 @@ struct WindowReport {
     stats: join::Stats,
     join: join::JoinStats,
     intervals: usize,
+    /// Rows held, the bytes of their packed form, distinct tag sets.
+    rows: u64,
+    row_bytes: u64,
+    tag_sets: usize,
     endpoints: usize,
     presence: usize,
     limits: LimitsReport,
@@ -188,6 +197,17 @@ impl View for FleetView {
             "intervals",
             "Host intervals in the window",
             gauge(w.intervals as u64),
+        );
+        reg.register("rows", "Rows held in the window", gauge(w.rows));
+        reg.register(
+            "row_bytes",
+            "Bytes of the rows held, as packed",
+            gauge(w.row_bytes),
+        );
+        reg.register(
+            "tag_sets",
+            "Distinct tag sets the rows and the directory hold (each once)",
+            gauge(w.tag_sets as u64),
         );
         reg.register(
             "messages",
@@ -363,6 +383,9 @@ fn report(w: &Window, joined: &Joined, limits: LimitsReport) -> WindowReport {
         stats: w.stats.clone(),
         join: joined.stats,
         intervals: w.hosts.values().map(|h| h.intervals.len()).sum(),
+        rows: w.rows,
+        row_bytes: w.row_bytes,
+        tag_sets: w.tags.count(),
         endpoints: w.endpoints.len(),
         presence: w.presence.len(),
         limits,
@@ -449,7 +472,7 @@ impl Shared {
     /// Joins the window and hands the answer to the HTTP server.
     fn publish(&self) {
         let (joined, report) = {
-            let w = lock(&self.window);
+            let mut w = lock(&self.window);
             let j = w.join();
             let r = report(&w, &j, self.limits.clone());
             (j, r)
@@ -539,53 +562,120 @@ async fn session(nats: &Nats, c: &FleetCmd, state: &Shared, stop: &Stop) -> Resu
     let mut dirty = true;
     let mut next_join = Instant::now();
     let mut tick = tokio::time::interval(REBUILD);
-    loop {
+    let mut pending = Pending::default();
+    let mut joining: Option<(Instant, tokio::task::JoinHandle<()>)> = None;
+    let result = loop {
         if stop.requested() {
-            return Ok(());
+            break Ok(());
         }
         tokio::select! {
             m = messages.next() => {
                 let m = match m {
                     Some(Ok(m)) => m,
-                    Some(Err(e)) => return Err(anyhow!("consuming: {e}")),
-                    None => return Err(anyhow!("the consumer ended")),
+                    Some(Err(e)) => break Err(anyhow!("consuming: {e}")),
+                    None => break Err(anyhow!("the consumer ended")),
                 };
-                match wire::check(m.subject.as_str(), &m.payload, max_bytes, max_rows) {
-                    Ok(msg) => lock(&state.window).insert(msg),
-                    Err(r) => lock(&state.window).reject(r),
+                pending.0.push(Input::Message(wire::check(
+                    m.subject.as_str(),
+                    &m.payload,
+                    max_bytes,
+                    max_rows,
+                )));
+                // While a join has the window, the next messages wait here
+                // (at most MAX_PENDING), the connection's tasks go on.
+                while !pending.apply(state) && pending.0.len() >= MAX_PENDING {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
                 }
                 dirty = true;
-                m.ack().await.map_err(|e| anyhow!("acknowledging: {e}"))?;
+                if let Err(e) = m.ack().await {
+                    break Err(anyhow!("acknowledging: {e}"));
+                }
             }
             e = watch_p.next() => {
-                let e = e.ok_or_else(|| anyhow!("the presence watch ended"))?
-                    .map_err(|e| anyhow!("presence: {e}"))?;
-                entry(state, true, e);
+                let e = match e {
+                    Some(Ok(e)) => e,
+                    Some(Err(e)) => break Err(anyhow!("presence: {e}")),
+                    None => break Err(anyhow!("the presence watch ended")),
+                };
+                pending.0.push(Input::Entry(true, e));
+                pending.apply(state);
                 dirty = true;
             }
             e = watch_e.next() => {
-                let e = e.ok_or_else(|| anyhow!("the endpoint watch ended"))?
-                    .map_err(|e| anyhow!("endpoints: {e}"))?;
-                entry(state, false, e);
+                let e = match e {
+                    Some(Ok(e)) => e,
+                    Some(Err(e)) => break Err(anyhow!("endpoints: {e}")),
+                    None => break Err(anyhow!("the endpoint watch ended")),
+                };
+                pending.0.push(Input::Entry(false, e));
+                pending.apply(state);
                 dirty = true;
             }
             _ = tick.tick() => {
-                // A large window takes a while to join: at most a third of
-                // the time goes to joining, the rest to consuming.
-                if dirty && Instant::now() >= next_join {
-                    let t = Instant::now();
-                    state.publish();
-                    dirty = false;
+                pending.apply(state);
+                if let Some((t, h)) = &joining {
+                    if !h.is_finished() {
+                        continue;
+                    }
+                    // A large window takes a while to join: at most a
+                    // third of the time goes to joining.
                     next_join = Instant::now() + t.elapsed() * 2;
+                    joining = None;
+                }
+                if dirty && Instant::now() >= next_join {
+                    let s = state.clone();
+                    joining = Some((
+                        Instant::now(),
+                        tokio::task::spawn_blocking(move || s.publish()),
+                    ));
+                    dirty = false;
                 }
             }
         }
+    };
+    // What waited is taken before the session ends.
+    if let Some((_, h)) = joining {
+        let _ = h.await;
+    }
+    pending.apply(state);
+    result
+}
+
+/// A checked message, or a presence (`true`) or directory entry.
+enum Input {
+    Message(Result<wire::Message, Reject>),
+    Entry(bool, kv::Entry),
+}
+
+/// What came while a join had the window, in order.
+#[derive(Default)]
+struct Pending(Vec<Input>);
+
+impl Pending {
+    /// Hands everything to the window unless a join has it; true when
+    /// nothing waits any more.
+    fn apply(&mut self, state: &Shared) -> bool {
+        if self.0.is_empty() {
+            return true;
+        }
+        let mut w = match state.window.try_lock() {
+            Ok(w) => w,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return false,
+        };
+        for i in self.0.drain(..) {
+            match i {
+                Input::Message(Ok(m)) => w.insert(m),
+                Input::Message(Err(r)) => w.reject(r),
+                Input::Entry(presence, e) => entry(&mut w, presence, e),
+            }
+        }
+        true
     }
 }
 
 /// A presence or directory entry: checked, then put or removed.
-fn entry(state: &Shared, presence: bool, e: kv::Entry) {
-    let mut w = lock(&state.window);
+fn entry(w: &mut Window, presence: bool, e: kv::Entry) {
     if e.operation != kv::Operation::Put {
         w.remove_key(presence, &e.key);
         return;

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use flowtable::rollup::Aggregate;
-use flowtable::{new_histogram, DirStats};
+use flowtable::DirStats;
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
@@ -35,7 +35,7 @@ pub const MAX_TAGS: usize = 32;
 pub const MAX_TAG_LEN: usize = 256;
 
 /// Which end of the connection is on the publishing host.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum View {
     /// The local end initiated.
@@ -94,16 +94,6 @@ impl RttLeg {
             max_us: max,
             buckets,
         })
-    }
-
-    /// Back into a histogram (and its max), for the fleet's rows.
-    pub fn histogram(&self) -> (Box<Histogram<u64>>, u64) {
-        let mut h = Box::new(new_histogram());
-        for &(v, n) in &self.buckets {
-            // Auto-resizing: a large value cannot fail.
-            let _ = h.record_n(v, n);
-        }
-        (h, self.max_us)
     }
 }
 

@@ -151,7 +151,6 @@ pub fn open(opts: &Options) -> Result<EbpfSource> {
         },
         None => None,
     };
-    let state = state.filter(|_| plan.is_some());
     let mut adopted = plan.as_ref().and_then(|p| p.adopt.clone());
     let mut seed = adopted.as_ref().map_or_else(random_seed, |a| a.seed);
     if let Some(a) = &adopted {

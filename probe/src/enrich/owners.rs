@@ -76,6 +76,8 @@ pub struct Owners {
     pub gone: u64,
     /// Sockets forgotten to stay within [`MAX_SOCKETS`].
     pub evicted: u64,
+    /// Listeners forgotten to stay within [`MAX_LISTENERS`].
+    pub listeners_evicted: u64,
 }
 
 impl Owners {
@@ -104,6 +106,7 @@ impl Owners {
                     while self.listen_order.len() > MAX_LISTENERS {
                         if let Some(old) = self.listen_order.pop_front() {
                             self.listeners.remove(&old);
+                            self.listeners_evicted += 1;
                         }
                     }
                     self.listens += 1;

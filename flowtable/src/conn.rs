@@ -1,6 +1,5 @@
 //! The per-connection record every front end prints: the JSON contract.
 
-use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -8,6 +7,7 @@ use probe_common::DirCounters;
 use serde::{Deserialize, Serialize, Serializer};
 
 use crate::rtt::Rtt;
+use crate::tags::Tags;
 
 /// One connection, oriented from its initiator (`src`) to its responder.
 ///
@@ -36,11 +36,11 @@ pub struct Connection {
     pub rtt: Option<Rtt>,
     /// Tags of the initiator's end (process attribution fills them; a query
     /// groups and filters by them like `ip` or `port`).
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    pub src_tags: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Tags::is_empty")]
+    pub src_tags: Tags,
     /// Tags of the responder's end.
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    pub dst_tags: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Tags::is_empty")]
+    pub dst_tags: Tags,
 }
 
 /// Counters of one direction; see the README for exact meanings.

@@ -15,8 +15,10 @@ pub mod rollup;
 mod rtt;
 mod stats;
 mod table;
+mod tags;
 
 pub use conn::{Connection, DirStats};
 pub use rtt::{new_histogram, Percentiles, Rtt, RttLeg};
 pub use stats::FrameStats;
 pub use table::{sort_connections, FlowTable, Observation};
+pub use tags::Tags;

@@ -30,6 +30,7 @@ use crate::conn::{Connection, DirStats};
 use crate::delta::Deltas;
 use crate::query::{QueryResult, QuerySpec, EPHEMERAL_MIN};
 use crate::rtt::new_histogram;
+use crate::tags::Tags;
 
 /// The bounds of the rollups.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -100,8 +101,8 @@ impl Aggregate {
             sent: DirStats::default(),
             received: DirStats::default(),
             rtt: None,
-            src_tags: BTreeMap::new(),
-            dst_tags: BTreeMap::new(),
+            src_tags: Tags::default(),
+            dst_tags: Tags::default(),
         })
     }
 
@@ -489,7 +490,7 @@ mod tests {
             },
             received: DirStats::default(),
             rtt: None,
-            src_tags: BTreeMap::new(),
+            src_tags: Default::default(),
             dst_tags: [("service".to_owned(), service.to_owned())].into(),
         }
     }

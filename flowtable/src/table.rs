@@ -224,8 +224,8 @@ impl Connection {
             sent: DirStats::from(&e.counters[initiator]),
             received: DirStats::from(&e.counters[1 - initiator]),
             rtt: handshake_rtt(e, initiator),
-            src_tags: end_tags(e, initiator),
-            dst_tags: end_tags(e, 1 - initiator),
+            src_tags: end_tags(e, initiator).into(),
+            dst_tags: end_tags(e, 1 - initiator).into(),
         }
     }
 }

@@ -40,8 +40,8 @@ fn conns() -> Vec<Connection> {
                 ..DirStats::default()
             },
             rtt: None,
-            src_tags: BTreeMap::from([("service".to_owned(), format!("s{}", i % 3))]),
-            dst_tags: BTreeMap::from([("service".to_owned(), "db".to_owned())]),
+            src_tags: BTreeMap::from([("service".to_owned(), format!("s{}", i % 3))]).into(),
+            dst_tags: BTreeMap::from([("service".to_owned(), "db".to_owned())]).into(),
         })
         .collect()
 }

@@ -1,7 +1,7 @@
 //! The resolver on a fake host: two "containers" in two namespaces, a
 //! Kubernetes pod, sockets that close, processes that vanish mid-read.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 
@@ -131,8 +131,8 @@ fn conn(proto: &'static str, src: &str, dst: &str) -> Connection {
         sent: DirStats::default(),
         received: DirStats::default(),
         rtt: None,
-        src_tags: BTreeMap::new(),
-        dst_tags: BTreeMap::new(),
+        src_tags: Default::default(),
+        dst_tags: Default::default(),
     }
 }
 
@@ -197,7 +197,7 @@ fn world() -> Fake {
     f
 }
 
-fn tags(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+fn tags(pairs: &[(&str, &str)]) -> crate::Tags {
     pairs
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))

@@ -3,7 +3,6 @@
 //! after the uplink) and a published port (192.0.2.1:8080 → container
 //! 10.90.0.3:5001).
 
-use std::collections::BTreeMap;
 use std::io;
 use std::net::SocketAddr;
 
@@ -94,12 +93,12 @@ fn conn(src: &str, dst: &str, iface: u32, sent: DirStats, received: DirStats) ->
         sent,
         received,
         rtt: None,
-        src_tags: BTreeMap::new(),
-        dst_tags: BTreeMap::new(),
+        src_tags: Default::default(),
+        dst_tags: Default::default(),
     }
 }
 
-fn tags(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+fn tags(pairs: &[(&str, &str)]) -> crate::Tags {
     pairs
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))

@@ -483,8 +483,8 @@ mod tests {
             sent: DirStats::default(),
             received: DirStats::default(),
             rtt: None,
-            src_tags: BTreeMap::from([("service".to_owned(), "web frontend".to_owned())]),
-            dst_tags: BTreeMap::new(),
+            src_tags: BTreeMap::from([("service".to_owned(), "web frontend".to_owned())]).into(),
+            dst_tags: Default::default(),
         }
     }
 

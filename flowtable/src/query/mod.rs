@@ -757,8 +757,8 @@ mod tests {
                 ..DirStats::default()
             },
             rtt: None,
-            src_tags: BTreeMap::new(),
-            dst_tags: BTreeMap::new(),
+            src_tags: Default::default(),
+            dst_tags: Default::default(),
         }
     }
 

@@ -363,8 +363,8 @@ mod tests {
             sent: DirStats::default(),
             received: DirStats::default(),
             rtt: None,
-            src_tags: tags,
-            dst_tags: BTreeMap::new(),
+            src_tags: tags.into(),
+            dst_tags: Default::default(),
         }
     }
 

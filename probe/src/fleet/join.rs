@@ -27,7 +27,7 @@ use flowtable::{new_histogram, Connection};
 use rustc_hash::{FxHashMap, FxHashSet};
 use serde::Serialize;
 
-use super::store::{Interner, PEnd, Packed, Rows, TagId, Tags};
+use super::store::{Interner, PEnd, Packed, Rows, TagId};
 #[cfg(test)]
 use crate::export::fleet::wire::Row;
 use crate::export::fleet::wire::{Endpoint, Folded, Message, Presence, Reject, View};
@@ -742,7 +742,7 @@ enum End<'a> {
 #[derive(Default)]
 struct Finals<'a> {
     ids: FxHashMap<(End<'a>, Option<View>), u32>,
-    sets: Vec<Tags>,
+    sets: Vec<flowtable::Tags>,
 }
 
 impl<'a> Finals<'a> {
@@ -764,7 +764,7 @@ impl<'a> Finals<'a> {
             t.insert("view".to_owned(), v.name().to_owned());
         }
         let id = self.sets.len() as u32;
-        self.sets.push(t);
+        self.sets.push(t.into());
         self.ids.insert((end, view), id);
         id
     }

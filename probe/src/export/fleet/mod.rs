@@ -407,8 +407,6 @@ pub fn publish_capture(
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
     use flowtable::DirStats;
 
     use super::*;
@@ -433,8 +431,8 @@ mod tests {
             },
             received: DirStats::default(),
             rtt: None,
-            src_tags: BTreeMap::new(),
-            dst_tags: BTreeMap::new(),
+            src_tags: Default::default(),
+            dst_tags: Default::default(),
         }
     }
 

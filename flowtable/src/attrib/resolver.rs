@@ -244,6 +244,12 @@ impl<H: Host> Resolver<H> {
         }
     }
 
+    /// When the last dump of every socket ran (monotonic ns): until the
+    /// next, no address changes from remote to local.
+    pub fn dumped_at(&self) -> Option<u64> {
+        self.dumped_at
+    }
+
     /// 5-tuples remembered now (sockets and settled lookups).
     pub fn remembered(&self) -> usize {
         self.sockets.len() + self.looked_up.len()

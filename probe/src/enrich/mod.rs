@@ -19,6 +19,7 @@
 mod cgroupid;
 mod conntrack;
 mod host;
+mod memo;
 pub mod nat;
 mod owners;
 mod procfs;
@@ -65,6 +66,7 @@ struct State {
     cgroups: Mutex<cgroupid::CgroupIds>,
     owners: Mutex<owners::Owners>,
     owner_feed: Mutex<Option<OwnerFeed>>,
+    memo: Mutex<memo::Memo>,
     stop: AtomicBool,
     /// Thread CPU time spent in passes, ns.
     cpu_ns: AtomicU64,
@@ -125,6 +127,7 @@ pub fn start(
         cgroups: Mutex::new(cgroupid::CgroupIds::default()),
         owners: Mutex::new(owners::Owners::default()),
         owner_feed: Mutex::new(owner_feed),
+        memo: Mutex::new(memo::Memo::default()),
         stop: AtomicBool::new(false),
         cpu_ns: AtomicU64::new(0),
         passes: AtomicU64::new(0),
@@ -267,24 +270,39 @@ fn pass(s: &State, r: &mut Resolver<ProcHost>, seen: &[Tuple]) {
 impl Attribution {
     /// Fills `src_tags` / `dst_tags` of `conns` after one more pass (a
     /// connection that started since the last pass is caught now, if its socket
-    /// still exists). Does nothing when attribution is off.
+    /// still exists); connections settled at an earlier call get the same
+    /// tags again ([`memo`]). Does nothing when attribution is off.
     pub fn tag(&self, conns: &mut [Connection]) {
         let Some(s) = &self.shared else {
             return;
         };
         drain_owners(s);
-        let seen = tuples(conns);
-        let mut r = lock(&s.resolver);
-        pass(s, &mut r, &seen);
-        r.tag(conns);
-        // Ends no pass found a process for: the owner the kernel recorded
-        // for their socket at connect time.
-        lock(&s.owners).tag(&r, conns);
-        // Ends the resolver found no process for: their container from the
-        // cgroup id the tc program saw on the socket.
-        lock(&s.cgroups).tag(conns);
+        let mut memo = lock(&s.memo);
+        let dump = lock(&s.resolver).dumped_at();
+        let p = memo.reuse(conns, dump);
+        let todo = p.todo;
+        join(s, &mut conns[..todo]);
+        // Judged after this call's pass, and its dump if one was due.
+        let dump = lock(&s.resolver).dumped_at();
+        memo.keep(conns, p, dump);
     }
+}
 
+/// Joins each end of `conns` to its owner afresh.
+fn join(s: &State, conns: &mut [Connection]) {
+    let seen = tuples(conns);
+    let mut r = lock(&s.resolver);
+    pass(s, &mut r, &seen);
+    r.tag(conns);
+    // Ends no pass found a process for: the owner the kernel recorded
+    // for their socket at connect time.
+    lock(&s.owners).tag(&r, conns);
+    // Ends the resolver found no process for: their container from the
+    // cgroup id the tc program saw on the socket.
+    lock(&s.cgroups).tag(conns);
+}
+
+impl Attribution {
     /// Tags `retired` connections (listed for the last time), then forgets
     /// their sockets: what the resolver remembers follows the listing.
     pub fn tag_and_forget(&self, retired: &mut [Connection]) {
@@ -295,6 +313,7 @@ impl Attribution {
         if let Some(s) = &self.shared {
             lock(&s.resolver).forget(&tuples(retired));
             lock(&s.owners).forget(retired);
+            lock(&s.memo).forget(retired);
         }
     }
 }
@@ -372,6 +391,11 @@ impl Drop for Attribution {
                 "flowprobe: attribution: {} socket owners recorded at connect, {} of processes gone before read, {} forgotten for room; \
                  {} listeners recorded, {} accepted sockets joined to their listener's owner, {} to none; {} listeners forgotten for room",
                 o.recorded, o.gone, o.evicted, o.listens, o.accepted, o.accepted_unknown, o.listeners_evicted
+            );
+            let m = lock(&s.memo);
+            eprintln!(
+                "flowprobe: attribution: {} connection readings given their settled tags again, {} joined afresh; {} remembered at exit",
+                m.reused, m.joined, m.len()
             );
         }
     }

@@ -33,7 +33,9 @@ pub struct Connection {
     /// Round-trip times from packet timestamps (TCP, userspace table only;
     /// absent when no segment was answered).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub rtt: Option<Rtt>,
+    /// Boxed: most records have none, and a record is copied into every
+    /// reading.
+    pub rtt: Option<Box<Rtt>>,
     /// Tags of the initiator's end (process attribution fills them; a query
     /// groups and filters by them like `ip` or `port`).
     #[serde(skip_serializing_if = "Tags::is_empty")]

@@ -46,7 +46,7 @@ impl Flow {
 
     fn connection(&self, k: &ConnKey) -> Connection {
         let mut c = Connection::from_entry(k, &self.entry, 0);
-        c.rtt = self.rtt.rtt((self.entry.initiator & 1) as usize);
+        c.rtt = self.rtt.rtt((self.entry.initiator & 1) as usize).map(Box::new);
         c
     }
 }
@@ -223,7 +223,7 @@ impl Connection {
                 .wrapping_add(clock_offset_ns),
             sent: DirStats::from(&e.counters[initiator]),
             received: DirStats::from(&e.counters[1 - initiator]),
-            rtt: handshake_rtt(e, initiator),
+            rtt: handshake_rtt(e, initiator).map(Box::new),
             src_tags: end_tags(e, initiator).into(),
             dst_tags: end_tags(e, 1 - initiator).into(),
         }

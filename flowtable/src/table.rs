@@ -6,7 +6,7 @@ use probe_common::tcp::{track, Peer, Segment};
 use probe_common::{ConnKey, FlowEntry, L4Proto, Parsed, TunnelKind};
 use rustc_hash::FxHashMap;
 
-use crate::conn::{ip, Connection, DirStats};
+use crate::conn::{ip, Connection, DirStats, Socket};
 use crate::rtt::{Rtt, RttLeg, RttTimer};
 
 /// One parsed frame (or GSO super-packet) offered to the table.
@@ -46,7 +46,10 @@ impl Flow {
 
     fn connection(&self, k: &ConnKey) -> Connection {
         let mut c = Connection::from_entry(k, &self.entry, 0);
-        c.rtt = self.rtt.rtt((self.entry.initiator & 1) as usize).map(Box::new);
+        c.rtt = self
+            .rtt
+            .rtt((self.entry.initiator & 1) as usize)
+            .map(Box::new);
         c
     }
 }
@@ -226,15 +229,15 @@ impl Connection {
             rtt: handshake_rtt(e, initiator).map(Box::new),
             src_tags: end_tags(e, initiator).into(),
             dst_tags: end_tags(e, 1 - initiator).into(),
+            sockets: [socket(e, initiator), socket(e, 1 - initiator)],
         }
     }
 }
 
-/// The tags of the end that sends in direction `dir`: its socket's
-/// ([`socket_tags`]) and the layers that wrapped the connection
-/// ([`encap_tags`]).
+/// The tags of the end that sends in direction `dir`: the layers that
+/// wrapped the connection ([`encap_tags`]).
 fn end_tags(e: &FlowEntry, dir: usize) -> std::collections::BTreeMap<String, String> {
-    let mut tags = socket_tags(e, dir);
+    let mut tags = std::collections::BTreeMap::new();
     encap_tags(&e.encap, dir, &mut tags);
     tags
 }
@@ -278,17 +281,18 @@ pub fn encap_tags(
     }
 }
 
-/// The local socket the tc program saw sending in direction `dir`: its
-/// cgroup v2 id and cookie, as tags of that end (none in the table's own
-/// entries).
-fn socket_tags(e: &FlowEntry, dir: usize) -> std::collections::BTreeMap<String, String> {
-    let mut tags = std::collections::BTreeMap::new();
+/// The local socket the tc program saw sending in direction `dir` (none
+/// in the table's own entries).
+fn socket(e: &FlowEntry, dir: usize) -> Socket {
     let d = dir & 1;
-    if e.sk_cookie[d] != 0 {
-        tags.insert("socket_cookie".to_owned(), e.sk_cookie[d].to_string());
-        tags.insert("cgroup_id".to_owned(), e.sk_cgroup[d].to_string());
+    Socket {
+        cookie: e.sk_cookie[d],
+        cgroup: if e.sk_cookie[d] != 0 {
+            e.sk_cgroup[d]
+        } else {
+            0
+        },
     }
-    tags
 }
 
 /// The handshake samples the kernel's entry keeps (none in the table's own

@@ -14,39 +14,71 @@ use std::sync::Arc;
 
 use serde::{Serialize, Serializer};
 
-/// Tag name → value, sorted by name.
-#[derive(Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Tags(Arc<BTreeMap<String, String>>);
+/// Tag name → value, sorted by name. Empty, it allocates nothing (most
+/// ends have no tags before enrichment).
+#[derive(Clone, Default)]
+pub struct Tags(Option<Arc<BTreeMap<String, String>>>);
+
+static EMPTY: BTreeMap<String, String> = BTreeMap::new();
 
 impl Tags {
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.deref().is_empty()
     }
 
     /// The same set (not only equal): nothing was changed since one was
     /// copied from the other.
     pub fn same(a: &Tags, b: &Tags) -> bool {
-        Arc::ptr_eq(&a.0, &b.0)
+        match (&a.0, &b.0) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            _ => a.is_empty() && b.is_empty(),
+        }
     }
 }
 
 impl Deref for Tags {
     type Target = BTreeMap<String, String>;
     fn deref(&self) -> &BTreeMap<String, String> {
-        &self.0
+        self.0.as_deref().unwrap_or(&EMPTY)
     }
 }
 
 impl DerefMut for Tags {
     /// Copies the set first when another holder shares it.
     fn deref_mut(&mut self) -> &mut BTreeMap<String, String> {
-        Arc::make_mut(&mut self.0)
+        Arc::make_mut(self.0.get_or_insert_with(Default::default))
+    }
+}
+
+impl PartialEq for Tags {
+    fn eq(&self, o: &Tags) -> bool {
+        **self == **o
+    }
+}
+
+impl Eq for Tags {}
+
+impl PartialOrd for Tags {
+    fn partial_cmp(&self, o: &Tags) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+
+impl Ord for Tags {
+    fn cmp(&self, o: &Tags) -> std::cmp::Ordering {
+        (**self).cmp(&**o)
+    }
+}
+
+impl std::hash::Hash for Tags {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        (**self).hash(h);
     }
 }
 
 impl From<BTreeMap<String, String>> for Tags {
     fn from(m: BTreeMap<String, String>) -> Tags {
-        Tags(Arc::new(m))
+        Tags((!m.is_empty()).then(|| Arc::new(m)))
     }
 }
 
@@ -58,7 +90,7 @@ impl<const N: usize> From<[(String, String); N]> for Tags {
 
 impl FromIterator<(String, String)> for Tags {
     fn from_iter<I: IntoIterator<Item = (String, String)>>(it: I) -> Tags {
-        Tags(Arc::new(it.into_iter().collect()))
+        it.into_iter().collect::<BTreeMap<_, _>>().into()
     }
 }
 
@@ -66,19 +98,19 @@ impl<'a> IntoIterator for &'a Tags {
     type Item = (&'a String, &'a String);
     type IntoIter = std::collections::btree_map::Iter<'a, String, String>;
     fn into_iter(self) -> Self::IntoIter {
-        self.0.iter()
+        self.deref().iter()
     }
 }
 
 impl fmt::Debug for Tags {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
+        self.deref().fmt(f)
     }
 }
 
 impl Serialize for Tags {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        self.0.serialize(s)
+        self.deref().serialize(s)
     }
 }
 

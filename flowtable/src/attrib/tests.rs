@@ -133,6 +133,7 @@ fn conn(proto: &'static str, src: &str, dst: &str) -> Connection {
         rtt: None,
         src_tags: Default::default(),
         dst_tags: Default::default(),
+        sockets: Default::default(),
     }
 }
 

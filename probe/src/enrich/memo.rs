@@ -32,7 +32,7 @@ type Key = (&'static str, IpAddr, u16, IpAddr, u16, u32);
 
 struct Entry {
     first_seen: u64,
-    /// A digest of the tags the connection came in with.
+    /// A digest of the tags and sockets the connection came in with.
     input: u64,
     /// The socket dump the remote ends were judged after.
     dump: Option<u64>,
@@ -69,6 +69,7 @@ fn digest(c: &Connection) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     c.src_tags.hash(&mut h);
     c.dst_tags.hash(&mut h);
+    c.sockets.hash(&mut h);
     h.finish()
 }
 
@@ -193,6 +194,7 @@ mod tests {
             rtt: None,
             src_tags: tags(src),
             dst_tags: Tags::default(),
+            sockets: Default::default(),
         }
     }
 

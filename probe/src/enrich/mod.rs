@@ -274,6 +274,7 @@ impl Attribution {
     /// tags again ([`memo`]). Does nothing when attribution is off.
     pub fn tag(&self, conns: &mut [Connection]) {
         let Some(s) = &self.shared else {
+            conns.iter_mut().for_each(Connection::put_socket_tags);
             return;
         };
         drain_owners(s);
@@ -290,6 +291,8 @@ impl Attribution {
 
 /// Joins each end of `conns` to its owner afresh.
 fn join(s: &State, conns: &mut [Connection]) {
+    // The socket tags first: the joins below go by them.
+    conns.iter_mut().for_each(Connection::put_socket_tags);
     let seen = tuples(conns);
     let mut r = lock(&s.resolver);
     pass(s, &mut r, &seen);

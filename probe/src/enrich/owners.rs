@@ -365,6 +365,7 @@ mod tests {
             rtt: None,
             src_tags: tags.into(),
             dst_tags: Default::default(),
+            sockets: Default::default(),
         }
     }
 

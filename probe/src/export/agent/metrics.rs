@@ -812,6 +812,7 @@ mod tests {
             rtt: None,
             src_tags: tags(Some(src_service)),
             dst_tags: tags(dst_service),
+            sockets: Default::default(),
         }
     }
 

@@ -128,6 +128,7 @@ mod tests {
             rtt: None,
             src_tags: Default::default(),
             dst_tags: Default::default(),
+            sockets: Default::default(),
         }
     }
 

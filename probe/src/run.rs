@@ -200,6 +200,7 @@ fn tagged(mut r: Reading, (nat, enrich): (&mut Option<Nat>, &Attribution)) -> Re
     }
     enrich.tag(&mut r.conns);
     enrich.tag_and_forget(&mut r.retired);
+    r.attrib = enrich.health();
     sort_connections(&mut r.conns);
     r
 }

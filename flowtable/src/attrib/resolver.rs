@@ -95,6 +95,33 @@ pub struct PassStats {
     pub errors: usize,
 }
 
+/// How attribution fares over a run, and what its bounded memories hold:
+/// the agent's `/metrics` (`flowprobe_attribution_*`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AttribHealth {
+    /// 5-tuples the resolver remembers (sockets seen and settled lookups),
+    /// forgotten with their connections.
+    pub remembered: u64,
+    /// Sockets looked up one by one, and those joined to a process.
+    pub lookups: u64,
+    pub attributed: u64,
+    /// Failures, and reads refused for lack of a capability.
+    pub errors: u64,
+    pub denied: u64,
+    /// Socket owners the kernel recorded; held now, their bound, and those
+    /// forgotten for room before their connection was listed.
+    pub owners_recorded: u64,
+    pub owners_held: u64,
+    pub owners_limit: u64,
+    pub owners_forgotten: u64,
+    /// Listeners recorded: held now, their bound, forgotten for room.
+    pub listeners_held: u64,
+    pub listeners_limit: u64,
+    pub listeners_forgotten: u64,
+    /// Listed connections whose settled tags are kept between ticks.
+    pub settled: u64,
+}
+
 /// One socket with this 5-tuple in one namespace, and its owner once known.
 #[derive(Clone, Debug)]
 struct Sighting {

@@ -36,7 +36,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use flowtable::attrib::{Options, PassStats, Proto, Resolver, Tuple};
+use flowtable::attrib::{AttribHealth, Options, PassStats, Proto, Resolver, Tuple};
 use flowtable::Connection;
 use probe_common::ConnKey;
 
@@ -286,6 +286,31 @@ impl Attribution {
         // Judged after this call's pass, and its dump if one was due.
         let dump = lock(&s.resolver).dumped_at();
         memo.keep(conns, p, dump);
+    }
+}
+
+impl Attribution {
+    /// How it fares, for `/metrics`; `None` when it is off.
+    pub fn health(&self) -> Option<AttribHealth> {
+        let s = self.shared.as_ref()?;
+        let r = lock(&s.resolver);
+        let t = lock(&s.totals);
+        let o = lock(&s.owners);
+        Some(AttribHealth {
+            remembered: r.remembered() as u64,
+            lookups: t.lookups as u64,
+            attributed: t.attributed as u64,
+            errors: t.errors as u64,
+            denied: r.denied as u64,
+            owners_recorded: o.recorded,
+            owners_held: o.held() as u64,
+            owners_limit: owners::MAX_SOCKETS as u64,
+            owners_forgotten: o.evicted,
+            listeners_held: o.listeners_held() as u64,
+            listeners_limit: owners::MAX_LISTENERS as u64,
+            listeners_forgotten: o.listeners_evicted,
+            settled: lock(&s.memo).len() as u64,
+        })
     }
 }
 

@@ -81,6 +81,15 @@ pub struct Owners {
 }
 
 impl Owners {
+    /// Sockets whose owner is held now.
+    pub fn held(&self) -> usize {
+        self.by_cookie.len()
+    }
+
+    pub fn listeners_held(&self) -> usize {
+        self.listeners.len()
+    }
+
     /// Turns drained records into owners.
     pub fn ingest<H: Host>(
         &mut self,

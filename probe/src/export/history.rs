@@ -158,6 +158,7 @@ mod tests {
             retired,
             health: Health::Afpacket(AfpacketHealth::default()),
             nat: None,
+            attrib: None,
         }
     }
 
@@ -168,6 +169,7 @@ mod tests {
             retired_totals: h.metric_totals(),
             bounds: h.bounds(),
             nat: None,
+            attrib: None,
             ..Snapshot::default()
         }
     }

@@ -241,6 +241,7 @@ impl Sinks {
                 view: None,
                 local_addrs: crate::os::addrs::local(),
                 nat: r.nat,
+                attrib: r.attrib,
             });
         }
         Ok(committed)

@@ -16,6 +16,7 @@ pub mod file;
 pub mod ingest;
 
 use anyhow::Result;
+use flowtable::attrib::AttribHealth;
 use flowtable::nat::NatStats;
 use flowtable::{Connection, FrameStats};
 use probe_common::owner::SockOwner;
@@ -99,6 +100,9 @@ pub struct Reading {
     /// What undoing NAT did (set by enrichment, `crate::enrich::nat`;
     /// `None` from a source, or when the step is off).
     pub nat: Option<NatStats>,
+    /// How attribution fares (set by enrichment; `None` from a source, or
+    /// when it is off).
+    pub attrib: Option<AttribHealth>,
 }
 
 /// What a source says about itself: the summary line, the table header,

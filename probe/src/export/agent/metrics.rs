@@ -596,6 +596,34 @@ fn nat(reg: &mut Registry, s: &Snapshot) {
     );
 }
 
+/// Attribution's work and its bounded memories.
+fn attribution(reg: &mut Registry, s: &Snapshot) {
+    let Some(a) = &s.attrib else { return };
+    let counters = [
+        ("attribution_lookups", "Sockets looked up one by one (sock_diag) to join their connection to a process", a.lookups),
+        ("attribution_sockets_attributed", "Sockets the resolver's passes joined to a process", a.attributed),
+        ("attribution_errors", "Attribution failures other than a socket or process gone (said once on stderr)", a.errors),
+        ("attribution_denied", "Reads attribution was refused for lack of a capability (docs/service.md)", a.denied),
+        ("attribution_owner_records", "Socket owners the kernel recorded at connect, first send or accept", a.owners_recorded),
+        ("attribution_owners_forgotten", "Recorded socket owners forgotten for room (attribution_owners_limit) before their connection was retired: such an end is joined by the resolver's passes only", a.owners_forgotten),
+        ("attribution_listeners_forgotten", "Recorded listeners forgotten for room (attribution_listeners_limit): their accepted sockets are joined by the resolver's passes only", a.listeners_forgotten),
+    ];
+    for (name, help, v) in counters {
+        reg.register(name, help, counter(v));
+    }
+    let gauges = [
+        ("attribution_remembered_tuples", "5-tuples the resolver remembers (sockets seen, lookups settled), forgotten with their connections", a.remembered),
+        ("attribution_owners", "Recorded socket owners held", a.owners_held),
+        ("attribution_owners_limit", "Bound of the recorded socket owners held (the oldest forgotten first)", a.owners_limit),
+        ("attribution_listeners", "Recorded listeners held", a.listeners_held),
+        ("attribution_listeners_limit", "Bound of the recorded listeners held (the oldest forgotten first)", a.listeners_limit),
+        ("attribution_settled_connections", "Listed connections whose ends are settled (a process, or remote): their tags are kept and handed again at each reading instead of joined afresh", a.settled),
+    ];
+    for (name, help, v) in gauges {
+        reg.register(name, help, gauge(v));
+    }
+}
+
 /// Health of the agent itself.
 fn health(reg: &mut Registry, s: &Snapshot) {
     let Some(h) = &s.health else { return };
@@ -740,6 +768,7 @@ fn encode_with(s: &Snapshot, labels: &MetricLabels, http: Option<&ServerStats>) 
     export(&mut reg, s);
     bounds(&mut reg, s);
     nat(&mut reg, s);
+    attribution(&mut reg, s);
     if let Some(h) = http {
         server(&mut reg, h);
     }
@@ -834,6 +863,19 @@ mod tests {
                 cache_entries: 4,
                 cache_max: 131072,
                 cache_cleared: 0,
+            }),
+            attrib: Some(flowtable::attrib::AttribHealth {
+                remembered: 6,
+                lookups: 7,
+                attributed: 3,
+                owners_recorded: 5,
+                owners_held: 4,
+                owners_limit: 65536,
+                owners_forgotten: 1,
+                listeners_held: 1,
+                listeners_limit: 4096,
+                settled: 2,
+                ..Default::default()
             }),
             conns: vec![
                 conn("web", Some("db"), 5432, (10, 1000, 1, 100), (8, 4000)),

@@ -56,6 +56,8 @@ pub struct Snapshot {
     pub view: Option<Arc<dyn View>>,
     /// What undoing NAT did (`None`: the step is off).
     pub nat: Option<flowtable::nat::NatStats>,
+    /// How attribution fares (`None`: it is off).
+    pub attrib: Option<flowtable::attrib::AttribHealth>,
 }
 
 /// What serves the routes when the answers are not one host's

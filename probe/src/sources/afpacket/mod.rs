@@ -185,6 +185,7 @@ impl AfpacketSource {
                 split,
             }),
             nat: None,
+            attrib: None,
         })
     }
 }

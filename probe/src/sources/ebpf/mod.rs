@@ -310,6 +310,7 @@ impl EbpfSource {
                 },
             }),
             nat: None,
+            attrib: None,
         })
     }
 }

@@ -95,6 +95,17 @@ fn containers_deleted_under_a_running_agent() {
         "descriptors: {fds_before} before the containers, {fds_after} after"
     );
 
+    // Attribution's memories, in /metrics: each container's connect was
+    // recorded by the kernel, and nothing was forgotten for room.
+    let m = http_get(&host.name, METRICS).expect("/metrics");
+    let v = |s: &str| crate::common::metric(&m, s).unwrap_or_else(|| panic!("no {s} in /metrics"));
+    assert!(
+        v("flowprobe_attribution_owner_records_total") >= u64::from(CONTAINERS),
+        "{m}"
+    );
+    assert_eq!(v("flowprobe_attribution_owners_forgotten_total"), 0);
+    assert!(v("flowprobe_attribution_owners") <= v("flowprobe_attribution_owners_limit"));
+
     let st = stop(&mut probe, libc::SIGINT, Duration::from_secs(30));
     let err = std::fs::read_to_string(dir.path().join("probe.err")).unwrap();
     assert!(st.success(), "flowprobe failed: {err}");

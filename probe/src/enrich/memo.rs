@@ -12,7 +12,9 @@
 //! other one is joined afresh, as before.
 //!
 //! Bounded by the listing: an entry not handed in for [`KEEP_CALLS`] calls
-//! is dropped, and a retired connection's entry with it.
+//! is dropped, and a retired connection's entry with it. One entry per
+//! 5-tuple and interface: two records listed at once on one (a reused
+//! 5-tuple, rare) may both be joined afresh at every tick, as before.
 
 use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
@@ -53,7 +55,7 @@ pub struct Pending {
 
 #[derive(Default)]
 pub struct Memo {
-    entries: FxHashMap<Key, Vec<Entry>>,
+    entries: FxHashMap<Key, Entry>,
     call: u64,
     /// Connections given their memorised tags, and joined afresh.
     pub reused: u64,
@@ -131,15 +133,9 @@ impl Memo {
                 dst: c.dst_tags.clone(),
                 call,
             };
-            match self.find(c) {
-                Some(old) => *old = e,
-                None => self.entries.entry(key(c)).or_default().push(e),
-            }
+            self.entries.insert(key(c), e);
         }
-        self.entries.retain(|_, list| {
-            list.retain(|e| call - e.call < KEEP_CALLS);
-            !list.is_empty()
-        });
+        self.entries.retain(|_, e| call - e.call < KEEP_CALLS);
         for &(a, b) in p.swaps.iter().rev() {
             conns.swap(a, b);
         }
@@ -148,24 +144,20 @@ impl Memo {
     /// Forgets connections listed for the last time.
     pub fn forget(&mut self, retired: &[Connection]) {
         for c in retired {
-            if let Some(list) = self.entries.get_mut(&key(c)) {
-                list.retain(|e| e.first_seen.abs_diff(c.first_seen) >= SAME_RECORD_NS);
-                if list.is_empty() {
-                    self.entries.remove(&key(c));
-                }
+            if self.find(c).is_some() {
+                self.entries.remove(&key(c));
             }
         }
     }
 
     pub fn len(&self) -> usize {
-        self.entries.values().map(Vec::len).sum()
+        self.entries.len()
     }
 
     fn find(&mut self, c: &Connection) -> Option<&mut Entry> {
         self.entries
-            .get_mut(&key(c))?
-            .iter_mut()
-            .find(|e| e.first_seen.abs_diff(c.first_seen) < SAME_RECORD_NS)
+            .get_mut(&key(c))
+            .filter(|e| e.first_seen.abs_diff(c.first_seen) < SAME_RECORD_NS)
     }
 }
 

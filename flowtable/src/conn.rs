@@ -43,34 +43,6 @@ pub struct Connection {
     /// Tags of the responder's end.
     #[serde(skip_serializing_if = "Tags::is_empty")]
     pub dst_tags: Tags,
-    /// The local sockets the tc program saw sending, the initiator's first.
-    /// Kept out of the tags until enrichment needs them
-    /// ([`Connection::put_socket_tags`]): a reading is made every tick, and
-    /// these two tags would be the only ones of most ends at that point.
-    #[serde(skip)]
-    pub sockets: [Socket; 2],
-}
-
-/// A socket the tc program saw on a connection's packets (zero: none).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct Socket {
-    /// `bpf_get_socket_cookie`.
-    pub cookie: u64,
-    /// Its cgroup v2 id.
-    pub cgroup: u64,
-}
-
-impl Connection {
-    /// Each end's socket as its `socket_cookie` and `cgroup_id` tags.
-    pub fn put_socket_tags(&mut self) {
-        let ends = [&mut self.src_tags, &mut self.dst_tags];
-        for (tags, s) in ends.into_iter().zip(self.sockets) {
-            if s.cookie != 0 && !tags.contains_key("socket_cookie") {
-                tags.insert("socket_cookie".to_owned(), s.cookie.to_string());
-                tags.insert("cgroup_id".to_owned(), s.cgroup.to_string());
-            }
-        }
-    }
 }
 
 /// Counters of one direction; see the README for exact meanings.

@@ -17,8 +17,8 @@ mod stats;
 mod table;
 mod tags;
 
-pub use conn::{Connection, DirStats, Socket};
+pub use conn::{Connection, DirStats};
 pub use rtt::{new_histogram, Percentiles, Rtt, RttLeg};
 pub use stats::FrameStats;
 pub use table::{sort_connections, FlowTable, Observation};
-pub use tags::Tags;
+pub use tags::{Socket, Tags, CGROUP_ID, SOCKET_COOKIE};

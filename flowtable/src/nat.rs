@@ -425,7 +425,6 @@ fn swap_ends(c: &mut Connection) {
     std::mem::swap(&mut c.sport, &mut c.dport);
     std::mem::swap(&mut c.sent, &mut c.received);
     std::mem::swap(&mut c.src_tags, &mut c.dst_tags);
-    c.sockets.swap(0, 1);
     if let Some(r) = &mut c.rtt {
         std::mem::swap(&mut r.src, &mut r.dst);
     }

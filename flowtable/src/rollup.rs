@@ -103,7 +103,6 @@ impl Aggregate {
             rtt: None,
             src_tags: Tags::default(),
             dst_tags: Tags::default(),
-            sockets: Default::default(),
         })
     }
 
@@ -493,7 +492,6 @@ mod tests {
             rtt: None,
             src_tags: Default::default(),
             dst_tags: [("service".to_owned(), service.to_owned())].into(),
-            sockets: Default::default(),
         }
     }
 

@@ -6,8 +6,9 @@ use probe_common::tcp::{track, Peer, Segment};
 use probe_common::{ConnKey, FlowEntry, L4Proto, Parsed, TunnelKind};
 use rustc_hash::FxHashMap;
 
-use crate::conn::{ip, Connection, DirStats, Socket};
+use crate::conn::{ip, Connection, DirStats};
 use crate::rtt::{Rtt, RttLeg, RttTimer};
+use crate::tags::{Socket, Tags};
 
 /// One parsed frame (or GSO super-packet) offered to the table.
 #[derive(Clone, Copy, Debug)]
@@ -227,9 +228,8 @@ impl Connection {
             sent: DirStats::from(&e.counters[initiator]),
             received: DirStats::from(&e.counters[1 - initiator]),
             rtt: handshake_rtt(e, initiator).map(Box::new),
-            src_tags: end_tags(e, initiator).into(),
-            dst_tags: end_tags(e, 1 - initiator).into(),
-            sockets: [socket(e, initiator), socket(e, 1 - initiator)],
+            src_tags: Tags::from(end_tags(e, initiator)).with_socket(socket(e, initiator)),
+            dst_tags: Tags::from(end_tags(e, 1 - initiator)).with_socket(socket(e, 1 - initiator)),
         }
     }
 }

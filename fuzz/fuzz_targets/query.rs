@@ -42,7 +42,6 @@ fn conns() -> Vec<Connection> {
             rtt: None,
             src_tags: BTreeMap::from([("service".to_owned(), format!("s{}", i % 3))]).into(),
             dst_tags: BTreeMap::from([("service".to_owned(), "db".to_owned())]).into(),
-            sockets: Default::default(),
         })
         .collect()
 }

@@ -133,7 +133,6 @@ fn conn(proto: &'static str, src: &str, dst: &str) -> Connection {
         rtt: None,
         src_tags: Default::default(),
         dst_tags: Default::default(),
-        sockets: Default::default(),
     }
 }
 

@@ -95,7 +95,6 @@ fn conn(src: &str, dst: &str, iface: u32, sent: DirStats, received: DirStats) ->
         rtt: None,
         src_tags: Default::default(),
         dst_tags: Default::default(),
-        sockets: Default::default(),
     }
 }
 

@@ -485,7 +485,6 @@ mod tests {
             rtt: None,
             src_tags: BTreeMap::from([("service".to_owned(), "web frontend".to_owned())]).into(),
             dst_tags: Default::default(),
-            sockets: Default::default(),
         }
     }
 

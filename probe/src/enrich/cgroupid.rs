@@ -15,8 +15,7 @@ use std::path::{Path, PathBuf};
 use flowtable::attrib::parse_cgroup;
 use flowtable::Connection;
 
-/// Tag keys written by `Connection::from_entry` and here.
-pub const CGROUP_ID: &str = "cgroup_id";
+/// Tag key written here.
 pub const CGROUP: &str = "cgroup";
 
 /// Directories walked at most per lookup: bounds the cost on a host with
@@ -41,9 +40,11 @@ impl CgroupIds {
                 if tags.contains_key("pid") {
                     continue;
                 }
-                let Some(id) = tags.get(CGROUP_ID).and_then(|v| v.parse().ok()) else {
+                let socket = tags.socket();
+                if socket.cookie == 0 {
                     continue;
-                };
+                }
+                let id = socket.cgroup;
                 let Some(path) = self.path_of(id) else {
                     continue;
                 };

@@ -274,7 +274,6 @@ impl Attribution {
     /// tags again ([`memo`]). Does nothing when attribution is off.
     pub fn tag(&self, conns: &mut [Connection]) {
         let Some(s) = &self.shared else {
-            conns.iter_mut().for_each(Connection::put_socket_tags);
             return;
         };
         drain_owners(s);
@@ -316,8 +315,6 @@ impl Attribution {
 
 /// Joins each end of `conns` to its owner afresh.
 fn join(s: &State, conns: &mut [Connection]) {
-    // The socket tags first: the joins below go by them.
-    conns.iter_mut().for_each(Connection::put_socket_tags);
     let seen = tuples(conns);
     let mut r = lock(&s.resolver);
     pass(s, &mut r, &seen);

@@ -15,13 +15,13 @@
 //! even when its socket and its process were gone before any resolver
 //! pass, on the connecting side and on the accepting one.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, Ipv6Addr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use flowtable::attrib::{Host, Owner, ProcessInfo, Resolver, SERVICE_ENV, UNATTRIBUTED};
-use flowtable::Connection;
+use flowtable::{Connection, Tags};
 use probe_common::owner::{SockOwner, OWNER_ACCEPT, OWNER_LISTEN, OWNER_TUPLE};
 
 use super::cgroupid::CgroupIds;
@@ -41,9 +41,6 @@ pub const MAX_SOCKETS: usize = 1 << 16;
 /// Listeners remembered at most (one per namespace and port; a port
 /// listened on again replaces its entry).
 pub const MAX_LISTENERS: usize = 4096;
-
-/// Tag key of the socket cookie (`Connection::from_entry`).
-pub const SOCKET_COOKIE: &str = "socket_cookie";
 
 /// An end by its local port and its peer (protocol number, local port,
 /// remote address as the connection renders it, remote port): the join
@@ -284,10 +281,8 @@ impl Owners {
     }
 }
 
-fn cookie(tags: &BTreeMap<String, String>) -> Option<u64> {
-    tags.get(SOCKET_COOKIE)
-        .and_then(|v| v.parse().ok())
-        .filter(|&k| k != 0)
+fn cookie(tags: &Tags) -> Option<u64> {
+    Some(tags.socket().cookie).filter(|&k| k != 0)
 }
 
 #[cfg(test)]
@@ -355,11 +350,10 @@ mod tests {
     }
 
     fn conn(src_cookie: u64, src_tags: &[(&str, &str)]) -> Connection {
-        let mut tags: BTreeMap<String, String> = src_tags
+        let tags: std::collections::BTreeMap<String, String> = src_tags
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
-        tags.insert(SOCKET_COOKIE.to_owned(), src_cookie.to_string());
         Connection {
             proto: "tcp",
             src: [10, 0, 0, 2].into(),
@@ -372,9 +366,11 @@ mod tests {
             sent: DirStats::default(),
             received: DirStats::default(),
             rtt: None,
-            src_tags: tags.into(),
+            src_tags: Tags::from(tags).with_socket(flowtable::Socket {
+                cookie: src_cookie,
+                cgroup: 0,
+            }),
             dst_tags: Default::default(),
-            sockets: Default::default(),
         }
     }
 

@@ -15,7 +15,7 @@ use std::io::{self, Write};
 use std::net::IpAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use flowtable::{Connection, DirStats};
+use flowtable::{Connection, DirStats, Tags};
 use serde::Serialize;
 
 /// Retired connections (`Reading::retired`) whose last lines wait while
@@ -72,10 +72,10 @@ struct Line<'a> {
     /// its first line).
     sent: DirStats,
     received: DirStats,
-    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
-    src_tags: &'a std::collections::BTreeMap<String, String>,
-    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
-    dst_tags: &'a std::collections::BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Tags::is_empty")]
+    src_tags: &'a Tags,
+    #[serde(skip_serializing_if = "Tags::is_empty")]
+    dst_tags: &'a Tags,
 }
 
 impl Deltas {
@@ -387,7 +387,6 @@ mod tests {
             rtt: None,
             src_tags: Default::default(),
             dst_tags: Default::default(),
-            sockets: Default::default(),
         }
     }
 

@@ -690,7 +690,6 @@ impl Window {
                             rtt: None,
                             src_tags: finals.sets[key.5 as usize].clone(),
                             dst_tags: finals.sets[key.6 as usize].clone(),
-                            sockets: Default::default(),
                         }));
                         slot.groups.last_mut().expect("pushed")
                     } else {

@@ -841,7 +841,6 @@ mod tests {
             rtt: None,
             src_tags: tags(Some(src_service)),
             dst_tags: tags(dst_service),
-            sockets: Default::default(),
         }
     }
 

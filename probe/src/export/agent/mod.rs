@@ -179,7 +179,6 @@ pub(crate) mod tests {
                 rtt: None,
                 src_tags: Default::default(),
                 dst_tags: Default::default(),
-                sockets: Default::default(),
             })
             .collect()
     }

@@ -433,7 +433,6 @@ mod tests {
             rtt: None,
             src_tags: Default::default(),
             dst_tags: Default::default(),
-            sockets: Default::default(),
         }
     }
 

@@ -21,4 +21,4 @@ pub use conn::{Connection, DirStats};
 pub use rtt::{new_histogram, Percentiles, Rtt, RttLeg};
 pub use stats::FrameStats;
 pub use table::{sort_connections, FlowTable, Observation};
-pub use tags::{Socket, Tags, CGROUP_ID, SOCKET_COOKIE};
+pub use tags::{Interner, Socket, Tags, CGROUP_ID, SOCKET_COOKIE};

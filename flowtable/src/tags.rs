@@ -93,6 +93,45 @@ impl Tags {
     }
 }
 
+/// Tag sets made once and handed to every end they fit: the ends of one
+/// process, or of one reason not to be attributed, share one set.
+///
+/// Bounded: beyond [`Interner::MAX`] sets, those no end holds any more are
+/// let go (a set still held is only not shared with later ends).
+#[derive(Default)]
+pub struct Interner {
+    sets: std::collections::HashSet<Tags>,
+}
+
+impl Interner {
+    pub const MAX: usize = 4096;
+
+    /// The set equal to `m`, shared.
+    pub fn intern(&mut self, m: BTreeMap<String, String>) -> Tags {
+        let t = Tags::from(m);
+        if let Some(known) = self.sets.get(&t) {
+            return known.clone();
+        }
+        if self.sets.len() >= Self::MAX {
+            self.sets
+                .retain(|s| s.set.as_ref().is_some_and(|a| Arc::strong_count(a) > 1));
+            if self.sets.len() >= Self::MAX {
+                self.sets.clear();
+            }
+        }
+        self.sets.insert(t.clone());
+        t
+    }
+
+    pub fn len(&self) -> usize {
+        self.sets.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sets.is_empty()
+    }
+}
+
 impl Deref for Tags {
     type Target = BTreeMap<String, String>;
     /// The set, without the socket's tags.
@@ -195,6 +234,20 @@ mod tests {
         assert!(none.is_empty() && Tags::same(&none, &Tags::default()));
         none.insert("pid".to_owned(), "1".to_owned());
         assert_eq!(none, a);
+    }
+
+    #[test]
+    fn equal_sets_are_one_and_unheld_ones_go_when_full() {
+        let mut i = Interner::default();
+        let m = |v: usize| BTreeMap::from([("pid".to_owned(), v.to_string())]);
+        let a = i.intern(m(1));
+        assert!(Tags::same(&a, &i.intern(m(1))));
+        let held: Vec<Tags> = (2..Interner::MAX + 1).map(|v| i.intern(m(v))).collect();
+        assert_eq!(i.len(), Interner::MAX);
+        drop(held);
+        i.intern(m(0));
+        assert_eq!(i.len(), 2, "only `a` was still held, and the new one");
+        assert!(Tags::same(&a, &i.intern(m(1))));
     }
 
     #[test]

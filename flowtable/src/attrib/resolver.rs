@@ -25,7 +25,7 @@ use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use super::host::{Host, Netns, ProcessInfo, Proto, SocketEntry, SocketState, Tuple};
 use super::owner::Owner;
 use super::rules::{self, ServiceRule};
-use crate::Connection;
+use crate::{Connection, Interner, Tags};
 
 /// The tag an end gets when its owner is unknown, and the reasons.
 pub const UNATTRIBUTED: &str = "unattributed";
@@ -166,6 +166,8 @@ pub struct Resolver<H> {
     /// and those still being looked up with their tries so far.
     looked_up: HashMap<Tuple, u64>,
     asking: HashMap<Tuple, u32>,
+    /// The ends' tag sets, one per distinct set.
+    sets: Interner,
     last_error: Option<String>,
     /// Failures for lack of privilege (no CAP_SYS_ADMIN for `setns`, no
     /// CAP_SYS_PTRACE for other users' fds): counted, never said, since a
@@ -196,6 +198,7 @@ impl<H: Host> Resolver<H> {
             dumped_at: None,
             looked_up: HashMap::default(),
             asking: HashMap::default(),
+            sets: Interner::default(),
             last_error: None,
             denied: 0,
         }
@@ -586,6 +589,11 @@ impl<H: Host> Resolver<H> {
         Owner::new(p, user, self.host_name.as_deref())
     }
 
+    /// The set equal to `m`, shared with every end that has it.
+    pub fn intern(&mut self, m: BTreeMap<String, String>) -> Tags {
+        self.sets.intern(m)
+    }
+
     /// The tags an end at local port `port` owned by `o` carries: the
     /// owner's, and its service (rules first, then the environment).
     pub fn owner_tags(&self, o: &Owner, port: u16) -> BTreeMap<String, String> {
@@ -616,7 +624,7 @@ impl<H: Host> Resolver<H> {
     /// Adds each end's tags to every connection (see the README,
     /// "Attribution"): an end whose socket a pass saw gets its owner's tags,
     /// `netns` and `service`; any other end an [`UNATTRIBUTED`] reason.
-    pub fn tag(&self, conns: &mut [Connection]) {
+    pub fn tag(&mut self, conns: &mut [Connection]) {
         for c in conns {
             let Some(proto) = Proto::from_name(c.proto) else {
                 continue;
@@ -626,8 +634,10 @@ impl<H: Host> Resolver<H> {
             // The responder's socket sees the connection beyond any
             // translation this host made (`crate::nat`).
             let (src_far, dst_far) = crate::nat::beyond(c);
-            c.src_tags.extend(self.end_tags(proto, src, dst));
-            c.dst_tags.extend(self.end_tags(proto, dst_far, src_far));
+            let src_set = self.intern(self.end_tags(proto, src, dst));
+            let dst_set = self.intern(self.end_tags(proto, dst_far, src_far));
+            c.src_tags.add_shared(&src_set);
+            c.dst_tags.add_shared(&dst_set);
         }
     }
 

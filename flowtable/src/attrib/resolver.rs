@@ -85,6 +85,9 @@ pub struct PassStats {
     pub sockets: usize,
     /// 5-tuples looked up (each in every namespace until found).
     pub lookups: usize,
+    /// 5-tuples not looked up: the caller knew their socket's owner
+    /// already (the kernel's record of it, [`Resolver::refresh_skipping`]).
+    pub skipped: usize,
     /// Sockets whose owner this pass found.
     pub attributed: usize,
     /// `/proc/<pid>/fd` directories read.
@@ -186,9 +189,23 @@ impl<H: Host> Resolver<H> {
 
     /// One pass at `now_ns` (any monotonic clock; only differences
     /// matter). `seen` are 5-tuples the probe saw (each end's view; repeats
-    /// are cheap): each is looked up until its socket is found, at most
-    /// [`LOOKUP_TRIES`] passes.
+    /// are cheap), new ones at least: each is looked up until its socket is
+    /// found, at most [`LOOKUP_TRIES`] passes, whether `seen` names it
+    /// again or not.
     pub fn refresh(&mut self, now_ns: u64, seen: &[Tuple]) -> PassStats {
+        self.refresh_skipping(now_ns, seen, |_| false)
+    }
+
+    /// [`Resolver::refresh`], but a 5-tuple for which `named` holds is not
+    /// looked up (and settled, counted in [`PassStats::skipped`]): its end
+    /// is named elsewhere (the socket owner the kernel recorded), and a
+    /// lookup is the costliest thing a pass does.
+    pub fn refresh_skipping(
+        &mut self,
+        now_ns: u64,
+        seen: &[Tuple],
+        named: impl Fn(&Tuple) -> bool,
+    ) -> PassStats {
         let mut st = PassStats::default();
         self.now_ns = now_ns;
         self.listed_now = false;
@@ -212,7 +229,7 @@ impl<H: Host> Resolver<H> {
             self.orphans.retain(|i, _| live_inodes.contains(i));
             self.age_out();
         }
-        self.find_sockets(&namespaces, seen, &mut st);
+        self.find_sockets(&namespaces, seen, &named, &mut st);
         st.namespaces = namespaces.len();
         // Unless a search for a new process listed them afresh meanwhile.
         if !self.listed_now || self.namespaces.is_empty() {
@@ -273,12 +290,31 @@ impl<H: Host> Resolver<H> {
         }
     }
 
-    /// Looks up each 5-tuple of `seen` not settled yet in every namespace,
-    /// then finds the owners of what turned up.
-    fn find_sockets(&mut self, namespaces: &[Netns], seen: &[Tuple], st: &mut PassStats) {
+    /// Looks up each 5-tuple not settled yet in every namespace, then finds
+    /// the owners of what turned up: those of `seen` and those still being
+    /// asked about (the caller may name a tuple once only, when it is new).
+    fn find_sockets(
+        &mut self,
+        namespaces: &[Netns],
+        seen: &[Tuple],
+        named: &impl Fn(&Tuple) -> bool,
+        st: &mut PassStats,
+    ) {
         let mut pending: Vec<Vec<(Tuple, u64)>> = vec![Vec::new(); namespaces.len()];
-        for t in seen {
+        let todo: Vec<Tuple> = self
+            .asking
+            .keys()
+            .copied()
+            .chain(seen.iter().filter(|t| !self.asking.contains_key(t)).copied())
+            .collect();
+        for t in &todo {
             if self.looked_up.contains_key(t) {
+                continue;
+            }
+            if named(t) {
+                st.skipped += 1;
+                self.asking.remove(t);
+                self.looked_up.insert(*t, self.now_ns);
                 continue;
             }
             st.lookups += 1;
@@ -542,6 +578,16 @@ impl<H: Host> Resolver<H> {
     pub fn process_owner(&mut self, pid: u32) -> Option<Arc<Owner>> {
         let mut st = PassStats::default();
         self.owner(pid, &mut st)
+    }
+
+    /// The network namespace process `pid` was in at the last listing of
+    /// them (`None`: not listed, or not since it started). For ends the
+    /// kernel recorded, named without a socket of the resolver's.
+    pub fn netns_of(&self, pid: u32) -> Option<u64> {
+        self.namespaces
+            .iter()
+            .find(|n| n.pids.contains(&pid))
+            .map(|n| n.id)
     }
 
     /// An owner made from what the kernel recorded of a process that was

@@ -608,6 +608,49 @@ fn a_socket_still_in_the_accept_queue_is_looked_up_again() {
     assert_eq!(st.attributed, 1);
 }
 
+/// A caller that names each tuple once, when it is new: the resolver asks
+/// again on its own until the socket is settled.
+#[test]
+fn an_unsettled_tuple_is_looked_up_again_without_being_named_again() {
+    let mut f = world();
+    let accepted = f.sockets.get_mut(&22).unwrap().pop().unwrap();
+    f.sockets.get_mut(&22).unwrap().push(SocketEntry {
+        inode: 0,
+        ..accepted
+    });
+    let mut r = Resolver::new(f, lookup_only());
+    r.refresh(0, &ends(Proto::Tcp, "10.1.0.1:40000", "10.1.0.2:8080"));
+    *r.host.sockets.get_mut(&22).unwrap().last_mut().unwrap() = accepted;
+    let st = r.refresh(1_000_000, &[]);
+    assert_eq!((st.lookups, st.attributed), (1, 1));
+    let st = r.refresh(2_000_000, &[]);
+    assert_eq!(st.lookups, 0, "settled");
+}
+
+/// Tuples the caller names already (the kernel recorded their owner) are
+/// not looked up, and count as skipped once.
+#[test]
+fn named_tuples_are_skipped_once() {
+    let mut f = world();
+    // Nothing to dump at the start: only lookups find these sockets.
+    let later_11 = f.sockets.insert(11, vec![]).unwrap();
+    let later_22 = f.sockets.insert(22, vec![]).unwrap();
+    let mut r = Resolver::new(f, lookup_only());
+    r.refresh(0, &[]);
+    r.host.sockets.insert(11, later_11);
+    r.host.sockets.insert(22, later_22);
+    let seen = ends(Proto::Tcp, "10.1.0.1:40000", "10.1.0.2:8080");
+    let client = seen[0];
+    let st = r.refresh_skipping(0, &seen, |t| *t == client);
+    assert_eq!((st.lookups, st.skipped), (1, 1));
+    let st = r.refresh_skipping(1_000_000, &seen, |t| *t == client);
+    assert_eq!((st.lookups, st.skipped), (0, 0));
+    let mut c = vec![conn("tcp", "10.1.0.1:40000", "10.1.0.2:8080")];
+    r.tag(&mut c);
+    assert_eq!(c[0].dst_tags["process"], "fp-server");
+    assert!(!c[0].src_tags.contains_key("process"));
+}
+
 #[test]
 fn a_remote_end_on_a_listening_port_is_not_the_listener() {
     let mut r = Resolver::new(world(), lookup_only());

@@ -18,5 +18,7 @@ mod tests;
 pub use cgroup::{parse as parse_cgroup, CgroupInfo};
 pub use host::{Host, Netns, ProcessInfo, Proto, SocketEntry, SocketState, Tuple};
 pub use owner::{Owner, SERVICE_ENV};
-pub use resolver::{Options, PassStats, Resolver, NO_PROCESS, NO_SOCKET, REMOTE, UNATTRIBUTED};
+pub use resolver::{
+    Options, PassStats, Recorded, Resolver, NO_PROCESS, NO_SOCKET, REMOTE, UNATTRIBUTED,
+};
 pub use rules::ServiceRule;

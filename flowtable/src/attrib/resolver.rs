@@ -98,9 +98,20 @@ pub struct PassStats {
     pub errors: usize,
 }
 
+/// The owner of an end's socket as the kernel recorded it (the cgroup
+/// programs), and the socket's network namespace when known: what a
+/// caller of [`Resolver::refresh_skipping`] names an end with instead of a
+/// lookup.
+#[derive(Clone, Debug)]
+pub struct Recorded {
+    pub owner: Arc<Owner>,
+    pub netns: Option<u64>,
+}
+
 /// One socket with this 5-tuple in one namespace, and its owner once known.
 #[derive(Clone, Debug)]
 struct Sighting {
+    /// 0: not known (an end named by its [`Recorded`] owner only).
     netns: u64,
     /// When a lookup or dump last found it.
     seen_ns: u64,
@@ -193,18 +204,19 @@ impl<H: Host> Resolver<H> {
     /// found, at most [`LOOKUP_TRIES`] passes, whether `seen` names it
     /// again or not.
     pub fn refresh(&mut self, now_ns: u64, seen: &[Tuple]) -> PassStats {
-        self.refresh_skipping(now_ns, seen, |_| false)
+        self.refresh_skipping(now_ns, seen, |_| None)
     }
 
-    /// [`Resolver::refresh`], but a 5-tuple for which `named` holds is not
-    /// looked up (and settled, counted in [`PassStats::skipped`]): its end
-    /// is named elsewhere (the socket owner the kernel recorded), and a
-    /// lookup is the costliest thing a pass does.
+    /// [`Resolver::refresh`], but a 5-tuple for which `recorded` gives its
+    /// socket's owner is not looked up (a lookup is the costliest thing a
+    /// pass does): it is settled with that owner, remembered as a socket a
+    /// pass found would be (so its end carries the same tags, for as long),
+    /// and counted in [`PassStats::skipped`].
     pub fn refresh_skipping(
         &mut self,
         now_ns: u64,
         seen: &[Tuple],
-        named: impl Fn(&Tuple) -> bool,
+        recorded: impl Fn(&Tuple) -> Option<Recorded>,
     ) -> PassStats {
         let mut st = PassStats::default();
         self.now_ns = now_ns;
@@ -229,7 +241,7 @@ impl<H: Host> Resolver<H> {
             self.orphans.retain(|i, _| live_inodes.contains(i));
             self.age_out();
         }
-        self.find_sockets(&namespaces, seen, &named, &mut st);
+        self.find_sockets(&namespaces, seen, &recorded, &mut st);
         st.namespaces = namespaces.len();
         // Unless a search for a new process listed them afresh meanwhile.
         if !self.listed_now || self.namespaces.is_empty() {
@@ -297,7 +309,7 @@ impl<H: Host> Resolver<H> {
         &mut self,
         namespaces: &[Netns],
         seen: &[Tuple],
-        named: &impl Fn(&Tuple) -> bool,
+        recorded: &impl Fn(&Tuple) -> Option<Recorded>,
         st: &mut PassStats,
     ) {
         let mut pending: Vec<Vec<(Tuple, u64)>> = vec![Vec::new(); namespaces.len()];
@@ -305,16 +317,21 @@ impl<H: Host> Resolver<H> {
             .asking
             .keys()
             .copied()
-            .chain(seen.iter().filter(|t| !self.asking.contains_key(t)).copied())
+            .chain(
+                seen.iter()
+                    .filter(|t| !self.asking.contains_key(t))
+                    .copied(),
+            )
             .collect();
         for t in &todo {
             if self.looked_up.contains_key(t) {
                 continue;
             }
-            if named(t) {
+            if let Some(r) = recorded(t) {
                 st.skipped += 1;
                 self.asking.remove(t);
                 self.looked_up.insert(*t, self.now_ns);
+                self.adopt(*t, r);
                 continue;
             }
             st.lookups += 1;
@@ -363,6 +380,31 @@ impl<H: Host> Resolver<H> {
                 self.attribute(ns, p, st);
             }
         }
+    }
+
+    /// Remembers the end of `t` as owned by `r`, unless a pass found its
+    /// socket's owner already.
+    fn adopt(&mut self, t: Tuple, r: Recorded) {
+        // What a lookup would have taught: the address is this host's.
+        let ip = t.local.ip();
+        if !ip.is_unspecified() {
+            self.local_ips.insert(ip);
+            if let Some(ns) = r.netns {
+                self.netns_ips.insert((ns, ip));
+            }
+        }
+        let list = self.sockets.entry(t).or_default();
+        if list.iter().any(|x| x.owner.is_some()) {
+            return;
+        }
+        list.push(Sighting {
+            netns: r.netns.unwrap_or(0),
+            seen_ns: self.now_ns,
+            inode: 0,
+            uid: 0,
+            state: SocketState::Other,
+            owner: Some(r.owner),
+        });
     }
 
     fn learn_ip(&mut self, netns: u64, s: &SocketEntry) {
@@ -663,7 +705,9 @@ impl<H: Host> Resolver<H> {
             tags.insert(UNATTRIBUTED.to_owned(), why.to_owned());
             return tags;
         };
-        tags.insert("netns".to_owned(), s.netns.to_string());
+        if s.netns != 0 {
+            tags.insert("netns".to_owned(), s.netns.to_string());
+        }
         match &s.owner {
             Some(o) => {
                 tags.extend(o.tags.iter().map(|(k, v)| (k.clone(), v.clone())));

@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use super::*;
 use crate::{Connection, DirStats};
@@ -641,14 +642,27 @@ fn named_tuples_are_skipped_once() {
     r.host.sockets.insert(22, later_22);
     let seen = ends(Proto::Tcp, "10.1.0.1:40000", "10.1.0.2:8080");
     let client = seen[0];
-    let st = r.refresh_skipping(0, &seen, |t| *t == client);
+    let owner = Arc::new(Owner::new(
+        &proc_info(105, "fp-recorded", String::new(), None),
+        None,
+        None,
+    ));
+    let recorded = |t: &Tuple| {
+        (*t == client).then(|| Recorded {
+            owner: owner.clone(),
+            netns: Some(11),
+        })
+    };
+    let st = r.refresh_skipping(0, &seen, recorded);
     assert_eq!((st.lookups, st.skipped), (1, 1));
-    let st = r.refresh_skipping(1_000_000, &seen, |t| *t == client);
+    let st = r.refresh_skipping(1_000_000, &seen, recorded);
     assert_eq!((st.lookups, st.skipped), (0, 0));
     let mut c = vec![conn("tcp", "10.1.0.1:40000", "10.1.0.2:8080")];
     r.tag(&mut c);
     assert_eq!(c[0].dst_tags["process"], "fp-server");
-    assert!(!c[0].src_tags.contains_key("process"));
+    // Named from the record, with the tags a found socket gives.
+    assert_eq!(c[0].src_tags["process"], "fp-recorded");
+    assert_eq!(c[0].src_tags["netns"], "11");
 }
 
 #[test]

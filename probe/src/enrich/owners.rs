@@ -20,7 +20,9 @@ use std::net::{IpAddr, Ipv6Addr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use flowtable::attrib::{Host, Owner, ProcessInfo, Resolver, SERVICE_ENV, UNATTRIBUTED};
+use flowtable::attrib::{
+    Host, Owner, ProcessInfo, Proto, Recorded, Resolver, Tuple, SERVICE_ENV, UNATTRIBUTED,
+};
 use flowtable::Connection;
 use probe_common::owner::{SockOwner, OWNER_ACCEPT, OWNER_LISTEN, OWNER_TUPLE};
 
@@ -42,6 +44,10 @@ pub const MAX_SOCKETS: usize = 1 << 16;
 /// listened on again replaces its entry).
 pub const MAX_LISTENERS: usize = 4096;
 
+/// Network namespaces whose id is remembered (by their cookie); beyond,
+/// all are forgotten and learnt again.
+pub const MAX_NETNS: usize = 4096;
+
 /// Tag key of the socket cookie (`Connection::from_entry`).
 pub const SOCKET_COOKIE: &str = "socket_cookie";
 
@@ -51,10 +57,19 @@ pub const SOCKET_COOKIE: &str = "socket_cookie";
 /// out: an unconnected UDP socket's is chosen after the hook.
 type TupleKey = (u8, u16, IpAddr, u16);
 
+/// A recorded socket: its owner, its network namespace's cookie and its
+/// local address (unspecified when the record has none).
+#[derive(Clone)]
+struct Sock {
+    owner: Arc<Owner>,
+    netns_cookie: u64,
+    local: IpAddr,
+}
+
 #[derive(Default)]
 pub struct Owners {
-    by_cookie: HashMap<u64, Arc<Owner>>,
-    by_tuple: HashMap<TupleKey, Arc<Owner>>,
+    by_cookie: HashMap<u64, Sock>,
+    by_tuple: HashMap<TupleKey, Sock>,
     /// The tuple each socket is known by, to forget it with the socket.
     tuple_of: HashMap<u64, TupleKey>,
     order: VecDeque<u64>,
@@ -64,6 +79,11 @@ pub struct Owners {
     /// oldest forgotten first beyond [`MAX_LISTENERS`].
     listeners: HashMap<(u64, u16), Arc<Owner>>,
     listen_order: VecDeque<(u64, u16)>,
+    /// Network namespace ids (what the resolver's `netns` tag says) by
+    /// cookie (what a record says), learnt from the records of processes
+    /// the resolver listed: an end named by its record carries `netns` as
+    /// one whose socket a pass found.
+    netns_ids: HashMap<u64, u64>,
     pub recorded: u64,
     /// Listeners recorded at `listen(2)`.
     pub listens: u64,
@@ -89,11 +109,12 @@ impl Owners {
         cgroups: &mut CgroupIds,
     ) {
         for rec in records {
+            self.learn_netns(rec, r);
             match rec.kind {
                 OWNER_TUPLE => {
                     // The port `connect` chose, for the owner its hook recorded.
-                    if let Some(o) = self.by_cookie.get(&rec.cookie) {
-                        self.add_tuple(rec, o.clone());
+                    if let Some(s) = self.by_cookie.get(&rec.cookie) {
+                        self.add_tuple(rec, s.owner.clone());
                     }
                     continue;
                 }
@@ -124,20 +145,46 @@ impl Owners {
                     };
                     self.accepted += 1;
                     self.add_tuple(rec, o.clone());
-                    self.remember(rec.cookie, o);
+                    self.remember(rec, o);
                     continue;
                 }
                 _ => {}
             }
             self.recorded += 1;
-            if let Some(o) = self.by_cookie.get(&rec.cookie) {
-                let o = o.clone();
+            if let Some(s) = self.by_cookie.get(&rec.cookie) {
+                let o = s.owner.clone();
                 self.add_tuple(rec, o);
                 continue;
             }
             let owner = self.owner_of(rec, r, cgroups);
             self.add_tuple(rec, owner.clone());
-            self.remember(rec.cookie, owner);
+            self.remember(rec, owner);
+        }
+    }
+
+    /// Learns the id of the record's network namespace from the
+    /// resolver's listing of namespaces and their processes, the first
+    /// time a record of a listed process names it. A process that lived
+    /// between two listings (about a second apart) teaches nothing; an
+    /// accepted socket's record has no process, its listener's taught it.
+    fn learn_netns<H: Host>(&mut self, rec: &SockOwner, r: &Resolver<H>) {
+        if rec.tgid == 0 || rec.netns_cookie == 0 || self.netns_ids.contains_key(&rec.netns_cookie)
+        {
+            return;
+        }
+        if let Some(id) = r.netns_of(rec.tgid) {
+            if self.netns_ids.len() >= MAX_NETNS {
+                self.netns_ids.clear();
+            }
+            self.netns_ids.insert(rec.netns_cookie, id);
+        }
+    }
+
+    fn sock(rec: &SockOwner, owner: Arc<Owner>) -> Sock {
+        Sock {
+            owner,
+            netns_cookie: rec.netns_cookie,
+            local: ip(rec.local),
         }
     }
 
@@ -189,10 +236,10 @@ impl Owners {
         }
     }
 
-    /// Joins socket `cookie` to `owner`, within [`MAX_SOCKETS`].
-    fn remember(&mut self, cookie: u64, owner: Arc<Owner>) {
-        self.by_cookie.insert(cookie, owner);
-        self.order.push_back(cookie);
+    /// Joins the record's socket to `owner`, within [`MAX_SOCKETS`].
+    fn remember(&mut self, rec: &SockOwner, owner: Arc<Owner>) {
+        self.by_cookie.insert(rec.cookie, Self::sock(rec, owner));
+        self.order.push_back(rec.cookie);
         while self.order.len() > MAX_SOCKETS {
             if let Some(old) = self.order.pop_front() {
                 if self.by_cookie.remove(&old).is_some() {
@@ -209,10 +256,8 @@ impl Owners {
         if rec.local_port == 0 || rec.remote_port == 0 {
             return;
         }
-        let v6 = Ipv6Addr::from(rec.remote);
-        let remote = v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4);
-        let key = (rec.proto, rec.local_port, remote, rec.remote_port);
-        self.by_tuple.insert(key, o);
+        let key = (rec.proto, rec.local_port, ip(rec.remote), rec.remote_port);
+        self.by_tuple.insert(key, Self::sock(rec, o));
         self.tuple_of.insert(rec.cookie, key);
     }
 
@@ -247,15 +292,36 @@ impl Owners {
                 }
                 // By the socket cookie the tc program took; else by the
                 // end's port and peer.
-                let o = cookie(tags)
+                let s = cookie(tags)
                     .and_then(|k| self.by_cookie.get(&k))
                     .or_else(|| self.by_tuple.get(&key));
-                if let Some(o) = o {
+                if let Some(s) = s {
                     tags.remove(UNATTRIBUTED);
-                    tags.extend(r.owner_tags(o, key.1));
+                    tags.extend(r.owner_tags(&s.owner, key.1));
+                    if let Some(id) = self.netns_ids.get(&s.netns_cookie) {
+                        tags.entry("netns".to_owned())
+                            .or_insert_with(|| id.to_string());
+                    }
                 }
             }
         }
+    }
+
+    /// The owner the kernel recorded for the socket at `t`'s local end,
+    /// found by its port and peer as [`Owners::tag`] finds it (and at its
+    /// local address, when the record has one): a resolver pass need not
+    /// look that socket up.
+    pub fn recorded(&self, t: &Tuple) -> Option<Recorded> {
+        let proto = match t.proto {
+            Proto::Tcp => 6,
+            Proto::Udp => 17,
+        };
+        let key = (proto, t.local.port(), t.remote.ip(), t.remote.port());
+        let s = self.by_tuple.get(&key)?;
+        (s.local.is_unspecified() || s.local == t.local.ip()).then(|| Recorded {
+            owner: s.owner.clone(),
+            netns: self.netns_ids.get(&s.netns_cookie).copied(),
+        })
     }
 
     /// Forgets the sockets of connections listed for the last time.
@@ -275,6 +341,12 @@ impl Owners {
     }
 }
 
+/// A record's address (IPv4-mapped for IPv4) as a connection renders it.
+fn ip(a: [u8; 16]) -> IpAddr {
+    let v6 = Ipv6Addr::from(a);
+    v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
+}
+
 fn cookie(tags: &BTreeMap<String, String>) -> Option<u64> {
     tags.get(SOCKET_COOKIE)
         .and_then(|v| v.parse().ok())
@@ -292,14 +364,19 @@ mod tests {
 
     use super::*;
 
-    /// A host with one live process, 10, in a docker-shaped cgroup.
+    /// A host with one live process, 10, in a docker-shaped cgroup, in
+    /// network namespace [`NETNS`].
     struct OneProcess;
 
     const ID: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    const NETNS: u64 = 4026532001;
 
     impl Host for OneProcess {
         fn namespaces(&mut self) -> io::Result<Vec<Netns>> {
-            Ok(Vec::new())
+            Ok(vec![Netns {
+                id: NETNS,
+                pids: vec![10],
+            }])
         }
         fn sockets(&mut self, _: &Netns) -> io::Result<Vec<SocketEntry>> {
             Ok(Vec::new())
@@ -492,5 +569,56 @@ mod tests {
         assert_eq!(t.get("container").map(String::as_str), Some(ID));
         assert!(conns[0].src_tags.is_empty(), "{:?}", conns[0].src_tags);
         assert!(!conns[1].dst_tags.contains_key("pid"));
+    }
+
+    /// An end named by its socket's record alone carries the tags a pass
+    /// that found its socket gives, `netns` included (the namespace its
+    /// process was listed in, learnt by the record's namespace cookie);
+    /// so does an end a pass named from the record instead of a lookup.
+    #[test]
+    fn an_end_named_by_its_record_carries_its_netns() {
+        let mut r = Resolver::new(OneProcess, Options::default());
+        // Lists the namespaces: process 10 in NETNS.
+        r.refresh(0, &[]);
+        let mut cg = CgroupIds::default();
+        let mut o = Owners::default();
+        let mut connect = record(1, 10, b"checkout");
+        connect.netns_cookie = 4096;
+        let mut port = record(1, 0, b"");
+        port.kind = OWNER_TUPLE;
+        port.netns_cookie = 4096;
+        port.proto = 6;
+        port.local = Ipv4Addr::new(10, 0, 0, 2).to_ipv6_mapped().octets();
+        port.local_port = 40000;
+        port.remote = Ipv4Addr::new(10, 0, 0, 1).to_ipv6_mapped().octets();
+        port.remote_port = 80;
+        o.ingest(&[connect, port], &mut r, &mut cg);
+
+        // No pass saw it: named at the report from the record.
+        let mut at_report = [conn(1, &[])];
+        o.tag(&r, &mut at_report);
+        let t = &at_report[0].src_tags;
+        assert_eq!(t.get("netns"), Some(&NETNS.to_string()), "{t:?}");
+        assert_eq!(t.get("pid").map(String::as_str), Some("10"));
+
+        // A pass saw it: named from the record (no lookup), the same tags.
+        let client = Tuple::new(
+            Proto::Tcp,
+            "10.0.0.2:40000".parse().unwrap(),
+            "10.0.0.1:80".parse().unwrap(),
+        );
+        let st = r.refresh_skipping(1, &[client], |t| o.recorded(t));
+        assert_eq!((st.lookups, st.skipped), (0, 1));
+        let mut by_pass = [conn(1, &[])];
+        r.tag(&mut by_pass);
+        o.tag(&r, &mut by_pass);
+        assert_eq!(by_pass[0].src_tags, at_report[0].src_tags);
+        // Another local address on the same port and peer is not it.
+        let other = Tuple::new(
+            Proto::Tcp,
+            "10.0.0.3:40000".parse().unwrap(),
+            "10.0.0.1:80".parse().unwrap(),
+        );
+        assert!(o.recorded(&other).is_none());
     }
 }

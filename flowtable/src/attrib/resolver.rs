@@ -622,14 +622,16 @@ impl<H: Host> Resolver<H> {
         self.owner(pid, &mut st)
     }
 
-    /// The network namespace process `pid` was in at the last listing of
-    /// them (`None`: not listed, or not since it started). For ends the
-    /// kernel recorded, named without a socket of the resolver's.
-    pub fn netns_of(&self, pid: u32) -> Option<u64> {
+    /// The network namespace of process `pid`: the one the last listing
+    /// of them saw it in, else (a process newer than the listing) the one
+    /// the host says; `None` when it is gone. For ends the kernel
+    /// recorded, named without a socket of the resolver's.
+    pub fn netns_of(&mut self, pid: u32) -> Option<u64> {
         self.namespaces
             .iter()
             .find(|n| n.pids.contains(&pid))
             .map(|n| n.id)
+            .or_else(|| self.host.netns_of(pid).ok())
     }
 
     /// An owner made from what the kernel recorded of a process that was

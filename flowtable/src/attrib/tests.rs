@@ -33,6 +33,13 @@ impl Host for Fake {
         self.namespace_listings += 1;
         Ok(self.namespaces.clone())
     }
+    fn netns_of(&mut self, pid: u32) -> io::Result<u64> {
+        self.namespaces
+            .iter()
+            .find(|n| n.pids.contains(&pid))
+            .map(|n| n.id)
+            .ok_or_else(|| io::ErrorKind::NotFound.into())
+    }
     fn sockets(&mut self, ns: &Netns) -> io::Result<Vec<SocketEntry>> {
         self.dumps += 1;
         self.sockets

@@ -162,12 +162,12 @@ impl Owners {
         }
     }
 
-    /// Learns the id of the record's network namespace from the
-    /// resolver's listing of namespaces and their processes, the first
-    /// time a record of a listed process names it. A process that lived
-    /// between two listings (about a second apart) teaches nothing; an
-    /// accepted socket's record has no process, its listener's taught it.
-    fn learn_netns<H: Host>(&mut self, rec: &SockOwner, r: &Resolver<H>) {
+    /// Learns the id of the record's network namespace from its process
+    /// (as the resolver's listing of namespaces saw it, else as it is now),
+    /// the first time a record names it. A process gone before its record
+    /// was drained teaches nothing; an accepted socket's record has no
+    /// process, its listener's taught it.
+    fn learn_netns<H: Host>(&mut self, rec: &SockOwner, r: &mut Resolver<H>) {
         if rec.tgid == 0 || rec.netns_cookie == 0 || self.netns_ids.contains_key(&rec.netns_cookie)
         {
             return;
@@ -386,6 +386,12 @@ mod tests {
         }
         fn socket_inodes(&mut self, _: u32) -> io::Result<Vec<u64>> {
             Ok(Vec::new())
+        }
+        fn netns_of(&mut self, pid: u32) -> io::Result<u64> {
+            match pid {
+                10 => Ok(NETNS),
+                _ => Err(io::ErrorKind::NotFound.into()),
+            }
         }
         fn process(&mut self, pid: u32) -> io::Result<ProcessInfo> {
             if pid != 10 {

@@ -365,7 +365,7 @@ impl Drop for Attribution {
             let t = lock(&s.totals);
             eprintln!(
                 "flowprobe: attribution: {} passes in {wall:.2} s, resolver CPU {:.3} s = {:.2}% of one core; \
-                 up to {} namespaces and {} sockets per dump; {} lookups ({} skipped: the owner recorded), {} sockets attributed, {} fd tables read, {} full scans, {} errors, {} denied",
+                 up to {} namespaces and {} sockets per dump; {} lookups, {} skipped (owner recorded), {} sockets attributed, {} fd tables read, {} full scans, {} errors, {} denied",
                 s.passes.load(Ordering::Relaxed),
                 cpu,
                 100.0 * cpu / wall.max(1e-9),

@@ -634,6 +634,19 @@ impl<H: Host> Resolver<H> {
             .or_else(|| self.host.netns_of(pid).ok())
     }
 
+    /// The owner a pass found for the socket at `t`'s end, or for the
+    /// listener (or unconnected UDP socket) that stands for it, as
+    /// [`Resolver::tag`] would name the end: for a socket the kernel
+    /// recorded as accepted by a listener it did not record (one listening
+    /// since before the run).
+    pub fn owner_of_end(&self, t: &Tuple) -> Option<Recorded> {
+        let s = self.sighting(t)?;
+        Some(Recorded {
+            owner: s.owner.clone()?,
+            netns: (s.netns != 0).then_some(s.netns),
+        })
+    }
+
     /// An owner made from what the kernel recorded of a process that was
     /// gone before it could be read: `p` (pid, comm, uid, its cgroup as
     /// `/proc/<pid>/cgroup` would say it, a service variable learnt from

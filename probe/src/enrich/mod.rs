@@ -382,8 +382,8 @@ impl Drop for Attribution {
             let o = lock(&s.owners);
             eprintln!(
                 "flowprobe: attribution: {} socket owners recorded at connect, {} of processes gone before read, {} forgotten for room; \
-                 {} listeners recorded, {} accepted sockets joined to their listener's owner, {} to none; {} listeners forgotten for room",
-                o.recorded, o.gone, o.evicted, o.listens, o.accepted, o.accepted_unknown, o.listeners_evicted
+                 {} listeners recorded, {} accepted sockets joined to their listener's owner ({} to one a pass found), {} to none; {} listeners forgotten for room",
+                o.recorded, o.gone, o.evicted, o.listens, o.accepted, o.accepted_by_pass, o.accepted_unknown, o.listeners_evicted
             );
         }
     }

@@ -16,7 +16,7 @@
 //! pass, on the connecting side and on the accepting one.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -87,10 +87,11 @@ pub struct Owners {
     pub recorded: u64,
     /// Listeners recorded at `listen(2)`.
     pub listens: u64,
-    /// Accepted sockets given their listener's owner, and those whose
-    /// listener was not recorded (listening before the run began: the
-    /// resolver's passes find those while the server lives).
+    /// Accepted sockets given their listener's owner; of them, those whose
+    /// listener was not recorded (listening since before the run) but found
+    /// by a resolver pass; and those whose listener is not known at all.
     pub accepted: u64,
+    pub accepted_by_pass: u64,
     pub accepted_unknown: u64,
     /// Records of processes gone before they could be read.
     pub gone: u64,
@@ -134,14 +135,23 @@ impl Owners {
                     continue;
                 }
                 OWNER_ACCEPT => {
-                    // The owner of the listener on its port in its namespace.
-                    let Some(o) = self
-                        .listeners
-                        .get(&(rec.netns_cookie, rec.local_port))
-                        .cloned()
-                    else {
-                        self.accepted_unknown += 1;
-                        continue;
+                    // The owner of the listener on its port in its namespace,
+                    // recorded at `listen(2)`, else found by a pass.
+                    let o = match self.listeners.get(&(rec.netns_cookie, rec.local_port)) {
+                        Some(o) => o.clone(),
+                        None => match r.owner_of_end(&accepted(rec)) {
+                            Some(l) => {
+                                self.accepted_by_pass += 1;
+                                if let Some(id) = l.netns {
+                                    self.learn_id(rec.netns_cookie, id);
+                                }
+                                l.owner
+                            }
+                            None => {
+                                self.accepted_unknown += 1;
+                                continue;
+                            }
+                        },
                     };
                     self.accepted += 1;
                     self.add_tuple(rec, o.clone());
@@ -173,11 +183,19 @@ impl Owners {
             return;
         }
         if let Some(id) = r.netns_of(rec.tgid) {
-            if self.netns_ids.len() >= MAX_NETNS {
-                self.netns_ids.clear();
-            }
-            self.netns_ids.insert(rec.netns_cookie, id);
+            self.learn_id(rec.netns_cookie, id);
         }
+    }
+
+    /// Network namespace `cookie` is the one with `id`.
+    fn learn_id(&mut self, cookie: u64, id: u64) {
+        if cookie == 0 {
+            return;
+        }
+        if self.netns_ids.len() >= MAX_NETNS {
+            self.netns_ids.clear();
+        }
+        self.netns_ids.insert(cookie, id);
     }
 
     fn sock(rec: &SockOwner, owner: Arc<Owner>) -> Sock {
@@ -341,6 +359,15 @@ impl Owners {
     }
 }
 
+/// The accepted socket a record names, as the resolver keys it.
+fn accepted(rec: &SockOwner) -> Tuple {
+    Tuple::new(
+        Proto::Tcp,
+        SocketAddr::new(ip(rec.local), rec.local_port),
+        SocketAddr::new(ip(rec.remote), rec.remote_port),
+    )
+}
+
 /// A record's address (IPv4-mapped for IPv4) as a connection renders it.
 fn ip(a: [u8; 16]) -> IpAddr {
     let v6 = Ipv6Addr::from(a);
@@ -359,17 +386,18 @@ mod tests {
 
     use std::net::Ipv4Addr;
 
-    use flowtable::attrib::{Netns, Options, SocketEntry, Tuple};
+    use flowtable::attrib::{Netns, Options, SocketEntry, SocketState};
     use flowtable::DirStats;
 
     use super::*;
 
     /// A host with one live process, 10, in a docker-shaped cgroup, in
-    /// network namespace [`NETNS`].
+    /// network namespace [`NETNS`], listening on 10.0.0.1:5001.
     struct OneProcess;
 
     const ID: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
     const NETNS: u64 = 4026532001;
+    const LISTENER_INODE: u64 = 99;
 
     impl Host for OneProcess {
         fn namespaces(&mut self) -> io::Result<Vec<Netns>> {
@@ -379,13 +407,27 @@ mod tests {
             }])
         }
         fn sockets(&mut self, _: &Netns) -> io::Result<Vec<SocketEntry>> {
-            Ok(Vec::new())
+            Ok(vec![SocketEntry {
+                tuple: Tuple::new(
+                    Proto::Tcp,
+                    "10.0.0.1:5001".parse().unwrap(),
+                    "0.0.0.0:0".parse().unwrap(),
+                ),
+                inode: LISTENER_INODE,
+                uid: 1000,
+                cookie: 0,
+                state: SocketState::Listen,
+            }])
         }
         fn lookup(&mut self, _: &Netns, _: &Tuple) -> io::Result<Option<SocketEntry>> {
             Ok(None)
         }
-        fn socket_inodes(&mut self, _: u32) -> io::Result<Vec<u64>> {
-            Ok(Vec::new())
+        fn socket_inodes(&mut self, pid: u32) -> io::Result<Vec<u64>> {
+            Ok(if pid == 10 {
+                vec![LISTENER_INODE]
+            } else {
+                Vec::new()
+            })
         }
         fn netns_of(&mut self, pid: u32) -> io::Result<u64> {
             match pid {
@@ -626,5 +668,48 @@ mod tests {
             "10.0.0.1:80".parse().unwrap(),
         );
         assert!(o.recorded(&other).is_none());
+    }
+
+    /// A server listening since before the run (no record of its
+    /// `listen(2)`): its accepted sockets take the owner a pass found for
+    /// its listener, and their namespace.
+    #[test]
+    fn an_accepted_socket_of_an_older_listener_takes_the_owner_a_pass_found() {
+        let mut r = Resolver::new(OneProcess, Options::default());
+        let mut cg = CgroupIds::default();
+        let mut o = Owners::default();
+        let accept = SockOwner {
+            cookie: 6,
+            netns_cookie: 4096,
+            kind: OWNER_ACCEPT,
+            proto: 6,
+            family: 4,
+            local: Ipv4Addr::new(10, 0, 0, 1).to_ipv6_mapped().octets(),
+            local_port: 5001,
+            remote: Ipv4Addr::new(10, 0, 0, 2).to_ipv6_mapped().octets(),
+            remote_port: 40000,
+            ..SockOwner::default()
+        };
+        // Before any pass: not known.
+        o.ingest(&[accept], &mut r, &mut cg);
+        assert_eq!((o.accepted, o.accepted_unknown), (0, 1));
+        // A pass (its dump) found the listener and its process.
+        r.refresh(0, &[]);
+        o.ingest(
+            &[SockOwner {
+                cookie: 7,
+                ..accept
+            }],
+            &mut r,
+            &mut cg,
+        );
+        assert_eq!((o.accepted, o.accepted_by_pass), (1, 1));
+        let mut conns = [conn(0, &[])];
+        conns[0].src_tags.clear();
+        conns[0].dport = 5001;
+        o.tag(&r, &mut conns);
+        let t = &conns[0].dst_tags;
+        assert_eq!(t.get("pid").map(String::as_str), Some("10"));
+        assert_eq!(t.get("netns"), Some(&NETNS.to_string()), "{t:?}");
     }
 }

@@ -57,10 +57,11 @@ pub const SOCKET_COOKIE: &str = "socket_cookie";
 /// out: an unconnected UDP socket's is chosen after the hook.
 type TupleKey = (u8, u16, IpAddr, u16);
 
-/// A recorded socket: its owner, its network namespace's cookie and its
-/// local address (unspecified when the record has none).
+/// A recorded socket (its cookie): its owner, its network namespace's
+/// cookie and its local address (unspecified when the record has none).
 #[derive(Clone)]
 struct Sock {
+    cookie: u64,
     owner: Arc<Owner>,
     netns_cookie: u64,
     local: IpAddr,
@@ -200,6 +201,7 @@ impl Owners {
 
     fn sock(rec: &SockOwner, owner: Arc<Owner>) -> Sock {
         Sock {
+            cookie: rec.cookie,
             owner,
             netns_cookie: rec.netns_cookie,
             local: ip(rec.local),
@@ -279,9 +281,14 @@ impl Owners {
         self.tuple_of.insert(rec.cookie, key);
     }
 
+    /// Forgets socket `cookie`'s tuple, unless a later socket on the same
+    /// tuple (a port reused while the earlier connection is still listed)
+    /// holds it now.
     fn drop_tuple(&mut self, cookie: u64) {
         if let Some(k) = self.tuple_of.remove(&cookie) {
-            self.by_tuple.remove(&k);
+            if self.by_tuple.get(&k).is_some_and(|s| s.cookie == cookie) {
+                self.by_tuple.remove(&k);
+            }
         }
     }
 
@@ -711,5 +718,42 @@ mod tests {
         let t = &conns[0].dst_tags;
         assert_eq!(t.get("pid").map(String::as_str), Some("10"));
         assert_eq!(t.get("netns"), Some(&NETNS.to_string()), "{t:?}");
+    }
+
+    /// A port reused while the earlier connection on its tuple is still
+    /// listed: retiring the earlier one leaves the later one's record.
+    #[test]
+    fn retiring_a_connection_keeps_the_record_of_a_later_one_on_its_tuple() {
+        let mut r = Resolver::new(OneProcess, Options::default());
+        let mut cg = CgroupIds::default();
+        let mut o = Owners::default();
+        let tuple_rec = |cookie| {
+            let mut t = record(cookie, 0, b"");
+            t.kind = OWNER_TUPLE;
+            t.proto = 6;
+            t.local_port = 40000;
+            t.remote_port = 80;
+            t.remote = Ipv4Addr::new(10, 0, 0, 1).to_ipv6_mapped().octets();
+            t
+        };
+        o.ingest(
+            &[
+                record(1, 10, b"checkout"),
+                tuple_rec(1),
+                record(2, 10, b"checkout"),
+                tuple_rec(2),
+            ],
+            &mut r,
+            &mut cg,
+        );
+        let end = Tuple::new(
+            Proto::Tcp,
+            "10.0.0.2:40000".parse().unwrap(),
+            "10.0.0.1:80".parse().unwrap(),
+        );
+        o.forget(&[conn(1, &[])]);
+        assert!(o.recorded(&end).is_some());
+        o.forget(&[conn(2, &[])]);
+        assert!(o.recorded(&end).is_none());
     }
 }

@@ -11,7 +11,8 @@
 //! earlier. A socket a listener accepted (recorded by `sock_ops` once
 //! established, in softirq, with no process of its own) takes the owner
 //! of the listener recorded at `listen(2)` on its port in its network
-//! namespace. So an end is attributed
+//! namespace (one listening since before the run: the owner a resolver
+//! pass found for it). So an end is attributed
 //! even when its socket and its process were gone before any resolver
 //! pass, on the connecting side and on the accepting one.
 

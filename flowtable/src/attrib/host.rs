@@ -129,6 +129,8 @@ pub trait Host {
     /// Inodes of the sockets `pid` holds open (`/proc/<pid>/fd`).
     fn socket_inodes(&mut self, pid: u32) -> io::Result<Vec<u64>>;
     fn process(&mut self, pid: u32) -> io::Result<ProcessInfo>;
+    /// The network namespace `pid` is in now (its [`Netns::id`]).
+    fn netns_of(&mut self, pid: u32) -> io::Result<u64>;
     /// The name of `uid` on this host, if it has one.
     fn user_name(&mut self, uid: u32) -> Option<String>;
     /// This host's name.

@@ -19,6 +19,7 @@ pub use cgroup::{parse as parse_cgroup, CgroupInfo};
 pub use host::{Host, Netns, ProcessInfo, Proto, SocketEntry, SocketState, Tuple};
 pub use owner::{Owner, SERVICE_ENV};
 pub use resolver::{
-    AttribHealth, Options, PassStats, Resolver, NO_PROCESS, NO_SOCKET, REMOTE, UNATTRIBUTED,
+    AttribHealth, Options, PassStats, Recorded, Resolver, NO_PROCESS, NO_SOCKET, REMOTE,
+    UNATTRIBUTED,
 };
 pub use rules::ServiceRule;

@@ -85,6 +85,9 @@ pub struct PassStats {
     pub sockets: usize,
     /// 5-tuples looked up (each in every namespace until found).
     pub lookups: usize,
+    /// 5-tuples not looked up: the caller knew their socket's owner
+    /// already (the kernel's record of it, [`Resolver::refresh_skipping`]).
+    pub skipped: usize,
     /// Sockets whose owner this pass found.
     pub attributed: usize,
     /// `/proc/<pid>/fd` directories read.
@@ -122,9 +125,20 @@ pub struct AttribHealth {
     pub settled: u64,
 }
 
+/// The owner of an end's socket as the kernel recorded it (the cgroup
+/// programs), and the socket's network namespace when known: what a
+/// caller of [`Resolver::refresh_skipping`] names an end with instead of a
+/// lookup.
+#[derive(Clone, Debug)]
+pub struct Recorded {
+    pub owner: Arc<Owner>,
+    pub netns: Option<u64>,
+}
+
 /// One socket with this 5-tuple in one namespace, and its owner once known.
 #[derive(Clone, Debug)]
 struct Sighting {
+    /// 0: not known (an end named by its [`Recorded`] owner only).
     netns: u64,
     /// When a lookup or dump last found it.
     seen_ns: u64,
@@ -216,9 +230,24 @@ impl<H: Host> Resolver<H> {
 
     /// One pass at `now_ns` (any monotonic clock; only differences
     /// matter). `seen` are 5-tuples the probe saw (each end's view; repeats
-    /// are cheap): each is looked up until its socket is found, at most
-    /// [`LOOKUP_TRIES`] passes.
+    /// are cheap), new ones at least: each is looked up until its socket is
+    /// found, at most [`LOOKUP_TRIES`] passes, whether `seen` names it
+    /// again or not.
     pub fn refresh(&mut self, now_ns: u64, seen: &[Tuple]) -> PassStats {
+        self.refresh_skipping(now_ns, seen, |_| None)
+    }
+
+    /// [`Resolver::refresh`], but a 5-tuple for which `recorded` gives its
+    /// socket's owner is not looked up (a lookup is the costliest thing a
+    /// pass does): it is settled with that owner, remembered as a socket a
+    /// pass found would be (so its end carries the same tags, for as long),
+    /// and counted in [`PassStats::skipped`].
+    pub fn refresh_skipping(
+        &mut self,
+        now_ns: u64,
+        seen: &[Tuple],
+        recorded: impl Fn(&Tuple) -> Option<Recorded>,
+    ) -> PassStats {
         let mut st = PassStats::default();
         self.now_ns = now_ns;
         self.listed_now = false;
@@ -242,7 +271,7 @@ impl<H: Host> Resolver<H> {
             self.orphans.retain(|i, _| live_inodes.contains(i));
             self.age_out();
         }
-        self.find_sockets(&namespaces, seen, &mut st);
+        self.find_sockets(&namespaces, seen, &recorded, &mut st);
         st.namespaces = namespaces.len();
         // Unless a search for a new process listed them afresh meanwhile.
         if !self.listed_now || self.namespaces.is_empty() {
@@ -309,12 +338,36 @@ impl<H: Host> Resolver<H> {
         }
     }
 
-    /// Looks up each 5-tuple of `seen` not settled yet in every namespace,
-    /// then finds the owners of what turned up.
-    fn find_sockets(&mut self, namespaces: &[Netns], seen: &[Tuple], st: &mut PassStats) {
+    /// Looks up each 5-tuple not settled yet in every namespace, then finds
+    /// the owners of what turned up: those of `seen` and those still being
+    /// asked about (the caller may name a tuple once only, when it is new).
+    fn find_sockets(
+        &mut self,
+        namespaces: &[Netns],
+        seen: &[Tuple],
+        recorded: &impl Fn(&Tuple) -> Option<Recorded>,
+        st: &mut PassStats,
+    ) {
         let mut pending: Vec<Vec<(Tuple, u64)>> = vec![Vec::new(); namespaces.len()];
-        for t in seen {
+        let todo: Vec<Tuple> = self
+            .asking
+            .keys()
+            .copied()
+            .chain(
+                seen.iter()
+                    .filter(|t| !self.asking.contains_key(t))
+                    .copied(),
+            )
+            .collect();
+        for t in &todo {
             if self.looked_up.contains_key(t) {
+                continue;
+            }
+            if let Some(r) = recorded(t) {
+                st.skipped += 1;
+                self.asking.remove(t);
+                self.looked_up.insert(*t, self.now_ns);
+                self.adopt(*t, r);
                 continue;
             }
             st.lookups += 1;
@@ -363,6 +416,31 @@ impl<H: Host> Resolver<H> {
                 self.attribute(ns, p, st);
             }
         }
+    }
+
+    /// Remembers the end of `t` as owned by `r`, unless a pass found its
+    /// socket's owner already.
+    fn adopt(&mut self, t: Tuple, r: Recorded) {
+        // What a lookup would have taught: the address is this host's.
+        let ip = t.local.ip();
+        if !ip.is_unspecified() {
+            self.local_ips.insert(ip);
+            if let Some(ns) = r.netns {
+                self.netns_ips.insert((ns, ip));
+            }
+        }
+        let list = self.sockets.entry(t).or_default();
+        if list.iter().any(|x| x.owner.is_some()) {
+            return;
+        }
+        list.push(Sighting {
+            netns: r.netns.unwrap_or(0),
+            seen_ns: self.now_ns,
+            inode: 0,
+            uid: 0,
+            state: SocketState::Other,
+            owner: Some(r.owner),
+        });
     }
 
     fn learn_ip(&mut self, netns: u64, s: &SocketEntry) {
@@ -580,6 +658,31 @@ impl<H: Host> Resolver<H> {
         self.owner(pid, &mut st)
     }
 
+    /// The network namespace of process `pid`: the one the last listing
+    /// of them saw it in, else (a process newer than the listing) the one
+    /// the host says; `None` when it is gone. For ends the kernel
+    /// recorded, named without a socket of the resolver's.
+    pub fn netns_of(&mut self, pid: u32) -> Option<u64> {
+        self.namespaces
+            .iter()
+            .find(|n| n.pids.contains(&pid))
+            .map(|n| n.id)
+            .or_else(|| self.host.netns_of(pid).ok())
+    }
+
+    /// The owner a pass found for the socket at `t`'s end, or for the
+    /// listener (or unconnected UDP socket) that stands for it, as
+    /// [`Resolver::tag`] would name the end: for a socket the kernel
+    /// recorded as accepted by a listener it did not record (one listening
+    /// since before the run).
+    pub fn owner_of_end(&self, t: &Tuple) -> Option<Recorded> {
+        let s = self.sighting(t)?;
+        Some(Recorded {
+            owner: s.owner.clone()?,
+            netns: (s.netns != 0).then_some(s.netns),
+        })
+    }
+
     /// An owner made from what the kernel recorded of a process that was
     /// gone before it could be read: `p` (pid, comm, uid, its cgroup as
     /// `/proc/<pid>/cgroup` would say it, a service variable learnt from
@@ -660,7 +763,9 @@ impl<H: Host> Resolver<H> {
             tags.insert(UNATTRIBUTED.to_owned(), why.to_owned());
             return tags;
         };
-        tags.insert("netns".to_owned(), s.netns.to_string());
+        if s.netns != 0 {
+            tags.insert("netns".to_owned(), s.netns.to_string());
+        }
         match &s.owner {
             Some(o) => {
                 tags.extend(o.tags.iter().map(|(k, v)| (k.clone(), v.clone())));

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use super::*;
 use crate::{Connection, DirStats};
@@ -31,6 +32,13 @@ impl Host for Fake {
     fn namespaces(&mut self) -> io::Result<Vec<Netns>> {
         self.namespace_listings += 1;
         Ok(self.namespaces.clone())
+    }
+    fn netns_of(&mut self, pid: u32) -> io::Result<u64> {
+        self.namespaces
+            .iter()
+            .find(|n| n.pids.contains(&pid))
+            .map(|n| n.id)
+            .ok_or_else(|| io::ErrorKind::NotFound.into())
     }
     fn sockets(&mut self, ns: &Netns) -> io::Result<Vec<SocketEntry>> {
         self.dumps += 1;
@@ -606,6 +614,62 @@ fn a_socket_still_in_the_accept_queue_is_looked_up_again() {
     let st = r.refresh(1_000_000, &seen);
     assert_eq!(st.lookups, 1, "only the server end was unsettled");
     assert_eq!(st.attributed, 1);
+}
+
+/// A caller that names each tuple once, when it is new: the resolver asks
+/// again on its own until the socket is settled.
+#[test]
+fn an_unsettled_tuple_is_looked_up_again_without_being_named_again() {
+    let mut f = world();
+    let accepted = f.sockets.get_mut(&22).unwrap().pop().unwrap();
+    f.sockets.get_mut(&22).unwrap().push(SocketEntry {
+        inode: 0,
+        ..accepted
+    });
+    let mut r = Resolver::new(f, lookup_only());
+    r.refresh(0, &ends(Proto::Tcp, "10.1.0.1:40000", "10.1.0.2:8080"));
+    *r.host.sockets.get_mut(&22).unwrap().last_mut().unwrap() = accepted;
+    let st = r.refresh(1_000_000, &[]);
+    assert_eq!((st.lookups, st.attributed), (1, 1));
+    let st = r.refresh(2_000_000, &[]);
+    assert_eq!(st.lookups, 0, "settled");
+}
+
+/// Tuples the caller names already (the kernel recorded their owner) are
+/// not looked up, and count as skipped once.
+#[test]
+fn named_tuples_are_skipped_once() {
+    let mut f = world();
+    // Nothing to dump at the start: only lookups find these sockets.
+    let later_11 = f.sockets.insert(11, vec![]).unwrap();
+    let later_22 = f.sockets.insert(22, vec![]).unwrap();
+    let mut r = Resolver::new(f, lookup_only());
+    r.refresh(0, &[]);
+    r.host.sockets.insert(11, later_11);
+    r.host.sockets.insert(22, later_22);
+    let seen = ends(Proto::Tcp, "10.1.0.1:40000", "10.1.0.2:8080");
+    let client = seen[0];
+    let owner = Arc::new(Owner::new(
+        &proc_info(105, "fp-recorded", String::new(), None),
+        None,
+        None,
+    ));
+    let recorded = |t: &Tuple| {
+        (*t == client).then(|| Recorded {
+            owner: owner.clone(),
+            netns: Some(11),
+        })
+    };
+    let st = r.refresh_skipping(0, &seen, recorded);
+    assert_eq!((st.lookups, st.skipped), (1, 1));
+    let st = r.refresh_skipping(1_000_000, &seen, recorded);
+    assert_eq!((st.lookups, st.skipped), (0, 0));
+    let mut c = vec![conn("tcp", "10.1.0.1:40000", "10.1.0.2:8080")];
+    r.tag(&mut c);
+    assert_eq!(c[0].dst_tags["process"], "fp-server");
+    // Named from the record, with the tags a found socket gives.
+    assert_eq!(c[0].src_tags["process"], "fp-recorded");
+    assert_eq!(c[0].src_tags["netns"], "11");
 }
 
 #[test]

@@ -89,6 +89,10 @@ impl ProcHost {
 }
 
 impl Host for ProcHost {
+    fn netns_of(&mut self, pid: u32) -> io::Result<u64> {
+        procfs::netns_of(pid)
+    }
+
     fn namespaces(&mut self) -> io::Result<Vec<Netns>> {
         let list = procfs::namespaces()?;
         self.diag.retain(|id, _| list.iter().any(|n| n.id == *id));

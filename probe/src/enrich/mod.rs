@@ -5,9 +5,11 @@
 //! pass runs every [`INTERVAL`] on a thread of its own, so that a
 //! connection is joined to its process while its socket still exists, and
 //! once more at every report ([`Attribution::tag`]). Each pass reads the
-//! keys the source holds now (a [`KeyFeed`] the run loop got from the
-//! source: for eBPF, a second mapping of the kernel's table) and looks up
-//! the sockets of keys it has not settled yet; every [`DUMP_EVERY`] it also dumps all
+//! keys new to the source since the last one (a [`KeyFeed`] the run loop
+//! got from the source: for eBPF, a second mapping of the kernel's table)
+//! and looks up the sockets of keys it has not settled yet, but for ends
+//! whose socket owner the kernel recorded ([`owners`]: named from that,
+//! without a sock_diag lookup); every [`DUMP_EVERY`] it also dumps all
 //! sockets (a walk of the kernel's whole socket hash table per namespace,
 //! too costly to do every pass). The join itself lives in [`flowtable::attrib`]; this
 //! module is the operating system side ([`host::ProcHost`]).
@@ -160,6 +162,10 @@ pub fn start(
                 seen.extend(keys.iter().filter_map(key_ends).flatten());
                 s.cpu_ns
                     .fetch_add(thread_cpu_ns().saturating_sub(t0), Ordering::Relaxed);
+                // The owners of the keys just read: a client's socket is
+                // recorded before its first packet, so none of them needs a
+                // lookup.
+                drain_owners(&s);
                 pass(&s, &mut lock(&s.resolver), &seen);
                 if !draining {
                     std::thread::park_timeout(interval);
@@ -246,9 +252,13 @@ fn drain_owners(s: &State) -> bool {
 }
 
 /// One resolver pass, timed in thread CPU time; failures said once each.
+/// An end whose socket owner the kernel recorded is named from that
+/// record, not looked up.
 fn pass(s: &State, r: &mut Resolver<ProcHost>, seen: &[Tuple]) {
     let t0 = thread_cpu_ns();
-    let st = r.refresh(monotonic_ns(), seen);
+    let owners = lock(&s.owners);
+    let st = r.refresh_skipping(monotonic_ns(), seen, |t| owners.recorded(t));
+    drop(owners);
     s.cpu_ns
         .fetch_add(thread_cpu_ns().saturating_sub(t0), Ordering::Relaxed);
     s.passes.fetch_add(1, Ordering::Relaxed);
@@ -257,6 +267,7 @@ fn pass(s: &State, r: &mut Resolver<ProcHost>, seen: &[Tuple]) {
     t.namespaces = t.namespaces.max(st.namespaces);
     t.attributed += st.attributed;
     t.lookups += st.lookups;
+    t.skipped += st.skipped;
     t.fd_scans += st.fd_scans;
     t.full_scans += st.full_scans;
     t.errors += st.errors;
@@ -398,13 +409,14 @@ impl Drop for Attribution {
             let t = lock(&s.totals);
             eprintln!(
                 "flowprobe: attribution: {} passes in {wall:.2} s, resolver CPU {:.3} s = {:.2}% of one core; \
-                 up to {} namespaces and {} sockets per dump; {} lookups, {} sockets attributed, {} fd tables read, {} full scans, {} errors, {} denied",
+                 up to {} namespaces and {} sockets per dump; {} lookups, {} skipped (owner recorded), {} sockets attributed, {} fd tables read, {} full scans, {} errors, {} denied",
                 s.passes.load(Ordering::Relaxed),
                 cpu,
                 100.0 * cpu / wall.max(1e-9),
                 t.namespaces,
                 t.sockets,
                 t.lookups,
+                t.skipped,
                 t.attributed,
                 t.fd_scans,
                 t.full_scans,
@@ -414,8 +426,8 @@ impl Drop for Attribution {
             let o = lock(&s.owners);
             eprintln!(
                 "flowprobe: attribution: {} socket owners recorded at connect, {} of processes gone before read, {} forgotten for room; \
-                 {} listeners recorded, {} accepted sockets joined to their listener's owner, {} to none; {} listeners forgotten for room",
-                o.recorded, o.gone, o.evicted, o.listens, o.accepted, o.accepted_unknown, o.listeners_evicted
+                 {} listeners recorded, {} accepted sockets joined to their listener's owner ({} to one a pass found), {} to none; {} listeners forgotten for room",
+                o.recorded, o.gone, o.evicted, o.listens, o.accepted, o.accepted_by_pass, o.accepted_unknown, o.listeners_evicted
             );
             let m = lock(&s.memo);
             eprintln!(

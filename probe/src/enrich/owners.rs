@@ -11,16 +11,19 @@
 //! earlier. A socket a listener accepted (recorded by `sock_ops` once
 //! established, in softirq, with no process of its own) takes the owner
 //! of the listener recorded at `listen(2)` on its port in its network
-//! namespace. So an end is attributed
+//! namespace (one listening since before the run: the owner a resolver
+//! pass found for it). So an end is attributed
 //! even when its socket and its process were gone before any resolver
 //! pass, on the connecting side and on the accepting one.
 
 use std::collections::{HashMap, VecDeque};
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use flowtable::attrib::{Host, Owner, ProcessInfo, Resolver, SERVICE_ENV, UNATTRIBUTED};
+use flowtable::attrib::{
+    Host, Owner, ProcessInfo, Proto, Recorded, Resolver, Tuple, SERVICE_ENV, UNATTRIBUTED,
+};
 use flowtable::{Connection, Tags};
 use probe_common::owner::{SockOwner, OWNER_ACCEPT, OWNER_LISTEN, OWNER_TUPLE};
 
@@ -42,16 +45,30 @@ pub const MAX_SOCKETS: usize = 1 << 16;
 /// listened on again replaces its entry).
 pub const MAX_LISTENERS: usize = 4096;
 
+/// Network namespaces whose id is remembered (by their cookie); beyond,
+/// all are forgotten and learnt again.
+pub const MAX_NETNS: usize = 4096;
+
 /// An end by its local port and its peer (protocol number, local port,
 /// remote address as the connection renders it, remote port): the join
 /// where the tc program did not see the socket. The local address is left
 /// out: an unconnected UDP socket's is chosen after the hook.
 type TupleKey = (u8, u16, IpAddr, u16);
 
+/// A recorded socket (its cookie): its owner, its network namespace's
+/// cookie and its local address (unspecified when the record has none).
+#[derive(Clone)]
+struct Sock {
+    cookie: u64,
+    owner: Arc<Owner>,
+    netns_cookie: u64,
+    local: IpAddr,
+}
+
 #[derive(Default)]
 pub struct Owners {
-    by_cookie: HashMap<u64, Arc<Owner>>,
-    by_tuple: HashMap<TupleKey, Arc<Owner>>,
+    by_cookie: HashMap<u64, Sock>,
+    by_tuple: HashMap<TupleKey, Sock>,
     /// The tuple each socket is known by, to forget it with the socket.
     tuple_of: HashMap<u64, TupleKey>,
     order: VecDeque<u64>,
@@ -61,13 +78,19 @@ pub struct Owners {
     /// oldest forgotten first beyond [`MAX_LISTENERS`].
     listeners: HashMap<(u64, u16), Arc<Owner>>,
     listen_order: VecDeque<(u64, u16)>,
+    /// Network namespace ids (what the resolver's `netns` tag says) by
+    /// cookie (what a record says), learnt from the records of processes
+    /// the resolver listed: an end named by its record carries `netns` as
+    /// one whose socket a pass found.
+    netns_ids: HashMap<u64, u64>,
     pub recorded: u64,
     /// Listeners recorded at `listen(2)`.
     pub listens: u64,
-    /// Accepted sockets given their listener's owner, and those whose
-    /// listener was not recorded (listening before the run began: the
-    /// resolver's passes find those while the server lives).
+    /// Accepted sockets given their listener's owner; of them, those whose
+    /// listener was not recorded (listening since before the run) but found
+    /// by a resolver pass; and those whose listener is not known at all.
     pub accepted: u64,
+    pub accepted_by_pass: u64,
     pub accepted_unknown: u64,
     /// Records of processes gone before they could be read.
     pub gone: u64,
@@ -95,11 +118,12 @@ impl Owners {
         cgroups: &mut CgroupIds,
     ) {
         for rec in records {
+            self.learn_netns(rec, r);
             match rec.kind {
                 OWNER_TUPLE => {
                     // The port `connect` chose, for the owner its hook recorded.
-                    if let Some(o) = self.by_cookie.get(&rec.cookie) {
-                        self.add_tuple(rec, o.clone());
+                    if let Some(s) = self.by_cookie.get(&rec.cookie) {
+                        self.add_tuple(rec, s.owner.clone());
                     }
                     continue;
                 }
@@ -119,31 +143,75 @@ impl Owners {
                     continue;
                 }
                 OWNER_ACCEPT => {
-                    // The owner of the listener on its port in its namespace.
-                    let Some(o) = self
-                        .listeners
-                        .get(&(rec.netns_cookie, rec.local_port))
-                        .cloned()
-                    else {
-                        self.accepted_unknown += 1;
-                        continue;
+                    // The owner of the listener on its port in its namespace,
+                    // recorded at `listen(2)`, else found by a pass.
+                    let o = match self.listeners.get(&(rec.netns_cookie, rec.local_port)) {
+                        Some(o) => o.clone(),
+                        None => match r.owner_of_end(&accepted(rec)) {
+                            Some(l) => {
+                                self.accepted_by_pass += 1;
+                                if let Some(id) = l.netns {
+                                    self.learn_id(rec.netns_cookie, id);
+                                }
+                                l.owner
+                            }
+                            None => {
+                                self.accepted_unknown += 1;
+                                continue;
+                            }
+                        },
                     };
                     self.accepted += 1;
                     self.add_tuple(rec, o.clone());
-                    self.remember(rec.cookie, o);
+                    self.remember(rec, o);
                     continue;
                 }
                 _ => {}
             }
             self.recorded += 1;
-            if let Some(o) = self.by_cookie.get(&rec.cookie) {
-                let o = o.clone();
+            if let Some(s) = self.by_cookie.get(&rec.cookie) {
+                let o = s.owner.clone();
                 self.add_tuple(rec, o);
                 continue;
             }
             let owner = self.owner_of(rec, r, cgroups);
             self.add_tuple(rec, owner.clone());
-            self.remember(rec.cookie, owner);
+            self.remember(rec, owner);
+        }
+    }
+
+    /// Learns the id of the record's network namespace from its process
+    /// (as the resolver's listing of namespaces saw it, else as it is now),
+    /// the first time a record names it. A process gone before its record
+    /// was drained teaches nothing; an accepted socket's record has no
+    /// process, its listener's taught it.
+    fn learn_netns<H: Host>(&mut self, rec: &SockOwner, r: &mut Resolver<H>) {
+        if rec.tgid == 0 || rec.netns_cookie == 0 || self.netns_ids.contains_key(&rec.netns_cookie)
+        {
+            return;
+        }
+        if let Some(id) = r.netns_of(rec.tgid) {
+            self.learn_id(rec.netns_cookie, id);
+        }
+    }
+
+    /// Network namespace `cookie` is the one with `id`.
+    fn learn_id(&mut self, cookie: u64, id: u64) {
+        if cookie == 0 {
+            return;
+        }
+        if self.netns_ids.len() >= MAX_NETNS {
+            self.netns_ids.clear();
+        }
+        self.netns_ids.insert(cookie, id);
+    }
+
+    fn sock(rec: &SockOwner, owner: Arc<Owner>) -> Sock {
+        Sock {
+            cookie: rec.cookie,
+            owner,
+            netns_cookie: rec.netns_cookie,
+            local: ip(rec.local),
         }
     }
 
@@ -195,10 +263,10 @@ impl Owners {
         }
     }
 
-    /// Joins socket `cookie` to `owner`, within [`MAX_SOCKETS`].
-    fn remember(&mut self, cookie: u64, owner: Arc<Owner>) {
-        self.by_cookie.insert(cookie, owner);
-        self.order.push_back(cookie);
+    /// Joins the record's socket to `owner`, within [`MAX_SOCKETS`].
+    fn remember(&mut self, rec: &SockOwner, owner: Arc<Owner>) {
+        self.by_cookie.insert(rec.cookie, Self::sock(rec, owner));
+        self.order.push_back(rec.cookie);
         while self.order.len() > MAX_SOCKETS {
             if let Some(old) = self.order.pop_front() {
                 if self.by_cookie.remove(&old).is_some() {
@@ -215,16 +283,19 @@ impl Owners {
         if rec.local_port == 0 || rec.remote_port == 0 {
             return;
         }
-        let v6 = Ipv6Addr::from(rec.remote);
-        let remote = v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4);
-        let key = (rec.proto, rec.local_port, remote, rec.remote_port);
-        self.by_tuple.insert(key, o);
+        let key = (rec.proto, rec.local_port, ip(rec.remote), rec.remote_port);
+        self.by_tuple.insert(key, Self::sock(rec, o));
         self.tuple_of.insert(rec.cookie, key);
     }
 
+    /// Forgets socket `cookie`'s tuple, unless a later socket on the same
+    /// tuple (a port reused while the earlier connection is still listed)
+    /// holds it now.
     fn drop_tuple(&mut self, cookie: u64) {
         if let Some(k) = self.tuple_of.remove(&cookie) {
-            self.by_tuple.remove(&k);
+            if self.by_tuple.get(&k).is_some_and(|s| s.cookie == cookie) {
+                self.by_tuple.remove(&k);
+            }
         }
     }
 
@@ -253,15 +324,36 @@ impl Owners {
                 }
                 // By the socket cookie the tc program took; else by the
                 // end's port and peer.
-                let o = cookie(tags)
+                let s = cookie(tags)
                     .and_then(|k| self.by_cookie.get(&k))
                     .or_else(|| self.by_tuple.get(&key));
-                if let Some(o) = o {
+                if let Some(s) = s {
                     tags.remove(UNATTRIBUTED);
-                    tags.extend(r.owner_tags(o, key.1));
+                    tags.extend(r.owner_tags(&s.owner, key.1));
+                    if let Some(id) = self.netns_ids.get(&s.netns_cookie) {
+                        tags.entry("netns".to_owned())
+                            .or_insert_with(|| id.to_string());
+                    }
                 }
             }
         }
+    }
+
+    /// The owner the kernel recorded for the socket at `t`'s local end,
+    /// found by its port and peer as [`Owners::tag`] finds it (and at its
+    /// local address, when the record has one): a resolver pass need not
+    /// look that socket up.
+    pub fn recorded(&self, t: &Tuple) -> Option<Recorded> {
+        let proto = match t.proto {
+            Proto::Tcp => 6,
+            Proto::Udp => 17,
+        };
+        let key = (proto, t.local.port(), t.remote.ip(), t.remote.port());
+        let s = self.by_tuple.get(&key)?;
+        (s.local.is_unspecified() || s.local == t.local.ip()).then(|| Recorded {
+            owner: s.owner.clone(),
+            netns: self.netns_ids.get(&s.netns_cookie).copied(),
+        })
     }
 
     /// Forgets the sockets of connections listed for the last time.
@@ -281,6 +373,21 @@ impl Owners {
     }
 }
 
+/// The accepted socket a record names, as the resolver keys it.
+fn accepted(rec: &SockOwner) -> Tuple {
+    Tuple::new(
+        Proto::Tcp,
+        SocketAddr::new(ip(rec.local), rec.local_port),
+        SocketAddr::new(ip(rec.remote), rec.remote_port),
+    )
+}
+
+/// A record's address (IPv4-mapped for IPv4) as a connection renders it.
+fn ip(a: [u8; 16]) -> IpAddr {
+    let v6 = Ipv6Addr::from(a);
+    v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
+}
+
 fn cookie(tags: &Tags) -> Option<u64> {
     Some(tags.socket().cookie).filter(|&k| k != 0)
 }
@@ -291,28 +398,54 @@ mod tests {
 
     use std::net::Ipv4Addr;
 
-    use flowtable::attrib::{Netns, Options, SocketEntry, Tuple};
+    use flowtable::attrib::{Netns, Options, SocketEntry, SocketState};
     use flowtable::DirStats;
 
     use super::*;
 
-    /// A host with one live process, 10, in a docker-shaped cgroup.
+    /// A host with one live process, 10, in a docker-shaped cgroup, in
+    /// network namespace [`NETNS`], listening on 10.0.0.1:5001.
     struct OneProcess;
 
     const ID: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    const NETNS: u64 = 4026532001;
+    const LISTENER_INODE: u64 = 99;
 
     impl Host for OneProcess {
         fn namespaces(&mut self) -> io::Result<Vec<Netns>> {
-            Ok(Vec::new())
+            Ok(vec![Netns {
+                id: NETNS,
+                pids: vec![10],
+            }])
         }
         fn sockets(&mut self, _: &Netns) -> io::Result<Vec<SocketEntry>> {
-            Ok(Vec::new())
+            Ok(vec![SocketEntry {
+                tuple: Tuple::new(
+                    Proto::Tcp,
+                    "10.0.0.1:5001".parse().unwrap(),
+                    "0.0.0.0:0".parse().unwrap(),
+                ),
+                inode: LISTENER_INODE,
+                uid: 1000,
+                cookie: 0,
+                state: SocketState::Listen,
+            }])
         }
         fn lookup(&mut self, _: &Netns, _: &Tuple) -> io::Result<Option<SocketEntry>> {
             Ok(None)
         }
-        fn socket_inodes(&mut self, _: u32) -> io::Result<Vec<u64>> {
-            Ok(Vec::new())
+        fn socket_inodes(&mut self, pid: u32) -> io::Result<Vec<u64>> {
+            Ok(if pid == 10 {
+                vec![LISTENER_INODE]
+            } else {
+                Vec::new()
+            })
+        }
+        fn netns_of(&mut self, pid: u32) -> io::Result<u64> {
+            match pid {
+                10 => Ok(NETNS),
+                _ => Err(io::ErrorKind::NotFound.into()),
+            }
         }
         fn process(&mut self, pid: u32) -> io::Result<ProcessInfo> {
             if pid != 10 {
@@ -498,5 +631,136 @@ mod tests {
         assert_eq!(t.get("container").map(String::as_str), Some(ID));
         assert!(conns[0].src_tags.is_empty(), "{:?}", conns[0].src_tags);
         assert!(!conns[1].dst_tags.contains_key("pid"));
+    }
+
+    /// An end named by its socket's record alone carries the tags a pass
+    /// that found its socket gives, `netns` included (the namespace its
+    /// process was listed in, learnt by the record's namespace cookie);
+    /// so does an end a pass named from the record instead of a lookup.
+    #[test]
+    fn an_end_named_by_its_record_carries_its_netns() {
+        let mut r = Resolver::new(OneProcess, Options::default());
+        // Lists the namespaces: process 10 in NETNS.
+        r.refresh(0, &[]);
+        let mut cg = CgroupIds::default();
+        let mut o = Owners::default();
+        let mut connect = record(1, 10, b"checkout");
+        connect.netns_cookie = 4096;
+        let mut port = record(1, 0, b"");
+        port.kind = OWNER_TUPLE;
+        port.netns_cookie = 4096;
+        port.proto = 6;
+        port.local = Ipv4Addr::new(10, 0, 0, 2).to_ipv6_mapped().octets();
+        port.local_port = 40000;
+        port.remote = Ipv4Addr::new(10, 0, 0, 1).to_ipv6_mapped().octets();
+        port.remote_port = 80;
+        o.ingest(&[connect, port], &mut r, &mut cg);
+
+        // No pass saw it: named at the report from the record.
+        let mut at_report = [conn(1, &[])];
+        o.tag(&r, &mut at_report);
+        let t = &at_report[0].src_tags;
+        assert_eq!(t.get("netns"), Some(&NETNS.to_string()), "{t:?}");
+        assert_eq!(t.get("pid").map(String::as_str), Some("10"));
+
+        // A pass saw it: named from the record (no lookup), the same tags.
+        let client = Tuple::new(
+            Proto::Tcp,
+            "10.0.0.2:40000".parse().unwrap(),
+            "10.0.0.1:80".parse().unwrap(),
+        );
+        let st = r.refresh_skipping(1, &[client], |t| o.recorded(t));
+        assert_eq!((st.lookups, st.skipped), (0, 1));
+        let mut by_pass = [conn(1, &[])];
+        r.tag(&mut by_pass);
+        o.tag(&r, &mut by_pass);
+        assert_eq!(by_pass[0].src_tags, at_report[0].src_tags);
+        // Another local address on the same port and peer is not it.
+        let other = Tuple::new(
+            Proto::Tcp,
+            "10.0.0.3:40000".parse().unwrap(),
+            "10.0.0.1:80".parse().unwrap(),
+        );
+        assert!(o.recorded(&other).is_none());
+    }
+
+    /// A server listening since before the run (no record of its
+    /// `listen(2)`): its accepted sockets take the owner a pass found for
+    /// its listener, and their namespace.
+    #[test]
+    fn an_accepted_socket_of_an_older_listener_takes_the_owner_a_pass_found() {
+        let mut r = Resolver::new(OneProcess, Options::default());
+        let mut cg = CgroupIds::default();
+        let mut o = Owners::default();
+        let accept = SockOwner {
+            cookie: 6,
+            netns_cookie: 4096,
+            kind: OWNER_ACCEPT,
+            proto: 6,
+            family: 4,
+            local: Ipv4Addr::new(10, 0, 0, 1).to_ipv6_mapped().octets(),
+            local_port: 5001,
+            remote: Ipv4Addr::new(10, 0, 0, 2).to_ipv6_mapped().octets(),
+            remote_port: 40000,
+            ..SockOwner::default()
+        };
+        // Before any pass: not known.
+        o.ingest(&[accept], &mut r, &mut cg);
+        assert_eq!((o.accepted, o.accepted_unknown), (0, 1));
+        // A pass (its dump) found the listener and its process.
+        r.refresh(0, &[]);
+        o.ingest(
+            &[SockOwner {
+                cookie: 7,
+                ..accept
+            }],
+            &mut r,
+            &mut cg,
+        );
+        assert_eq!((o.accepted, o.accepted_by_pass), (1, 1));
+        let mut conns = [conn(0, &[])];
+        conns[0].src_tags.clear();
+        conns[0].dport = 5001;
+        o.tag(&r, &mut conns);
+        let t = &conns[0].dst_tags;
+        assert_eq!(t.get("pid").map(String::as_str), Some("10"));
+        assert_eq!(t.get("netns"), Some(&NETNS.to_string()), "{t:?}");
+    }
+
+    /// A port reused while the earlier connection on its tuple is still
+    /// listed: retiring the earlier one leaves the later one's record.
+    #[test]
+    fn retiring_a_connection_keeps_the_record_of_a_later_one_on_its_tuple() {
+        let mut r = Resolver::new(OneProcess, Options::default());
+        let mut cg = CgroupIds::default();
+        let mut o = Owners::default();
+        let tuple_rec = |cookie| {
+            let mut t = record(cookie, 0, b"");
+            t.kind = OWNER_TUPLE;
+            t.proto = 6;
+            t.local_port = 40000;
+            t.remote_port = 80;
+            t.remote = Ipv4Addr::new(10, 0, 0, 1).to_ipv6_mapped().octets();
+            t
+        };
+        o.ingest(
+            &[
+                record(1, 10, b"checkout"),
+                tuple_rec(1),
+                record(2, 10, b"checkout"),
+                tuple_rec(2),
+            ],
+            &mut r,
+            &mut cg,
+        );
+        let end = Tuple::new(
+            Proto::Tcp,
+            "10.0.0.2:40000".parse().unwrap(),
+            "10.0.0.1:80".parse().unwrap(),
+        );
+        o.forget(&[conn(1, &[])]);
+        assert!(o.recorded(&end).is_some());
+        o.forget(&[conn(2, &[])]);
+        assert!(o.recorded(&end).is_none());
     }
 }

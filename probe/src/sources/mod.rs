@@ -39,9 +39,10 @@ pub trait Source {
     fn read(&mut self) -> Result<Reading>;
     /// Stops counting (detaches, joins readers) and gives the final reading.
     fn finish(self: Box<Self>) -> Result<Reading>;
-    /// The connection keys the source has now, for enrichment to follow
-    /// between ticks (a connection may open and close between two), read on
-    /// enrichment's own thread. `None`: it has no cheap way to list them.
+    /// The connection keys new to the source since the feed's last call,
+    /// for enrichment to follow between ticks (a connection may open and
+    /// close between two), read on enrichment's own thread. `None`: it has
+    /// no cheap way to list them.
     fn key_feed(&self) -> Option<KeyFeed>;
     /// The socket owners the kernel recorded at connect or first send
     /// (the eBPF source's cgroup programs), handed over once, for
@@ -74,7 +75,9 @@ pub trait Source {
     fn committed(&mut self) {}
 }
 
-/// Appends the keys a source holds now.
+/// Appends the keys a source took in since the last call (the first
+/// call: all it holds). A key may come again (now and then all of them
+/// do); none is left out for long.
 pub type KeyFeed = Box<dyn FnMut(&mut Vec<ConnKey>) -> Result<()> + Send>;
 
 /// Appends the socket owners recorded since the last call.

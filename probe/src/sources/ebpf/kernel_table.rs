@@ -168,15 +168,28 @@ impl KernelTable {
         e
     }
 
-    /// Every key now in the table, once each, in `out` (replacing what it
-    /// held).
-    pub fn keys(&mut self, out: &mut Vec<ConnKey>) -> Result<()> {
-        out.clear();
-        out.extend(self.occupied().filter_map(|i| self.key(i)));
-        // A key held by two slots (see the module comment) once.
-        out.sort_unstable();
-        out.dedup();
-        Ok(())
+    /// The keys of the slots that became occupied since the last call
+    /// (`before`: the bitmap then, one word per 64 slots; empty at first,
+    /// when every slot is new), appended to `out`. A slot whose bit is set
+    /// but whose key is not published yet stays new for the next call. A
+    /// key held by two slots (see the module comment) may come twice.
+    pub fn new_keys(&self, before: &mut Vec<u64>, out: &mut Vec<ConnKey>) {
+        let words = self.len.div_ceil(64);
+        before.resize(words, 0);
+        for (w, was) in before.iter_mut().enumerate() {
+            let now = self.word(w).load(Ordering::Acquire);
+            let mut new = now & !*was;
+            *was = now;
+            while new != 0 {
+                let b = new.trailing_zeros() as usize;
+                new &= new - 1;
+                let i = w * 64 + b;
+                match (i < self.len).then(|| self.key(i)).flatten() {
+                    Some(k) => out.push(k),
+                    None => *was &= !(1 << b),
+                }
+            }
+        }
     }
 
     /// Every connection now in the table, appended to `out` (see

@@ -396,7 +396,19 @@ impl Source for EbpfSource {
 
     fn key_feed(&self) -> Option<KeyFeed> {
         match KernelTable::open(&self.ebpf) {
-            Ok(mut t) => Some(Box::new(move |out| t.keys(out))),
+            Ok(t) => {
+                // The bitmap at the last call, and when every key was last
+                // listed.
+                let (mut before, mut all_at) = (Vec::new(), Instant::now());
+                Some(Box::new(move |out| {
+                    if all_at.elapsed() >= ALL_KEYS_EVERY {
+                        before.clear();
+                        all_at = Instant::now();
+                    }
+                    t.new_keys(&mut before, out);
+                    Ok(())
+                }))
+            }
             Err(e) => {
                 eprintln!(
                     "flowprobe: attribution: {e:#}; connections are joined at each report only"
@@ -406,6 +418,14 @@ impl Source for EbpfSource {
         }
     }
 }
+
+/// Between two calls of the key feed that list every key, not only the
+/// slots that became occupied since the last call: a slot drained and
+/// taken by a new connection between two calls has its bit set at both,
+/// so its new key is not new to the bitmap. Listing all of them this
+/// often bounds how late such a key comes; the resolver passes over keys
+/// it settled already at the cost of a hash lookup each.
+const ALL_KEYS_EVERY: Duration = Duration::from_secs(1);
 
 /// The program may release a connection's lock with a plain store: the
 /// kernel runs on this CPU architecture, and on x86 a store is never seen

@@ -79,6 +79,11 @@ impl Tags {
         }
     }
 
+    /// Takes `shared`'s set instead of its own, keeping its socket.
+    pub fn replace_set(&mut self, shared: &Tags) {
+        self.set = shared.set.clone();
+    }
+
     /// The value of tag `key`, the socket's included.
     pub fn value(&self, key: &str) -> Option<Cow<'_, str>> {
         match key {

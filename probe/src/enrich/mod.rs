@@ -332,7 +332,7 @@ fn join(s: &State, conns: &mut [Connection]) {
     r.tag(conns);
     // Ends no pass found a process for: the owner the kernel recorded
     // for their socket at connect time.
-    lock(&s.owners).tag(&r, conns);
+    lock(&s.owners).tag(&mut r, conns);
     // Ends the resolver found no process for: their container from the
     // cgroup id the tc program saw on the socket.
     lock(&s.cgroups).tag(conns);

@@ -301,7 +301,7 @@ impl Owners {
 
     /// Gives every end without an owning process whose socket cookie was
     /// recorded its owner's tags (and drops its `unattributed` reason).
-    pub fn tag<H: Host>(&self, r: &Resolver<H>, conns: &mut [Connection]) {
+    pub fn tag<H: Host>(&self, r: &mut Resolver<H>, conns: &mut [Connection]) {
         for c in conns {
             let proto = match c.proto {
                 "tcp" => 6,
@@ -328,11 +328,19 @@ impl Owners {
                     .and_then(|k| self.by_cookie.get(&k))
                     .or_else(|| self.by_tuple.get(&key));
                 if let Some(s) = s {
-                    tags.remove(UNATTRIBUTED);
-                    tags.extend(r.owner_tags(&s.owner, key.1));
+                    let mut set = r.owner_tags(&s.owner, key.1);
                     if let Some(id) = self.netns_ids.get(&s.netns_cookie) {
-                        tags.entry("netns".to_owned())
-                            .or_insert_with(|| id.to_string());
+                        if !tags.contains_key("netns") {
+                            set.insert("netns".to_owned(), id.to_string());
+                        }
+                    }
+                    // One set for every end of the owner.
+                    let set = r.intern(set);
+                    if tags.len() == 1 && tags.contains_key(UNATTRIBUTED) {
+                        tags.replace_set(&set);
+                    } else {
+                        tags.remove(UNATTRIBUTED);
+                        tags.add_shared(&set);
                     }
                 }
             }
@@ -531,7 +539,7 @@ mod tests {
             conn(3, &[(UNATTRIBUTED, "no_socket")]),
             conn(1, &[("pid", "5")]),
         ];
-        o.tag(&r, &mut conns);
+        o.tag(&mut r, &mut conns);
         let t = &conns[0].src_tags;
         assert_eq!(t.get("pid").map(String::as_str), Some("10"));
         assert_eq!(
@@ -567,7 +575,7 @@ mod tests {
         o.ingest(&[port], &mut r, &mut cg);
         let mut by_port = [conn(0, &[])];
         by_port[0].src_tags.clear();
-        o.tag(&r, &mut by_port);
+        o.tag(&mut r, &mut by_port);
         assert_eq!(
             by_port[0].src_tags.get("pid").map(String::as_str),
             Some("10")
@@ -576,7 +584,7 @@ mod tests {
 
         o.forget(&conns[..1]);
         let mut again = [conn(1, &[])];
-        o.tag(&r, &mut again);
+        o.tag(&mut r, &mut again);
         assert!(!again[0].src_tags.contains_key("pid"));
     }
 
@@ -624,7 +632,7 @@ mod tests {
                 .insert("nat.ip".to_owned(), "10.0.0.1".to_owned());
             c.dst_tags.insert("nat.port".to_owned(), "5001".to_owned());
         }
-        o.tag(&r, &mut conns);
+        o.tag(&mut r, &mut conns);
         let t = &conns[0].dst_tags;
         assert_eq!(t.get("pid").map(String::as_str), Some("10"));
         assert_eq!(t.get("service").map(String::as_str), Some("shop"));
@@ -658,7 +666,7 @@ mod tests {
 
         // No pass saw it: named at the report from the record.
         let mut at_report = [conn(1, &[])];
-        o.tag(&r, &mut at_report);
+        o.tag(&mut r, &mut at_report);
         let t = &at_report[0].src_tags;
         assert_eq!(t.get("netns"), Some(&NETNS.to_string()), "{t:?}");
         assert_eq!(t.get("pid").map(String::as_str), Some("10"));
@@ -673,7 +681,7 @@ mod tests {
         assert_eq!((st.lookups, st.skipped), (0, 1));
         let mut by_pass = [conn(1, &[])];
         r.tag(&mut by_pass);
-        o.tag(&r, &mut by_pass);
+        o.tag(&mut r, &mut by_pass);
         assert_eq!(by_pass[0].src_tags, at_report[0].src_tags);
         // Another local address on the same port and peer is not it.
         let other = Tuple::new(
@@ -721,7 +729,7 @@ mod tests {
         let mut conns = [conn(0, &[])];
         conns[0].src_tags.clear();
         conns[0].dport = 5001;
-        o.tag(&r, &mut conns);
+        o.tag(&mut r, &mut conns);
         let t = &conns[0].dst_tags;
         assert_eq!(t.get("pid").map(String::as_str), Some("10"));
         assert_eq!(t.get("netns"), Some(&NETNS.to_string()), "{t:?}");

@@ -159,12 +159,7 @@ impl Drainer {
     /// them), as connections; a map entry that continues a drained one
     /// (same key, not opened by a SYN) is added to it. Records drained
     /// `keep` or longer before `now_ns` are retired first.
-    pub fn read(
-        &mut self,
-        live: impl Iterator<Item = (ConnKey, FlowEntry)>,
-        clock_offset_ns: u64,
-        now_ns: u64,
-    ) -> Listing {
+    pub fn read(&mut self, live: &mut [Drained], clock_offset_ns: u64, now_ns: u64) -> Listing {
         let keep = self.keep.as_nanos() as u64;
         let mut retired = Vec::new();
         while let Some((k, e, at, _)) = self.done.front() {
@@ -182,35 +177,46 @@ impl Drainer {
         }
         // Drained records that a live tail adds to, by number.
         let mut grown: HashMap<usize, FlowEntry> = HashMap::new();
-        let mut own: Vec<(ConnKey, FlowEntry)> = Vec::new();
-        // The latest record of a key among `own`.
+        // Tails added to an earlier record of `live` in place, and marked.
+        let mut absorbed = vec![false; live.len()];
+        // The latest record of a key among `live`.
         let mut latest_own: HashMap<ConnKey, usize> = HashMap::new();
-        for (k, e) in live {
-            if is_tail(&e) {
-                if let Some(&j) = latest_own.get(&k) {
-                    own[j].1.absorb(&e);
+        for (i, gone) in absorbed.iter_mut().enumerate() {
+            let (before, rest) = live.split_at_mut(i);
+            let (k, e, _) = &rest[0];
+            if is_tail(e) {
+                if let Some(&j) = latest_own.get(k) {
+                    before[j].1.absorb(e);
+                    *gone = true;
                     continue;
                 }
-                if let Some(&n) = self.latest.get(&k) {
+                if let Some(&n) = self.latest.get(k) {
                     grown
                         .entry(n)
                         .or_insert(self.done[n - self.base].1)
-                        .absorb(&e);
+                        .absorb(e);
+                    *gone = true;
                     continue;
                 }
             }
-            latest_own.insert(k, own.len());
-            own.push((k, e));
+            latest_own.insert(*k, i);
         }
         let done = self
             .done
             .iter()
             .enumerate()
             .map(|(i, (k, e, _, _))| (k, grown.get(&(self.base + i)).unwrap_or(e)));
-        let conns = done
-            .chain(own.iter().map(|(k, e)| (k, e)))
-            .map(|(k, e)| Connection::from_entry(k, e, clock_offset_ns))
-            .collect();
+        let own = live
+            .iter()
+            .zip(&absorbed)
+            .filter(|(_, &a)| !a)
+            .map(|((k, e, _), _)| (k, e));
+        let n = self.done.len() + absorbed.iter().filter(|&&a| !a).count();
+        let mut conns = Vec::with_capacity(n);
+        conns.extend(
+            done.chain(own)
+                .map(|(k, e)| Connection::from_entry(k, e, clock_offset_ns)),
+        );
         Listing { conns, retired }
     }
 }
@@ -276,7 +282,7 @@ mod tests {
             (k, entry(6000, tcp_flags::ACK, 2)),
         ]);
         assert_eq!(
-            bytes(&d.read(std::iter::empty(), 0, 0).conns),
+            bytes(&d.read(&mut [], 0, 0).conns),
             [(1000, 501), (4000, 42)]
         );
         // A later pass: a tail of the second.
@@ -292,7 +298,7 @@ mod tests {
             (k, entry(9000, tcp_flags::SYN, 90)),
         ];
         assert_eq!(
-            bytes(&d.read(live.into_iter(), 0, 0).conns),
+            bytes(&d.read(&mut held(live.to_vec()), 0, 0).conns),
             [(1000, 501), (4000, 45), (8000, 74), (9000, 90)]
         );
         // Read again, nothing changed: the same records.
@@ -301,7 +307,7 @@ mod tests {
             (k, entry(9500, tcp_flags::ACK, 5)),
         ];
         assert_eq!(
-            bytes(&d.read(live.into_iter(), 0, 0).conns),
+            bytes(&d.read(&mut held(live.to_vec()), 0, 0).conns),
             [(1000, 501), (4000, 45), (9000, 95)]
         );
     }
@@ -312,7 +318,7 @@ mod tests {
         let mut d = drainer_with(vec![(k, entry(1000, tcp_flags::SYN, 500))]);
         // A late ACK made a new entry after the drain: no SYN.
         let tail = entry(5000, tcp_flags::ACK, 7);
-        let conns = d.read([(k, tail)].into_iter(), 0, 0).conns;
+        let conns = d.read(&mut held(vec![(k, tail)]), 0, 0).conns;
         assert_eq!(conns.len(), 1);
         assert_eq!(conns[0].sent.bytes, 507);
         assert_eq!(conns[0].sent.packets, 2);
@@ -324,7 +330,7 @@ mod tests {
         let k = key();
         let mut d = drainer_with(vec![(k, entry(1000, tcp_flags::SYN, 500))]);
         let next = entry(9000, tcp_flags::SYN, 40);
-        let conns = d.read([(k, next)].into_iter(), 0, 0).conns;
+        let conns = d.read(&mut held(vec![(k, next)]), 0, 0).conns;
         assert_eq!(conns.len(), 2);
         assert_eq!(
             conns.iter().map(|c| c.sent.bytes).collect::<Vec<_>>(),
@@ -338,17 +344,17 @@ mod tests {
         let s = 1_000_000_000;
         let mut d = drainer_with(vec![(k, entry(1000, tcp_flags::SYN, 500))]);
         // Drained at 0, kept 60 s: listed at 59 s.
-        let l = d.read(std::iter::empty(), 0, 59 * s);
+        let l = d.read(&mut [], 0, 59 * s);
         assert_eq!((bytes(&l.conns), l.retired.len()), (vec![(1000, 500)], 0));
         // At 60 s it is given once as retired, then never again.
-        let l = d.read(std::iter::empty(), 0, 60 * s);
+        let l = d.read(&mut [], 0, 60 * s);
         assert!(l.conns.is_empty());
         assert_eq!(bytes(&l.retired), [(1000, 500)]);
         assert_eq!(d.held(), 0);
         // A tail after that is a record of its own (oriented by what it
         // saw: an ACK alone says nothing of who began).
         let tail = entry(70 * s, tcp_flags::ACK, 7);
-        let l = d.read([(k, tail)].into_iter(), 0, 71 * s);
+        let l = d.read(&mut held(vec![(k, tail)]), 0, 71 * s);
         assert_eq!((l.conns.len(), l.retired.len()), (1, 0));
         let c = &l.conns[0];
         assert_eq!((c.first_seen, c.sent.bytes + c.received.bytes), (70 * s, 7));

@@ -192,16 +192,20 @@ impl KernelTable {
         }
     }
 
-    /// Every connection now in the table, appended to `out` (see
-    /// [`records`]).
-    pub fn entries(&mut self, out: &mut Vec<(ConnKey, FlowEntry)>) -> Result<()> {
-        let mut all = Vec::new();
+    /// Every connection now in the table, as records appended to `out`
+    /// (see [`records`]; none holds a slot).
+    pub fn entries(&mut self, out: &mut Vec<Drained>) -> Result<()> {
+        // Room for all at once: grown by doubling, the buffer (half a
+        // kilobyte a connection) could be twice what it holds.
+        let occupied: u32 = (0..self.len.div_ceil(64))
+            .map(|w| self.word(w).load(Ordering::Relaxed).count_ones())
+            .sum();
+        out.reserve(occupied as usize);
         records(
             self.occupied()
                 .filter_map(|i| self.read(i).map(|(k, e, ended)| (k, e, ended, None))),
-            &mut all,
+            out,
         );
-        out.extend(all.into_iter().map(|(k, e, _)| (k, e)));
         Ok(())
     }
 

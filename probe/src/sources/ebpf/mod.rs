@@ -292,7 +292,7 @@ impl EbpfSource {
         let entries = live.len();
         let listing = self
             .drainer
-            .read(live.into_iter(), clock_offset_ns(), monotonic_ns());
+            .read(&mut live, clock_offset_ns(), monotonic_ns());
         // In drain order then the map's: the run loop sorts once tagged.
         Ok(Reading {
             conns: listing.conns,

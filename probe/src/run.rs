@@ -38,6 +38,7 @@ const POLL: Duration = Duration::from_millis(50);
 const RESYNC: Duration = Duration::from_secs(5);
 
 pub fn run(s: RunSettings) -> Result<()> {
+    crate::os::alloc::for_a_daemon();
     let stop = Stop::on_signals()?;
     // Before anything is loaded: a live holder refuses this run.
     let state = match &s.state_dir {

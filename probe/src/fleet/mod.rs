@@ -394,6 +394,7 @@ fn report(w: &Window, joined: &Joined, limits: LimitsReport) -> WindowReport {
 
 /// Runs the fleet process until SIGINT/SIGTERM.
 pub fn run(c: FleetCmd) -> Result<()> {
+    crate::os::alloc::for_a_daemon();
     let nats = Nats::new(&c.nats, c.auth.clone(), "--nats").map_err(|e| anyhow!(e))?;
     let listen: SocketAddr =
         agent::parse_listen(&c.listen).map_err(|e| anyhow!("--listen: {e}"))?;

@@ -3,6 +3,7 @@
 //! about connections.
 
 pub mod addrs;
+pub mod alloc;
 pub mod caps;
 pub mod cgroup2;
 pub mod clock;

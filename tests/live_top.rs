@@ -284,6 +284,9 @@ fn agent(procs: &mut Procs, ns: &str, dir: &Path) {
             "0.1",
             "--format",
             "json",
+            // Connections that ended during the test stay on the page.
+            "--keep-ended",
+            "60",
         ],
         &dir.join("flowprobe"),
     );

@@ -473,6 +473,9 @@ fn the_page_in_chromium_shows_what_query_returns() {
             "1",
             "--format",
             "json",
+            // Connections that ended during the test stay on the page.
+            "--keep-ended",
+            "60",
         ],
         &d.join("flowprobe"),
     );

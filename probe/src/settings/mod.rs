@@ -26,8 +26,11 @@ pub const DEFAULT_CLOSED_TIMEOUT_S: f64 = 2.0;
 pub const DEFAULT_IDLE_TIMEOUT_S: f64 = 300.0;
 /// The agent's and the export's period when `--interval` is not given.
 pub const DEFAULT_TICK: Duration = Duration::from_secs(1);
-/// How long a connection that ended stays listed (`--keep-ended`).
-pub const DEFAULT_KEEP_ENDED_S: f64 = 60.0;
+/// How long a connection that ended stays listed (`--keep-ended`). The
+/// work of each tick and the memory grow with what is listed: at 1000
+/// connections a second, 60 s listed took 18 % of a core and 230 MB, 10 s
+/// 6 % and 150 MB (bench/README.md, churn.sh); history is in the rollups.
+pub const DEFAULT_KEEP_ENDED_S: f64 = 10.0;
 /// Connections that left the listing kept for the final output.
 pub const DEFAULT_LIST_MAX: usize = 10_000;
 pub const DEFAULT_ROLLUP_INTERVAL_S: f64 = 10.0;
@@ -289,7 +292,7 @@ impl FleetFlags {
 pub struct BoundFlags {
     /// A connection that ended stays listed (/connections, /query without
     /// --last, snapshots) this long; after that it is in the totals and
-    /// the rollups only [default: 60].
+    /// the rollups only [default: 10].
     #[arg(long, value_name = "SECS")]
     pub keep_ended: Option<f64>,
     /// The final output lists at most this many connections that left the

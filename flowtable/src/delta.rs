@@ -20,9 +20,9 @@ use serde::{Deserialize, Serialize};
 use crate::conn::{Connection, DirStats};
 
 /// A connection's 5-tuple and interface; several records can share it.
-type Key = (&'static str, IpAddr, u16, IpAddr, u16, u32);
+pub type Key = (&'static str, IpAddr, u16, IpAddr, u16, u32);
 
-fn key(c: &Connection) -> Key {
+pub fn key(c: &Connection) -> Key {
     (c.proto, c.src, c.sport, c.dst, c.dport, c.iface)
 }
 

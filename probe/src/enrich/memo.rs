@@ -17,20 +17,15 @@
 //! 5-tuple, rare) may both be joined afresh at every tick, as before.
 
 use std::hash::{Hash, Hasher};
-use std::net::IpAddr;
 
 use flowtable::attrib::{REMOTE, UNATTRIBUTED};
-use flowtable::delta::SAME_RECORD_NS;
+use flowtable::delta::{key, Key, SAME_RECORD_NS};
 use flowtable::{Connection, Tags};
 use rustc_hash::FxHashMap;
 
 /// Calls without a connection before its entry goes: `tag` is called for
 /// the listed and the retired connections of each tick.
 const KEEP_CALLS: u64 = 4;
-
-/// A connection's 5-tuple and interface; several records can share it
-/// (`first_seen` tells them apart, see [`flowtable::delta`]).
-type Key = (&'static str, IpAddr, u16, IpAddr, u16, u32);
 
 struct Entry {
     first_seen: u64,
@@ -62,10 +57,6 @@ pub struct Memo {
     pub joined: u64,
 }
 
-fn key(c: &Connection) -> Key {
-    (c.proto, c.src, c.sport, c.dst, c.dport, c.iface)
-}
-
 fn digest(c: &Connection) -> u64 {
     // SipHash: the digest stands for the tags themselves.
     let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -76,7 +67,7 @@ fn digest(c: &Connection) -> u64 {
 
 /// An end that no later pass, record or dump can name differently.
 fn settled(t: &Tags) -> bool {
-    t.contains_key("pid") || t.get(UNATTRIBUTED).is_some_and(|r| r == REMOTE)
+    t.contains_key("pid") || has_remote(t)
 }
 
 fn has_remote(t: &Tags) -> bool {

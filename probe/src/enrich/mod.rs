@@ -297,9 +297,7 @@ impl Attribution {
         let dump = lock(&s.resolver).dumped_at();
         memo.keep(conns, p, dump);
     }
-}
 
-impl Attribution {
     /// How it fares, for `/metrics`; `None` when it is off.
     pub fn health(&self) -> Option<AttribHealth> {
         let s = self.shared.as_ref()?;
@@ -322,6 +320,20 @@ impl Attribution {
             settled: lock(&s.memo).len() as u64,
         })
     }
+
+    /// Tags `retired` connections (listed for the last time), then forgets
+    /// their sockets: what the resolver remembers follows the listing.
+    pub fn tag_and_forget(&self, retired: &mut [Connection]) {
+        if retired.is_empty() {
+            return;
+        }
+        self.tag(retired);
+        if let Some(s) = &self.shared {
+            lock(&s.resolver).forget(&tuples(retired));
+            lock(&s.owners).forget(retired);
+            lock(&s.memo).forget(retired);
+        }
+    }
 }
 
 /// Joins each end of `conns` to its owner afresh.
@@ -336,22 +348,6 @@ fn join(s: &State, conns: &mut [Connection]) {
     // Ends the resolver found no process for: their container from the
     // cgroup id the tc program saw on the socket.
     lock(&s.cgroups).tag(conns);
-}
-
-impl Attribution {
-    /// Tags `retired` connections (listed for the last time), then forgets
-    /// their sockets: what the resolver remembers follows the listing.
-    pub fn tag_and_forget(&self, retired: &mut [Connection]) {
-        if retired.is_empty() {
-            return;
-        }
-        self.tag(retired);
-        if let Some(s) = &self.shared {
-            lock(&s.resolver).forget(&tuples(retired));
-            lock(&s.owners).forget(retired);
-            lock(&s.memo).forget(retired);
-        }
-    }
 }
 
 /// Both ends' 5-tuples of each connection: the initiator's as it sent

@@ -26,7 +26,7 @@
 
 mod common;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io::ErrorKind;
 use std::net::IpAddr;
@@ -678,7 +678,9 @@ struct TsFrame {
     len: u32,
     /// tshark: retransmission, out-of-order or spurious retransmission
     /// (what flowprobe counts as retransmits on these sender-side captures,
-    /// see `tshark_oracle`).
+    /// see `tshark_oracle`), unless the frame only fills a hole tshark
+    /// reported (`lost_segment`): that is data the tap sees for the first
+    /// time, new to flowprobe (reordering before the tap).
     retransmit: bool,
     /// tshark: keep-alive or zero-window probe.
     probe: bool,
@@ -703,6 +705,7 @@ fn tshark_tcp_frames(cap: &Path) -> Option<Vec<TsFrame>> {
         "tcp.analysis.spurious_retransmission",
         "tcp.analysis.keep_alive",
         "tcp.analysis.zero_window_probe",
+        "tcp.analysis.lost_segment",
     ];
     let mut cmd = Command::new("tshark");
     cmd.env("WIRESHARK_CONFIG_DIR", cfg.path())
@@ -724,6 +727,11 @@ fn tshark_tcp_frames(cap: &Path) -> Option<Vec<TsFrame>> {
         String::from_utf8_lossy(&out.stderr)
     );
     let text = String::from_utf8(out.stdout).unwrap();
+    // Per direction: the highest end seen and the holes `[lo, hi)` left
+    // below it, in wrapping sequence space.
+    let mut seen: HashMap<((IpAddr, u16), (IpAddr, u16)), (u32, Vec<(u32, u32)>)> =
+        HashMap::new();
+    let after = |a: u32, b: u32| (a.wrapping_sub(b) as i32) > 0;
     Some(
         text.lines()
             .map(|l| {
@@ -732,15 +740,41 @@ fn tshark_tcp_frames(cap: &Path) -> Option<Vec<TsFrame>> {
                 let ip = |a: &str, b: &str| -> IpAddr {
                     if a.is_empty() { b } else { a }.parse().unwrap()
                 };
+                let (src, dst) = (
+                    (ip(f[1], f[2]), f[3].parse().unwrap()),
+                    (ip(f[4], f[5]), f[6].parse().unwrap()),
+                );
+                let (seq, len): (u32, u32) = (f[8].parse().unwrap(), f[10].parse().unwrap());
+                let end = seq.wrapping_add(len);
+                let mut retransmit = !(f[11].is_empty() && f[12].is_empty() && f[13].is_empty());
+                let (max, holes) = seen.entry((src, dst)).or_insert((seq, Vec::new()));
+                if !f[16].is_empty() && after(seq, *max) {
+                    holes.push((*max, seq));
+                }
+                if retransmit && len > 0 {
+                    // Only the first fill of a hole is new: what it covered
+                    // is seen from then on.
+                    if let Some(i) = holes
+                        .iter()
+                        .position(|&(lo, hi)| !after(lo, seq) && !after(end, hi))
+                    {
+                        retransmit = false;
+                        let (lo, hi) = holes.remove(i);
+                        holes.extend([(lo, seq), (end, hi)].into_iter().filter(|&(a, b)| after(b, a)));
+                    }
+                }
+                if after(end, *max) {
+                    *max = end;
+                }
                 TsFrame {
                     t_ns: ns(f[0]),
-                    src: (ip(f[1], f[2]), f[3].parse().unwrap()),
-                    dst: (ip(f[4], f[5]), f[6].parse().unwrap()),
+                    src,
+                    dst,
                     flags: u8::from_str_radix(f[7].trim_start_matches("0x"), 16).unwrap(),
-                    seq: f[8].parse().unwrap(),
+                    seq,
                     ack: f[9].parse().unwrap(),
-                    len: f[10].parse().unwrap(),
-                    retransmit: !(f[11].is_empty() && f[12].is_empty() && f[13].is_empty()),
+                    len,
+                    retransmit,
                     probe: !(f[14].is_empty() && f[15].is_empty()),
                 }
             })

@@ -22,7 +22,15 @@
 //! only an oracle for captures taken upstream of any loss (the fixtures are
 //! sender-side captures, see `fixtures/capture/README.md`): there tshark
 //! reports no lost segments, and every segment at or below the highest
-//! sequence seen is a retransmission. tshark also counts a segment that
+//! sequence seen is a retransmission. Where the tap itself saw a hole (the
+//! fresh captures of `scripts/test.sh` can hold one: veth delivers a flow's
+//! segments from the sender's CPU, so they can reach the tap out of order),
+//! flowprobe counts the segment that fills it as new data, seen here for the
+//! first time, and tshark as out-of-order: in such a direction flowprobe may
+//! count fewer, by at most the flagged frames and bytes that fall in a hole
+//! tshark reported (`tcp.analysis.lost_segment`: from the highest `tcp.nxtseq`
+//! before that frame to its `tcp.seq`). The kernel-truth test
+//! (`replay_golden`) holds the exact count on the same captures. tshark also counts a segment that
 //! carries old and new data as a retransmission of its whole length, where
 //! flowprobe counts only the old part in `retransmitted_bytes`; the kernel
 //! never sends such segments in the fixtures.
@@ -77,7 +85,7 @@ impl Proto {
 }
 
 /// One direction's counters, in flowprobe's terms.
-#[derive(Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Clone, Default, PartialEq, Eq)]
 struct Dir {
     packets: u64,
     l3_bytes: u64,
@@ -85,6 +93,14 @@ struct Dir {
     retransmits: u64,
     retransmitted_bytes: u64,
     gaps: u64,
+    /// Frames counted in `retransmits` that overlap a hole, and their bytes
+    /// in it: how far below tshark flowprobe may be (see the module doc).
+    hole_fills: u64,
+    hole_fill_bytes: u64,
+    /// Relative sequence state for finding the holes: the highest
+    /// `tcp.nxtseq` so far and the holes as `[lo, hi)`.
+    nxt_max: u64,
+    holes: Vec<(u64, u64)>,
 }
 
 const FIELDS: [&str; 6] = [
@@ -120,7 +136,18 @@ impl Dir {
             retransmits: f("retransmits"),
             retransmitted_bytes: f("retransmitted_bytes"),
             gaps: f("gaps"),
+            ..Dir::default()
         }
+    }
+
+    /// Whether flowprobe's `got` for `field` is what tshark's view allows.
+    fn allows(&self, field: &str, want: u64, got: u64) -> bool {
+        let slack = match field {
+            "retransmits" => self.hole_fills,
+            "retransmitted_bytes" => self.hole_fill_bytes,
+            _ => 0,
+        };
+        got <= want && want - got <= slack
     }
 }
 
@@ -129,6 +156,10 @@ impl fmt::Debug for Dir {
         let mut m = f.debug_map();
         for (k, v) in FIELDS.iter().zip(self.values()) {
             m.entry(k, &v);
+        }
+        if self.gaps > 0 {
+            m.entry(&"hole_fills", &self.hole_fills);
+            m.entry(&"hole_fill_bytes", &self.hole_fill_bytes);
         }
         m.finish()
     }
@@ -155,7 +186,7 @@ struct Conv {
 }
 
 /// The fields of one row, in order.
-const TSHARK_FIELDS: [&str; 21] = [
+const TSHARK_FIELDS: [&str; 23] = [
     "frame.number",
     "frame.interface_id",
     "frame.protocols",
@@ -169,6 +200,8 @@ const TSHARK_FIELDS: [&str; 21] = [
     "tcp.srcport",
     "tcp.dstport",
     "tcp.len",
+    "tcp.seq",
+    "tcp.nxtseq",
     "tcp.analysis.retransmission",
     "tcp.analysis.out_of_order",
     "tcp.analysis.spurious_retransmission",
@@ -304,16 +337,36 @@ fn tshark_conversations(cap: &Path, config_dir: &Path) -> BTreeMap<(u32, Proto, 
         d.l3_bytes += l3_bytes;
         d.bytes += bytes;
         if proto == Proto::Tcp {
+            let seq = num("tcp.seq");
+            // Empty on frames that carry no sequence space in some versions.
+            let nxt = if row["tcp.nxtseq"].is_empty() {
+                seq
+            } else {
+                num("tcp.nxtseq")
+            };
+            if flag("tcp.analysis.lost_segment") {
+                d.gaps += 1;
+                if seq > d.nxt_max {
+                    d.holes.push((d.nxt_max, seq));
+                }
+            }
             if flag("tcp.analysis.retransmission")
                 || flag("tcp.analysis.out_of_order")
                 || flag("tcp.analysis.spurious_retransmission")
             {
                 d.retransmits += 1;
                 d.retransmitted_bytes += bytes;
+                let in_holes: u64 = d
+                    .holes
+                    .iter()
+                    .map(|&(lo, hi)| hi.min(seq + bytes).saturating_sub(lo.max(seq)))
+                    .sum();
+                if in_holes > 0 {
+                    d.hole_fills += 1;
+                    d.hole_fill_bytes += in_holes;
+                }
             }
-            if flag("tcp.analysis.lost_segment") {
-                d.gaps += 1;
-            }
+            d.nxt_max = d.nxt_max.max(nxt);
         }
     }
     convs
@@ -387,9 +440,9 @@ fn check_file(cap: &Path, config_dir: &Path, failures: &mut Vec<String>) -> usiz
             let src = endpoint(o, "src", "sport");
             let dst = endpoint(o, "dst", "dport");
             let (t_sent, t_recv) = if (src, dst) == (t.a, t.b) {
-                (t.a_to_b, t.b_to_a)
+                (&t.a_to_b, &t.b_to_a)
             } else {
-                (t.b_to_a, t.a_to_b)
+                (&t.b_to_a, &t.a_to_b)
             };
             for (dir, want, from, to) in
                 [("sent", t_sent, src, dst), ("received", t_recv, dst, src)]
@@ -398,9 +451,9 @@ fn check_file(cap: &Path, config_dir: &Path, failures: &mut Vec<String>) -> usiz
                 compared += 1;
                 eprintln!("{ctx} #{i} {dir} {from} -> {to}: tshark {want:?}");
                 for ((field, w), g) in FIELDS.iter().zip(want.values()).zip(got.values()) {
-                    if w != g {
+                    if !want.allows(field, w, g) {
                         let hint = if field.starts_with("retransmit") && want.gaps > 0 {
-                            " (tshark saw lost segments: the retransmit oracle holds only upstream of the loss)"
+                            " (tshark saw lost segments: flowprobe may count fewer by the hole fills shown)"
                         } else {
                             ""
                         };

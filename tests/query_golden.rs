@@ -729,8 +729,7 @@ fn tshark_tcp_frames(cap: &Path) -> Option<Vec<TsFrame>> {
     let text = String::from_utf8(out.stdout).unwrap();
     // Per direction: the highest end seen and the holes `[lo, hi)` left
     // below it, in wrapping sequence space.
-    let mut seen: HashMap<((IpAddr, u16), (IpAddr, u16)), (u32, Vec<(u32, u32)>)> =
-        HashMap::new();
+    let mut seen: HashMap<((IpAddr, u16), (IpAddr, u16)), (u32, Vec<(u32, u32)>)> = HashMap::new();
     let after = |a: u32, b: u32| (a.wrapping_sub(b) as i32) > 0;
     Some(
         text.lines()
@@ -760,7 +759,11 @@ fn tshark_tcp_frames(cap: &Path) -> Option<Vec<TsFrame>> {
                     {
                         retransmit = false;
                         let (lo, hi) = holes.remove(i);
-                        holes.extend([(lo, seq), (end, hi)].into_iter().filter(|&(a, b)| after(b, a)));
+                        holes.extend(
+                            [(lo, seq), (end, hi)]
+                                .into_iter()
+                                .filter(|&(a, b)| after(b, a)),
+                        );
                     }
                 }
                 if after(end, *max) {

@@ -686,6 +686,11 @@ struct TsFrame {
     probe: bool,
 }
 
+/// An address and port.
+type End = (IpAddr, u16);
+/// Sequence ranges `[lo, hi)` a direction has not shown yet.
+type Holes = Vec<(u32, u32)>;
+
 fn tshark_tcp_frames(cap: &Path) -> Option<Vec<TsFrame>> {
     let cfg = tempfile::tempdir().unwrap();
     let fields = [
@@ -729,7 +734,7 @@ fn tshark_tcp_frames(cap: &Path) -> Option<Vec<TsFrame>> {
     let text = String::from_utf8(out.stdout).unwrap();
     // Per direction: the highest end seen and the holes `[lo, hi)` left
     // below it, in wrapping sequence space.
-    let mut seen: HashMap<((IpAddr, u16), (IpAddr, u16)), (u32, Vec<(u32, u32)>)> = HashMap::new();
+    let mut seen: HashMap<(End, End), (u32, Holes)> = HashMap::new();
     let after = |a: u32, b: u32| (a.wrapping_sub(b) as i32) > 0;
     Some(
         text.lines()

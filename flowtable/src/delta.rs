@@ -16,6 +16,7 @@ use std::net::IpAddr;
 
 use rustc_hash::{FxHashMap, FxHashSet};
 use serde::{Deserialize, Serialize};
+use smallvec::SmallVec;
 
 use crate::conn::{Connection, DirStats};
 
@@ -32,10 +33,14 @@ pub const SAME_RECORD_NS: u64 = 1_000_000;
 /// One record's `first_seen` and counters when last taken.
 type Prev = (u64, DirStats, DirStats);
 
+/// A key's records: nearly always one, kept in the map's own entry (a
+/// `Vec` would allocate room for four).
+type Records = SmallVec<[Prev; 1]>;
+
 /// The counters of every record when its change was last taken.
 #[derive(Default)]
 pub struct Deltas {
-    prev: FxHashMap<Key, Vec<Prev>>,
+    prev: FxHashMap<Key, Records>,
     records: usize,
 }
 
@@ -168,7 +173,7 @@ impl Deltas {
             }
         }
         self.prev.retain(|k, _| !empty.contains(k));
-        self.records = self.prev.values().map(Vec::len).sum();
+        self.records = self.prev.values().map(|r| r.len()).sum();
         before - self.records
     }
 

@@ -159,7 +159,9 @@ struct Joined {
 /// that each record is asked about once, not at every reading) and what
 /// each translated connection's views showed.
 pub struct NatJoin {
-    answers: HashMap<RecKey, Option<Translation>>,
+    /// Boxed: most connections are not translated, and their answer is
+    /// then a pointer's size, not a translation's.
+    answers: HashMap<RecKey, Option<Box<Translation>>>,
     joined: HashMap<ConnId, Joined>,
     max: usize,
     reading: u64,
@@ -348,7 +350,7 @@ impl NatJoin {
     ) -> Option<Translation> {
         let key = rec_key(c)?;
         if let Some(a) = self.answers.get(&key) {
-            return *a;
+            return a.as_deref().copied();
         }
         let (proto, a, b) = key;
         self.stats.lookups += 1;
@@ -373,7 +375,7 @@ impl NatJoin {
                 self.answers.clear();
                 self.stats.cache_cleared += 1;
             }
-            self.answers.insert(key, found);
+            self.answers.insert(key, found.map(Box::new));
         }
         found
     }

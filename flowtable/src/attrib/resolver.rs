@@ -21,6 +21,7 @@ use std::sync::Arc;
 // Fx, not SipHash, as the flow table itself (table.rs): every pass checks
 // every key of the kernel map against these sets.
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
+use smallvec::SmallVec;
 
 use super::host::{Host, Netns, ProcessInfo, Proto, SocketEntry, SocketState, Tuple};
 use super::owner::Owner;
@@ -160,7 +161,8 @@ pub struct Resolver<H> {
     /// The namespaces were listed during this pass already.
     listed_now: bool,
     now_ns: u64,
-    sockets: HashMap<Tuple, Vec<Sighting>>,
+    /// Nearly always one sighting a tuple, kept in the map's own entry.
+    sockets: HashMap<Tuple, SmallVec<[Sighting; 1]>>,
     /// Owner of each inode seen in the last fd scans, for sockets alive now.
     inode_pid: HashMap<u64, u32>,
     /// Per namespace, processes that owned sockets, most recent first.
@@ -843,15 +845,14 @@ impl<H: Host> Resolver<H> {
     /// namespace, else one with an owner, else any.
     fn pick<'a>(
         &self,
-        list: Option<&'a Vec<Sighting>>,
+        list: Option<&'a SmallVec<[Sighting; 1]>>,
         usable: impl Fn(&Sighting) -> bool,
     ) -> Option<&'a Sighting> {
-        let all: Vec<&Sighting> = list?.iter().filter(|s| usable(s)).collect();
+        let all = || list.into_iter().flatten().filter(|s| usable(s));
         let own = self.opts.own_netns;
-        all.iter()
+        all()
             .find(|s| own.is_some_and(|n| s.netns == n))
-            .or_else(|| all.iter().find(|s| s.owner.is_some()))
-            .or_else(|| all.first())
-            .copied()
+            .or_else(|| all().find(|s| s.owner.is_some()))
+            .or_else(|| all().next())
     }
 }

@@ -167,6 +167,11 @@ pub fn start(
                 // lookup.
                 drain_owners(&s);
                 pass(&s, &mut lock(&s.resolver), &seen);
+                // Every key comes once a second: buffers sized for all of
+                // them go back (large ones are mapped, so to the system).
+                if keys.capacity() > SMALL_FEED {
+                    (keys, seen) = (Vec::new(), Vec::new());
+                }
                 if !draining {
                     std::thread::park_timeout(interval);
                 }
@@ -179,6 +184,9 @@ pub fn start(
         thread,
     }
 }
+
+/// Keys the attribution thread's buffers keep room for between passes.
+const SMALL_FEED: usize = 4096;
 
 /// Attribution runs (`FLOWPROBE_ATTRIB` is not `off`).
 pub fn enabled() -> bool {

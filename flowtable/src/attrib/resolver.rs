@@ -87,7 +87,8 @@ pub struct PassStats {
     /// 5-tuples looked up (each in every namespace until found).
     pub lookups: usize,
     /// 5-tuples not looked up: the caller knew their socket's owner
-    /// already (the kernel's record of it, [`Resolver::refresh_skipping`]).
+    /// already (the kernel's record of it, [`Resolver::refresh_skipping`]);
+    /// each counted once, when it was first named so.
     pub skipped: usize,
     /// Sockets whose owner this pass found.
     pub attributed: usize,
@@ -136,6 +137,30 @@ pub struct Recorded {
     pub netns: Option<u64>,
 }
 
+/// A [`Tuple`] as the resolver's maps hold it, addresses as 16 bytes
+/// (IPv4 mapped): 38 bytes, where a `Tuple` takes 68, in the two maps
+/// that hold an entry per end.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct Key {
+    proto: Proto,
+    ports: [u16; 2],
+    local: [u8; 16],
+    remote: [u8; 16],
+}
+
+fn key(t: &Tuple) -> Key {
+    let octets = |a: &SocketAddr| match a.ip() {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    };
+    Key {
+        proto: t.proto,
+        ports: [t.local.port(), t.remote.port()],
+        local: octets(&t.local),
+        remote: octets(&t.remote),
+    }
+}
+
 /// One socket with this 5-tuple in one namespace, and its owner once known.
 #[derive(Clone, Debug)]
 struct Sighting {
@@ -162,7 +187,7 @@ pub struct Resolver<H> {
     listed_now: bool,
     now_ns: u64,
     /// Nearly always one sighting a tuple, kept in the map's own entry.
-    sockets: HashMap<Tuple, SmallVec<[Sighting; 1]>>,
+    sockets: HashMap<Key, SmallVec<[Sighting; 1]>>,
     /// Owner of each inode seen in the last fd scans, for sockets alive now.
     inode_pid: HashMap<u64, u32>,
     /// Per namespace, processes that owned sockets, most recent first.
@@ -180,7 +205,7 @@ pub struct Resolver<H> {
     dumped_at: Option<u64>,
     /// 5-tuples given to [`Resolver::refresh`] that need no more lookups,
     /// and those still being looked up with their tries so far.
-    looked_up: HashMap<Tuple, u64>,
+    looked_up: HashMap<Key, u64>,
     asking: HashMap<Tuple, u32>,
     /// The ends' tag sets, one per distinct set.
     sets: Interner,
@@ -299,8 +324,8 @@ impl<H: Host> Resolver<H> {
     /// or process refers to it).
     pub fn forget(&mut self, tuples: &[Tuple]) {
         for t in tuples {
-            self.sockets.remove(t);
-            self.looked_up.remove(t);
+            self.sockets.remove(&key(t));
+            self.looked_up.remove(&key(t));
             self.asking.remove(t);
         }
     }
@@ -362,14 +387,16 @@ impl<H: Host> Resolver<H> {
             )
             .collect();
         for t in &todo {
-            if self.looked_up.contains_key(t) {
+            if self.looked_up.contains_key(&key(t)) {
                 continue;
             }
+            // Not marked looked up: the record names it at every pass (as
+            // cheaply as the mark would), and the sighting is its memory.
             if let Some(r) = recorded(t) {
-                st.skipped += 1;
                 self.asking.remove(t);
-                self.looked_up.insert(*t, self.now_ns);
-                self.adopt(*t, r);
+                if self.adopt(*t, r) {
+                    st.skipped += 1;
+                }
                 continue;
             }
             st.lookups += 1;
@@ -404,7 +431,7 @@ impl<H: Host> Resolver<H> {
                 .is_some_and(|(_, e)| e.tuple == *t && e.inode != 0);
             if settled || *tries >= LOOKUP_TRIES {
                 self.asking.remove(t);
-                self.looked_up.insert(*t, self.now_ns);
+                self.looked_up.insert(key(t), self.now_ns);
             }
             if let Some((i, e)) = best {
                 self.learn_ip(namespaces[i].id, &e);
@@ -421,8 +448,8 @@ impl<H: Host> Resolver<H> {
     }
 
     /// Remembers the end of `t` as owned by `r`, unless a pass found its
-    /// socket's owner already.
-    fn adopt(&mut self, t: Tuple, r: Recorded) {
+    /// socket's owner already; true when it did.
+    fn adopt(&mut self, t: Tuple, r: Recorded) -> bool {
         // What a lookup would have taught: the address is this host's.
         let ip = t.local.ip();
         if !ip.is_unspecified() {
@@ -431,9 +458,9 @@ impl<H: Host> Resolver<H> {
                 self.netns_ips.insert((ns, ip));
             }
         }
-        let list = self.sockets.entry(t).or_default();
+        let list = self.sockets.entry(key(&t)).or_default();
         if list.iter().any(|x| x.owner.is_some()) {
-            return;
+            return false;
         }
         list.push(Sighting {
             netns: r.netns.unwrap_or(0),
@@ -443,6 +470,7 @@ impl<H: Host> Resolver<H> {
             state: SocketState::Other,
             owner: Some(r.owner),
         });
+        true
     }
 
     fn learn_ip(&mut self, netns: u64, s: &SocketEntry) {
@@ -473,7 +501,7 @@ impl<H: Host> Resolver<H> {
         st.sockets += socks.len();
         let mut pending: Vec<(Tuple, u64)> = Vec::new();
         for s in &socks {
-            if s.inode == 0 && !self.sockets.contains_key(&s.tuple) {
+            if s.inode == 0 && !self.sockets.contains_key(&key(&s.tuple)) {
                 // TIME_WAIT or not yet accepted, never seen before: nothing
                 // to learn (a busy host has tens of thousands in TIME_WAIT).
                 continue;
@@ -516,7 +544,7 @@ impl<H: Host> Resolver<H> {
             };
             if let Some(s) = self
                 .sockets
-                .get_mut(&tuple)
+                .get_mut(&key(&tuple))
                 .and_then(|l| l.iter_mut().find(|s| s.netns == ns.id && s.inode == inode))
             {
                 s.owner = Some(owner);
@@ -528,7 +556,7 @@ impl<H: Host> Resolver<H> {
     /// Records socket `s` of namespace `netns`; true when its owner is
     /// still to be found.
     fn see(&mut self, netns: u64, s: &SocketEntry) -> bool {
-        let list = self.sockets.entry(s.tuple).or_default();
+        let list = self.sockets.entry(key(&s.tuple)).or_default();
         let pos = match list.iter().position(|x| x.netns == netns) {
             Some(p) => p,
             None => {
@@ -801,18 +829,15 @@ impl<H: Host> Resolver<H> {
     /// listener whose accepted socket no pass saw), also bound to the
     /// wildcard address or, for IPv4, to `::` (dual-stack).
     fn sighting(&self, t: &Tuple) -> Option<&Sighting> {
-        let exact = self.pick(self.sockets.get(t), |_| true);
+        let exact = self.pick(self.sockets.get(&key(t)), |_| true);
         if let Some(s) = exact.filter(|s| s.owner.is_some()) {
             return Some(s);
         }
         let v4_any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
         let v6_any = IpAddr::V6(Ipv6Addr::UNSPECIFIED);
         let port = t.local.port();
-        let mut locals = vec![t.local];
-        if t.local.is_ipv4() {
-            locals.push(SocketAddr::new(v4_any, port));
-        }
-        locals.push(SocketAddr::new(v6_any, port));
+        let v4 = t.local.is_ipv4().then(|| SocketAddr::new(v4_any, port));
+        let locals = [Some(t.local), v4, Some(SocketAddr::new(v6_any, port))];
         // A socket without a peer only stands for an end when a process owns
         // it, and for TCP only when it listens; it stands for a connected
         // socket seen without an owner (closed by the server before a pass
@@ -826,14 +851,14 @@ impl<H: Host> Resolver<H> {
                 // addresses only; a remote end on the same port is not it.
                 && (ip.is_loopback() || self.netns_ips.contains(&(s.netns, ip)))
         };
-        for local in locals {
+        for local in locals.into_iter().flatten() {
             for any in [v4_any, v6_any] {
                 let wild = Tuple {
                     proto: t.proto,
                     local,
                     remote: SocketAddr::new(any, 0),
                 };
-                if let Some(s) = self.pick(self.sockets.get(&wild), usable) {
+                if let Some(s) = self.pick(self.sockets.get(&key(&wild)), usable) {
                     return Some(s);
                 }
             }

@@ -55,22 +55,23 @@ pub const MAX_NETNS: usize = 4096;
 /// out: an unconnected UDP socket's is chosen after the hook.
 type TupleKey = (u8, u16, IpAddr, u16);
 
-/// A recorded socket (its cookie): its owner, its network namespace's
-/// cookie and its local address (unspecified when the record has none).
+/// A recorded socket (its cookie is its key): its owner, its network
+/// namespace's cookie, its local address (unspecified when no record had
+/// one) and the tuple it is also known by, once a record gave it.
 #[derive(Clone)]
 struct Sock {
-    cookie: u64,
     owner: Arc<Owner>,
     netns_cookie: u64,
     local: IpAddr,
+    tuple: Option<TupleKey>,
 }
 
 #[derive(Default)]
 pub struct Owners {
     by_cookie: HashMap<u64, Sock>,
-    by_tuple: HashMap<TupleKey, Sock>,
-    /// The tuple each socket is known by, to forget it with the socket.
-    tuple_of: HashMap<u64, TupleKey>,
+    /// The cookie of the socket each tuple names (one socket's record, a
+    /// pointer's worth, not a copy).
+    by_tuple: HashMap<TupleKey, u64>,
     order: VecDeque<u64>,
     /// Per cgroup id, the service a process of it declared.
     cgroup_service: HashMap<u64, String>,
@@ -122,9 +123,7 @@ impl Owners {
             match rec.kind {
                 OWNER_TUPLE => {
                     // The port `connect` chose, for the owner its hook recorded.
-                    if let Some(s) = self.by_cookie.get(&rec.cookie) {
-                        self.add_tuple(rec, s.owner.clone());
-                    }
+                    self.add_tuple(rec);
                     continue;
                 }
                 OWNER_LISTEN => {
@@ -162,21 +161,18 @@ impl Owners {
                         },
                     };
                     self.accepted += 1;
-                    self.add_tuple(rec, o.clone());
                     self.remember(rec, o);
+                    self.add_tuple(rec);
                     continue;
                 }
                 _ => {}
             }
             self.recorded += 1;
-            if let Some(s) = self.by_cookie.get(&rec.cookie) {
-                let o = s.owner.clone();
-                self.add_tuple(rec, o);
-                continue;
+            if !self.by_cookie.contains_key(&rec.cookie) {
+                let owner = self.owner_of(rec, r, cgroups);
+                self.remember(rec, owner);
             }
-            let owner = self.owner_of(rec, r, cgroups);
-            self.add_tuple(rec, owner.clone());
-            self.remember(rec, owner);
+            self.add_tuple(rec);
         }
     }
 
@@ -208,10 +204,10 @@ impl Owners {
 
     fn sock(rec: &SockOwner, owner: Arc<Owner>) -> Sock {
         Sock {
-            cookie: rec.cookie,
             owner,
             netns_cookie: rec.netns_cookie,
             local: ip(rec.local),
+            tuple: None,
         }
     }
 
@@ -265,38 +261,55 @@ impl Owners {
 
     /// Joins the record's socket to `owner`, within [`MAX_SOCKETS`].
     fn remember(&mut self, rec: &SockOwner, owner: Arc<Owner>) {
-        self.by_cookie.insert(rec.cookie, Self::sock(rec, owner));
+        let mut sock = Self::sock(rec, owner);
+        // Known again: the tuple that names it still does.
+        sock.tuple = self.by_cookie.get(&rec.cookie).and_then(|s| s.tuple);
+        self.by_cookie.insert(rec.cookie, sock);
         self.order.push_back(rec.cookie);
         while self.order.len() > MAX_SOCKETS {
             if let Some(old) = self.order.pop_front() {
-                if self.by_cookie.remove(&old).is_some() {
+                if self.drop_socket(old) {
                     self.evicted += 1;
                 }
-                self.drop_tuple(old);
             }
         }
     }
 
-    /// Indexes `o` by the record's tuple, when the record knows its local
-    /// port (`sendmsg`, or `sock_ops` after `connect`).
-    fn add_tuple(&mut self, rec: &SockOwner, o: Arc<Owner>) {
+    /// Indexes the record's socket (remembered) by its tuple, when the
+    /// record knows its local port (`sendmsg`, or `sock_ops` after
+    /// `connect`).
+    fn add_tuple(&mut self, rec: &SockOwner) {
         if rec.local_port == 0 || rec.remote_port == 0 {
             return;
         }
+        let Some(s) = self.by_cookie.get_mut(&rec.cookie) else {
+            return;
+        };
         let key = (rec.proto, rec.local_port, ip(rec.remote), rec.remote_port);
-        self.by_tuple.insert(key, Self::sock(rec, o));
-        self.tuple_of.insert(rec.cookie, key);
+        s.tuple = Some(key);
+        s.local = ip(rec.local);
+        s.netns_cookie = rec.netns_cookie;
+        self.by_tuple.insert(key, rec.cookie);
     }
 
-    /// Forgets socket `cookie`'s tuple, unless a later socket on the same
-    /// tuple (a port reused while the earlier connection is still listed)
-    /// holds it now.
-    fn drop_tuple(&mut self, cookie: u64) {
-        if let Some(k) = self.tuple_of.remove(&cookie) {
-            if self.by_tuple.get(&k).is_some_and(|s| s.cookie == cookie) {
+    /// Forgets socket `cookie` and its tuple, unless a later socket on the
+    /// same tuple (a port reused while the earlier connection is still
+    /// listed) holds it now. True when it was remembered.
+    fn drop_socket(&mut self, cookie: u64) -> bool {
+        let Some(s) = self.by_cookie.remove(&cookie) else {
+            return false;
+        };
+        if let Some(k) = s.tuple {
+            if self.by_tuple.get(&k) == Some(&cookie) {
                 self.by_tuple.remove(&k);
             }
         }
+        true
+    }
+
+    /// The socket a tuple names.
+    fn by_tuple(&self, key: &TupleKey) -> Option<&Sock> {
+        self.by_tuple.get(key).and_then(|c| self.by_cookie.get(c))
     }
 
     /// Gives every end without an owning process whose socket cookie was
@@ -326,7 +339,7 @@ impl Owners {
                 // end's port and peer.
                 let s = cookie(tags)
                     .and_then(|k| self.by_cookie.get(&k))
-                    .or_else(|| self.by_tuple.get(&key));
+                    .or_else(|| self.by_tuple(&key));
                 if let Some(s) = s {
                     let mut set = r.owner_tags(&s.owner, key.1);
                     if let Some(id) = self.netns_ids.get(&s.netns_cookie) {
@@ -357,7 +370,7 @@ impl Owners {
             Proto::Udp => 17,
         };
         let key = (proto, t.local.port(), t.remote.ip(), t.remote.port());
-        let s = self.by_tuple.get(&key)?;
+        let s = self.by_tuple(&key)?;
         (s.local.is_unspecified() || s.local == t.local.ip()).then(|| Recorded {
             owner: s.owner.clone(),
             netns: self.netns_ids.get(&s.netns_cookie).copied(),
@@ -369,8 +382,7 @@ impl Owners {
         for c in retired {
             for tags in [&c.src_tags, &c.dst_tags] {
                 if let Some(k) = cookie(tags) {
-                    self.by_cookie.remove(&k);
-                    self.drop_tuple(k);
+                    self.drop_socket(k);
                 }
             }
         }

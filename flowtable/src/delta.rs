@@ -12,7 +12,7 @@
 //! the source retires (`Reading::retired` in `flowprobe run`) is
 //! [`forget`](Deltas::forget)-ten once its last change was taken.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use rustc_hash::{FxHashMap, FxHashSet};
 use serde::{Deserialize, Serialize};
@@ -21,10 +21,53 @@ use smallvec::SmallVec;
 use crate::conn::{Connection, DirStats};
 
 /// A connection's 5-tuple and interface; several records can share it.
-pub type Key = (&'static str, IpAddr, u16, IpAddr, u16, u32);
+/// Packed in 44 bytes (a tuple of them takes 64): one is held per listed
+/// record, here and in the run's memo.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Key {
+    ips: [[u8; 16]; 2],
+    iface: u32,
+    ports: [u16; 2],
+    /// Index in [`PROTOS`].
+    proto: u8,
+    /// Bit 0: the source address is IPv6, bit 1: the destination.
+    v6: u8,
+}
+
+/// The protocols a [`Connection`] has.
+const PROTOS: [&str; 2] = ["tcp", "udp"];
 
 pub fn key(c: &Connection) -> Key {
-    (c.proto, c.src, c.sport, c.dst, c.dport, c.iface)
+    Key::new(c.proto, c.src, c.sport, c.dst, c.dport, c.iface)
+}
+
+impl Key {
+    fn new(proto: &str, src: IpAddr, sport: u16, dst: IpAddr, dport: u16, iface: u32) -> Key {
+        let packed = |a: IpAddr| match a {
+            IpAddr::V4(v4) => (v4.to_ipv6_mapped().octets(), 0),
+            IpAddr::V6(v6) => (v6.octets(), 1),
+        };
+        let ((s, s6), (d, d6)) = (packed(src), packed(dst));
+        Key {
+            ips: [s, d],
+            iface,
+            ports: [sport, dport],
+            proto: PROTOS
+                .iter()
+                .position(|p| *p == proto)
+                .map_or(u8::MAX, |i| i as u8),
+            v6: s6 | d6 << 1,
+        }
+    }
+
+    fn ip(&self, i: usize) -> IpAddr {
+        let b = self.ips[i];
+        if self.v6 >> i & 1 == 1 {
+            IpAddr::V6(Ipv6Addr::from(b))
+        } else {
+            IpAddr::V4(Ipv4Addr::new(b[12], b[13], b[14], b[15]))
+        }
+    }
 }
 
 /// Two readings of one record differ in `first_seen` by less than this.
@@ -93,21 +136,19 @@ pub struct Taken {
 
 fn taken(k: &Key, p: &Prev) -> Taken {
     Taken {
-        proto: k.0.to_owned(),
-        src: k.1,
-        sport: k.2,
-        dst: k.3,
-        dport: k.4,
-        iface: k.5,
+        proto: PROTOS
+            .get(usize::from(k.proto))
+            .unwrap_or(&"other")
+            .to_string(),
+        src: k.ip(0),
+        sport: k.ports[0],
+        dst: k.ip(1),
+        dport: k.ports[1],
+        iface: k.iface,
         first_seen: p.0,
         sent: p.1,
         received: p.2,
     }
-}
-
-/// The protocol names a [`Connection`] has.
-fn proto(name: &str) -> Option<&'static str> {
-    ["tcp", "udp"].into_iter().find(|p| *p == name)
 }
 
 impl Deltas {
@@ -144,8 +185,10 @@ impl Deltas {
     pub fn restore(&mut self, saved: &[Taken]) -> usize {
         let mut n = 0;
         for t in saved {
-            let Some(p) = proto(&t.proto) else { continue };
-            let k = (p, t.src, t.sport, t.dst, t.dport, t.iface);
+            if !PROTOS.contains(&t.proto.as_str()) {
+                continue;
+            }
+            let k = Key::new(&t.proto, t.src, t.sport, t.dst, t.dport, t.iface);
             self.prev
                 .entry(k)
                 .or_default()
@@ -269,6 +312,35 @@ mod tests {
             rtt: None,
             src_tags: Default::default(),
             dst_tags: Default::default(),
+        }
+    }
+
+    #[test]
+    fn saved_records_name_their_connection_as_it_was() {
+        // IPv4, IPv6, and an IPv4-mapped IPv6 address, which stays IPv6.
+        let ends: [(&str, &str, &'static str); 3] = [
+            ("10.0.0.1", "10.0.0.2", "tcp"),
+            ("fd00::1", "fd00::2", "udp"),
+            ("::ffff:10.0.0.1", "10.0.0.2", "tcp"),
+        ];
+        for (src, dst, proto) in ends {
+            let mut c = conn(4000, 500);
+            (c.src, c.dst, c.proto) = (src.parse().unwrap(), dst.parse().unwrap(), proto);
+            let mut d = Deltas::default();
+            let ch = d.changes([&c]);
+            d.commit(&ch);
+            let saved = d.saved();
+            let t = &saved[0];
+            assert_eq!(
+                (t.proto.as_str(), t.src, t.sport, t.dst, t.dport, t.iface),
+                (c.proto, c.src, c.sport, c.dst, c.dport, c.iface)
+            );
+            let mut again = Deltas::default();
+            assert_eq!(again.restore(&saved), 1);
+            assert!(
+                again.changes([&c]).is_empty(),
+                "{src} -> {dst}: restored as taken"
+            );
         }
     }
 

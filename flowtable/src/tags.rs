@@ -106,6 +106,8 @@ impl Tags {
 #[derive(Default)]
 pub struct Interner {
     sets: std::collections::HashSet<Tags>,
+    /// Sets let go for room.
+    pub let_go: u64,
 }
 
 impl Interner {
@@ -118,11 +120,13 @@ impl Interner {
             return known.clone();
         }
         if self.sets.len() >= Self::MAX {
+            let before = self.sets.len();
             self.sets
                 .retain(|s| s.set.as_ref().is_some_and(|a| Arc::strong_count(a) > 1));
             if self.sets.len() >= Self::MAX {
                 self.sets.clear();
             }
+            self.let_go += (before - self.sets.len()) as u64;
         }
         self.sets.insert(t.clone());
         t
@@ -252,6 +256,7 @@ mod tests {
         drop(held);
         i.intern(m(0));
         assert_eq!(i.len(), 2, "only `a` was still held, and the new one");
+        assert_eq!(i.let_go, Interner::MAX as u64 - 1);
         assert!(Tags::same(&a, &i.intern(m(1))));
     }
 

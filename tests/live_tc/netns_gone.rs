@@ -105,6 +105,15 @@ fn containers_deleted_under_a_running_agent() {
     );
     assert_eq!(v("flowprobe_attribution_owners_forgotten_total"), 0);
     assert!(v("flowprobe_attribution_owners") <= v("flowprobe_attribution_owners_limit"));
+    // The containers' ends share tag sets, all within their bounds.
+    let sets = v("flowprobe_attribution_tag_sets");
+    assert!(
+        sets >= 1 && sets <= v("flowprobe_attribution_tag_sets_limit"),
+        "{m}"
+    );
+    assert_eq!(v("flowprobe_attribution_tag_sets_let_go_total"), 0);
+    assert!(v("flowprobe_attribution_netns_ids") <= v("flowprobe_attribution_netns_ids_limit"));
+    assert_eq!(v("flowprobe_attribution_netns_ids_cleared_total"), 0);
 
     let st = stop(&mut probe, libc::SIGINT, Duration::from_secs(30));
     let err = std::fs::read_to_string(dir.path().join("probe.err")).unwrap();

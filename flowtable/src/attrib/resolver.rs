@@ -125,6 +125,17 @@ pub struct AttribHealth {
     pub listeners_forgotten: u64,
     /// Listed connections whose settled tags are kept between ticks.
     pub settled: u64,
+    /// Distinct tag sets the ends share: held now, their bound, and those
+    /// let go for room (an end keeps its set; later ends get a copy).
+    pub tag_sets: u64,
+    pub tag_sets_limit: u64,
+    pub tag_sets_let_go: u64,
+    /// Network namespace ids learnt for recorded sockets: held now, their
+    /// bound, and how often all were forgotten for room (learnt again from
+    /// later records).
+    pub netns_ids: u64,
+    pub netns_ids_limit: u64,
+    pub netns_ids_cleared: u64,
 }
 
 /// The owner of an end's socket as the kernel recorded it (the cgroup
@@ -334,6 +345,11 @@ impl<H: Host> Resolver<H> {
     /// next, no address changes from remote to local.
     pub fn dumped_at(&self) -> Option<u64> {
         self.dumped_at
+    }
+
+    /// The shared tag sets: how many now, and how many were let go.
+    pub fn tag_sets(&self) -> (usize, u64) {
+        (self.sets.len(), self.sets.let_go)
     }
 
     /// 5-tuples remembered now (sockets and settled lookups).

@@ -326,6 +326,12 @@ impl Attribution {
             listeners_limit: owners::MAX_LISTENERS as u64,
             listeners_forgotten: o.listeners_evicted,
             settled: lock(&s.memo).len() as u64,
+            tag_sets: r.tag_sets().0 as u64,
+            tag_sets_limit: flowtable::Interner::MAX as u64,
+            tag_sets_let_go: r.tag_sets().1,
+            netns_ids: o.netns_held() as u64,
+            netns_ids_limit: owners::MAX_NETNS as u64,
+            netns_ids_cleared: o.netns_cleared,
         })
     }
 

@@ -99,6 +99,8 @@ pub struct Owners {
     pub evicted: u64,
     /// Listeners forgotten to stay within [`MAX_LISTENERS`].
     pub listeners_evicted: u64,
+    /// Times every namespace id was forgotten to stay within [`MAX_NETNS`].
+    pub netns_cleared: u64,
 }
 
 impl Owners {
@@ -109,6 +111,11 @@ impl Owners {
 
     pub fn listeners_held(&self) -> usize {
         self.listeners.len()
+    }
+
+    /// Namespace ids held now.
+    pub fn netns_held(&self) -> usize {
+        self.netns_ids.len()
     }
 
     /// Turns drained records into owners.
@@ -198,6 +205,7 @@ impl Owners {
         }
         if self.netns_ids.len() >= MAX_NETNS {
             self.netns_ids.clear();
+            self.netns_cleared += 1;
         }
         self.netns_ids.insert(cookie, id);
     }

@@ -607,6 +607,8 @@ fn attribution(reg: &mut Registry, s: &Snapshot) {
         ("attribution_owner_records", "Socket owners the kernel recorded at connect, first send or accept", a.owners_recorded),
         ("attribution_owners_forgotten", "Recorded socket owners forgotten for room (attribution_owners_limit) before their connection was retired: such an end is joined by the resolver's passes only", a.owners_forgotten),
         ("attribution_listeners_forgotten", "Recorded listeners forgotten for room (attribution_listeners_limit): their accepted sockets are joined by the resolver's passes only", a.listeners_forgotten),
+        ("attribution_tag_sets_let_go", "Shared tag sets let go for room (attribution_tag_sets_limit): ends keep theirs, later ends of the same owner get a set of their own", a.tag_sets_let_go),
+        ("attribution_netns_ids_cleared", "Times the namespace ids learnt for recorded sockets were all forgotten for room (attribution_netns_ids_limit): learnt again from later records", a.netns_ids_cleared),
     ];
     for (name, help, v) in counters {
         reg.register(name, help, counter(v));
@@ -618,6 +620,10 @@ fn attribution(reg: &mut Registry, s: &Snapshot) {
         ("attribution_listeners", "Recorded listeners held", a.listeners_held),
         ("attribution_listeners_limit", "Bound of the recorded listeners held (the oldest forgotten first)", a.listeners_limit),
         ("attribution_settled_connections", "Listed connections whose ends are settled (a process, or remote): their tags are kept and handed again at each reading instead of joined afresh", a.settled),
+        ("attribution_tag_sets", "Distinct tag sets the ends share (one per owner, or per reason not attributed)", a.tag_sets),
+        ("attribution_tag_sets_limit", "Bound of the shared tag sets (beyond it, sets no end holds are let go)", a.tag_sets_limit),
+        ("attribution_netns_ids", "Network namespace ids learnt for recorded sockets (by namespace cookie)", a.netns_ids),
+        ("attribution_netns_ids_limit", "Bound of the namespace ids learnt (beyond it, all are forgotten and learnt again)", a.netns_ids_limit),
     ];
     for (name, help, v) in gauges {
         reg.register(name, help, gauge(v));
@@ -874,6 +880,10 @@ mod tests {
                 listeners_held: 1,
                 listeners_limit: 4096,
                 settled: 2,
+                tag_sets: 3,
+                tag_sets_limit: 4096,
+                netns_ids: 2,
+                netns_ids_limit: 4096,
                 ..Default::default()
             }),
             conns: vec![

@@ -27,13 +27,13 @@
 //! takes those slots back as drained records ([`Drainer::restore`]), so a
 //! restart loses no drained connection and lists none twice.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
 use flowtable::Connection;
 use probe_common::{initiator::evidence, ConnKey, FlowEntry};
 
-use super::kernel_table::{Drained, Held, KernelTable};
+use super::kernel_table::{key_hash, Drained, Held, KernelTable, Listed};
 
 pub struct Drainer {
     pub closed_after: Duration,
@@ -155,11 +155,24 @@ impl Drainer {
     }
 
     /// The drained records not yet retired plus the map's current entries
-    /// (`live`, in the order they began, as [`KernelTable::entries`] gives
-    /// them), as connections; a map entry that continues a drained one
-    /// (same key, not opened by a SYN) is added to it. Records drained
-    /// `keep` or longer before `now_ns` are retired first.
-    pub fn read(&mut self, live: &mut [Drained], clock_offset_ns: u64, now_ns: u64) -> Listing {
+    /// (`live`, in the order they began, as [`KernelTable::order`] lists
+    /// them, each read by `entry`), as connections. Two live slots of one
+    /// key (an insert race) are one connection; an entry that continues a
+    /// record (same key, not opened by a SYN: a tail) is added to the
+    /// key's latest record, live or drained. Records drained `keep` or
+    /// longer before `now_ns` are retired first.
+    ///
+    /// Only an entry whose key another slot or a drained record has can
+    /// add to another record, which is rare: those are found by hash and
+    /// read twice; every other entry is read once, when its connection is
+    /// made.
+    pub fn read(
+        &mut self,
+        live: &[Listed],
+        entry: impl Fn(u32) -> Option<(ConnKey, FlowEntry, bool)>,
+        clock_offset_ns: u64,
+        now_ns: u64,
+    ) -> Listing {
         let keep = self.keep.as_nanos() as u64;
         let mut retired = Vec::new();
         while let Some((k, e, at, _)) = self.done.front() {
@@ -175,51 +188,87 @@ impl Drainer {
             }
             self.base += 1;
         }
+        let shared: HashSet<u64> = {
+            let mut h: Vec<u64> = live.iter().map(|l| l.2).collect();
+            h.sort_unstable();
+            h.windows(2)
+                .filter(|w| w[0] == w[1])
+                .map(|w| w[0])
+                .chain(self.latest.keys().map(key_hash))
+                .collect()
+        };
+        // Per listed slot: a record of its own, none (added to a drained
+        // record, or gone), or the position of the record it adds to.
+        let mut into = vec![OWN; live.len()];
         // Drained records that a live tail adds to, by number.
         let mut grown: HashMap<usize, FlowEntry> = HashMap::new();
-        // Tails added to an earlier record of `live` in place, and marked.
-        let mut absorbed = vec![false; live.len()];
-        // The latest record of a key among `live`.
-        let mut latest_own: HashMap<ConnKey, usize> = HashMap::new();
-        for (i, gone) in absorbed.iter_mut().enumerate() {
-            let (before, rest) = live.split_at_mut(i);
-            let (k, e, _) = &rest[0];
-            if is_tail(e) {
-                if let Some(&j) = latest_own.get(k) {
-                    before[j].1.absorb(e);
-                    *gone = true;
-                    continue;
-                }
-                if let Some(&n) = self.latest.get(k) {
-                    grown
-                        .entry(n)
-                        .or_insert(self.done[n - self.base].1)
-                        .absorb(e);
-                    *gone = true;
+        // The latest record of a key among `live`, and whether it is open
+        // (not `ENDED`).
+        let mut latest_own: HashMap<ConnKey, (u32, bool)> = HashMap::new();
+        for (pos, &(_, slot, hash)) in live.iter().enumerate() {
+            if !shared.contains(&hash) {
+                continue;
+            }
+            let Some((k, e, ended)) = entry(slot) else {
+                into[pos] = GONE;
+                continue;
+            };
+            let tail = is_tail(&e);
+            if let Some(&(j, open)) = latest_own.get(&k) {
+                if tail || (open && !ended) {
+                    into[pos] = j;
                     continue;
                 }
             }
-            latest_own.insert(*k, i);
+            if tail {
+                if let Some(&n) = self.latest.get(&k) {
+                    grown
+                        .entry(n)
+                        .or_insert(self.done[n - self.base].1)
+                        .absorb(&e);
+                    into[pos] = GONE;
+                    continue;
+                }
+            }
+            latest_own.insert(k, (pos as u32, !ended));
         }
-        let done = self
-            .done
-            .iter()
-            .enumerate()
-            .map(|(i, (k, e, _, _))| (k, grown.get(&(self.base + i)).unwrap_or(e)));
-        let own = live
-            .iter()
-            .zip(&absorbed)
-            .filter(|(_, &a)| !a)
-            .map(|((k, e, _), _)| (k, e));
-        let n = self.done.len() + absorbed.iter().filter(|&&a| !a).count();
-        let mut conns = Vec::with_capacity(n);
-        conns.extend(
-            done.chain(own)
-                .map(|(k, e)| Connection::from_entry(k, e, clock_offset_ns)),
-        );
+        // (record, entry added to it), by record.
+        let mut adds: Vec<(u32, u32)> = (0..live.len() as u32)
+            .filter(|&p| into[p as usize] < GONE)
+            .map(|p| (into[p as usize], p))
+            .collect();
+        adds.sort_unstable();
+        let own = into.iter().filter(|&&j| j == OWN).count();
+        let mut conns = Vec::with_capacity(self.done.len() + own);
+        conns.extend(self.done.iter().enumerate().map(|(i, (k, e, _, _))| {
+            let e = grown.get(&(self.base + i)).unwrap_or(e);
+            Connection::from_entry(k, e, clock_offset_ns)
+        }));
+        let mut adds = adds.into_iter().peekable();
+        for (pos, &(_, slot, _)) in live.iter().enumerate() {
+            if into[pos] != OWN {
+                continue;
+            }
+            let Some((k, mut e, _)) = entry(slot) else {
+                continue;
+            };
+            while let Some((j, p)) = adds.next_if(|&(j, _)| j as usize <= pos) {
+                if j as usize == pos {
+                    if let Some((_, t, _)) = entry(live[p as usize].1) {
+                        e.absorb(&t);
+                    }
+                }
+            }
+            conns.push(Connection::from_entry(&k, &e, clock_offset_ns));
+        }
         Listing { conns, retired }
     }
 }
+
+/// [`Drainer::read`]'s marks for a listed slot: a record of its own, or
+/// none.
+const OWN: u32 = u32::MAX;
+const GONE: u32 = u32::MAX - 1;
 
 #[cfg(test)]
 mod tests {
@@ -266,6 +315,17 @@ mod tests {
             .collect()
     }
 
+    /// `d.read` of a table holding `live` (key, entry, ended), a slot each.
+    fn read(d: &mut Drainer, live: &[(ConnKey, FlowEntry, bool)], now_ns: u64) -> Listing {
+        let mut listed: Vec<Listed> = live
+            .iter()
+            .enumerate()
+            .map(|(i, (k, e, _))| (e.first_seen_ns, i as u32, key_hash(k)))
+            .collect();
+        listed.sort_unstable();
+        d.read(&listed, |i| live.get(i as usize).copied(), 0, now_ns)
+    }
+
     fn bytes(conns: &[Connection]) -> Vec<(u64, u64)> {
         conns.iter().map(|c| (c.first_seen, c.sent.bytes)).collect()
     }
@@ -282,7 +342,7 @@ mod tests {
             (k, entry(6000, tcp_flags::ACK, 2)),
         ]);
         assert_eq!(
-            bytes(&d.read(&mut [], 0, 0).conns),
+            bytes(&read(&mut d, &[], 0).conns),
             [(1000, 501), (4000, 42)]
         );
         // A later pass: a tail of the second.
@@ -293,23 +353,42 @@ mod tests {
         // In the map: a third connection the kernel ended when a fourth's
         // SYN came, a tail of the third, and the fourth.
         let live = [
-            (k, entry(8000, tcp_flags::SYN, 70)),
-            (k, entry(8500, tcp_flags::ACK, 4)),
-            (k, entry(9000, tcp_flags::SYN, 90)),
+            (k, entry(8000, tcp_flags::SYN, 70), true),
+            (k, entry(8500, tcp_flags::ACK, 4), true),
+            (k, entry(9000, tcp_flags::SYN, 90), false),
         ];
         assert_eq!(
-            bytes(&d.read(&mut held(live.to_vec()), 0, 0).conns),
+            bytes(&read(&mut d, &live, 0).conns),
             [(1000, 501), (4000, 45), (8000, 74), (9000, 90)]
         );
         // Read again, nothing changed: the same records.
         let live = [
-            (k, entry(9000, tcp_flags::SYN, 90)),
-            (k, entry(9500, tcp_flags::ACK, 5)),
+            (k, entry(9000, tcp_flags::SYN, 90), false),
+            (k, entry(9500, tcp_flags::ACK, 5), false),
         ];
         assert_eq!(
-            bytes(&d.read(&mut held(live.to_vec()), 0, 0).conns),
+            bytes(&read(&mut d, &live, 0).conns),
             [(1000, 501), (4000, 45), (9000, 95)]
         );
+    }
+
+    #[test]
+    fn two_live_slots_of_one_key_are_one_connection_and_others_stay_apart() {
+        let k = key();
+        let mut other = k;
+        other.lo_port += 1;
+        let mut d = drainer_with(Vec::new());
+        // An insert race: two slots of `k`, both opened by a SYN; another
+        // key's connection began between them.
+        let live = [
+            (k, entry(1000, tcp_flags::SYN, 10), false),
+            (other, entry(1500, tcp_flags::SYN, 7), false),
+            (k, entry(2000, tcp_flags::SYN, 20), false),
+        ];
+        let conns = read(&mut d, &live, 0).conns;
+        assert_eq!(bytes(&conns), [(1000, 30), (1500, 7)]);
+        let high = |c: &Connection| c.sport.max(c.dport);
+        assert_eq!((high(&conns[0]), high(&conns[1])), (40000, 40001));
     }
 
     #[test]
@@ -318,7 +397,7 @@ mod tests {
         let mut d = drainer_with(vec![(k, entry(1000, tcp_flags::SYN, 500))]);
         // A late ACK made a new entry after the drain: no SYN.
         let tail = entry(5000, tcp_flags::ACK, 7);
-        let conns = d.read(&mut held(vec![(k, tail)]), 0, 0).conns;
+        let conns = read(&mut d, &[(k, tail, false)], 0).conns;
         assert_eq!(conns.len(), 1);
         assert_eq!(conns[0].sent.bytes, 507);
         assert_eq!(conns[0].sent.packets, 2);
@@ -330,7 +409,7 @@ mod tests {
         let k = key();
         let mut d = drainer_with(vec![(k, entry(1000, tcp_flags::SYN, 500))]);
         let next = entry(9000, tcp_flags::SYN, 40);
-        let conns = d.read(&mut held(vec![(k, next)]), 0, 0).conns;
+        let conns = read(&mut d, &[(k, next, false)], 0).conns;
         assert_eq!(conns.len(), 2);
         assert_eq!(
             conns.iter().map(|c| c.sent.bytes).collect::<Vec<_>>(),
@@ -344,17 +423,17 @@ mod tests {
         let s = 1_000_000_000;
         let mut d = drainer_with(vec![(k, entry(1000, tcp_flags::SYN, 500))]);
         // Drained at 0, kept 60 s: listed at 59 s.
-        let l = d.read(&mut [], 0, 59 * s);
+        let l = read(&mut d, &[], 59 * s);
         assert_eq!((bytes(&l.conns), l.retired.len()), (vec![(1000, 500)], 0));
         // At 60 s it is given once as retired, then never again.
-        let l = d.read(&mut [], 0, 60 * s);
+        let l = read(&mut d, &[], 60 * s);
         assert!(l.conns.is_empty());
         assert_eq!(bytes(&l.retired), [(1000, 500)]);
         assert_eq!(d.held(), 0);
         // A tail after that is a record of its own (oriented by what it
         // saw: an ACK alone says nothing of who began).
         let tail = entry(70 * s, tcp_flags::ACK, 7);
-        let l = d.read(&mut held(vec![(k, tail)]), 0, 71 * s);
+        let l = read(&mut d, &[(k, tail, false)], 71 * s);
         assert_eq!((l.conns.len(), l.retired.len()), (1, 0));
         let c = &l.conns[0];
         assert_eq!((c.first_seen, c.sent.bytes + c.received.bytes), (70 * s, 7));

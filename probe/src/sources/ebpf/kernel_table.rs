@@ -13,6 +13,7 @@
 //! pass whatever its age.
 
 use std::collections::HashMap;
+use std::hash::BuildHasher;
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
@@ -43,6 +44,16 @@ pub type Held = (u32, u64);
 /// A record drained out of the table, with the slots that still hold it
 /// (`DRAINING`) until [`KernelTable::free`]; none when freed at once.
 pub type Drained = (ConnKey, FlowEntry, Vec<Held>);
+
+/// A slot that holds a connection, as [`KernelTable::order`] lists it:
+/// when the connection began, the slot, and its key's [`key_hash`].
+pub type Listed = (u64, u32, u64);
+
+/// A key's hash: equal keys have equal hashes, so two slots whose hashes
+/// differ hold different connections.
+pub fn key_hash(k: &ConnKey) -> u64 {
+    rustc_hash::FxBuildHasher.hash_one(k)
+}
 
 // SAFETY: the mappings are shared memory that the kernel writes too; every
 // access goes through atomics or volatile reads, from whichever thread.
@@ -192,21 +203,43 @@ impl KernelTable {
         }
     }
 
-    /// Every connection now in the table, as records appended to `out`
-    /// (see [`records`]; none holds a slot).
-    pub fn entries(&mut self, out: &mut Vec<Drained>) -> Result<()> {
-        // Room for all at once: grown by doubling, the buffer (half a
-        // kilobyte a connection) could be twice what it holds.
+    /// The slots that hold a connection now, in the order their
+    /// connections began, into `out` (cleared). Only keys and start times
+    /// are read, and entries are then read one at a time
+    /// ([`KernelTable::entry`]): a reading holds no copy of the table (at
+    /// half a kilobyte an entry, that was the largest part of a tick).
+    pub fn order(&self, out: &mut Vec<Listed>) {
+        out.clear();
         let occupied: u32 = (0..self.len.div_ceil(64))
             .map(|w| self.word(w).load(Ordering::Relaxed).count_ones())
             .sum();
         out.reserve(occupied as usize);
-        records(
-            self.occupied()
-                .filter_map(|i| self.read(i).map(|(k, e, ended)| (k, e, ended, None))),
-            out,
-        );
-        Ok(())
+        for i in self.occupied() {
+            let st = self.state(i);
+            if !holds(st) || st == state::DRAINING {
+                continue;
+            }
+            let s = self.slot(i);
+            // SAFETY: a slot of the mapping, its state read first (see
+            // `state`); key and start are written once, before it is
+            // published.
+            let (key, first) = unsafe {
+                (
+                    std::ptr::read_volatile(&raw const (*s).key),
+                    std::ptr::read_volatile(&raw const (*s).entry.first_seen_ns),
+                )
+            };
+            out.push((first, i as u32, key_hash(&key)));
+        }
+        out.sort_unstable_by_key(|&(first, i, _)| (first, i));
+    }
+
+    /// Slot `i`'s key and entry, as userspace uses them, and whether the
+    /// kernel ended it, if it holds a connection (see [`KernelTable::order`]).
+    pub fn entry(&self, i: u32) -> Option<(ConnKey, FlowEntry, bool)> {
+        ((i as usize) < self.len)
+            .then(|| self.read(i as usize))
+            .flatten()
     }
 
     /// Takes every connection for which `due` holds, and every `ENDED` one,

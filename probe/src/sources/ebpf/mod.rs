@@ -272,7 +272,7 @@ impl EbpfSource {
             .att
             .adopt(&mut self.ebpf, links, conns, &recorded, true)?;
         let mut live = Vec::new();
-        self.table.entries(&mut live)?;
+        self.table.order(&mut live);
         let mut line = format!(
             "flowprobe: adopted the kernel table kept in {}: {} connections open, {} drained not yet retired; its filters taken over on {taken} hooks",
             k.state.dir().display(),
@@ -288,11 +288,12 @@ impl EbpfSource {
 
     fn reading(&mut self) -> Result<Reading> {
         let mut live = Vec::new();
-        self.table.entries(&mut live)?;
+        self.table.order(&mut live);
         let entries = live.len();
-        let listing = self
-            .drainer
-            .read(&mut live, clock_offset_ns(), monotonic_ns());
+        let table = &self.table;
+        let listing =
+            self.drainer
+                .read(&live, |i| table.entry(i), clock_offset_ns(), monotonic_ns());
         // In drain order then the map's: the run loop sorts once tagged.
         Ok(Reading {
             conns: listing.conns,

@@ -466,6 +466,16 @@ impl<H: Host> Resolver<H> {
     /// Remembers the end of `t` as owned by `r`, unless a pass found its
     /// socket's owner already; true when it did.
     fn adopt(&mut self, t: Tuple, r: Recorded) -> bool {
+        let k = key(&t);
+        // Named at an earlier pass (the common case: every listed end
+        // comes again once a second).
+        if self
+            .sockets
+            .get(&k)
+            .is_some_and(|l| l.iter().any(|x| x.owner.is_some()))
+        {
+            return false;
+        }
         // What a lookup would have taught: the address is this host's.
         let ip = t.local.ip();
         if !ip.is_unspecified() {
@@ -474,11 +484,7 @@ impl<H: Host> Resolver<H> {
                 self.netns_ips.insert((ns, ip));
             }
         }
-        let list = self.sockets.entry(key(&t)).or_default();
-        if list.iter().any(|x| x.owner.is_some()) {
-            return false;
-        }
-        list.push(Sighting {
+        self.sockets.entry(k).or_default().push(Sighting {
             netns: r.netns.unwrap_or(0),
             seen_ns: self.now_ns,
             inode: 0,

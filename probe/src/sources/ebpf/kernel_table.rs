@@ -7,7 +7,8 @@
 //! Every entry leaves here in userspace's terms: contended counts folded in
 //! (`FlowEntry::fold_late`), `last_seen_ns` turned from jiffies into
 //! CLOCK_MONOTONIC nanoseconds, and two live entries of one key (a rare
-//! insert race, see `probe_common::slots`) added together. An `ENDED` slot
+//! insert race, see `probe_common::slots`) added together (by
+//! `Drainer::read` for a reading, which reads slot by slot). An `ENDED` slot
 //! holds an earlier connection on the 5-tuple of a live one (the kernel set
 //! it aside when a new SYN came): a record of its own, drained at the next
 //! pass whatever its age.

@@ -35,7 +35,7 @@ use std::net::SocketAddr;
 use rustc_hash::FxHashMap as HashMap;
 use serde::Serialize;
 
-use crate::attrib::Proto;
+use crate::attrib::{Packed, Proto};
 use crate::conn::{Connection, DirStats};
 
 /// The tag of an end whose address was translated: its address on the
@@ -161,7 +161,7 @@ struct Joined {
 pub struct NatJoin {
     /// Boxed: most connections are not translated, and their answer is
     /// then a pointer's size, not a translation's.
-    answers: HashMap<RecKey, Option<Box<Translation>>>,
+    answers: HashMap<Packed, Option<Box<Translation>>>,
     joined: HashMap<ConnId, Joined>,
     max: usize,
     reading: u64,
@@ -291,7 +291,7 @@ impl NatJoin {
         // Forget: the answers of retired records, and connections no view
         // of which was listed for a while.
         for k in retired_keys.into_iter().flatten() {
-            self.answers.remove(&k);
+            self.answers.remove(&packed(k));
         }
         self.newest = newest;
         let reading = self.reading;
@@ -349,7 +349,7 @@ impl NatJoin {
         retiring: bool,
     ) -> Option<Translation> {
         let key = rec_key(c)?;
-        if let Some(a) = self.answers.get(&key) {
+        if let Some(a) = self.answers.get(&packed(key)) {
             return a.as_deref().copied();
         }
         let (proto, a, b) = key;
@@ -375,7 +375,7 @@ impl NatJoin {
                 self.answers.clear();
                 self.stats.cache_cleared += 1;
             }
-            self.answers.insert(key, found.map(Box::new));
+            self.answers.insert(packed(key), found.map(Box::new));
         }
         found
     }
@@ -402,6 +402,11 @@ pub fn beyond(c: &Connection) -> (SocketAddr, SocketAddr) {
 /// Whether the join found `c` translated (an end has a [`NAT_IP`] tag).
 pub fn translated(c: &Connection) -> bool {
     c.src_tags.contains_key(NAT_IP) || c.dst_tags.contains_key(NAT_IP)
+}
+
+/// As the answers are kept: packed, for their one entry per connection.
+fn packed((proto, a, b): RecKey) -> Packed {
+    Packed::new(proto, a, b)
 }
 
 fn rec_key(c: &Connection) -> Option<RecKey> {

@@ -53,6 +53,36 @@ impl Tuple {
     }
 }
 
+/// A protocol and two ends packed as a map key, 38 bytes where
+/// `(Proto, SocketAddr, SocketAddr)` takes 68 (an IPv6 address's flow
+/// label and scope are left out): for maps that hold an entry per
+/// connection or per end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Packed {
+    proto: Proto,
+    /// Bit 0: the first address is IPv6, bit 1: the second.
+    v6: u8,
+    ports: [u16; 2],
+    /// IPv4 as IPv4-mapped IPv6.
+    addrs: [[u8; 16]; 2],
+}
+
+impl Packed {
+    pub fn new(proto: Proto, a: SocketAddr, b: SocketAddr) -> Packed {
+        let octets = |s: SocketAddr| match s.ip() {
+            IpAddr::V4(v4) => (v4.to_ipv6_mapped().octets(), 0),
+            IpAddr::V6(v6) => (v6.octets(), 1),
+        };
+        let ((x, x6), (y, y6)) = (octets(a), octets(b));
+        Packed {
+            proto,
+            v6: x6 | y6 << 1,
+            ports: [a.port(), b.port()],
+            addrs: [x, y],
+        }
+    }
+}
+
 fn canonical(a: SocketAddr) -> SocketAddr {
     match a.ip() {
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
@@ -135,4 +165,34 @@ pub trait Host {
     fn user_name(&mut self, uid: u32) -> Option<String>;
     /// This host's name.
     fn host_name(&mut self) -> Option<String>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packed_ends_are_as_distinct_as_the_ends() {
+        let p =
+            |proto, a: &str, b: &str| Packed::new(proto, a.parse().unwrap(), b.parse().unwrap());
+        let tcp = |a, b| p(Proto::Tcp, a, b);
+        assert_eq!(
+            tcp("10.0.0.1:1", "10.0.0.2:2"),
+            tcp("10.0.0.1:1", "10.0.0.2:2")
+        );
+        assert_ne!(
+            tcp("10.0.0.1:1", "10.0.0.2:2"),
+            tcp("10.0.0.2:2", "10.0.0.1:1")
+        );
+        assert_ne!(
+            tcp("10.0.0.1:1", "10.0.0.2:2"),
+            tcp("[::ffff:10.0.0.1]:1", "10.0.0.2:2")
+        );
+        assert_ne!(tcp("0.0.0.0:1", "0.0.0.0:0"), tcp("[::]:1", "0.0.0.0:0"));
+        assert_ne!(
+            tcp("10.0.0.1:1", "10.0.0.2:2"),
+            p(Proto::Udp, "10.0.0.1:1", "10.0.0.2:2")
+        );
+        assert_eq!(std::mem::size_of::<Packed>(), 38);
+    }
 }

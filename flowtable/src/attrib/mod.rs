@@ -16,7 +16,7 @@ mod rules;
 mod tests;
 
 pub use cgroup::{parse as parse_cgroup, CgroupInfo};
-pub use host::{Host, Netns, ProcessInfo, Proto, SocketEntry, SocketState, Tuple};
+pub use host::{Host, Netns, Packed, ProcessInfo, Proto, SocketEntry, SocketState, Tuple};
 pub use owner::{Owner, SERVICE_ENV};
 pub use resolver::{
     AttribHealth, Options, PassStats, Recorded, Resolver, NO_PROCESS, NO_SOCKET, REMOTE,

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use smallvec::SmallVec;
 
-use super::host::{Host, Netns, ProcessInfo, Proto, SocketEntry, SocketState, Tuple};
+use super::host::{Host, Netns, Packed, ProcessInfo, Proto, SocketEntry, SocketState, Tuple};
 use super::owner::Owner;
 use super::rules::{self, ServiceRule};
 use crate::{Connection, Interner, Tags};
@@ -148,28 +148,12 @@ pub struct Recorded {
     pub netns: Option<u64>,
 }
 
-/// A [`Tuple`] as the resolver's maps hold it, addresses as 16 bytes
-/// (IPv4 mapped): 38 bytes, where a `Tuple` takes 68, in the two maps
-/// that hold an entry per end.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-struct Key {
-    proto: Proto,
-    ports: [u16; 2],
-    local: [u8; 16],
-    remote: [u8; 16],
-}
+/// The resolver's maps hold a tuple packed (38 bytes, where a `Tuple`
+/// takes 68): two of them have an entry per end.
+type Key = Packed;
 
 fn key(t: &Tuple) -> Key {
-    let octets = |a: &SocketAddr| match a.ip() {
-        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
-        IpAddr::V6(v6) => v6.octets(),
-    };
-    Key {
-        proto: t.proto,
-        ports: [t.local.port(), t.remote.port()],
-        local: octets(&t.local),
-        remote: octets(&t.remote),
-    }
+    Packed::new(t.proto, t.local, t.remote)
 }
 
 /// One socket with this 5-tuple in one namespace, and its owner once known.

@@ -159,18 +159,29 @@ pub fn start(
                         feed = None;
                     }
                 }
-                seen.extend(keys.iter().filter_map(key_ends).flatten());
                 s.cpu_ns
                     .fetch_add(thread_cpu_ns().saturating_sub(t0), Ordering::Relaxed);
                 // The owners of the keys just read: a client's socket is
                 // recorded before its first packet, so none of them needs a
                 // lookup.
                 drain_owners(&s);
-                pass(&s, &mut lock(&s.resolver), &seen);
-                // Every key comes once a second: buffers sized for all of
-                // them go back (large ones are mapped, so to the system).
+                // A slice of the keys at a time: every key comes once a
+                // second, and each is two 5-tuples to look at; the run
+                // loop's `tag` may take the resolver in between.
+                let mut chunks = keys.chunks(SMALL_FEED);
+                loop {
+                    let chunk = chunks.next().unwrap_or_default();
+                    seen.clear();
+                    seen.extend(chunk.iter().filter_map(key_ends).flatten());
+                    pass(&s, &mut lock(&s.resolver), &seen);
+                    if chunks.len() == 0 {
+                        break;
+                    }
+                }
+                // Buffers sized for all keys go back (large ones are
+                // mapped, so to the system).
                 if keys.capacity() > SMALL_FEED {
-                    (keys, seen) = (Vec::new(), Vec::new());
+                    keys = Vec::new();
                 }
                 if !draining {
                     std::thread::park_timeout(interval);
@@ -185,7 +196,8 @@ pub fn start(
     }
 }
 
-/// Keys the attribution thread's buffers keep room for between passes.
+/// Keys the attribution thread looks at in one pass, and keeps room for
+/// between passes.
 const SMALL_FEED: usize = 4096;
 
 /// Attribution runs (`FLOWPROBE_ATTRIB` is not `off`).

@@ -88,7 +88,7 @@ pub struct PassStats {
     pub lookups: usize,
     /// 5-tuples not looked up: the caller knew their socket's owner
     /// already (the kernel's record of it, [`Resolver::refresh_skipping`]);
-    /// each counted once, when it was first named so.
+    /// counted at every pass that was handed them.
     pub skipped: usize,
     /// Sockets whose owner this pass found.
     pub attributed: usize,
@@ -390,13 +390,13 @@ impl<H: Host> Resolver<H> {
             if self.looked_up.contains_key(&key(t)) {
                 continue;
             }
-            // Not marked looked up: the record names it at every pass (as
-            // cheaply as the mark would), and the sighting is its memory.
+            // Not remembered here: the record names the end whenever it
+            // is tagged ([`Resolver::tag_recorded`]), as cheaply as a
+            // memory of it would.
             if let Some(r) = recorded(t) {
                 self.asking.remove(t);
-                if self.adopt(*t, r) {
-                    st.skipped += 1;
-                }
+                self.learn_recorded(t, &r);
+                st.skipped += 1;
                 continue;
             }
             st.lookups += 1;
@@ -447,20 +447,9 @@ impl<H: Host> Resolver<H> {
         }
     }
 
-    /// Remembers the end of `t` as owned by `r`, unless a pass found its
-    /// socket's owner already; true when it did.
-    fn adopt(&mut self, t: Tuple, r: Recorded) -> bool {
-        let k = key(&t);
-        // Named at an earlier pass (the common case: every listed end
-        // comes again once a second).
-        if self
-            .sockets
-            .get(&k)
-            .is_some_and(|l| l.iter().any(|x| x.owner.is_some()))
-        {
-            return false;
-        }
-        // What a lookup would have taught: the address is this host's.
+    /// What a lookup of the recorded end `t` would have taught: its
+    /// address is this host's (in the record's namespace).
+    fn learn_recorded(&mut self, t: &Tuple, r: &Recorded) {
         let ip = t.local.ip();
         if !ip.is_unspecified() {
             self.local_ips.insert(ip);
@@ -468,15 +457,6 @@ impl<H: Host> Resolver<H> {
                 self.netns_ips.insert((ns, ip));
             }
         }
-        self.sockets.entry(k).or_default().push(Sighting {
-            netns: r.netns.unwrap_or(0),
-            seen_ns: self.now_ns,
-            inode: 0,
-            uid: 0,
-            state: SocketState::Other,
-            owner: Some(r.owner),
-        });
-        true
     }
 
     fn learn_ip(&mut self, netns: u64, s: &SocketEntry) {
@@ -764,6 +744,17 @@ impl<H: Host> Resolver<H> {
     /// "Attribution"): an end whose socket a pass saw gets its owner's tags,
     /// `netns` and `service`; any other end an [`UNATTRIBUTED`] reason.
     pub fn tag(&mut self, conns: &mut [Connection]) {
+        self.tag_recorded(conns, |_| None);
+    }
+
+    /// [`Resolver::tag`], where an end whose socket the kernel recorded
+    /// (`recorded`, as for [`Resolver::refresh_skipping`]) is named from
+    /// that record unless a pass found the socket's owner.
+    pub fn tag_recorded(
+        &mut self,
+        conns: &mut [Connection],
+        recorded: impl Fn(&Tuple) -> Option<Recorded>,
+    ) {
         for c in conns {
             let Some(proto) = Proto::from_name(c.proto) else {
                 continue;
@@ -773,8 +764,8 @@ impl<H: Host> Resolver<H> {
             // The responder's socket sees the connection beyond any
             // translation this host made (`crate::nat`).
             let (src_far, dst_far) = crate::nat::beyond(c);
-            let src_set = self.intern(self.end_tags(proto, src, dst));
-            let dst_set = self.intern(self.end_tags(proto, dst_far, src_far));
+            let src_set = self.intern(self.end_tags_recorded(proto, src, dst, &recorded));
+            let dst_set = self.intern(self.end_tags_recorded(proto, dst_far, src_far, &recorded));
             c.src_tags.add_shared(&src_set);
             c.dst_tags.add_shared(&dst_set);
         }
@@ -787,8 +778,28 @@ impl<H: Host> Resolver<H> {
         local: SocketAddr,
         remote: SocketAddr,
     ) -> BTreeMap<String, String> {
+        self.end_tags_recorded(proto, local, remote, &|_| None)
+    }
+
+    fn end_tags_recorded(
+        &self,
+        proto: Proto,
+        local: SocketAddr,
+        remote: SocketAddr,
+        recorded: &impl Fn(&Tuple) -> Option<Recorded>,
+    ) -> BTreeMap<String, String> {
         let mut tags = BTreeMap::new();
         let t = Tuple::new(proto, local, remote);
+        let found = self.pick(self.sockets.get(&key(&t)), |s| s.owner.is_some());
+        if found.is_none() {
+            if let Some(r) = recorded(&t) {
+                if let Some(n) = r.netns {
+                    tags.insert("netns".to_owned(), n.to_string());
+                }
+                tags.extend(self.owner_tags(&r.owner, t.local.port()));
+                return tags;
+            }
+        }
         let Some(s) = self.sighting(&t) else {
             let ip = t.local.ip();
             let why = if ip.is_loopback() || self.local_ips.contains(&ip) {

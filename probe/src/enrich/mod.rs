@@ -367,10 +367,14 @@ fn join(s: &State, conns: &mut [Connection]) {
     let seen = tuples(conns);
     let mut r = lock(&s.resolver);
     pass(s, &mut r, &seen);
-    r.tag(conns);
+    let owners = lock(&s.owners);
+    // Ends whose socket the kernel recorded, named from that record (the
+    // resolver keeps no copy of it).
+    r.tag_recorded(conns, |t| owners.recorded(t));
     // Ends no pass found a process for: the owner the kernel recorded
-    // for their socket at connect time.
-    lock(&s.owners).tag(&mut r, conns);
+    // for their socket, by its cookie, or by port and peer at connect time.
+    owners.tag(&mut r, conns);
+    drop(owners);
     // Ends the resolver found no process for: their container from the
     // cgroup id the tc program saw on the socket.
     lock(&s.cgroups).tag(conns);

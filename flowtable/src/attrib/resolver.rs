@@ -261,9 +261,9 @@ impl<H: Host> Resolver<H> {
 
     /// [`Resolver::refresh`], but a 5-tuple for which `recorded` gives its
     /// socket's owner is not looked up (a lookup is the costliest thing a
-    /// pass does): it is settled with that owner, remembered as a socket a
-    /// pass found would be (so its end carries the same tags, for as long),
-    /// and counted in [`PassStats::skipped`].
+    /// pass does), nor kept or searched for when a dump meets its socket:
+    /// [`Resolver::tag_recorded`] names it from that record. Counted in
+    /// [`PassStats::skipped`].
     pub fn refresh_skipping(
         &mut self,
         now_ns: u64,
@@ -286,7 +286,7 @@ impl<H: Host> Resolver<H> {
         if dump {
             let mut live_inodes = HashSet::default();
             for ns in &namespaces {
-                self.dump_netns(ns, &mut st, &mut live_inodes);
+                self.dump_netns(ns, &mut st, &mut live_inodes, &recorded);
             }
             self.dumped_at = Some(now_ns);
             self.inode_pid.retain(|i, _| live_inodes.contains(i));
@@ -476,7 +476,13 @@ impl<H: Host> Resolver<H> {
         self.last_error = Some(format!("{what}: {e}"));
     }
 
-    fn dump_netns(&mut self, ns: &Netns, st: &mut PassStats, live_inodes: &mut HashSet<u64>) {
+    fn dump_netns(
+        &mut self,
+        ns: &Netns,
+        st: &mut PassStats,
+        live_inodes: &mut HashSet<u64>,
+        recorded: &impl Fn(&Tuple) -> Option<Recorded>,
+    ) {
         let socks = match self.host.sockets(ns) {
             Ok(s) => s,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return,
@@ -496,6 +502,10 @@ impl<H: Host> Resolver<H> {
                 live_inodes.insert(s.inode);
             }
             self.learn_ip(ns.id, s);
+            // The kernel's record names it: nothing to keep or to find.
+            if recorded(&s.tuple).is_some() && !self.sockets.contains_key(&key(&s.tuple)) {
+                continue;
+            }
             if self.see(ns.id, s) {
                 pending.push((s.tuple, s.inode));
             }

@@ -761,3 +761,33 @@ fn remembered_sockets_are_bounded_by_forget_and_age() {
     r.refresh(80 * s, &[]);
     assert_eq!(r.remembered(), 0);
 }
+
+/// A dump that meets a socket the kernel recorded keeps nothing of it and
+/// reads no process for it: the record names that end.
+#[test]
+fn dumps_leave_recorded_sockets_to_their_record() {
+    let client = ends(Proto::Tcp, "10.1.0.1:40000", "10.1.0.2:8080")[0];
+    let owner = Arc::new(Owner::new(
+        &proc_info(105, "fp-recorded", String::new(), None),
+        None,
+        None,
+    ));
+    let recorded = |t: &Tuple| {
+        (*t == client).then(|| Recorded {
+            owner: owner.clone(),
+            netns: Some(11),
+        })
+    };
+    let mut plain = Resolver::new(world(), Options::default());
+    let all = plain.refresh(0, &[]);
+    let mut r = Resolver::new(world(), Options::default());
+    let st = r.refresh_skipping(0, &[], recorded);
+    // The client's socket is neither remembered nor searched for.
+    assert_eq!(r.remembered() + 1, plain.remembered());
+    assert_eq!(st.attributed + 1, all.attributed);
+    let mut c = vec![conn("tcp", "10.1.0.1:40000", "10.1.0.2:8080")];
+    r.tag_recorded(&mut c, recorded);
+    assert_eq!(c[0].src_tags["process"], "fp-recorded");
+    assert_eq!(c[0].src_tags["netns"], "11");
+    assert_eq!(c[0].dst_tags["process"], "fp-server");
+}

@@ -11,7 +11,9 @@
 #
 # usage (root): bench/open.sh [ROUNDS]   (default 3)
 #   N=20000 MODES="tc afpacket softflowd" FP=target/release/flowprobe
-#   TICKS=5 SKIP_BUILD=1 FP_ARGS="..." (more flags for `run`)
+#   TICKS=25 SKIP_BUILD=1 FP_ARGS="..." (more flags for `run`)
+# TICKS (seconds, one reading each) spans two of attribution's socket dumps
+# (every 10 s), which meet every socket: fewer can miss what they keep.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,7 +21,7 @@ ROUNDS=${1:-${ROUNDS:-3}}
 N=${N:-20000}
 MODES=${MODES:-tc afpacket softflowd}
 FP=${FP:-target/release/flowprobe}
-TICKS=${TICKS:-5}
+TICKS=${TICKS:-25}
 NS_A=fp-open-a-$$
 NS_B=fp-open-b-$$
 PY=/usr/bin/python3

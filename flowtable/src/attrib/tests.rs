@@ -635,6 +635,25 @@ fn an_unsettled_tuple_is_looked_up_again_without_being_named_again() {
     assert_eq!(st.lookups, 0, "settled");
 }
 
+/// An owner as the kernel's record gives it (process `fp-recorded`).
+fn recorded_owner() -> Arc<Owner> {
+    Arc::new(Owner::new(
+        &proc_info(105, "fp-recorded", String::new(), None),
+        None,
+        None,
+    ))
+}
+
+/// What the recorded owners say: `owner` owns the end `t`, in namespace 11.
+fn recorded_for(t: Tuple, owner: &Arc<Owner>) -> impl Fn(&Tuple) -> Option<Recorded> + Copy + '_ {
+    move |x: &Tuple| {
+        (*x == t).then(|| Recorded {
+            owner: owner.clone(),
+            netns: Some(11),
+        })
+    }
+}
+
 /// Tuples the caller names already (the kernel recorded their owner) are
 /// not looked up (counted as skipped at each pass) and are named from the
 /// record.
@@ -650,17 +669,8 @@ fn named_tuples_are_not_looked_up() {
     r.host.sockets.insert(22, later_22);
     let seen = ends(Proto::Tcp, "10.1.0.1:40000", "10.1.0.2:8080");
     let client = seen[0];
-    let owner = Arc::new(Owner::new(
-        &proc_info(105, "fp-recorded", String::new(), None),
-        None,
-        None,
-    ));
-    let recorded = |t: &Tuple| {
-        (*t == client).then(|| Recorded {
-            owner: owner.clone(),
-            netns: Some(11),
-        })
-    };
+    let owner = recorded_owner();
+    let recorded = recorded_for(client, &owner);
     let st = r.refresh_skipping(0, &seen, recorded);
     assert_eq!((st.lookups, st.skipped), (1, 1));
     let st = r.refresh_skipping(1_000_000, &seen, recorded);
@@ -767,17 +777,8 @@ fn remembered_sockets_are_bounded_by_forget_and_age() {
 #[test]
 fn dumps_leave_recorded_sockets_to_their_record() {
     let client = ends(Proto::Tcp, "10.1.0.1:40000", "10.1.0.2:8080")[0];
-    let owner = Arc::new(Owner::new(
-        &proc_info(105, "fp-recorded", String::new(), None),
-        None,
-        None,
-    ));
-    let recorded = |t: &Tuple| {
-        (*t == client).then(|| Recorded {
-            owner: owner.clone(),
-            netns: Some(11),
-        })
-    };
+    let owner = recorded_owner();
+    let recorded = recorded_for(client, &owner);
     let mut plain = Resolver::new(world(), Options::default());
     let all = plain.refresh(0, &[]);
     let mut r = Resolver::new(world(), Options::default());

@@ -85,6 +85,15 @@ impl From<&DirCounters> for DirStats {
 }
 
 /// Renders the stored 16-byte address in its own family.
+/// `a` as [`ip`] reads it back: its family (4 or 6) and 16 bytes, an IPv4
+/// address mapped.
+pub(crate) fn octets(a: IpAddr) -> (u8, [u8; 16]) {
+    match a {
+        IpAddr::V4(v4) => (4, v4.to_ipv6_mapped().octets()),
+        IpAddr::V6(v6) => (6, v6.octets()),
+    }
+}
+
 pub(crate) fn ip(family: u8, a: &[u8; 16]) -> IpAddr {
     if family == 4 {
         IpAddr::V4(Ipv4Addr::new(a[12], a[13], a[14], a[15]))

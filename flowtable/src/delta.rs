@@ -12,13 +12,13 @@
 //! the source retires (`Reading::retired` in `flowprobe run`) is
 //! [`forget`](Deltas::forget)-ten once its last change was taken.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 
 use rustc_hash::{FxHashMap, FxHashSet};
 use serde::{Deserialize, Serialize};
 use smallvec::SmallVec;
 
-use crate::conn::{Connection, DirStats};
+use crate::conn::{ip, octets, Connection, DirStats};
 
 /// A connection's 5-tuple and interface; several records can share it.
 /// Packed in 44 bytes (a tuple of them takes 64): one is held per listed
@@ -43,11 +43,7 @@ pub fn key(c: &Connection) -> Key {
 
 impl Key {
     fn new(proto: &str, src: IpAddr, sport: u16, dst: IpAddr, dport: u16, iface: u32) -> Key {
-        let packed = |a: IpAddr| match a {
-            IpAddr::V4(v4) => (v4.to_ipv6_mapped().octets(), 0),
-            IpAddr::V6(v6) => (v6.octets(), 1),
-        };
-        let ((s, s6), (d, d6)) = (packed(src), packed(dst));
+        let ((sf, s), (df, d)) = (octets(src), octets(dst));
         Key {
             ips: [s, d],
             iface,
@@ -56,17 +52,13 @@ impl Key {
                 .iter()
                 .position(|p| *p == proto)
                 .map_or(u8::MAX, |i| i as u8),
-            v6: s6 | d6 << 1,
+            v6: u8::from(sf == 6) | u8::from(df == 6) << 1,
         }
     }
 
     fn ip(&self, i: usize) -> IpAddr {
-        let b = self.ips[i];
-        if self.v6 >> i & 1 == 1 {
-            IpAddr::V6(Ipv6Addr::from(b))
-        } else {
-            IpAddr::V4(Ipv4Addr::new(b[12], b[13], b[14], b[15]))
-        }
+        let family = if self.v6 >> i & 1 == 1 { 6 } else { 4 };
+        ip(family, &self.ips[i])
     }
 }
 

@@ -8,6 +8,8 @@
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 
+use crate::conn::octets;
+
 /// Transport protocol of a socket.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Proto {
@@ -69,14 +71,10 @@ pub struct Packed {
 
 impl Packed {
     pub fn new(proto: Proto, a: SocketAddr, b: SocketAddr) -> Packed {
-        let octets = |s: SocketAddr| match s.ip() {
-            IpAddr::V4(v4) => (v4.to_ipv6_mapped().octets(), 0),
-            IpAddr::V6(v6) => (v6.octets(), 1),
-        };
-        let ((x, x6), (y, y6)) = (octets(a), octets(b));
+        let ((xf, x), (yf, y)) = (octets(a.ip()), octets(b.ip()));
         Packed {
             proto,
-            v6: x6 | y6 << 1,
+            v6: u8::from(xf == 6) | u8::from(yf == 6) << 1,
             ports: [a.port(), b.port()],
             addrs: [x, y],
         }

@@ -159,7 +159,6 @@ fn key(t: &Tuple) -> Key {
 /// One socket with this 5-tuple in one namespace, and its owner once known.
 #[derive(Clone, Debug)]
 struct Sighting {
-    /// 0: not known (an end named by its [`Recorded`] owner only).
     netns: u64,
     /// When a lookup or dump last found it.
     seen_ns: u64,
@@ -705,7 +704,7 @@ impl<H: Host> Resolver<H> {
         let s = self.sighting(t)?;
         Some(Recorded {
             owner: s.owner.clone()?,
-            netns: (s.netns != 0).then_some(s.netns),
+            netns: Some(s.netns),
         })
     }
 
@@ -721,6 +720,17 @@ impl<H: Host> Resolver<H> {
     /// The set equal to `m`, shared with every end that has it.
     pub fn intern(&mut self, m: BTreeMap<String, String>) -> Tags {
         self.sets.intern(m)
+    }
+
+    /// The tags of an end at local port `port` the kernel recorded as `r`'s:
+    /// its namespace when known, and [`Resolver::owner_tags`].
+    pub fn recorded_tags(&self, r: &Recorded, port: u16) -> BTreeMap<String, String> {
+        let mut tags = BTreeMap::new();
+        if let Some(n) = r.netns {
+            tags.insert("netns".to_owned(), n.to_string());
+        }
+        tags.extend(self.owner_tags(&r.owner, port));
+        tags
     }
 
     /// The tags an end at local port `port` owned by `o` carries: the
@@ -774,24 +784,16 @@ impl<H: Host> Resolver<H> {
             // The responder's socket sees the connection beyond any
             // translation this host made (`crate::nat`).
             let (src_far, dst_far) = crate::nat::beyond(c);
-            let src_set = self.intern(self.end_tags_recorded(proto, src, dst, &recorded));
-            let dst_set = self.intern(self.end_tags_recorded(proto, dst_far, src_far, &recorded));
+            let src_set = self.intern(self.end_tags(proto, src, dst, &recorded));
+            let dst_set = self.intern(self.end_tags(proto, dst_far, src_far, &recorded));
             c.src_tags.add_shared(&src_set);
             c.dst_tags.add_shared(&dst_set);
         }
     }
 
-    /// Tags of the end at `local` talking to `remote`.
-    pub fn end_tags(
-        &self,
-        proto: Proto,
-        local: SocketAddr,
-        remote: SocketAddr,
-    ) -> BTreeMap<String, String> {
-        self.end_tags_recorded(proto, local, remote, &|_| None)
-    }
-
-    fn end_tags_recorded(
+    /// Tags of the end at `local` talking to `remote` (named from
+    /// `recorded` when no pass found its socket's owner).
+    fn end_tags(
         &self,
         proto: Proto,
         local: SocketAddr,
@@ -803,11 +805,7 @@ impl<H: Host> Resolver<H> {
         let found = self.pick(self.sockets.get(&key(&t)), |s| s.owner.is_some());
         if found.is_none() {
             if let Some(r) = recorded(&t) {
-                if let Some(n) = r.netns {
-                    tags.insert("netns".to_owned(), n.to_string());
-                }
-                tags.extend(self.owner_tags(&r.owner, t.local.port()));
-                return tags;
+                return self.recorded_tags(&r, t.local.port());
             }
         }
         let Some(s) = self.sighting(&t) else {
@@ -820,23 +818,10 @@ impl<H: Host> Resolver<H> {
             tags.insert(UNATTRIBUTED.to_owned(), why.to_owned());
             return tags;
         };
-        if s.netns != 0 {
-            tags.insert("netns".to_owned(), s.netns.to_string());
-        }
+        tags.insert("netns".to_owned(), s.netns.to_string());
         match &s.owner {
             Some(o) => {
-                tags.extend(o.tags.iter().map(|(k, v)| (k.clone(), v.clone())));
-                let service = rules::service(
-                    &self.opts.rules,
-                    Some(&o.process),
-                    o.container.as_deref(),
-                    t.local.port(),
-                )
-                .map(str::to_owned)
-                .or_else(|| o.env_service.clone());
-                if let Some(svc) = service {
-                    tags.insert("service".to_owned(), svc);
-                }
+                tags.extend(self.owner_tags(o, t.local.port()));
             }
             None => {
                 tags.insert(UNATTRIBUTED.to_owned(), NO_PROCESS.to_owned());

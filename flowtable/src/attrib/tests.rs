@@ -598,15 +598,21 @@ fn new_connections_are_found_by_lookup_in_any_namespace() {
     assert_eq!((st.lookups, r.host.lookups), (0, n));
 }
 
-#[test]
-fn a_socket_still_in_the_accept_queue_is_looked_up_again() {
+/// [`world`] with the server's connected socket still in the accept queue
+/// (handshake done, no inode yet), and that socket as it is once accepted.
+fn world_with_server_unaccepted() -> (Fake, SocketEntry) {
     let mut f = world();
-    // Handshake done, not accepted: the kernel's socket has no inode yet.
     let accepted = f.sockets.get_mut(&22).unwrap().pop().unwrap();
     f.sockets.get_mut(&22).unwrap().push(SocketEntry {
         inode: 0,
         ..accepted
     });
+    (f, accepted)
+}
+
+#[test]
+fn a_socket_still_in_the_accept_queue_is_looked_up_again() {
+    let (f, accepted) = world_with_server_unaccepted();
     let mut r = Resolver::new(f, lookup_only());
     let seen = ends(Proto::Tcp, "10.1.0.1:40000", "10.1.0.2:8080");
     r.refresh(0, &seen);
@@ -620,12 +626,7 @@ fn a_socket_still_in_the_accept_queue_is_looked_up_again() {
 /// again on its own until the socket is settled.
 #[test]
 fn an_unsettled_tuple_is_looked_up_again_without_being_named_again() {
-    let mut f = world();
-    let accepted = f.sockets.get_mut(&22).unwrap().pop().unwrap();
-    f.sockets.get_mut(&22).unwrap().push(SocketEntry {
-        inode: 0,
-        ..accepted
-    });
+    let (f, accepted) = world_with_server_unaccepted();
     let mut r = Resolver::new(f, lookup_only());
     r.refresh(0, &ends(Proto::Tcp, "10.1.0.1:40000", "10.1.0.2:8080"));
     *r.host.sockets.get_mut(&22).unwrap().last_mut().unwrap() = accepted;

@@ -168,15 +168,15 @@ pub fn start(
                 // A slice of the keys at a time: every key comes once a
                 // second, and each is two 5-tuples to look at; the run
                 // loop's `tag` may take the resolver in between.
-                let mut chunks = keys.chunks(SMALL_FEED);
-                loop {
-                    let chunk = chunks.next().unwrap_or_default();
+                // One pass at least: dumps and retries are due without keys.
+                let none: &[ConnKey] = &[];
+                for chunk in keys
+                    .chunks(SMALL_FEED)
+                    .chain(keys.is_empty().then_some(none))
+                {
                     seen.clear();
                     seen.extend(chunk.iter().filter_map(key_ends).flatten());
                     pass(&s, &mut lock(&s.resolver), &seen);
-                    if chunks.len() == 0 {
-                        break;
-                    }
                 }
                 // Buffers sized for all keys go back (large ones are
                 // mapped, so to the system).
@@ -324,6 +324,7 @@ impl Attribution {
         let r = lock(&s.resolver);
         let t = lock(&s.totals);
         let o = lock(&s.owners);
+        let (sets, sets_let_go) = r.tag_sets();
         Some(AttribHealth {
             remembered: r.remembered() as u64,
             lookups: t.lookups as u64,
@@ -338,9 +339,9 @@ impl Attribution {
             listeners_limit: owners::MAX_LISTENERS as u64,
             listeners_forgotten: o.listeners_evicted,
             settled: lock(&s.memo).len() as u64,
-            tag_sets: r.tag_sets().0 as u64,
+            tag_sets: sets as u64,
             tag_sets_limit: flowtable::Interner::MAX as u64,
-            tag_sets_let_go: r.tag_sets().1,
+            tag_sets_let_go: sets_let_go,
             netns_ids: o.netns_held() as u64,
             netns_ids_limit: owners::MAX_NETNS as u64,
             netns_ids_cleared: o.netns_cleared,

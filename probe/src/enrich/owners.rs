@@ -316,7 +316,7 @@ impl Owners {
     }
 
     /// The socket a tuple names.
-    fn by_tuple(&self, key: &TupleKey) -> Option<&Sock> {
+    fn sock_at(&self, key: &TupleKey) -> Option<&Sock> {
         self.by_tuple.get(key).and_then(|c| self.by_cookie.get(c))
     }
 
@@ -347,16 +347,14 @@ impl Owners {
                 // end's port and peer.
                 let s = cookie(tags)
                     .and_then(|k| self.by_cookie.get(&k))
-                    .or_else(|| self.by_tuple(&key));
+                    .or_else(|| self.sock_at(&key));
                 if let Some(s) = s {
-                    let mut set = r.owner_tags(&s.owner, key.1);
-                    if let Some(id) = self.netns_ids.get(&s.netns_cookie) {
-                        if !tags.contains_key("netns") {
-                            set.insert("netns".to_owned(), id.to_string());
-                        }
+                    let mut rec = self.record(s);
+                    if tags.contains_key("netns") {
+                        rec.netns = None;
                     }
                     // One set for every end of the owner.
-                    let set = r.intern(set);
+                    let set = r.intern(r.recorded_tags(&rec, key.1));
                     if tags.len() == 1 && tags.contains_key(UNATTRIBUTED) {
                         tags.replace_set(&set);
                     } else {
@@ -378,11 +376,17 @@ impl Owners {
             Proto::Udp => 17,
         };
         let key = (proto, t.local.port(), t.remote.ip(), t.remote.port());
-        let s = self.by_tuple(&key)?;
-        (s.local.is_unspecified() || s.local == t.local.ip()).then(|| Recorded {
+        let s = self.sock_at(&key)?;
+        (s.local.is_unspecified() || s.local == t.local.ip()).then(|| self.record(s))
+    }
+
+    /// What the kernel recorded of socket `s`: its owner, and its network
+    /// namespace's id once learnt.
+    fn record(&self, s: &Sock) -> Recorded {
+        Recorded {
             owner: s.owner.clone(),
             netns: self.netns_ids.get(&s.netns_cookie).copied(),
-        })
+        }
     }
 
     /// Forgets the sockets of connections listed for the last time.

@@ -159,9 +159,7 @@ impl KernelTable {
     fn read(&self, i: usize) -> Option<(ConnKey, FlowEntry, bool)> {
         let s = self.slot(i);
         let st = self.state(i);
-        // A `DRAINING` slot is one this run (or the run it adopted from)
-        // took out: its record is userspace's now.
-        if !holds(st) || st == state::DRAINING {
+        if !listed(st) {
             return None;
         }
         // SAFETY: a slot of the mapping, its state read first (see `state`).
@@ -216,8 +214,7 @@ impl KernelTable {
             .sum();
         out.reserve(occupied as usize);
         for i in self.occupied() {
-            let st = self.state(i);
-            if !holds(st) || st == state::DRAINING {
+            if !listed(self.state(i)) {
                 continue;
             }
             let s = self.slot(i);
@@ -324,6 +321,13 @@ impl KernelTable {
 /// A slot in this state holds a connection.
 fn holds(st: u32) -> bool {
     st == state::LIVE || st == state::DRAINING || st == state::ENDED
+}
+
+/// A slot in this state holds a connection a reading lists: a `DRAINING`
+/// one is one this run (or the run it adopted from) took out, its record
+/// userspace's now.
+fn listed(st: u32) -> bool {
+    holds(st) && st != state::DRAINING
 }
 
 /// Entries read or drained from slots as connection records, appended to

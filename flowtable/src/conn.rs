@@ -6,7 +6,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use probe_common::DirCounters;
 use serde::{Deserialize, Serialize, Serializer};
 
-use crate::rtt::Rtt;
+use crate::rtt::Rtts;
 use crate::tags::Tags;
 
 /// One connection, oriented from its initiator (`src`) to its responder.
@@ -32,10 +32,8 @@ pub struct Connection {
     pub received: DirStats,
     /// Round-trip times from packet timestamps (TCP, userspace table only;
     /// absent when no segment was answered).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    /// Boxed: most records have none, and a record is copied into every
-    /// reading.
-    pub rtt: Option<Box<Rtt>>,
+    #[serde(skip_serializing_if = "Rtts::is_none")]
+    pub rtt: Rtts,
     /// Tags of the initiator's end (process attribution fills them; a query
     /// groups and filters by them like `ip` or `port`).
     #[serde(skip_serializing_if = "Tags::is_empty")]

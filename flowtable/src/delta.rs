@@ -84,7 +84,8 @@ pub struct Change<'a> {
     pub conn: &'a Connection,
     pub sent: DirStats,
     pub received: DirStats,
-    /// The index among its key's records, `None` for a new record.
+    /// The index among its key's records ([`since`]: 0), `None` for a
+    /// new record.
     found: Option<usize>,
 }
 
@@ -109,6 +110,45 @@ pub fn sub(now: &DirStats, before: &DirStats) -> DirStats {
         probes: now.probes.saturating_sub(before.probes),
         gaps: now.gaps.saturating_sub(before.gaps),
     }
+}
+
+/// The records of `conns` that changed since `before`, the reading that
+/// came before them (a record not in it is new: its totals count), in
+/// their order. For a stage that keeps the last reading anyway: nothing of
+/// its own is kept between readings, and what it indexes here is freed on
+/// return. A record that the source stops listing must be retired, not
+/// left out: listed again, it would count as new.
+pub fn since<'a>(
+    before: &[Connection],
+    conns: impl IntoIterator<Item = &'a Connection>,
+) -> Vec<Change<'a>> {
+    let mut index: FxHashMap<Key, SmallVec<[u32; 1]>> = FxHashMap::default();
+    index.reserve(before.len());
+    for (i, c) in before.iter().enumerate() {
+        index.entry(key(c)).or_default().push(i as u32);
+    }
+    let mut out = Vec::new();
+    for c in conns {
+        let found = index.get(&key(c)).and_then(|at| {
+            at.iter()
+                .map(|&i| &before[i as usize])
+                .find(|b| b.first_seen.abs_diff(c.first_seen) < SAME_RECORD_NS)
+        });
+        let (sent, received) = match found {
+            Some(b) => (b.sent, b.received),
+            None => Default::default(),
+        };
+        if (c.sent, c.received) == (sent, received) {
+            continue;
+        }
+        out.push(Change {
+            conn: c,
+            sent: sub(&c.sent, &sent),
+            received: sub(&c.received, &received),
+            found: found.map(|_| 0),
+        });
+    }
+    out
 }
 
 /// One record as last taken, to save and [`Deltas::restore`] (a restarted
@@ -301,7 +341,7 @@ mod tests {
                 ..DirStats::default()
             },
             received: DirStats::default(),
-            rtt: None,
+            rtt: Default::default(),
             src_tags: Default::default(),
             dst_tags: Default::default(),
         }

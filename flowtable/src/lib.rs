@@ -18,7 +18,7 @@ mod table;
 mod tags;
 
 pub use conn::{Connection, DirStats};
-pub use rtt::{new_histogram, Percentiles, Rtt, RttLeg};
+pub use rtt::{new_histogram, Percentiles, Rtt, RttLeg, Rtts};
 pub use stats::FrameStats;
 pub use table::{sort_connections, FlowTable, Observation};
 pub use tags::{Interner, Socket, Tags, CGROUP_ID, SOCKET_COOKIE};

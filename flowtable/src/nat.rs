@@ -432,9 +432,7 @@ fn swap_ends(c: &mut Connection) {
     std::mem::swap(&mut c.sport, &mut c.dport);
     std::mem::swap(&mut c.sent, &mut c.received);
     std::mem::swap(&mut c.src_tags, &mut c.dst_tags);
-    if let Some(r) = &mut c.rtt {
-        std::mem::swap(&mut r.src, &mut r.dst);
-    }
+    c.rtt.turn();
 }
 
 #[cfg(test)]

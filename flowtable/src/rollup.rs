@@ -27,7 +27,6 @@ use hdrhistogram::Histogram;
 use rustc_hash::{FxHashMap, FxHasher};
 
 use crate::conn::{Connection, DirStats};
-use crate::delta::Deltas;
 use crate::query::{QueryResult, QuerySpec, EPHEMERAL_MIN};
 use crate::rtt::new_histogram;
 use crate::tags::Tags;
@@ -100,7 +99,7 @@ impl Aggregate {
             last_seen: 0,
             sent: DirStats::default(),
             received: DirStats::default(),
-            rtt: None,
+            rtt: Default::default(),
             src_tags: Tags::default(),
             dst_tags: Tags::default(),
         })
@@ -116,7 +115,7 @@ impl Aggregate {
     /// A connection first seen in this interval.
     fn begin(&mut self, c: &Connection) {
         self.conns += 1;
-        if let Some(r) = &c.rtt {
+        if let Some(r) = c.rtt.get() {
             let h = self
                 .rtt_dst
                 .get_or_insert_with(|| Box::new(new_histogram()));
@@ -180,7 +179,8 @@ pub struct RollupStats {
     pub intervals: usize,
     /// Groups kept in the ring and the open interval.
     pub groups: usize,
-    /// Connection records the delta tracker remembers.
+    /// Connection records of the last reading, which the next one's
+    /// changes are taken against.
     pub tracked: usize,
     /// Groups folded so far (by `top` at a close, by `max_groups` while open).
     pub folded_groups: u64,
@@ -275,7 +275,9 @@ impl Open {
 /// The ring of interval rollups and the open interval.
 pub struct Rollups {
     s: RollupSettings,
-    deltas: Deltas,
+    /// The last reading's connections (shared with the agent's snapshot):
+    /// the next one's changes are taken against them.
+    before: Arc<Vec<Connection>>,
     open: Option<Open>,
     ring: VecDeque<Arc<Interval>>,
     /// The latest reading's time: what `--last` counts back from.
@@ -287,7 +289,7 @@ impl Rollups {
     pub fn new(s: RollupSettings) -> Rollups {
         Rollups {
             s,
-            deltas: Deltas::default(),
+            before: Arc::default(),
             open: None,
             ring: VecDeque::new(),
             now_ns: 0,
@@ -306,7 +308,14 @@ impl Rollups {
     /// One reading at `now_ns`: what every connection added since the last
     /// one goes to the open interval (closing it first if `now_ns` is past
     /// its end). `retired` are records the source lists for the last time.
-    pub fn update(&mut self, now_ns: u64, conns: &[Connection], retired: &[Connection]) {
+    /// `conns` are kept until the next reading.
+    pub fn update(
+        &mut self,
+        now_ns: u64,
+        conns: impl Into<Arc<Vec<Connection>>>,
+        retired: &[Connection],
+    ) {
+        let conns = conns.into();
         let len = self.interval_ns();
         self.now_ns = self.now_ns.max(now_ns);
         let aligned = now_ns - now_ns % len;
@@ -319,7 +328,7 @@ impl Rollups {
             }
             None => self.open = Some(Open::new(aligned)),
         }
-        let changes = self.deltas.changes(conns.iter().chain(retired));
+        let changes = crate::delta::since(&self.before, conns.iter().chain(retired));
         let max_groups = self.s.max_groups;
         let open = self.open.as_mut().expect("opened above");
         for ch in &changes {
@@ -340,7 +349,7 @@ impl Rollups {
                     rep.received = DirStats::default();
                     rep.first_seen = u64::MAX;
                     rep.last_seen = 0;
-                    rep.rtt = None;
+                    rep.rtt = Default::default();
                     open.len += 1;
                     list.push(Aggregate::empty(rep));
                     list.last_mut().expect("pushed")
@@ -355,9 +364,9 @@ impl Rollups {
                 agg.begin(c);
             }
         }
-        self.deltas.commit(&changes);
-        self.deltas.forget(retired);
-        self.stats.tracked = self.deltas.len();
+        drop(changes);
+        self.stats.tracked = conns.len();
+        self.before = conns;
         self.stats.groups = self.ring.iter().map(|i| i.rows.len()).sum::<usize>()
             + self.open.as_ref().map_or(0, |o| o.len);
     }
@@ -489,7 +498,7 @@ mod tests {
                 ..DirStats::default()
             },
             received: DirStats::default(),
-            rtt: None,
+            rtt: Default::default(),
             src_tags: Default::default(),
             dst_tags: [("service".to_owned(), service.to_owned())].into(),
         }
@@ -515,17 +524,17 @@ mod tests {
         // Two clients of `db`, one of `web`; read at 1 s, 5 s, 12 s.
         r.update(
             T0 + S,
-            &[conn(40000, 5432, "db", 100), conn(40001, 80, "web", 10)],
+            vec![conn(40000, 5432, "db", 100), conn(40001, 80, "web", 10)],
             &[],
         );
         r.update(
             T0 + 5 * S,
-            &[conn(40000, 5432, "db", 300), conn(40001, 80, "web", 10)],
+            vec![conn(40000, 5432, "db", 300), conn(40001, 80, "web", 10)],
             &[],
         );
         r.update(
             T0 + 12 * S,
-            &[conn(40000, 5432, "db", 350), conn(40002, 5432, "db", 7)],
+            vec![conn(40000, 5432, "db", 350), conn(40002, 5432, "db", 7)],
             &[conn(40001, 80, "web", 15)],
         );
         assert_eq!(r.stats().intervals, 1);
@@ -559,14 +568,14 @@ mod tests {
         // (max_groups), the second at the close (top).
         r.update(
             T0,
-            &[
+            vec![
                 conn(40000, 1, "a", 300),
                 conn(40001, 2, "b", 200),
                 conn(40002, 3, "c", 100),
             ],
             &[],
         );
-        r.update(T0 + S, &[], &[]);
+        r.update(T0 + S, vec![], &[]);
         let rows = query(&r, "service", 10);
         assert_eq!(rows[0], (vec![Some("a".to_owned())], 300, 1, false));
         // The folded groups are the `other` row: nothing lost.
@@ -581,7 +590,7 @@ mod tests {
         .unwrap();
         assert!(r.query(&spec, Duration::from_secs(10)).rows.is_empty());
         for t in 2..6 {
-            r.update(T0 + t * S, &[], &[]);
+            r.update(T0 + t * S, vec![], &[]);
         }
         assert_eq!(r.stats().intervals, 2);
         assert_eq!(r.stats().dropped_intervals, 3);
@@ -608,7 +617,7 @@ mod tests {
         };
         r.update(
             T0 + S,
-            &[
+            vec![
                 with(40000, "1", "61000"),
                 with(40001, "2", "61001"),
                 with(40002, "3", "61002"),

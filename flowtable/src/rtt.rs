@@ -149,6 +149,74 @@ pub struct Rtt {
     pub src: RttLeg,
 }
 
+/// A connection's round-trip times as its record holds them. The kernel
+/// keeps the two handshake samples only, and a live reading lists every
+/// connection at every tick: those stay inline (boxed, they took 160 bytes
+/// per listed connection, twice over while a reading replaced the last);
+/// a userspace table's samples are boxed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Rtts {
+    #[default]
+    None,
+    /// Handshake samples (µs, at most `u32::MAX`) of the `dst` and `src`
+    /// legs; one at least.
+    Handshake([Option<u32>; 2]),
+    Full(Box<Rtt>),
+}
+
+impl Rtts {
+    /// The handshake samples of the `dst` and `src` legs (µs), if any.
+    pub fn handshake(dst: Option<u64>, src: Option<u64>) -> Rtts {
+        let us = |v: Option<u64>| v.map(|v| v.min(u32::MAX as u64) as u32);
+        match (dst, src) {
+            (None, None) => Rtts::None,
+            _ => Rtts::Handshake([us(dst), us(src)]),
+        }
+    }
+
+    pub fn full(r: Option<Rtt>) -> Rtts {
+        r.map_or(Rtts::None, |r| Rtts::Full(Box::new(r)))
+    }
+
+    pub fn is_none(&self) -> bool {
+        matches!(self, Rtts::None)
+    }
+
+    /// The samples as an [`Rtt`] (the handshake's made on the spot, with
+    /// no allocation).
+    pub fn get(&self) -> Option<std::borrow::Cow<'_, Rtt>> {
+        use std::borrow::Cow;
+        let leg =
+            |v: Option<u32>| v.map_or_else(RttLeg::default, |us| RttLeg::handshake(us.into()));
+        match self {
+            Rtts::None => None,
+            Rtts::Handshake([dst, src]) => Some(Cow::Owned(Rtt {
+                dst: leg(*dst),
+                src: leg(*src),
+            })),
+            Rtts::Full(r) => Some(Cow::Borrowed(r)),
+        }
+    }
+
+    /// Swaps the legs: the connection's ends were turned round.
+    pub fn turn(&mut self) {
+        match self {
+            Rtts::None => {}
+            Rtts::Handshake(legs) => legs.swap(0, 1),
+            Rtts::Full(r) => std::mem::swap(&mut r.src, &mut r.dst),
+        }
+    }
+}
+
+impl Serialize for Rtts {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.get() {
+            Some(r) => r.serialize(s),
+            None => s.serialize_none(),
+        }
+    }
+}
+
 impl Serialize for RttLeg {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let mut st = s.serialize_struct("RttLeg", 6)?;

@@ -7,7 +7,7 @@ use probe_common::{ConnKey, FlowEntry, L4Proto, Parsed, TunnelKind};
 use rustc_hash::FxHashMap;
 
 use crate::conn::{ip, Connection, DirStats};
-use crate::rtt::{Rtt, RttLeg, RttTimer};
+use crate::rtt::{RttTimer, Rtts};
 use crate::tags::{Socket, Tags};
 
 /// One parsed frame (or GSO super-packet) offered to the table.
@@ -47,10 +47,7 @@ impl Flow {
 
     fn connection(&self, k: &ConnKey) -> Connection {
         let mut c = Connection::from_entry(k, &self.entry, 0);
-        c.rtt = self
-            .rtt
-            .rtt((self.entry.initiator & 1) as usize)
-            .map(Box::new);
+        c.rtt = Rtts::full(self.rtt.rtt((self.entry.initiator & 1) as usize));
         c
     }
 }
@@ -227,7 +224,7 @@ impl Connection {
                 .wrapping_add(clock_offset_ns),
             sent: DirStats::from(&e.counters[initiator]),
             received: DirStats::from(&e.counters[1 - initiator]),
-            rtt: handshake_rtt(e, initiator).map(Box::new),
+            rtt: handshake_rtt(e, initiator),
             src_tags: Tags::from(end_tags(e, initiator)).with_socket(socket(e, initiator)),
             dst_tags: Tags::from(end_tags(e, 1 - initiator)).with_socket(socket(e, 1 - initiator)),
         }
@@ -297,18 +294,9 @@ fn socket(e: &FlowEntry, dir: usize) -> Socket {
 
 /// The handshake samples the kernel's entry keeps (none in the table's own
 /// entries: it times every packet itself, see [`crate::rtt`]).
-fn handshake_rtt(e: &FlowEntry, initiator: usize) -> Option<Rtt> {
-    let leg = |d: usize| {
-        probe_common::handshake::sample_ns(e, d).map(|ns| RttLeg::handshake((ns + 500) / 1000))
-    };
-    let (dst, src) = (leg(initiator), leg(1 - initiator));
-    if dst.is_none() && src.is_none() {
-        return None;
-    }
-    Some(Rtt {
-        dst: dst.unwrap_or_default(),
-        src: src.unwrap_or_default(),
-    })
+fn handshake_rtt(e: &FlowEntry, initiator: usize) -> Rtts {
+    let us = |d: usize| probe_common::handshake::sample_ns(e, d).map(|ns| (ns + 500) / 1000);
+    Rtts::handshake(us(initiator), us(1 - initiator))
 }
 
 /// Sorts connections the way [`FlowTable::connections`] does: first seen,
@@ -548,7 +536,7 @@ mod tests {
             feed(&mut t, pkts);
             let mut table = t.connections();
             // RTT timing is the table's own; the kernel entry has none.
-            table.iter_mut().for_each(|c| c.rtt = None);
+            table.iter_mut().for_each(|c| c.rtt = Rtts::None);
             assert_eq!(kernel_like(pkts), table);
         }
     }
@@ -576,7 +564,7 @@ mod tests {
                 encap: &Encap::default(),
             });
         }
-        let table = t.connections()[0].rtt.clone().unwrap();
+        let table = t.connections()[0].rtt.get().unwrap().into_owned();
 
         let (key, dir0) = ConnKey::of(&pkts[0].key, 0, pkts[0].tunnel);
         let mut e = FlowEntry::new(times[0], dir0, &key, Some(SYN));
@@ -585,8 +573,12 @@ mod tests {
             // SAFETY: a live local, no other writer.
             unsafe { update(&mut e, dir, 1, &p.pkt(), 0, &Fixed(ts), 1, &Plain) };
         }
-        let kernel = Connection::from_entry(&key, &e, 0).rtt.unwrap();
-        let legs = |r: &Rtt| (r.dst.handshake_us, r.src.handshake_us);
+        let kernel = Connection::from_entry(&key, &e, 0)
+            .rtt
+            .get()
+            .unwrap()
+            .into_owned();
+        let legs = |r: &crate::Rtt| (r.dst.handshake_us, r.src.handshake_us);
         assert_eq!(legs(&kernel), (Some(250), Some(50)));
         assert_eq!(legs(&table), legs(&kernel));
     }

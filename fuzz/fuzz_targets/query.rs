@@ -39,7 +39,7 @@ fn conns() -> Vec<Connection> {
                 bytes: 1000,
                 ..DirStats::default()
             },
-            rtt: None,
+            rtt: Default::default(),
             src_tags: BTreeMap::from([("service".to_owned(), format!("s{}", i % 3))]).into(),
             dst_tags: BTreeMap::from([("service".to_owned(), "db".to_owned())]).into(),
         })

@@ -181,9 +181,11 @@ fn follow(
             if Instant::now() >= at {
                 let r = tagged(source.read()?, (&mut *nat, enrich));
                 let releasing = source.releasing();
-                if sinks.tick(r, &releasing)? {
+                let tick = sinks.tick(r, &releasing)?;
+                if tick.committed {
                     source.committed();
                 }
+                enrich.remember(tick.conns);
                 next_tick = Some(at + every);
             }
         }

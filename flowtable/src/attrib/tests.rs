@@ -138,7 +138,7 @@ fn conn(proto: &'static str, src: &str, dst: &str) -> Connection {
         last_seen: 0,
         sent: DirStats::default(),
         received: DirStats::default(),
-        rtt: None,
+        rtt: Default::default(),
         src_tags: Default::default(),
         dst_tags: Default::default(),
     }

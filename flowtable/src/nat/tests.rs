@@ -92,7 +92,7 @@ fn conn(src: &str, dst: &str, iface: u32, sent: DirStats, received: DirStats) ->
         last_seen: 2_000,
         sent,
         received,
-        rtt: None,
+        rtt: Default::default(),
         src_tags: Default::default(),
         dst_tags: Default::default(),
     }

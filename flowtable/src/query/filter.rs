@@ -482,7 +482,7 @@ mod tests {
             last_seen: 0,
             sent: DirStats::default(),
             received: DirStats::default(),
-            rtt: None,
+            rtt: Default::default(),
             src_tags: BTreeMap::from([("service".to_owned(), "web frontend".to_owned())]).into(),
             dst_tags: Default::default(),
         }

@@ -558,7 +558,7 @@ impl Row {
         match it {
             Item::Conn(c) => {
                 self.conns += 1;
-                if let Some(r) = &c.rtt {
+                if let Some(r) = c.rtt.get() {
                     r.dst.merge_into(&mut self.rtt_dst, &mut self.rtt_dst_max);
                     r.src.merge_into(&mut self.rtt_src, &mut self.rtt_src_max);
                 }
@@ -756,7 +756,7 @@ mod tests {
                 retransmits: 1,
                 ..DirStats::default()
             },
-            rtt: None,
+            rtt: Default::default(),
             src_tags: Default::default(),
             dst_tags: Default::default(),
         }

@@ -6,63 +6,49 @@
 //! second, and made two fresh tag maps per connection per tick. So an end
 //! is *settled* once it carries a `pid`, or is `remote` and no socket dump
 //! has run since it was found remote (a dump is how a new container's
-//! address becomes known as local). A connection whose ends are both
-//! settled gets the same tag sets again ([`flowtable::Tags`], shared), as
-//! long as what came in (the source's and NAT's tags) is unchanged; every
-//! other one is joined afresh, as before.
+//! address becomes known as local). A connection whose ends were both
+//! settled in the last reading gets the same tag sets again
+//! ([`flowtable::Tags`], shared), as long as what came in (the source's and
+//! NAT's tags) is still among them; every other one is joined afresh, as
+//! before.
 //!
-//! Bounded by the listing: an entry not handed in for [`KEEP_CALLS`] calls
-//! is dropped, and a retired connection's entry with it. One entry per
-//! 5-tuple and interface: two records listed at once on one (a reused
-//! 5-tuple, rare) may both be joined afresh at every tick, as before.
+//! The memory is the last tagged reading itself, shared with the sinks
+//! ([`Memo::remember`]): nothing per connection of its own (a map of its
+//! own took 220 bytes per open connection). The index into it lives from
+//! the first call of a tick to the reading that replaces it.
 
-use std::hash::{Hash, Hasher};
+use std::sync::Arc;
 
 use flowtable::attrib::{REMOTE, UNATTRIBUTED};
 use flowtable::delta::{key, Key, SAME_RECORD_NS};
 use flowtable::{Connection, Tags};
 use rustc_hash::FxHashMap;
-
-/// Calls without a connection before its entry goes: `tag` is called for
-/// the listed and the retired connections of each tick.
-const KEEP_CALLS: u64 = 4;
-
-struct Entry {
-    first_seen: u64,
-    /// A digest of the tags and sockets the connection came in with.
-    input: u64,
-    /// The socket dump the remote ends were judged after.
-    dump: Option<u64>,
-    src: Tags,
-    dst: Tags,
-    /// The call that last handed it in.
-    call: u64,
-}
+use smallvec::SmallVec;
 
 /// The connections of one [`Memo::reuse`] left to join.
 #[derive(Default)]
 pub struct Pending {
     /// How many, at the front.
     pub todo: usize,
-    inputs: Vec<u64>,
     swaps: Vec<(usize, usize)>,
 }
 
 #[derive(Default)]
 pub struct Memo {
-    entries: FxHashMap<Key, Entry>,
-    call: u64,
-    /// Connections given their memorised tags, and joined afresh.
+    /// The last reading's listed connections, tagged.
+    before: Arc<Vec<Connection>>,
+    /// The socket dump the remote ends of `before` were judged after.
+    before_dump: Option<u64>,
+    /// The dump the last listed connections were judged after, for
+    /// `before_dump` when they come back as the next `before`.
+    judged: Option<u64>,
+    /// Positions in `before` by key, made at the first call that needs it.
+    index: Option<FxHashMap<Key, SmallVec<[u32; 1]>>>,
+    /// Listed connections settled at the last call for them.
+    settled: usize,
+    /// Connections given their tags again, and joined afresh.
     pub reused: u64,
     pub joined: u64,
-}
-
-fn digest(c: &Connection) -> u64 {
-    // SipHash: the digest stands for the tags themselves.
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    c.src_tags.hash(&mut h);
-    c.dst_tags.hash(&mut h);
-    h.finish()
 }
 
 /// An end that no later pass, record or dump can name differently.
@@ -74,80 +60,88 @@ fn has_remote(t: &Tags) -> bool {
     t.get(UNATTRIBUTED).is_some_and(|r| r == REMOTE)
 }
 
+/// What came in (`now`: the source's and NAT's tags and socket) is all
+/// still in what an end was given (`given`).
+fn still_in(now: &Tags, given: &Tags) -> bool {
+    let s = now.socket();
+    (s == Default::default() || s == given.socket())
+        && now.iter().all(|(k, v)| given.get(k) == Some(v))
+}
+
 impl Memo {
-    /// Gives each connection of `conns` whose ends were settled its tags
-    /// again, and moves the others to the front (in their order), to be
-    /// joined (`conns[..p.todo]`), then handed to [`Memo::keep`], which
-    /// puts every connection back in its place. `dump` is the resolver's
-    /// last socket dump.
+    /// Gives each connection of `conns` whose ends were settled in the last
+    /// reading its tags again, and moves the others to the front (in their
+    /// order), to be joined (`conns[..p.todo]`), then handed to
+    /// [`Memo::keep`], which puts every connection back in its place.
+    /// `dump` is the resolver's last socket dump.
     pub fn reuse(&mut self, conns: &mut [Connection], dump: Option<u64>) -> Pending {
-        self.call += 1;
-        let call = self.call;
+        let before = Arc::clone(&self.before);
+        let index = self.index.get_or_insert_with(|| {
+            let mut index: FxHashMap<Key, SmallVec<[u32; 1]>> = FxHashMap::default();
+            index.reserve(before.len());
+            for (i, c) in before.iter().enumerate() {
+                if settled(&c.src_tags) && settled(&c.dst_tags) {
+                    index.entry(key(c)).or_default().push(i as u32);
+                }
+            }
+            index
+        });
+        let fresh_remote = self.before_dump == dump;
         let mut p = Pending::default();
         for i in 0..conns.len() {
             let c = &mut conns[i];
-            let input = digest(c);
-            if let Some(e) = self.find(c) {
-                let fresh = e.dump == dump || !(has_remote(&e.src) || has_remote(&e.dst));
-                if e.input == input && fresh {
-                    e.call = call;
-                    c.src_tags = e.src.clone();
-                    c.dst_tags = e.dst.clone();
+            let found = index.get(&key(c)).and_then(|at| {
+                at.iter()
+                    .map(|&j| &before[j as usize])
+                    .find(|b| b.first_seen.abs_diff(c.first_seen) < SAME_RECORD_NS)
+            });
+            if let Some(b) = found {
+                let fresh = fresh_remote || !(has_remote(&b.src_tags) || has_remote(&b.dst_tags));
+                if fresh && still_in(&c.src_tags, &b.src_tags) && still_in(&c.dst_tags, &b.dst_tags)
+                {
+                    c.src_tags = b.src_tags.clone();
+                    c.dst_tags = b.dst_tags.clone();
                     self.reused += 1;
                     continue;
                 }
             }
             conns.swap(p.todo, i);
             p.swaps.push((p.todo, i));
-            p.inputs.push(input);
             p.todo += 1;
         }
         self.joined += p.todo as u64;
         p
     }
 
-    /// Remembers the tags the joined connections (the front of `conns`
-    /// after [`Memo::reuse`]) got, for those whose ends are settled, and
-    /// puts `conns` back in order.
-    pub fn keep(&mut self, conns: &mut [Connection], p: Pending, dump: Option<u64>) {
-        let call = self.call;
-        for (c, &input) in conns[..p.todo].iter().zip(&p.inputs) {
-            if !(settled(&c.src_tags) && settled(&c.dst_tags)) {
-                continue;
-            }
-            let e = Entry {
-                first_seen: c.first_seen,
-                input,
-                dump,
-                src: c.src_tags.clone(),
-                dst: c.dst_tags.clone(),
-                call,
-            };
-            self.entries.insert(key(c), e);
+    /// Puts `conns` back in order after [`Memo::reuse`]. `listed`: they
+    /// are the reading's listed connections (not those it retires), judged
+    /// after `dump`.
+    pub fn keep(&mut self, conns: &mut [Connection], p: Pending, dump: Option<u64>, listed: bool) {
+        if listed {
+            self.judged = dump;
+            let joined = &conns[..p.todo];
+            self.settled = conns.len() - p.todo
+                + joined
+                    .iter()
+                    .filter(|c| settled(&c.src_tags) && settled(&c.dst_tags))
+                    .count();
         }
-        self.entries.retain(|_, e| call - e.call < KEEP_CALLS);
         for &(a, b) in p.swaps.iter().rev() {
             conns.swap(a, b);
         }
     }
 
-    /// Forgets connections listed for the last time.
-    pub fn forget(&mut self, retired: &[Connection]) {
-        for c in retired {
-            if self.find(c).is_some() {
-                self.entries.remove(&key(c));
-            }
-        }
+    /// The reading's listed connections as the sinks keep them, tagged:
+    /// what the next reading's are reused from.
+    pub fn remember(&mut self, listed: Arc<Vec<Connection>>) {
+        self.before = listed;
+        self.before_dump = self.judged;
+        self.index = None;
     }
 
+    /// Listed connections settled at the last call for them.
     pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    fn find(&mut self, c: &Connection) -> Option<&mut Entry> {
-        self.entries
-            .get_mut(&key(c))
-            .filter(|e| e.first_seen.abs_diff(c.first_seen) < SAME_RECORD_NS)
+        self.settled
     }
 }
 
@@ -173,13 +167,14 @@ mod tests {
             last_seen: 0,
             sent: DirStats::default(),
             received: DirStats::default(),
-            rtt: None,
+            rtt: Default::default(),
             src_tags: tags(src),
             dst_tags: Tags::default(),
         }
     }
 
-    /// One tick: reuse, then "join" the rest by `join`, then keep.
+    /// One tick: reuse, then "join" the rest by `join`, keep, and the
+    /// sinks' copy remembered. Returns how many were joined.
     fn tick(
         m: &mut Memo,
         conns: &mut [Connection],
@@ -189,7 +184,8 @@ mod tests {
         let p = m.reuse(conns, dump);
         let n = p.todo;
         conns[..n].iter_mut().for_each(join);
-        m.keep(conns, p, dump);
+        m.keep(conns, p, dump, true);
+        m.remember(Arc::new(conns.to_vec()));
         n
     }
 
@@ -233,20 +229,46 @@ mod tests {
     }
 
     #[test]
-    fn entries_go_with_the_listing() {
+    fn only_the_last_reading_is_remembered() {
         let mut m = Memo::default();
         let name = |c: &mut Connection| {
             c.src_tags.insert("pid".into(), "7".into());
             c.dst_tags.insert("pid".into(), "8".into());
         };
-        let mut conns = vec![conn(1, &[]), conn(2, &[])];
-        tick(&mut m, &mut conns, None, name);
+        let fresh = || vec![conn(1, &[]), conn(2, &[])];
+        assert_eq!(tick(&mut m, &mut fresh(), None, name), 2);
         assert_eq!(m.len(), 2);
-        m.forget(&conns[..1]);
-        assert_eq!(m.len(), 1);
-        for _ in 0..KEEP_CALLS {
-            tick(&mut m, &mut [], None, name);
-        }
-        assert_eq!(m.len(), 0, "not listed any more");
+        assert_eq!(tick(&mut m, &mut fresh(), None, name), 0);
+        // The retired connections of a tick are given their tags from the
+        // same reading, and change nothing in it.
+        let mut retired = vec![conn(2, &[])];
+        let p = m.reuse(&mut retired, Some(9));
+        assert_eq!(p.todo, 0);
+        m.keep(&mut retired, p, Some(9), false);
+        assert_eq!(retired[0].dst_tags.get("pid").unwrap(), "8");
+        assert_eq!(m.len(), 2);
+        // Not listed once: joined afresh.
+        tick(&mut m, &mut [], None, name);
+        assert_eq!(m.len(), 0);
+        assert_eq!(tick(&mut m, &mut fresh(), None, name), 2);
+    }
+
+    /// A tag that came in since (a NAT answer) makes a settled connection
+    /// joined again; tags that came in as before do not.
+    #[test]
+    fn what_came_in_must_still_be_among_the_tags() {
+        let mut m = Memo::default();
+        let name = |c: &mut Connection| {
+            c.src_tags.insert("pid".into(), "7".into());
+            c.dst_tags.insert("pid".into(), "8".into());
+        };
+        let with = |t: &[(&str, &str)]| vec![conn(1, t)];
+        assert_eq!(tick(&mut m, &mut with(&[("vlan", "5")]), None, name), 1);
+        assert_eq!(tick(&mut m, &mut with(&[("vlan", "5")]), None, name), 0);
+        let nat = [("vlan", "5"), ("nat.ip", "10.0.0.9")];
+        assert_eq!(tick(&mut m, &mut with(&nat), None, name), 1);
+        let mut again = with(&nat);
+        assert_eq!(tick(&mut m, &mut again, None, name), 0);
+        assert_eq!(again[0].src_tags.get("nat.ip").unwrap(), "10.0.0.9");
     }
 }

@@ -304,6 +304,20 @@ impl Attribution {
     /// still exists); connections settled at an earlier call get the same
     /// tags again ([`memo`]). Does nothing when attribution is off.
     pub fn tag(&self, conns: &mut [Connection]) {
+        self.tag_some(conns, true);
+    }
+
+    /// The reading's listed connections as the sinks keep them, tagged:
+    /// the next reading's settled ends are given their tags from them.
+    pub fn remember(&self, listed: Arc<Vec<Connection>>) {
+        if let Some(s) = &self.shared {
+            lock(&s.memo).remember(listed);
+        }
+    }
+
+    /// [`Attribution::tag`]; `listed`: `conns` are the reading's listed
+    /// connections, not those it retires.
+    fn tag_some(&self, conns: &mut [Connection], listed: bool) {
         let Some(s) = &self.shared else {
             return;
         };
@@ -315,7 +329,7 @@ impl Attribution {
         join(s, &mut conns[..todo]);
         // Judged after this call's pass, and its dump if one was due.
         let dump = lock(&s.resolver).dumped_at();
-        memo.keep(conns, p, dump);
+        memo.keep(conns, p, dump, listed);
     }
 
     /// How it fares, for `/metrics`; `None` when it is off.
@@ -354,11 +368,10 @@ impl Attribution {
         if retired.is_empty() {
             return;
         }
-        self.tag(retired);
+        self.tag_some(retired, false);
         if let Some(s) = &self.shared {
             lock(&s.resolver).forget(&tuples(retired));
             lock(&s.owners).forget(retired);
-            lock(&s.memo).forget(retired);
         }
     }
 }

@@ -530,7 +530,7 @@ mod tests {
             last_seen: 0,
             sent: DirStats::default(),
             received: DirStats::default(),
-            rtt: None,
+            rtt: Default::default(),
             src_tags: Tags::from(tags).with_socket(flowtable::Socket {
                 cookie: src_cookie,
                 cgroup: 0,

@@ -18,8 +18,6 @@ use flowtable::query::{QueryResult, QuerySpec};
 use flowtable::rollup::{RollupSettings, RollupStats, Rollups};
 use flowtable::{Connection, DirStats};
 
-use crate::sources::Reading;
-
 /// Metric groups kept for retired connections.
 pub const MAX_SERIES: usize = 10_000;
 
@@ -81,23 +79,24 @@ impl History {
         }
     }
 
-    /// One reading at `now_ns` (Unix time).
-    pub fn update(&mut self, r: &Reading, now_ns: u64) {
+    /// One reading at `now_ns` (Unix time): its listed connections
+    /// (kept by the rollups until the next) and those it retired.
+    pub fn update(&mut self, conns: &Arc<Vec<Connection>>, retired: &[Connection], now_ns: u64) {
         {
             let mut rollups = lock(&self.rollups);
-            rollups.update(now_ns, &r.conns, &r.retired);
+            rollups.update(now_ns, Arc::clone(conns), retired);
             self.bounds.rollups = rollups.stats();
         }
-        if r.retired.is_empty() {
+        if retired.is_empty() {
             return;
         }
-        self.bounds.retired += r.retired.len() as u64;
+        self.bounds.retired += retired.len() as u64;
         if let Some((spec, totals)) = &mut self.metrics {
             let t = Arc::make_mut(totals);
-            t.absorb(&spec.run(&r.retired, 0));
+            t.absorb(&spec.run(retired, 0));
             self.bounds.folded_series += t.cap(MAX_SERIES) as u64;
         }
-        for c in &r.retired {
+        for c in retired {
             if self.listed.len() < self.bounds.list_max {
                 self.listed.push(c.clone());
             } else {
@@ -150,7 +149,7 @@ mod tests {
     use crate::export::agent::metrics::{self, MetricLabels};
     use crate::export::agent::tests::conns;
     use crate::export::agent::Snapshot;
-    use crate::sources::{AfpacketHealth, Health};
+    use crate::sources::{AfpacketHealth, Health, Reading};
 
     fn reading(conns: Vec<Connection>, retired: Vec<Connection>) -> Reading {
         Reading {
@@ -184,7 +183,7 @@ mod tests {
         let all = conns();
         let t0 = 1_700_000_000_000_000_000;
         let gone = reading(Vec::new(), all.clone());
-        h.update(&gone, t0);
+        h.update(&Arc::new(gone.conns.clone()), &gone.retired, t0);
         let rows = h.saved_metrics().unwrap();
         let text = serde_json::to_string(&rows).unwrap();
         let mut again = History::new(RollupSettings::default(), 2, Some(labels.spec()));
@@ -213,12 +212,16 @@ mod tests {
         let all = conns();
         let t0 = 1_700_000_000_000_000_000;
         let first = reading(all.clone(), Vec::new());
-        h.update(&first, t0);
+        h.update(&Arc::new(first.conns.clone()), &first.retired, t0);
         let before = metrics::encode(&snapshot(&h, &first), &labels);
         // Three of the five leave the listing.
         let (retired, listed) = all.split_at(3);
         let second = reading(listed.to_vec(), retired.to_vec());
-        h.update(&second, t0 + 1_000_000_000);
+        h.update(
+            &Arc::new(second.conns.clone()),
+            &second.retired,
+            t0 + 1_000_000_000,
+        );
         let after = metrics::encode(&snapshot(&h, &second), &labels);
         let series = |text: &str| -> Vec<String> {
             text.lines()

@@ -384,7 +384,7 @@ mod tests {
                 bytes: recv_bytes,
                 ..DirStats::default()
             },
-            rtt: None,
+            rtt: Default::default(),
             src_tags: Default::default(),
             dst_tags: Default::default(),
         }

@@ -25,6 +25,7 @@ use self::jsonl::{Export, Said};
 use self::print::Format;
 use crate::os::statedir::StateDir;
 use crate::sources::Reading;
+use flowtable::Connection;
 
 /// The sinks' state in the state directory (docs/restart.md).
 const SINKS_STATE: &str = "export.json";
@@ -32,6 +33,14 @@ const SINKS_STATE: &str = "export.json";
 /// What the sinks' state was made of: the export's version, the retired
 /// connections counted, the held slots released.
 type SavedVersion = (Option<u64>, u64, usize);
+
+/// What a tick did.
+pub struct Tick {
+    /// What the reading retired is recorded for good (see [`Sinks::save`]).
+    pub committed: bool,
+    /// The reading's listed connections, as the sinks keep them.
+    pub conns: Arc<Vec<Connection>>,
+}
 
 /// What a restarted run needs to continue the sinks' counts exactly.
 #[derive(serde::Serialize, serde::Deserialize, Default)]
@@ -209,29 +218,32 @@ impl Sinks {
 
     /// One reading to every sink; with a state directory their state is
     /// saved with `releasing` (what the source holds for the connections
-    /// it retired). `Ok(true)` when what it retired is recorded for good
-    /// (see [`Sinks::save`]). The agent's snapshot then owns the reading's
-    /// connections (shared, not copied: at thousands of listed
-    /// connections a copy per tick was a good part of the agent's CPU).
-    pub fn tick(&mut self, r: Reading, releasing: &[(u32, u64)]) -> Result<bool> {
+    /// it retired). The agent's snapshot and the rollups then share the
+    /// reading's connections (not copied: at thousands of listed
+    /// connections a copy per tick was a good part of the agent's CPU, and
+    /// the last reading is what the next one's changes and tags are taken
+    /// against).
+    pub fn tick(&mut self, mut r: Reading, releasing: &[(u32, u64)]) -> Result<Tick> {
         self.export(&r);
+        // One copy of the reading for every sink that keeps it.
+        let conns = Arc::new(std::mem::take(&mut r.conns));
         let now = crate::os::clock::realtime_ns();
-        self.history.update(&r, now);
+        self.history.update(&conns, &r.retired, now);
         let committed = self.save(releasing);
         if let Some(f) = &mut self.fleet {
             f.set_addresses(crate::os::addrs::local());
-            f.update(now, &r.conns, &r.retired);
+            f.update(now, &conns, &r.retired);
         }
         self.say_losses(&r);
         if let Some(n) = &mut self.snapshots {
             *n += 1;
             let mut out = io::BufWriter::new(io::stdout().lock());
-            print::write_snapshot(&mut out, self.format, *n, &r.conns)?;
+            print::write_snapshot(&mut out, self.format, *n, &conns)?;
             out.flush()?;
         }
         if let Some(latest) = &self.agent {
             latest.publish(Snapshot {
-                conns: Arc::new(r.conns),
+                conns: Arc::clone(&conns),
                 health: Some(r.health),
                 export: self.export.as_ref().map(|e| e.status().clone()),
                 rollups: Some(self.history.rollups()),
@@ -244,7 +256,7 @@ impl Sinks {
                 attrib: r.attrib,
             });
         }
-        Ok(committed)
+        Ok(Tick { committed, conns })
     }
 
     /// The final reading: the export's last lines (so that it sums to the

@@ -687,7 +687,7 @@ impl Window {
                             last_seen: 0,
                             sent: Default::default(),
                             received: Default::default(),
-                            rtt: None,
+                            rtt: Default::default(),
                             src_tags: finals.sets[key.5 as usize].clone(),
                             dst_tags: finals.sets[key.6 as usize].clone(),
                         }));

@@ -844,7 +844,7 @@ mod tests {
                 bytes: received.1,
                 ..DirStats::default()
             },
-            rtt: None,
+            rtt: Default::default(),
             src_tags: tags(Some(src_service)),
             dst_tags: tags(dst_service),
         }

@@ -176,7 +176,7 @@ pub(crate) mod tests {
                     bytes: 1000,
                     ..DirStats::default()
                 },
-                rtt: None,
+                rtt: Default::default(),
                 src_tags: Default::default(),
                 dst_tags: Default::default(),
             })
@@ -274,7 +274,7 @@ pub(crate) mod tests {
         )
         .unwrap();
         let mut r = Rollups::new(RollupSettings::default());
-        r.update(6_000_000_000, &conns(), &[]);
+        r.update(6_000_000_000, conns(), &[]);
         let args = QueryArgs {
             dst: Some("port".to_owned()),
             last: Some("1m".to_owned()),

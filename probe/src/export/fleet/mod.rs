@@ -124,7 +124,7 @@ impl Publisher {
     /// closed goes out.
     pub fn update(&mut self, now_ns: u64, conns: &[Connection], retired: &[Connection]) {
         if self.lag == 0 {
-            self.rollups.update(now_ns, conns, retired);
+            self.rollups.update(now_ns, conns.to_vec(), retired);
             self.send_closed(now_ns);
             return;
         }
@@ -165,7 +165,7 @@ impl Publisher {
                 c.dst_tags.clone_from(&n.dst_tags);
             }
         }
-        self.rollups.update(at, &old, &old_retired);
+        self.rollups.update(at, old, &old_retired);
         self.send_closed(at);
     }
 
@@ -430,7 +430,7 @@ mod tests {
                 ..DirStats::default()
             },
             received: DirStats::default(),
-            rtt: None,
+            rtt: Default::default(),
             src_tags: Default::default(),
             dst_tags: Default::default(),
         }

@@ -81,12 +81,10 @@ pub fn merge(per_ring: Vec<Vec<Connection>>) -> (Vec<Connection>, u64) {
                 // split TCP connection would have none); keep the first
                 // part's, or take the other's, turned to this orientation.
                 if o.rtt.is_none() {
-                    o.rtt = c.rtt.map(|mut r| {
-                        if !same_way {
-                            std::mem::swap(&mut r.src, &mut r.dst);
-                        }
-                        r
-                    });
+                    o.rtt = c.rtt;
+                    if !same_way {
+                        o.rtt.turn();
+                    }
                 }
                 o.first_seen = o.first_seen.min(c.first_seen);
                 o.last_seen = o.last_seen.max(c.last_seen);
@@ -125,7 +123,7 @@ mod tests {
             last_seen: last,
             sent: st(sent),
             received: st(recv),
-            rtt: None,
+            rtt: Default::default(),
             src_tags: Default::default(),
             dst_tags: Default::default(),
         }

@@ -49,29 +49,15 @@ pub const MAX_LISTENERS: usize = 4096;
 /// all are forgotten and learnt again.
 pub const MAX_NETNS: usize = 4096;
 
-/// An end by its local port and its peer (protocol number, local port,
-/// remote address as the connection renders it, remote port): the join
-/// where the tc program did not see the socket. The local address is left
-/// out: an unconnected UDP socket's is chosen after the hook.
-type TupleKey = (u8, u16, IpAddr, u16);
+mod socks;
 
-/// A recorded socket (its cookie is its key): its owner, its network
-/// namespace's cookie, its local address (unspecified when no record had
-/// one) and the tuple it is also known by, once a record gave it.
-#[derive(Clone)]
-struct Sock {
-    owner: Arc<Owner>,
-    netns_cookie: u64,
-    local: IpAddr,
-    tuple: Option<TupleKey>,
-}
+use socks::{Sock, Socks};
 
 #[derive(Default)]
 pub struct Owners {
-    by_cookie: HashMap<u64, Sock>,
-    /// The cookie of the socket each tuple names (one socket's record, a
-    /// pointer's worth, not a copy).
-    by_tuple: HashMap<TupleKey, u64>,
+    /// By cookie and by tuple.
+    socks: Socks,
+    /// Cookies in the order they were recorded (some forgotten since).
     order: VecDeque<u64>,
     /// Per cgroup id, the service a process of it declared.
     cgroup_service: HashMap<u64, String>,
@@ -106,7 +92,7 @@ pub struct Owners {
 impl Owners {
     /// Sockets whose owner is held now.
     pub fn held(&self) -> usize {
-        self.by_cookie.len()
+        self.socks.len()
     }
 
     pub fn listeners_held(&self) -> usize {
@@ -175,7 +161,7 @@ impl Owners {
                 _ => {}
             }
             self.recorded += 1;
-            if !self.by_cookie.contains_key(&rec.cookie) {
+            if !self.socks.contains(rec.cookie) {
                 let owner = self.owner_of(rec, r, cgroups);
                 self.remember(rec, owner);
             }
@@ -212,6 +198,7 @@ impl Owners {
 
     fn sock(rec: &SockOwner, owner: Arc<Owner>) -> Sock {
         Sock {
+            cookie: rec.cookie,
             owner,
             netns_cookie: rec.netns_cookie,
             local: ip(rec.local),
@@ -269,10 +256,7 @@ impl Owners {
 
     /// Joins the record's socket to `owner`, within [`MAX_SOCKETS`].
     fn remember(&mut self, rec: &SockOwner, owner: Arc<Owner>) {
-        let mut sock = Self::sock(rec, owner);
-        // Known again: the tuple that names it still does.
-        sock.tuple = self.by_cookie.get(&rec.cookie).and_then(|s| s.tuple);
-        self.by_cookie.insert(rec.cookie, sock);
+        self.socks.insert(Self::sock(rec, owner));
         self.order.push_back(rec.cookie);
         while self.order.len() > MAX_SOCKETS {
             if let Some(old) = self.order.pop_front() {
@@ -290,34 +274,16 @@ impl Owners {
         if rec.local_port == 0 || rec.remote_port == 0 {
             return;
         }
-        let Some(s) = self.by_cookie.get_mut(&rec.cookie) else {
-            return;
-        };
         let key = (rec.proto, rec.local_port, ip(rec.remote), rec.remote_port);
-        s.tuple = Some(key);
-        s.local = ip(rec.local);
-        s.netns_cookie = rec.netns_cookie;
-        self.by_tuple.insert(key, rec.cookie);
+        self.socks
+            .set_tuple(rec.cookie, key, ip(rec.local), rec.netns_cookie);
     }
 
     /// Forgets socket `cookie` and its tuple, unless a later socket on the
     /// same tuple (a port reused while the earlier connection is still
     /// listed) holds it now. True when it was remembered.
     fn drop_socket(&mut self, cookie: u64) -> bool {
-        let Some(s) = self.by_cookie.remove(&cookie) else {
-            return false;
-        };
-        if let Some(k) = s.tuple {
-            if self.by_tuple.get(&k) == Some(&cookie) {
-                self.by_tuple.remove(&k);
-            }
-        }
-        true
-    }
-
-    /// The socket a tuple names.
-    fn sock_at(&self, key: &TupleKey) -> Option<&Sock> {
-        self.by_tuple.get(key).and_then(|c| self.by_cookie.get(c))
+        self.socks.remove(cookie)
     }
 
     /// Gives every end without an owning process whose socket cookie was
@@ -346,8 +312,8 @@ impl Owners {
                 // By the socket cookie the tc program took; else by the
                 // end's port and peer.
                 let s = cookie(tags)
-                    .and_then(|k| self.by_cookie.get(&k))
-                    .or_else(|| self.sock_at(&key));
+                    .and_then(|k| self.socks.get(k))
+                    .or_else(|| self.socks.named(&key));
                 if let Some(s) = s {
                     let mut rec = self.record(s);
                     if tags.contains_key("netns") {
@@ -376,7 +342,7 @@ impl Owners {
             Proto::Udp => 17,
         };
         let key = (proto, t.local.port(), t.remote.ip(), t.remote.port());
-        let s = self.sock_at(&key)?;
+        let s = self.socks.named(&key)?;
         (s.local.is_unspecified() || s.local == t.local.ip()).then(|| self.record(s))
     }
 
@@ -398,9 +364,9 @@ impl Owners {
                 }
             }
         }
-        if self.order.len() > 2 * self.by_cookie.len() + 1024 {
-            let live = &self.by_cookie;
-            self.order.retain(|k| live.contains_key(k));
+        if self.order.len() > 2 * self.socks.len() + 1024 {
+            let live = &self.socks;
+            self.order.retain(|&k| live.contains(k));
         }
     }
 }

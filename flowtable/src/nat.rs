@@ -31,12 +31,14 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use rustc_hash::FxHashMap as HashMap;
 use serde::Serialize;
 
 use crate::attrib::{Packed, Proto};
 use crate::conn::{Connection, DirStats};
+use crate::delta::Last;
 
 /// The tag of an end whose address was translated: its address on the
 /// other side of the translation.
@@ -159,9 +161,13 @@ struct Joined {
 /// that each record is asked about once, not at every reading) and what
 /// each translated connection's views showed.
 pub struct NatJoin {
-    /// Boxed: most connections are not translated, and their answer is
-    /// then a pointer's size, not a translation's.
+    /// Translated records' answers, and untranslated ones' until they are
+    /// settled. A settled untranslated record's answer is the last
+    /// reading ([`NatJoin::remember`]): listed there as it came, without
+    /// a translation's tags (most records; 80 bytes each in this map).
+    /// Boxed: an unsettled record's answer is a pointer's size.
     answers: HashMap<Packed, Option<Box<Translation>>>,
+    last: Last,
     joined: HashMap<ConnId, Joined>,
     max: usize,
     reading: u64,
@@ -170,6 +176,8 @@ pub struct NatJoin {
     stats: NatStats,
     /// Duplicate packets of translated views that were retired.
     dup_retired: u64,
+    /// [`NatJoin::remember`] is called at every reading.
+    last_kept: bool,
 }
 
 impl NatJoin {
@@ -178,6 +186,7 @@ impl NatJoin {
     pub fn new(max: usize) -> NatJoin {
         NatJoin {
             answers: HashMap::default(),
+            last: Last::default(),
             joined: HashMap::default(),
             max: max.max(1),
             reading: 0,
@@ -187,7 +196,17 @@ impl NatJoin {
                 ..NatStats::default()
             },
             dup_retired: 0,
+            last_kept: false,
         }
+    }
+
+    /// The reading's listed connections as the sinks keep them: the
+    /// answer of each settled untranslated record among them (see
+    /// `answers`). Without it (a caller that keeps no reading), the
+    /// answers map keeps every settled answer.
+    pub fn remember(&mut self, listed: Arc<Vec<Connection>>) {
+        self.last = Last::new(listed);
+        self.last_kept = true;
     }
 
     /// Undoes the translations in one reading: `conns` listed now,
@@ -352,6 +371,9 @@ impl NatJoin {
         if let Some(a) = self.answers.get(&packed(key)) {
             return a.as_deref().copied();
         }
+        if self.last.find(c).is_some_and(settled_untranslated) {
+            return None;
+        }
         let (proto, a, b) = key;
         self.stats.lookups += 1;
         let found = match ct.lookup(proto, a, b) {
@@ -370,7 +392,8 @@ impl NatJoin {
             }
         };
         let settled = found.is_some() || (c.sent.packets > 0 && c.received.packets > 0);
-        if settled && !retiring {
+        // An untranslated record's answer is kept by the next reading.
+        if settled && !retiring && (found.is_some() || !self.last_kept) {
             if self.answers.len() >= self.max {
                 self.answers.clear();
                 self.stats.cache_cleared += 1;
@@ -379,6 +402,12 @@ impl NatJoin {
         }
         found
     }
+}
+
+/// A record that both directions' packets passed, listed without a
+/// translation: conntrack's answer for it will not change.
+fn settled_untranslated(c: &Connection) -> bool {
+    c.sent.packets > 0 && c.received.packets > 0 && !translated(c)
 }
 
 /// The addresses the two ends of `c` have beyond any translation: the

@@ -27,6 +27,7 @@ use hdrhistogram::Histogram;
 use rustc_hash::{FxHashMap, FxHasher};
 
 use crate::conn::{Connection, DirStats};
+use crate::delta::Last;
 use crate::query::{QueryResult, QuerySpec, EPHEMERAL_MIN};
 use crate::rtt::new_histogram;
 use crate::tags::Tags;
@@ -277,7 +278,7 @@ pub struct Rollups {
     s: RollupSettings,
     /// The last reading's connections (shared with the agent's snapshot):
     /// the next one's changes are taken against them.
-    before: Arc<Vec<Connection>>,
+    before: Last,
     open: Option<Open>,
     ring: VecDeque<Arc<Interval>>,
     /// The latest reading's time: what `--last` counts back from.
@@ -289,7 +290,7 @@ impl Rollups {
     pub fn new(s: RollupSettings) -> Rollups {
         Rollups {
             s,
-            before: Arc::default(),
+            before: Last::default(),
             open: None,
             ring: VecDeque::new(),
             now_ns: 0,
@@ -328,7 +329,7 @@ impl Rollups {
             }
             None => self.open = Some(Open::new(aligned)),
         }
-        let changes = crate::delta::since(&self.before, conns.iter().chain(retired));
+        let changes = crate::delta::since(&mut self.before, conns.iter().chain(retired));
         let max_groups = self.s.max_groups;
         let open = self.open.as_mut().expect("opened above");
         for ch in &changes {
@@ -366,7 +367,7 @@ impl Rollups {
         }
         drop(changes);
         self.stats.tracked = conns.len();
-        self.before = conns;
+        self.before = Last::new(conns);
         self.stats.groups = self.ring.iter().map(|i| i.rows.len()).sum::<usize>()
             + self.open.as_ref().map_or(0, |o| o.len);
     }

@@ -185,6 +185,10 @@ fn follow(
                 if tick.committed {
                     source.committed();
                 }
+                // What the next reading is taken against.
+                if let Some(nat) = nat.as_mut() {
+                    nat.remember(Arc::clone(&tick.conns));
+                }
                 enrich.remember(tick.conns);
                 next_tick = Some(at + every);
             }

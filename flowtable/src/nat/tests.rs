@@ -207,6 +207,40 @@ fn untranslated_connections_are_left_alone_and_asked_about_once() {
     assert_eq!(ct.asked, 7);
 }
 
+/// With the last reading kept, a settled untranslated record's answer is
+/// that reading, not an entry of the join's own; a translated one's is
+/// kept.
+#[test]
+fn the_last_reading_answers_for_untranslated_records() {
+    let mut ct = host();
+    let mut j = NatJoin::new(1024);
+    let both = (dir(1, 10), dir(1, 10));
+    let make = || {
+        vec![
+            conn("10.90.0.2:40040", "192.0.2.9:22", 3, both.0, both.1),
+            conn("192.0.2.2:5001", "192.0.2.1:40020", 2, both.1, both.0),
+        ]
+    };
+    j.remember(Arc::new(Vec::new()));
+    let mut conns = make();
+    let st = j.undo(&mut ct, &mut conns, &mut Vec::new());
+    assert_eq!(st.translated, 1);
+    assert_eq!(st.cache_entries, 2, "the translation's answer and join");
+    let asked = ct.asked;
+    j.remember(Arc::new(conns.clone()));
+    for _ in 0..2 {
+        let mut next = make();
+        let st = j.undo(&mut ct, &mut next, &mut Vec::new());
+        assert_eq!(next, conns);
+        assert_eq!((ct.asked, st.cache_entries), (asked, 2));
+        j.remember(Arc::new(next));
+    }
+    // Retired: its answer from the last reading too.
+    let mut retired = make();
+    j.undo(&mut ct, &mut Vec::new(), &mut retired);
+    assert_eq!((ct.asked, retired), (asked, conns));
+}
+
 /// XDP sees what each interface receives: the request before the
 /// translation (container's bridge port), the answer after it (uplink).
 #[test]

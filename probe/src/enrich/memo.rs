@@ -13,17 +13,15 @@
 //! before.
 //!
 //! The memory is the last tagged reading itself, shared with the sinks
-//! ([`Memo::remember`]): nothing per connection of its own (a map of its
-//! own took 220 bytes per open connection). The index into it lives from
-//! the first call of a tick to the reading that replaces it.
+//! ([`Memo::remember`], [`flowtable::delta::Last`]): nothing per
+//! connection of its own (a map of its own took 220 bytes per open
+//! connection).
 
 use std::sync::Arc;
 
 use flowtable::attrib::{REMOTE, UNATTRIBUTED};
-use flowtable::delta::{key, Key, SAME_RECORD_NS};
+use flowtable::delta::Last;
 use flowtable::{Connection, Tags};
-use rustc_hash::FxHashMap;
-use smallvec::SmallVec;
 
 /// The connections of one [`Memo::reuse`] left to join.
 #[derive(Default)]
@@ -36,14 +34,12 @@ pub struct Pending {
 #[derive(Default)]
 pub struct Memo {
     /// The last reading's listed connections, tagged.
-    before: Arc<Vec<Connection>>,
+    before: Last,
     /// The socket dump the remote ends of `before` were judged after.
     before_dump: Option<u64>,
     /// The dump the last listed connections were judged after, for
     /// `before_dump` when they come back as the next `before`.
     judged: Option<u64>,
-    /// Positions in `before` by key, made at the first call that needs it.
-    index: Option<FxHashMap<Key, SmallVec<[u32; 1]>>>,
     /// Listed connections settled at the last call for them.
     settled: usize,
     /// Connections given their tags again, and joined afresh.
@@ -75,29 +71,17 @@ impl Memo {
     /// [`Memo::keep`], which puts every connection back in its place.
     /// `dump` is the resolver's last socket dump.
     pub fn reuse(&mut self, conns: &mut [Connection], dump: Option<u64>) -> Pending {
-        let before = Arc::clone(&self.before);
-        let index = self.index.get_or_insert_with(|| {
-            let mut index: FxHashMap<Key, SmallVec<[u32; 1]>> = FxHashMap::default();
-            index.reserve(before.len());
-            for (i, c) in before.iter().enumerate() {
-                if settled(&c.src_tags) && settled(&c.dst_tags) {
-                    index.entry(key(c)).or_default().push(i as u32);
-                }
-            }
-            index
-        });
         let fresh_remote = self.before_dump == dump;
         let mut p = Pending::default();
         for i in 0..conns.len() {
             let c = &mut conns[i];
-            let found = index.get(&key(c)).and_then(|at| {
-                at.iter()
-                    .map(|&j| &before[j as usize])
-                    .find(|b| b.first_seen.abs_diff(c.first_seen) < SAME_RECORD_NS)
-            });
-            if let Some(b) = found {
+            if let Some(b) = self.before.find(c) {
                 let fresh = fresh_remote || !(has_remote(&b.src_tags) || has_remote(&b.dst_tags));
-                if fresh && still_in(&c.src_tags, &b.src_tags) && still_in(&c.dst_tags, &b.dst_tags)
+                if fresh
+                    && settled(&b.src_tags)
+                    && settled(&b.dst_tags)
+                    && still_in(&c.src_tags, &b.src_tags)
+                    && still_in(&c.dst_tags, &b.dst_tags)
                 {
                     c.src_tags = b.src_tags.clone();
                     c.dst_tags = b.dst_tags.clone();
@@ -134,9 +118,8 @@ impl Memo {
     /// The reading's listed connections as the sinks keep them, tagged:
     /// what the next reading's are reused from.
     pub fn remember(&mut self, listed: Arc<Vec<Connection>>) {
-        self.before = listed;
+        self.before = Last::new(listed);
         self.before_dump = self.judged;
-        self.index = None;
     }
 
     /// Listed connections settled at the last call for them.

@@ -100,6 +100,12 @@ impl Nat {
     }
 
     /// Undoes the translations in `r` and says what it did in `r.nat`.
+    /// The reading's listed connections as the sinks keep them
+    /// ([`flowtable::nat::NatJoin::remember`]).
+    pub fn remember(&mut self, listed: std::sync::Arc<Vec<flowtable::Connection>>) {
+        self.join.remember(listed);
+    }
+
     pub fn undo(&mut self, r: &mut Reading) {
         let t0 = thread_cpu_ns();
         let st: NatStats = self

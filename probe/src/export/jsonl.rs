@@ -13,8 +13,10 @@
 use std::fs::File;
 use std::io::{self, Write};
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use flowtable::delta::{since, Last, Taken};
 use flowtable::{Connection, DirStats, Tags};
 use serde::Serialize;
 
@@ -27,7 +29,10 @@ pub const MAX_PENDING: usize = 100_000;
 /// whose last lines are not written yet.
 #[derive(Default)]
 pub struct Deltas {
-    deltas: flowtable::delta::Deltas,
+    /// The listed connections of the last interval written (shared with
+    /// the agent's snapshot while the writes keep up; held while they
+    /// fail), or the saved baseline a restart resumed from.
+    written: Last,
     pending: std::collections::VecDeque<Connection>,
     /// Retired connections dropped from `pending`.
     dropped: u64,
@@ -35,9 +40,8 @@ pub struct Deltas {
     /// The records the last write retired, as taken: kept in the saved
     /// baseline one interval longer (a restart may find them in the kernel
     /// again before the source forgets them; then they add nothing).
-    last_retired: Vec<flowtable::delta::Taken>,
-    /// Resumed from a saved baseline: the first write forgets the records
-    /// the source does not list.
+    last_retired: Vec<Taken>,
+    /// Resumed from a saved baseline, not written since.
     resumed: bool,
     /// Grows whenever what [`Deltas::saved`] gives changes.
     version: u64,
@@ -51,7 +55,7 @@ pub struct Saved {
     pub path: String,
     pub len: u64,
     pub interval: u64,
-    pub records: Vec<flowtable::delta::Taken>,
+    pub records: Vec<Taken>,
 }
 
 /// One line; fields may be added, never renamed.
@@ -87,7 +91,7 @@ impl Deltas {
     pub fn write(
         &mut self,
         out: &mut impl Write,
-        conns: &[Connection],
+        conns: &Arc<Vec<Connection>>,
         retired: &[Connection],
         now: SystemTime,
     ) -> io::Result<usize> {
@@ -97,13 +101,9 @@ impl Deltas {
             self.pending.pop_front();
             self.dropped += 1;
         }
-        let resumed = std::mem::take(&mut self.resumed);
-        if resumed {
-            self.deltas.retain(conns.iter().chain(&self.pending));
-        }
         let time = rfc3339(now);
         let mut buf = Vec::new();
-        let changes = self.deltas.changes(conns.iter().chain(&self.pending));
+        let changes = since(&mut self.written, conns.iter().chain(&self.pending));
         for ch in &changes {
             let c = ch.conn;
             let line = Line {
@@ -126,39 +126,43 @@ impl Deltas {
             buf.push(b'\n');
         }
         let n = changes.len();
+        drop(changes);
         if n > 0 {
             out.write_all(&buf)?;
             out.flush()?;
-            self.deltas.commit(&changes);
         }
-        // Written (or nothing to write): their last lines are out.
+        // Written (or nothing to write): their last lines are out, and
+        // what the source no longer lists is forgotten.
+        self.written = Last::new(Arc::clone(conns));
+        let resumed = std::mem::take(&mut self.resumed);
         if n > 0 || resumed || !self.pending.is_empty() || !self.last_retired.is_empty() {
             self.version += 1;
         }
-        self.last_retired = self.deltas.saved_of(&self.pending);
-        self.deltas.forget(&self.pending);
+        self.last_retired = self.pending.iter().map(Taken::of).collect();
         self.pending.clear();
         Ok(n)
     }
 
     /// The baseline: every record as last written, and those retired by
     /// the last write.
-    fn saved(&self) -> Vec<flowtable::delta::Taken> {
-        let mut r = self.deltas.saved();
+    fn saved(&self) -> Vec<Taken> {
+        let mut r: Vec<Taken> = self.written.conns().iter().map(Taken::of).collect();
         r.extend(self.last_retired.iter().cloned());
         r
     }
 
-    /// Continues from a saved baseline.
+    /// Continues from a saved baseline (records of a protocol a connection
+    /// does not have are left out).
     fn resume(&mut self, s: &Saved) {
         self.interval = s.interval;
-        self.deltas.restore(&s.records);
+        let records = s.records.iter().filter_map(Taken::connection).collect();
+        self.written = Last::new(Arc::new(records));
         self.resumed = true;
     }
 
     /// Records remembered, retired ones waiting, retired ones dropped.
     pub fn held(&self) -> (usize, usize, u64) {
-        (self.deltas.len(), self.pending.len(), self.dropped)
+        (self.written.conns().len(), self.pending.len(), self.dropped)
     }
 }
 
@@ -311,7 +315,12 @@ impl Export {
 
     /// Writes this interval's lines (see [`Deltas::write`]); a failure is
     /// counted, and what it wrote of the lines is cut off the file again.
-    pub fn write(&mut self, conns: &[Connection], retired: &[Connection], now: SystemTime) -> Said {
+    pub fn write(
+        &mut self,
+        conns: &Arc<Vec<Connection>>,
+        retired: &[Connection],
+        now: SystemTime,
+    ) -> Said {
         let len = match &self.out {
             Out::File(f) => f.metadata().ok().map(|m| m.len()),
             Out::Stdout => None,
@@ -364,6 +373,10 @@ fn at(ns: u64) -> String {
 mod tests {
     use super::*;
 
+    fn arc(conns: &[Connection]) -> Arc<Vec<Connection>> {
+        Arc::new(conns.to_vec())
+    }
+
     fn conn(sport: u16, sent_bytes: u64, recv_bytes: u64) -> Connection {
         Connection {
             proto: "tcp",
@@ -393,7 +406,8 @@ mod tests {
     fn lines(d: &mut Deltas, conns: &[Connection]) -> Vec<serde_json::Value> {
         let mut out = Vec::new();
         let t = UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_002);
-        d.write(&mut out, conns, &[], t).unwrap();
+        d.write(&mut out, &Arc::new(conns.to_vec()), &[], t)
+            .unwrap();
         String::from_utf8(out)
             .unwrap()
             .lines()
@@ -476,14 +490,19 @@ mod tests {
             text: Vec::new(),
         };
         let t = UNIX_EPOCH + Duration::from_secs(1_700_000_002);
-        d.write(&mut disk, &[conn(40000, 100, 10)], &[], t).unwrap();
+        d.write(&mut disk, &arc(&[conn(40000, 100, 10)]), &[], t)
+            .unwrap();
         disk.full = true;
-        assert!(d.write(&mut disk, &[conn(40000, 250, 20)], &[], t).is_err());
-        assert!(d.write(&mut disk, &[conn(40000, 400, 30)], &[], t).is_err());
+        assert!(d
+            .write(&mut disk, &arc(&[conn(40000, 250, 20)]), &[], t)
+            .is_err());
+        assert!(d
+            .write(&mut disk, &arc(&[conn(40000, 400, 30)]), &[], t)
+            .is_err());
         disk.full = false;
         d.write(
             &mut disk,
-            &[conn(40000, 450, 30), conn(40001, 5, 0)],
+            &arc(&[conn(40000, 450, 30), conn(40001, 5, 0)]),
             &[],
             t,
         )
@@ -517,15 +536,18 @@ mod tests {
         let mut e = Export::open("/dev/full").unwrap();
         let t = UNIX_EPOCH + Duration::from_secs(1_700_000_002);
         assert!(matches!(
-            e.write(&[conn(40000, 100, 10)], &[], t),
+            e.write(&arc(&[conn(40000, 100, 10)]), &[], t),
             Said::Failing(_)
         ));
-        assert_eq!(e.write(&[conn(40000, 200, 10)], &[], t), Said::Nothing);
+        assert_eq!(
+            e.write(&arc(&[conn(40000, 200, 10)]), &[], t),
+            Said::Nothing
+        );
         let s = e.status();
         assert_eq!((s.failed_writes, s.behind), (2, true));
         assert!(s.last_error.as_deref().unwrap().contains("No space left"));
         // Nothing to write is no write: still behind.
-        assert_eq!(e.write(&[], &[], t), Said::Nothing);
+        assert_eq!(e.write(&arc(&[]), &[], t), Said::Nothing);
     }
 
     /// A run killed after writing lines it had not saved the baseline of:
@@ -539,15 +561,15 @@ mod tests {
         let p = path.to_str().unwrap();
         let t = UNIX_EPOCH + Duration::from_secs(1_700_000_002);
         let mut e = Export::open(p).unwrap();
-        e.write(&[conn(40000, 100, 10), conn(40001, 50, 0)], &[], t);
+        e.write(&arc(&[conn(40000, 100, 10), conn(40001, 50, 0)]), &[], t);
         // 40001 retires with the second interval; the baseline keeps it
         // one interval longer.
-        e.write(&[conn(40000, 300, 10)], &[conn(40001, 70, 0)], t);
+        e.write(&arc(&[conn(40000, 300, 10)]), &[conn(40001, 70, 0)], t);
         let (saved, _) = e.saved().unwrap();
         assert_eq!(saved.records.len(), 2);
         let saved_len = saved.len;
         // Written, never saved: the kill came first.
-        e.write(&[conn(40000, 900, 40)], &[], t);
+        e.write(&arc(&[conn(40000, 900, 40)]), &[], t);
         drop(e);
         let mut e = Export::open(p).unwrap();
         let said = e.resume(&saved).unwrap();
@@ -555,9 +577,9 @@ mod tests {
         assert_eq!(std::fs::metadata(&path).unwrap().len(), saved_len);
         // The source lists 40000 again (40001's slot was freed); then 40000
         // ends.
-        e.write(&[conn(40000, 1000, 40)], &[], t);
+        e.write(&arc(&[conn(40000, 1000, 40)]), &[], t);
         assert_eq!(e.deltas.held().0, 1, "40001 forgotten");
-        e.write(&[], &[conn(40000, 1200, 50)], t);
+        e.write(&arc(&[]), &[conn(40000, 1200, 50)], t);
         let text = std::fs::read_to_string(&path).unwrap();
         let _ = std::fs::remove_file(&path);
         let mut sums = std::collections::BTreeMap::new();

@@ -224,9 +224,9 @@ impl Sinks {
     /// the last reading is what the next one's changes and tags are taken
     /// against).
     pub fn tick(&mut self, mut r: Reading, releasing: &[(u32, u64)]) -> Result<Tick> {
-        self.export(&r);
         // One copy of the reading for every sink that keeps it.
         let conns = Arc::new(std::mem::take(&mut r.conns));
+        self.export(&conns, &r.retired);
         let now = crate::os::clock::realtime_ns();
         self.history.update(&conns, &r.retired, now);
         let committed = self.save(releasing);
@@ -263,7 +263,7 @@ impl Sinks {
     /// totals), the connections on stdout, the summary and any loss on
     /// stderr.
     pub fn finish(mut self, r: &Reading) -> Result<()> {
-        self.export(r);
+        self.export(&Arc::new(r.conns.clone()), &r.retired);
         // A stop, not a crash: nothing is kept.
         if let Some((state, _)) = self.state.take() {
             state.remove(SINKS_STATE);
@@ -330,9 +330,9 @@ impl Sinks {
 
     /// This interval's export lines; a write that fails is counted and said
     /// (once, and again when writes work again), and does not stop `run`.
-    fn export(&mut self, r: &Reading) {
+    fn export(&mut self, conns: &Arc<Vec<Connection>>, retired: &[Connection]) {
         let Some(e) = &mut self.export else { return };
-        match e.write(&r.conns, &r.retired, SystemTime::now()) {
+        match e.write(conns, retired, SystemTime::now()) {
             Said::Nothing => {}
             Said::Failing(why) => eprintln!(
                 "flowprobe: --export-jsonl {}: {why}; its lines wait for the next interval that can be written (counted in /health and /metrics)",

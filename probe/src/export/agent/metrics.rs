@@ -392,7 +392,7 @@ fn bounds(reg: &mut Registry, s: &Snapshot) {
     );
     reg.register(
         "rollup_tracked_connections",
-        "Connections the rollups remember the last counters of",
+        "Connections of the last reading, whose counters the next reading's changes are taken against",
         gauge(r.tracked as u64),
     );
     reg.register(

@@ -10,8 +10,10 @@
 //! said), starts enrichment with the source's key feed, then until
 //! `--duration` or SIGINT/SIGTERM: hands link events to the source, lets it
 //! do its periodic work, and at every tick reads it, tags the reading and
-//! gives it to the sinks. At the end the source stops (detaches) and its
-//! final reading goes the same way.
+//! gives it to the sinks; the reading as the sinks keep it goes back to
+//! enrichment, which takes what it gave each connection from it at the
+//! next tick (no stage keeps a record per connection of its own). At the
+//! end the source stops (detaches) and its final reading goes the same way.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

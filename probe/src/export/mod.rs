@@ -218,11 +218,12 @@ impl Sinks {
 
     /// One reading to every sink; with a state directory their state is
     /// saved with `releasing` (what the source holds for the connections
-    /// it retired). The agent's snapshot and the rollups then share the
-    /// reading's connections (not copied: at thousands of listed
-    /// connections a copy per tick was a good part of the agent's CPU, and
-    /// the last reading is what the next one's changes and tags are taken
-    /// against).
+    /// it retired). The agent's snapshot, the rollups and the export then
+    /// share the reading's connections, and the run loop hands them to
+    /// enrichment ([`Tick::conns`]): not copied (at thousands of listed
+    /// connections a copy per tick was a good part of the agent's CPU), and
+    /// the last reading is what the next one's changes, tags and NAT
+    /// answers are taken against (`flowtable::delta::Last`).
     pub fn tick(&mut self, mut r: Reading, releasing: &[(u32, u64)]) -> Result<Tick> {
         // One copy of the reading for every sink that keeps it.
         let conns = Arc::new(std::mem::take(&mut r.conns));
@@ -263,7 +264,9 @@ impl Sinks {
     /// totals), the connections on stdout, the summary and any loss on
     /// stderr.
     pub fn finish(mut self, r: &Reading) -> Result<()> {
-        self.export(&Arc::new(r.conns.clone()), &r.retired);
+        if self.export.is_some() {
+            self.export(&Arc::new(r.conns.clone()), &r.retired);
+        }
         // A stop, not a crash: nothing is kept.
         if let Some((state, _)) = self.state.take() {
             state.remove(SINKS_STATE);

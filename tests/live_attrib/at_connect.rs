@@ -301,6 +301,21 @@ fn scenario(enter: Enter, backend: &str, tag: &str) {
         by_pass < ends.len() / 10,
         "passes saw {by_pass} sockets: the test is to prove attribution without them\n{stderr}"
     );
+    // Settled connections take their tags from the last reading at the
+    // next ticks instead of being joined again at each.
+    let (reused, joined): (usize, usize) = stderr
+        .split_once(" connection readings given their settled tags again, ")
+        .and_then(|(pre, post)| {
+            let reused = pre.rsplit(' ').next()?.parse().ok()?;
+            let joined = post.split(' ').next()?.parse().ok()?;
+            Some((reused, joined))
+        })
+        .expect("FLOWPROBE_ATTRIB_STATS memo line");
+    assert!(
+        reused > 0 && joined <= 2 * conns.len(),
+        "{reused} readings reused, {joined} joined afresh for {} connections\n{stderr}",
+        conns.len()
+    );
     let bad: Vec<&&serde_json::Value> = ends.iter().filter(|t| !good(t)).collect();
     let share = (ends.len() - bad.len()) as f64 / ends.len() as f64;
     eprintln!(

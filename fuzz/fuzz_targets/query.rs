@@ -75,7 +75,7 @@ fuzz_target!(|data: &[u8]| {
                 interval: Duration::from_secs(1),
                 ..RollupSettings::default()
             });
-            r.update(5_000_000_000, &c, &[]);
+            r.update(5_000_000_000, c.clone(), &[]);
             r.query(&spec, last)
         }
     };

@@ -75,6 +75,7 @@ pub fn run(s: RunSettings) -> Result<()> {
         source.key_feed(),
         source.owner_feed(),
         s.idle_timeout + s.keep_ended + Duration::from_secs(60),
+        s.capacity as usize,
     );
     let mut nat = Nat::start(s.per_interface);
     let counted = source.start(&all).and_then(|()| {

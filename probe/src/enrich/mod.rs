@@ -91,11 +91,14 @@ pub struct Attribution {
 /// Starts the resolver thread, unless `FLOWPROBE_ATTRIB=off`. With a key
 /// feed (the eBPF source) it follows the source's connections as they
 /// appear; without (AF_PACKET) it dumps every socket each
-/// [`DUMP_EVERY_WITHOUT_MAP`] and looks up what each report holds.
+/// [`DUMP_EVERY_WITHOUT_MAP`] and looks up what each report holds. The
+/// recorded socket owners are bounded by the kernel table's capacity
+/// ([`owners::socket_bound`]).
 pub fn start(
     feed: Option<KeyFeed>,
     owner_feed: Option<OwnerFeed>,
     forget_after: Duration,
+    table_capacity: usize,
 ) -> Attribution {
     if !enabled() {
         return Attribution {
@@ -127,7 +130,7 @@ pub fn start(
     let shared = Arc::new(State {
         resolver: Mutex::new(Resolver::new(host, opts)),
         cgroups: Mutex::new(cgroupid::CgroupIds::default()),
-        owners: Mutex::new(owners::Owners::default()),
+        owners: Mutex::new(owners::Owners::new(owners::socket_bound(table_capacity))),
         owner_feed: Mutex::new(owner_feed),
         memo: Mutex::new(memo::Memo::default()),
         stop: AtomicBool::new(false),
@@ -347,7 +350,7 @@ impl Attribution {
             denied: r.denied as u64,
             owners_recorded: o.recorded,
             owners_held: o.held() as u64,
-            owners_limit: owners::MAX_SOCKETS as u64,
+            owners_limit: o.limit() as u64,
             owners_forgotten: o.evicted,
             listeners_held: o.listeners_held() as u64,
             listeners_limit: owners::MAX_LISTENERS as u64,

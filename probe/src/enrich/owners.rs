@@ -33,13 +33,21 @@ use super::cgroupid::CgroupIds;
 /// first connect is read whole (command line, environment).
 pub const DRAIN_EVERY: Duration = Duration::from_millis(10);
 
-/// Sockets remembered at most (about 100 bytes each); the oldest are
-/// forgotten first (counted). Each is also forgotten when its connection
-/// is retired. The programs record every socket below the cgroup root,
-/// monitored or not: at 1000 new sockets a second this keeps the last
-/// minute, and an end is joined at the first report after its connection
-/// (a socket that lives longer is found by the resolver's passes).
-pub const MAX_SOCKETS: usize = 1 << 16;
+/// Sockets remembered at most ([`socket_bound`]: about 90 bytes each);
+/// the oldest are forgotten first (counted). Each is also forgotten when
+/// its connection is retired. The programs record every socket below the
+/// cgroup root, monitored or not: at 1000 new sockets a second this keeps
+/// the last minute, and an end is joined at the first report after its
+/// connection (a socket forgotten while its connection is open is found by
+/// the resolver's passes, at a lookup each and more memory).
+pub const MIN_SOCKETS: usize = 1 << 16;
+
+/// The bound for a kernel table of `capacity` slots: as many sockets as
+/// slots (the two ends of the half the table is sized to hold open), and
+/// [`MIN_SOCKETS`] at least.
+pub fn socket_bound(capacity: usize) -> usize {
+    capacity.max(MIN_SOCKETS)
+}
 
 /// Listeners remembered at most (one per namespace and port; a port
 /// listened on again replaces its entry).
@@ -53,10 +61,10 @@ mod socks;
 
 use socks::{Sock, Socks};
 
-#[derive(Default)]
 pub struct Owners {
-    /// By cookie and by tuple.
+    /// By cookie and by tuple, at most `max_sockets`.
     socks: Socks,
+    max_sockets: usize,
     /// Cookies in the order they were recorded (some forgotten since).
     order: VecDeque<u64>,
     /// Per cgroup id, the service a process of it declared.
@@ -81,7 +89,7 @@ pub struct Owners {
     pub accepted_unknown: u64,
     /// Records of processes gone before they could be read.
     pub gone: u64,
-    /// Sockets forgotten to stay within [`MAX_SOCKETS`].
+    /// Sockets forgotten to stay within the bound.
     pub evicted: u64,
     /// Listeners forgotten to stay within [`MAX_LISTENERS`].
     pub listeners_evicted: u64,
@@ -89,7 +97,40 @@ pub struct Owners {
     pub netns_cleared: u64,
 }
 
+impl Default for Owners {
+    fn default() -> Owners {
+        Owners::new(MIN_SOCKETS)
+    }
+}
+
 impl Owners {
+    /// Remembering at most `max_sockets` sockets ([`socket_bound`]).
+    pub fn new(max_sockets: usize) -> Owners {
+        Owners {
+            socks: Socks::default(),
+            max_sockets,
+            order: VecDeque::new(),
+            cgroup_service: HashMap::new(),
+            listeners: HashMap::new(),
+            listen_order: VecDeque::new(),
+            netns_ids: HashMap::new(),
+            recorded: 0,
+            listens: 0,
+            accepted: 0,
+            accepted_by_pass: 0,
+            accepted_unknown: 0,
+            gone: 0,
+            evicted: 0,
+            listeners_evicted: 0,
+            netns_cleared: 0,
+        }
+    }
+
+    /// The most sockets it remembers.
+    pub fn limit(&self) -> usize {
+        self.max_sockets
+    }
+
     /// Sockets whose owner is held now.
     pub fn held(&self) -> usize {
         self.socks.len()
@@ -254,11 +295,11 @@ impl Owners {
         }
     }
 
-    /// Joins the record's socket to `owner`, within [`MAX_SOCKETS`].
+    /// Joins the record's socket to `owner`, within the bound.
     fn remember(&mut self, rec: &SockOwner, owner: Arc<Owner>) {
         self.socks.insert(Self::sock(rec, owner));
         self.order.push_back(rec.cookie);
-        while self.order.len() > MAX_SOCKETS {
+        while self.order.len() > self.max_sockets {
             if let Some(old) = self.order.pop_front() {
                 if self.drop_socket(old) {
                     self.evicted += 1;

@@ -25,7 +25,7 @@ use crate::conn::{octets, Connection, DirStats};
 /// Packed in 44 bytes (a tuple of them takes 64): [`Last`] indexes every
 /// record of a reading by one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Key {
+struct Key {
     ips: [[u8; 16]; 2],
     iface: u32,
     ports: [u16; 2],
@@ -38,7 +38,7 @@ pub struct Key {
 /// The protocols a [`Connection`] has.
 const PROTOS: [&str; 2] = ["tcp", "udp"];
 
-pub fn key(c: &Connection) -> Key {
+fn key(c: &Connection) -> Key {
     let ((sf, s), (df, d)) = (octets(c.src), octets(c.dst));
     Key {
         ips: [s, d],

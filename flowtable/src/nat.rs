@@ -167,7 +167,8 @@ pub struct NatJoin {
     /// a translation's tags (most records; 80 bytes each in this map).
     /// Boxed: an unsettled record's answer is a pointer's size.
     answers: HashMap<Packed, Option<Box<Translation>>>,
-    last: Last,
+    /// `None` until [`NatJoin::remember`] is first called.
+    last: Option<Last>,
     joined: HashMap<ConnId, Joined>,
     max: usize,
     reading: u64,
@@ -176,8 +177,6 @@ pub struct NatJoin {
     stats: NatStats,
     /// Duplicate packets of translated views that were retired.
     dup_retired: u64,
-    /// [`NatJoin::remember`] is called at every reading.
-    last_kept: bool,
 }
 
 impl NatJoin {
@@ -186,7 +185,7 @@ impl NatJoin {
     pub fn new(max: usize) -> NatJoin {
         NatJoin {
             answers: HashMap::default(),
-            last: Last::default(),
+            last: None,
             joined: HashMap::default(),
             max: max.max(1),
             reading: 0,
@@ -196,7 +195,6 @@ impl NatJoin {
                 ..NatStats::default()
             },
             dup_retired: 0,
-            last_kept: false,
         }
     }
 
@@ -205,8 +203,7 @@ impl NatJoin {
     /// `answers`). Without it (a caller that keeps no reading), the
     /// answers map keeps every settled answer.
     pub fn remember(&mut self, listed: Arc<Vec<Connection>>) {
-        self.last = Last::new(listed);
-        self.last_kept = true;
+        self.last = Some(Last::new(listed));
     }
 
     /// Undoes the translations in one reading: `conns` listed now,
@@ -371,7 +368,11 @@ impl NatJoin {
         if let Some(a) = self.answers.get(&packed(key)) {
             return a.as_deref().copied();
         }
-        if self.last.find(c).is_some_and(settled_untranslated) {
+        let last = self.last.as_mut();
+        if last
+            .and_then(|l| l.find(c))
+            .is_some_and(settled_untranslated)
+        {
             return None;
         }
         let (proto, a, b) = key;
@@ -391,9 +392,9 @@ impl NatJoin {
                 return None;
             }
         };
-        let settled = found.is_some() || (c.sent.packets > 0 && c.received.packets > 0);
+        let settled = found.is_some() || seen_both_ways(c);
         // An untranslated record's answer is kept by the next reading.
-        if settled && !retiring && (found.is_some() || !self.last_kept) {
+        if settled && !retiring && (found.is_some() || self.last.is_none()) {
             if self.answers.len() >= self.max {
                 self.answers.clear();
                 self.stats.cache_cleared += 1;
@@ -407,7 +408,12 @@ impl NatJoin {
 /// A record that both directions' packets passed, listed without a
 /// translation: conntrack's answer for it will not change.
 fn settled_untranslated(c: &Connection) -> bool {
-    c.sent.packets > 0 && c.received.packets > 0 && !translated(c)
+    seen_both_ways(c) && !translated(c)
+}
+
+/// Packets of `c` passed both ways: conntrack has confirmed its entry.
+fn seen_both_ways(c: &Connection) -> bool {
+    c.sent.packets > 0 && c.received.packets > 0
 }
 
 /// The addresses the two ends of `c` have beyond any translation: the

@@ -52,6 +52,11 @@ fn settled(t: &Tags) -> bool {
     t.contains_key("pid") || has_remote(t)
 }
 
+/// Both ends of `c` are [`settled`].
+fn both_settled(c: &Connection) -> bool {
+    settled(&c.src_tags) && settled(&c.dst_tags)
+}
+
 fn has_remote(t: &Tags) -> bool {
     t.get(UNATTRIBUTED).is_some_and(|r| r == REMOTE)
 }
@@ -78,8 +83,7 @@ impl Memo {
             if let Some(b) = self.before.find(c) {
                 let fresh = fresh_remote || !(has_remote(&b.src_tags) || has_remote(&b.dst_tags));
                 if fresh
-                    && settled(&b.src_tags)
-                    && settled(&b.dst_tags)
+                    && both_settled(b)
                     && still_in(&c.src_tags, &b.src_tags)
                     && still_in(&c.dst_tags, &b.dst_tags)
                 {
@@ -104,11 +108,7 @@ impl Memo {
         if listed {
             self.judged = dump;
             let joined = &conns[..p.todo];
-            self.settled = conns.len() - p.todo
-                + joined
-                    .iter()
-                    .filter(|c| settled(&c.src_tags) && settled(&c.dst_tags))
-                    .count();
+            self.settled = conns.len() - p.todo + joined.iter().filter(|c| both_settled(c)).count();
         }
         for &(a, b) in p.swaps.iter().rev() {
             conns.swap(a, b);
@@ -211,13 +211,16 @@ mod tests {
         assert_eq!(tick(&mut m, &mut changed, Some(6), name), 1);
     }
 
+    /// A "join" that finds both ends' processes.
+    fn both_pids(c: &mut Connection) {
+        c.src_tags.insert("pid".into(), "7".into());
+        c.dst_tags.insert("pid".into(), "8".into());
+    }
+
     #[test]
     fn only_the_last_reading_is_remembered() {
         let mut m = Memo::default();
-        let name = |c: &mut Connection| {
-            c.src_tags.insert("pid".into(), "7".into());
-            c.dst_tags.insert("pid".into(), "8".into());
-        };
+        let name = both_pids;
         let fresh = || vec![conn(1, &[]), conn(2, &[])];
         assert_eq!(tick(&mut m, &mut fresh(), None, name), 2);
         assert_eq!(m.len(), 2);
@@ -241,10 +244,7 @@ mod tests {
     #[test]
     fn what_came_in_must_still_be_among_the_tags() {
         let mut m = Memo::default();
-        let name = |c: &mut Connection| {
-            c.src_tags.insert("pid".into(), "7".into());
-            c.dst_tags.insert("pid".into(), "8".into());
-        };
+        let name = both_pids;
         let with = |t: &[(&str, &str)]| vec![conn(1, t)];
         assert_eq!(tick(&mut m, &mut with(&[("vlan", "5")]), None, name), 1);
         assert_eq!(tick(&mut m, &mut with(&[("vlan", "5")]), None, name), 0);

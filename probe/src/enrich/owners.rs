@@ -61,10 +61,11 @@ mod socks;
 
 use socks::{Sock, Socks};
 
+#[derive(Default)]
 pub struct Owners {
     /// By cookie and by tuple, at most `max_sockets`.
     socks: Socks,
-    max_sockets: usize,
+    max_sockets: Bound,
     /// Cookies in the order they were recorded (some forgotten since).
     order: VecDeque<u64>,
     /// Per cgroup id, the service a process of it declared.
@@ -97,9 +98,14 @@ pub struct Owners {
     pub netns_cleared: u64,
 }
 
-impl Default for Owners {
-    fn default() -> Owners {
-        Owners::new(MIN_SOCKETS)
+/// The most sockets remembered ([`socket_bound`]; [`MIN_SOCKETS`] by
+/// default).
+#[derive(Clone, Copy)]
+struct Bound(usize);
+
+impl Default for Bound {
+    fn default() -> Bound {
+        Bound(MIN_SOCKETS)
     }
 }
 
@@ -107,28 +113,14 @@ impl Owners {
     /// Remembering at most `max_sockets` sockets ([`socket_bound`]).
     pub fn new(max_sockets: usize) -> Owners {
         Owners {
-            socks: Socks::default(),
-            max_sockets,
-            order: VecDeque::new(),
-            cgroup_service: HashMap::new(),
-            listeners: HashMap::new(),
-            listen_order: VecDeque::new(),
-            netns_ids: HashMap::new(),
-            recorded: 0,
-            listens: 0,
-            accepted: 0,
-            accepted_by_pass: 0,
-            accepted_unknown: 0,
-            gone: 0,
-            evicted: 0,
-            listeners_evicted: 0,
-            netns_cleared: 0,
+            max_sockets: Bound(max_sockets),
+            ..Owners::default()
         }
     }
 
     /// The most sockets it remembers.
     pub fn limit(&self) -> usize {
-        self.max_sockets
+        self.max_sockets.0
     }
 
     /// Sockets whose owner is held now.
@@ -299,7 +291,7 @@ impl Owners {
     fn remember(&mut self, rec: &SockOwner, owner: Arc<Owner>) {
         self.socks.insert(Self::sock(rec, owner));
         self.order.push_back(rec.cookie);
-        while self.order.len() > self.max_sockets {
+        while self.order.len() > self.max_sockets.0 {
             if let Some(old) = self.order.pop_front() {
                 if self.drop_socket(old) {
                     self.evicted += 1;

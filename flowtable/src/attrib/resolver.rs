@@ -255,19 +255,23 @@ impl<H: Host> Resolver<H> {
     /// found, at most [`LOOKUP_TRIES`] passes, whether `seen` names it
     /// again or not.
     pub fn refresh(&mut self, now_ns: u64, seen: &[Tuple]) -> PassStats {
-        self.refresh_skipping(now_ns, seen, |_| None)
+        self.refresh_skipping(now_ns, seen, |_| None, |_| false)
     }
 
     /// [`Resolver::refresh`], but a 5-tuple for which `recorded` gives its
     /// socket's owner is not looked up (a lookup is the costliest thing a
     /// pass does), nor kept or searched for when a dump meets its socket:
     /// [`Resolver::tag_recorded`] names it from that record. Counted in
-    /// [`PassStats::skipped`].
+    /// [`PassStats::skipped`]. Nor is a 5-tuple `settled` says is an end
+    /// the run has named for good (its tags kept with the listing,
+    /// `probe/src/enrich/memo.rs`), and a dump that meets its socket keeps
+    /// nothing of it either.
     pub fn refresh_skipping(
         &mut self,
         now_ns: u64,
         seen: &[Tuple],
         recorded: impl Fn(&Tuple) -> Option<Recorded>,
+        settled: impl Fn(&Tuple) -> bool,
     ) -> PassStats {
         let mut st = PassStats::default();
         self.now_ns = now_ns;
@@ -279,20 +283,17 @@ impl<H: Host> Resolver<H> {
             self.list_namespaces(&mut st);
         }
         let namespaces = std::mem::take(&mut self.namespaces);
-        let dump = self
-            .dumped_at
-            .is_none_or(|at| now_ns.saturating_sub(at) >= self.opts.dumps_every_ns);
-        if dump {
+        if self.dump_due(now_ns) {
             let mut live_inodes = HashSet::default();
             for ns in &namespaces {
-                self.dump_netns(ns, &mut st, &mut live_inodes, &recorded);
+                self.dump_netns(ns, &mut st, &mut live_inodes, &recorded, &settled);
             }
             self.dumped_at = Some(now_ns);
             self.inode_pid.retain(|i, _| live_inodes.contains(i));
             self.orphans.retain(|i, _| live_inodes.contains(i));
             self.age_out();
         }
-        self.find_sockets(&namespaces, seen, &recorded, &mut st);
+        self.find_sockets(&namespaces, seen, &recorded, &settled, &mut st);
         st.namespaces = namespaces.len();
         // Unless a search for a new process listed them afresh meanwhile.
         if !self.listed_now || self.namespaces.is_empty() {
@@ -322,6 +323,12 @@ impl<H: Host> Resolver<H> {
             self.looked_up.remove(&key(t));
             self.asking.remove(t);
         }
+    }
+
+    /// A pass at `now_ns` would dump every socket.
+    pub fn dump_due(&self, now_ns: u64) -> bool {
+        self.dumped_at
+            .is_none_or(|at| now_ns.saturating_sub(at) >= self.opts.dumps_every_ns)
     }
 
     /// When the last dump of every socket ran (monotonic ns): until the
@@ -372,6 +379,7 @@ impl<H: Host> Resolver<H> {
         namespaces: &[Netns],
         seen: &[Tuple],
         recorded: &impl Fn(&Tuple) -> Option<Recorded>,
+        settled: &impl Fn(&Tuple) -> bool,
         st: &mut PassStats,
     ) {
         let mut pending: Vec<Vec<(Tuple, u64)>> = vec![Vec::new(); namespaces.len()];
@@ -387,6 +395,11 @@ impl<H: Host> Resolver<H> {
             .collect();
         for t in &todo {
             if self.looked_up.contains_key(&key(t)) {
+                continue;
+            }
+            if settled(t) {
+                self.asking.remove(t);
+                st.skipped += 1;
                 continue;
             }
             // Not remembered here: the record names the end whenever it
@@ -481,6 +494,7 @@ impl<H: Host> Resolver<H> {
         st: &mut PassStats,
         live_inodes: &mut HashSet<u64>,
         recorded: &impl Fn(&Tuple) -> Option<Recorded>,
+        settled: &impl Fn(&Tuple) -> bool,
     ) {
         let socks = match self.host.sockets(ns) {
             Ok(s) => s,
@@ -501,8 +515,11 @@ impl<H: Host> Resolver<H> {
                 live_inodes.insert(s.inode);
             }
             self.learn_ip(ns.id, s);
-            // The kernel's record names it: nothing to keep or to find.
-            if recorded(&s.tuple).is_some() && !self.sockets.contains_key(&key(&s.tuple)) {
+            // The kernel's record names it, or the listing holds its end
+            // named: nothing to keep or to find.
+            if (settled(&s.tuple) || recorded(&s.tuple).is_some())
+                && !self.sockets.contains_key(&key(&s.tuple))
+            {
                 continue;
             }
             if self.see(ns.id, s) {
@@ -769,7 +786,9 @@ impl<H: Host> Resolver<H> {
 
     /// [`Resolver::tag`], where an end whose socket the kernel recorded
     /// (`recorded`, as for [`Resolver::refresh_skipping`]) is named from
-    /// that record unless a pass found the socket's owner.
+    /// that record unless a pass found the socket's owner. An end that
+    /// already has a `pid` (its tags kept from the last reading) is left
+    /// as it is.
     pub fn tag_recorded(
         &mut self,
         conns: &mut [Connection],
@@ -784,10 +803,15 @@ impl<H: Host> Resolver<H> {
             // The responder's socket sees the connection beyond any
             // translation this host made (`crate::nat`).
             let (src_far, dst_far) = crate::nat::beyond(c);
-            let src_set = self.intern(self.end_tags(proto, src, dst, &recorded));
-            let dst_set = self.intern(self.end_tags(proto, dst_far, src_far, &recorded));
-            c.src_tags.add_shared(&src_set);
-            c.dst_tags.add_shared(&dst_set);
+            for (tags, local, remote) in [
+                (&mut c.src_tags, src, dst),
+                (&mut c.dst_tags, dst_far, src_far),
+            ] {
+                if !tags.contains_key("pid") {
+                    let set = self.intern(self.end_tags(proto, local, remote, &recorded));
+                    tags.add_shared(&set);
+                }
+            }
         }
     }
 

@@ -672,9 +672,9 @@ fn named_tuples_are_not_looked_up() {
     let client = seen[0];
     let owner = recorded_owner();
     let recorded = recorded_for(client, &owner);
-    let st = r.refresh_skipping(0, &seen, recorded);
+    let st = r.refresh_skipping(0, &seen, recorded, |_| false);
     assert_eq!((st.lookups, st.skipped), (1, 1));
-    let st = r.refresh_skipping(1_000_000, &seen, recorded);
+    let st = r.refresh_skipping(1_000_000, &seen, recorded, |_| false);
     assert_eq!((st.lookups, st.skipped), (0, 1));
     let mut c = vec![conn("tcp", "10.1.0.1:40000", "10.1.0.2:8080")];
     r.tag_recorded(&mut c, recorded);
@@ -783,7 +783,7 @@ fn dumps_leave_recorded_sockets_to_their_record() {
     let mut plain = Resolver::new(world(), Options::default());
     let all = plain.refresh(0, &[]);
     let mut r = Resolver::new(world(), Options::default());
-    let st = r.refresh_skipping(0, &[], recorded);
+    let st = r.refresh_skipping(0, &[], recorded, |_| false);
     // The client's socket is neither remembered nor searched for.
     assert_eq!(r.remembered() + 1, plain.remembered());
     assert_eq!(st.attributed + 1, all.attributed);
@@ -792,4 +792,32 @@ fn dumps_leave_recorded_sockets_to_their_record() {
     assert_eq!(c[0].src_tags["process"], "fp-recorded");
     assert_eq!(c[0].src_tags["netns"], "11");
     assert_eq!(c[0].dst_tags["process"], "fp-server");
+}
+
+/// A dump that meets the socket of an end the listing holds named keeps
+/// nothing of it and reads no process for it; an end that comes with a
+/// `pid` (kept from the last reading) is left as it is.
+#[test]
+fn dumps_leave_settled_ends_alone_and_tags_keep_a_pid() {
+    let client = ends(Proto::Tcp, "10.1.0.1:40000", "10.1.0.2:8080")[0];
+    let mut plain = Resolver::new(world(), Options::default());
+    let all = plain.refresh(0, &[]);
+    let opts = Options {
+        dumps_every_ns: 10,
+        ..Options::default()
+    };
+    let mut r = Resolver::new(world(), opts);
+    assert!(r.dump_due(0));
+    let st = r.refresh_skipping(0, &[], |_| None, |t| *t == client);
+    assert!(!r.dump_due(9) && r.dump_due(10));
+    assert_eq!(r.remembered() + 1, plain.remembered());
+    assert_eq!(st.attributed + 1, all.attributed);
+    let mut c = vec![conn("tcp", "10.1.0.1:40000", "10.1.0.2:8080")];
+    c[0].src_tags.insert("pid".into(), "7".into());
+    r.tag(&mut c);
+    assert_eq!(c[0].src_tags.len(), 1, "{:?}", c[0].src_tags);
+    assert_eq!(c[0].dst_tags["process"], "fp-server");
+    // Seen again (the source lists every key now and then): not looked up.
+    let st = r.refresh_skipping(5, &[client], |_| None, |t| *t == client);
+    assert_eq!((st.lookups, st.skipped), (0, 1));
 }

@@ -9,17 +9,24 @@
 //! address becomes known as local). A connection whose ends were both
 //! settled in the last reading gets the same tag sets again
 //! ([`flowtable::Tags`], shared), as long as what came in (the source's and
-//! NAT's tags) is still among them; every other one is joined afresh, as
-//! before.
+//! NAT's tags) is still among them; every other one is joined afresh, but
+//! for an end with a `pid`, which keeps its set there too (so a remote end
+//! judged again after a dump needs nothing of its peer's socket).
+//!
+//! An end with a `pid` is named for good by the listing: the socket
+//! records it was named from can go ([`super::owners::Owners::release`]),
+//! and the resolver need not look its socket up, nor keep or search it
+//! when a dump meets it ([`Memo::named_ends`], 8 bytes an end).
 //!
 //! The memory is the last tagged reading itself, shared with the sinks
 //! ([`Memo::remember`], [`flowtable::delta::Last`]): nothing per
 //! connection of its own (a map of its own took 220 bytes per open
 //! connection).
 
+use std::hash::BuildHasher;
 use std::sync::Arc;
 
-use flowtable::attrib::{REMOTE, UNATTRIBUTED};
+use flowtable::attrib::{Tuple, REMOTE, UNATTRIBUTED};
 use flowtable::delta::Last;
 use flowtable::{Connection, Tags};
 
@@ -49,7 +56,12 @@ pub struct Memo {
 
 /// An end that no later pass, record or dump can name differently.
 fn settled(t: &Tags) -> bool {
-    t.contains_key("pid") || has_remote(t)
+    named(t) || has_remote(t)
+}
+
+/// An end named by its process: settled whatever dumps come.
+pub fn named(t: &Tags) -> bool {
+    t.contains_key("pid")
 }
 
 /// Both ends of `c` are [`settled`].
@@ -92,6 +104,14 @@ impl Memo {
                     self.reused += 1;
                     continue;
                 }
+                for (now, given) in [
+                    (&mut c.src_tags, &b.src_tags),
+                    (&mut c.dst_tags, &b.dst_tags),
+                ] {
+                    if named(given) && still_in(now, given) {
+                        *now = given.clone();
+                    }
+                }
             }
             conns.swap(p.todo, i);
             p.swaps.push((p.todo, i));
@@ -122,9 +142,41 @@ impl Memo {
         self.before_dump = self.judged;
     }
 
+    /// The 5-tuples of the last reading's ends named by their process (as
+    /// `ends` gives a connection's two), by hash: what the resolver leaves
+    /// alone.
+    pub fn named_ends(&self, ends: impl Fn(&Connection) -> Option<[Tuple; 2]>) -> NamedEnds {
+        let mut hashes = Vec::new();
+        for c in self.before.conns().iter() {
+            let Some([src, dst]) = ends(c) else { continue };
+            for (t, tags) in [(src, &c.src_tags), (dst, &c.dst_tags)] {
+                if named(tags) {
+                    hashes.push(NamedEnds::hash(&t));
+                }
+            }
+        }
+        hashes.sort_unstable();
+        NamedEnds(hashes)
+    }
+
     /// Listed connections settled at the last call for them.
     pub fn len(&self) -> usize {
         self.settled
+    }
+}
+
+/// [`Memo::named_ends`], sorted: built once a tick.
+#[derive(Default)]
+pub struct NamedEnds(Vec<u64>);
+
+impl NamedEnds {
+    fn hash(t: &Tuple) -> u64 {
+        rustc_hash::FxBuildHasher.hash_one(t)
+    }
+
+    /// `t` is a named end's (or, at odds of one in 2^64, shares its hash).
+    pub fn contains(&self, t: &Tuple) -> bool {
+        self.0.binary_search(&Self::hash(t)).is_ok()
     }
 }
 
@@ -237,6 +289,36 @@ mod tests {
         tick(&mut m, &mut [], None, name);
         assert_eq!(m.len(), 0);
         assert_eq!(tick(&mut m, &mut fresh(), None, name), 2);
+    }
+
+    /// An end named by its process keeps its set while its connection is
+    /// joined again (its peer is remote, and a dump came), and is among
+    /// the ends a dump leaves alone.
+    #[test]
+    fn a_named_end_keeps_its_set_while_its_peer_is_judged_again() {
+        use flowtable::attrib::Proto;
+        let mut m = Memo::default();
+        // As the join does: an end with a pid is left as it is.
+        let name = |c: &mut Connection| {
+            if !named(&c.src_tags) {
+                c.src_tags.insert("pid".into(), "7".into());
+            }
+            c.dst_tags.insert(UNATTRIBUTED.into(), REMOTE.into());
+        };
+        let mut first = vec![conn(1, &[])];
+        tick(&mut m, &mut first, Some(5), name);
+        let kept = first[0].src_tags.clone();
+        let mut after_dump = vec![conn(1, &[])];
+        assert_eq!(tick(&mut m, &mut after_dump, Some(6), name), 1);
+        assert!(Tags::same(&after_dump[0].src_tags, &kept));
+        assert_eq!(after_dump[0].dst_tags.get(UNATTRIBUTED).unwrap(), REMOTE);
+        let ends = |c: &Connection| {
+            let (a, b) = ((c.src, c.sport).into(), (c.dst, c.dport).into());
+            Some([Tuple::new(Proto::Tcp, a, b), Tuple::new(Proto::Tcp, b, a)])
+        };
+        let named = m.named_ends(ends);
+        let [src, dst] = ends(&after_dump[0]).unwrap();
+        assert!(named.contains(&src) && !named.contains(&dst));
     }
 
     /// A tag that came in since (a NAT answer) makes a settled connection

@@ -69,6 +69,8 @@ struct State {
     owners: Mutex<owners::Owners>,
     owner_feed: Mutex<Option<OwnerFeed>>,
     memo: Mutex<memo::Memo>,
+    /// The ends the last reading names by their process ([`memo`]).
+    named: Mutex<Arc<memo::NamedEnds>>,
     stop: AtomicBool,
     /// Thread CPU time spent in passes, ns.
     cpu_ns: AtomicU64,
@@ -133,6 +135,7 @@ pub fn start(
         owners: Mutex::new(owners::Owners::new(owners::socket_bound(table_capacity))),
         owner_feed: Mutex::new(owner_feed),
         memo: Mutex::new(memo::Memo::default()),
+        named: Mutex::default(),
         stop: AtomicBool::new(false),
         cpu_ns: AtomicU64::new(0),
         passes: AtomicU64::new(0),
@@ -179,7 +182,8 @@ pub fn start(
                 {
                     seen.clear();
                     seen.extend(chunk.iter().filter_map(key_ends).flatten());
-                    pass(&s, &mut lock(&s.resolver), &seen);
+                    let named = Arc::clone(&lock(&s.named));
+                    pass(&s, &mut lock(&s.resolver), &seen, &named);
                 }
                 // Buffers sized for all keys go back (large ones are
                 // mapped, so to the system).
@@ -276,11 +280,17 @@ fn drain_owners(s: &State) -> bool {
 
 /// One resolver pass, timed in thread CPU time; failures said once each.
 /// An end whose socket owner the kernel recorded is named from that
-/// record, not looked up.
-fn pass(s: &State, r: &mut Resolver<ProcHost>, seen: &[Tuple]) {
+/// record, not looked up; nor is an end the listing names (`named`),
+/// whose socket a dump leaves alone too.
+fn pass(s: &State, r: &mut Resolver<ProcHost>, seen: &[Tuple], named: &memo::NamedEnds) {
     let t0 = thread_cpu_ns();
     let owners = lock(&s.owners);
-    let st = r.refresh_skipping(monotonic_ns(), seen, |t| owners.recorded(t));
+    let st = r.refresh_skipping(
+        monotonic_ns(),
+        seen,
+        |t| owners.recorded(t),
+        |t| named.contains(t),
+    );
     drop(owners);
     s.cpu_ns
         .fetch_add(thread_cpu_ns().saturating_sub(t0), Ordering::Relaxed);
@@ -314,7 +324,10 @@ impl Attribution {
     /// the next reading's settled ends are given their tags from them.
     pub fn remember(&self, listed: Arc<Vec<Connection>>) {
         if let Some(s) = &self.shared {
-            lock(&s.memo).remember(listed);
+            lock(&s.owners).release(&listed);
+            let mut memo = lock(&s.memo);
+            memo.remember(listed);
+            *lock(&s.named) = Arc::new(memo.named_ends(ends));
         }
     }
 
@@ -329,7 +342,8 @@ impl Attribution {
         let dump = lock(&s.resolver).dumped_at();
         let p = memo.reuse(conns, dump);
         let todo = p.todo;
-        join(s, &mut conns[..todo]);
+        let named = Arc::clone(&lock(&s.named));
+        join(s, &mut conns[..todo], &named);
         // Judged after this call's pass, and its dump if one was due.
         let dump = lock(&s.resolver).dumped_at();
         memo.keep(conns, p, dump, listed);
@@ -379,11 +393,18 @@ impl Attribution {
     }
 }
 
-/// Joins each end of `conns` to its owner afresh.
-fn join(s: &State, conns: &mut [Connection]) {
-    let seen = tuples(conns);
+/// Joins each end of `conns` to its owner afresh, but for ends given
+/// their process's tags from the last reading ([`memo`]).
+fn join(s: &State, conns: &mut [Connection], named: &memo::NamedEnds) {
+    let seen: Vec<Tuple> = conns
+        .iter()
+        .filter_map(|c| Some((ends(c)?, [&c.src_tags, &c.dst_tags])))
+        .flat_map(|(ends, tags)| ends.into_iter().zip(tags))
+        .filter(|(_, tags)| !memo::named(tags))
+        .map(|(t, _)| t)
+        .collect();
     let mut r = lock(&s.resolver);
-    pass(s, &mut r, &seen);
+    pass(s, &mut r, &seen, named);
     let owners = lock(&s.owners);
     // Ends whose socket the kernel recorded, named from that record (the
     // resolver keeps no copy of it).
@@ -400,18 +421,17 @@ fn join(s: &State, conns: &mut [Connection]) {
 /// Both ends' 5-tuples of each connection: the initiator's as it sent
 /// them, the responder's beyond any translation (`flowtable::nat`).
 fn tuples(conns: &[Connection]) -> Vec<Tuple> {
-    conns
-        .iter()
-        .filter_map(|c| {
-            let p = Proto::from_name(c.proto)?;
-            let (src_far, dst_far) = flowtable::nat::beyond(c);
-            Some([
-                Tuple::new(p, (c.src, c.sport).into(), (c.dst, c.dport).into()),
-                Tuple::new(p, dst_far, src_far),
-            ])
-        })
-        .flatten()
-        .collect()
+    conns.iter().filter_map(ends).flatten().collect()
+}
+
+/// The initiator's and the responder's 5-tuple of `c` ([`tuples`]).
+fn ends(c: &Connection) -> Option<[Tuple; 2]> {
+    let p = Proto::from_name(c.proto)?;
+    let (src_far, dst_far) = flowtable::nat::beyond(c);
+    Some([
+        Tuple::new(p, (c.src, c.sport).into(), (c.dst, c.dport).into()),
+        Tuple::new(p, dst_far, src_far),
+    ])
 }
 
 /// Both ends' 5-tuples of a map key (addresses as `conn.rs` renders them).
@@ -452,7 +472,7 @@ impl Drop for Attribution {
             let t = lock(&s.totals);
             eprintln!(
                 "flowprobe: attribution: {} passes in {wall:.2} s, resolver CPU {:.3} s = {:.2}% of one core; \
-                 up to {} namespaces and {} sockets per dump; {} lookups, {} skipped (owner recorded), {} sockets attributed, {} fd tables read, {} full scans, {} errors, {} denied",
+                 up to {} namespaces and {} sockets per dump; {} lookups, {} skipped (owner recorded, or end named), {} sockets attributed, {} fd tables read, {} full scans, {} errors, {} denied",
                 s.passes.load(Ordering::Relaxed),
                 cpu,
                 100.0 * cpu / wall.max(1e-9),
@@ -468,9 +488,9 @@ impl Drop for Attribution {
             );
             let o = lock(&s.owners);
             eprintln!(
-                "flowprobe: attribution: {} socket owners recorded at connect, {} of processes gone before read, {} forgotten for room; \
+                "flowprobe: attribution: {} socket owners recorded at connect, {} of processes gone before read, {} forgotten for room, {} once their end was named; \
                  {} listeners recorded, {} accepted sockets joined to their listener's owner ({} to one a pass found), {} to none; {} listeners forgotten for room",
-                o.recorded, o.gone, o.evicted, o.listens, o.accepted, o.accepted_by_pass, o.accepted_unknown, o.listeners_evicted
+                o.recorded, o.gone, o.evicted, o.released, o.listens, o.accepted, o.accepted_by_pass, o.accepted_unknown, o.listeners_evicted
             );
             let m = lock(&s.memo);
             eprintln!(

@@ -92,6 +92,8 @@ pub struct Owners {
     pub gone: u64,
     /// Sockets forgotten to stay within the bound.
     pub evicted: u64,
+    /// Sockets forgotten once the listing named their end ([`Owners::release`]).
+    pub released: u64,
     /// Listeners forgotten to stay within [`MAX_LISTENERS`].
     pub listeners_evicted: u64,
     /// Times every namespace id was forgotten to stay within [`MAX_NETNS`].
@@ -397,10 +399,49 @@ impl Owners {
                 }
             }
         }
+        self.tidy();
+    }
+
+    /// Forgets the sockets of the TCP ends `listed` names by their process:
+    /// the memo gives those ends their tags from now on
+    /// (`super::memo`), and a TCP socket is one connection's. So the
+    /// sockets held are those of ends not named yet, not one per open
+    /// connection's end. A UDP socket may talk to peers still to come, and
+    /// is kept.
+    pub fn release(&mut self, listed: &[Connection]) {
+        for c in listed.iter().filter(|c| c.proto == "tcp") {
+            let (src_far, dst_far) = flowtable::nat::beyond(c);
+            let ends = [
+                (&c.src_tags, (6, c.sport, c.dst, c.dport)),
+                (
+                    &c.dst_tags,
+                    (6, dst_far.port(), src_far.ip(), src_far.port()),
+                ),
+            ];
+            for (tags, key) in ends {
+                if !super::memo::named(tags) {
+                    continue;
+                }
+                let k = cookie(tags)
+                    .filter(|&k| self.socks.contains(k))
+                    .or_else(|| self.socks.named(&key).map(|s| s.cookie));
+                if k.is_some_and(|k| self.drop_socket(k)) {
+                    self.released += 1;
+                }
+            }
+        }
+        self.tidy();
+    }
+
+    /// Drops the recording order's forgotten cookies, and the sockets'
+    /// room, once most of it is unused.
+    fn tidy(&mut self) {
         if self.order.len() > 2 * self.socks.len() + 1024 {
             let live = &self.socks;
             self.order.retain(|&k| live.contains(k));
+            self.order.shrink_to_fit();
         }
+        self.socks.compact();
     }
 }
 
@@ -700,7 +741,7 @@ mod tests {
             "10.0.0.2:40000".parse().unwrap(),
             "10.0.0.1:80".parse().unwrap(),
         );
-        let st = r.refresh_skipping(1, &[client], |t| o.recorded(t));
+        let st = r.refresh_skipping(1, &[client], |t| o.recorded(t), |_| false);
         assert_eq!((st.lookups, st.skipped), (0, 1));
         let mut by_pass = [conn(1, &[])];
         r.tag(&mut by_pass);
@@ -793,5 +834,53 @@ mod tests {
         assert!(o.recorded(&end).is_some());
         o.forget(&[conn(2, &[])]);
         assert!(o.recorded(&end).is_none());
+    }
+
+    /// The sockets of TCP ends the listing names by their process go, by
+    /// cookie or, for an end the tc program saw no socket of (a server's
+    /// accepted one), by port and peer; a UDP socket and an end not named
+    /// yet keep theirs.
+    #[test]
+    fn sockets_of_ends_the_listing_names_are_released() {
+        let mut r = Resolver::new(OneProcess, Options::default());
+        let mut cg = CgroupIds::default();
+        let mut o = Owners::default();
+        let mut listen = record(5, 10, b"catalog");
+        listen.kind = OWNER_LISTEN;
+        listen.local_port = 80;
+        let accept = SockOwner {
+            cookie: 6,
+            kind: OWNER_ACCEPT,
+            proto: 6,
+            family: 4,
+            local_port: 80,
+            remote_port: 40000,
+            remote: Ipv4Addr::new(10, 0, 0, 2).to_ipv6_mapped().octets(),
+            ..SockOwner::default()
+        };
+        o.ingest(
+            &[
+                listen,
+                record(1, 10, b"checkout"),
+                accept,
+                record(2, 10, b"x"),
+                record(3, 10, b"y"),
+            ],
+            &mut r,
+            &mut cg,
+        );
+        assert_eq!(o.held(), 4);
+        // Client socket 1 to the server's accepted 6, both named; socket 2's
+        // end is not named yet; socket 3 is a UDP one's.
+        let mut both = conn(1, &[]);
+        o.tag(&mut r, std::slice::from_mut(&mut both));
+        assert!(both.src_tags.contains_key("pid") && both.dst_tags.contains_key("pid"));
+        let unnamed = conn(2, &[(UNATTRIBUTED, "no_socket")]);
+        let mut udp = conn(3, &[("pid", "10")]);
+        udp.proto = "udp";
+        o.release(&[both, unnamed, udp]);
+        assert_eq!(o.released, 2);
+        assert_eq!(o.held(), 2);
+        assert!(o.socks.contains(2) && o.socks.contains(3));
     }
 }

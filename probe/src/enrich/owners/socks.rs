@@ -40,6 +40,9 @@ pub struct Socks {
     by_tuple: HashTable<u32>,
 }
 
+/// Slab positions below which [`Socks::compact`] leaves it as it is.
+const COMPACT_FROM: usize = 1024;
+
 fn hash<T: std::hash::Hash>(v: &T) -> u64 {
     FxBuildHasher.hash_one(v)
 }
@@ -147,6 +150,39 @@ impl Socks {
         }
     }
 
+    /// Gives back the room of forgotten sockets once most of the slab is
+    /// free (a burst of sockets recorded, then released or forgotten).
+    pub fn compact(&mut self) {
+        if self.slab.len() < COMPACT_FROM || self.free.len() * 2 < self.slab.len() {
+            return;
+        }
+        let old = std::mem::take(&mut self.slab);
+        let mut moved = vec![u32::MAX; old.len()];
+        let mut slab = Vec::with_capacity(self.len());
+        for (i, s) in old.into_iter().enumerate() {
+            if s.is_some() {
+                moved[i] = slab.len() as u32;
+                slab.push(s);
+            }
+        }
+        let at = |i: u32| slab[i as usize].as_ref().expect("kept");
+        let mut by_cookie = HashTable::with_capacity(slab.len());
+        for i in 0..slab.len() as u32 {
+            by_cookie.insert_unique(hash(&at(i).cookie), i, |&j| hash(&at(j).cookie));
+        }
+        // The tuples name the sockets they named.
+        let mut by_tuple = HashTable::with_capacity(self.by_tuple.len());
+        for &i in self.by_tuple.iter() {
+            let i = moved[i as usize];
+            let key = at(i).tuple.expect("indexed");
+            by_tuple.insert_unique(hash(&key), i, |&j| hash(&at(j).tuple.expect("indexed")));
+        }
+        self.slab = slab;
+        self.free = Vec::new();
+        self.by_cookie = by_cookie;
+        self.by_tuple = by_tuple;
+    }
+
     /// Forgets socket `cookie`. True when it was remembered.
     pub fn remove(&mut self, cookie: u64) -> bool {
         let Some(i) = self.position(cookie) else {
@@ -208,5 +244,39 @@ mod tests {
         s.set_tuple(3, other, ADDR, 1);
         assert!(s.named(&key).is_none());
         assert_eq!(s.named(&other).unwrap().cookie, 3);
+    }
+
+    /// Once most positions are free the slab shrinks, and every cookie and
+    /// tuple still names the socket it named.
+    #[test]
+    fn compacting_keeps_what_names_what() {
+        let mut s = Socks::default();
+        let n = 4 * COMPACT_FROM as u64;
+        let key = |c: u64| (6, c as u16, ADDR, 80);
+        for c in 1..=n {
+            s.insert(sock(c));
+            s.set_tuple(c, key(c), ADDR, 1);
+        }
+        // A later socket on socket 5's tuple names it now.
+        s.insert(sock(n + 1));
+        s.set_tuple(n + 1, key(5), ADDR, 1);
+        s.compact();
+        assert_eq!(s.slab.len() as u64, n + 1, "nothing free yet");
+        for c in (1..=n).filter(|c| c % 4 != 1) {
+            assert!(s.remove(c));
+        }
+        s.compact();
+        assert_eq!(s.slab.len(), s.len());
+        assert!(s.free.is_empty() && s.slab.capacity() < 2 * s.len());
+        for c in (1..=n).filter(|c| c % 4 == 1) {
+            assert_eq!(s.get(c).unwrap().cookie, c);
+            let named = s.named(&key(c)).unwrap().cookie;
+            assert_eq!(named, if c == 5 { n + 1 } else { c });
+        }
+        assert!(!s.contains(2));
+        // Positions are used and freed as before.
+        s.insert(sock(n + 2));
+        assert!(s.remove(n + 2) && s.remove(1));
+        assert!(s.named(&key(1)).is_none());
     }
 }

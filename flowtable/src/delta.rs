@@ -19,7 +19,7 @@ use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use smallvec::SmallVec;
 
-use crate::conn::{octets, Connection, DirStats};
+use crate::conn::{octets, Connection, DirStats, Loss, Proto};
 
 /// A connection's 5-tuple and interface; several records can share it.
 /// Packed in 44 bytes (a tuple of them takes 64): [`Last`] indexes every
@@ -29,14 +29,10 @@ struct Key {
     ips: [[u8; 16]; 2],
     iface: u32,
     ports: [u16; 2],
-    /// Index in [`PROTOS`].
-    proto: u8,
+    proto: Proto,
     /// Bit 0: the source address is IPv6, bit 1: the destination.
     v6: u8,
 }
-
-/// The protocols a [`Connection`] has.
-const PROTOS: [&str; 2] = ["tcp", "udp"];
 
 fn key(c: &Connection) -> Key {
     let ((sf, s), (df, d)) = (octets(c.src), octets(c.dst));
@@ -44,10 +40,7 @@ fn key(c: &Connection) -> Key {
         ips: [s, d],
         iface: c.iface,
         ports: [c.sport, c.dport],
-        proto: PROTOS
-            .iter()
-            .position(|p| *p == c.proto)
-            .map_or(u8::MAX, |i| i as u8),
+        proto: c.proto,
         v6: u8::from(sf == 6) | u8::from(df == 6) << 1,
     }
 }
@@ -74,17 +67,18 @@ impl Change<'_> {
 /// `now - before`, per counter (a counter never shrinks; saturating keeps a
 /// record read torn across a drain from going negative).
 pub fn sub(now: &DirStats, before: &DirStats) -> DirStats {
-    DirStats {
-        packets: now.packets.saturating_sub(before.packets),
-        bytes: now.bytes.saturating_sub(before.bytes),
-        l3_bytes: now.l3_bytes.saturating_sub(before.l3_bytes),
-        retransmits: now.retransmits.saturating_sub(before.retransmits),
-        retransmitted_bytes: now
-            .retransmitted_bytes
-            .saturating_sub(before.retransmitted_bytes),
-        probes: now.probes.saturating_sub(before.probes),
-        gaps: now.gaps.saturating_sub(before.gaps),
-    }
+    let (n, b) = (now.loss(), before.loss());
+    DirStats::counts(
+        now.packets.saturating_sub(before.packets),
+        now.bytes.saturating_sub(before.bytes),
+        now.l3_bytes.saturating_sub(before.l3_bytes),
+    )
+    .with_loss(Loss {
+        retransmits: n.retransmits.saturating_sub(b.retransmits),
+        retransmitted_bytes: n.retransmitted_bytes.saturating_sub(b.retransmitted_bytes),
+        probes: n.probes.saturating_sub(b.probes),
+        gaps: n.gaps.saturating_sub(b.gaps),
+    })
 }
 
 /// The last reading's listed connections, kept (shared) until the next
@@ -137,14 +131,15 @@ pub fn since<'a>(
     let mut out = Vec::new();
     for c in conns {
         let found = last.find(c);
-        let (sent, received) = found.map_or_else(Default::default, |b| (b.sent, b.received));
-        if (c.sent, c.received) == (sent, received) {
+        let zero = DirStats::default();
+        let (sent, received) = found.map_or((&zero, &zero), |b| (&b.sent, &b.received));
+        if (&c.sent, &c.received) == (sent, received) {
             continue;
         }
         out.push(Change {
             conn: c,
-            sent: sub(&c.sent, &sent),
-            received: sub(&c.received, &received),
+            sent: sub(&c.sent, sent),
+            received: sub(&c.received, received),
             new: found.is_none(),
         });
     }
@@ -171,22 +166,22 @@ impl Taken {
     /// `c` as it is now.
     pub fn of(c: &Connection) -> Taken {
         Taken {
-            proto: c.proto.to_owned(),
+            proto: c.proto.name().to_owned(),
             src: c.src,
             sport: c.sport,
             dst: c.dst,
             dport: c.dport,
             iface: c.iface,
             first_seen: c.first_seen,
-            sent: c.sent,
-            received: c.received,
+            sent: c.sent.clone(),
+            received: c.received.clone(),
         }
     }
 
     /// The record as a connection with these counters (and nothing else),
     /// for [`Last`]; `None` for a protocol a connection does not have.
     pub fn connection(&self) -> Option<Connection> {
-        let proto = *PROTOS.iter().find(|p| **p == self.proto)?;
+        let proto = Proto::from_name(&self.proto)?;
         Some(Connection {
             proto,
             src: self.src,
@@ -196,8 +191,8 @@ impl Taken {
             iface: self.iface,
             first_seen: self.first_seen,
             last_seen: self.first_seen,
-            sent: self.sent,
-            received: self.received,
+            sent: self.sent.clone(),
+            received: self.received.clone(),
             rtt: Default::default(),
             src_tags: Default::default(),
             dst_tags: Default::default(),
@@ -211,7 +206,7 @@ mod tests {
 
     pub(crate) fn conn(sport: u16, sent_bytes: u64) -> Connection {
         Connection {
-            proto: "tcp",
+            proto: crate::Proto::Tcp,
             src: IpAddr::from([10, 0, 0, 1]),
             sport,
             dst: IpAddr::from([10, 0, 0, 2]),
@@ -219,11 +214,7 @@ mod tests {
             iface: 2,
             first_seen: 1_700_000_000_000_000_000,
             last_seen: 1_700_000_001_000_000_000,
-            sent: DirStats {
-                packets: sent_bytes / 100,
-                bytes: sent_bytes,
-                ..DirStats::default()
-            },
+            sent: DirStats::counts(sent_bytes / 100, sent_bytes, 0),
             received: DirStats::default(),
             rtt: Default::default(),
             src_tags: Default::default(),
@@ -245,7 +236,11 @@ mod tests {
         ];
         for (src, dst, proto) in ends {
             let mut c = conn(4000, 500);
-            (c.src, c.dst, c.proto) = (src.parse().unwrap(), dst.parse().unwrap(), proto);
+            (c.src, c.dst, c.proto) = (
+                src.parse().unwrap(),
+                dst.parse().unwrap(),
+                Proto::from_name(proto).unwrap(),
+            );
             let t = Taken::of(&c);
             let json = serde_json::to_string(&t).unwrap();
             let again: Taken = serde_json::from_str(&json).unwrap();

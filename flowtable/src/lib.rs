@@ -17,7 +17,7 @@ mod stats;
 mod table;
 mod tags;
 
-pub use conn::{Connection, DirStats};
+pub use conn::{Connection, DirStats, Loss, Proto};
 pub use rtt::{new_histogram, Percentiles, Rtt, RttLeg, Rtts};
 pub use stats::FrameStats;
 pub use table::{sort_connections, FlowTable, Observation};

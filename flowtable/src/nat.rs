@@ -238,7 +238,7 @@ impl NatJoin {
             j.last_seen = j.last_seen.max(c.last_seen);
             match view {
                 View::Original => j.original_seen = true,
-                View::Translated => j.translated = Some([c.sent, c.received]),
+                View::Translated => j.translated = Some([c.sent.clone(), c.received.clone()]),
             }
         }
 
@@ -255,14 +255,14 @@ impl NatJoin {
             let Some(j) = self.joined.get_mut(id) else {
                 continue;
             };
-            let Some(t) = j.translated else { continue };
+            let Some(t) = &j.translated else { continue };
             for (d, mine) in [&mut c.sent, &mut c.received].into_iter().enumerate() {
                 // Decided again at each reading: a direction the original
                 // view had not seen yet at one reading (its first packet
                 // was on its way) is its own at the next.
                 j.borrowed[d] = mine.packets == 0 && t[d].packets > 0;
                 if j.borrowed[d] {
-                    *mine = t[d];
+                    *mine = t[d].clone();
                 }
             }
         }
@@ -288,8 +288,8 @@ impl NatJoin {
                 if !j.original_seen {
                     return true;
                 }
-                let dup: u64 = [c.sent, c.received]
-                    .iter()
+                let dup: u64 = [&c.sent, &c.received]
+                    .into_iter()
                     .zip(j.borrowed)
                     .filter(|(_, b)| !b)
                     .map(|(d, _)| d.packets)
@@ -446,7 +446,7 @@ fn packed((proto, a, b): RecKey) -> Packed {
 
 fn rec_key(c: &Connection) -> Option<RecKey> {
     Some((
-        Proto::from_name(c.proto)?,
+        c.proto,
         SocketAddr::new(c.src, c.sport),
         SocketAddr::new(c.dst, c.dport),
     ))

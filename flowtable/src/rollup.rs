@@ -26,7 +26,7 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use rustc_hash::{FxHashMap, FxHasher};
 
-use crate::conn::{Connection, DirStats};
+use crate::conn::{Connection, DirStats, Proto};
 use crate::delta::Last;
 use crate::query::{QueryResult, QuerySpec, EPHEMERAL_MIN};
 use crate::rtt::new_histogram;
@@ -90,7 +90,9 @@ impl Aggregate {
     pub fn folded() -> Aggregate {
         let unspecified = IpAddr::from([0u8; 4]);
         Aggregate::empty(Connection {
-            proto: "",
+            // Never shown: the folded groups are the `other` row, which
+            // has no group keys.
+            proto: Proto::Tcp,
             src: unspecified,
             sport: 0,
             dst: unspecified,
@@ -485,7 +487,7 @@ mod tests {
 
     fn conn(sport: u16, dport: u16, service: &str, sent: u64) -> Connection {
         Connection {
-            proto: "tcp",
+            proto: crate::Proto::Tcp,
             src: IpAddr::from([10, 0, 0, 1]),
             sport,
             dst: IpAddr::from([10, 0, 0, 2]),
@@ -493,11 +495,7 @@ mod tests {
             iface: 2,
             first_seen: T0 + u64::from(sport) * 1000,
             last_seen: T0 + S,
-            sent: DirStats {
-                packets: 1,
-                bytes: sent,
-                ..DirStats::default()
-            },
+            sent: DirStats::counts(1, sent, 0),
             received: DirStats::default(),
             rtt: Default::default(),
             src_tags: Default::default(),

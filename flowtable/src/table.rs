@@ -6,7 +6,7 @@ use probe_common::tcp::{track, Peer, Segment};
 use probe_common::{ConnKey, FlowEntry, L4Proto, Parsed, TunnelKind};
 use rustc_hash::FxHashMap;
 
-use crate::conn::{ip, Connection, DirStats};
+use crate::conn::{ip, Connection, DirStats, Proto};
 use crate::rtt::{RttTimer, Rtts};
 use crate::tags::{Socket, Tags};
 
@@ -204,9 +204,9 @@ impl Connection {
         let hi = (ip(k.family, &k.hi), k.hi_port);
         let ((src, sport), (dst, dport)) = if initiator == 0 { (lo, hi) } else { (hi, lo) };
         let proto = if k.proto == L4Proto::Tcp as u8 {
-            L4Proto::Tcp.name()
+            Proto::Tcp
         } else {
-            L4Proto::Udp.name()
+            Proto::Udp
         };
         Connection {
             proto,
@@ -450,7 +450,7 @@ mod tests {
         let c = &t.connections()[0];
         assert_eq!(
             (c.proto, c.sport, c.sent.bytes, c.received.bytes),
-            ("udp", 50000, 10, 20)
+            (Proto::Udp, 50000, 10, 20)
         );
     }
 
@@ -472,7 +472,7 @@ mod tests {
         let conns = t.connections();
         assert_eq!(conns.len(), 2);
         assert_eq!((conns[0].sent.packets, conns[1].sent.packets), (2, 2));
-        assert_eq!(conns[1].sent.retransmits, 0);
+        assert_eq!(conns[1].sent.retransmits(), 0);
         assert!(conns[0].first_seen < conns[1].first_seen);
     }
 
@@ -487,7 +487,7 @@ mod tests {
             ],
         );
         let conns = t.connections();
-        assert_eq!((conns.len(), conns[0].sent.retransmits), (1, 1));
+        assert_eq!((conns.len(), conns[0].sent.retransmits()), (1, 1));
     }
 
     /// What the kernel program does per packet (probe-ebpf `track_conn`):

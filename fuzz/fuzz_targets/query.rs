@@ -16,7 +16,7 @@ use libfuzzer_sys::fuzz_target;
 fn conns() -> Vec<Connection> {
     (0..6u8)
         .map(|i| Connection {
-            proto: if i % 3 == 0 { "udp" } else { "tcp" },
+            proto: if i % 3 == 0 { flowtable::Proto::Udp } else { flowtable::Proto::Tcp },
             src: IpAddr::from([10, 0, i % 2, 1 + i]),
             sport: 40000 + u16::from(i),
             dst: if i % 2 == 0 {
@@ -28,17 +28,11 @@ fn conns() -> Vec<Connection> {
             iface: u32::from(i % 2),
             first_seen: 1_000_000_000 * u64::from(i),
             last_seen: 1_000_000_000 * u64::from(i + 3),
-            sent: DirStats {
-                packets: 2,
-                bytes: 100 * u64::from(i + 1),
+            sent: DirStats::counts(2, 100 * u64::from(i + 1), 0).with_loss(flowtable::Loss {
                 retransmits: u64::from(i % 2),
-                ..DirStats::default()
-            },
-            received: DirStats {
-                packets: 1,
-                bytes: 1000,
-                ..DirStats::default()
-            },
+                ..Default::default()
+            }),
+            received: DirStats::counts(1, 1000, 0),
             rtt: Default::default(),
             src_tags: BTreeMap::from([("service".to_owned(), format!("s{}", i % 3))]).into(),
             dst_tags: BTreeMap::from([("service".to_owned(), "db".to_owned())]).into(),

@@ -10,23 +10,8 @@ use std::net::{IpAddr, SocketAddr};
 
 use crate::conn::octets;
 
-/// Transport protocol of a socket.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Proto {
-    Tcp,
-    Udp,
-}
-
-impl Proto {
-    /// The protocol of a [`crate::Connection`] (`"tcp"` or `"udp"`).
-    pub fn from_name(name: &str) -> Option<Proto> {
-        match name {
-            "tcp" => Some(Proto::Tcp),
-            "udp" => Some(Proto::Udp),
-            _ => None,
-        }
-    }
-}
+/// Transport protocol of a socket: a connection's.
+pub use crate::conn::Proto;
 
 /// A socket's addresses as one key: protocol, local end, remote end.
 /// IPv4-mapped IPv6 addresses are stored as IPv4 (see [`Tuple::new`]), so a

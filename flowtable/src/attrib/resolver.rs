@@ -795,9 +795,7 @@ impl<H: Host> Resolver<H> {
         recorded: impl Fn(&Tuple) -> Option<Recorded>,
     ) {
         for c in conns {
-            let Some(proto) = Proto::from_name(c.proto) else {
-                continue;
-            };
+            let proto = c.proto;
             let src = SocketAddr::new(c.src, c.sport);
             let dst = SocketAddr::new(c.dst, c.dport);
             // The responder's socket sees the connection beyond any

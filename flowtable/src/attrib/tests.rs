@@ -125,10 +125,10 @@ fn proc_info(pid: u32, comm: &str, cgroup: String, service: Option<&str>) -> Pro
     }
 }
 
-fn conn(proto: &'static str, src: &str, dst: &str) -> Connection {
+fn conn(proto: &str, src: &str, dst: &str) -> Connection {
     let (s, d) = (addr(src), addr(dst));
     Connection {
-        proto,
+        proto: Proto::from_name(proto).expect("tcp or udp"),
         src: s.ip(),
         sport: s.port(),
         dst: d.ip(),

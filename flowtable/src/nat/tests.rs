@@ -71,18 +71,13 @@ fn host() -> Fake {
 }
 
 fn dir(packets: u64, bytes: u64) -> DirStats {
-    DirStats {
-        packets,
-        bytes,
-        l3_bytes: bytes + 52 * packets,
-        ..DirStats::default()
-    }
+    DirStats::counts(packets, bytes, bytes + 52 * packets)
 }
 
 fn conn(src: &str, dst: &str, iface: u32, sent: DirStats, received: DirStats) -> Connection {
     let (s, d) = (addr(src), addr(dst));
     Connection {
-        proto: "tcp",
+        proto: crate::Proto::Tcp,
         src: s.ip(),
         sport: s.port(),
         dst: d.ip(),
@@ -112,9 +107,21 @@ fn masquerade_is_one_connection_with_both_addresses() {
     let (up, down) = (dir(10, 9000), dir(8, 300));
     let mut conns = vec![
         // The container's bridge port: before the translation.
-        conn("10.90.0.2:40020", "192.0.2.2:5001", 3, up, down),
+        conn(
+            "10.90.0.2:40020",
+            "192.0.2.2:5001",
+            3,
+            up.clone(),
+            down.clone(),
+        ),
         // The uplink: after it, every packet again.
-        conn("192.0.2.1:40020", "192.0.2.2:5001", 5, up, down),
+        conn(
+            "192.0.2.1:40020",
+            "192.0.2.2:5001",
+            5,
+            up.clone(),
+            down.clone(),
+        ),
     ];
     let st = j.undo(&mut ct, &mut conns, &mut Vec::new());
     assert_eq!(conns.len(), 1, "{conns:#?}");
@@ -123,7 +130,7 @@ fn masquerade_is_one_connection_with_both_addresses() {
         (c.src, c.sport, c.iface),
         (addr("10.90.0.2:1").ip(), 40020, 3)
     );
-    assert_eq!((c.sent, c.received), (up, down));
+    assert_eq!((c.sent.clone(), c.received.clone()), (up, down));
     assert_eq!(
         c.src_tags,
         tags(&[("nat.ip", "192.0.2.1"), ("nat.port", "40020")])
@@ -149,8 +156,20 @@ fn dnat_keeps_the_published_address_and_names_the_actual_destination() {
     let mut conns = vec![
         // Translated view first, and oriented from the responder (its SYN
         // was not seen): both are undone.
-        conn("10.90.0.3:5001", "192.0.2.2:40030", 4, resp, req),
-        conn("192.0.2.2:40030", "192.0.2.1:8080", 5, req, resp),
+        conn(
+            "10.90.0.3:5001",
+            "192.0.2.2:40030",
+            4,
+            resp.clone(),
+            req.clone(),
+        ),
+        conn(
+            "192.0.2.2:40030",
+            "192.0.2.1:8080",
+            5,
+            req.clone(),
+            resp.clone(),
+        ),
     ];
     let st = j.undo(&mut ct, &mut conns, &mut Vec::new());
     assert_eq!(conns.len(), 1, "{conns:#?}");
@@ -163,7 +182,7 @@ fn dnat_keeps_the_published_address_and_names_the_actual_destination() {
         ),
         (addr("192.0.2.2:40030"), addr("192.0.2.1:8080"), 5)
     );
-    assert_eq!((c.sent, c.received), (req, resp));
+    assert_eq!((c.sent.clone(), c.received.clone()), (req, resp));
     assert!(c.src_tags.is_empty());
     assert_eq!(
         c.dst_tags,
@@ -181,8 +200,20 @@ fn untranslated_connections_are_left_alone_and_asked_about_once() {
     let both = (dir(1, 10), dir(1, 10));
     let make = || {
         vec![
-            conn("10.90.0.2:40040", "192.0.2.9:22", 3, both.0, both.1),
-            conn("10.90.0.2:40050", "10.90.0.3:5001", 3, both.0, both.1),
+            conn(
+                "10.90.0.2:40040",
+                "192.0.2.9:22",
+                3,
+                both.0.clone(),
+                both.1.clone(),
+            ),
+            conn(
+                "10.90.0.2:40050",
+                "10.90.0.3:5001",
+                3,
+                both.0.clone(),
+                both.1.clone(),
+            ),
         ]
     };
     let mut conns = make();
@@ -217,8 +248,20 @@ fn the_last_reading_answers_for_untranslated_records() {
     let both = (dir(1, 10), dir(1, 10));
     let make = || {
         vec![
-            conn("10.90.0.2:40040", "192.0.2.9:22", 3, both.0, both.1),
-            conn("192.0.2.2:5001", "192.0.2.1:40020", 2, both.1, both.0),
+            conn(
+                "10.90.0.2:40040",
+                "192.0.2.9:22",
+                3,
+                both.0.clone(),
+                both.1.clone(),
+            ),
+            conn(
+                "192.0.2.2:5001",
+                "192.0.2.1:40020",
+                2,
+                both.1.clone(),
+                both.0.clone(),
+            ),
         ]
     };
     j.remember(Arc::new(Vec::new()));
@@ -253,7 +296,7 @@ fn a_direction_only_the_translated_view_saw_is_taken_from_it() {
             "10.90.0.2:40020",
             "192.0.2.2:5001",
             0,
-            up,
+            up.clone(),
             DirStats::default(),
         ),
         conn(
@@ -261,12 +304,15 @@ fn a_direction_only_the_translated_view_saw_is_taken_from_it() {
             "192.0.2.2:5001",
             0,
             DirStats::default(),
-            down,
+            down.clone(),
         ),
     ];
     let st = j.undo(&mut ct, &mut conns, &mut Vec::new());
     assert_eq!(conns.len(), 1);
-    assert_eq!((conns[0].sent, conns[0].received), (up, down));
+    assert_eq!(
+        (conns[0].sent.clone(), conns[0].received.clone()),
+        (up, down)
+    );
     assert_eq!(st.duplicate_packets, 0);
 }
 
@@ -276,8 +322,24 @@ fn views_retired_in_different_readings_still_count_once() {
     let mut ct = host();
     let mut j = NatJoin::new(1024);
     let (up, down) = (dir(10, 9000), dir(8, 300));
-    let x = || conn("10.90.0.2:40020", "192.0.2.2:5001", 3, up, down);
-    let y = || conn("192.0.2.1:40020", "192.0.2.2:5001", 5, up, down);
+    let x = || {
+        conn(
+            "10.90.0.2:40020",
+            "192.0.2.2:5001",
+            3,
+            up.clone(),
+            down.clone(),
+        )
+    };
+    let y = || {
+        conn(
+            "192.0.2.1:40020",
+            "192.0.2.2:5001",
+            5,
+            up.clone(),
+            down.clone(),
+        )
+    };
     let mut conns = vec![x(), y()];
     j.undo(&mut ct, &mut conns, &mut Vec::new());
     // The original view retires first…
@@ -310,12 +372,18 @@ fn a_translated_view_alone_is_kept_under_the_original_tuple() {
     let mut ct = host();
     let mut j = NatJoin::new(1024);
     let (up, down) = (dir(10, 9000), dir(8, 300));
-    let mut conns = vec![conn("192.0.2.1:40020", "192.0.2.2:5001", 5, up, down)];
+    let mut conns = vec![conn(
+        "192.0.2.1:40020",
+        "192.0.2.2:5001",
+        5,
+        up.clone(),
+        down.clone(),
+    )];
     let st = j.undo(&mut ct, &mut conns, &mut Vec::new());
     assert_eq!(conns.len(), 1);
     let c = &conns[0];
     assert_eq!(SocketAddr::new(c.src, c.sport), addr("10.90.0.2:40020"));
-    assert_eq!((c.sent, c.received), (up, down));
+    assert_eq!((c.sent.clone(), c.received.clone()), (up, down));
     assert_eq!(c.src_tags["nat.ip"], "192.0.2.1");
     assert_eq!((st.translated, st.folded, st.duplicate_packets), (1, 0, 0));
 }
@@ -328,8 +396,20 @@ fn what_could_not_be_asked_is_counted_and_left_as_it_was() {
     let (up, down) = (dir(10, 9000), dir(8, 300));
     let make = || {
         vec![
-            conn("10.90.0.2:40020", "192.0.2.2:5001", 3, up, down),
-            conn("192.0.2.1:40020", "192.0.2.2:5001", 5, up, down),
+            conn(
+                "10.90.0.2:40020",
+                "192.0.2.2:5001",
+                3,
+                up.clone(),
+                down.clone(),
+            ),
+            conn(
+                "192.0.2.1:40020",
+                "192.0.2.2:5001",
+                5,
+                up.clone(),
+                down.clone(),
+            ),
         ]
     };
     let mut conns = make();
@@ -377,11 +457,17 @@ fn ipv6_masquerade_is_undone_too() {
     let mut j = NatJoin::new(16);
     let (q, a) = (dir(1, 40), dir(1, 120));
     let mut conns = vec![
-        conn("[fd00:92::2]:53000", "[2001:db8::53]:53", 3, q, a),
+        conn(
+            "[fd00:92::2]:53000",
+            "[2001:db8::53]:53",
+            3,
+            q.clone(),
+            a.clone(),
+        ),
         conn("[2001:db8:1::1]:53000", "[2001:db8::53]:53", 5, q, a),
     ];
     for c in &mut conns {
-        c.proto = "udp";
+        c.proto = crate::Proto::Udp;
     }
     let st = j.undo(&mut ct, &mut conns, &mut Vec::new());
     assert_eq!(conns.len(), 1, "{conns:#?}");
@@ -401,20 +487,44 @@ fn a_direction_borrowed_for_one_reading_is_the_original_views_own_at_the_next() 
             "10.90.0.2:40020",
             "192.0.2.2:5001",
             3,
-            syn,
+            syn.clone(),
             DirStats::default(),
         ),
-        conn("192.0.2.1:40020", "192.0.2.2:5001", 5, syn, synack),
+        conn(
+            "192.0.2.1:40020",
+            "192.0.2.2:5001",
+            5,
+            syn.clone(),
+            synack.clone(),
+        ),
     ];
     let st = j.undo(&mut ct, &mut conns, &mut Vec::new());
-    assert_eq!((conns[0].sent, conns[0].received), (syn, synack));
+    assert_eq!(
+        (conns[0].sent.clone(), conns[0].received.clone()),
+        (syn, synack)
+    );
     assert_eq!(st.duplicate_packets, 1);
     let (up, down) = (dir(10, 9000), dir(8, 300));
     let mut conns = vec![
-        conn("10.90.0.2:40020", "192.0.2.2:5001", 3, up, down),
-        conn("192.0.2.1:40020", "192.0.2.2:5001", 5, up, down),
+        conn(
+            "10.90.0.2:40020",
+            "192.0.2.2:5001",
+            3,
+            up.clone(),
+            down.clone(),
+        ),
+        conn(
+            "192.0.2.1:40020",
+            "192.0.2.2:5001",
+            5,
+            up.clone(),
+            down.clone(),
+        ),
     ];
     let st = j.undo(&mut ct, &mut conns, &mut Vec::new());
-    assert_eq!((conns[0].sent, conns[0].received), (up, down));
+    assert_eq!(
+        (conns[0].sent.clone(), conns[0].received.clone()),
+        (up, down)
+    );
     assert_eq!(st.duplicate_packets, 18);
 }

@@ -472,7 +472,7 @@ mod tests {
 
     fn conn(src: &str, sport: u16, dst: &str, dport: u16) -> Connection {
         Connection {
-            proto: "tcp",
+            proto: crate::Proto::Tcp,
             src: src.parse().unwrap(),
             sport,
             dst: dst.parse().unwrap(),

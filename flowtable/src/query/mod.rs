@@ -463,8 +463,8 @@ impl QueryResult {
                 dst: r.dst.clone(),
                 other: r.other,
                 conns: r.conns,
-                sent: r.sent,
-                received: r.received,
+                sent: r.sent.clone(),
+                received: r.received.clone(),
                 first_seen: r.first_seen,
                 last_seen: r.last_seen,
                 span_ns: r.span_ns,
@@ -492,8 +492,8 @@ impl QueryResult {
                     dst: r.dst.clone(),
                     other: r.other,
                     conns: r.conns,
-                    sent: r.sent,
-                    received: r.received,
+                    sent: r.sent.clone(),
+                    received: r.received.clone(),
                     first_seen: r.first_seen,
                     last_seen: r.last_seen,
                     span_ns: r.span_ns,
@@ -622,7 +622,7 @@ impl Row {
     /// Retransmitted bytes over bytes (both directions), in percent: the
     /// share of what was sent that was sent again; none without bytes.
     pub fn retransmit_pct(&self) -> Option<f64> {
-        let retx = self.sent.retransmitted_bytes + self.received.retransmitted_bytes;
+        let retx = self.sent.retransmitted_bytes() + self.received.retransmitted_bytes();
         (self.bytes() > 0).then(|| 100.0 * retx as f64 / self.bytes() as f64)
     }
 
@@ -644,12 +644,12 @@ impl Row {
             Metric::Packets => n(self.sent.packets + self.received.packets),
             Metric::SentPackets => n(self.sent.packets),
             Metric::ReceivedPackets => n(self.received.packets),
-            Metric::Retransmits => n(self.sent.retransmits + self.received.retransmits),
-            Metric::SentRetransmits => n(self.sent.retransmits),
-            Metric::ReceivedRetransmits => n(self.received.retransmits),
+            Metric::Retransmits => n(self.sent.retransmits() + self.received.retransmits()),
+            Metric::SentRetransmits => n(self.sent.retransmits()),
+            Metric::ReceivedRetransmits => n(self.received.retransmits()),
             Metric::RetransmitPct => self.retransmit_pct(),
             Metric::RetransmittedBytes => {
-                n(self.sent.retransmitted_bytes + self.received.retransmitted_bytes)
+                n(self.sent.retransmitted_bytes() + self.received.retransmitted_bytes())
             }
             Metric::Conns => n(self.conns),
             Metric::Bandwidth => self.bandwidth(),
@@ -737,7 +737,7 @@ mod tests {
 
     fn conn(src: &str, sport: u16, dst: &str, dport: u16, t: (u64, u64), bytes: u64) -> Connection {
         Connection {
-            proto: "tcp",
+            proto: crate::Proto::Tcp,
             src: src.parse().unwrap(),
             sport,
             dst: dst.parse().unwrap(),
@@ -745,17 +745,11 @@ mod tests {
             iface: 0,
             first_seen: t.0,
             last_seen: t.1,
-            sent: DirStats {
-                packets: 1,
-                bytes,
-                ..DirStats::default()
-            },
-            received: DirStats {
-                packets: 2,
-                bytes: 10,
+            sent: DirStats::counts(1, bytes, 0),
+            received: DirStats::counts(2, 10, 0).with_loss(crate::Loss {
                 retransmits: 1,
-                ..DirStats::default()
-            },
+                ..Default::default()
+            }),
             rtt: Default::default(),
             src_tags: Default::default(),
             dst_tags: Default::default(),
@@ -874,7 +868,7 @@ mod tests {
         let other = &r.rows[1];
         assert!(other.other);
         assert_eq!(
-            (other.conns, other.bytes(), other.received.retransmits),
+            (other.conns, other.bytes(), other.received.retransmits()),
             (3, 1600, 3)
         );
         let json = serde_json::to_value(other.json(&r)).unwrap();

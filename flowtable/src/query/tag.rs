@@ -200,7 +200,7 @@ pub fn value(c: &Connection, side: Side, key: &TagKey, collapse_ephemeral: bool)
             EPHEMERAL.to_owned()
         }
         TagKey::Port => port.to_string(),
-        TagKey::Proto => c.proto.to_owned(),
+        TagKey::Proto => c.proto.name().to_owned(),
         TagKey::Iface => c.iface.to_string(),
         TagKey::Custom(k) => return tags.value(k).map(std::borrow::Cow::into_owned),
     })

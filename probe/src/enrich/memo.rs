@@ -146,8 +146,9 @@ impl Memo {
     /// `ends` gives a connection's two), by hash: what the resolver leaves
     /// alone.
     pub fn named_ends(&self, ends: impl Fn(&Connection) -> Option<[Tuple; 2]>) -> NamedEnds {
-        let mut hashes = Vec::new();
-        for c in self.before.conns().iter() {
+        let conns = self.before.conns();
+        let mut hashes = Vec::with_capacity(2 * conns.len());
+        for c in conns.iter() {
             let Some([src, dst]) = ends(c) else { continue };
             for (t, tags) in [(src, &c.src_tags), (dst, &c.dst_tags)] {
                 if named(tags) {
@@ -156,6 +157,7 @@ impl Memo {
             }
         }
         hashes.sort_unstable();
+        hashes.shrink_to_fit();
         NamedEnds(hashes)
     }
 
@@ -192,7 +194,7 @@ mod tests {
                 .collect()
         };
         Connection {
-            proto: "tcp",
+            proto: flowtable::Proto::Tcp,
             src: [10, 0, 0, 1].into(),
             sport,
             dst: [10, 0, 0, 2].into(),

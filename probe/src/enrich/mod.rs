@@ -160,7 +160,7 @@ pub fn start(
                 keys.clear();
                 seen.clear();
                 if let Some(f) = &mut feed {
-                    if let Err(e) = f(&mut keys) {
+                    if let Err(e) = f(&mut keys, SMALL_FEED) {
                         eprintln!("flowprobe: attribution: {e:#}; joining at each report only");
                         feed = None;
                     }
@@ -171,25 +171,13 @@ pub fn start(
                 // recorded before its first packet, so none of them needs a
                 // lookup.
                 drain_owners(&s);
-                // A slice of the keys at a time: every key comes once a
-                // second, and each is two 5-tuples to look at; the run
-                // loop's `tag` may take the resolver in between.
-                // One pass at least: dumps and retries are due without keys.
-                let none: &[ConnKey] = &[];
-                for chunk in keys
-                    .chunks(SMALL_FEED)
-                    .chain(keys.is_empty().then_some(none))
-                {
-                    seen.clear();
-                    seen.extend(chunk.iter().filter_map(key_ends).flatten());
-                    let named = Arc::clone(&lock(&s.named));
-                    pass(&s, &mut lock(&s.resolver), &seen, &named);
-                }
-                // Buffers sized for all keys go back (large ones are
-                // mapped, so to the system).
-                if keys.capacity() > SMALL_FEED {
-                    keys = Vec::new();
-                }
+                // A slice of the keys a pass (every key comes once a
+                // second, and each is two 5-tuples to look at): the run
+                // loop's `tag` may take the resolver in between, and no
+                // buffer holds every key.
+                seen.extend(keys.iter().filter_map(key_ends).flatten());
+                let named = Arc::clone(&lock(&s.named));
+                pass(&s, &mut lock(&s.resolver), &seen, &named);
                 if !draining {
                     std::thread::park_timeout(interval);
                 }
@@ -203,8 +191,8 @@ pub fn start(
     }
 }
 
-/// Keys the attribution thread looks at in one pass, and keeps room for
-/// between passes.
+/// Keys the attribution thread looks at in one pass at most (the rest at
+/// the next ones), and keeps room for between passes.
 const SMALL_FEED: usize = 4096;
 
 /// Attribution runs (`FLOWPROBE_ATTRIB` is not `off`).
@@ -426,7 +414,7 @@ fn tuples(conns: &[Connection]) -> Vec<Tuple> {
 
 /// The initiator's and the responder's 5-tuple of `c` ([`tuples`]).
 fn ends(c: &Connection) -> Option<[Tuple; 2]> {
-    let p = Proto::from_name(c.proto)?;
+    let p = c.proto;
     let (src_far, dst_far) = flowtable::nat::beyond(c);
     Some([
         Tuple::new(p, (c.src, c.sport).into(), (c.dst, c.dport).into()),

@@ -326,9 +326,8 @@ impl Owners {
     pub fn tag<H: Host>(&self, r: &mut Resolver<H>, conns: &mut [Connection]) {
         for c in conns {
             let proto = match c.proto {
-                "tcp" => 6,
-                "udp" => 17,
-                _ => continue,
+                flowtable::Proto::Tcp => 6,
+                flowtable::Proto::Udp => 17,
             };
             // The responder's socket has the addresses beyond any
             // translation (`nat.ip`/`nat.port`).
@@ -409,7 +408,7 @@ impl Owners {
     /// connection's end. A UDP socket may talk to peers still to come, and
     /// is kept.
     pub fn release(&mut self, listed: &[Connection]) {
-        for c in listed.iter().filter(|c| c.proto == "tcp") {
+        for c in listed.iter().filter(|c| c.proto == flowtable::Proto::Tcp) {
             let (src_far, dst_far) = flowtable::nat::beyond(c);
             let ends = [
                 (&c.src_tags, (6, c.sport, c.dst, c.dport)),
@@ -560,7 +559,7 @@ mod tests {
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
         Connection {
-            proto: "tcp",
+            proto: flowtable::Proto::Tcp,
             src: [10, 0, 0, 2].into(),
             sport: 40000,
             dst: [10, 0, 0, 1].into(),
@@ -877,7 +876,7 @@ mod tests {
         assert!(both.src_tags.contains_key("pid") && both.dst_tags.contains_key("pid"));
         let unnamed = conn(2, &[(UNATTRIBUTED, "no_socket")]);
         let mut udp = conn(3, &[("pid", "10")]);
-        udp.proto = "udp";
+        udp.proto = flowtable::Proto::Udp;
         o.release(&[both, unnamed, udp]);
         assert_eq!(o.released, 2);
         assert_eq!(o.held(), 2);

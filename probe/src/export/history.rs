@@ -38,7 +38,7 @@ pub struct Bounds {
 }
 
 /// The retired connections beyond `--list-max`, summed.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Unlisted {
     pub conns: u64,
     pub sent: DirStats,

@@ -64,7 +64,7 @@ struct Line<'a> {
     interval: u64,
     /// When this interval's read was taken, RFC 3339 UTC.
     time: String,
-    proto: &'static str,
+    proto: flowtable::Proto,
     src: IpAddr,
     sport: u16,
     dst: IpAddr,
@@ -117,8 +117,8 @@ impl Deltas {
                 iface: c.iface,
                 first_seen: at(c.first_seen),
                 last_seen: at(c.last_seen),
-                sent: ch.sent,
-                received: ch.received,
+                sent: ch.sent.clone(),
+                received: ch.received.clone(),
                 src_tags: &c.src_tags,
                 dst_tags: &c.dst_tags,
             };
@@ -379,7 +379,7 @@ mod tests {
 
     fn conn(sport: u16, sent_bytes: u64, recv_bytes: u64) -> Connection {
         Connection {
-            proto: "tcp",
+            proto: flowtable::Proto::Tcp,
             src: IpAddr::from([10, 0, 0, 1]),
             sport,
             dst: IpAddr::from([10, 0, 0, 2]),
@@ -387,16 +387,8 @@ mod tests {
             iface: 2,
             first_seen: 1_700_000_000_000_000_000,
             last_seen: 1_700_000_001_000_000_000,
-            sent: DirStats {
-                packets: sent_bytes / 100,
-                bytes: sent_bytes,
-                ..DirStats::default()
-            },
-            received: DirStats {
-                packets: recv_bytes / 100,
-                bytes: recv_bytes,
-                ..DirStats::default()
-            },
+            sent: DirStats::counts(sent_bytes / 100, sent_bytes, 0),
+            received: DirStats::counts(recv_bytes / 100, recv_bytes, 0),
             rtt: Default::default(),
             src_tags: Default::default(),
             dst_tags: Default::default(),

@@ -130,7 +130,7 @@ fn table(out: &mut impl Write, conns: &[Connection]) -> io::Result<()> {
     writeln!(out)?;
     for (i, (c, [s, d])) in conns.iter().zip(&rows).enumerate() {
         let dur = c.last_seen.saturating_sub(c.first_seen) as f64 / 1e9;
-        let dir = |x: &DirStats| (x.packets, x.bytes, x.retransmits, x.retransmitted_bytes);
+        let dir = |x: &DirStats| (x.packets, x.bytes, x.retransmits(), x.retransmitted_bytes());
         let (sp, sb, sr, srb) = dir(&c.sent);
         let (rp, rb, rr, rrb) = dir(&c.received);
         write!(
@@ -212,12 +212,12 @@ fn query_table(out: &mut impl Write, q: &QueryResult) -> io::Result<()> {
                 r.conns.to_string(),
                 r.sent.packets.to_string(),
                 r.sent.bytes.to_string(),
-                r.sent.retransmits.to_string(),
-                r.sent.retransmitted_bytes.to_string(),
+                r.sent.retransmits().to_string(),
+                r.sent.retransmitted_bytes().to_string(),
                 r.received.packets.to_string(),
                 r.received.bytes.to_string(),
-                r.received.retransmits.to_string(),
-                r.received.retransmitted_bytes.to_string(),
+                r.received.retransmits().to_string(),
+                r.received.retransmitted_bytes().to_string(),
                 format!("{:.3}", r.seconds()),
                 r.bandwidth().map_or_else(|| "-".to_owned(), rate),
                 opt(p50),

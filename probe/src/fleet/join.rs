@@ -23,7 +23,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use flowtable::rollup::{Aggregate, Interval};
-use flowtable::{new_histogram, Connection};
+use flowtable::{new_histogram, Connection, Proto};
 use rustc_hash::{FxHashMap, FxHashSet};
 use serde::Serialize;
 
@@ -677,7 +677,7 @@ impl Window {
                     } else if slot.groups.len() < self.limits.max_groups {
                         slot.index.insert(key, slot.groups.len());
                         slot.groups.push(Aggregate::empty(Connection {
-                            proto: if r.udp { "udp" } else { "tcp" },
+                            proto: if r.udp { Proto::Udp } else { Proto::Tcp },
                             src,
                             sport,
                             dst,
@@ -854,14 +854,8 @@ mod tests {
                 tags: BTreeMap::new(),
             },
             conns: 1,
-            sent: DirStats {
-                bytes,
-                ..DirStats::default()
-            },
-            received: DirStats {
-                bytes: 10,
-                ..DirStats::default()
-            },
+            sent: DirStats::counts(0, bytes, 0),
+            received: DirStats::counts(0, 10, 0),
             first_seen_ns: 0,
             last_seen_ns: 1,
             rtt_dst: None,
@@ -1047,10 +1041,7 @@ mod tests {
             Folded {
                 groups: 3,
                 conns: 3,
-                sent: DirStats {
-                    bytes: 9,
-                    ..DirStats::default()
-                },
+                sent: DirStats::counts(0, 9, 0),
                 received: DirStats::default(),
             },
         );

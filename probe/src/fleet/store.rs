@@ -193,7 +193,7 @@ impl Leg<'_> {
 }
 
 /// A packed row, read back.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Packed<'a> {
     pub view: View,
     pub udp: bool,
@@ -264,10 +264,10 @@ impl Rows {
                     d.packets,
                     d.bytes,
                     d.l3_bytes,
-                    d.retransmits,
-                    d.retransmitted_bytes,
-                    d.probes,
-                    d.gaps,
+                    d.retransmits(),
+                    d.retransmitted_bytes(),
+                    d.probes(),
+                    d.gaps(),
                 ] {
                     put(&mut b, v);
                 }
@@ -387,15 +387,13 @@ impl<'a> Reader<'a> {
     }
 
     fn dir(&mut self) -> DirStats {
-        DirStats {
-            packets: self.varint(),
-            bytes: self.varint(),
-            l3_bytes: self.varint(),
+        let d = DirStats::counts(self.varint(), self.varint(), self.varint());
+        d.with_loss(flowtable::Loss {
             retransmits: self.varint(),
             retransmitted_bytes: self.varint(),
             probes: self.varint(),
             gaps: self.varint(),
-        }
+        })
     }
 
     fn leg(&mut self) -> Leg<'a> {
@@ -493,14 +491,13 @@ mod tests {
     }
 
     fn row(i: u64) -> Row {
-        let d = |x: u64| DirStats {
-            packets: x,
-            bytes: x * 1000 + 7,
-            l3_bytes: x * 1052,
-            retransmits: x % 3,
-            retransmitted_bytes: u64::MAX - x,
-            probes: 1,
-            gaps: 0,
+        let d = |x: u64| {
+            DirStats::counts(x, x * 1000 + 7, x * 1052).with_loss(flowtable::Loss {
+                retransmits: x % 3,
+                retransmitted_bytes: u64::MAX - x,
+                probes: 1,
+                gaps: 0,
+            })
         };
         Row {
             view: [View::Client, View::Server, View::Local][(i % 3) as usize],

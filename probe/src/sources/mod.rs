@@ -76,9 +76,10 @@ pub trait Source {
 }
 
 /// Appends the keys a source took in since the last call (the first
-/// call: all it holds). A key may come again (now and then all of them
-/// do); none is left out for long.
-pub type KeyFeed = Box<dyn FnMut(&mut Vec<ConnKey>) -> Result<()> + Send>;
+/// call: all it holds), at most `max` of them: the rest come at the next
+/// calls. A key may come again (now and then all of them do); none is
+/// left out for long.
+pub type KeyFeed = Box<dyn FnMut(&mut Vec<ConnKey>, usize) -> Result<()> + Send>;
 
 /// Appends the socket owners recorded since the last call.
 pub type OwnerFeed = Box<dyn FnMut(&mut Vec<SockOwner>) -> Result<()> + Send>;

@@ -256,8 +256,8 @@ fn groups(reg: &mut Registry, s: &Snapshot, labels: &MetricLabels) {
         received_packets.push((l.clone(), counter(r.received.packets)));
         for (dir, d) in [("sent", &r.sent), ("received", &r.received)] {
             let dl = with(&l, "direction", dir);
-            retransmits.push((dl.clone(), counter(d.retransmits)));
-            retransmitted_bytes.push((dl, counter(d.retransmitted_bytes)));
+            retransmits.push((dl.clone(), counter(d.retransmits())));
+            retransmitted_bytes.push((dl, counter(d.retransmitted_bytes())));
         }
         conns_total.push((l.clone(), counter(r.conns)));
         for (leg, h) in [("dst", &r.rtt_dst), ("src", &r.rtt_src)] {
@@ -448,7 +448,7 @@ fn listeners(reg: &mut Registry, s: &Snapshot) {
     if s.local_addrs.is_empty() {
         return;
     }
-    let mut seen: std::collections::BTreeMap<(&str, std::net::IpAddr, u16), Labels> =
+    let mut seen: std::collections::BTreeMap<(flowtable::Proto, std::net::IpAddr, u16), Labels> =
         std::collections::BTreeMap::new();
     let mut dropped = 0u64;
     for c in s.conns.iter() {
@@ -467,7 +467,7 @@ fn listeners(reg: &mut Registry, s: &Snapshot) {
         seen.insert(
             k,
             vec![
-                ("proto".to_owned(), c.proto.to_owned()),
+                ("proto".to_owned(), c.proto.name().to_owned()),
                 ("dst_ip".to_owned(), c.dst.to_string()),
                 ("dst_port".to_owned(), c.dport.to_string()),
                 ("owner_service".to_owned(), tag("service")),
@@ -824,7 +824,7 @@ mod tests {
                 .unwrap_or_default()
         };
         Connection {
-            proto: "tcp",
+            proto: flowtable::Proto::Tcp,
             src: IpAddr::from([10, 0, 0, 1]),
             sport: 40000 + dport,
             dst: IpAddr::from([10, 0, 0, 2]),
@@ -832,18 +832,12 @@ mod tests {
             iface: 2,
             first_seen: 1_000_000_000,
             last_seen: 2_000_000_000,
-            sent: DirStats {
-                packets: sent.0,
-                bytes: sent.1,
+            sent: DirStats::counts(sent.0, sent.1, 0).with_loss(flowtable::Loss {
                 retransmits: sent.2,
                 retransmitted_bytes: sent.3,
-                ..DirStats::default()
-            },
-            received: DirStats {
-                packets: received.0,
-                bytes: received.1,
-                ..DirStats::default()
-            },
+                ..Default::default()
+            }),
+            received: DirStats::counts(received.0, received.1, 0),
             rtt: Default::default(),
             src_tags: tags(Some(src_service)),
             dst_tags: tags(dst_service),

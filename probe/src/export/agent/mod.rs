@@ -158,7 +158,7 @@ pub(crate) mod tests {
     pub(crate) fn conns() -> Vec<Connection> {
         (0..5u8)
             .map(|i| Connection {
-                proto: "tcp",
+                proto: flowtable::Proto::Tcp,
                 src: IpAddr::from([10, 0, 0, 1 + i % 2]),
                 sport: 40000 + u16::from(i),
                 dst: IpAddr::from([10, 0, 1, 1]),
@@ -166,16 +166,8 @@ pub(crate) mod tests {
                 iface: 2,
                 first_seen: 1_000_000_000 * u64::from(i),
                 last_seen: 1_000_000_000 * u64::from(i + 2),
-                sent: DirStats {
-                    packets: 2,
-                    bytes: 100 * u64::from(i + 1),
-                    ..DirStats::default()
-                },
-                received: DirStats {
-                    packets: 1,
-                    bytes: 1000,
-                    ..DirStats::default()
-                },
+                sent: DirStats::counts(2, 100 * u64::from(i + 1), 0),
+                received: DirStats::counts(1, 1000, 0),
                 rtt: Default::default(),
                 src_tags: Default::default(),
                 dst_tags: Default::default(),

@@ -143,7 +143,7 @@ impl Publisher {
         let Some((at, mut old, mut old_retired)) = self.delayed.pop_front() else {
             return;
         };
-        type Key = (&'static str, IpAddr, u16, IpAddr, u16, u32);
+        type Key = (flowtable::Proto, IpAddr, u16, IpAddr, u16, u32);
         let mut latest: std::collections::HashMap<Key, Vec<&Connection>> = Default::default();
         for c in conns.iter().chain(retired) {
             if !(c.src_tags.is_empty() && c.dst_tags.is_empty()) {
@@ -416,7 +416,7 @@ mod tests {
 
     fn conn(src: &str, sport: u16, dst: &str, dport: u16, bytes: u64) -> Connection {
         Connection {
-            proto: "tcp",
+            proto: flowtable::Proto::Tcp,
             src: src.parse().unwrap(),
             sport,
             dst: dst.parse().unwrap(),
@@ -424,11 +424,7 @@ mod tests {
             iface: 2,
             first_seen: T0 + u64::from(sport),
             last_seen: T0 + S,
-            sent: DirStats {
-                packets: 1,
-                bytes,
-                ..DirStats::default()
-            },
+            sent: DirStats::counts(1, bytes, 0),
             received: DirStats::default(),
             rtt: Default::default(),
             src_tags: Default::default(),

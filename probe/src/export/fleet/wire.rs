@@ -119,7 +119,7 @@ pub struct Row {
 }
 
 /// What the rows left out (beyond `--fleet-top`), per view: counters only.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Folded {
     pub groups: u64,
     pub conns: u64,
@@ -360,12 +360,12 @@ pub fn row_of(a: &Aggregate, is_local: impl Fn(&IpAddr) -> bool) -> Option<Row> 
     };
     Some(Row {
         view,
-        proto: c.proto.to_owned(),
+        proto: c.proto.name().to_owned(),
         local,
         remote,
         conns: a.conns,
-        sent: c.sent,
-        received: c.received,
+        sent: c.sent.clone(),
+        received: c.received.clone(),
         first_seen_ns: c.first_seen,
         last_seen_ns: c.last_seen,
         rtt_dst: RttLeg::of(&a.rtt_dst, a.rtt_dst_max),

@@ -27,7 +27,7 @@ use std::net::IpAddr;
 use flowtable::{sort_connections, Connection};
 
 /// Both endpoints in a canonical order, protocol and interface.
-type Key = (&'static str, (IpAddr, u16), (IpAddr, u16), u32);
+type Key = (flowtable::Proto, (IpAddr, u16), (IpAddr, u16), u32);
 
 fn key(c: &Connection) -> Key {
     let a = (c.src, c.sport);
@@ -107,13 +107,9 @@ mod tests {
     use flowtable::DirStats;
 
     fn conn(sport: u16, dport: u16, first: u64, last: u64, sent: u64, recv: u64) -> Connection {
-        let st = |bytes| DirStats {
-            packets: 1,
-            bytes,
-            ..DirStats::default()
-        };
+        let st = |bytes| DirStats::counts(1, bytes, 0);
         Connection {
-            proto: "udp",
+            proto: flowtable::Proto::Udp,
             src: [10, 0, 0, sport as u8].into(),
             sport,
             dst: [10, 0, 0, dport as u8].into(),

@@ -180,23 +180,29 @@ impl KernelTable {
 
     /// The keys of the slots that became occupied since the last call
     /// (`before`: the bitmap then, one word per 64 slots; empty at first,
-    /// when every slot is new), appended to `out`. A slot whose bit is set
-    /// but whose key is not published yet stays new for the next call. A
-    /// key held by two slots (see the module comment) may come twice.
-    pub fn new_keys(&self, before: &mut Vec<u64>, out: &mut Vec<ConnKey>) {
+    /// when every slot is new), appended to `out` until it holds `max`:
+    /// the slots left are still new at the next call (so a caller never
+    /// holds every key at once). A slot whose bit is set but whose key is
+    /// not published yet stays new for the next call. A key held by two
+    /// slots (see the module comment) may come twice.
+    pub fn new_keys(&self, before: &mut Vec<u64>, out: &mut Vec<ConnKey>, max: usize) {
         let words = self.len.div_ceil(64);
         before.resize(words, 0);
         for (w, was) in before.iter_mut().enumerate() {
             let now = self.word(w).load(Ordering::Acquire);
             let mut new = now & !*was;
-            *was = now;
+            // A slot freed since is new again once it is taken.
+            *was &= now;
             while new != 0 {
+                if out.len() >= max {
+                    return;
+                }
                 let b = new.trailing_zeros() as usize;
                 new &= new - 1;
                 let i = w * 64 + b;
-                match (i < self.len).then(|| self.key(i)).flatten() {
-                    Some(k) => out.push(k),
-                    None => *was &= !(1 << b),
+                if let Some(k) = (i < self.len).then(|| self.key(i)).flatten() {
+                    *was |= 1 << b;
+                    out.push(k);
                 }
             }
         }

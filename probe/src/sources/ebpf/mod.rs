@@ -401,12 +401,12 @@ impl Source for EbpfSource {
                 // The bitmap at the last call, and when every key was last
                 // listed.
                 let (mut before, mut all_at) = (Vec::new(), Instant::now());
-                Some(Box::new(move |out| {
+                Some(Box::new(move |out, max| {
                     if all_at.elapsed() >= ALL_KEYS_EVERY {
                         before.clear();
                         all_at = Instant::now();
                     }
-                    t.new_keys(&mut before, out);
+                    t.new_keys(&mut before, out, max);
                     Ok(())
                 }))
             }

@@ -203,7 +203,10 @@ fn many_nodes_fold_into_other() {
             conn.sport = 40000 + i as u16;
             conn.sent.bytes = 1000 * u64::from(i + 1);
             conn.sent.packets = 10;
-            conn.sent.retransmits = u64::from(i % 3);
+            conn.sent.set_loss(flowtable::Loss {
+                retransmits: u64::from(i % 3),
+                ..Default::default()
+            });
             conn.src_tags.insert("service".into(), format!("svc{i:02}"));
             if i % 7 != 0 {
                 conn.dst_tags

@@ -171,13 +171,21 @@ pub fn start(
                 // recorded before its first packet, so none of them needs a
                 // lookup.
                 drain_owners(&s);
-                // A slice of the keys a pass (every key comes once a
+                // A slice of the keys at a time (every key comes once a
                 // second, and each is two 5-tuples to look at): the run
                 // loop's `tag` may take the resolver in between, and no
-                // buffer holds every key.
-                seen.extend(keys.iter().filter_map(key_ends).flatten());
+                // buffer holds every key. One pass at least: dumps and
+                // retries are due without keys.
                 let named = Arc::clone(&lock(&s.named));
-                pass(&s, &mut lock(&s.resolver), &seen, &named);
+                let none: &[ConnKey] = &[];
+                for chunk in keys
+                    .chunks(SEEN_AT_ONCE)
+                    .chain(keys.is_empty().then_some(none))
+                {
+                    seen.clear();
+                    seen.extend(chunk.iter().filter_map(key_ends).flatten());
+                    pass(&s, &mut lock(&s.resolver), &seen, &named);
+                }
                 if !draining {
                     std::thread::park_timeout(interval);
                 }
@@ -194,6 +202,10 @@ pub fn start(
 /// Keys the attribution thread looks at in one pass at most (the rest at
 /// the next ones), and keeps room for between passes.
 const SMALL_FEED: usize = 4096;
+
+/// Keys turned into 5-tuples for one pass (two each, 68 bytes a tuple:
+/// the buffer stays below the allocator's mmap threshold, and is reused).
+const SEEN_AT_ONCE: usize = 1024;
 
 /// Attribution runs (`FLOWPROBE_ATTRIB` is not `off`).
 pub fn enabled() -> bool {

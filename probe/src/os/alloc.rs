@@ -1,8 +1,11 @@
 //! The allocator's settings for a process that runs for months.
 
 /// Buffers this large or larger get pages of their own, given back when
-/// freed.
-const MMAP_THRESHOLD: libc::c_int = 256 * 1024;
+/// freed: the indexes a tick builds over the last reading (160 KiB at
+/// 20 000 listed) too, which at 256 KiB left their room in the heap
+/// (`bench/open.sh`: 275 → 234 B per open connection with the
+/// resolver's buffers cut below it as well).
+const MMAP_THRESHOLD: libc::c_int = 64 * 1024;
 
 /// Fixes glibc's mmap threshold. By default it grows to the size of the
 /// largest buffer freed (up to 32 MiB): after the first tick, a reading's

@@ -11,7 +11,9 @@
 #
 # usage (root): bench/open.sh [ROUNDS]   (default 3)
 #   N=20000 MODES="tc afpacket softflowd" FP=target/release/flowprobe
-#   TICKS=25 SKIP_BUILD=1 FP_ARGS="..." (more flags for `run`)
+#   TICKS=25 SAMPLES=5 SKIP_BUILD=1 FP_ARGS="..." (more flags for `run`)
+# With N open, RSS is read SAMPLES times a second apart: the median is the
+# figure, the largest is said beside it.
 # TICKS (seconds, one reading each) spans two of attribution's socket dumps
 # (every 10 s), which meet every socket: fewer can miss what they keep.
 set -euo pipefail
@@ -22,6 +24,7 @@ N=${N:-20000}
 MODES=${MODES:-tc afpacket softflowd}
 FP=${FP:-target/release/flowprobe}
 TICKS=${TICKS:-25}
+SAMPLES=${SAMPLES:-5}
 NS_A=fp-open-a-$$
 NS_B=fp-open-b-$$
 PY=/usr/bin/python3
@@ -112,14 +115,23 @@ round() { # MODE
         [[ -e $WORK/done$c ]] || die "client $c did not open its connections"
     done
     sleep "$TICKS"
-    after=$(kb "$pid")
+    # The median of SAMPLES readings a second apart: one reading can fall
+    # in a tick (two listings held) or a socket dump; the largest is said
+    # too.
+    local samples=() i
+    for i in $(seq "$SAMPLES"); do
+        samples+=("$(kb "$pid")")
+        [[ $i -eq $SAMPLES ]] || sleep 1
+    done
+    after=$(printf '%s\n' "${samples[@]}" | sort -n | awk '{v[NR] = $1} END {print v[int((NR + 1) / 2)]}')
+    most=$(printf '%s\n' "${samples[@]}" | sort -n | tail -1)
     exec 7>&-
     for c in "${clients[@]}"; do wait "$c" || true; done
     # SIGTERM: softflowd's SIGINT handling ends this script too.
     kill "$pid"; wait "$pid" || true
     stop_servers
-    printf '%-10s N %6d  RSS before %7d kB  with N open %7d kB  per open connection %6d bytes\n' \
-        "$mode" "$N" "$before" "$after" "$(((after - before) * 1024 / N))"
+    printf '%-10s N %6d  RSS before %7d kB  with N open %7d kB  per open connection %6d bytes (largest of %d readings: %d)\n' \
+        "$mode" "$N" "$before" "$after" "$(((after - before) * 1024 / N))" "$SAMPLES" "$(((most - before) * 1024 / N))"
     sleep 3
 }
 

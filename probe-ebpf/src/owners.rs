@@ -46,12 +46,14 @@ use probe_common::{
     },
 };
 
-/// Room for about 10000 records between two drains (userspace drains
-/// every 10 ms). Of no value type (records are reserved as
-/// [`SockOwner`]s): libbpf, as `tc` and `bpftool` load the object, wants a
-/// ring buffer's value size to be 0.
+/// Room for about 40000 records between two drains. Userspace drains
+/// every 10 ms, but not while its resolver is busy (a socket dump or a
+/// tick's join, a few hundred ms at 20000 connections opened at once,
+/// three records each): 1 MiB lost records then (`bench/open.sh`). Of no
+/// value type (records are reserved as [`SockOwner`]s): libbpf, as `tc`
+/// and `bpftool` load the object, wants a ring buffer's value size to be 0.
 #[btf_map]
-static OWNERS: RingBuf<(), { 1 << 20 }> = RingBuf::new();
+static OWNERS: RingBuf<(), { 1 << 22 }> = RingBuf::new();
 
 /// Per socket, non-zero once its owner was recorded by `sendmsg`: an
 /// unconnected UDP socket is recorded at its first datagram, not at every

@@ -176,7 +176,6 @@ pub fn start(
                 // loop's `tag` may take the resolver in between, and no
                 // buffer holds every key. One pass at least: dumps and
                 // retries are due without keys.
-                let named = Arc::clone(&lock(&s.named));
                 let none: &[ConnKey] = &[];
                 for chunk in keys
                     .chunks(SEEN_AT_ONCE)
@@ -184,7 +183,7 @@ pub fn start(
                 {
                     seen.clear();
                     seen.extend(chunk.iter().filter_map(key_ends).flatten());
-                    pass(&s, &mut lock(&s.resolver), &seen, &named);
+                    pass(&s, &mut lock(&s.resolver), &seen);
                 }
                 if !draining {
                     std::thread::park_timeout(interval);
@@ -280,11 +279,15 @@ fn drain_owners(s: &State) -> bool {
 
 /// One resolver pass, timed in thread CPU time; failures said once each.
 /// An end whose socket owner the kernel recorded is named from that
-/// record, not looked up; nor is an end the listing names (`named`),
-/// whose socket a dump leaves alone too.
-fn pass(s: &State, r: &mut Resolver<ProcHost>, seen: &[Tuple], named: &memo::NamedEnds) {
+/// record, not looked up; nor is an end the listing names
+/// ([`memo::NamedEnds`]), whose socket a dump leaves alone too. The named
+/// ends are read with the records held: a socket is released only once
+/// its end is among them ([`Attribution::remember`]), so every socket is
+/// one or the other.
+fn pass(s: &State, r: &mut Resolver<ProcHost>, seen: &[Tuple]) {
     let t0 = thread_cpu_ns();
     let owners = lock(&s.owners);
+    let named = Arc::clone(&lock(&s.named));
     let st = r.refresh_skipping(
         monotonic_ns(),
         seen,
@@ -324,10 +327,13 @@ impl Attribution {
     /// the next reading's settled ends are given their tags from them.
     pub fn remember(&self, listed: Arc<Vec<Connection>>) {
         if let Some(s) = &self.shared {
-            lock(&s.owners).release(&listed);
+            // Named first, released after: a pass sees each socket as one
+            // or the other (see `pass`).
             let mut memo = lock(&s.memo);
-            memo.remember(listed);
+            memo.remember(Arc::clone(&listed));
             *lock(&s.named) = Arc::new(memo.named_ends(ends));
+            drop(memo);
+            lock(&s.owners).release(&listed);
         }
     }
 
@@ -342,8 +348,7 @@ impl Attribution {
         let dump = lock(&s.resolver).dumped_at();
         let p = memo.reuse(conns, dump);
         let todo = p.todo;
-        let named = Arc::clone(&lock(&s.named));
-        join(s, &mut conns[..todo], &named);
+        join(s, &mut conns[..todo]);
         // Judged after this call's pass, and its dump if one was due.
         let dump = lock(&s.resolver).dumped_at();
         memo.keep(conns, p, dump, listed);
@@ -395,7 +400,7 @@ impl Attribution {
 
 /// Joins each end of `conns` to its owner afresh, but for ends given
 /// their process's tags from the last reading ([`memo`]).
-fn join(s: &State, conns: &mut [Connection], named: &memo::NamedEnds) {
+fn join(s: &State, conns: &mut [Connection]) {
     let seen: Vec<Tuple> = conns
         .iter()
         .filter_map(|c| Some((ends(c)?, [&c.src_tags, &c.dst_tags])))
@@ -404,7 +409,7 @@ fn join(s: &State, conns: &mut [Connection], named: &memo::NamedEnds) {
         .map(|(t, _)| t)
         .collect();
     let mut r = lock(&s.resolver);
-    pass(s, &mut r, &seen, named);
+    pass(s, &mut r, &seen);
     let owners = lock(&s.owners);
     // Ends whose socket the kernel recorded, named from that record (the
     // resolver keeps no copy of it).

@@ -231,6 +231,16 @@ pub fn fds(pid: u32) -> usize {
         .unwrap_or(0)
 }
 
+/// Process `pid`'s resident memory (`VmRSS`), kB.
+pub fn rss_kb(pid: u32) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap()
+}
+
 /// GET from inside namespace `ns` (the servers listen on its loopback).
 pub fn http_get(ns: &str, url: &str) -> Option<String> {
     let out = Command::new("ip")

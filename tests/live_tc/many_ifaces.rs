@@ -9,7 +9,9 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use super::no_filters_left;
-use crate::common::root::{enabled, fds, http_get, spawn_flowprobe, stop, wait_for_within, Netns};
+use crate::common::root::{
+    enabled, fds, http_get, rss_kb, spawn_flowprobe, stop, wait_for_within, Netns,
+};
 
 const PAIRS: usize = 250;
 const METRICS: &str = "http://127.0.0.1:9483/metrics";
@@ -27,15 +29,6 @@ fn batch(ns: &str, cmds: &str) {
 
 fn gauge(ns: &str, name: &str) -> Option<u64> {
     crate::common::metric(&http_get(ns, METRICS)?, name)
-}
-
-fn rss_kb(pid: u32) -> u64 {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-        .unwrap()
 }
 
 #[test]

@@ -74,7 +74,7 @@ fn dir(packets: u64, bytes: u64) -> DirStats {
     DirStats::counts(packets, bytes, bytes + 52 * packets)
 }
 
-fn conn(src: &str, dst: &str, iface: u32, sent: DirStats, received: DirStats) -> Connection {
+fn conn(src: &str, dst: &str, iface: u32, sent: &DirStats, received: &DirStats) -> Connection {
     let (s, d) = (addr(src), addr(dst));
     Connection {
         proto: crate::Proto::Tcp,
@@ -85,8 +85,8 @@ fn conn(src: &str, dst: &str, iface: u32, sent: DirStats, received: DirStats) ->
         iface,
         first_seen: 1_000,
         last_seen: 2_000,
-        sent,
-        received,
+        sent: sent.clone(),
+        received: received.clone(),
         rtt: Default::default(),
         src_tags: Default::default(),
         dst_tags: Default::default(),
@@ -107,21 +107,9 @@ fn masquerade_is_one_connection_with_both_addresses() {
     let (up, down) = (dir(10, 9000), dir(8, 300));
     let mut conns = vec![
         // The container's bridge port: before the translation.
-        conn(
-            "10.90.0.2:40020",
-            "192.0.2.2:5001",
-            3,
-            up.clone(),
-            down.clone(),
-        ),
+        conn("10.90.0.2:40020", "192.0.2.2:5001", 3, &up, &down),
         // The uplink: after it, every packet again.
-        conn(
-            "192.0.2.1:40020",
-            "192.0.2.2:5001",
-            5,
-            up.clone(),
-            down.clone(),
-        ),
+        conn("192.0.2.1:40020", "192.0.2.2:5001", 5, &up, &down),
     ];
     let st = j.undo(&mut ct, &mut conns, &mut Vec::new());
     assert_eq!(conns.len(), 1, "{conns:#?}");
@@ -156,20 +144,8 @@ fn dnat_keeps_the_published_address_and_names_the_actual_destination() {
     let mut conns = vec![
         // Translated view first, and oriented from the responder (its SYN
         // was not seen): both are undone.
-        conn(
-            "10.90.0.3:5001",
-            "192.0.2.2:40030",
-            4,
-            resp.clone(),
-            req.clone(),
-        ),
-        conn(
-            "192.0.2.2:40030",
-            "192.0.2.1:8080",
-            5,
-            req.clone(),
-            resp.clone(),
-        ),
+        conn("10.90.0.3:5001", "192.0.2.2:40030", 4, &resp, &req),
+        conn("192.0.2.2:40030", "192.0.2.1:8080", 5, &req, &resp),
     ];
     let st = j.undo(&mut ct, &mut conns, &mut Vec::new());
     assert_eq!(conns.len(), 1, "{conns:#?}");
@@ -200,20 +176,8 @@ fn untranslated_connections_are_left_alone_and_asked_about_once() {
     let both = (dir(1, 10), dir(1, 10));
     let make = || {
         vec![
-            conn(
-                "10.90.0.2:40040",
-                "192.0.2.9:22",
-                3,
-                both.0.clone(),
-                both.1.clone(),
-            ),
-            conn(
-                "10.90.0.2:40050",
-                "10.90.0.3:5001",
-                3,
-                both.0.clone(),
-                both.1.clone(),
-            ),
+            conn("10.90.0.2:40040", "192.0.2.9:22", 3, &both.0, &both.1),
+            conn("10.90.0.2:40050", "10.90.0.3:5001", 3, &both.0, &both.1),
         ]
     };
     let mut conns = make();
@@ -230,8 +194,8 @@ fn untranslated_connections_are_left_alone_and_asked_about_once() {
         "10.90.0.2:40060",
         "10.90.0.3:5001",
         3,
-        dir(1, 0),
-        dir(0, 0),
+        &dir(1, 0),
+        &dir(0, 0),
     )];
     j.undo(&mut ct, &mut conns, &mut Vec::new());
     j.undo(&mut ct, &mut conns, &mut Vec::new());
@@ -248,20 +212,8 @@ fn the_last_reading_answers_for_untranslated_records() {
     let both = (dir(1, 10), dir(1, 10));
     let make = || {
         vec![
-            conn(
-                "10.90.0.2:40040",
-                "192.0.2.9:22",
-                3,
-                both.0.clone(),
-                both.1.clone(),
-            ),
-            conn(
-                "192.0.2.2:5001",
-                "192.0.2.1:40020",
-                2,
-                both.1.clone(),
-                both.0.clone(),
-            ),
+            conn("10.90.0.2:40040", "192.0.2.9:22", 3, &both.0, &both.1),
+            conn("192.0.2.2:5001", "192.0.2.1:40020", 2, &both.1, &both.0),
         ]
     };
     j.remember(Arc::new(Vec::new()));
@@ -296,15 +248,15 @@ fn a_direction_only_the_translated_view_saw_is_taken_from_it() {
             "10.90.0.2:40020",
             "192.0.2.2:5001",
             0,
-            up.clone(),
-            DirStats::default(),
+            &up,
+            &DirStats::default(),
         ),
         conn(
             "192.0.2.1:40020",
             "192.0.2.2:5001",
             0,
-            DirStats::default(),
-            down.clone(),
+            &DirStats::default(),
+            &down,
         ),
     ];
     let st = j.undo(&mut ct, &mut conns, &mut Vec::new());
@@ -322,24 +274,8 @@ fn views_retired_in_different_readings_still_count_once() {
     let mut ct = host();
     let mut j = NatJoin::new(1024);
     let (up, down) = (dir(10, 9000), dir(8, 300));
-    let x = || {
-        conn(
-            "10.90.0.2:40020",
-            "192.0.2.2:5001",
-            3,
-            up.clone(),
-            down.clone(),
-        )
-    };
-    let y = || {
-        conn(
-            "192.0.2.1:40020",
-            "192.0.2.2:5001",
-            5,
-            up.clone(),
-            down.clone(),
-        )
-    };
+    let x = || conn("10.90.0.2:40020", "192.0.2.2:5001", 3, &up, &down);
+    let y = || conn("192.0.2.1:40020", "192.0.2.2:5001", 5, &up, &down);
     let mut conns = vec![x(), y()];
     j.undo(&mut ct, &mut conns, &mut Vec::new());
     // The original view retires first…
@@ -359,7 +295,13 @@ fn views_retired_in_different_readings_still_count_once() {
         assert_eq!(st.duplicate_packets, 18);
     }
     // Once packet time has moved on too (a one-way packet: not remembered).
-    let mut later = conn("10.90.0.2:40070", "10.90.0.3:5001", 3, dir(1, 1), dir(0, 0));
+    let mut later = conn(
+        "10.90.0.2:40070",
+        "10.90.0.3:5001",
+        3,
+        &dir(1, 1),
+        &dir(0, 0),
+    );
     later.last_seen = 2_000 + GRACE_NS;
     let st = j.undo(&mut ct, &mut vec![later], &mut Vec::new());
     assert_eq!(st.cache_entries, 0, "{st:?}");
@@ -372,13 +314,7 @@ fn a_translated_view_alone_is_kept_under_the_original_tuple() {
     let mut ct = host();
     let mut j = NatJoin::new(1024);
     let (up, down) = (dir(10, 9000), dir(8, 300));
-    let mut conns = vec![conn(
-        "192.0.2.1:40020",
-        "192.0.2.2:5001",
-        5,
-        up.clone(),
-        down.clone(),
-    )];
+    let mut conns = vec![conn("192.0.2.1:40020", "192.0.2.2:5001", 5, &up, &down)];
     let st = j.undo(&mut ct, &mut conns, &mut Vec::new());
     assert_eq!(conns.len(), 1);
     let c = &conns[0];
@@ -396,20 +332,8 @@ fn what_could_not_be_asked_is_counted_and_left_as_it_was() {
     let (up, down) = (dir(10, 9000), dir(8, 300));
     let make = || {
         vec![
-            conn(
-                "10.90.0.2:40020",
-                "192.0.2.2:5001",
-                3,
-                up.clone(),
-                down.clone(),
-            ),
-            conn(
-                "192.0.2.1:40020",
-                "192.0.2.2:5001",
-                5,
-                up.clone(),
-                down.clone(),
-            ),
+            conn("10.90.0.2:40020", "192.0.2.2:5001", 3, &up, &down),
+            conn("192.0.2.1:40020", "192.0.2.2:5001", 5, &up, &down),
         ]
     };
     let mut conns = make();
@@ -432,8 +356,8 @@ fn the_memory_is_bounded_and_says_when_it_was_full() {
                 &format!("10.90.0.2:{}", 41000 + i),
                 "10.90.0.3:5001",
                 3,
-                dir(1, 1),
-                dir(1, 1),
+                &dir(1, 1),
+                &dir(1, 1),
             )
         })
         .collect();
@@ -457,14 +381,8 @@ fn ipv6_masquerade_is_undone_too() {
     let mut j = NatJoin::new(16);
     let (q, a) = (dir(1, 40), dir(1, 120));
     let mut conns = vec![
-        conn(
-            "[fd00:92::2]:53000",
-            "[2001:db8::53]:53",
-            3,
-            q.clone(),
-            a.clone(),
-        ),
-        conn("[2001:db8:1::1]:53000", "[2001:db8::53]:53", 5, q, a),
+        conn("[fd00:92::2]:53000", "[2001:db8::53]:53", 3, &q, &a),
+        conn("[2001:db8:1::1]:53000", "[2001:db8::53]:53", 5, &q, &a),
     ];
     for c in &mut conns {
         c.proto = crate::Proto::Udp;
@@ -487,16 +405,10 @@ fn a_direction_borrowed_for_one_reading_is_the_original_views_own_at_the_next() 
             "10.90.0.2:40020",
             "192.0.2.2:5001",
             3,
-            syn.clone(),
-            DirStats::default(),
+            &syn,
+            &DirStats::default(),
         ),
-        conn(
-            "192.0.2.1:40020",
-            "192.0.2.2:5001",
-            5,
-            syn.clone(),
-            synack.clone(),
-        ),
+        conn("192.0.2.1:40020", "192.0.2.2:5001", 5, &syn, &synack),
     ];
     let st = j.undo(&mut ct, &mut conns, &mut Vec::new());
     assert_eq!(
@@ -506,20 +418,8 @@ fn a_direction_borrowed_for_one_reading_is_the_original_views_own_at_the_next() 
     assert_eq!(st.duplicate_packets, 1);
     let (up, down) = (dir(10, 9000), dir(8, 300));
     let mut conns = vec![
-        conn(
-            "10.90.0.2:40020",
-            "192.0.2.2:5001",
-            3,
-            up.clone(),
-            down.clone(),
-        ),
-        conn(
-            "192.0.2.1:40020",
-            "192.0.2.2:5001",
-            5,
-            up.clone(),
-            down.clone(),
-        ),
+        conn("10.90.0.2:40020", "192.0.2.2:5001", 3, &up, &down),
+        conn("192.0.2.1:40020", "192.0.2.2:5001", 5, &up, &down),
     ];
     let st = j.undo(&mut ct, &mut conns, &mut Vec::new());
     assert_eq!(

@@ -145,11 +145,11 @@ impl Memo {
     /// The 5-tuples of the last reading's ends named by their process (as
     /// `ends` gives a connection's two), by hash: what the resolver leaves
     /// alone.
-    pub fn named_ends(&self, ends: impl Fn(&Connection) -> Option<[Tuple; 2]>) -> NamedEnds {
+    pub fn named_ends(&self, ends: impl Fn(&Connection) -> [Tuple; 2]) -> NamedEnds {
         let conns = self.before.conns();
         let mut hashes = Vec::with_capacity(2 * conns.len());
         for c in conns.iter() {
-            let Some([src, dst]) = ends(c) else { continue };
+            let [src, dst] = ends(c);
             for (t, tags) in [(src, &c.src_tags), (dst, &c.dst_tags)] {
                 if named(tags) {
                     hashes.push(NamedEnds::hash(&t));
@@ -316,10 +316,10 @@ mod tests {
         assert_eq!(after_dump[0].dst_tags.get(UNATTRIBUTED).unwrap(), REMOTE);
         let ends = |c: &Connection| {
             let (a, b) = ((c.src, c.sport).into(), (c.dst, c.dport).into());
-            Some([Tuple::new(Proto::Tcp, a, b), Tuple::new(Proto::Tcp, b, a)])
+            [Tuple::new(Proto::Tcp, a, b), Tuple::new(Proto::Tcp, b, a)]
         };
         let named = m.named_ends(ends);
-        let [src, dst] = ends(&after_dump[0]).unwrap();
+        let [src, dst] = ends(&after_dump[0]);
         assert!(named.contains(&src) && !named.contains(&dst));
     }
 

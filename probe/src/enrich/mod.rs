@@ -403,8 +403,7 @@ impl Attribution {
 fn join(s: &State, conns: &mut [Connection]) {
     let seen: Vec<Tuple> = conns
         .iter()
-        .filter_map(|c| Some((ends(c)?, [&c.src_tags, &c.dst_tags])))
-        .flat_map(|(ends, tags)| ends.into_iter().zip(tags))
+        .flat_map(|c| ends(c).into_iter().zip([&c.src_tags, &c.dst_tags]))
         .filter(|(_, tags)| !memo::named(tags))
         .map(|(t, _)| t)
         .collect();
@@ -426,17 +425,16 @@ fn join(s: &State, conns: &mut [Connection]) {
 /// Both ends' 5-tuples of each connection: the initiator's as it sent
 /// them, the responder's beyond any translation (`flowtable::nat`).
 fn tuples(conns: &[Connection]) -> Vec<Tuple> {
-    conns.iter().filter_map(ends).flatten().collect()
+    conns.iter().flat_map(ends).collect()
 }
 
 /// The initiator's and the responder's 5-tuple of `c` ([`tuples`]).
-fn ends(c: &Connection) -> Option<[Tuple; 2]> {
-    let p = c.proto;
+fn ends(c: &Connection) -> [Tuple; 2] {
     let (src_far, dst_far) = flowtable::nat::beyond(c);
-    Some([
-        Tuple::new(p, (c.src, c.sport).into(), (c.dst, c.dport).into()),
-        Tuple::new(p, dst_far, src_far),
-    ])
+    [
+        Tuple::new(c.proto, (c.src, c.sport).into(), (c.dst, c.dport).into()),
+        Tuple::new(c.proto, dst_far, src_far),
+    ]
 }
 
 /// Both ends' 5-tuples of a map key (addresses as `conn.rs` renders them).

@@ -3,7 +3,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, UNIX_EPOCH};
 
-use probe_common::DirCounters;
+use probe_common::{DirCounters, L4Proto};
 use serde::{Deserialize, Serialize, Serializer};
 
 use crate::rtt::Rtts;
@@ -31,6 +31,14 @@ impl Proto {
         match self {
             Proto::Tcp => "tcp",
             Proto::Udp => "udp",
+        }
+    }
+
+    /// The IP protocol number.
+    pub const fn number(self) -> u8 {
+        match self {
+            Proto::Tcp => L4Proto::Tcp as u8,
+            Proto::Udp => L4Proto::Udp as u8,
         }
     }
 }
@@ -114,6 +122,18 @@ impl Loss {
         self.retransmitted_bytes += o.retransmitted_bytes;
         self.probes += o.probes;
         self.gaps += o.gaps;
+    }
+
+    /// `self - before`, per counter, never below zero.
+    pub fn saturating_sub(&self, before: &Loss) -> Loss {
+        Loss {
+            retransmits: self.retransmits.saturating_sub(before.retransmits),
+            retransmitted_bytes: self
+                .retransmitted_bytes
+                .saturating_sub(before.retransmitted_bytes),
+            probes: self.probes.saturating_sub(before.probes),
+            gaps: self.gaps.saturating_sub(before.gaps),
+        }
     }
 }
 

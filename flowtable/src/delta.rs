@@ -19,7 +19,7 @@ use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use smallvec::SmallVec;
 
-use crate::conn::{octets, Connection, DirStats, Loss, Proto};
+use crate::conn::{octets, Connection, DirStats, Proto};
 
 /// A connection's 5-tuple and interface; several records can share it.
 /// Packed in 44 bytes (a tuple of them takes 64): [`Last`] indexes every
@@ -67,18 +67,12 @@ impl Change<'_> {
 /// `now - before`, per counter (a counter never shrinks; saturating keeps a
 /// record read torn across a drain from going negative).
 pub fn sub(now: &DirStats, before: &DirStats) -> DirStats {
-    let (n, b) = (now.loss(), before.loss());
     DirStats::counts(
         now.packets.saturating_sub(before.packets),
         now.bytes.saturating_sub(before.bytes),
         now.l3_bytes.saturating_sub(before.l3_bytes),
     )
-    .with_loss(Loss {
-        retransmits: n.retransmits.saturating_sub(b.retransmits),
-        retransmitted_bytes: n.retransmitted_bytes.saturating_sub(b.retransmitted_bytes),
-        probes: n.probes.saturating_sub(b.probes),
-        gaps: n.gaps.saturating_sub(b.gaps),
-    })
+    .with_loss(now.loss().saturating_sub(&before.loss()))
 }
 
 /// The last reading's listed connections, kept (shared) until the next

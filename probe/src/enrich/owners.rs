@@ -59,7 +59,7 @@ pub const MAX_NETNS: usize = 4096;
 
 mod socks;
 
-use socks::{Sock, Socks};
+use socks::{Sock, Socks, TupleKey};
 
 #[derive(Default)]
 pub struct Owners {
@@ -325,21 +325,8 @@ impl Owners {
     /// recorded its owner's tags (and drops its `unattributed` reason).
     pub fn tag<H: Host>(&self, r: &mut Resolver<H>, conns: &mut [Connection]) {
         for c in conns {
-            let proto = match c.proto {
-                flowtable::Proto::Tcp => 6,
-                flowtable::Proto::Udp => 17,
-            };
-            // The responder's socket has the addresses beyond any
-            // translation (`nat.ip`/`nat.port`).
-            let (src_far, dst_far) = flowtable::nat::beyond(c);
-            let ends = [
-                (&mut c.src_tags, (proto, c.sport, c.dst, c.dport)),
-                (
-                    &mut c.dst_tags,
-                    (proto, dst_far.port(), src_far.ip(), src_far.port()),
-                ),
-            ];
-            for (tags, key) in ends {
+            let keys = end_keys(c);
+            for (tags, key) in [&mut c.src_tags, &mut c.dst_tags].into_iter().zip(keys) {
                 if tags.contains_key("pid") {
                     continue;
                 }
@@ -371,11 +358,12 @@ impl Owners {
     /// local address, when the record has one): a resolver pass need not
     /// look that socket up.
     pub fn recorded(&self, t: &Tuple) -> Option<Recorded> {
-        let proto = match t.proto {
-            Proto::Tcp => 6,
-            Proto::Udp => 17,
-        };
-        let key = (proto, t.local.port(), t.remote.ip(), t.remote.port());
+        let key = (
+            t.proto.number(),
+            t.local.port(),
+            t.remote.ip(),
+            t.remote.port(),
+        );
         let s = self.socks.named(&key)?;
         (s.local.is_unspecified() || s.local == t.local.ip()).then(|| self.record(s))
     }
@@ -409,15 +397,7 @@ impl Owners {
     /// is kept.
     pub fn release(&mut self, listed: &[Connection]) {
         for c in listed.iter().filter(|c| c.proto == flowtable::Proto::Tcp) {
-            let (src_far, dst_far) = flowtable::nat::beyond(c);
-            let ends = [
-                (&c.src_tags, (6, c.sport, c.dst, c.dport)),
-                (
-                    &c.dst_tags,
-                    (6, dst_far.port(), src_far.ip(), src_far.port()),
-                ),
-            ];
-            for (tags, key) in ends {
+            for (tags, key) in [&c.src_tags, &c.dst_tags].into_iter().zip(end_keys(c)) {
                 if !super::memo::named(tags) {
                     continue;
                 }
@@ -442,6 +422,18 @@ impl Owners {
         }
         self.socks.compact();
     }
+}
+
+/// The keys an end of `c` is recorded under: the initiator's as it sent,
+/// the responder's beyond any translation (`nat.ip`/`nat.port`: its
+/// socket has those addresses).
+fn end_keys(c: &Connection) -> [TupleKey; 2] {
+    let p = c.proto.number();
+    let (src_far, dst_far) = flowtable::nat::beyond(c);
+    [
+        (p, c.sport, c.dst, c.dport),
+        (p, dst_far.port(), src_far.ip(), src_far.port()),
+    ]
 }
 
 /// The accepted socket a record names, as the resolver keys it.
